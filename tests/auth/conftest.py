@@ -1,0 +1,52 @@
+"""Fixtures for the authentication tests: a real DNS server on loopback and our resolver on it.
+
+The server lives for the whole session (starting and stopping its threads per
+test would dominate the run time); each test gets an empty zone and a fresh
+resolver, so neither records nor cached answers leak between tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from smtpd_agent.config import AuthSettings, DnsSettings
+from smtpd_agent.dns import Resolver
+
+try:
+    from tests.dnsserver import DnsTestServer
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    from dnsserver import DnsTestServer  # type: ignore[no-redef]
+
+# Short enough that the timeout tests stay fast, long enough for a loaded CI box.
+TEST_DNS_TIMEOUT = 0.5
+
+
+@pytest.fixture(scope="session")
+def dns_server_session() -> Iterator[DnsTestServer]:
+    with DnsTestServer() as server:
+        yield server
+
+
+@pytest.fixture
+def dns_server(dns_server_session: DnsTestServer) -> Iterator[DnsTestServer]:
+    dns_server_session.clear()
+    yield dns_server_session
+    dns_server_session.clear()
+
+
+@pytest.fixture
+def dns_settings(dns_server: DnsTestServer) -> DnsSettings:
+    return DnsSettings(nameservers=[dns_server.nameserver], timeout=TEST_DNS_TIMEOUT,
+                       cache_size=1000)
+
+
+@pytest.fixture
+def resolver(dns_settings: DnsSettings) -> Resolver:
+    return Resolver(dns_settings)
+
+
+@pytest.fixture
+def auth_settings() -> AuthSettings:
+    return AuthSettings(authserv_id="mx.test.example")

@@ -1,0 +1,88 @@
+"""Our resolver against the loopback DNS server: answers, negatives, cache, temperrors."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from smtpd_agent.config import DnsSettings
+from smtpd_agent.dns import DnsTempError, Resolver, parse_nameserver
+
+
+async def test_record_types(dns_server, resolver):
+    dns_server.a("host.example.com", "192.0.2.1", "2001:db8::1")
+    dns_server.add("example.com", "MX", (10, "host.example.com"))
+    dns_server.add("1.2.0.192.in-addr.arpa", "PTR", "host.example.com")
+    dns_server.add("alias.example.com", "CNAME", "host.example.com")
+    dns_server.txt("example.com", "v=spf1 -all")
+    assert await resolver.a("host.example.com") == ["192.0.2.1"]
+    assert await resolver.aaaa("host.example.com") == ["2001:db8::1"]
+    assert await resolver.mx("example.com") == [(10, "host.example.com")]
+    assert await resolver.ptr("192.0.2.1") == ["host.example.com"]
+    assert await resolver.a("alias.example.com") == ["192.0.2.1"]
+    assert await resolver.txt("example.com") == [b"v=spf1 -all"]
+
+
+async def test_long_txt_is_split_and_joined_over_tcp(dns_server, resolver):
+    value = "p=" + "A" * 900
+    dns_server.txt("long.example.com", value)
+    assert await resolver.txt("long.example.com") == [value.encode()]
+    # 900 octets do not fit a 512-octet UDP answer: the server truncated, the resolver retried on TCP
+    assert ("tcp", "long.example.com", "TXT") in dns_server.queries
+
+
+async def test_nxdomain_and_nodata_are_empty(dns_server, resolver):
+    dns_server.a("sub.there.example.com", "192.0.2.1")
+    missing = await resolver.query("missing.example.com", "TXT")
+    assert missing.empty and missing.nxdomain
+    nodata = await resolver.query("sub.there.example.com", "TXT")
+    assert nodata.empty and not nodata.nxdomain
+    empty_non_terminal = await resolver.query("there.example.com", "A")
+    assert empty_non_terminal.empty and not empty_non_terminal.nxdomain
+
+
+async def test_cache_respects_hits_and_ttl(dns_server, resolver):
+    dns_server.add("cached.example.com", "A", "192.0.2.7", ttl=1)
+    for _ in range(3):
+        assert await resolver.a("cached.example.com") == ["192.0.2.7"]
+    assert dns_server.queries.count(("udp", "cached.example.com", "A")) == 1
+    await resolver.a("nothing.example.com")
+    await resolver.a("nothing.example.com")
+    assert dns_server.queries.count(("udp", "nothing.example.com", "A")) == 1  # negative cached
+    time.sleep(1.1)
+    assert await resolver.a("cached.example.com") == ["192.0.2.7"]
+    assert dns_server.queries.count(("udp", "cached.example.com", "A")) == 2
+
+
+async def test_timeout_is_temperror(dns_server, resolver):
+    dns_server.set_timeout("slow.example.com")
+    started = time.monotonic()
+    with pytest.raises(DnsTempError):
+        await resolver.txt("slow.example.com")
+    assert time.monotonic() - started < 2
+
+
+async def test_servfail_is_temperror(dns_server, resolver):
+    dns_server.set_servfail("broken.example.com")
+    with pytest.raises(DnsTempError):
+        await resolver.a("broken.example.com")
+
+
+async def test_invalid_name_is_empty(resolver):
+    answer = await resolver.query("a" * 64 + ".example.com", "TXT")
+    assert answer.empty and answer.nxdomain
+
+
+def test_parse_nameserver():
+    assert (parse_nameserver("127.0.0.1:5353").address, parse_nameserver("127.0.0.1:5353").port) \
+        == ("127.0.0.1", 5353)
+    assert parse_nameserver("192.0.2.1").port == 53
+    assert parse_nameserver("[::1]:5300").port == 5300
+    assert parse_nameserver("::1").address == "::1"
+
+
+def test_system_resolver_when_no_nameservers():
+    # Constructing must not query anything; it reads /etc/resolv.conf only.
+    resolver = Resolver(DnsSettings(nameservers=[], timeout=1.0, cache_size=10))
+    assert resolver.timeout == 1.0
