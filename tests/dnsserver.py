@@ -123,8 +123,9 @@ class DnsTestServer:
         """The response to one query packet, or None to stay silent."""
         request = DNSRecord.parse(data)
         reply = request.reply()  # sets QR, AA, RD; copies the question
-        qname = str(request.q.qname)
-        name = _key(qname)
+        # Raw label bytes, not dnslib's escaped text form, so names with spaces or
+        # other odd octets (the SPF suite has some) match the zone keys.
+        name = b".".join(request.q.qname.label).decode("utf-8", "replace").lower()
         qtype = QTYPE.get(request.q.qtype)
         with self.lock:
             self.queries.append((transport, name, str(qtype)))
