@@ -1,0 +1,114 @@
+"""Wiring: settings -> database, router, pipeline, listener. No module-level singletons."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+from dataclasses import dataclass
+
+import asyncpg
+import structlog
+
+from .config import Settings, SmtpSettings
+from .pipeline import Pipeline
+from .routing import Router
+from .smtp.handler import SessionHandler
+from .smtp.server import AgentSMTP, ConnectionLimits
+from .store.database import EmbeddedPostgres, create_pool, migrate, resolve_database_url
+
+log = structlog.get_logger("smtpd_agent.app")
+
+
+def build_tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:
+    if not settings.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
+
+
+@dataclass
+class Database:
+    """An open pool, and the embedded server behind it when there is one."""
+
+    url: str
+    pool: asyncpg.Pool
+    embedded: EmbeddedPostgres | None
+
+    @classmethod
+    async def open(cls, settings: Settings, run_migrations: bool = True) -> Database:
+        url, embedded = await asyncio.to_thread(
+            resolve_database_url, settings.database, settings.server.state_dir)
+        try:
+            pool = await create_pool(url, settings.database)
+            if run_migrations:
+                async with pool.acquire() as connection:
+                    await migrate(connection)
+        except BaseException:
+            if embedded:
+                embedded.release()
+            raise
+        return cls(url, pool, embedded)
+
+    async def close(self) -> None:
+        await self.pool.close()
+        if self.embedded:
+            await asyncio.to_thread(self.embedded.release)
+
+
+class MailServer:
+    """The SMTP listener with everything it needs; `start()` binds, `stop()` releases."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.database: Database | None = None
+        self.router: Router | None = None
+        self.limits = ConnectionLimits(settings.smtp.max_connections,
+                                       settings.smtp.max_connections_per_ip)
+        self._server: asyncio.base_events.Server | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        self.database = await Database.open(settings)
+        self.router = Router(self.database.pool, settings.server.default_domain,
+                             settings.routing.cache_ttl)
+        pipeline = Pipeline(self.database.pool, settings)
+        handler = SessionHandler(self.router, settings.smtp.max_recipients)
+        tls_context = build_tls_context(settings.smtp)
+        loop = asyncio.get_running_loop()
+
+        def session() -> AgentSMTP:
+            return AgentSMTP(handler, settings=settings.smtp, limits=self.limits,
+                             deliver=pipeline.receive, hostname=settings.server.hostname,
+                             tls_context=tls_context, loop=loop)
+
+        self._server = await loop.create_server(session, settings.smtp.host, settings.smtp.port,
+                                                reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("server.listening", host=settings.smtp.host, port=self.port,
+                 default_domain=settings.server.default_domain,
+                 embedded_postgres=self.database.embedded is not None,
+                 starttls=tls_context is not None)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self.database is not None:
+            await self.database.close()
+        log.info("server.stopped")
+
+
+async def serve(settings: Settings) -> None:
+    server = MailServer(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("server.stopping")
+        await server.stop()
