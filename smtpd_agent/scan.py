@@ -42,12 +42,12 @@ used again on the next message, with no state to reset.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import re
+import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -133,95 +133,103 @@ class ClamdOutcome:
     detail: str | None = None
 
 
-async def _connect(address: ClamdAddress) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _connect(address: ClamdAddress) -> socket.socket:
+    """A connected non-blocking socket; ours to read after a failed write (see instream)."""
+    loop = asyncio.get_running_loop()
     if address.path is not None:
-        return await asyncio.open_unix_connection(address.path, limit=MAX_REPLY)
-    return await asyncio.open_connection(address.host, address.port, limit=MAX_REPLY)
+        targets: list[tuple[int, object]] = [(socket.AF_UNIX, address.path)]
+    else:
+        infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+        targets = [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+    error: OSError = OSError(f"no address for {address}")
+    for family, sockaddr in targets:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, sockaddr)
+            return sock
+        except OSError as failure:
+            sock.close()
+            error = failure
+        except BaseException:
+            sock.close()
+            raise
+    raise error
 
 
-async def _read_reply(reader: asyncio.StreamReader) -> str | None:
-    """One NUL-terminated reply (we send z-commands); a reply cut by EOF still counts."""
-    try:
-        data = await reader.readuntil(b"\0")
-    except asyncio.IncompleteReadError as error:
-        data = error.partial
-    except (asyncio.LimitOverrunError, ValueError):
-        data = await reader.read(MAX_REPLY)
-    except OSError:
-        return None
-    text = data.rstrip(b"\0\r\n").decode("utf-8", "replace")
+async def _read_reply(sock: socket.socket) -> str | None:
+    """One NUL-terminated reply (we send z-commands); a reply cut short by EOF still counts."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    while b"\0" not in data and len(data) < MAX_REPLY:
+        try:
+            received = await loop.sock_recv(sock, MAX_REPLY - len(data))
+        except OSError:
+            break
+        if not received:
+            break
+        data += received
+    text = data.split(b"\0", 1)[0].rstrip(b"\r\n").decode("utf-8", "replace")
     return text or None
 
 
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    # Bounded: a wedged peer must not hold the message past its deadline by much.
-    with contextlib.suppress(Exception, asyncio.CancelledError):
-        await asyncio.wait_for(writer.wait_closed(), 1.0)
-
-
-async def instream(address: ClamdAddress, data: bytes, deadline: float,
-                   chunk_size: int = CHUNK_SIZE) -> ClamdOutcome:
-    """Stream `data` with INSTREAM on a fresh connection, all before `deadline` (loop time)."""
-    writer: asyncio.StreamWriter | None = None
+async def _exchange(address: ClamdAddress, request: Iterable[bytes],
+                    deadline: float) -> ClamdOutcome:
+    """Send `request` piece by piece, read one reply, all before `deadline` (loop time)."""
+    loop = asyncio.get_running_loop()
+    sock: socket.socket | None = None
     try:
         async with asyncio.timeout_at(deadline):
             try:
-                reader, writer = await _connect(address)
+                sock = await _connect(address)
             except OSError as error:
-                return ClamdOutcome("connect_failed", detail=f"{type(error).__name__}: {error}")
+                return ClamdOutcome("connect_failed", detail=_describe(error))
             write_error: OSError | None = None
             try:
-                writer.write(b"zINSTREAM\0")
-                view = memoryview(data)
-                for offset in range(0, len(view), chunk_size):
-                    chunk = view[offset:offset + chunk_size]
-                    writer.write(struct.pack("!L", len(chunk)))
-                    writer.write(chunk)
-                    await writer.drain()
-                writer.write(struct.pack("!L", 0))
-                await writer.drain()
+                for piece in request:
+                    await loop.sock_sendall(sock, piece)
             except OSError as error:
-                # clamd answers "INSTREAM size limit exceeded" and closes while we
-                # are still sending; its reply may be waiting in our buffer.
+                # clamd answers "INSTREAM size limit exceeded" and closes while we are
+                # still sending: the reply sits in our receive buffer, so read it anyway.
+                # (A StreamWriter would drop it when its write fails.)
                 write_error = error
-            reply = await _read_reply(reader)
+            reply = await _read_reply(sock)
             if reply is None:
-                detail = f"{type(write_error).__name__}: {write_error}" if write_error \
-                    else "connection closed without a reply"
+                detail = _describe(write_error) if write_error else "closed without a reply"
                 return ClamdOutcome("io_error", detail=detail)
             return ClamdOutcome("done", reply=reply)
     except TimeoutError:
         return ClamdOutcome("timeout", detail="deadline exceeded")
     except OSError as error:
-        return ClamdOutcome("io_error", detail=f"{type(error).__name__}: {error}")
+        return ClamdOutcome("io_error", detail=_describe(error))
     finally:
-        if writer is not None:
-            await _close(writer)
+        if sock is not None:
+            sock.close()
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _instream_request(data: bytes, chunk_size: int) -> Iterator[bytes]:
+    """zINSTREAM, then <4-byte network-order length><chunk>..., then a zero length."""
+    yield b"zINSTREAM\0"
+    view = memoryview(data)
+    for offset in range(0, len(view), chunk_size):
+        chunk = view[offset:offset + chunk_size]
+        yield struct.pack("!L", len(chunk)) + chunk
+    yield struct.pack("!L", 0)
+
+
+async def instream(address: ClamdAddress, data: bytes, deadline: float,
+                   chunk_size: int = CHUNK_SIZE) -> ClamdOutcome:
+    """Stream `data` to clamd with INSTREAM on a fresh connection."""
+    return await _exchange(address, _instream_request(data, chunk_size), deadline)
 
 
 async def command(address: ClamdAddress, name: str, deadline: float) -> ClamdOutcome:
     """A one-line command such as PING or VERSION on a fresh connection."""
-    writer: asyncio.StreamWriter | None = None
-    try:
-        async with asyncio.timeout_at(deadline):
-            try:
-                reader, writer = await _connect(address)
-            except OSError as error:
-                return ClamdOutcome("connect_failed", detail=f"{type(error).__name__}: {error}")
-            writer.write(b"z" + name.encode("ascii") + b"\0")
-            await writer.drain()
-            reply = await _read_reply(reader)
-            if reply is None:
-                return ClamdOutcome("io_error", detail="connection closed without a reply")
-            return ClamdOutcome("done", reply=reply)
-    except TimeoutError:
-        return ClamdOutcome("timeout", detail="deadline exceeded")
-    except OSError as error:
-        return ClamdOutcome("io_error", detail=f"{type(error).__name__}: {error}")
-    finally:
-        if writer is not None:
-            await _close(writer)
+    return await _exchange(address, [b"z" + name.encode("ascii") + b"\0"], deadline)
 
 
 # --- pure: what clamd said, and what it means ----------------------------------------------------

@@ -127,12 +127,10 @@ class Clamd:
         config = self.write_config()
         self.socket_path.unlink(missing_ok=True)
         began = time.monotonic()
-        self.process = subprocess.Popen(
-            [self.binary, "--config-file", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.root / "clamd.stderr", "ab"),  # noqa: SIM115 - child owns it
-        )
+        with open(self.root / "clamd.stderr", "ab") as stderr:  # the child keeps its own copy
+            self.process = subprocess.Popen(
+                [self.binary, "--config-file", str(config)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = began + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
