@@ -90,6 +90,12 @@ class AuthSettings:
     dmarc_reject: bool = True
     spf_fail: Literal["mark", "reject"] = "mark"
     temperror: Literal["accept", "tempfail"] = "accept"
+    # Deadline in seconds for each of SPF, DKIM and ARC (run concurrently); a
+    # check that misses it counts as temperror.
+    timeout: float = 20.0
+    # DMARC policy discovery: "psl" = the From domain, else its organizational
+    # domain by the Public Suffix List (RFC 7489); "treewalk" = DNS tree walk (RFC 9989).
+    dmarc_discovery: Literal["psl", "treewalk"] = "psl"
 
 
 @dataclass(frozen=True)
