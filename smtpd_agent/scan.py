@@ -243,9 +243,11 @@ class ClamdReply:
     message: str | None = None
 
 
-_FOUND = re.compile(r"^(?:[^:]*: )?(?P<signature>\S+) FOUND$")
-_OK = re.compile(r"^(?:[^:]*: )?OK$")
-_ERROR = re.compile(r"^(?:stream: )?(?P<message>.*?)\s*ERROR$")
+# Optional "<id>: " (IDSESSION) and "stream: " prefixes, then the verdict.
+_PREFIX = r"^(?:\d+: )?(?:stream: )?"
+_FOUND = re.compile(_PREFIX + r"(?P<signature>\S+) FOUND$")
+_OK = re.compile(_PREFIX + r"OK$")
+_ERROR = re.compile(_PREFIX + r"(?P<message>.*?)\s*ERROR$")
 # The signature ends up in an SMTP reply and in logs: visible ASCII only, bounded.
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
 

@@ -38,7 +38,14 @@ STREAM_MAX_LENGTH = 2 * 1024 * 1024
 
 
 def find_clamd() -> str | None:
-    """Path of the clamd binary, or None when clamav-daemon is not installed."""
+    """Path of the clamd binary, or None when clamav-daemon is not installed.
+
+    `SMTPD_AGENT_TEST_CLAMD` names another binary (a nonexistent path simulates
+    a machine without clamd, to check the skip/fail logic).
+    """
+    override = os.environ.get("SMTPD_AGENT_TEST_CLAMD")
+    if override is not None:
+        return override if os.access(override, os.X_OK) else None
     if os.access(CLAMD_BINARY, os.X_OK):
         return CLAMD_BINARY
     return shutil.which("clamd")

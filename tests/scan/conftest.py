@@ -9,22 +9,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-# tests/clamd.py is shared test infrastructure, importable without tests/ being a package.
-TESTS_DIR = str(Path(__file__).resolve().parents[1])
-if TESTS_DIR not in sys.path:
-    sys.path.insert(0, TESTS_DIR)
-
-from clamd import APT_PACKAGES, Clamd, find_clamd  # noqa: E402
-
-from smtpd_agent.config import ScanSettings  # noqa: E402
-from smtpd_agent.scan import Scanner  # noqa: E402
+from smtpd_agent.config import ScanSettings
+from smtpd_agent.scan import Scanner
+from tests.clamd import APT_PACKAGES, Clamd, find_clamd
 
 
 @pytest.fixture(scope="session")

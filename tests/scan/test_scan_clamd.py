@@ -14,14 +14,13 @@ from email.mime.application import MIMEApplication
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 
-import pytest
-from clamd import EICAR, REPORTED_SIGNATURE, STREAM_MAX_LENGTH, Clamd
 from structlog.testing import capture_logs
 
 from smtpd_agent.config import ScanSettings
 from smtpd_agent.message import parse_message
 from smtpd_agent.record import Envelope, InboundMessage, Mailbox, Recipient
 from smtpd_agent.scan import ScanDecision, Scanner, decide
+from tests.clamd import EICAR, REPORTED_SIGNATURE, STREAM_MAX_LENGTH, Clamd
 
 PDF = (b"%PDF-1.4\n1 0 obj << /Type /Catalog /Pages 2 0 R >> endobj\n"
        b"2 0 obj << /Type /Pages /Kids [] /Count 0 >> endobj\n"
