@@ -50,3 +50,15 @@ def resolver(dns_settings: DnsSettings) -> Resolver:
 @pytest.fixture
 def auth_settings() -> AuthSettings:
     return AuthSettings(authserv_id="mx.test.example")
+
+
+@pytest.fixture(scope="session")
+def rsa2048():
+    from .keys import rsa_key
+    return rsa_key(2048)
+
+
+@pytest.fixture(scope="session")
+def ed25519():
+    from .keys import ed25519_key
+    return ed25519_key()
