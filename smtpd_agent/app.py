@@ -14,7 +14,7 @@ from .config import Settings, SmtpSettings
 from .pipeline import Pipeline
 from .routing import Router
 from .smtp.handler import SessionHandler
-from .smtp.server import AgentSMTP, ConnectionLimits
+from .smtp.server import AgentSMTP, ConnectionLimits, Sessions
 from .store.database import EmbeddedPostgres, create_pool, migrate, resolve_database_url
 
 log = structlog.get_logger("smtpd_agent.app")
@@ -66,6 +66,7 @@ class MailServer:
         self.router: Router | None = None
         self.limits = ConnectionLimits(settings.smtp.max_connections,
                                        settings.smtp.max_connections_per_ip)
+        self.sessions = Sessions()
         self._server: asyncio.base_events.Server | None = None
         self.port: int | None = None
 
@@ -82,7 +83,7 @@ class MailServer:
         def session() -> AgentSMTP:
             return AgentSMTP(handler, settings=settings.smtp, limits=self.limits,
                              deliver=pipeline.receive, hostname=settings.server.hostname,
-                             tls_context=tls_context, loop=loop)
+                             sessions=self.sessions, tls_context=tls_context, loop=loop)
 
         self._server = await loop.create_server(session, settings.smtp.host, settings.smtp.port,
                                                 reuse_address=True)
@@ -93,8 +94,10 @@ class MailServer:
                  starttls=tls_context is not None)
 
     async def stop(self) -> None:
+        """Stop accepting, let messages in transfer finish (bounded), then release Postgres."""
         if self._server is not None:
             self._server.close()
+            await self.sessions.drain(self.settings.smtp.shutdown_grace)
         if self.database is not None:
             await self.database.close()
         log.info("server.stopped")

@@ -61,6 +61,7 @@ class SmtpSettings:
     max_connections_per_ip: int = 20
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    shutdown_grace: float = 30.0
     bare_lf: Literal["normalize", "reject"] = "normalize"
     tls_cert: str = ""
     tls_key: str = ""

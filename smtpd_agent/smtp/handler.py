@@ -23,9 +23,9 @@ class SessionHandler:
 
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
                           mail_options: list[str]) -> str:
-        envelope.mail_from = "" if address == "<>" else address
+        envelope.mail_from = address  # "<>" for the null sender; aiosmtpd needs it non-empty
         envelope.mail_options.extend(mail_options)
-        log.info("smtp.mail_from", mail_from=envelope.mail_from, helo=session.host_name)
+        log.info("smtp.mail_from", mail_from=address, helo=session.host_name)
         return str(replies.MAIL_OK)
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,

@@ -100,11 +100,35 @@ class ReceivedContent:
 Deliver = Callable[[ReceivedContent], Awaitable[Reply]]
 
 
+class Sessions:
+    """The open sessions of one listener, so that stopping can drain them."""
+
+    def __init__(self) -> None:
+        self.active: set[AgentSMTP] = set()
+        self.draining = False
+
+    async def drain(self, grace: float) -> None:
+        """Close idle sessions now with 421; give sessions inside DATA/BDAT `grace` seconds."""
+        self.draining = True
+        for session in list(self.active):
+            if not session.receiving:
+                session.close_with(replies.SHUTTING_DOWN)
+        deadline = time.monotonic() + grace
+        while any(s.receiving for s in self.active) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.active):
+            session.close_with(replies.SHUTTING_DOWN)
+        tasks = [s._handler_coroutine for s in self.active if s._handler_coroutine]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+
 class AgentSMTP(SMTP):
     """One SMTP session."""
 
     def __init__(self, handler: Any, *, settings: SmtpSettings, limits: ConnectionLimits,
-                 deliver: Deliver, hostname: str, tls_context: ssl.SSLContext | None = None,
+                 deliver: Deliver, hostname: str, sessions: Sessions,
+                 tls_context: ssl.SSLContext | None = None,
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(
             handler,
@@ -123,6 +147,8 @@ class AgentSMTP(SMTP):
         self.limits = limits
         self.deliver = deliver
         self.session_id = new_session_id()
+        self.sessions = sessions
+        self.receiving = False
         self.client_ip = ""
         self.transactions = 0
         self.started = time.monotonic()
@@ -144,12 +170,19 @@ class AgentSMTP(SMTP):
             self.transport.close()
             return
         log.info("smtp.session_start")
+        self.sessions.active.add(self)
         try:
             await super()._handle_client()
         finally:
+            self.sessions.active.discard(self)
             self.limits.release(self.client_ip)
             log.info("smtp.session_end", transactions=self.transactions,
                      seconds=round(time.monotonic() - self.started, 3))
+
+    def close_with(self, reply: Reply) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(str(reply).encode() + b"\r\n")
+            self.transport.close()
 
     def _timeout_cb(self) -> None:
         log.info("smtp.timeout")
@@ -211,12 +244,14 @@ class AgentSMTP(SMTP):
             await self.push(str(replies.BAD_SEQUENCE.with_text("DATA not allowed after BDAT")))
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        data, too_big = await self._read_dot_terminated()
-        self._reset_timeout()
+        self.receiving = True
         try:
+            data, too_big = await self._read_dot_terminated()
+            self._reset_timeout()
             await self.push(str(await self._finish(data, too_big, dot_stuffed=True)))
         finally:
             self._set_post_data_state()
+            self._end_receiving()
 
     @syntax("BDAT size [LAST]")
     async def smtp_BDAT(self, arg: str | None) -> None:
@@ -229,6 +264,20 @@ class AgentSMTP(SMTP):
         size, last = int(match.group(1)), match.group(2) is not None
         envelope: TransactionEnvelope = self.envelope
         limit = self.settings.max_message_size
+        self.receiving = True
+        try:
+            await self._bdat_chunk(envelope, size, last, limit)
+        finally:
+            if last or not envelope.rcpt_tos:
+                self._end_receiving()
+
+    def _end_receiving(self) -> None:
+        self.receiving = False
+        if self.sessions.draining:
+            self.close_with(replies.SHUTTING_DOWN)
+
+    async def _bdat_chunk(self, envelope: TransactionEnvelope, size: int, last: bool,
+                          limit: int) -> None:
         keep = (not envelope.bdat_failed and envelope.rcpt_tos
                 and envelope.bdat_size + size <= limit)
         chunk = await self._read_exactly(size, keep=bool(keep))
@@ -289,7 +338,7 @@ class AgentSMTP(SMTP):
             # Pipelined commands after the final dot belong to the command loop. aiosmtpd
             # itself reaches into the reader's buffer for STARTTLS; we put them back in front.
             reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
-        if too_big:
+        if too_big or end > limit:
             return b"", True
         del buffer[end + 2:]
         return bytes(buffer), False
@@ -334,7 +383,7 @@ class AgentSMTP(SMTP):
             queue_id=f"{self.session_id}.{self.transactions}",
             client_ip=self.client_ip,
             helo=self.session.host_name or "",
-            mail_from=envelope.mail_from or "",
+            mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",
             recipients=tuple(envelope.recipients),
             tls=self._tls_protocol is not None,
             tls_version=ssl_object.version() if ssl_object else None,

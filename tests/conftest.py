@@ -1,0 +1,79 @@
+"""Fixtures shared by every test: Postgres, a database per test, the running server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from smtpd_agent.store import directory
+from tests.support import (DEFAULT_DOMAIN, OPEN_DIALOGUES, EmbeddedCluster, ServerThread,
+                           make_settings)
+
+
+@pytest.fixture(autouse=True)
+def close_dialogues() -> Iterator[None]:
+    yield
+    while OPEN_DIALOGUES:
+        OPEN_DIALOGUES.pop().close()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedCluster]:
+    """The real Postgres for the session (pgserver's embedded server)."""
+    try:
+        cluster = EmbeddedCluster(tmp_path_factory.mktemp("postgres"))
+    except Exception as error:  # a missing Postgres must fail, never skip, in CI
+        pytest.fail(f"cannot start the embedded Postgres: {error}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+async def database_url(cluster: EmbeddedCluster) -> str:
+    return await cluster.new_database()
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection for the test's own reads; the schema is the server's (migrated at start)."""
+    connection = await asyncpg.connect(database_url)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+def start_server(database_url: str, tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
+    """Start the real server with setting overrides: start_server(**{"smtp.max_recipients": 2})."""
+    started: list[ServerThread] = []
+
+    def start(**overrides: Any) -> ServerThread:
+        settings = make_settings(database_url, tmp_path / f"state{len(started)}", **overrides)
+        server = ServerThread(settings).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+async def server(start_server: Callable[..., ServerThread], db: asyncpg.Connection) -> ServerThread:
+    """The server with defaults and two workspaces: acme (support, sales) and globex (support)."""
+    running = start_server()
+    await directory.add_workspace(db, "acme", "Acme Inc")
+    await directory.add_workspace(db, "globex", "Globex")
+    await directory.add_agent(db, "acme", "support", display_name="Acme Support")
+    await directory.add_agent(db, "acme", "sales")
+    await directory.add_agent(db, "globex", "support")
+    return running
+
+
+@pytest.fixture
+def domain() -> str:
+    return DEFAULT_DOMAIN

@@ -1,0 +1,185 @@
+"""Test harness: a real Postgres, the real server on a loopback port, raw SMTP dialogues.
+
+The server runs in its own thread with its own event loop, exactly as in
+production (real sockets, real asyncpg pool); tests talk to it over TCP and
+read Postgres with their own connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import re
+import socket
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from smtpd_agent.app import MailServer
+from smtpd_agent.config import Settings, load_settings
+
+DEFAULT_DOMAIN = "agents.test"
+REPLY_LINE = re.compile(rb"^(\d{3})([ -])(.*)$")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+class EmbeddedCluster:
+    """One pgserver instance for the test session; each test gets its own database."""
+
+    def __init__(self, root: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import pgserver
+        self.pgdata = root / "pgdata"
+        self.server = pgserver.get_server(self.pgdata, cleanup_mode="stop")
+        self._names = itertools.count(1)
+
+    def url(self, database: str = "postgres") -> str:
+        return self.server.get_uri(database)
+
+    async def new_database(self) -> str:
+        name = f"test_{os.getpid()}_{next(self._names)}"
+        connection = await asyncpg.connect(self.url())
+        try:
+            await connection.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await connection.close()
+        return self.url(name)
+
+    def stop(self) -> None:
+        self.server.cleanup()
+
+
+def make_settings(database_url: str, state_dir: Path, **overrides: Any) -> Settings:
+    values = {
+        "database.url": database_url,
+        "server.state_dir": str(state_dir),
+        "server.default_domain": DEFAULT_DOMAIN,
+        "server.hostname": "mx.test.local",
+        "smtp.host": "127.0.0.1",
+        "smtp.port": 0,
+        "routing.cache_ttl": 0.5,
+        "database.pool_min": 1,
+        "database.pool_max": 4,
+        "database.connect_timeout": 3,
+        "smtp.shutdown_grace": 2,
+    }
+    values.update(overrides)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    empty = state_dir / "empty.toml"
+    empty.write_text("")
+    return load_settings(path=empty, env={}, overrides=values)
+
+
+class ServerThread:
+    """The real MailServer, in a thread with its own event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.server = MailServer(settings)
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="smtpd-agent-test", daemon=True)
+
+    @property
+    def port(self) -> int:
+        assert self.server.port is not None
+        return self.server.port
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.server.start())
+        except BaseException as error:  # reported to the starting thread
+            self._error = error
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.server.stop())
+        self.loop.close()
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        self._ready.wait(60)
+        if self._error:
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(30)
+
+
+OPEN_DIALOGUES: list[Dialogue] = []
+
+
+@dataclass
+class Dialogue:
+    """A raw SMTP client over a socket, for what aiosmtplib refuses to send."""
+
+    sock: socket.socket
+    buffer: bytes = b""
+
+    @classmethod
+    def open(cls, port: int, timeout: float = 10.0) -> Dialogue:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        dialogue = cls(sock)
+        OPEN_DIALOGUES.append(dialogue)
+        return dialogue
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> tuple[int, list[bytes]]:
+        """Read one (possibly multi-line) reply: its code and its lines."""
+        lines = []
+        while True:
+            while b"\r\n" not in self.buffer:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError(f"closed after {lines!r}")
+                self.buffer += chunk
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            match = REPLY_LINE.match(line)
+            assert match, f"not a reply line: {line!r}"
+            lines.append(line)
+            if match.group(2) == b" ":
+                return int(match.group(1)), lines
+
+    def command(self, line: bytes | str) -> tuple[int, bytes]:
+        if isinstance(line, str):
+            line = line.encode()
+        self.send(line + b"\r\n")
+        code, lines = self.reply()
+        return code, lines[-1]
+
+    def closed(self, timeout: float = 5.0) -> bool:
+        """True once the server has closed the connection."""
+        self.sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if not self.sock.recv(65536):
+                    return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def enhanced(line: bytes) -> str | None:
+    match = re.match(rb"^\d{3}[ -](\d\.\d{1,3}\.\d{1,3}) ", line)
+    return match.group(1).decode() if match else None
