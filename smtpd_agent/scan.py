@@ -49,7 +49,7 @@ import struct
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 
@@ -137,7 +137,7 @@ async def _connect(address: ClamdAddress) -> socket.socket:
     """A connected non-blocking socket; ours to read after a failed write (see instream)."""
     loop = asyncio.get_running_loop()
     if address.path is not None:
-        targets: list[tuple[int, object]] = [(socket.AF_UNIX, address.path)]
+        targets: list[tuple[int, str | tuple[Any, ...]]] = [(socket.AF_UNIX, address.path)]
     else:
         infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
         targets = [(family, sockaddr) for family, _, _, _, sockaddr in infos]
@@ -374,12 +374,17 @@ class ClamdHealth:
 
 @dataclass
 class Scanner:
-    """One per server, built from `scan.*` settings; holds no connection between scans."""
+    """One per server process (and event loop), built from `scan.*` settings.
+
+    Holds no connection between scans, so nothing goes stale when clamd
+    restarts; `max_connections` bounds the streams in flight to clamd.
+    """
 
     settings: ScanSettings
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     address: ClamdAddress = field(init=False)
     _slots: asyncio.Semaphore = field(init=False, repr=False)
+    _log: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.settings.clamd:
@@ -445,7 +450,8 @@ class Scanner:
         if outcome.kind == "done" and outcome.reply == "PONG":
             return ClamdHealth(ready=True, latency=latency)
         problem = outcome.kind if outcome.kind != "done" else "bad_reply"
-        detail = outcome.detail if outcome.kind != "done" else parse_reply(outcome.reply or "").message
+        detail = (outcome.detail if outcome.kind != "done"
+                  else parse_reply(outcome.reply or "").message)
         self._log.warning("scan.clamd_unhealthy", problem=problem, detail=detail)
         return ClamdHealth(ready=False, latency=latency, problem=problem, detail=detail)
 

@@ -168,6 +168,14 @@ class Clamd:
         self.stop()
         self.start()
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no clean shutdown, connections just drop."""
+        process, self.process = self.process, None
+        if process is not None:
+            process.kill()
+            process.wait()
+        self.socket_path.unlink(missing_ok=True)
+
     def pause(self) -> None:
         """SIGSTOP: the socket still accepts connections but nothing answers."""
         assert self.process is not None

@@ -8,12 +8,13 @@ import io
 import os
 import time
 import zipfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.mime.application import MIMEApplication
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 
+import pytest
 from structlog.testing import capture_logs
 
 from smtpd_agent.config import ScanSettings
@@ -36,11 +37,12 @@ def inbound(msg: EmailMessage | MIMEMultipart) -> InboundMessage:
     envelope = Envelope(session_id="test-session", client_ip="192.0.2.1", helo="mx.example.org",
                         mail_from="sender@example.org",
                         recipients=(Recipient(address=mailbox.address, mailbox=mailbox),),
-                        received_at=datetime.now(timezone.utc))
+                        received_at=datetime.now(UTC))
     return InboundMessage(envelope=envelope, raw=raw, parsed=parse_message(raw))
 
 
-def with_attachments(*attachments: tuple[bytes, str, str], body: str = "see attached") -> InboundMessage:
+def with_attachments(*attachments: tuple[bytes, str, str],
+                     body: str = "see attached") -> InboundMessage:
     msg = EmailMessage()
     msg["From"] = "sender@example.org"
     msg["To"] = "support@acme.aexy.email"
@@ -205,12 +207,35 @@ async def test_hung_clamd_times_out_within_the_deadline(
         with_attachments((PDF, "application/pdf", "r.pdf")))).status == "clean"
 
 
+async def test_clamd_crash_mid_scan_is_unscanned_not_clean(
+        clamd: Clamd, scan_settings: ScanSettings) -> None:
+    scanner = Scanner(scan_settings)
+    clamd.pause()
+    scan = asyncio.create_task(
+        scanner.scan_message(with_attachments((PDF, "application/pdf", "r.pdf"))))
+    await asyncio.sleep(0.2)  # connected and sent, waiting for the reply
+    clamd.kill()
+    result = await scan
+    assert (result.status, result.problem) == ("unscanned", "io_error")
+    assert decide(result, scan_settings) == ScanDecision("tempfail", "scanner_unavailable")
+    clamd.start()
+    assert (await scanner.scan_message(
+        with_attachments((PDF, "application/pdf", "r.pdf")))).status == "clean"
+
+
 # --- size limits: rejected, never passed --------------------------------------------------
 
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
 async def test_attachment_over_clamd_stream_limit_is_rejected(
-        clamd: Clamd, scan_settings: ScanSettings) -> None:
-    """clamd's StreamMaxLength (2 MiB here) below scan.max_stream_size: clamd refuses."""
+        clamd: Clamd, scan_settings: ScanSettings, transport: str) -> None:
+    """clamd's StreamMaxLength (2 MiB here) below scan.max_stream_size: clamd refuses.
+
+    clamd answers and closes while we are still sending; the reply must be read
+    anyway (over TCP the close arrives as a reset).
+    """
     assert scan_settings.max_stream_size > STREAM_MAX_LENGTH
+    if transport == "tcp":
+        scan_settings = dataclasses.replace(scan_settings, clamd=clamd.tcp_address)
     big = os.urandom(STREAM_MAX_LENGTH + 512 * 1024)
     result = await Scanner(scan_settings).scan_message(
         with_attachments((big, "application/octet-stream", "big.bin")))

@@ -41,12 +41,12 @@ def test_parse_address(spec: str, address: ClamdAddress) -> None:
     "tcp:host:port", "http://clamd:3310",
 ])
 def test_parse_address_rejects(spec: str) -> None:
-    with pytest.raises(ConfigError, match="scan.clamd"):
+    with pytest.raises(ConfigError, match=r"scan\.clamd"):
         parse_address(spec)
 
 
 def test_scanner_needs_an_address() -> None:
-    with pytest.raises(ConfigError, match="scan.clamd: not set"):
+    with pytest.raises(ConfigError, match=r"scan\.clamd: not set"):
         Scanner(ScanSettings())
 
 
