@@ -74,6 +74,10 @@ LIMITS_EXCEEDED_PREFIX = "Heuristics.Limits.Exceeded"
 SIZE_LIMIT_REPLY = "INSTREAM size limit exceeded"
 
 OutcomeKind = Literal["connect_failed", "timeout", "io_error", "done"]
+# unscanned: clamd unreachable, timed out or dropped the connection (transient).
+# error: clamd answered but could not scan (too_large, or its own error reply).
+# skipped: not sent by policy (no attachments, scan.scan_all off); not a failure,
+# kept apart from unscanned so the stored status never hides an outage.
 ScanStatus = Literal["clean", "infected", "unscanned", "error", "skipped"]
 # Why a part was not found clean (None when it was).
 Problem = Literal["connect_failed", "timeout", "io_error", "too_large", "clamd_error", "bad_reply"]
