@@ -36,6 +36,7 @@ class EmbeddedCluster:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import pgserver
+        root.mkdir(parents=True, exist_ok=True)
         self.pgdata = root / "pgdata"
         self.server = pgserver.get_server(self.pgdata, cleanup_mode="stop")
         self._names = itertools.count(1)

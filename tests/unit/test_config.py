@@ -1,0 +1,79 @@
+"""Settings: file, environment, flags; invalid values stop start-up naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smtpd_agent.config import ConfigError, env_name, known_keys, load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_documented_config_file_lists_every_key_with_its_default():
+    path = REPO / "config" / "smtpd-agent.toml"
+    defaults = load_settings(path=path, env={})
+    text = path.read_text()
+    for key in known_keys():
+        section, name = key.split(".")
+        assert f"[{section}]" in text, section
+        assert f"\n{name} =" in text or f"\n# {name} =" in text, key
+    assert defaults.smtp.port == 2525 and defaults.database.url == ""
+
+
+def test_environment_overrides_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[smtp]\nport = 2600\n[dns]\nnameservers = ["10.0.0.1"]\n')
+    settings = load_settings(path=path, env={
+        "SMTPD_AGENT_SMTP_PORT": "2700", "SMTPD_AGENT_DNS_NAMESERVERS": "127.0.0.1:5353, ::1",
+        "DATABASE_URL": "postgresql://u@h/db", "SMTPD_AGENT_SMTP_REQUIRE_STARTTLS": "false"})
+    assert settings.smtp.port == 2700
+    assert settings.dns.nameservers == ["127.0.0.1:5353", "::1"]
+    assert settings.database.url == "postgresql://u@h/db"
+    flagged = load_settings(path=path, env={}, overrides={"smtp.port": 2800})
+    assert flagged.smtp.port == 2800
+
+
+@pytest.mark.parametrize("env, key", [
+    ({"SMTPD_AGENT_SMTP_PORT": "twenty"}, "smtp.port"),
+    ({"SMTPD_AGENT_SMTP_PORT": "70000"}, "smtp.port"),
+    ({"SMTPD_AGENT_SMTP_BARE_LF": "ignore"}, "smtp.bare_lf"),
+    ({"SMTPD_AGENT_SMTP_REQUIRE_STARTTLS": "maybe"}, "smtp.require_starttls"),
+    ({"SMTPD_AGENT_SMTP_MAX_RECIPIENTS": "0"}, "smtp.max_recipients"),
+    ({"SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": "NoDots"}, "server.default_domain"),
+    ({"DATABASE_URL": "mysql://x"}, "database.url"),
+    ({"SMTPD_AGENT_SCAN_CLAMD": "/run/clamd.sock"}, "scan.clamd"),
+    ({"SMTPD_AGENT_SMTP_TLS_CERT": "/nonexistent.pem", "SMTPD_AGENT_SMTP_TLS_KEY": "/x"},
+     "smtp.tls_cert"),
+])
+def test_invalid_values_name_the_key(tmp_path, env, key):
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    with pytest.raises(ConfigError) as error:
+        load_settings(path=empty, env=env)
+    assert str(error.value).startswith(key + ":")
+
+
+def test_unknown_key_in_file_is_an_error(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[smtp]\nprot = 25\n")
+    with pytest.raises(ConfigError, match=r"^smtp\.prot: unknown setting"):
+        load_settings(path=path, env={})
+
+
+def test_env_names_follow_the_scheme():
+    assert env_name("dns.nameservers") == "SMTPD_AGENT_DNS_NAMESERVERS"
+    assert env_name("smtp.max_message_size") == "SMTPD_AGENT_SMTP_MAX_MESSAGE_SIZE"
+
+
+def test_serve_with_invalid_config_prints_one_line_and_exits_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "smtpd_agent", "serve", "--state-dir", str(tmp_path)],
+        env={"SMTPD_AGENT_SMTP_PORT": "twenty", "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "smtp.port" in result.stderr
