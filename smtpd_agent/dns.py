@@ -28,7 +28,6 @@ import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.nameserver
-import dns.rdatatype
 import dns.resolver
 import dns.reversename
 import structlog

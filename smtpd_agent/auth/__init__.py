@@ -46,9 +46,12 @@ class AuthResult:
     dkim: str
     dmarc: str
     arc: str
-    dmarc_policy: str  # what we apply: none / quarantine / reject ("" without a record)
+    dmarc_policy: str  # the owner's policy for this From domain: p, or sp for a subdomain
     header_value: str  # the Authentication-Results field body (after "Authentication-Results: ")
     authserv_id: str
+    # What we apply on DMARC fail after pct sampling (RFC 7489 6.6.4): none / quarantine /
+    # reject; "" when DMARC did not fail.
+    dmarc_disposition: str = ""
     dkim_signatures: tuple[DkimSignatureResult, ...] = field(default=())
     spf_detail: SpfResult | None = None
     dmarc_detail: DmarcResult | None = None
@@ -62,6 +65,7 @@ class AuthResult:
             "dmarc": self.dmarc,
             "arc": self.arc,
             "dmarc_policy": self.dmarc_policy,
+            "dmarc_disposition": self.dmarc_disposition,
             "authserv_id": self.authserv_id,
             "header_value": self.header_value,
             "dkim_signatures": [s.to_dict() for s in self.dkim_signatures],
@@ -119,12 +123,15 @@ async def authenticate(message: InboundMessage, resolver: Resolver, settings: Au
     value = header_value(authserv_id, spf, dkim, dmarc, arc)
     result = AuthResult(
         spf=spf.result, dkim=dkim.summary, dmarc=dmarc.result, arc=arc.result,
-        dmarc_policy=dmarc.disposition or dmarc.policy, header_value=value,
+        dmarc_policy=dmarc.policy,
+        dmarc_disposition=dmarc.disposition if dmarc.result == "fail" else "",
+        header_value=value,
         authserv_id=authserv_id, dkim_signatures=dkim.signatures, spf_detail=spf,
         dmarc_detail=dmarc, arc_detail=arc,
     )
     log.info("auth.result", spf=result.spf, dkim=result.dkim, dmarc=result.dmarc,
-             arc=result.arc, dmarc_policy=result.dmarc_policy)
+             arc=result.arc, dmarc_policy=result.dmarc_policy,
+             dmarc_disposition=result.dmarc_disposition)
     return result
 
 
@@ -132,7 +139,7 @@ def decide(result: AuthResult, settings: AuthSettings) -> AuthDecision:
     """Pure: verdicts + operator policy -> action. Order matters; each rule says why."""
     dmarc_fail = result.dmarc == "fail"
     # 1. The domain owner asked for rejection and the operator honours it (auth.dmarc_reject).
-    if dmarc_fail and result.dmarc_policy == "reject":
+    if dmarc_fail and result.dmarc_disposition == "reject":
         if settings.dmarc_reject:
             return AuthDecision("reject", "dmarc policy reject")
         return AuthDecision("quarantine", "dmarc policy reject")
@@ -145,7 +152,7 @@ def decide(result: AuthResult, settings: AuthSettings) -> AuthDecision:
     if result.spf == "fail" and settings.spf_fail == "reject" and result.dmarc != "pass":
         return AuthDecision("reject", "spf fail")
     # 4. The domain owner asked for quarantine.
-    if dmarc_fail and result.dmarc_policy == "quarantine":
+    if dmarc_fail and result.dmarc_disposition == "quarantine":
         return AuthDecision("quarantine", "dmarc policy quarantine")
     if temperror:
         return AuthDecision("accept", "dns temperror")

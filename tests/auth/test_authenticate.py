@@ -73,7 +73,7 @@ async def test_subdomain_inherits_sp(dns_server, resolver):
     result = await run(resolver, message("ceo@news.example.org"), "x@spoof.test")
     assert result.dmarc == "fail"
     assert result.dmarc_detail.record_domain == "example.org"
-    assert result.dmarc_policy == "reject"
+    assert (result.dmarc_policy, result.dmarc_disposition) == ("reject", "reject")
     decision = decide(result, AuthSettings())
     assert (decision.action, decision.reason) == ("reject", "dmarc policy reject")
     # The organizational domain itself gets p=none.
@@ -106,6 +106,13 @@ async def test_no_record_is_none(dns_server, resolver):
     result = await run(resolver, message("a@norecord.example"), "x@spoof.test")
     assert (result.spf, result.dmarc, result.dmarc_policy) == ("none", "none", "")
     assert decide(result, AuthSettings()).action == "accept"
+
+
+async def test_pass_keeps_published_policy(dns_server, resolver):
+    dns_server.txt("bounce.example.com", f"v=spf1 ip4:{CLIENT} -all")
+    dns_server.txt("_dmarc.example.com", "v=DMARC1; p=reject")
+    result = await run(resolver, message(), "b@bounce.example.com")
+    assert (result.dmarc, result.dmarc_policy, result.dmarc_disposition) == ("pass", "reject", "")
 
 
 async def test_pct_sampling_weakens_policy(dns_server, resolver):
@@ -188,6 +195,7 @@ async def test_result_is_json_and_header(dns_server, resolver, rsa2048):
 ])
 def test_decide_table(spf, dkim, dmarc, policy, settings, action, reason):
     result = AuthResult(spf=spf, dkim=dkim, dmarc=dmarc, arc="none", dmarc_policy=policy,
+                        dmarc_disposition=policy if dmarc == "fail" else "",
                         header_value="x", authserv_id=AUTHSERV)
     decision = decide(result, AuthSettings(**settings))
     assert (decision.action, decision.reason) == (action, reason)
