@@ -13,6 +13,7 @@ import structlog
 from .config import Settings, SmtpSettings
 from .pipeline import Pipeline
 from .routing import Router
+from .scan import Scanner, limit_problems
 from .smtp.handler import SessionHandler
 from .smtp.server import AgentSMTP, ConnectionLimits, Sessions
 from .store.database import EmbeddedPostgres, create_pool, migrate, resolve_database_url
@@ -75,7 +76,13 @@ class MailServer:
         self.database = await Database.open(settings)
         self.router = Router(self.database.pool, settings.server.default_domain,
                              settings.routing.cache_ttl)
-        pipeline = Pipeline(self.database.pool, settings)
+        scanner = Scanner(settings.scan) if settings.scan.clamd else None
+        if scanner is None:
+            log.warning("scan.disabled", reason="scan.clamd is not set: attachments are "
+                        "stored with scan status 'unscanned'")
+        for problem in limit_problems(settings):
+            log.warning("scan.limits", problem=problem)
+        pipeline = Pipeline(self.database.pool, settings, scanner)
         handler = SessionHandler(self.router, settings.smtp.max_recipients)
         tls_context = build_tls_context(settings.smtp)
         loop = asyncio.get_running_loop()

@@ -17,6 +17,8 @@ import structlog
 from .config import Settings
 from .message import parse_message
 from .record import Envelope, InboundMessage
+from .scan import ScanResult, Scanner
+from .scan import decide as decide_scan
 from .smtp import replies
 from .smtp.replies import Reply
 from .smtp.server import ReceivedContent
@@ -45,12 +47,40 @@ def received_header(content: ReceivedContent, hostname: str) -> str:
             f"\t{format_datetime(content.received_at)}")
 
 
+class Rejected(Exception):
+    """A stage refused the message; carries the one reply for the client."""
+
+    def __init__(self, reply: Reply, reason: str, **fields: object) -> None:
+        super().__init__(reason)
+        self.reply = reply
+        self.reason = reason
+        self.fields = fields
+
+
 class Pipeline:
-    def __init__(self, db: asyncpg.Pool, settings: Settings) -> None:
+    def __init__(self, db: asyncpg.Pool, settings: Settings, scanner: Scanner | None = None) -> None:
         self.db = db
         self.settings = settings
+        self.scanner = scanner
+
+    async def scan(self, message: InboundMessage) -> ScanResult | None:
+        """Run clamd over the message; raise Rejected for viruses, oversize and outages."""
+        if self.scanner is None:
+            return None
+        result = await self.scanner.scan_message(message)
+        decision = decide_scan(result, self.settings.scan)
+        if decision.action == "reject" and decision.reason == "virus":
+            raise Rejected(replies.VIRUS_FOUND.with_text(
+                f"Message rejected: virus found ({decision.signature})"), "virus",
+                signature=decision.signature)
+        if decision.action == "reject":
+            raise Rejected(replies.TOO_BIG_TO_SCAN, "too large to scan")
+        if decision.action == "tempfail":
+            raise Rejected(replies.TEMP_SCAN_FAILURE, decision.reason, problem=result.problem)
+        return result
 
     async def receive(self, content: ReceivedContent) -> Reply:
+        """The reply for one received message; 250 only once it is committed."""
         envelope = Envelope(
             session_id=content.session_id, client_ip=content.client_ip, helo=content.helo,
             mail_from=content.mail_from, recipients=content.recipients, tls=content.tls,
@@ -63,8 +93,15 @@ class Pipeline:
         message = InboundMessage(
             envelope=envelope, raw=content.data, parsed=parsed,
             trace_headers=(("Received", received_header(content, self.settings.server.hostname)),))
-        verdicts = Verdicts()
         rcpt = [r.address for r in content.recipients]
+        try:
+            scan = await self.scan(message)
+        except Rejected as rejected:
+            log.info("smtp.rejected" if rejected.reply.code >= 500 else "smtp.tempfail",
+                     reason=rejected.reason, reply=str(rejected.reply), queue_id=content.queue_id,
+                     mail_from=content.mail_from, rcpt=rcpt, **rejected.fields)
+            return rejected.reply
+        verdicts = Verdicts(**scan_columns(scan, message))
         try:
             stored = await store_inbound(self.db, message, verdicts,
                                          self.settings.store.thread_window_days, content.queue_id)
@@ -79,3 +116,13 @@ class Pipeline:
                  stored=[s.id for s in stored if not s.duplicate],
                  duplicates=[s.id for s in stored if s.duplicate])
         return replies.queued(content.queue_id)
+
+
+def scan_columns(scan: ScanResult | None, message: InboundMessage) -> dict[str, object]:
+    """Scan verdicts as stored: with no scanner configured, attachments are 'unscanned'."""
+    if scan is None:
+        status = "unscanned" if message.parsed.attachments else "skipped"
+        return {"scan_status": status,
+                "attachment_scans": tuple((status, None) for _ in message.parsed.attachments)}
+    return {"scan_status": scan.status, "scan_signature": scan.signature,
+            "attachment_scans": tuple((a.status, a.signature) for a in scan.attachments)}
