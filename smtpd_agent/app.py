@@ -11,6 +11,7 @@ import asyncpg
 import structlog
 
 from .config import Settings, SmtpSettings
+from .dns import Resolver
 from .pipeline import Pipeline
 from .routing import Router
 from .scan import Scanner, limit_problems
@@ -82,7 +83,7 @@ class MailServer:
                         "stored with scan status 'unscanned'")
         for problem in limit_problems(settings):
             log.warning("scan.limits", problem=problem)
-        pipeline = Pipeline(self.database.pool, settings, scanner)
+        pipeline = Pipeline(self.database.pool, settings, Resolver(settings.dns), scanner)
         handler = SessionHandler(self.router, settings.smtp.max_recipients)
         tls_context = build_tls_context(settings.smtp)
         loop = asyncio.get_running_loop()

@@ -9,12 +9,16 @@ before is a 4xx so the sender keeps the message and retries.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from email.utils import format_datetime
 
 import asyncpg
 import structlog
 
+from .auth import AuthResult, authenticate, strip_our_results
+from .auth import decide as decide_auth
 from .config import Settings
+from .dns import Resolver
 from .message import parse_message
 from .record import Envelope, InboundMessage
 from .scan import ScanResult, Scanner
@@ -58,10 +62,27 @@ class Rejected(Exception):
 
 
 class Pipeline:
-    def __init__(self, db: asyncpg.Pool, settings: Settings, scanner: Scanner | None = None) -> None:
+    def __init__(self, db: asyncpg.Pool, settings: Settings, resolver: Resolver,
+                 scanner: Scanner | None = None) -> None:
         self.db = db
         self.settings = settings
+        self.resolver = resolver
         self.scanner = scanner
+        self.authserv_id = settings.auth.authserv_id or settings.server.hostname
+
+    async def authenticate(self, message: InboundMessage) -> tuple[AuthResult, bool]:
+        """SPF, DKIM, ARC, DMARC; raise Rejected per policy, else say whether to quarantine."""
+        result = await authenticate(message, self.resolver, self.settings.auth, self.authserv_id)
+        decision = decide_auth(result, self.settings.auth)
+        if decision.action == "reject":
+            reply = (replies.DMARC_REJECT if decision.reason.startswith("dmarc")
+                     else replies.SPF_REJECT)
+            raise Rejected(reply, decision.reason, spf=result.spf, dkim=result.dkim,
+                           dmarc=result.dmarc)
+        if decision.action == "tempfail":
+            raise Rejected(replies.TEMP_AUTH_FAILURE, decision.reason, spf=result.spf,
+                           dkim=result.dkim, dmarc=result.dmarc)
+        return result, decision.action == "quarantine"
 
     async def scan(self, message: InboundMessage) -> ScanResult | None:
         """Run clamd over the message; raise Rejected for viruses, oversize and outages."""
@@ -90,18 +111,25 @@ class Pipeline:
             parsed = await asyncio.to_thread(parse_message, content.data)
         else:
             parsed = parse_message(content.data)
-        message = InboundMessage(
-            envelope=envelope, raw=content.data, parsed=parsed,
-            trace_headers=(("Received", received_header(content, self.settings.server.hostname)),))
+        message = InboundMessage(envelope=envelope, raw=content.data, parsed=parsed)
         rcpt = [r.address for r in content.recipients]
         try:
+            auth, quarantined = await self.authenticate(message)
             scan = await self.scan(message)
         except Rejected as rejected:
             log.info("smtp.rejected" if rejected.reply.code >= 500 else "smtp.tempfail",
                      reason=rejected.reason, reply=str(rejected.reply), queue_id=content.queue_id,
                      mail_from=content.mail_from, rcpt=rcpt, **rejected.fields)
             return rejected.reply
-        verdicts = Verdicts(**scan_columns(scan, message))
+        verdicts = Verdicts(
+            spf=auth.spf, dkim=auth.dkim, dmarc=auth.dmarc, arc=auth.arc,
+            auth_results=auth.header_value, auth_detail=auth.to_dict(), quarantined=quarantined,
+            **scan_columns(scan, message))
+        # RFC 8601 section 5: results claiming our authserv-id can only be forged; ours go first.
+        message = dataclasses.replace(
+            message, raw=strip_our_results(content.data, self.authserv_id),
+            trace_headers=(("Authentication-Results", auth.header_value),
+                           ("Received", received_header(content, self.settings.server.hostname))))
         try:
             stored = await store_inbound(self.db, message, verdicts,
                                          self.settings.store.thread_window_days, content.queue_id)
@@ -112,7 +140,9 @@ class Pipeline:
                 f"Temporary local problem, try again later (session {content.session_id})")
         log.info("smtp.accepted", queue_id=content.queue_id, message_id=parsed.message_id,
                  mail_from=content.mail_from, rcpt=rcpt, size=len(content.data),
-                 attachments=len(parsed.attachments),
+                 attachments=len(parsed.attachments), spf=auth.spf, dkim=auth.dkim,
+                 dmarc=auth.dmarc, arc=auth.arc, quarantined=quarantined,
+                 scan=verdicts.scan_status,
                  stored=[s.id for s in stored if not s.duplicate],
                  duplicates=[s.id for s in stored if s.duplicate])
         return replies.queued(content.queue_id)

@@ -11,8 +11,24 @@ import asyncpg
 import pytest
 
 from smtpd_agent.store import directory
+from tests.dnsserver import DnsTestServer
 from tests.support import (DEFAULT_DOMAIN, OPEN_DIALOGUES, EmbeddedCluster, ServerThread,
                            make_settings)
+
+
+@pytest.fixture(scope="session")
+def dns_server_session() -> Iterator[DnsTestServer]:
+    """An authoritative DNS server on loopback; the only DNS any test may reach."""
+    with DnsTestServer() as server:
+        yield server
+
+
+@pytest.fixture
+def dns_server(dns_server_session: DnsTestServer) -> Iterator[DnsTestServer]:
+    """The session's DNS server with empty zones, for this test to fill."""
+    dns_server_session.clear()
+    yield dns_server_session
+    dns_server_session.clear()
 
 
 @pytest.fixture(autouse=True)
@@ -47,11 +63,13 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
-def start_server(database_url: str, tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
+def start_server(database_url: str, tmp_path: Path,
+                 dns_server: DnsTestServer) -> Iterator[Callable[..., ServerThread]]:
     """Start the real server with setting overrides: start_server(**{"smtp.max_recipients": 2})."""
     started: list[ServerThread] = []
 
     def start(**overrides: Any) -> ServerThread:
+        overrides.setdefault("dns.nameservers", [dns_server.nameserver])
         settings = make_settings(database_url, tmp_path / f"state{len(started)}", **overrides)
         server = ServerThread(settings).start()
         started.append(server)

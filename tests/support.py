@@ -25,6 +25,10 @@ from smtpd_agent.app import MailServer
 from smtpd_agent.config import Settings, load_settings
 
 DEFAULT_DOMAIN = "agents.test"
+# Short enough that DNS timeout tests stay fast, long enough for a loaded CI box.
+TEST_DNS_TIMEOUT = 0.5
+# Nothing listens here: a server built without a test DNS server can never reach real DNS.
+UNREACHABLE_DNS = "127.0.0.1:9"
 REPLY_LINE = re.compile(rb"^(\d{3})([ -])(.*)$")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -70,6 +74,9 @@ def make_settings(database_url: str, state_dir: Path, **overrides: Any) -> Setti
         "database.pool_max": 4,
         "database.connect_timeout": 3,
         "smtp.shutdown_grace": 2,
+        "dns.nameservers": [UNREACHABLE_DNS],
+        "dns.timeout": TEST_DNS_TIMEOUT,
+        "auth.timeout": 3,
     }
     values.update(overrides)
     state_dir.mkdir(parents=True, exist_ok=True)

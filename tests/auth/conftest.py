@@ -14,26 +14,9 @@ import pytest
 from smtpd_agent.config import AuthSettings, DnsSettings
 from smtpd_agent.dns import Resolver
 
-try:
-    from tests.dnsserver import DnsTestServer
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from dnsserver import DnsTestServer  # type: ignore[no-redef]
+from tests.dnsserver import DnsTestServer
 
-# Short enough that the timeout tests stay fast, long enough for a loaded CI box.
-TEST_DNS_TIMEOUT = 0.5
-
-
-@pytest.fixture(scope="session")
-def dns_server_session() -> Iterator[DnsTestServer]:
-    with DnsTestServer() as server:
-        yield server
-
-
-@pytest.fixture
-def dns_server(dns_server_session: DnsTestServer) -> Iterator[DnsTestServer]:
-    dns_server_session.clear()
-    yield dns_server_session
-    dns_server_session.clear()
+from tests.support import TEST_DNS_TIMEOUT
 
 
 @pytest.fixture

@@ -26,12 +26,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory):
+def running(tmp_path_factory, dns_server_session):
     """`smtpd-agent serve` in a subprocess, its own embedded Postgres in a state dir."""
     state = tmp_path_factory.mktemp("cli-state")
     port = free_port()
     env = {**os.environ, "SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": DOMAIN,
-           "SMTPD_AGENT_ROUTING_CACHE_TTL": "0.2", "SMTPD_AGENT_LOG_FORMAT": "json"}
+           "SMTPD_AGENT_ROUTING_CACHE_TTL": "0.2", "SMTPD_AGENT_LOG_FORMAT": "json",
+           "SMTPD_AGENT_DNS_NAMESERVERS": dns_server_session.nameserver,
+           "SMTPD_AGENT_DNS_TIMEOUT": "0.5"}
     env.pop("DATABASE_URL", None)
     log = open(state / "serve.log", "w")
     process = subprocess.Popen(

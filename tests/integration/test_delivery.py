@@ -67,7 +67,8 @@ async def test_aiosmtplib_delivery_stores_thread_message_and_attachments(server,
     assert "où est ma commande" in row["text_body"]
     assert "<b>où</b>" in row["html_body"]
     assert row["direction"] == "inbound"
-    assert row["raw"].startswith(b"Received: from ")
+    assert row["raw"].startswith(b"Authentication-Results: mx.test.local;")
+    assert b"\r\nReceived: from " in row["raw"]
     assert row["raw"].endswith(b"\r\n" + raw)
     assert row["size"] == len(row["raw"])
     assert row["queue_id"] and reply.split()[1] == row["queue_id"]

@@ -35,7 +35,7 @@ async def test_malformed_message_is_stored_with_raw_bytes_intact(server, db, raw
     assert code == 250, lines
     row = await db.fetchrow("SELECT raw, subject, text_body, defects FROM messages")
     assert row["raw"].endswith(b"\r\n" + raw)
-    assert row["raw"].startswith(b"Received: ")
+    assert row["raw"].startswith(b"Authentication-Results: ")
 
 
 async def test_undecodable_parts_are_kept_readable(server, db):

@@ -45,11 +45,13 @@ def deliver(port: int, tag: str) -> tuple[int, bytes]:
     return code, lines[-1]
 
 
-async def test_store_failure_is_a_tempfail_and_recovers_without_restart(own_cluster, tmp_path):
+async def test_store_failure_is_a_tempfail_and_recovers_without_restart(own_cluster, tmp_path,
+                                                                        dns_server):
     url = await own_cluster.new_database()
     connection = await asyncpg.connect(url)
     running = ServerThread(make_settings(url, tmp_path / "state", **{
-        "routing.cache_ttl": 60, "database.connect_timeout": 2})).start()
+        "routing.cache_ttl": 60, "database.connect_timeout": 2,
+        "dns.nameservers": [dns_server.nameserver]})).start()
     try:
         await directory.add_workspace(connection, "acme")
         await directory.add_agent(connection, "acme", "support")
@@ -76,10 +78,11 @@ async def test_store_failure_is_a_tempfail_and_recovers_without_restart(own_clus
         running.stop()
 
 
-async def test_routing_lookup_failure_is_a_tempfail(own_cluster, tmp_path):
+async def test_routing_lookup_failure_is_a_tempfail(own_cluster, tmp_path, dns_server):
     url = await own_cluster.new_database()
     running = ServerThread(make_settings(url, tmp_path / "state", **{
-        "routing.cache_ttl": 0, "database.connect_timeout": 2})).start()
+        "routing.cache_ttl": 0, "database.connect_timeout": 2,
+        "dns.nameservers": [dns_server.nameserver]})).start()
     try:
         await asyncio.to_thread(stop_postgres, own_cluster)
         code, line = await asyncio.to_thread(deliver, running.port, "unroutable")

@@ -184,7 +184,7 @@ async def test_empty_message_and_pipelined_quit(server, db):
     assert dialogue.reply()[0] == 250
     assert dialogue.reply()[0] == 221
     row = await db.fetchrow("SELECT mail_from, raw FROM messages")
-    assert row["mail_from"] == "" and row["raw"].startswith(b"Received:")
+    assert row["mail_from"] == "" and row["raw"].startswith(b"Authentication-Results:")
 
 
 async def test_binary_garbage_gets_replies_and_server_survives(server, db):
