@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import signal
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import asyncpg
 import structlog
@@ -20,6 +22,7 @@ from .smtp.server import AgentSMTP, ConnectionLimits, Sessions
 from .store.database import EmbeddedPostgres, create_pool, migrate, resolve_database_url
 
 log = structlog.get_logger("smtpd_agent.app")
+T = TypeVar("T")
 
 
 def build_tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:
@@ -59,13 +62,40 @@ class Database:
             await asyncio.to_thread(self.embedded.release)
 
 
-class MailServer:
-    """The SMTP listener with everything it needs; `start()` binds, `stop()` releases."""
+@dataclass
+class Runtime:
+    """What every service of one process shares: settings, the database, the resolver."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.database: Database | None = None
-        self.router: Router | None = None
+    settings: Settings
+    database: Database
+    resolver: Resolver
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self.database.pool
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Runtime:
+        database = await Database.open(settings)
+        return cls(settings, database, Resolver(settings.dns))
+
+    async def close(self) -> None:
+        await self.database.close()
+
+
+class Service(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class MailServer:
+    """The SMTP listener with everything it needs; `start()` binds, `stop()` drains."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings = settings = runtime.settings
+        self.router = Router(runtime.pool, settings.server.default_domain,
+                             settings.routing.cache_ttl)
         self.limits = ConnectionLimits(settings.smtp.max_connections,
                                        settings.smtp.max_connections_per_ip)
         self.sessions = Sessions()
@@ -74,16 +104,13 @@ class MailServer:
 
     async def start(self) -> None:
         settings = self.settings
-        self.database = await Database.open(settings)
-        self.router = Router(self.database.pool, settings.server.default_domain,
-                             settings.routing.cache_ttl)
         scanner = Scanner(settings.scan) if settings.scan.clamd else None
         if scanner is None:
             log.warning("scan.disabled", reason="scan.clamd is not set: attachments are "
                         "stored with scan status 'unscanned'")
         for problem in limit_problems(settings):
             log.warning("scan.limits", problem=problem)
-        pipeline = Pipeline(self.database.pool, settings, Resolver(settings.dns), scanner)
+        pipeline = Pipeline(self.runtime.pool, settings, self.runtime.resolver, scanner)
         handler = SessionHandler(self.router, settings.smtp.max_recipients)
         tls_context = build_tls_context(settings.smtp)
         loop = asyncio.get_running_loop()
@@ -98,22 +125,57 @@ class MailServer:
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("server.listening", host=settings.smtp.host, port=self.port,
                  default_domain=settings.server.default_domain,
-                 embedded_postgres=self.database.embedded is not None,
+                 embedded_postgres=self.runtime.database.embedded is not None,
                  starttls=tls_context is not None)
 
     async def stop(self) -> None:
-        """Stop accepting, let messages in transfer finish (bounded), then release Postgres."""
+        """Stop accepting, let messages in transfer finish (bounded)."""
         if self._server is not None:
             self._server.close()
             await self.sessions.drain(self.settings.smtp.shutdown_grace)
-        if self.database is not None:
-            await self.database.close()
         log.info("server.stopped")
 
 
+# The services `serve` runs, in start order (stopped in reverse). Each is built from the
+# shared Runtime; later stages (agent workers, HTTP) add themselves here.
+SERVICES: list[Callable[[Runtime], Service]] = [
+    MailServer,
+]
+
+
+class App:
+    """One process: the runtime and every service, started and stopped together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runtime: Runtime | None = None
+        self.services: list[Service] = []
+
+    def service(self, kind: type[T]) -> T:
+        return next(s for s in self.services if isinstance(s, kind))
+
+    async def start(self) -> None:
+        self.runtime = await Runtime.open(self.settings)
+        try:
+            for factory in SERVICES:
+                service = factory(self.runtime)
+                await service.start()
+                self.services.append(service)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        while self.services:
+            await self.services.pop().stop()
+        if self.runtime is not None:
+            await self.runtime.close()
+            self.runtime = None
+
+
 async def serve(settings: Settings) -> None:
-    server = MailServer(settings)
-    await server.start()
+    app = App(settings)
+    await app.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -122,4 +184,4 @@ async def serve(settings: Settings) -> None:
         await stop.wait()
     finally:
         log.info("server.stopping")
-        await server.stop()
+        await app.stop()

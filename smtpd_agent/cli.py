@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+from dataclasses import dataclass
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -26,6 +27,14 @@ from .store.database import migrate
 from .store.directory import DirectoryError
 
 
+@dataclass(frozen=True)
+class Parents:
+    """Argument groups every command shares: `common` (config, state dir, domain), `listing` (--json)."""
+
+    common: argparse.ArgumentParser
+    listing: argparse.ArgumentParser
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE",
@@ -36,23 +45,34 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the operator's domain: agents are <handle>@<workspace>.<D>")
     listing = argparse.ArgumentParser(add_help=False)
     listing.add_argument("--json", action="store_true", help="print JSON")
+    parents = Parents(common, listing)
 
     parser = argparse.ArgumentParser(
         prog="smtpd-agent", description="An SMTP server that gives AI agents email addresses.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in COMMAND_GROUPS:
+        register(commands, parents)
+    return parser
 
+
+def register_core(commands: Any, parents: Parents) -> None:
+    common, listing = parents.common, parents.listing
     serve_cmd = commands.add_parser("serve", parents=[common], help="run the SMTP server")
     serve_cmd.add_argument("--host", help="bind address (smtp.host)")
     serve_cmd.add_argument("--port", type=int, help="bind port (smtp.port)")
+    serve_cmd.set_defaults(run=run_serve)
 
-    commands.add_parser("migrate", parents=[common], help="apply database migrations")
+    commands.add_parser("migrate", parents=[common], help="apply database migrations") \
+        .set_defaults(handler=cmd_migrate, migrate_first=False)
 
     workspace = commands.add_parser("workspace", help="manage workspaces")
     workspace_cmds = workspace.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = workspace_cmds.add_parser("add", parents=[common], help="create a workspace")
     add.add_argument("slug", help="lower-case name, the label under the default domain")
     add.add_argument("--name", help="display name")
-    workspace_cmds.add_parser("list", parents=[common, listing], help="list workspaces")
+    add.set_defaults(handler=cmd_workspace_add)
+    workspace_cmds.add_parser("list", parents=[common, listing], help="list workspaces") \
+        .set_defaults(handler=cmd_workspace_list)
 
     agent = commands.add_parser("agent", help="manage agents")
     agent_cmds = agent.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -61,18 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--name", help="display name used in replies")
     add.add_argument("--prompt", help="the agent's system prompt")
     add.add_argument("--no-auto-reply", action="store_true", help="store mail but never answer")
+    add.set_defaults(handler=cmd_agent_add)
     listed = agent_cmds.add_parser("list", parents=[common, listing], help="list agents")
     listed.add_argument("--workspace", metavar="SLUG")
+    listed.set_defaults(handler=cmd_agent_list)
     disable = agent_cmds.add_parser("disable", parents=[common], help="stop accepting mail")
     disable.add_argument("address")
+    disable.set_defaults(handler=cmd_agent_disable)
     enable = agent_cmds.add_parser("enable", parents=[common], help="accept mail again")
     enable.add_argument("address")
+    enable.set_defaults(handler=cmd_agent_enable)
 
     inbox_cmd = commands.add_parser("inbox", parents=[common, listing],
                                     help="an agent's threads, newest first")
     inbox_cmd.add_argument("address", help="the agent's address")
     inbox_cmd.add_argument("--limit", type=int, default=50, help="threads to show")
-    return parser
+    inbox_cmd.set_defaults(handler=cmd_inbox)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -92,13 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"smtpd-agent: configuration error: {error}", file=sys.stderr)
         return 2
-    quiet = args.command != "serve" and settings.log.level != "debug"
+    quiet = not hasattr(args, "run") and settings.log.level != "debug"
     configure_logging(dataclasses.replace(settings.log, level="warning") if quiet else settings.log)
     try:
-        if args.command == "serve":
-            asyncio.run(serve(settings))
-            return 0
-        return asyncio.run(with_database(settings, COMMANDS[_command_name(args)], args))
+        if hasattr(args, "run"):
+            return args.run(settings, args)
+        return asyncio.run(with_database(settings, args.handler, args))
     except (DirectoryError, ConfigError) as error:
         print(f"smtpd-agent: {error}", file=sys.stderr)
         return 1
@@ -106,16 +129,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _command_name(args: argparse.Namespace) -> str:
-    action = getattr(args, "action", None)
-    return f"{args.command} {action}" if action else args.command
+def run_serve(settings: Settings, args: argparse.Namespace) -> int:
+    asyncio.run(serve(settings))
+    return 0
 
 
 Command = Callable[[Any, Settings, argparse.Namespace], Awaitable[int]]
 
 
 async def with_database(settings: Settings, command: Command, args: argparse.Namespace) -> int:
-    database = await Database.open(settings, run_migrations=args.command != "migrate")
+    database = await Database.open(settings, run_migrations=getattr(args, "migrate_first", True))
     try:
         return await command(database.pool, settings, args)
     finally:
@@ -246,13 +269,8 @@ def _inbox_lines(threads: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-COMMANDS: dict[str, Command] = {
-    "migrate": cmd_migrate,
-    "workspace add": cmd_workspace_add,
-    "workspace list": cmd_workspace_list,
-    "agent add": cmd_agent_add,
-    "agent list": cmd_agent_list,
-    "agent disable": cmd_agent_disable,
-    "agent enable": cmd_agent_enable,
-    "inbox": cmd_inbox,
-}
+# Each group adds its subcommands to the parser; a command sets `handler` (run with an open
+# database pool) or `run` (given the settings, manages its own resources).
+COMMAND_GROUPS: list[Callable[[Any, Parents], None]] = [
+    register_core,
+]

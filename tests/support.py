@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from smtpd_agent.app import MailServer
+from smtpd_agent.app import App, MailServer
 from smtpd_agent.config import Settings, load_settings
 
 DEFAULT_DOMAIN = "agents.test"
@@ -90,7 +90,7 @@ class ServerThread:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.server = MailServer(settings)
+        self.app = App(settings)
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -98,20 +98,21 @@ class ServerThread:
 
     @property
     def port(self) -> int:
-        assert self.server.port is not None
-        return self.server.port
+        port = self.app.service(MailServer).port
+        assert port is not None
+        return port
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         try:
-            self.loop.run_until_complete(self.server.start())
+            self.loop.run_until_complete(self.app.start())
         except BaseException as error:  # reported to the starting thread
             self._error = error
             self._ready.set()
             return
         self._ready.set()
         self.loop.run_forever()
-        self.loop.run_until_complete(self.server.stop())
+        self.loop.run_until_complete(self.app.stop())
         self.loop.close()
 
     def start(self) -> ServerThread:
