@@ -18,7 +18,6 @@ from email.message import EmailMessage
 from email.policy import SMTP
 
 import asyncpg
-import pytest
 
 from smtpd_agent.store import directory
 from tests.clamd import EICAR

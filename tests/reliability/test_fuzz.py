@@ -15,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from smtpd_agent.message import parse_message
-from smtpd_agent.store import directory
 from tests.support import REPLY_LINE, smtp_send
 
 ADDRESSES = st.sampled_from(["<support@acme.agents.test>", "<>", "<a@b>", "<x@evil.test>",
