@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from smtpd_agent.app import Runtime
 from smtpd_agent.cli import build_parser, with_database
 from smtpd_agent.config import Settings
+from smtpd_agent.domains import open_key_store
 from smtpd_agent.domains.service import DomainRechecker
 from smtpd_agent.smtp import replies
 from smtpd_agent.store import directory
@@ -258,7 +259,28 @@ async def test_hosted_dkim_keys_are_cnames_and_domain_remove_forgets_everything(
     duplicate = build_parser().parse_args(["domain", "add", CUSTOM, "--workspace", "acme"])
     with pytest.raises(directory.DirectoryError, match="already registered"):
         await with_database(cli.settings, duplicate.handler, duplicate)
+    # private keys: encrypted at rest, never in any output
+    store = open_key_store(db, cli.settings)
+    workspace_id = await db.fetchval("SELECT id FROM workspaces WHERE slug = 'acme'")
+    signing = await store.signing_keys(workspace_id, CUSTOM)
+    assert sorted(k.algorithm for k in signing) == ["ed25519", "rsa-2048"]
+    for stored in await db.fetch("SELECT private_key FROM dkim_keys"):
+        assert bytes(stored["private_key"]).startswith(b"gAAAAA")  # a Fernet token
+    outputs = json.dumps(added) + (await cli("dns-records"))[1] + (await cli("domain", "list"))[1]
+    for k in signing:
+        secret = k.dkimpy_private_key().decode()
+        body = "".join(line for line in secret.splitlines() if "PRIVATE KEY" not in line)
+        assert body[:40] not in outputs and k.private_pkcs8.hex()[:40] not in outputs
+
     code, out = await cli("domain", "remove", CUSTOM)
     assert code == 0 and "removed" in out
     assert await db.fetchval("SELECT count(*) FROM dkim_keys WHERE domain = $1", CUSTOM) == 0
     assert await cli.json("domain", "list") == []
+
+
+def test_domain_commands_have_help() -> None:
+    for command in (["dns-records"], ["domain", "add"], ["domain", "check"], ["domain", "list"],
+                    ["domain", "remove"]):
+        with pytest.raises(SystemExit) as done:
+            build_parser().parse_args([*command, "--help"])
+        assert done.value.code == 0, command
