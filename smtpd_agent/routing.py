@@ -89,8 +89,8 @@ class Router:
         parsed = parse_address(address)
         if parsed is None:
             return Route(RouteKind.UNKNOWN_MAILBOX)
-        slug = workspace_of(parsed.domain, self._default_domain)
-        if slug is None:
+        found = workspace_of(parsed.domain, self._default_domain)
+        if found is None:
             custom = await self._custom_domain(parsed.domain)
             if custom is None:
                 return Route(RouteKind.RELAY_DENIED)
@@ -99,9 +99,10 @@ class Router:
                              hint=f"{custom.name} (workspace {custom.workspace_slug}) is "
                                   f"{custom.state}: publish its records and run "
                                   f"`smtpd-agent domain check {custom.name}`")
-            slug = custom.workspace_slug
-        if slug is True:
+            found = custom.workspace_slug
+        if not isinstance(found, str):
             return Route(RouteKind.UNKNOWN_MAILBOX)
+        slug = found
         mailbox = await self._lookup(slug, parsed.local, parsed.domain)
         if mailbox is None:
             return Route(RouteKind.UNKNOWN_MAILBOX)

@@ -49,7 +49,8 @@ class Domains:
     resolver: Resolver
 
     @classmethod
-    def open(cls, db: asyncpg.Pool, settings: Settings, resolver: Resolver | None = None) -> Domains:
+    def open(cls, db: asyncpg.Pool, settings: Settings,
+             resolver: Resolver | None = None) -> Domains:
         return cls(db, settings, open_key_store(db, settings), resolver or Resolver(settings.dns))
 
     def _own_domain(self, name: str) -> bool:

@@ -28,7 +28,7 @@ from checkdmarc.spf import SPFError, SPFTooManyDNSLookups, parse_spf_record
 
 from ..config import Settings
 from ..dns import DnsTempError, Resolver, parse_nameserver
-from .records import DnsRecord, RecordSet, spf_hosts_name
+from .records import DnsRecord, RecordSet, mx_hosts, spf_hosts_name
 
 log = structlog.get_logger(__name__)
 
@@ -164,7 +164,11 @@ class DomainChecker:
         shown = tuple(f"{p} {h}" for p, h in sorted(found))
         hosts = {h.lower() for _, h in found}
         if record.value.lower() in hosts:
-            return RecordCheck(record, "pass", shown)
+            ours = set(mx_hosts(self.settings))
+            foreign = sorted(hosts - ours)
+            notes = (f"MX host(s) {', '.join(foreign)} are not ours: mail they take never "
+                     "reaches the agents",) if foreign else ()
+            return RecordCheck(record, "pass", shown, notes=notes)
         return RecordCheck(record, "fail", shown,
                            problem=f"{record.value} is not an MX host of {record.name}",
                            fix=publish(record))

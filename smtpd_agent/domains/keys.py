@@ -19,9 +19,9 @@ import base64
 import os
 import stat
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import asyncpg
 import structlog
@@ -36,7 +36,7 @@ ALGORITHMS: tuple[Algorithm, ...] = ("rsa-2048", "ed25519")
 # RFC 6376 3.6.1 k= tag; RFC 8463 3 for ed25519
 K_TAG = {"rsa-2048": "rsa", "ed25519": "ed25519"}
 SUFFIX = {"rsa-2048": "rsa", "ed25519": "ed25519"}
-DbLike = asyncpg.Pool | asyncpg.Connection
+DbLike: TypeAlias = asyncpg.Pool | asyncpg.Connection
 
 
 class KeyStoreError(RuntimeError):
@@ -160,7 +160,7 @@ class KeyStore:
                           db: DbLike | None = None) -> list[DkimKey]:
         """A new active key per algorithm for `domain` (new selectors; old keys stay active)."""
         db = db or self._db
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         created = []
         for algorithm in algorithms:
             private, public = generate(algorithm)

@@ -11,6 +11,7 @@ check is idempotent, so two hosts re-checking at once only cost DNS queries.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING
 
 import structlog
@@ -41,10 +42,8 @@ class DomainRechecker:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
 
     async def _loop(self) -> None:
@@ -54,7 +53,7 @@ class DomainRechecker:
                 await self.run_once()
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # noqa: BLE001 - the next round may work; keep serving
+            except Exception as error:
                 log.error("domain.recheck_failed", error=str(error))
 
     async def run_once(self) -> list[store.Domain]:

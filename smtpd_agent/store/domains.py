@@ -10,15 +10,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import asyncpg
 
 from .directory import DirectoryError, get_workspace
 
-DbLike = asyncpg.Pool | asyncpg.Connection
+DbLike: TypeAlias = asyncpg.Pool | asyncpg.Connection
 State = Literal["pending", "verified", "degraded"]
-DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
+# RFC 1035 2.3.1 host names, at least two labels, a letter first in the last one
+DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+"
+                    r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 COLUMNS = """d.id, d.workspace_id, w.slug AS workspace_slug, d.name, d.state, d.ownership_token,
              d.mail_from, d.verified_at, d.checked_at, d.failing, d.created_at"""

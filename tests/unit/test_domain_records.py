@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
@@ -17,8 +17,14 @@ from structlog.testing import capture_logs
 from smtpd_agent.config import ConfigError, load_settings
 from smtpd_agent.dns import parse_nameserver
 from smtpd_agent.domains.check import dkim_tags
-from smtpd_agent.domains.keys import (DkimKey, KeyStoreError, SigningKey, generate, load_secret,
-                                      selector_for)
+from smtpd_agent.domains.keys import (
+    DkimKey,
+    KeyStoreError,
+    SigningKey,
+    generate,
+    load_secret,
+    selector_for,
+)
 from smtpd_agent.domains.records import custom_domain_records, default_domain_records
 from tests.dnsserver import DnsTestServer
 
@@ -34,7 +40,7 @@ def settings(tmp_path: Path, **overrides: object):
 
 def key(algorithm: str, public: str, domain: str = "mail.acme.com") -> DkimKey:
     return DkimKey(1, 1, domain, selector_for("sa", algorithm, datetime(2026, 11, 21), 0),  # type: ignore[arg-type]
-                   algorithm, public, datetime.now(timezone.utc), None)  # type: ignore[arg-type]
+                   algorithm, public, datetime.now(UTC), None)  # type: ignore[arg-type]
 
 
 def test_custom_record_set_zone_snippet_and_schema(tmp_path: Path) -> None:
@@ -48,7 +54,8 @@ def test_custom_record_set_zone_snippet_and_schema(tmp_path: Path) -> None:
     assert "mail.acme.com.\t3600\tIN\tMX\t10 mx1.aexy.email." in zone
     assert "mail.acme.com.\t3600\tIN\tMX\t20 mx-backup.example.net." in zone
     assert 'mail.mail.acme.com.\t3600\tIN\tTXT\t"v=spf1 include:_spf.aexy.email -all"' in zone
-    assert '_dmarc.mail.acme.com.\t3600\tIN\tTXT\t"v=DMARC1; p=quarantine; rua=mailto:dmarc@aexy.email"' in zone
+    assert ('_dmarc.mail.acme.com.\t3600\tIN\tTXT\t'
+            '"v=DMARC1; p=quarantine; rua=mailto:dmarc@aexy.email"') in zone
     assert '_smtpd-agent.mail.acme.com.\t3600\tIN\tTXT\t"smtpd-agent-verification=tok"' in zone
     # an RSA-2048 key is longer than one TXT character-string: split, not truncated
     rsa_line = next(line for line in zone.splitlines() if "sa-20261121-rsa._domainkey" in line)
@@ -64,7 +71,8 @@ def test_default_record_set_has_wildcards_and_report_authorization(tmp_path: Pat
     jsonschema.validate(record_set.to_dict(), SCHEMA)
     records = {(r.name, r.type, r.value) for r in record_set.records}
     assert ("*.aexy.email", "MX", "mx1.aexy.email") in records
-    assert ("_spf.aexy.email", "TXT", "v=spf1 ip4:192.0.2.0/24 include:amazonses.com -all") in records
+    assert ("_spf.aexy.email", "TXT",
+            "v=spf1 ip4:192.0.2.0/24 include:amazonses.com -all") in records
     assert ("*.aexy.email", "TXT", "v=spf1 include:_spf.aexy.email -all") in records
     assert ("bounce.aexy.email", "MX", "mx2.aexy.email") in records
     assert ("_dmarc.aexy.email", "TXT",
