@@ -21,7 +21,7 @@ from ..dns import Resolver
 from ..store import domains as store
 from ..store.directory import DirectoryError
 from .check import CheckReport, DomainChecker
-from .keys import KeyStore, load_secret, operator_workspace_id
+from .keys import KeyStore, SigningKey, load_secret, operator_workspace_id
 from .records import RecordSet, custom_domain_records, default_domain_records, mail_from_domain
 
 log = structlog.get_logger(__name__)
@@ -109,6 +109,28 @@ class Domains:
             log.warning("domain.degraded", domain=domain.name, workspace=domain.workspace_slug,
                         failing=report.failing)
         return updated, report
+
+    async def signing_keys_for(self, workspace_id: int, from_domain: str) -> list[SigningKey]:
+        """The keys to sign mail of `workspace_id` From `from_domain` with (outbound, issue 7).
+
+        `<slug>.<default domain>` signs as the default domain (d=<default domain>): DMARC's
+        relaxed alignment accepts it (RFC 7489 3.1.1), and the wildcard records leave no
+        room for per-workspace key records. A custom domain signs with its own keys, only
+        for its own workspace and only once verified. Empty: nothing to sign with (the
+        caller must not send unsigned).
+        """
+        name = store.normalize(from_domain)
+        if self._own_domain(name):
+            owner = await operator_workspace_id(self.db)
+            return await self.keys.signing_keys(owner, self.settings.server.default_domain)
+        domain = await store.find_domain(self.db, name)
+        if domain is None or domain.workspace_id != workspace_id or not domain.receives:
+            log.warning("dkim.no_signing_keys", domain=name, workspace_id=workspace_id,
+                        reason="unknown domain" if domain is None else
+                        "another workspace's domain" if domain.workspace_id != workspace_id
+                        else f"domain {domain.state}")
+            return []
+        return await self.keys.signing_keys(workspace_id, domain.name)
 
     async def remove(self, name: str) -> store.Domain:
         domain = await store.get_domain(self.db, name)

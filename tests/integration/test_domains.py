@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from smtpd_agent.app import Runtime
 from smtpd_agent.cli import build_parser, with_database
 from smtpd_agent.config import Settings
-from smtpd_agent.domains import open_key_store
+from smtpd_agent.domains import Domains, open_key_store
 from smtpd_agent.domains.service import DomainRechecker
 from smtpd_agent.smtp import replies
 from smtpd_agent.store import directory
@@ -276,6 +276,20 @@ async def test_hosted_dkim_keys_are_cnames_and_domain_remove_forgets_everything(
         secret = k.dkimpy_private_key().decode()
         body = "".join(line for line in secret.splitlines() if "PRIVATE KEY" not in line)
         assert body[:40] not in outputs and k.private_pkcs8.hex()[:40] not in outputs
+
+    # what outbound signing asks for: own verified domain yes, another workspace's never
+    pool = await asyncpg.create_pool(cli.settings.database.url, min_size=1, max_size=2)
+    try:
+        domains = Domains.open(pool, cli.settings)
+        assert [k.selector for k in await domains.signing_keys_for(workspace_id, CUSTOM)] == [
+            k.selector for k in signing]
+        other = await db.fetchval("INSERT INTO workspaces (slug, name) VALUES ('evil', 'E') "
+                                  "RETURNING id")
+        assert await domains.signing_keys_for(other, CUSTOM) == []
+        default_keys = await domains.signing_keys_for(other, f"evil.{DEFAULT_DOMAIN}")
+        assert {k.domain for k in default_keys} == {DEFAULT_DOMAIN} and len(default_keys) == 2
+    finally:
+        await pool.close()
 
     code, out = await cli("domain", "remove", CUSTOM)
     assert code == 0 and "removed" in out
