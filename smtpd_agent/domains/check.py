@@ -130,21 +130,22 @@ class DomainChecker:
         # checkdmarc keeps a process-wide answer cache keyed by name alone; a re-check must
         # see today's DNS, not what it saw an hour ago (our own resolver honours TTLs).
         checkdmarc.utils.DNS_CACHE.clear()
-        checks = []
-        for record in record_set.records:
-            if record.publisher != "customer":
-                continue
-            try:
-                checks.append(await self._check(record))
-            except DnsTempError as error:
-                checks.append(RecordCheck(record, "temperror", problem=f"DNS error: {error}",
-                                          fix="run the check again later"))
+        # concurrently: with a dead nameserver, ten records cost one timeout, not ten
+        checks = await asyncio.gather(*(self._safe_check(r) for r in record_set.records
+                                        if r.publisher == "customer"))
         report = CheckReport(record_set.domain, tuple(checks))
         for check in report.checks:
             if check.status != "pass":
                 log.info("domain.record_failed", domain=record_set.domain, record=check.label,
                          status=check.status, problem=check.problem)
         return report
+
+    async def _safe_check(self, record: DnsRecord) -> RecordCheck:
+        try:
+            return await self._check(record)
+        except DnsTempError as error:
+            return RecordCheck(record, "temperror", problem=f"DNS error: {error}",
+                               fix="run the check again later")
 
     async def _check(self, record: DnsRecord) -> RecordCheck:
         if record.type == "MX":

@@ -244,6 +244,12 @@ async def test_periodic_recheck_marks_a_broken_domain_degraded_and_names_the_rec
     code, out = await cli("domain", "check", CUSTOM)
     assert code == 0 and out.strip().endswith(f"{CUSTOM}: verified (all required records pass)")
 
+    # a DNS outage says nothing about the records: temperror, the state stays verified
+    dns_server.set_servfail(f"_dmarc.{CUSTOM}")
+    report = await cli.json("domain", "check", CUSTOM)
+    assert report["state"] == "verified" and not report["passed"]
+    assert [r["status"] for r in report["records"] if r["purpose"] == "dmarc"] == ["temperror"]
+
 
 async def test_hosted_dkim_keys_are_cnames_and_domain_remove_forgets_everything(
         database_url: str, tmp_path: Path, dns_server: DnsTestServer, db: asyncpg.Connection,
