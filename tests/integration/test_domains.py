@@ -309,3 +309,16 @@ def test_domain_commands_have_help() -> None:
         with pytest.raises(SystemExit) as done:
             build_parser().parse_args([*command, "--help"])
         assert done.value.code == 0, command
+
+
+async def test_operator_workspace_owns_default_keys_but_is_no_customer(
+        cli: Cli, db: asyncpg.Connection, workspaces: None) -> None:
+    await cli("dns-records")
+    owners = await db.fetch("""SELECT DISTINCT w.slug, w.operator FROM dkim_keys k
+                               JOIN workspaces w ON w.id = k.workspace_id""")
+    assert [(r["slug"], r["operator"]) for r in owners] == [("_operator", True)]
+    assert [w.slug for w in await directory.list_workspaces(db)] == ["acme", "globex"]
+    with pytest.raises(directory.DirectoryError, match="no workspace"):
+        await directory.add_agent(db, "_operator", "support")
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.execute("INSERT INTO workspaces (slug, name) VALUES ('_x', 'x')")
