@@ -21,7 +21,7 @@ from ..dns import Resolver
 from ..store import domains as store
 from ..store.directory import DirectoryError
 from .check import CheckReport, DomainChecker
-from .keys import KeyStore, SigningKey, load_secret, operator_workspace_id
+from .keys import KeyStore, SigningKey, operator_workspace_id
 from .records import RecordSet, custom_domain_records, default_domain_records, mail_from_domain
 
 log = structlog.get_logger(__name__)
@@ -35,8 +35,8 @@ def key_file(settings: Settings) -> Path:
 
 
 def open_key_store(db: asyncpg.Pool | asyncpg.Connection, settings: Settings) -> KeyStore:
-    """The key store with the service's secret (created on first use in the state dir)."""
-    return KeyStore(db, load_secret(key_file(settings)), settings.domains.dkim_selector_prefix)
+    """The key store with the service's secret (created when the first key is made)."""
+    return KeyStore(db, key_file(settings), settings.domains.dkim_selector_prefix)
 
 
 @dataclass

@@ -150,10 +150,18 @@ class KeyStore:
     `create_keys`, `active_keys`, `signing_keys`, `retire`, `delete_domain_keys`.
     """
 
-    def __init__(self, db: DbLike, cipher: Fernet, selector_prefix: str) -> None:
+    def __init__(self, db: DbLike, secret_file: Path, selector_prefix: str) -> None:
         self._db = db
-        self._cipher = cipher
+        self._secret_file = secret_file
+        self._fernet: Fernet | None = None
         self._prefix = selector_prefix
+
+    def _cipher(self, create: bool) -> Fernet:
+        """Loaded on first use, so publishing and checking never need the secret; only making
+        a key may create it (decrypting with a fresh secret could only fail)."""
+        if self._fernet is None:
+            self._fernet = load_secret(self._secret_file, create=create)
+        return self._fernet
 
     async def create_keys(self, workspace_id: int, domain: str,
                           algorithms: tuple[Algorithm, ...] = ALGORITHMS,
@@ -164,7 +172,7 @@ class KeyStore:
         created = []
         for algorithm in algorithms:
             private, public = generate(algorithm)
-            sealed = self._cipher.encrypt(private)
+            sealed = self._cipher(create=True).encrypt(private)
             for attempt in range(100):
                 selector = selector_for(self._prefix, algorithm, now, attempt)
                 row = await db.fetchrow(
@@ -202,7 +210,7 @@ class KeyStore:
         keys = []
         for row in rows:
             try:
-                private = self._cipher.decrypt(bytes(row["private_key"]))
+                private = self._cipher(create=False).decrypt(bytes(row["private_key"]))
             except InvalidToken:
                 raise KeyStoreError(f"DKIM key {row['selector']} of {domain}: cannot decrypt "
                                     "(was domains.key_file changed?)") from None

@@ -19,6 +19,7 @@ from smtpd_agent.app import Runtime
 from smtpd_agent.cli import build_parser, with_database
 from smtpd_agent.config import Settings
 from smtpd_agent.domains import Domains, open_key_store
+from smtpd_agent.domains.keys import KeyStore, KeyStoreError
 from smtpd_agent.domains.service import DomainRechecker
 from smtpd_agent.smtp import replies
 from smtpd_agent.store import directory
@@ -282,6 +283,12 @@ async def test_hosted_dkim_keys_are_cnames_and_domain_remove_forgets_everything(
         secret = k.dkimpy_private_key().decode()
         body = "".join(line for line in secret.splitlines() if "PRIVATE KEY" not in line)
         assert body[:40] not in outputs and k.private_pkcs8.hex()[:40] not in outputs
+
+    # a host without the secret refuses to sign rather than inventing a new secret
+    elsewhere = KeyStore(db, cli.settings.server.state_dir / "other" / "dkim.secret", "sa")
+    with pytest.raises(KeyStoreError, match="does not exist"):
+        await elsewhere.signing_keys(workspace_id, CUSTOM)
+    assert not (cli.settings.server.state_dir / "other").exists()
 
     # what outbound signing asks for: own verified domain yes, another workspace's never
     pool = await asyncpg.create_pool(cli.settings.database.url, min_size=1, max_size=2)
