@@ -4,6 +4,7 @@ and the periodic re-check. Real Postgres, real DNS on loopback, the real CLI han
 
 from __future__ import annotations
 
+import asyncio
 import json
 from importlib import resources
 from pathlib import Path
@@ -219,6 +220,17 @@ async def test_mail_to_a_verified_custom_domain_lands_in_its_workspace_pending_i
            WHERE m.subject = 'custom domain'""")
     assert (row["slug"], row["handle"]) == ("acme", "support")
     assert CUSTOM in row["rcpt_to"].lower()
+
+    # a record broke after setup: degraded, and mail keeps arriving (we warn, we do not bounce)
+    dns_server.remove(f"_smtpd-agent.{CUSTOM}")
+    assert (await cli.json("domain", "check", CUSTOM))["state"] == "degraded"
+    await asyncio.sleep(server.settings.routing.cache_ttl + 0.1)
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.port)
+    await smtp.connect()
+    await smtp.ehlo()
+    await smtp.mail("alice@example.org")
+    assert (await smtp.rcpt(f"sales@{CUSTOM}")).code == 250
+    await smtp.quit()
 
 
 async def test_periodic_recheck_marks_a_broken_domain_degraded_and_names_the_record(
