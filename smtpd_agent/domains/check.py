@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import checkdmarc.utils
@@ -52,13 +52,15 @@ class RecordCheck:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.record.name, "type": self.record.type,
-                "purpose": self.record.purpose, "expected": expected_text(self.record),
+                "purpose": self.record.purpose, "publisher": self.record.publisher,
+                "required": self.record.required, "expected": expected_text(self.record),
                 "found": list(self.found), "status": self.status, "problem": self.problem,
                 "fix": self.fix, "notes": list(self.notes)}
 
     def line(self) -> str:
         found = ", ".join(self.found) if self.found else "(nothing)"
-        text = (f"{self.status.upper():<9} {self.record.type:<5} {self.record.name}  "
+        optional = "" if self.record.required else " (operator, not required)"
+        text = (f"{self.status.upper():<9} {self.record.type:<5} {self.record.name}{optional}  "
                 f"expected: {expected_text(self.record)}  found: {found}")
         if self.problem:
             text += f"  problem: {self.problem}"
@@ -131,8 +133,9 @@ class DomainChecker:
         # see today's DNS, not what it saw an hour ago (our own resolver honours TTLs).
         checkdmarc.utils.DNS_CACHE.clear()
         # concurrently: with a dead nameserver, ten records cost one timeout, not ten
-        checks = await asyncio.gather(*(self._safe_check(r) for r in record_set.records
-                                        if r.publisher == "customer"))
+        # operator-published records (hosted DKIM keys) are checked and shown too, but only
+        # the customer's records decide verification: the customer cannot fix ours
+        checks = await asyncio.gather(*(self._safe_check(r) for r in record_set.records))
         report = CheckReport(record_set.domain, tuple(checks))
         for check in report.checks:
             if check.status != "pass":
@@ -142,7 +145,11 @@ class DomainChecker:
 
     async def _safe_check(self, record: DnsRecord) -> RecordCheck:
         try:
-            return await self._check(record)
+            check = await self._check(record)
+            if record.publisher == "operator" and check.fix:
+                check = replace(check, fix="the operator (not the domain's owner) must "
+                                + check.fix)
+            return check
         except DnsTempError as error:
             return RecordCheck(record, "temperror", problem=f"DNS error: {error}",
                                fix="run the check again later")
