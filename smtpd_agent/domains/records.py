@@ -12,8 +12,9 @@ Two sets, both built from settings and keys without any I/O:
   zone), DMARC and the ownership TXT.
 
 `domain check` (check.py) resolves exactly these records, so what we print and
-what we verify cannot drift apart; those the customer publishes decide verification. Rendered as a zone-file snippet or as JSON
-(schema: `smtpd_agent/domains/records.schema.json`).
+what we verify cannot drift apart; those the customer publishes decide
+verification. Rendered as a zone-file snippet or as JSON (schema:
+`smtpd_agent/domains/records.schema.json`).
 """
 
 from __future__ import annotations
