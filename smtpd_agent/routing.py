@@ -5,9 +5,10 @@ enabled agent `handle` of workspace `workspace`, and so does
 `<handle>[+tag]@<custom domain>` once the workspace's custom domain is
 verified (`smtpd-agent domain check`). Any other address under the default
 domain is an unknown mailbox; any domain that is not ours, or a custom domain
-not verified yet, is refused as relaying, whatever the mailbox. Lookups are cached, positive and negative,
-for a short TTL so RCPT does not cost a Postgres round trip every time; the
-cache is only a cache: it is safe to lose, and another host has its own.
+not verified yet, is refused as relaying, whatever the mailbox (the log says
+why). Lookups, of mailboxes and of custom domains, are cached, positive and
+negative, for a short TTL so RCPT does not cost a Postgres round trip every
+time; the cache is only a cache: it is safe to lose, and another host has its own.
 """
 
 from __future__ import annotations
