@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import Settings
 from ..store import domains as store
 from . import Domains
+from .check import CheckReport, DomainChecker
 
 if TYPE_CHECKING:
     from ..cli import Parents
@@ -25,6 +26,8 @@ def register_domains(commands: Any, parents: Parents) -> None:
     records = commands.add_parser(
         "dns-records", parents=[common, listing],
         help="the DNS records the operator publishes for the default domain")
+    records.add_argument("--check", action="store_true",
+                         help="resolve each record instead: what is published, what is missing")
     records.set_defaults(handler=cmd_dns_records)
 
     domain = commands.add_parser("domain", help="custom domains of workspaces")
@@ -52,7 +55,13 @@ def _print_json(data: Any) -> None:
 
 
 async def cmd_dns_records(db: Any, settings: Settings, args: argparse.Namespace) -> int:
-    record_set = await Domains.open(db, settings).default_record_set()
+    domains = Domains.open(db, settings)
+    record_set = await domains.default_record_set()
+    if args.check:
+        report = await DomainChecker(domains.resolver, settings).check(record_set)
+        _print_report(record_set.domain, report, args.json,
+                      "all records published" if report.passed else None)
+        return 0 if report.passed else 1
     if args.json:
         _print_json(record_set.to_dict())
     else:
@@ -71,17 +80,22 @@ async def cmd_domain_add(db: Any, settings: Settings, args: argparse.Namespace) 
 
 async def cmd_domain_check(db: Any, settings: Settings, args: argparse.Namespace) -> int:
     domain, report = await Domains.open(db, settings).check(args.domain)
-    if args.json:
-        _print_json({"domain": domain.name, "state": domain.state, "passed": report.passed,
-                     "records": [c.to_dict() for c in report.checks]})
-    else:
-        for check in report.checks:
-            print(check.line())
-        verdict = "all required records pass" if report.passed else (
-            "DNS errors, try again later" if report.temperror and not report.failing
-            else f"{len(report.failing)} record(s) to fix")
-        print(f"{domain.name}: {domain.state} ({verdict})")
+    _print_report(domain.name, report, args.json, None, state=domain.state)
     return 0 if report.passed else 1
+
+
+def _print_report(name: str, report: CheckReport, as_json: bool, passed: str | None,
+                  state: str | None = None) -> None:
+    if as_json:
+        _print_json({"domain": name, "state": state, "passed": report.passed,
+                     "records": [c.to_dict() for c in report.checks]})
+        return
+    for check in report.checks:
+        print(check.line())
+    verdict = (passed or "all required records pass") if report.passed else (
+        "DNS errors, try again later" if report.temperror and not report.failing
+        else f"{len(report.failing)} record(s) to fix")
+    print(f"{name}: {state} ({verdict})" if state else f"{name}: {verdict}")
 
 
 async def cmd_domain_list(db: Any, settings: Settings, args: argparse.Namespace) -> int:

@@ -107,6 +107,13 @@ async def test_published_records_verify_and_a_removed_dkim_key_is_named(
                   if r["purpose"] == "dkim") == ["k=ed25519", "k=rsa"]
     # the default domain's keys are made once, then reused
     assert (await cli.json("dns-records"))["records"] == default["records"]
+    code, out = await cli("dns-records", "--check")
+    assert code == 0 and out.strip().endswith(f"{DEFAULT_DOMAIN}: all records published"), out
+    dns_server.remove(f"_spf.{DEFAULT_DOMAIN}")
+    code, out = await cli("dns-records", "--check")
+    assert code == 1 and f"FAIL      TXT   _spf.{DEFAULT_DOMAIN}  " in out, out
+    publish(dns_server, {"records": [r for r in default["records"]
+                                     if r["name"] == f"_spf.{DEFAULT_DOMAIN}"]})
 
     added = await add_and_publish(dns_server, cli, CUSTOM, "acme")
     assert (added["domain"], added["workspace"], added["state"]) == (CUSTOM, "acme", "pending")
