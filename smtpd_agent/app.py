@@ -14,6 +14,7 @@ import structlog
 
 from .config import Settings, SmtpSettings
 from .dns import Resolver
+from .domains.service import DomainRechecker
 from .pipeline import Pipeline
 from .routing import Router
 from .scan import Scanner, limit_problems
@@ -140,6 +141,7 @@ class MailServer:
 # shared Runtime; later stages (agent workers, HTTP) add themselves here.
 SERVICES: list[Callable[[Runtime], Service]] = [
     MailServer,
+    DomainRechecker,
 ]
 
 
