@@ -14,7 +14,8 @@ import structlog
 
 from .config import Settings, SmtpSettings
 from .dns import Resolver
-from .domains.service import DomainRechecker
+from .dnsserver.server import DnsServer
+from .domains.service import DomainRechecker, KeyRotator
 from .pipeline import Pipeline
 from .routing import Router
 from .scan import Scanner, limit_problems
@@ -142,14 +143,20 @@ class MailServer:
 SERVICES: list[Callable[[Runtime], Service]] = [
     MailServer,
     DomainRechecker,
+    KeyRotator,
+    DnsServer,  # off unless dns_server.listen is set
 ]
+# `smtpd-agent dns-serve`: the authoritative DNS server alone
+DNS_SERVICES: list[Callable[[Runtime], Service]] = [DnsServer]
 
 
 class App:
     """One process: the runtime and every service, started and stopped together."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings,
+                 factories: list[Callable[[Runtime], Service]] | None = None) -> None:
         self.settings = settings
+        self.factories = SERVICES if factories is None else factories
         self.runtime: Runtime | None = None
         self.services: list[Service] = []
 
@@ -159,7 +166,7 @@ class App:
     async def start(self) -> None:
         self.runtime = await Runtime.open(self.settings)
         try:
-            for factory in SERVICES:
+            for factory in self.factories:
                 service = factory(self.runtime)
                 await service.start()
                 self.services.append(service)
@@ -175,8 +182,9 @@ class App:
             self.runtime = None
 
 
-async def serve(settings: Settings) -> None:
-    app = App(settings)
+async def serve(settings: Settings,
+                factories: list[Callable[[Runtime], Service]] | None = None) -> None:
+    app = App(settings, factories)
     await app.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

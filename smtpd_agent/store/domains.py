@@ -23,7 +23,8 @@ DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+"
                     r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 COLUMNS = """d.id, d.workspace_id, w.slug AS workspace_slug, d.name, d.state, d.ownership_token,
-             d.mail_from, d.verified_at, d.checked_at, d.failing, d.created_at"""
+             d.mail_from, d.verified_at, d.checked_at, d.failing, d.created_at, d.delegated,
+             d.zone_serial"""
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class Domain:
     checked_at: datetime | None
     failing: list[str]
     created_at: datetime
+    delegated: bool = False
+    zone_serial: int = 1
 
     @property
     def receives(self) -> bool:
@@ -52,15 +55,15 @@ def normalize(name: str) -> str:
 
 
 async def add_domain(db: DbLike, workspace_slug: str, name: str, token: str,
-                     mail_from: str) -> Domain:
+                     mail_from: str, delegated: bool = False) -> Domain:
     name = normalize(name)
     if not DOMAIN.match(name):
         raise DirectoryError(f"invalid domain {name!r}")
     workspace = await get_workspace(db, workspace_slug)
     try:
         await db.execute(
-            """INSERT INTO domains (workspace_id, name, ownership_token, mail_from)
-               VALUES ($1, $2, $3, $4)""", workspace.id, name, token, mail_from)
+            """INSERT INTO domains (workspace_id, name, ownership_token, mail_from, delegated)
+               VALUES ($1, $2, $3, $4, $5)""", workspace.id, name, token, mail_from, delegated)
     except asyncpg.UniqueViolationError:
         raise DirectoryError(f"domain {name!r} is already registered") from None
     found = await find_domain(db, name)
@@ -123,3 +126,27 @@ async def record_check(db: DbLike, domain: Domain, failing: list[str]) -> Domain
 async def remove_domain(db: DbLike, domain: Domain) -> None:
     await db.execute("DELETE FROM domains WHERE id = $1 AND workspace_id = $2",
                      domain.id, domain.workspace_id)
+
+
+async def delegated_zone_names(db: DbLike) -> set[str]:
+    """Every zone the DNS server is authoritative for (any state: a pending delegated zone
+    must answer, or `domain check` could never see the delegation work)."""
+    return {row["name"] for row in await db.fetch("SELECT name FROM domains WHERE delegated")}
+
+
+async def bump_zone_serial(db: DbLike, domain: Domain, zone_hash: str) -> int:
+    """The zone's SOA serial: bumped when its content (hash) differs from the last load.
+
+    Conditional, so several DNS hosts loading the same change bump it once.
+    """
+    serial = await db.fetchval(
+        """UPDATE domains SET zone_serial = zone_serial + 1, zone_hash = $3
+           WHERE id = $1 AND workspace_id = $2 AND zone_hash IS DISTINCT FROM $3
+           RETURNING zone_serial""", domain.id, domain.workspace_id, zone_hash)
+    if serial is None:
+        serial = await db.fetchval(
+            "SELECT zone_serial FROM domains WHERE id = $1 AND workspace_id = $2",
+            domain.id, domain.workspace_id)
+    if serial is None:
+        raise DirectoryError(f"domain {domain.name!r} was removed")
+    return int(serial)
