@@ -102,7 +102,9 @@ def build_zone(origin: str, records: Iterable[DnsRecord], soa: Soa) -> Zone:
         while owner != apex:  # the owner and every empty non-terminal above it exist
             names.add(owner)
             owner = owner.parent()
-    return Zone(apex, rrsets, frozenset(names), soa)
+    zone = Zone(apex, rrsets, frozenset(names), soa)
+    rrsets[(apex, dns.rdatatype.SOA)] = zone.soa_rrset()
+    return zone
 
 
 def find_origin(qname: dns.name.Name, origins: set[dns.name.Name] | frozenset[dns.name.Name]
