@@ -89,11 +89,18 @@ async def cmd_domain_add(db: Any, settings: Settings, args: argparse.Namespace) 
 
 
 async def cmd_domain_rotate_dkim(db: Any, settings: Settings, args: argparse.Namespace) -> int:
-    step = await Domains.open(db, settings).rotate_dkim(args.domain)
+    domains = Domains.open(db, settings)
+    step = await domains.rotate_dkim(args.domain)
+    domain = await store.get_domain(db, step.domain)
+    new = [r for r in (await domains.record_set(domain)).records
+           if r.purpose == "dkim" and r.name.split(".", 1)[0] in step.created]
     if args.json:
-        _print_json(dataclasses.asdict(step))
+        _print_json({**dataclasses.asdict(step), "records": [r.to_dict() for r in new]})
         return 0
-    print(f"{step.domain}: new DKIM selectors {', '.join(step.created)} published")
+    where = "served by our DNS" if domain.delegated else "to publish"
+    print(f"{step.domain}: new DKIM selectors {', '.join(step.created)} ({where})")
+    for record in new:
+        print(record.zone_line())
     if step.activated:
         print(f"  signing with {', '.join(step.activated)} from now on; the old selectors "
               f"stay published {settings.domains.dkim_rotation_grace:.0f}s, then are retired")

@@ -85,7 +85,7 @@ NOT_FOUND = HttpReply(404, "text/plain; charset=utf-8", b"not found\n")
 async def mta_sts_route(db: asyncpg.Pool | asyncpg.Connection, settings: Settings,
                         host: str, path: str = POLICY_PATH) -> HttpReply:
     """The policy for `Host: mta-sts.<domain>`, for a domain that receives mail through us
-    (the default domain, a workspace under it, or a verified/delegated custom domain)."""
+    (the default domain, a workspace under it, or a verified custom domain, delegated or not)."""
     name = host.strip().lower().rsplit(":", 1)[0] if not host.startswith("[") else ""
     if path != POLICY_PATH or not name.startswith(POLICY_LABEL + "."):
         return NOT_FOUND
@@ -93,7 +93,7 @@ async def mta_sts_route(db: asyncpg.Pool | asyncpg.Connection, settings: Setting
     default = settings.server.default_domain
     if not (domain == default or domain.endswith("." + default)):
         found = await store.find_domain(db, domain)
-        if found is None or not (found.receives or found.delegated):
+        if found is None or not found.receives:
             return NOT_FOUND
     # RFC 8461 3.3: media type text/plain
     return HttpReply(200, "text/plain", policy_for(settings).text().encode())

@@ -215,6 +215,7 @@ async def test_self_managed_rotation_waits_until_the_key_is_published(
     before = {k.selector for k in await domains.keys.signing_keys(acme, "self.acme.example")}
     code, out = await cli("domain", "rotate-dkim", "self.acme.example")
     assert code == 0 and "not yet served by DNS" in out
+    assert out.count("._domainkey.self.acme.example.\t3600\tIN\tTXT\t") == 2, out
     assert {k.selector for k in await domains.keys.signing_keys(acme, "self.acme.example")
             } == before  # the unpublished key does not sign
     for key in await domains.keys.active_keys(acme, "self.acme.example"):

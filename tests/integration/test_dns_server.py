@@ -11,12 +11,15 @@ import asyncio
 import os
 import random
 import shutil
+import signal
 import socket
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import dns.asyncquery
 import dns.flags
 import dns.message
@@ -29,7 +32,7 @@ from smtpd_agent.dnsserver.server import DnsServer
 from smtpd_agent.domains import Domains
 from smtpd_agent.domains.mta_sts import policy_for, sts_txt
 from smtpd_agent.store import directory
-from tests.support import IN_CI, make_settings
+from tests.support import IN_CI, REPO, free_port, make_settings
 
 ZONE = "mail.acme.example"
 LONG_NS = [f"ns-with-a-rather-long-name-{i:02d}.agents.test" for i in range(14)]
@@ -260,3 +263,41 @@ async def test_changes_are_served_at_once_and_bump_the_serial(running: Running) 
     assert (await running.query(ZONE, "SOA")).answer[0][0].serial == first + 1
     await running.domains.remove(ZONE)
     assert (await running.query(ZONE, "SOA")).rcode() == dns.rcode.REFUSED
+
+
+async def test_dns_serve_runs_the_dns_server_alone(database_url: str, tmp_path: Path,
+                                                   db: Any) -> None:
+    """`smtpd-agent dns-serve` as a real process: answers from Postgres, stops cleanly."""
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url, "SMTPD_AGENT_LOG_FORMAT": "json",
+           "SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": "agents.test",
+           "SMTPD_AGENT_DNS_SERVER_CACHE_TTL": "0", "SMTPD_AGENT_DNS_NAMESERVERS": "127.0.0.1:9"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "smtpd_agent", "dns-serve", "--listen", f"127.0.0.1:{port}",
+        "--state-dir", str(tmp_path / "state"), cwd=REPO, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        for _ in range(300):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            except OSError:
+                assert process.returncode is None
+                await asyncio.sleep(0.1)
+        settings = make_settings(database_url, tmp_path / "cli")
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+        try:
+            await directory.add_workspace(pool, "acme", "Acme")
+            await Domains.open(pool, settings).add(ZONE, "acme", delegate=True)
+        finally:
+            await pool.close()
+        query = dns.message.make_query(ZONE, "MX")
+        for ask in (dns.asyncquery.udp, dns.asyncquery.tcp):
+            response = await ask(query, "127.0.0.1", port=port, timeout=3)
+            assert answers(response) == ["10 mx1.agents.test.", "20 mx2.agents.test."]
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(process.wait(), 30)
+    assert code == 0, (await process.stderr.read()).decode()[-2000:]  # type: ignore[union-attr]
