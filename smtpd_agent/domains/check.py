@@ -59,7 +59,8 @@ class RecordCheck:
 
     def line(self) -> str:
         found = ", ".join(self.found) if self.found else "(nothing)"
-        optional = "" if self.record.required else " (operator, not required)"
+        optional = ("" if self.record.required else " (operator, not required)"
+                    if self.record.publisher == "operator" else " (recommended, not required)")
         text = (f"{self.status.upper():<9} {self.record.type:<5} {self.record.name}{optional}  "
                 f"expected: {expected_text(self.record)}  found: {found}")
         if self.problem:
