@@ -22,8 +22,13 @@ from ..store import domains as store
 from ..store.directory import DirectoryError
 from .check import CheckReport, DomainChecker
 from .keys import KeyStore, SigningKey, operator_workspace_id
-from .records import (RecordSet, custom_domain_records, default_domain_records,
-                      delegated_domain_records, mail_from_domain)
+from .records import (
+    RecordSet,
+    custom_domain_records,
+    default_domain_records,
+    delegated_domain_records,
+    mail_from_domain,
+)
 
 log = structlog.get_logger(__name__)
 

@@ -16,12 +16,22 @@ import pytest
 
 from smtpd_agent.config import load_settings
 from smtpd_agent.dnsserver.server import RateLimiter
-from smtpd_agent.dnsserver.zone import (build_zone, find_origin, respond, soa_for, to_wire,
-                                        udp_limit, zone_hash)
+from smtpd_agent.dnsserver.zone import (
+    build_zone,
+    find_origin,
+    respond,
+    soa_for,
+    to_wire,
+    udp_limit,
+    zone_hash,
+)
 from smtpd_agent.domains.keys import DkimKey
 from smtpd_agent.domains.mta_sts import policy_for, sts_txt, tlsrpt_txt
-from smtpd_agent.domains.records import (custom_domain_records, delegated_domain_records,
-                                         delegated_zone_records)
+from smtpd_agent.domains.records import (
+    custom_domain_records,
+    delegated_domain_records,
+    delegated_zone_records,
+)
 
 ZONE = "mail.acme.example"
 
@@ -72,7 +82,7 @@ def texts(response: dns.message.Message) -> list[str]:
     (ZONE, "AAAA", "NOERROR", []),  # NODATA
     (f"_domainkey.{ZONE}", "TXT", "NOERROR", []),  # empty non-terminal: NODATA, not NXDOMAIN
     (f"nothing.{ZONE}", "A", "NXDOMAIN", []),
-    (f"Mail.ACME.example.", "MX", "NOERROR", ["10 mx1.agents.test.", "20 mx2.agents.test."]),
+    ("Mail.ACME.example.", "MX", "NOERROR", ["10 mx1.agents.test.", "20 mx2.agents.test."]),
 ])
 def test_answers_from_the_zone(zone, name: str, rdtype: str, rcode: str,
                                answer: list[str] | None) -> None:
