@@ -5,10 +5,11 @@ never set), answers bigger than the client's UDP size are truncated (TC) so
 the client retries over TCP, a per-source token bucket drops UDP floods (a
 spoofed source must not make us an amplifier), malformed packets and
 responses are dropped silently, and a database error is SERVFAIL, never a
-crash. Zones are read from Postgres on demand and kept `dns_server.cache_ttl`
-seconds, so a change (rotation, MX hosts) is served within that, without a
-restart; each load recomputes the zone's hash and bumps the SOA serial when
-the content changed.
+crash. Zones are read from Postgres on demand and cached; a change to a
+domain or a DKIM key is announced by Postgres (LISTEN/NOTIFY, migration 0007)
+and drops the cached zone at once, and `dns_server.cache_ttl` bounds the rest
+(settings such as the MX hosts, a lost listener). Each load recomputes the
+zone's hash and bumps the SOA serial when the content changed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import asyncpg
+import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+NOTIFY_CHANNEL = "smtpd_agent_zones"  # migration 0007's triggers
+RELISTEN_DELAY = 5.0
 MAX_CACHED_ZONES = 10_000
 MAX_SOURCES = 65_536
 MAX_INFLIGHT = 1_000  # UDP queries being answered at once; beyond, dropped
@@ -89,6 +93,20 @@ class ZoneCatalog:
         self._origins: _Cached | None = None
         self._zones: OrderedDict[dns.name.Name, _Cached] = OrderedDict()
         self._loading: dict[dns.name.Name, asyncio.Future[Zone | None]] = {}
+
+    def invalidate(self, name: str) -> None:
+        """Forget `name`'s zone and the zone list: the next query reads them again."""
+        try:
+            origin = dns.name.from_text(name)
+        except (dns.exception.DNSException, ValueError):
+            origin = None
+        if origin is not None:
+            self._zones.pop(origin, None)
+        self._origins = None
+
+    def invalidate_all(self) -> None:
+        self._zones.clear()
+        self._origins = None
 
     async def origins(self) -> frozenset[dns.name.Name]:
         now = self.clock()
@@ -173,7 +191,10 @@ class DnsServer:
 
     def __init__(self, runtime: Runtime) -> None:
         self.settings = settings = runtime.settings
+        self.database_url = runtime.database.url
         self.catalog = ZoneCatalog(runtime.pool, settings)
+        self._listener: asyncpg.Connection | None = None
+        self._relisten: asyncio.Task[None] | None = None
         config = settings.dns_server
         self.limiter = RateLimiter(config.rate_limit, config.rate_burst)
         self.payload = config.udp_payload
@@ -210,10 +231,55 @@ class DnsServer:
             break
         else:  # pragma: no cover - twenty ports taken for TCP in a row
             raise OSError("no port free for both UDP and TCP")
+        await self._listen()
         log.info("dns.listening", host=host, port=self.port,
                  zones=len(await self.catalog.origins()))
 
+    async def _listen(self) -> None:
+        """LISTEN for zone changes on a connection of its own (a pooled one would be reused).
+
+        Without it (Postgres restarting) the cache TTL still bounds staleness; the listener
+        is re-established in the background.
+        """
+        try:
+            connection = await asyncpg.connect(
+                self.database_url, timeout=self.settings.database.connect_timeout)
+            await connection.add_listener(NOTIFY_CHANNEL, self._notified)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+            log.warning("dns.listen_failed", error=str(error), retry_in=RELISTEN_DELAY)
+            self._schedule_relisten()
+            return
+        connection.add_termination_listener(self._listener_lost)
+        self._listener = connection
+        self.catalog.invalidate_all()  # changes missed while not listening
+
+    def _notified(self, connection: object, pid: int, channel: str, payload: str) -> None:
+        self.catalog.invalidate(payload)
+
+    def _listener_lost(self, connection: object) -> None:
+        self._listener = None
+        log.warning("dns.listen_lost", retry_in=RELISTEN_DELAY)
+        self._schedule_relisten()
+
+    def _schedule_relisten(self) -> None:
+        async def again() -> None:
+            await asyncio.sleep(RELISTEN_DELAY)
+            self._relisten = None
+            await self._listen()
+        if self._relisten is None and (self._udp is not None or self._tcp is not None):
+            self._relisten = asyncio.ensure_future(again())
+
     async def stop(self) -> None:
+        if self._relisten is not None:
+            self._relisten.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._relisten
+            self._relisten = None
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            listener.remove_termination_listener(self._listener_lost)
+            with contextlib.suppress(OSError, asyncpg.PostgresError):
+                await listener.close(timeout=5)
         if self._udp is not None:
             self._udp.close()
         if self._tcp is not None:

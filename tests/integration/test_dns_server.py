@@ -299,3 +299,32 @@ async def test_dns_serve_runs_the_dns_server_alone(database_url: str, tmp_path: 
             process.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(process.wait(), 30)
     assert code == 0, (await process.stderr.read()).decode()[-2000:]  # type: ignore[union-attr]
+
+
+async def test_database_changes_are_pushed_past_a_long_cache(database_url: str,
+                                                             tmp_path: Path) -> None:
+    """With an hour of cache, a rotation and a removal are still served at once (NOTIFY)."""
+    running = await start_dns(database_url, tmp_path / "s", **{"dns_server.cache_ttl": 3600})
+    try:
+        await directory.add_workspace(running.runtime.pool, "acme", "Acme")
+        await running.domains.add(ZONE, "acme", delegate=True)
+        await eventually(running, ZONE, "SOA", dns.rcode.NOERROR)
+        serial = (await running.query(ZONE, "SOA")).answer[0][0].serial
+        step = await running.domains.rotate_dkim(ZONE)
+        for selector in step.created:
+            await eventually(running, f"{selector}._domainkey.{ZONE}", "TXT", dns.rcode.NOERROR)
+        assert (await running.query(ZONE, "SOA")).answer[0][0].serial == serial + 1
+        await running.domains.remove(ZONE)
+        await eventually(running, ZONE, "SOA", dns.rcode.REFUSED)
+    finally:
+        await running.server.stop()
+        await running.runtime.close()
+
+
+async def eventually(running: Running, name: str, rdtype: str, rcode: int) -> None:
+    """NOTIFY is asynchronous: allow it a moment (far below the cache TTL)."""
+    for _ in range(40):
+        if (await running.query(name, rdtype)).rcode() == rcode:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{name} {rdtype}: never {dns.rcode.to_text(rcode)}")

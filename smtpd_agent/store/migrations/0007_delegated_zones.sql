@@ -20,3 +20,20 @@ CREATE INDEX domains_delegated ON domains (name) WHERE delegated;
 
 ALTER TABLE dkim_keys ADD COLUMN activated_at timestamptz DEFAULT now();
 ALTER TABLE dkim_keys ADD COLUMN retire_after timestamptz;
+
+-- A change to a delegated zone's content is announced on channel smtpd_agent_zones
+-- (payload: the domain), so every DNS server drops its cached copy at once instead of
+-- waiting for dns_server.cache_ttl. Columns that do not change a zone (state,
+-- checked_at, ...) do not notify.
+CREATE FUNCTION notify_zone_change() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    changed jsonb := to_jsonb(CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END);
+BEGIN
+    PERFORM pg_notify('smtpd_agent_zones', coalesce(changed->>'name', changed->>'domain'));
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER domains_zone_change AFTER INSERT OR DELETE OR UPDATE OF delegated, name
+    ON domains FOR EACH ROW EXECUTE FUNCTION notify_zone_change();
+CREATE TRIGGER dkim_keys_zone_change AFTER INSERT OR DELETE OR UPDATE
+    ON dkim_keys FOR EACH ROW EXECUTE FUNCTION notify_zone_change();
