@@ -26,7 +26,7 @@ from smtpd_agent.dnsserver.zone import (
     zone_hash,
 )
 from smtpd_agent.domains.keys import DkimKey
-from smtpd_agent.domains.mta_sts import policy_for, sts_txt, tlsrpt_txt
+from smtpd_agent.domains.mta_sts import mta_sts_route, policy_for, sts_txt, tlsrpt_txt
 from smtpd_agent.domains.records import (
     custom_domain_records,
     delegated_domain_records,
@@ -200,3 +200,31 @@ def test_rate_limiter_token_bucket() -> None:
     limiter.allow("c")  # bounded memory: the least recently seen source is forgotten
     assert set(limiter._buckets) == {"a", "c"}
     assert RateLimiter(rate=0, burst=1).allow("x")
+
+
+@pytest.mark.parametrize("host, path, status", [
+    ("mta-sts.agents.test", "/.well-known/mta-sts.txt", 200),
+    ("MTA-STS.acme.agents.test:443", "/.well-known/mta-sts.txt", 200),  # a workspace domain
+    ("mta-sts.agents.test", "/.well-known/other.txt", 404),
+    ("www.agents.test", "/.well-known/mta-sts.txt", 404),
+    ("[::1]:443", "/.well-known/mta-sts.txt", 404),
+])
+async def test_policy_route_for_our_own_domains(tmp_path: Path, host: str, path: str,
+                                                status: int) -> None:
+    """Hosts under the default domain need no database (custom ones: test_delegation)."""
+    config = settings(tmp_path)
+    reply = await mta_sts_route(None, config, host, path)  # type: ignore[arg-type]
+    assert reply.status == status
+    if status == 200:
+        assert reply.content_type == "text/plain"
+        assert reply.body.decode() == policy_for(config).text()
+
+
+@pytest.mark.parametrize("qname, origin", [
+    (ZONE, ZONE), (f"a.b.c.{ZONE}", ZONE), ("acme.example", None), ("example", None),
+    (f"x.other.{ZONE}", "other." + ZONE),  # the closest enclosing zone wins
+])
+def test_find_origin(qname: str, origin: str | None) -> None:
+    origins = {dns.name.from_text(ZONE), dns.name.from_text("other." + ZONE)}
+    found = find_origin(dns.name.from_text(qname), origins)
+    assert found == (dns.name.from_text(origin) if origin else None)
