@@ -21,7 +21,7 @@ from ..dns import Resolver
 from ..store import domains as store
 from ..store.directory import DirectoryError
 from .check import CheckReport, DomainChecker
-from .keys import KeyStore, SigningKey, operator_workspace_id
+from .keys import DkimKey, KeyStore, SigningKey, operator_workspace_id
 from .records import (
     RecordSet,
     custom_domain_records,
@@ -158,56 +158,79 @@ class Domains:
         return await self.keys.signing_keys(workspace_id, domain.name)
 
     async def rotate_dkim(self, name: str) -> RotationStep:
-        """Publish a new selector per algorithm; it signs once DNS serves it (`advance`)."""
-        domain = await store.get_domain(self.db, name)
-        created = await self.keys.create_keys(domain.workspace_id, domain.name, activate=False)
-        log.info("dkim.rotation_started", domain=domain.name, workspace=domain.workspace_slug,
+        """Publish a new selector per algorithm; it signs once DNS serves it (`advance`).
+
+        Custom domains (delegated or not) and the default domain alike; the default
+        domain's keys belong to the operator workspace.
+        """
+        owner, name = await self.key_owner(name)
+        created = await self.keys.create_keys(owner, name, activate=False)
+        log.info("dkim.rotation_started", domain=name, workspace_id=owner,
                  selectors=[k.selector for k in created])
-        step = await self.advance_rotation(domain)
+        step = await self.advance_rotation(owner, name)
         return replace(step, created=[k.selector for k in created])
 
-    async def advance_rotation(self, domain: store.Domain) -> RotationStep:
+    async def key_owner(self, name: str) -> tuple[int, str]:
+        name = store.normalize(name)
+        if name == self.settings.server.default_domain:
+            return await operator_workspace_id(self.db), name
+        domain = await store.get_domain(self.db, name)
+        return domain.workspace_id, domain.name
+
+    async def key_records(self, workspace_id: int, name: str,
+                          keys: list[DkimKey]) -> list[DnsRecord]:
+        """The DKIM records that publish `keys` (what the customer or operator publishes;
+        in a delegated zone, what our DNS server serves)."""
+        if name == self.settings.server.default_domain:
+            record_set = default_domain_records(self.settings, keys)
+        else:
+            domain = await store.get_domain(self.db, name)
+            if domain.workspace_id != workspace_id:
+                raise DirectoryError(f"domain {name!r} belongs to another workspace")
+            record_set = custom_domain_records(self.settings, domain.name,
+                                               domain.workspace_slug, domain.state,
+                                               domain.ownership_token, keys)
+        wanted = {k.name for k in keys}
+        return [r for r in record_set.records
+                if r.purpose == "dkim" and r.publisher == "customer" and r.name in wanted]
+
+    async def advance_rotation(self, workspace_id: int, name: str) -> RotationStep:
         """One step of a rotation: a published key that DNS now serves (our zone, for a
-        delegated domain; the customer's, once they published it) starts signing; a key
+        delegated domain; the owner's, once they published it) starts signing; a key
         past its grace period is retired."""
-        keys = await self.keys.active_keys(domain.workspace_id, domain.name)
+        keys = await self.keys.active_keys(workspace_id, name)
         pending = [k for k in keys if k.activated_at is None]
         activated: list[str] = []
         waiting: list[str] = []
         if pending:
-            wanted = {k.name for k in pending}
-            record_set = custom_domain_records(self.settings, domain.name, domain.workspace_slug,
-                                               domain.state, domain.ownership_token, pending)
-            records = [r for r in record_set.records
-                       if r.purpose == "dkim" and r.publisher == "customer" and r.name in wanted]
+            records = await self.key_records(workspace_id, name, pending)
             report = await DomainChecker(self.resolver, self.settings).check(
-                replace(record_set, records=tuple(records)))
+                RecordSet(name, "custom", tuple(records)))
             served = {c.record.name for c in report.checks if c.status == "pass"}
             activated = [k.selector for k in pending if k.name in served]
             waiting = [k.selector for k in pending if k.name not in served]
             if activated:
-                await self.keys.activate(domain.workspace_id, domain.name, activated,
+                await self.keys.activate(workspace_id, name, activated,
                                          self.settings.domains.dkim_rotation_grace)
             if waiting:
-                log.info("dkim.rotation_waiting", domain=domain.name, selectors=waiting,
+                log.info("dkim.rotation_waiting", domain=name, selectors=waiting,
                          reason="not served by DNS yet")
-        retired = await self.keys.retire_due(domain.workspace_id, domain.name)
-        return RotationStep(domain.name, activated=activated, waiting=waiting, retired=retired)
+        retired = await self.keys.retire_due(workspace_id, name)
+        return RotationStep(name, activated=activated, waiting=waiting, retired=retired)
 
     async def advance_rotations(self) -> list[RotationStep]:
         """`serve`'s periodic step over every domain with a rotation under way."""
         rows = await self.db.fetch(
-            """SELECT DISTINCT d.name FROM domains d JOIN dkim_keys k
-                 ON k.workspace_id = d.workspace_id AND k.domain = d.name
-               WHERE k.retired_at IS NULL
-                 AND (k.activated_at IS NULL OR k.retire_after IS NOT NULL)""")
+            """SELECT DISTINCT workspace_id, domain FROM dkim_keys
+               WHERE retired_at IS NULL
+                 AND (activated_at IS NULL OR retire_after IS NOT NULL)
+               ORDER BY domain""")
         steps = []
         for row in rows:
             try:
-                domain = await store.get_domain(self.db, row["name"])
-            except DirectoryError:
+                steps.append(await self.advance_rotation(row["workspace_id"], row["domain"]))
+            except DirectoryError:  # removed meanwhile
                 continue
-            steps.append(await self.advance_rotation(domain))
         return steps
 
     async def remove(self, name: str) -> store.Domain:

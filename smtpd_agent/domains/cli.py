@@ -91,13 +91,14 @@ async def cmd_domain_add(db: Any, settings: Settings, args: argparse.Namespace) 
 async def cmd_domain_rotate_dkim(db: Any, settings: Settings, args: argparse.Namespace) -> int:
     domains = Domains.open(db, settings)
     step = await domains.rotate_dkim(args.domain)
-    domain = await store.get_domain(db, step.domain)
-    new = [r for r in (await domains.record_set(domain)).records
-           if r.purpose == "dkim" and r.name.split(".", 1)[0] in step.created]
+    owner, name = await domains.key_owner(step.domain)
+    keys = [k for k in await domains.keys.active_keys(owner, name) if k.selector in step.created]
+    new = await domains.key_records(owner, name, keys)
     if args.json:
         _print_json({**dataclasses.asdict(step), "records": [r.to_dict() for r in new]})
         return 0
-    where = "served by our DNS" if domain.delegated else "to publish"
+    domain = await store.find_domain(db, name)
+    where = "served by our DNS" if domain is not None and domain.delegated else "to publish"
     print(f"{step.domain}: new DKIM selectors {', '.join(step.created)} ({where})")
     for record in new:
         print(record.zone_line())

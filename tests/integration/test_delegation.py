@@ -227,6 +227,25 @@ async def test_self_managed_rotation_waits_until_the_key_is_published(
     assert after.isdisjoint(before)
 
 
+async def test_default_domain_rotation(acme: int, pool: asyncpg.Pool, database_url: str,
+                                       tmp_path: Path, dns_server: DnsTestServer,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The operator's own domain rotates too; its keys stay in the operator workspace."""
+    cli = Cli(settings_for(database_url, tmp_path / "cli", dns_server, **overrides(tmp_path)),
+              capsys)
+    publish(dns_server, await cli.json("dns-records"))
+    domains = Domains.open(pool, cli.settings)
+    before = {k.selector for k in await domains.signing_keys_for(acme, "acme.agents.test")}
+    rotated = await cli.json("domain", "rotate-dkim", "agents.test")
+    assert len(rotated["created"]) == 2 and rotated["waiting"] == rotated["created"]
+    assert {r["name"].split(".")[0] for r in rotated["records"]} == set(rotated["created"])
+    publish(dns_server, rotated)
+    [step] = await domains.advance_rotations()
+    assert step.domain == "agents.test" and len(step.activated) == 2
+    after = {k.selector for k in await domains.signing_keys_for(acme, "acme.agents.test")}
+    assert after == set(step.activated) and after.isdisjoint(before)
+
+
 async def http_get(port: int, host: str, path: str) -> tuple[int, str]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
