@@ -23,6 +23,7 @@ from ..store.directory import DirectoryError
 from .check import CheckReport, DomainChecker
 from .keys import DkimKey, KeyStore, SigningKey, operator_workspace_id
 from .records import (
+    DnsRecord,
     RecordSet,
     custom_domain_records,
     default_domain_records,
