@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .agent.cli import register_agent
 from .app import Database, serve
 from .config import ConfigError, Settings, load_settings
 from .logs import configure_logging
@@ -273,4 +274,5 @@ def _inbox_lines(threads: list[dict[str, Any]]) -> list[str]:
 # database pool) or `run` (given the settings, manages its own resources).
 COMMAND_GROUPS: list[Callable[[Any, Parents], None]] = [
     register_core,
+    register_agent,
 ]

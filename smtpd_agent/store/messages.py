@@ -1,4 +1,4 @@
-"""Store an accepted message: thread, message, attachments, in one transaction.
+"""Store an accepted message: thread, message, attachments, agent job, in one transaction.
 
 The listener answers 250 only after this COMMIT returns. One transaction
 covers every mailbox the message was addressed to, so the sender's retry
@@ -156,6 +156,13 @@ async def _store_one(connection: asyncpg.Connection, message: InboundMessage, ve
         """UPDATE threads SET message_count = message_count + 1,
                last_message_at = greatest(last_message_at, now())
            WHERE id = $1 AND workspace_id = $2""", thread_id, mailbox.workspace_id)
+    if mailbox.auto_reply:
+        # Same transaction as the message: a committed message always has its job, and a
+        # 4xx'd one never leaves an orphan job behind. Whether to answer is the worker's call.
+        await connection.execute(
+            """INSERT INTO agent_jobs (workspace_id, agent_id, thread_id, message_id)
+               VALUES ($1, $2, $3, $4)""",
+            mailbox.workspace_id, mailbox.agent_id, thread_id, message_row_id)
     return StoredMessage(message_row_id, thread_id, mailbox, duplicate=False)
 
 
