@@ -30,6 +30,7 @@ class Original:
     message_id: str | None
     references: tuple[str, ...]
     subject: str | None
+    in_reply_to: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,11 @@ def reply_subject(subject: str | None) -> str:
 
 
 def reply_references(original: Original) -> tuple[str, ...]:
-    chain = list(dict.fromkeys(original.references + ((original.message_id,)
-                                                      if original.message_id else ())))
+    """RFC 5322 section 3.6.4: the parent's References (else its single In-Reply-To), then its id."""
+    parents = original.references or (original.in_reply_to if len(original.in_reply_to) == 1
+                                       else ())
+    own = (original.message_id,) if original.message_id else ()
+    chain = list(dict.fromkeys(parents + own))
     if len(chain) > MAX_REFERENCES:
         chain = chain[:1] + chain[-(MAX_REFERENCES - 1):]
     return tuple(chain)

@@ -53,6 +53,7 @@ class InboundRecord:
     facts: MessageFacts
     message_id: str | None
     references: tuple[str, ...]
+    in_reply_to: tuple[str, ...]
     subject: str | None
     from_address: str | None
     reply_to: str | None
@@ -87,7 +88,7 @@ async def load_agent(db: asyncpg.Pool, job: Job) -> AgentRecord | None:
 async def load_inbound(db: asyncpg.Pool, job: Job) -> InboundRecord | None:
     row = await db.fetchrow(
         """SELECT headers, mail_from, from_address, dmarc, quarantined, scan_status, message_id,
-                  "references", subject, reply_to, rcpt_to
+                  "references", in_reply_to, subject, reply_to, rcpt_to
              FROM messages
             WHERE id = $1 AND workspace_id = $2 AND agent_id = $3 AND direction = 'inbound'""",
         job.message_id, job.workspace_id, job.agent_id)
@@ -98,7 +99,8 @@ async def load_inbound(db: asyncpg.Pool, job: Job) -> InboundRecord | None:
                          dmarc=row["dmarc"], quarantined=row["quarantined"],
                          scan_status=row["scan_status"])
     return InboundRecord(facts=facts, message_id=row["message_id"],
-                         references=tuple(row["references"]), subject=row["subject"],
+                         references=tuple(row["references"]),
+                         in_reply_to=tuple(row["in_reply_to"]), subject=row["subject"],
                          from_address=row["from_address"], reply_to=row["reply_to"],
                          rcpt_to=row["rcpt_to"])
 

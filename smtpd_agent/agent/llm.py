@@ -44,11 +44,21 @@ def classify_error(error: BaseException) -> CallError:
         return CallError("retry", f"connection error: {error}")
     if isinstance(error, anthropic.APIStatusError):
         status = error.status_code
-        text = f"HTTP {status}: {_short(error.message)}"
+        text = f"HTTP {status}: {_short(_api_message(error))}"
         if status == 429 or status >= 500 or status == 408:
             return CallError("retry", text, _retry_after(error.response.headers.get("retry-after")))
         return CallError("fail", text)
     return CallError("fail", f"{type(error).__name__}: {_short(str(error))}")
+
+
+def _api_message(error: anthropic.APIStatusError) -> str:
+    """The API's own error message ({"error": {"message": ...}}), else the SDK's summary."""
+    body = error.body
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        message = body["error"].get("message")
+        if isinstance(message, str) and message:
+            return message
+    return error.message
 
 
 def _retry_after(value: str | None) -> float | None:

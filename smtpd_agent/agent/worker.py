@@ -170,7 +170,8 @@ class AgentWorkers:
             await jobs.fail(db, job, "the model returned no text")
             bound.error("agent.failed", error="empty completion")
             return
-        reply = compose_reply(Original(inbound.message_id, inbound.references, inbound.subject),
+        reply = compose_reply(Original(inbound.message_id, inbound.references, inbound.subject,
+                                       inbound.in_reply_to),
                               agent.display_name, address, to_address, completion.text,
                               datetime.now(timezone.utc))
         finished = await jobs.store_reply(db, job, reply, completion,
