@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from email.utils import parseaddr
+from email.utils import getaddresses
 
 # Local parts that are machines, not people (RFC 3834 section 2, RFC 2142, common practice).
 AUTOMATED_LOCAL = re.compile(
@@ -119,8 +119,13 @@ def reply_address(from_address: str | None, reply_to: str | None, mail_from: str
 
 
 def _single_address(value: str) -> str | None:
-    _, address = parseaddr(value)
-    address = address.strip()
+    """The one address in a header value; None for several, none, or anything odd."""
+    if "\r" in value or "\n" in value:
+        return None
+    found = [address for _, address in getaddresses([value]) if address]
+    if len(found) != 1:
+        return None
+    address = found[0].strip()
     if (not address or address.count("@") != 1 or any(ch in address for ch in "\r\n\t ,;<>")
             or not address.partition("@")[0] or "." not in address.partition("@")[2]):
         return None
