@@ -145,12 +145,12 @@ async def _end(db: asyncpg.Pool | asyncpg.Connection, job: Job, status: str,
                **columns: Any) -> bool:
     """Set a final state, if we still hold the lease. False: someone else has it."""
     names = list(columns)
-    assignments = "".join(f", {name} = ${i + 4}" for i, name in enumerate(names))
+    assignments = "".join(f", {name} = ${i + 5}" for i, name in enumerate(names))
     result = await db.execute(
         f"""UPDATE agent_jobs SET status = $3, lease_token = NULL, updated_at = now(),
                 finished_at = now(){assignments}
-             WHERE id = $1 AND lease_token = $2 AND status = 'running'""",
-        job.id, job.lease_token, status, *[columns[n] for n in names])
+             WHERE id = $1 AND lease_token = $2 AND status = 'running' AND workspace_id = $4""",
+        job.id, job.lease_token, status, job.workspace_id, *[columns[n] for n in names])
     return result.endswith(" 1")
 
 
@@ -167,8 +167,8 @@ async def retry_later(db: asyncpg.Pool, job: Job, error: str, delay: float) -> b
     result = await db.execute(
         """UPDATE agent_jobs SET status = 'pending', lease_token = NULL, last_error = $3,
                   run_at = now() + make_interval(secs => $4), updated_at = now()
-            WHERE id = $1 AND lease_token = $2 AND status = 'running'""",
-        job.id, job.lease_token, error, delay)
+            WHERE id = $1 AND lease_token = $2 AND status = 'running' AND workspace_id = $5""",
+        job.id, job.lease_token, error, delay, job.workspace_id)
     return result.endswith(" 1")
 
 
@@ -177,8 +177,8 @@ async def release(db: asyncpg.Pool, job: Job) -> bool:
     result = await db.execute(
         """UPDATE agent_jobs SET status = 'pending', run_at = now(), lease_token = NULL,
                   attempts = greatest(attempts - 1, 0), updated_at = now()
-            WHERE id = $1 AND lease_token = $2 AND status = 'running'""",
-        job.id, job.lease_token)
+            WHERE id = $1 AND lease_token = $2 AND status = 'running' AND workspace_id = $3""",
+        job.id, job.lease_token, job.workspace_id)
     return result.endswith(" 1")
 
 

@@ -208,3 +208,42 @@ async def test_rate_limits(start_server, db, messages_api, limit_key, senders, r
         await wait_jobs(db, count=index + 1)
     jobs = await db.fetch("SELECT status, skip_reason FROM agent_jobs ORDER BY id")
     assert [(j["status"], j["skip_reason"]) for j in jobs] == [("done", None), ("skipped", reason)]
+
+
+async def test_workspaces_stay_apart(agent_server, db, messages_api):
+    await directory.add_workspace(db, "globex")
+    await directory.add_agent(db, "globex", "support", system_prompt="You are Globex.")
+    globex = f"support@globex.{DEFAULT_DOMAIN}"
+    deliver(agent_server.port, mail("Same subject", body="secret for acme"))
+    await wait_jobs(db)
+    deliver(agent_server.port, mail("Same subject", body="secret for globex", to=globex),
+            rcpt=globex)
+    jobs = await wait_jobs(db, count=2)
+    rows = await db.fetch("""SELECT j.workspace_id, i.workspace_id AS iw, o.workspace_id AS ow,
+                                    i.thread_id AS it, o.thread_id AS ot, o.from_address
+                               FROM agent_jobs j JOIN messages i ON i.id = j.message_id
+                               JOIN messages o ON o.id = j.reply_message_id ORDER BY j.id""")
+    assert [r["from_address"] for r in rows] == [RCPT, globex]
+    assert all(r["workspace_id"] == r["iw"] == r["ow"] and r["it"] == r["ot"] for r in rows)
+    assert rows[0]["workspace_id"] != rows[1]["workspace_id"] and len(jobs) == 2
+    acme_prompt, globex_prompt = (r.body for r in messages_api.requests)
+    assert "secret for globex" not in str(acme_prompt)
+    assert "secret for acme" not in str(globex_prompt) and len(globex_prompt["messages"]) == 1
+    assert globex_prompt["system"].startswith("You are Globex.")
+
+
+async def test_jobs_command_lists_state_tokens_and_reasons(agent_server, db, database_url,
+                                                          tmp_path, monkeypatch, capsys):
+    from smtpd_agent.cli import build_parser, settings_from, with_database
+
+    deliver(agent_server.port, mail())
+    deliver(agent_server.port, mail("bulk", extra="Precedence: bulk\r\n"))
+    await wait_jobs(db, count=2)
+    config = tmp_path / "empty.toml"
+    config.write_text("")
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    args = build_parser().parse_args(["jobs", "--config", str(config)])
+    assert await with_database(settings_from(args), args.handler, args) == 0
+    out = capsys.readouterr().out
+    assert "acme/support" in out and "done" in out and "reason='Precedence: bulk'" in out
+    assert "tokens=" in out and "latency=" in out
