@@ -129,6 +129,8 @@ class AgentSettings:
     agent_replies_per_hour: int = 200
     # Characters of one message's body put in the prompt (the rest is cut, and says so).
     max_body_chars: int = 20_000
+    # Without an API key: "" records jobs as skipped; any text is sent as a canned reply.
+    offline_reply: str = ""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from ..routing import parse_address, workspace_of
 from . import jobs
 from .compose import Original, compose_reply
 from .jobs import Job
-from .llm import LLM, classify_error
+from .llm import LLM, Completion, classify_error
 from .policy import loop_skip_reason, rate_limit_reason, reply_address, retry_delay
 from .prompt import build_prompt
 
@@ -63,6 +63,9 @@ class AgentWorkers:
             return
         if agent.api_key:
             self.llm = LLM(agent)
+        elif agent.offline_reply:
+            log.warning("agent.offline", reason="ANTHROPIC_API_KEY is not set: mail is "
+                        "answered with agent.offline_reply")
         else:
             log.warning("agent.offline", reason="ANTHROPIC_API_KEY is not set: jobs are "
                         f"recorded as skipped ({NO_LLM})")
@@ -139,7 +142,7 @@ class AgentWorkers:
             counts = await jobs.recent_replies(db, job, to_address)
             reason = rate_limit_reason(*counts, settings.correspondent_replies_per_hour,
                                        settings.agent_replies_per_hour)
-        if reason is None and self.llm is None:
+        if reason is None and self.llm is None and not settings.offline_reply:
             reason = NO_LLM
         if reason is not None or to_address is None:
             await jobs.skip(db, job, reason or "no usable correspondent address")
@@ -152,9 +155,9 @@ class AgentWorkers:
         transcript = await jobs.load_transcript(db, job)
         prompt = build_prompt(identity, agent.system_prompt, transcript,
                               nonce=secrets.token_hex(8), max_body_chars=settings.max_body_chars)
-        assert self.llm is not None
         try:
-            completion = await self.llm.complete(prompt)
+            completion = (await self.llm.complete(prompt) if self.llm is not None
+                          else Completion(settings.offline_reply, "canned", 0, 0, 0))
         except Exception as error:
             call = classify_error(error)
             if call.outcome == "retry" and job.attempts < settings.max_attempts:

@@ -186,6 +186,20 @@ async def test_offline_jobs_are_skipped_and_said_once(start_server, db):
     assert await db.fetchval("SELECT count(*) FROM messages WHERE direction = 'outbound'") == 0
 
 
+async def test_offline_canned_reply(start_server, db):
+    server = start_server(**{"agent.poll_interval": 0.05,
+                             "agent.offline_reply": "We got your mail and will answer soon."})
+    await add_acme(db)
+    deliver(server.port, mail())
+    deliver(server.port, mail("list", extra="List-Id: <l.example.org>\r\n"))
+    jobs = await wait_jobs(db, count=2)
+    assert [(j["status"], j["model"]) for j in jobs] == [("done", "canned"), ("skipped", None)]
+    [reply] = await db.fetch("SELECT raw FROM messages WHERE direction = 'outbound'")
+    sent = parse(bytes(reply["raw"]))
+    assert sent["To"] == "alice@example.org" and sent["Auto-Submitted"] == "auto-replied"
+    assert "will answer soon" in sent.get_body(("plain",)).get_content()
+
+
 async def test_no_auto_reply_mailbox_gets_no_job(agent_server, db):
     await directory.add_agent(db, "acme", "archive", auto_reply=False)
     deliver(agent_server.port, mail(to=f"archive@acme.{DEFAULT_DOMAIN}"),
