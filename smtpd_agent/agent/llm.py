@@ -72,6 +72,14 @@ def _short(text: str, limit: int = 500) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def deprecation_of(model: str) -> str | None:
+    """The end-of-life date the installed SDK gives for `model`, if it deprecates it."""
+    from anthropic.resources.messages import messages as sdk_messages
+
+    deprecated: dict[str, str] = getattr(sdk_messages, "DEPRECATED_MODELS", {})
+    return deprecated.get(model)
+
+
 class LLM:
     """One AsyncAnthropic client per process, shared by its workers."""
 

@@ -22,7 +22,7 @@ from ..routing import parse_address, workspace_of
 from . import jobs
 from .compose import Original, compose_reply
 from .jobs import Job
-from .llm import LLM, Completion, classify_error
+from .llm import LLM, Completion, classify_error, deprecation_of
 from .policy import loop_skip_reason, rate_limit_reason, reply_address, retry_delay
 from .prompt import build_prompt
 
@@ -63,6 +63,9 @@ class AgentWorkers:
             return
         if agent.api_key:
             self.llm = LLM(agent)
+            end_of_life = deprecation_of(agent.model)
+            if end_of_life:
+                log.warning("agent.model_deprecated", model=agent.model, end_of_life=end_of_life)
         elif agent.offline_reply:
             log.warning("agent.offline", reason="ANTHROPIC_API_KEY is not set: mail is "
                         "answered with agent.offline_reply")

@@ -13,6 +13,9 @@ from tests.agent.helpers import RCPT, deliver, mail, parse, wait_jobs
 from tests.messages_api import Step
 from tests.support import DEFAULT_DOMAIN
 
+# Every wait in here is bounded; a hang fails this test, not the run.
+pytestmark = pytest.mark.timeout(60)
+
 PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
 
 

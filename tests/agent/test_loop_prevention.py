@@ -6,6 +6,9 @@ import pytest
 
 from tests.agent.helpers import deliver, mail, wait_jobs
 
+# Every wait in here is bounded; a hang fails this test, not the run.
+pytestmark = pytest.mark.timeout(60)
+
 PDF_MAIL = (
     "From: Alice <alice@example.org>\r\nTo: support@acme.agents.test\r\nSubject: scan\r\n"
     "Message-ID: <scan@example.org>\r\nMIME-Version: 1.0\r\n"

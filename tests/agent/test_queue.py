@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 from datetime import datetime, timezone
 
@@ -13,6 +15,9 @@ from smtpd_agent.store.database import create_pool
 from tests.agent.conftest import add_acme, agent_overrides
 from tests.agent.helpers import deliver, mail
 from tests.messages_api import Step
+
+# Every wait in here is bounded; a hang fails this test, not the run.
+pytestmark = pytest.mark.timeout(60)
 
 
 async def test_a_worker_that_lost_its_lease_cannot_store_a_reply(start_server, db, database_url,

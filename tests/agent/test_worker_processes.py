@@ -23,6 +23,9 @@ from tests.agent.helpers import deliver, mail, wait_jobs
 from tests.messages_api import API_KEY, MessagesAPI, Step
 from tests.support import DEFAULT_DOMAIN
 
+# Every wait in here is bounded; a hang fails this test, not the run.
+pytestmark = pytest.mark.timeout(60)
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -9,7 +9,7 @@ import pytest
 from anthropic.resources.messages import messages as sdk_messages
 from anthropic.types.model_param import ModelParam
 
-from smtpd_agent.agent.llm import classify_error
+from smtpd_agent.agent.llm import classify_error, deprecation_of
 from smtpd_agent.agent.policy import (MessageFacts, loop_skip_reason, rate_limit_reason,
                                       reply_address, retry_delay)
 from smtpd_agent.config import AgentSettings, ConfigError, load_settings
@@ -106,7 +106,8 @@ def test_default_model_is_listed_by_the_sdk_and_not_deprecated():
     model = AgentSettings().model
     listed = typing.get_args(typing.get_args(ModelParam)[0])
     assert model in listed and "sonnet" in model
-    assert model not in sdk_messages.DEPRECATED_MODELS
+    assert model not in sdk_messages.DEPRECATED_MODELS and deprecation_of(model) is None
+    assert deprecation_of("claude-sonnet-4-5")  # the previous default: the SDK warns about it
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_settings(path="config/smtpd-agent.toml", env={}).agent.model == model
