@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 API_KEY = "sk-ant-test-key"
 
@@ -146,7 +146,7 @@ class MessagesAPI:
             time.sleep(0.02)
         raise AssertionError(f"expected {count} API requests, got {len(self.requests)}")
 
-    def __enter__(self) -> MessagesAPI:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 

@@ -61,7 +61,8 @@ async def cmd_jobs(db: Any, settings: Settings, args: argparse.Namespace) -> int
         """SELECT j.id, w.slug AS workspace, a.handle AS agent, j.status, j.attempts,
                   j.skip_reason, j.last_error, j.reply_message_id, j.model, j.input_tokens,
                   j.output_tokens, j.latency_ms, j.created_at, j.finished_at
-             FROM agent_jobs j JOIN agents a ON a.id = j.agent_id AND a.workspace_id = j.workspace_id
+             FROM agent_jobs j
+             JOIN agents a ON a.id = j.agent_id AND a.workspace_id = j.workspace_id
              JOIN workspaces w ON w.id = j.workspace_id
             WHERE $1::text IS NULL OR w.slug = $1
             ORDER BY j.id DESC LIMIT $2""", args.workspace, args.limit)]

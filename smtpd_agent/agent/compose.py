@@ -54,7 +54,7 @@ def reply_subject(subject: str | None) -> str:
 
 
 def reply_references(original: Original) -> tuple[str, ...]:
-    """RFC 5322 section 3.6.4: the parent's References (else its single In-Reply-To), then its id."""
+    """RFC 5322 section 3.6.4: parent's References (else its one In-Reply-To), then its id."""
     parents = original.references or (original.in_reply_to if len(original.in_reply_to) == 1
                                        else ())
     own = (original.message_id,) if original.message_id else ()

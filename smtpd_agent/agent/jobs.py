@@ -196,8 +196,8 @@ async def store_reply(db: asyncpg.Pool, job: Job, reply: ComposedReply, completi
     The rate limits are checked again here under a per-agent lock, since workers on
     other machines may have replied since the first check.
     """
-    usage = dict(model=completion.model, input_tokens=completion.input_tokens,
-                 output_tokens=completion.output_tokens, latency_ms=completion.latency_ms)
+    usage = {"model": completion.model, "input_tokens": completion.input_tokens,
+             "output_tokens": completion.output_tokens, "latency_ms": completion.latency_ms}
     async with db.acquire() as connection, connection.transaction():
         holder = await connection.fetchval(
             """SELECT lease_token FROM agent_jobs

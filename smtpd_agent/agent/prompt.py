@@ -91,7 +91,8 @@ def untrusted_block(entry: TranscriptEntry, nonce: str, max_body_chars: int) -> 
     tag = f"untrusted-email-{nonce}"
     text = entry.text.replace(tag, "untrusted-email")
     if len(text) > max_body_chars:
-        text = text[:max_body_chars] + f"\n[... {len(entry.text) - max_body_chars} more characters cut]"
+        cut = len(text) - max_body_chars
+        text = text[:max_body_chars] + f"\n[... {cut} more characters cut]"
     lines = [f"<{tag}>",
              f"From: {entry.from_header or '(none)'}",
              f"To: {entry.to_header or '(none)'}",

@@ -12,7 +12,7 @@ import asyncio
 import os
 import secrets
 import socket
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import structlog
@@ -95,13 +95,13 @@ class AgentWorkers:
         while not self._stopping.is_set():
             try:
                 job = await jobs.claim(db, worker, agent.lease)
-            except Exception as error:  # database away: wait, try again
+            except Exception as error:  # noqa: BLE001 - database away: wait, try again
                 log.warning("agent.claim_failed", worker=worker, error=str(error))
                 job = None
             if job is None:
                 try:
                     await asyncio.wait_for(self._stopping.wait(), agent.poll_interval)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 continue
             try:
@@ -109,10 +109,10 @@ class AgentWorkers:
             except asyncio.CancelledError:
                 try:
                     await asyncio.wait_for(jobs.release(db, job), RELEASE_TIMEOUT)
-                except Exception:  # the lease expires anyway
-                    pass
+                except Exception as error:  # noqa: BLE001 - the lease expires anyway
+                    log.warning("agent.release_failed", job=job.id, error=str(error))
                 raise
-            except Exception as error:  # a bug or the database: the lease brings it back
+            except Exception as error:  # a bug, or the database: the lease brings it back
                 log.exception("agent.job_error", job=job.id, error=str(error))
 
     async def process(self, job: Job, worker: str) -> None:
@@ -161,7 +161,7 @@ class AgentWorkers:
         try:
             completion = (await self.llm.complete(prompt) if self.llm is not None
                           else Completion(settings.offline_reply, "canned", 0, 0, 0))
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - every API failure is classified
             call = classify_error(error)
             if call.outcome == "retry" and job.attempts < settings.max_attempts:
                 delay = retry_delay(job.attempts, settings.backoff_base, settings.backoff_max,
@@ -179,7 +179,7 @@ class AgentWorkers:
         reply = compose_reply(Original(inbound.message_id, inbound.references, inbound.subject,
                                        inbound.in_reply_to),
                               agent.display_name, address, to_address, completion.text,
-                              datetime.now(timezone.utc))
+                              datetime.now(UTC))
         finished = await jobs.store_reply(db, job, reply, completion,
                                           settings.correspondent_replies_per_hour,
                                           settings.agent_replies_per_hour)

@@ -1,4 +1,4 @@
-"""Mail in over real SMTP -> job -> the local Messages API via the real SDK -> reply in the thread."""
+"""Mail in over SMTP -> job -> the local Messages API via the real SDK -> reply in the thread."""
 
 from __future__ import annotations
 

@@ -10,11 +10,11 @@ from tests.agent.helpers import deliver, mail, wait_jobs
 pytestmark = pytest.mark.timeout(60)
 
 PDF_MAIL = (
-    "From: Alice <alice@example.org>\r\nTo: support@acme.agents.test\r\nSubject: scan\r\n"
-    "Message-ID: <scan@example.org>\r\nMIME-Version: 1.0\r\n"
-    "Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n"
-    "see attached\r\n--b\r\nContent-Type: application/pdf\r\n"
-    "Content-Disposition: attachment; filename=\"a.pdf\"\r\n\r\n%PDF-1.4\r\n--b--\r\n").encode()
+    b"From: Alice <alice@example.org>\r\nTo: support@acme.agents.test\r\nSubject: scan\r\n"
+    b"Message-ID: <scan@example.org>\r\nMIME-Version: 1.0\r\n"
+    b"Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n"
+    b"see attached\r\n--b\r\nContent-Type: application/pdf\r\n"
+    b"Content-Disposition: attachment; filename=\"a.pdf\"\r\n\r\n%PDF-1.4\r\n--b--\r\n")
 
 RULES = [
     # (id, raw message, envelope sender, expected skip reason)

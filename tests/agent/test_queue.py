@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 import asyncio
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+
+import pytest
 
 from smtpd_agent.agent import jobs
 from smtpd_agent.agent.compose import Original, compose_reply
@@ -35,7 +35,7 @@ async def test_a_worker_that_lost_its_lease_cannot_store_a_reply(start_server, d
         assert fast.lease_token != slow.lease_token
         reply = compose_reply(Original("<m@example.org>", (), "s"), None,
                               "support@acme.agents.test", "alice@example.org", "hi",
-                              datetime.now(timezone.utc))
+                              datetime.now(UTC))
         usage = Completion("hi", "m", 1, 1, 1)
         lost = await jobs.store_reply(pool, slow, reply, usage, 5, 200)
         assert (lost.stored, lost.reason) == (False, "lease lost")

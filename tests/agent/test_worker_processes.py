@@ -70,9 +70,10 @@ def spawn_worker(database_url: str, messages_api: MessagesAPI,
 def wait_started(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if "agent.workers.started" in Path(process.log_path).read_text():  # type: ignore[attr-defined]
+        output = Path(process.log_path).read_text()  # type: ignore[attr-defined]
+        if "agent.workers.started" in output:
             return
-        assert process.poll() is None, Path(process.log_path).read_text()  # type: ignore[attr-defined]
+        assert process.poll() is None, output
         time.sleep(0.05)
     raise AssertionError("worker did not start")
 
@@ -98,7 +99,7 @@ async def test_killed_worker_job_is_retaken_after_its_lease(start_server, db, me
     [job] = await wait_jobs(db, timeout=15)
     assert job["status"] == "done" and job["attempts"] == 2
     assert job["worker"].split(":")[1] != str(victim.pid)
-    first, second = messages_api.requests
+    _, second = messages_api.requests
     assert second.at - killed_at >= lease - 0.5  # not before the lease ran out
     assert await db.fetchval("SELECT count(*) FROM messages WHERE direction = 'outbound'") == 1
 

@@ -10,8 +10,13 @@ from anthropic.resources.messages import messages as sdk_messages
 from anthropic.types.model_param import ModelParam
 
 from smtpd_agent.agent.llm import classify_error, deprecation_of
-from smtpd_agent.agent.policy import (MessageFacts, loop_skip_reason, rate_limit_reason,
-                                      reply_address, retry_delay)
+from smtpd_agent.agent.policy import (
+    MessageFacts,
+    loop_skip_reason,
+    rate_limit_reason,
+    reply_address,
+    retry_delay,
+)
 from smtpd_agent.config import AgentSettings, ConfigError, load_settings
 
 OWN = "agents.test"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email import message_from_bytes, policy
 
 import pytest
@@ -10,7 +10,7 @@ import pytest
 from smtpd_agent.agent.compose import Original, compose_reply, reply_references, reply_subject
 from smtpd_agent.agent.prompt import AttachmentNote, TranscriptEntry, body_text, build_prompt
 
-NOW = datetime(2026, 11, 21, 6, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 21, 6, 0, tzinfo=UTC)
 
 
 def entry(direction: str, text: str, *attachments: AttachmentNote) -> TranscriptEntry:
