@@ -49,7 +49,8 @@ class ComposedReply:
 
 
 def reply_subject(subject: str | None) -> str:
-    stripped = REPLY_PREFIX.sub("", subject or "").strip()
+    """One `Re:`, whitespace (and any smuggled CR/LF) folded to single spaces."""
+    stripped = " ".join(REPLY_PREFIX.sub("", subject or "").split())
     return f"Re: {stripped}" if stripped else "Re:"
 
 

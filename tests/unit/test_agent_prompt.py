@@ -61,6 +61,7 @@ def test_html_only_body_is_reduced_to_text():
     ("Order", "Re: Order"), ("Re: Order", "Re: Order"), ("RE: re: Aw: Order", "Re: Order"),
     ("Re[2]: Order", "Re: Order"), ("Fwd: Order", "Re: Fwd: Order"), (None, "Re:"),
     ("  ", "Re:"), ("Reply needed", "Re: Reply needed"),
+    ("Hi\r\nBcc: attacker@evil.test", "Re: Hi Bcc: attacker@evil.test"),
 ])
 def test_reply_subject_does_not_pile_up_prefixes(subject, expected):
     assert reply_subject(subject) == expected
