@@ -15,6 +15,7 @@ import structlog
 from .agent.worker import AgentWorkers
 from .config import Settings, SmtpSettings
 from .dns import Resolver
+from .domains.service import DomainRechecker
 from .pipeline import Pipeline
 from .routing import Router
 from .scan import Scanner, limit_problems
@@ -143,6 +144,7 @@ SERVICES: list[Callable[[Runtime], Service]] = [
     MailServer,
     # Reply workers (agent.workers of them; 0: run `smtpd-agent worker` elsewhere).
     AgentWorkers,
+    DomainRechecker,
 ]
 
 
