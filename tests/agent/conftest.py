@@ -10,7 +10,6 @@ import pytest
 
 from smtpd_agent.store import directory
 from tests.messages_api import API_KEY, MessagesAPI
-from tests.scan.conftest import clamd, clamd_session  # noqa: F401  (the session's real clamd)
 from tests.support import ServerThread
 
 SYSTEM_PROMPT = "You are the support agent of Acme Inc. Be brief."
