@@ -128,6 +128,25 @@ async def load_transcript(db: asyncpg.Pool, job: Job) -> list[TranscriptEntry]:
             for r in rows]
 
 
+async def custom_domains_among(db: asyncpg.Pool, names: list[str]) -> frozenset[str]:
+    """Which of `names` are custom domains of any workspace (mail from them is from us).
+
+    Deliberately across workspaces: an agent of another workspace is still one of ours,
+    and only the yes/no leaves this function, never the other workspace's data.
+    """
+    if not names:
+        return frozenset()
+    rows = await db.fetch("SELECT name FROM domains WHERE name = ANY($1::text[])", names)
+    return frozenset(r["name"] for r in rows)
+
+
+async def receiving_domain_of(db: asyncpg.Pool, job: Job, name: str) -> bool:
+    """True when `name` is a custom domain of the job's workspace that receives mail."""
+    return bool(await db.fetchval(
+        """SELECT EXISTS (SELECT 1 FROM domains WHERE name = $1 AND workspace_id = $2
+                            AND state IN ('verified', 'degraded'))""", name, job.workspace_id))
+
+
 async def recent_replies(db: asyncpg.Pool | asyncpg.Connection, job: Job,
                          correspondent: str) -> tuple[int, int]:
     """(replies to this correspondent, replies in total) by the agent in the last hour."""

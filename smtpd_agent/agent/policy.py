@@ -43,13 +43,22 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower().strip(".")
 
 
-def is_own_address(address: str, own_domain: str) -> bool:
-    """Any address on our domain or its workspace subdomains is one of our agents (or ours)."""
+def is_own_address(address: str, own_domain: str,
+                   custom_domains: frozenset[str] = frozenset()) -> bool:
+    """An address on our domain, a workspace's custom domain, or a subdomain of either."""
     domain = _domain(address)
-    return domain == own_domain or domain.endswith("." + own_domain)
+    return any(domain == ours or domain.endswith("." + ours)
+               for ours in (own_domain, *custom_domains))
 
 
-def loop_skip_reason(facts: MessageFacts, own_domain: str) -> str | None:
+def parent_domains(domain: str) -> list[str]:
+    """The domain and each parent with at least two labels: where to look for a custom domain."""
+    labels = domain.lower().strip(".").split(".")
+    return [".".join(labels[i:]) for i in range(max(len(labels) - 1, 1))]
+
+
+def loop_skip_reason(facts: MessageFacts, own_domain: str,
+                     custom_domains: frozenset[str] = frozenset()) -> str | None:
     """Why we must not answer this message, or None. First matching rule wins."""
     mail_from = (facts.mail_from or "").strip()
     if mail_from in ("", "<>"):
@@ -69,7 +78,7 @@ def loop_skip_reason(facts: MessageFacts, own_domain: str) -> str | None:
     for address in (mail_from, facts.from_address or ""):
         if not address:
             continue
-        if is_own_address(address, own_domain):
+        if is_own_address(address, own_domain, custom_domains):
             return f"from our own agents ({address})"
         local = address.rpartition("@")[0]
         if AUTOMATED_LOCAL.match(local):

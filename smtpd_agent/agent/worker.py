@@ -23,7 +23,7 @@ from . import jobs
 from .compose import Original, compose_reply
 from .jobs import Job
 from .llm import LLM, Completion, classify_error, deprecation_of
-from .policy import loop_skip_reason, rate_limit_reason, reply_address, retry_delay
+from .policy import loop_skip_reason, parent_domains, rate_limit_reason, reply_address, retry_delay
 from .prompt import build_prompt
 
 if TYPE_CHECKING:  # app imports this module for SERVICES
@@ -36,11 +36,12 @@ NO_LLM = "no LLM configured"
 RELEASE_TIMEOUT = 2.0
 
 
-def agent_address(handle: str, slug: str, rcpt_to: str | None, default_domain: str) -> str:
-    """The agent's address on the domain the correspondent wrote to, if that domain is its own."""
-    parsed = parse_address(rcpt_to or "")
-    if parsed is not None and workspace_of(parsed.domain, default_domain) == slug:
-        return f"{handle}@{parsed.domain}"
+def agent_address(handle: str, slug: str, rcpt_domain: str | None, default_domain: str,
+                  custom_domain_ok: bool = False) -> str:
+    """The agent's address on the domain the correspondent wrote to, if that domain is its own
+    (its workspace's subdomain, or a custom domain of its workspace); else the default one."""
+    if rcpt_domain and (custom_domain_ok or workspace_of(rcpt_domain, default_domain) == slug):
+        return f"{handle}@{rcpt_domain}"
     return f"{handle}@{slug}.{default_domain}"
 
 
@@ -136,7 +137,11 @@ class AgentWorkers:
         reason = None
         if not agent.enabled or not agent.auto_reply:
             reason = "agent disabled" if not agent.enabled else "auto-reply off"
-        reason = reason or loop_skip_reason(inbound.facts, self.settings.server.default_domain)
+        senders = [a for a in (inbound.facts.mail_from, inbound.from_address) if a and "@" in a]
+        custom = await jobs.custom_domains_among(
+            db, [d for a in senders for d in parent_domains(a.rpartition("@")[2])])
+        reason = reason or loop_skip_reason(inbound.facts, self.settings.server.default_domain,
+                                            custom)
         to_address = reply_address(inbound.from_address, inbound.reply_to,
                                    inbound.facts.mail_from, inbound.facts.dmarc)
         if reason is None and to_address is None:
@@ -152,8 +157,13 @@ class AgentWorkers:
             bound.info("agent.skipped", reason=reason)
             return
 
-        address = agent_address(agent.handle, agent.workspace_slug, inbound.rcpt_to,
-                                self.settings.server.default_domain)
+        default_domain = self.settings.server.default_domain
+        rcpt = parse_address(inbound.rcpt_to or "")
+        rcpt_domain = rcpt.domain if rcpt else None
+        custom_ok = (rcpt_domain is not None and workspace_of(rcpt_domain, default_domain) is None
+                     and await jobs.receiving_domain_of(db, job, rcpt_domain))
+        address = agent_address(agent.handle, agent.workspace_slug, rcpt_domain, default_domain,
+                                custom_ok)
         identity = f"{agent.display_name} <{address}>" if agent.display_name else address
         transcript = await jobs.load_transcript(db, job)
         prompt = build_prompt(identity, agent.system_prompt, transcript,

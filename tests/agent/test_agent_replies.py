@@ -264,3 +264,22 @@ async def test_jobs_command_lists_state_tokens_and_reasons(agent_server, db, dat
     out = capsys.readouterr().out
     assert "acme/support" in out and "done" in out and "reason='Precedence: bulk'" in out
     assert "tokens=" in out and "latency=" in out
+
+
+async def test_custom_domain_reply_comes_from_it_and_its_agents_are_ours(agent_server, db):
+    workspace_id = await db.fetchval("SELECT id FROM workspaces WHERE slug = 'acme'")
+    await db.execute(
+        """INSERT INTO domains (workspace_id, name, state, ownership_token, mail_from, verified_at)
+           VALUES ($1, 'mail.acme.test', 'verified', 'token', 'mail.mail.acme.test', now())""",
+        workspace_id)
+    custom = "support@mail.acme.test"
+    deliver(agent_server.port, mail("custom", to=custom), rcpt=custom)
+    deliver(agent_server.port, mail("from a sibling", sender="sales@mail.acme.test"),
+            mail_from="sales@mail.acme.test")
+    first, second = await wait_jobs(db, count=2)
+    assert first["status"] == "done"
+    assert (second["status"], second["skip_reason"]) == (
+        "skipped", "from our own agents (sales@mail.acme.test)")
+    sent = parse(bytes(await db.fetchval("SELECT raw FROM messages WHERE direction = 'outbound'")))
+    assert sent["From"] == f"Acme Support <{custom}>"
+    assert sent["Message-ID"].endswith("@mail.acme.test>")

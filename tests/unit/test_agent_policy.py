@@ -13,6 +13,7 @@ from smtpd_agent.agent.llm import classify_error, deprecation_of
 from smtpd_agent.agent.policy import (
     MessageFacts,
     loop_skip_reason,
+    parent_domains,
     rate_limit_reason,
     reply_address,
     retry_delay,
@@ -71,6 +72,27 @@ def facts(*headers: tuple[str, str], mail_from: str = "alice@example.org",
 ])
 def test_loop_skip_reason(message, reason):
     assert loop_skip_reason(message, OWN) == reason
+
+
+@pytest.mark.parametrize("address, reason", [
+    ("sales@mail.acme.test", "from our own agents (sales@mail.acme.test)"),
+    ("bounce@x.mail.acme.test", "from our own agents (bounce@x.mail.acme.test)"),
+    ("alice@acme.test", None),
+    ("alice@notmail.acme.test", None),
+])
+def test_custom_domains_are_ours_too(address, reason):
+    custom = frozenset({"mail.acme.test"})
+    assert loop_skip_reason(facts(from_address=address), OWN, custom) == reason
+
+
+@pytest.mark.parametrize("domain, parents", [
+    ("a.b.mail.acme.test", ["a.b.mail.acme.test", "b.mail.acme.test", "mail.acme.test",
+                            "acme.test"]),
+    ("Example.ORG.", ["example.org"]),
+    ("localhost", ["localhost"]),
+])
+def test_parent_domains(domain, parents):
+    assert parent_domains(domain) == parents
 
 
 @pytest.mark.parametrize("to_correspondent, from_agent, reason", [
