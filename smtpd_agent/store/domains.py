@@ -22,6 +22,9 @@ State = Literal["pending", "verified", "degraded"]
 DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+"
                     r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 
+# pg_advisory_xact_lock key: domains that nest inside delegated zones are checked one at a time
+NESTING_LOCK = 0x646F6D6E657374
+
 COLUMNS = """d.id, d.workspace_id, w.slug AS workspace_slug, d.name, d.state, d.ownership_token,
              d.mail_from, d.verified_at, d.checked_at, d.failing, d.created_at, d.delegated,
              d.zone_serial"""
@@ -60,6 +63,20 @@ async def add_domain(db: DbLike, workspace_slug: str, name: str, token: str,
     if not DOMAIN.match(name):
         raise DirectoryError(f"invalid domain {name!r}")
     workspace = await get_workspace(db, workspace_slug)
+    await db.execute("SELECT pg_advisory_xact_lock($1)", NESTING_LOCK)
+    conflict = await db.fetchrow(
+        """SELECT d.name, d.delegated FROM domains d
+           WHERE d.workspace_id <> $2
+             AND ((d.delegated AND $1 LIKE '%.' || d.name)
+                  OR ($3 AND d.name LIKE '%.' || $1))
+           LIMIT 1""", name, workspace.id, delegated)
+    if conflict is not None:
+        # Our DNS server answers for a delegated zone's whole subtree; a zone of another
+        # workspace inside or around it would let one tenant speak for another's names.
+        raise DirectoryError(
+            f"domain {name!r} is inside another workspace's delegated domain "
+            f"{conflict['name']!r}" if name.endswith("." + conflict["name"]) else
+            f"domain {name!r} contains another workspace's domain {conflict['name']!r}")
     try:
         await db.execute(
             """INSERT INTO domains (workspace_id, name, ownership_token, mail_from, delegated)

@@ -227,6 +227,24 @@ async def test_self_managed_rotation_waits_until_the_key_is_published(
     assert after.isdisjoint(before)
 
 
+async def test_no_tenant_nests_a_domain_in_another_tenants_delegated_zone(
+        acme: int, database_url: str, tmp_path: Path, dns_server: DnsTestServer,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Our DNS server answers for a delegated zone's whole subtree: another workspace must not
+    get `evil.mail.acme.example` served (and verified) from inside acme's zone."""
+    cli = Cli(settings_for(database_url, tmp_path / "cli", dns_server), capsys)
+    await cli("domain", "add", ZONE, "--workspace", "acme", "--delegate")
+    for name, delegate in ((f"evil.{ZONE}", True), (f"evil.{ZONE}", False),
+                           ("acme.example", True)):
+        argv = ["domain", "add", name, "--workspace", "globex"] + (["--delegate"] * delegate)
+        with pytest.raises(directory.DirectoryError, match="another workspace's"):
+            await cli(*argv)
+    # acme itself may; globex may delegate an unrelated zone
+    assert (await cli("domain", "add", f"eu.{ZONE}", "--workspace", "acme"))[0] == 0
+    assert (await cli("domain", "add", "mail.globex.example", "--workspace", "globex",
+                      "--delegate"))[0] == 0
+
+
 async def test_default_domain_rotation(acme: int, pool: asyncpg.Pool, database_url: str,
                                        tmp_path: Path, dns_server: DnsTestServer,
                                        capsys: pytest.CaptureFixture[str]) -> None:
