@@ -129,6 +129,8 @@ def precheck(query: dns.message.Message) -> int | None:
         return dns.rcode.BADVERS  # RFC 6891 6.1.3: we speak EDNS version 0
     if query.question[0].rdclass != IN:
         return dns.rcode.REFUSED
+    if query.question[0].rdtype in (dns.rdatatype.AXFR, dns.rdatatype.IXFR):
+        return dns.rcode.REFUSED  # no zone transfers: the zones live in Postgres, not here
     return None
 
 

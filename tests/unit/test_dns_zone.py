@@ -107,6 +107,7 @@ def test_long_dkim_key_is_split_into_255_octet_strings(zone) -> None:
     (lambda: dns.message.make_query("agents.test", "SOA"), dns.rcode.REFUSED),  # parent: not ours
     (lambda: dns.message.make_query(ZONE, "TXT", rdclass="CH"), dns.rcode.REFUSED),
     (lambda: dns.message.make_query(ZONE, "SOA", use_edns=1), dns.rcode.BADVERS),
+    (lambda: dns.message.make_query(ZONE, "AXFR"), dns.rcode.REFUSED),
     (lambda: _with_opcode(dns.opcode.NOTIFY), dns.rcode.NOTIMP),
     (lambda: _two_questions(), dns.rcode.FORMERR),
 ])
