@@ -20,6 +20,7 @@ from typing import Any
 
 from .app import Database, serve
 from .config import ConfigError, Settings, load_settings
+from .http.cli import register_apikeys
 from .logs import configure_logging
 from .routing import parse_address, workspace_of
 from .store import directory, inbox
@@ -273,4 +274,5 @@ def _inbox_lines(threads: list[dict[str, Any]]) -> list[str]:
 # database pool) or `run` (given the settings, manages its own resources).
 COMMAND_GROUPS: list[Callable[[Any, Parents], None]] = [
     register_core,
+    register_apikeys,
 ]

@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 
 from smtpd_agent.app import App, MailServer
+from smtpd_agent.http import HttpServer
 from smtpd_agent.config import Settings, load_settings
 
 DEFAULT_DOMAIN = "agents.test"
@@ -69,6 +70,7 @@ def make_settings(database_url: str, state_dir: Path, **overrides: Any) -> Setti
         "server.hostname": "mx.test.local",
         "smtp.host": "127.0.0.1",
         "smtp.port": 0,
+        "http.port": 0,
         "routing.cache_ttl": 0.5,
         "database.pool_min": 1,
         "database.pool_max": 4,
@@ -101,6 +103,16 @@ class ServerThread:
         port = self.app.service(MailServer).port
         assert port is not None
         return port
+
+    @property
+    def http_port(self) -> int:
+        port = self.app.service(HttpServer).port
+        assert port is not None
+        return port
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
