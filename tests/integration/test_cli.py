@@ -33,7 +33,7 @@ def running(tmp_path_factory, dns_server_session):
     env = {**os.environ, "SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": DOMAIN,
            "SMTPD_AGENT_ROUTING_CACHE_TTL": "0.2", "SMTPD_AGENT_LOG_FORMAT": "json",
            "SMTPD_AGENT_DNS_NAMESERVERS": dns_server_session.nameserver,
-           "SMTPD_AGENT_DNS_TIMEOUT": "0.5"}
+           "SMTPD_AGENT_DNS_TIMEOUT": "0.5", "SMTPD_AGENT_HTTP_PORT": str(free_port())}
     env.pop("DATABASE_URL", None)
     log = open(state / "serve.log", "w")
     process = subprocess.Popen(
