@@ -105,6 +105,19 @@ def check_fresh(timestamp: str, now: float, max_age: float) -> None:
         raise VerificationError("stale timestamp")
 
 
+def basic_credentials(header: str) -> tuple[bytes, bytes] | None:
+    """(user, password) of an RFC 7617 Basic Authorization header, as bytes."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    user, colon, password = decoded.partition(b":")
+    return (user, password) if colon else None
+
+
 def load_public_key(text: str) -> ec.EllipticCurvePublicKey:
     """SendGrid shows the key as base64 DER; PEM is accepted too."""
     text = text.strip()
@@ -349,13 +362,12 @@ class Webhooks:
         if not settings.postmark_username or not settings.postmark_password:
             raise self._refuse("postmark", 403, "webhook not configured")
         challenge = {"WWW-Authenticate": 'Basic realm="smtpd-agent webhook"'}
-        try:
-            auth = aiohttp.BasicAuth.decode(request.headers.get("Authorization", ""))
-        except ValueError:
-            raise self._refuse("postmark", 401, "missing credentials", challenge) from None
-        good_user = hmac.compare_digest(auth.login.encode(), settings.postmark_username.encode())
-        good_password = hmac.compare_digest(auth.password.encode(),
-                                            settings.postmark_password.encode())
+        credentials = basic_credentials(request.headers.get("Authorization", ""))
+        if credentials is None:
+            raise self._refuse("postmark", 401, "missing credentials", challenge)
+        user, password = credentials
+        good_user = hmac.compare_digest(user, settings.postmark_username.encode())
+        good_password = hmac.compare_digest(password, settings.postmark_password.encode())
         if not (good_user and good_password):
             raise self._refuse("postmark", 401, "bad credentials", challenge)
         try:
