@@ -84,14 +84,20 @@ class VerificationError(ValueError):
 
 # --- pure verification ----------------------------------------------------------------------
 
+def _bytes(text: str) -> bytes:
+    # Form fields are attacker-chosen text, lone surrogates included.
+    return text.encode("utf-8", "surrogatepass")
+
+
 def mailgun_signature(signing_key: str, timestamp: str, token: str) -> str:
-    return hmac.new(signing_key.encode(), (timestamp + token).encode(), hashlib.sha256).hexdigest()
+    return hmac.new(_bytes(signing_key), _bytes(timestamp + token), hashlib.sha256).hexdigest()
 
 
 def verify_mailgun(signing_key: str, timestamp: str, token: str, signature: str, now: float,
                    max_age: float) -> None:
     expected = mailgun_signature(signing_key, timestamp, token)
-    if not hmac.compare_digest(expected, signature.lower()):
+    # compare_digest refuses non-ASCII str; bytes compare in constant time whatever they hold.
+    if not hmac.compare_digest(expected.encode(), _bytes(signature.lower())):
         raise VerificationError("bad signature")
     check_fresh(timestamp, now, max_age)
 
