@@ -154,12 +154,15 @@ class Pipeline:
             parsed = parse_message(content.data)
         message = InboundMessage(envelope=envelope, raw=content.data, parsed=parsed)
         rcpt = [r.address for r in content.recipients]
+        began = time.perf_counter()
         try:
             if content.authenticable:
                 auth, quarantined = await self.authenticate(message)
             else:
                 auth, quarantined = self.unauthenticated(), False
+            authenticated = time.perf_counter()
             scan = await self.scan(message)
+            scanned = time.perf_counter()
         except Rejected as rejected:
             log.info("smtp.rejected" if rejected.reply.code >= 500 else "smtp.tempfail",
                      reason=rejected.reason, reply=str(rejected.reply), queue_id=content.queue_id,
@@ -175,7 +178,6 @@ class Pipeline:
             message, raw=strip_our_results(content.data, self.authserv_id),
             trace_headers=(("Authentication-Results", auth.header_value),
                            ("Received", received_header(content, self.settings.server.hostname))))
-        began = time.perf_counter()
         try:
             stored = await store_inbound(self.db, message, verdicts,
                                          self.settings.store.thread_window_days, content.queue_id)
@@ -186,14 +188,18 @@ class Pipeline:
             return Outcome(replies.TEMP_STORE_FAILURE.with_text(
                 f"Temporary local problem, try again later (session {content.session_id})"),
                 "store failed")
-        self.metrics.store_latency.observe(time.perf_counter() - began)
+        stored_at = time.perf_counter()
+        self.metrics.store_latency.observe(stored_at - scanned)
         log.info("smtp.accepted", queue_id=content.queue_id, message_id=parsed.message_id,
                  mail_from=content.mail_from, rcpt=rcpt, size=len(content.data),
                  attachments=len(parsed.attachments), spf=auth.spf, dkim=auth.dkim,
                  dmarc=auth.dmarc, arc=auth.arc, quarantined=quarantined,
                  scan=verdicts.scan_status,
                  stored=[s.id for s in stored if not s.duplicate],
-                 duplicates=[s.id for s in stored if s.duplicate], transport=content.transport)
+                 duplicates=[s.id for s in stored if s.duplicate], transport=content.transport,
+                 ms={"auth": round((authenticated - began) * 1000, 1),
+                     "scan": round((scanned - authenticated) * 1000, 1),
+                     "store": round((stored_at - scanned) * 1000, 1)})
         return Outcome(replies.queued(content.queue_id), "accepted", tuple(stored))
 
 
