@@ -40,7 +40,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error(failure.status, failure.message, failure.headers)
     except web.HTTPException as failure:
         if failure.status >= 400:
-            return error(failure.status, failure.reason, dict(failure.headers))
+            # Keep what the status needs (Allow on 405); the body and its type are ours.
+            kept = {k: v for k, v in failure.headers.items() if k.lower() != "content-type"}
+            return error(failure.status, failure.reason, kept)
         raise
     except (DatabaseUnavailable, *CONNECTION_ERRORS) as failure:
         log.error("http.database_unavailable", path=request.path,

@@ -139,3 +139,11 @@ async def test_openapi_is_served(server, http):
     for path in ("/health/ready", "/api/v1/workspaces/{slug}/agents/{handle}/inbox",
                  "/webhook/ses", "/webhook/sendgrid", "/webhook/mailgun", "/webhook/postmark"):
         assert path in spec["paths"]
+
+
+async def test_http_errors_are_json_not_500(server, http):
+    async with http.get(f"{server.http_url}/no/such/path") as response:
+        assert response.status == 404 and (await response.json())["error"]
+    async with http.post(f"{server.http_url}/health") as response:
+        assert response.status == 405 and "GET" in response.headers["Allow"]
+        assert (await response.json())["error"]
