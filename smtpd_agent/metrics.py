@@ -29,6 +29,7 @@ class Metrics:
     """The counters of one process; cheap to call from the hot path."""
 
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    queue_tables: tuple[str, ...] = QUEUE_TABLES
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -62,17 +63,17 @@ class Metrics:
         for check, result in (("spf", spf), ("dkim", dkim), ("dmarc", dmarc), ("arc", arc)):
             self.auth.labels(check, result or "none").inc()
 
-    async def refresh_queues(self, db: asyncpg.Pool) -> None:
+    async def refresh_queues(self, db: asyncpg.Pool | asyncpg.Connection) -> None:
         """Set the queue gauges from Postgres; tables that do not exist yet are skipped."""
         rows = await db.fetch(
             """SELECT table_name, min(column_name) AS state_column
                FROM information_schema.columns
                WHERE table_schema = current_schema() AND table_name = ANY($1::text[])
                  AND column_name = ANY($2::text[])
-               GROUP BY table_name""", list(QUEUE_TABLES), list(STATE_COLUMNS))
+               GROUP BY table_name""", list(self.queue_tables), list(STATE_COLUMNS))
         self.queue_depth.clear()
         for row in rows:
-            # Names come from the allow-list above, never from a request.
+            # Names come from the allow-list (queue_tables), never from a request.
             table, column = row["table_name"], row["state_column"]
             counts = await db.fetch(
                 f'SELECT "{column}"::text AS state, count(*) AS n FROM "{table}" GROUP BY 1')

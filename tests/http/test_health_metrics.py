@@ -9,6 +9,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from smtpd_agent.metrics import Metrics
 from smtpd_agent.store import directory
 from tests.integration.test_postgres_outage import deliver as deliver_tag
 from tests.integration.test_postgres_outage import start_postgres, stop_postgres
@@ -147,3 +148,16 @@ async def test_http_errors_are_json_not_500(server, http):
     async with http.post(f"{server.http_url}/health") as response:
         assert response.status == 405 and "GET" in response.headers["Allow"]
         assert (await response.json())["error"]
+
+
+async def test_queue_depths_are_read_from_postgres_at_scrape_time(db):
+    metrics = Metrics(queue_tables=("test_jobs", "missing_table"))
+    await db.execute("CREATE TABLE test_jobs (id serial, status text)")
+    await db.execute("INSERT INTO test_jobs (status) VALUES ('pending'), ('pending'), ('done')")
+    await metrics.refresh_queues(db)
+    text = metrics.render().decode()
+    assert metric(text, "smtpd_agent_queue_depth", queue="test_jobs", state="pending") == 2
+    assert metric(text, "smtpd_agent_queue_depth", queue="test_jobs", state="done") == 1
+    await db.execute("DELETE FROM test_jobs WHERE status = 'done'")
+    await metrics.refresh_queues(db)
+    assert 'state="done"' not in metrics.render().decode()
