@@ -503,7 +503,7 @@ class Webhooks:
         content = ReceivedContent(
             data=post.raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"),
             session_id=session_id, queue_id=queue_id, client_ip="", helo="",
-            mail_from=post.mail_from, recipients=tuple(recipients), tls=True, tls_version=None,
+            mail_from=post.mail_from, recipients=tuple(recipients), tls=False, tls_version=None,
             smtputf8=False, esmtp=True, transport=post.provider,
             authenticable=post.authenticable)
         outcome = await self.pipeline.process(content)

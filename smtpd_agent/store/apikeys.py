@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
@@ -53,9 +54,42 @@ async def create_key(db: asyncpg.Pool | asyncpg.Connection, workspace_slug: str,
 async def find_key(db: asyncpg.Pool | asyncpg.Connection, key: str) -> KeyOwner | None:
     if not key.startswith(KEY_PREFIX) or len(key) > 200:
         return None
+    # last_used_at is written at most once a minute per key, not on every request.
     row = await db.fetchrow(
-        """UPDATE api_keys k SET last_used_at = now()
-           FROM workspaces w
-           WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND w.id = k.workspace_id
-           RETURNING k.id, k.workspace_id, w.slug""", hash_key(key))
+        """WITH found AS (
+               SELECT k.id, k.workspace_id, w.slug, k.last_used_at
+               FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id
+               WHERE k.key_hash = $1 AND k.revoked_at IS NULL),
+           touched AS (
+               UPDATE api_keys SET last_used_at = now()
+               WHERE id IN (SELECT id FROM found WHERE last_used_at IS NULL
+                                OR last_used_at < now() - interval '1 minute'))
+           SELECT id, workspace_id, slug FROM found""", hash_key(key))
     return KeyOwner(row["id"], row["workspace_id"], row["slug"]) if row else None
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: int
+    prefix: str
+    name: str | None
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+async def list_keys(db: asyncpg.Pool | asyncpg.Connection, workspace_slug: str) -> list[KeyInfo]:
+    workspace = await get_workspace(db, workspace_slug)
+    rows = await db.fetch(
+        """SELECT id, prefix, name, created_at, last_used_at, revoked_at FROM api_keys
+           WHERE workspace_id = $1 ORDER BY id""", workspace.id)
+    return [KeyInfo(**dict(r)) for r in rows]
+
+
+async def revoke_key(db: asyncpg.Pool | asyncpg.Connection, workspace_slug: str,
+                     key_id: int) -> bool:
+    workspace = await get_workspace(db, workspace_slug)
+    result = await db.execute(
+        """UPDATE api_keys SET revoked_at = now()
+           WHERE workspace_id = $1 AND id = $2 AND revoked_at IS NULL""", workspace.id, key_id)
+    return result.endswith(" 1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from email.message import EmailMessage
@@ -162,3 +163,18 @@ async def test_apikey_create_prints_a_working_key_once(server, http, database_ur
         env={"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"},
         capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "no workspace" in missing.stderr
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "smtpd_agent", "apikey", *args,
+                               "--workspace", "globex", "--state-dir", str(tmp_path / "cli")],
+                              env={"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"},
+                              capture_output=True, text=True, timeout=60)
+
+    listed = await asyncio.to_thread(cli, "list", "--json")
+    [info] = json.loads(listed.stdout)
+    assert key.startswith(info["prefix"]) and info["last_used_at"] and key not in listed.stdout
+    revoked = await asyncio.to_thread(cli, "revoke", str(info["id"]))
+    assert revoked.returncode == 0, revoked.stderr
+    async with http.get(f"{server.http_url}/api/v1/workspaces/globex/agents",
+                        headers=bearer(key)) as response:
+        assert response.status == 401
