@@ -61,6 +61,8 @@ def register_core(commands: Any, parents: Parents) -> None:
     serve_cmd = commands.add_parser("serve", parents=[common], help="run the SMTP server")
     serve_cmd.add_argument("--host", help="bind address (smtp.host)")
     serve_cmd.add_argument("--port", type=int, help="bind port (smtp.port)")
+    serve_cmd.add_argument("--http-host", help="HTTP bind address (http.host)")
+    serve_cmd.add_argument("--http-port", type=int, help="HTTP bind port (http.port)")
     serve_cmd.set_defaults(run=run_serve)
 
     commands.add_parser("migrate", parents=[common], help="apply database migrations") \
@@ -103,7 +105,8 @@ def register_core(commands: Any, parents: Parents) -> None:
 def settings_from(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for flag, key in (("state_dir", "server.state_dir"), ("default_domain", "server.default_domain"),
-                      ("host", "smtp.host"), ("port", "smtp.port")):
+                      ("host", "smtp.host"), ("port", "smtp.port"),
+                      ("http_host", "http.host"), ("http_port", "http.port")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
