@@ -263,6 +263,8 @@ class ServeProcess:
         self.env.pop("DATABASE_URL", None) if "DATABASE_URL" not in env else None
         self.state_dir = state_dir
         self.port = port or free_port()
+        # Never the default 8001: two of these (or a developer's serve) must not collide.
+        self.http_port = free_port()
         self.process: subprocess.Popen | None = None
         self.log_path = state_dir / "serve.log"
 
@@ -271,7 +273,8 @@ class ServeProcess:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "smtpd_agent", "serve", "--state-dir", str(self.state_dir),
-             "--port", str(self.port)], cwd=REPO, env=self.env, stdout=log,
+             "--port", str(self.port), "--http-port", str(self.http_port)], cwd=REPO,
+            env=self.env, stdout=log,
             stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + timeout
