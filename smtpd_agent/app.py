@@ -14,6 +14,7 @@ import structlog
 
 from .config import Settings, SmtpSettings
 from .dns import Resolver
+from .domains.service import DomainRechecker
 from .http import HttpServer
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -161,6 +162,7 @@ class MailServer:
 # shared Runtime; later stages (agent workers, HTTP) add themselves here.
 SERVICES: list[Callable[[Runtime], Service]] = [
     MailServer,
+    DomainRechecker,
     HttpServer,
 ]
 

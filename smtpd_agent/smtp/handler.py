@@ -49,8 +49,8 @@ class SessionHandler:
             return self._refused("routing lookup failed", replies.TEMP_ROUTING_FAILURE)
         if route.kind is RouteKind.RELAY_DENIED:
             log.info("smtp.rcpt_rejected", rcpt=address, mail_from=envelope.mail_from,
-                     reason="relay denied")
-            return self._refused("relay denied", replies.RELAY_DENIED)
+                     reason=route.reason, **({"hint": route.hint} if route.hint else {}))
+            return self._refused(route.reason or "relay denied", replies.RELAY_DENIED)
         if route.kind is RouteKind.UNKNOWN_MAILBOX or route.mailbox is None:
             log.info("smtp.rcpt_rejected", rcpt=address, mail_from=envelope.mail_from,
                      reason="unknown mailbox")
