@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import quote
 
 import asyncpg
@@ -19,8 +19,8 @@ import structlog
 from aiohttp import web
 
 from ..store import api as queries
-from ..store.apikeys import KeyOwner, find_key
 from ..store.api import Cursor
+from ..store.apikeys import KeyOwner, find_key
 from ..store.directory import HANDLE, SLUG
 from .responses import HttpError, json_response
 
@@ -51,7 +51,7 @@ def decode_cursor(value: str) -> Cursor:
     if not 0 < number <= BIGINT_MAX:
         raise ValueError("invalid cursor")
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return Cursor(moment, number)
 
 

@@ -59,7 +59,8 @@ class Health:
                 async with self.db.acquire() as connection:
                     await connection.fetchval("SELECT 1")
                     pending = await pending_migrations(connection)
-        except Exception as error:  # any failure means not ready; the detail says which
+        # Any failure means not ready; the detail says which.
+        except Exception as error:  # noqa: BLE001
             detail = f"{type(error).__name__}: {error}"[:200]
             return Check(False, detail=detail), Check(False, detail="postgres unreachable")
         if pending:

@@ -8,7 +8,8 @@ same Metrics registry that the listener counts into.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
@@ -82,7 +83,8 @@ class HttpServer:
         async def metrics(request: web.Request) -> web.Response:
             try:
                 await runtime.metrics.refresh_queues(runtime.pool)
-            except Exception as failure:  # the counters are still worth serving
+            # The counters are still worth serving without the queue gauges.
+            except Exception as failure:  # noqa: BLE001
                 log.warning("http.metrics_queues_unavailable", error=type(failure).__name__)
             return web.Response(body=runtime.metrics.render(),
                                 headers={"Content-Type": "text/plain; version=0.0.4; "

@@ -51,7 +51,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from ..config import HttpSettings
+from ..config import ConfigError, HttpSettings
 from ..metrics import Metrics
 from ..pipeline import Pipeline
 from ..record import Recipient
@@ -130,7 +130,7 @@ def load_public_key(text: str) -> ec.EllipticCurvePublicKey:
     key = (serialization.load_pem_public_key(text.encode()) if text.startswith("-----")
            else serialization.load_der_public_key(base64.b64decode(text)))
     if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise ValueError("not an ECDSA public key")
+        raise TypeError("not an ECDSA public key")
     return key
 
 
@@ -236,7 +236,7 @@ def postmark_message(payload: dict[str, Any]) -> tuple[bytes, bool]:
 
 def postmark_post(payload: Any) -> InboundPost:
     if not isinstance(payload, dict):
-        raise ValueError("expected a JSON object")
+        raise TypeError("expected a JSON object")
     raw, authenticable = postmark_message(payload)
     recipients: list[str] = []
     if payload.get("OriginalRecipient"):
@@ -257,7 +257,7 @@ def ses_post(message: dict[str, Any]) -> InboundPost:
         raise ValueError("not an SES receipt notification")
     content = notification.get("content")
     if not isinstance(content, str):
-        raise ValueError("no content: use the SNS receipt action, not S3")
+        raise TypeError("no content: use the SNS receipt action, not S3")
     receipt = notification.get("receipt") or {}
     mail = notification.get("mail") or {}
     encoding = str(((receipt.get("action") or {}).get("encoding")) or "UTF8").upper()
@@ -265,7 +265,7 @@ def ses_post(message: dict[str, Any]) -> InboundPost:
            else content.encode("utf-8", "surrogateescape"))
     recipients = receipt.get("recipients") or mail.get("destination") or []
     if not isinstance(recipients, list):
-        raise ValueError("receipt.recipients: expected a list")
+        raise TypeError("receipt.recipients: expected a list")
     return InboundPost("ses", raw, str(mail.get("source") or ""),
                        tuple(str(r) for r in recipients))
 
@@ -284,8 +284,12 @@ class Webhooks:
         # A cache only (per process, short-lived): certificates by URL.
         self._certs: dict[str, tuple[float, bytes]] = {}
         self._sns_url = re.compile(settings.sns_url_pattern)
-        self._sendgrid_key = (load_public_key(settings.sendgrid_public_key)
-                              if settings.sendgrid_public_key else None)
+        try:
+            self._sendgrid_key = (load_public_key(settings.sendgrid_public_key)
+                                  if settings.sendgrid_public_key else None)
+        except (ValueError, TypeError, binascii.Error) as error:
+            raise ConfigError(f"http.sendgrid_public_key: not an ECDSA public key in base64 "
+                              f"DER or PEM ({type(error).__name__})") from None
 
     async def start(self) -> None:
         self.client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT))
@@ -353,7 +357,8 @@ class Webhooks:
             recipients = envelope["to"]
             if not raw or not isinstance(recipients, list):
                 raise ValueError("email and envelope.to are required")
-        except Exception:  # untrusted multipart through the stdlib parser: any failure is 400
+        # Untrusted multipart through the stdlib parser: any failure is a 400.
+        except Exception:  # noqa: BLE001
             raise self._refuse("sendgrid", 400, "malformed body (raw MIME mode needs the "
                                "'email' and 'envelope' fields)") from None
         await self._once("sendgrid", signature)
@@ -378,7 +383,8 @@ class Webhooks:
             raise self._refuse("postmark", 401, "bad credentials", challenge)
         try:
             post = postmark_post(json.loads(await request.read()))
-        except Exception:  # untrusted JSON through the stdlib's MIME builder: any failure is 400
+        # Untrusted JSON through the stdlib's MIME builder: any failure is a 400.
+        except Exception:  # noqa: BLE001
             raise self._refuse("postmark", 400, "malformed Postmark inbound JSON") from None
         if not post.recipients:
             raise self._refuse("postmark", 400, "no recipient")
@@ -413,7 +419,8 @@ class Webhooks:
             return json_response({"status": "ok"})
         try:
             post = ses_post(message)
-        except Exception:  # a signed but unusable notification: 400, nothing stored
+        # A signed but unusable notification: 400, nothing stored.
+        except Exception:  # noqa: BLE001
             raise self._refuse("ses", 400, "malformed SES notification") from None
         return await self._deliver(post)
 
@@ -490,7 +497,8 @@ class Webhooks:
                 else:
                     log.info("webhook.rcpt_rejected", provider=post.provider, rcpt=address,
                              reason=route.kind.value)
-        except Exception as error:  # DatabaseUnavailable and friends: the provider retries
+        # DatabaseUnavailable and friends: a 503, and the provider retries.
+        except Exception as error:  # noqa: BLE001
             log.error("webhook.tempfail", provider=post.provider, reason="routing failed",
                       error=type(error).__name__)
             if replay_token:

@@ -168,7 +168,7 @@ async def test_apikey_create_prints_a_working_key_once(server, http, database_ur
         return subprocess.run([sys.executable, "-m", "smtpd_agent", "apikey", *args,
                                "--workspace", "globex", "--state-dir", str(tmp_path / "cli")],
                               env={"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"},
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=60, check=False)
 
     listed = await asyncio.to_thread(cli, "list", "--json")
     [info] = json.loads(listed.stdout)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 
-import aiohttp
-import asyncpg
 import pytest
 
 from smtpd_agent.metrics import Metrics
@@ -14,7 +12,6 @@ from smtpd_agent.store import directory
 from tests.integration.test_postgres_outage import deliver as deliver_tag
 from tests.integration.test_postgres_outage import start_postgres, stop_postgres
 from tests.support import Dialogue, EmbeddedCluster, ServerThread, make_settings
-
 
 SAMPLE = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$")
 

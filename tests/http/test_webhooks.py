@@ -44,7 +44,7 @@ RCPT = "support@acme.agents.test"
 
 
 def reply_mime(subject: str, in_reply_to: str | None = None, tag: str | None = None) -> bytes:
-    lines = [f"From: Alice <alice@example.org>", f"To: {RCPT}", f"Subject: {subject}",
+    lines = ["From: Alice <alice@example.org>", f"To: {RCPT}", f"Subject: {subject}",
              f"Message-ID: <{tag or uuid.uuid4().hex}@example.org>",
              "Date: Sat, 21 Nov 2026 06:00:00 +0000"]
     if in_reply_to:
@@ -75,7 +75,7 @@ class Sns:
 async def sns() -> AsyncIterator[Sns]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sns.test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))

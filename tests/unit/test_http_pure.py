@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from smtpd_agent.http.api import decode_cursor, encode_cursor
-from smtpd_agent.http.webhooks import (VerificationError, basic_credentials, check_fresh,
-                                       form_fields, sns_string_to_sign, verify_mailgun)
+from smtpd_agent.http.webhooks import (
+    VerificationError,
+    basic_credentials,
+    check_fresh,
+    form_fields,
+    sns_string_to_sign,
+    verify_mailgun,
+)
 
 KEY = "key-test"
 
@@ -58,7 +64,7 @@ def test_sns_canonical_strings_follow_the_documented_key_order():
 
 
 def test_cursor_round_trip_and_garbage():
-    moment = datetime(2026, 11, 21, 6, 0, tzinfo=timezone.utc)
+    moment = datetime(2026, 11, 21, 6, 0, tzinfo=UTC)
     cursor = decode_cursor(encode_cursor(moment, 42))
     assert cursor.last_message_at == moment and cursor.id == 42
     for garbage in ("", "!!!", "bm90aGluZw", encode_cursor(moment, 42)[:-3],
