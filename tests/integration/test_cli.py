@@ -149,3 +149,10 @@ def test_serve_answers_health_over_http(running):
                                 timeout=10) as response:
         body = json.loads(response.read())
     assert response.status == 200 and body["ready"] is True
+
+
+def test_reserved_workspace_slugs_are_refused(running):
+    _, cli, _ = running
+    for slug in ("bounce", "mail", "mta-sts"):
+        result = cli("workspace", "add", slug, check=False)
+        assert result.returncode == 1 and "reserved" in result.stderr, slug
