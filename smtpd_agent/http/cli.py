@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from ..config import Settings
@@ -31,10 +32,12 @@ def register_apikeys(commands: Any, parents: Any) -> None:
 
 async def cmd_apikey_create(db: Any, settings: Settings, args: argparse.Namespace) -> int:
     created = await create_key(db, args.workspace, args.name)
-    print(created.key)
-    print(f"# key {created.prefix}... for workspace {created.workspace_slug}: shown once, "
+    # The key alone on stdout, so `KEY=$(smtpd-agent apikey create ...)` just works; the
+    # note goes to stderr.
+    print(created.key, flush=True)
+    print(f"key {created.prefix}... for workspace {created.workspace_slug}: shown once, "
           "stored only as its SHA-256. Send it as 'Authorization: Bearer <key>'.",
-          flush=True)
+          file=sys.stderr)
     return 0
 
 

@@ -151,8 +151,8 @@ async def test_apikey_create_prints_a_working_key_once(server, http, database_ur
         env={"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"},
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    key = result.stdout.splitlines()[0]
-    assert key.startswith("sak_")
+    key = result.stdout.strip()
+    assert key.startswith("sak_") and "\n" not in key and "shown once" in result.stderr
     async with http.get(f"{server.http_url}/api/v1/workspaces/globex/agents",
                         headers=bearer(key)) as response:
         assert response.status == 200
