@@ -12,6 +12,7 @@ from typing import Protocol, TypeVar
 import asyncpg
 import structlog
 
+from .agent.worker import AgentWorkers
 from .config import Settings, SmtpSettings
 from .dns import Resolver
 from .domains.service import DomainRechecker
@@ -162,6 +163,8 @@ class MailServer:
 # shared Runtime; later stages (agent workers, HTTP) add themselves here.
 SERVICES: list[Callable[[Runtime], Service]] = [
     MailServer,
+    # Reply workers (agent.workers of them; 0: run `smtpd-agent worker` elsewhere).
+    AgentWorkers,
     DomainRechecker,
     HttpServer,
 ]
