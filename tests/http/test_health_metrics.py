@@ -115,6 +115,8 @@ async def test_metrics_move_on_accept_and_reject(server, http):
     assert moved("smtpd_agent_smtp_sessions_total") >= 2
     assert moved("smtpd_agent_auth_verdicts_total", check="dmarc") == 1
     assert moved("smtpd_agent_store_seconds_count") == 1
+    # the accepted message made an agent job (in whatever state a worker left it)
+    assert metric(after, "smtpd_agent_queue_depth", queue="agent_jobs") == 1
 
 
 async def test_two_servers_count_apart(start_server, http, db):
