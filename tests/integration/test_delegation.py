@@ -3,9 +3,9 @@ parent's NS on the loopback test DNS server (which follows the delegation to our
 server, as a recursive resolver would), `domain check`, mail over SMTP, a reply signed
 with the key store's keys verified against our DNS, `domain rotate-dkim`, and MTA-STS.
 
-The policy file is served by `mta_sts_route`, the framework-free handler the HTTP surface
-mounts; the HTTP surface (aiohttp) is not on main yet, so a minimal HTTP/1.1 handler here
-carries it over a real socket.
+The policy file comes from the server's own HTTP surface (aiohttp), which mounts
+`mta_sts_route` at /.well-known/mta-sts.txt; the TLS-terminating proxy in front of it
+is the operator's (see README), so the test speaks plain HTTP with the proxy's Host header.
 """
 
 from __future__ import annotations
@@ -26,11 +26,9 @@ import dns.resolver
 import jsonschema
 import pytest
 
-from smtpd_agent.config import Settings
 from smtpd_agent.dnsserver.server import DnsServer
 from smtpd_agent.domains import Domains
 from smtpd_agent.domains.keys import SigningKey
-from smtpd_agent.domains.mta_sts import mta_sts_route
 from smtpd_agent.store import directory
 from smtpd_agent.store.database import migrate
 from tests.dnsserver import DnsTestServer
@@ -273,24 +271,6 @@ async def http_get(port: int, host: str, path: str) -> tuple[int, str]:
     return int(head.split()[1]), body.decode()
 
 
-async def serve_policy(pool: asyncpg.Pool, settings: Settings) -> asyncio.base_events.Server:
-    """A stand-in for the HTTP surface: one route, mta_sts_route, over real HTTP/1.1."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
-        path = head[0].split()[1]
-        host = next(v.strip() for k, _, v in (line.partition(":") for line in head[1:])
-                    if k.lower() == "host")
-        reply = await mta_sts_route(pool, settings, host, path)
-        writer.write(f"HTTP/1.1 {reply.status} -\r\nContent-Type: {reply.content_type}\r\n"
-                     f"Content-Length: {len(reply.body)}\r\nConnection: close\r\n\r\n".encode()
-                     + reply.body)
-        await writer.drain()
-        writer.close()
-
-    return await asyncio.start_server(handle, "127.0.0.1", 0)
-
-
 def policy_from_dns(port: int) -> tuple[str, list[str], str]:
     """(_mta-sts id, MX hosts, _smtp._tls) as our DNS serves them."""
     sts = b"".join(ask(port, f"_mta-sts.{ZONE}", "TXT").answer[0][0].strings).decode()
@@ -310,40 +290,30 @@ async def test_mta_sts_policy_and_records_are_consistent(
     await delegate(cli, dns_server, dns_port(server))
     assert (await cli("domain", "check", ZONE))[0] == 0
 
-    http = await serve_policy(pool, server.settings)
-    http_port = http.sockets[0].getsockname()[1]
-    try:
-        status, policy = await http_get(http_port, f"mta-sts.{ZONE}", "/.well-known/mta-sts.txt")
-        assert status == 200
-        lines = policy.split("\r\n")
-        assert lines[:2] == ["version: STSv1", "mode: enforce"]
-        sts_id, mx, rpt = policy_from_dns(dns_port(server))
-        assert sorted(line.removeprefix("mx: ") for line in lines if line.startswith("mx: ")) == mx
-        assert sts_id == hashlib.sha256(policy.encode()).hexdigest()[:20]
-        assert rpt == "v=TLSRPTv1; rua=mailto:tls@agents.test"
-        assert ask(dns_port(server), f"mta-sts.{ZONE}", "A").answer[0][0].target.to_text() == \
-            "mta-sts.agents.test."
-        assert (await http_get(http_port, "mta-sts.unknown.example",
-                               "/.well-known/mta-sts.txt"))[0] == 404
-        assert (await http_get(http_port, f"mta-sts.{ZONE}", "/other"))[0] == 404
-    finally:
-        http.close()
-        await http.wait_closed()
+    http_port = server.http_port
+    status, policy = await http_get(http_port, f"mta-sts.{ZONE}", "/.well-known/mta-sts.txt")
+    assert status == 200
+    lines = policy.split("\r\n")
+    assert lines[:2] == ["version: STSv1", "mode: enforce"]
+    sts_id, mx, rpt = policy_from_dns(dns_port(server))
+    assert sorted(line.removeprefix("mx: ") for line in lines if line.startswith("mx: ")) == mx
+    assert sts_id == hashlib.sha256(policy.encode()).hexdigest()[:20]
+    assert rpt == "v=TLSRPTv1; rua=mailto:tls@agents.test"
+    assert ask(dns_port(server), f"mta-sts.{ZONE}", "A").answer[0][0].target.to_text() == \
+        "mta-sts.agents.test."
+    assert (await http_get(http_port, "mta-sts.unknown.example",
+                           "/.well-known/mta-sts.txt"))[0] == 404
+    assert (await http_get(http_port, f"mta-sts.{ZONE}", "/.well-known/other.txt"))[0] == 404
 
     # the operator moves the backup MX: after the restart the policy, its id, the MX records
     # and the SOA serial all change together
     serial = ask(dns_port(server), ZONE, "SOA").answer[0][0].serial
     server.stop()
     moved = start_server(**{**settings, "domains.mx_backup": "mx3.agents.test"})
-    http = await serve_policy(pool, moved.settings)
-    try:
-        status, policy2 = await http_get(http.sockets[0].getsockname()[1], f"mta-sts.{ZONE}",
-                                         "/.well-known/mta-sts.txt")
-        sts_id2, mx2, _ = policy_from_dns(dns_port(moved))
-        assert mx2 == ["mx1.agents.test", "mx3.agents.test"] and "mx: mx3.agents.test" in policy2
-        assert sts_id2 != sts_id and sts_id2 == hashlib.sha256(policy2.encode()).hexdigest()[:20]
-        assert ask(dns_port(moved), ZONE, "SOA").answer[0][0].serial > serial
-    finally:
-        http.close()
-        await http.wait_closed()
-
+    status, policy2 = await http_get(moved.http_port, f"mta-sts.{ZONE}",
+                                     "/.well-known/mta-sts.txt")
+    assert status == 200
+    sts_id2, mx2, _ = policy_from_dns(dns_port(moved))
+    assert mx2 == ["mx1.agents.test", "mx3.agents.test"] and "mx: mx3.agents.test" in policy2
+    assert sts_id2 != sts_id and sts_id2 == hashlib.sha256(policy2.encode()).hexdigest()[:20]
+    assert ask(dns_port(moved), ZONE, "SOA").answer[0][0].serial > serial
