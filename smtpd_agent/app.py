@@ -234,7 +234,8 @@ class App:
     async def reload(self, new: Settings) -> bool:
         """Apply the live keys of `new` to every service that can reload; False if refused.
 
-        Validation happens before any service changes: a bad file or an unreadable
+        The merged settings are validated before any service sees them, and each service
+        builds its new state before swapping it in: a bad file or an unreadable
         certificate leaves the server running exactly as it was.
         """
         try:
@@ -246,6 +247,9 @@ class App:
                 await service.reload(settings)  # type: ignore[attr-defined]
         except (ConfigError, OSError, ssl.SSLError) as error:
             log.error("config.reload_failed", error=str(error))
+            return False
+        except Exception as error:  # a reload must never take the mail server down
+            log.exception("config.reload_failed", error=f"{type(error).__name__}: {error}")
             return False
         previous, self.settings = self.settings, settings
         if self.runtime is not None:
