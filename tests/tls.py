@@ -19,7 +19,7 @@ def write_self_signed(directory: Path, name: str = "mx.test.local",
     """Write `<stem>.crt` and `<stem>.key` (PEM) for `name` and 127.0.0.1; return their paths."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(subject).issuer_name(subject)

@@ -63,7 +63,7 @@ class ServeProcess:
         self.notify.bind("\0" + name)
         self.received: list[str] = []
         self.log_path = workdir / "serve.log"
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - the child writes it until close()
         env = {key: value for key, value in os.environ.items()
                if not key.startswith("SMTPD_AGENT_") and key != "DATABASE_URL"}
         env["NOTIFY_SOCKET"] = "@" + name
