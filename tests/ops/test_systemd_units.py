@@ -58,6 +58,20 @@ def test_systemd_analyze_verify_is_clean(systemd_analyze, tmp_path):
         result.stdout + result.stderr
 
 
+def test_sandbox_exposure_stays_low(systemd_analyze, tmp_path):
+    """`systemd-analyze security` scores the sandbox (0 best, 10 worst); both units score
+    about 1.9 ("OK"). The threshold (x10) catches a hardening line dropped by mistake."""
+    binary = Path(sys.prefix) / "bin" / "smtpd-agent"
+    for unit in UNITS:
+        text = (REPO / "systemd" / unit).read_text().replace(INSTALLED_BINARY, str(binary))
+        (tmp_path / unit).write_text(text)
+    result = subprocess.run(
+        [systemd_analyze, "security", "--offline=true", "--threshold=25", "--no-pager",
+         *(f"./{unit}" for unit in UNITS)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("unit", UNITS)
 def test_units_run_unprivileged_and_hardened(unit):
     found = directives(unit)
