@@ -27,6 +27,9 @@ from typing import Any, Coroutine, TypeVar
 import dns.asyncresolver
 import dns.exception
 import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
 import dns.nameserver
 import dns.resolver
 import dns.reversename
@@ -115,6 +118,28 @@ class Resolver:
         records = tuple(answer.rrset) if answer.rrset is not None else ()
         return Answer(name, rdtype, records)
 
+    def cached(self, name: str, rdtype: str) -> Answer | None:
+        """The answer from the TTL cache, or None; synchronous, safe from any thread.
+
+        Worker threads (pyspf, dkimpy) ask here first, so a warm cache answers
+        without a round trip through the event loop.
+        """
+        cache = self._resolver.cache
+        if cache is None:
+            return None
+        try:
+            qname = dns.name.from_text(name)
+            kind = dns.rdatatype.from_text(rdtype)
+        except (dns.exception.DNSException, ValueError, UnicodeError):
+            return None
+        answer = cache.get((qname, kind, dns.rdataclass.IN))
+        if answer is not None:
+            return Answer(name, rdtype, tuple(answer.rrset) if answer.rrset is not None else ())
+        negative = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+        if negative is not None and negative.response.rcode() == dns.rcode.NXDOMAIN:
+            return Answer(name, rdtype, nxdomain=True)
+        return None
+
     async def txt(self, name: str) -> list[bytes]:
         """TXT records, each with its character-strings joined (RFC 7208 3.3, RFC 6376 3.6.2.2)."""
         answer = await self.query(name, "TXT")
@@ -162,7 +187,10 @@ class BlockingResolver:
             raise DnsTempError("DNS lookup cancelled") from error
 
     def query(self, name: str, rdtype: str) -> Answer:
+        cached = self.resolver.cached(name, rdtype)
+        if cached is not None:
+            return cached
         return self._run(self.resolver.query(name, rdtype))
 
     def txt(self, name: str) -> list[bytes]:
-        return self._run(self.resolver.txt(name))
+        return [b"".join(r.strings) for r in self.query(name, "TXT").records]

@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 import sys
 
+from typing import Any
+
+import orjson
 import structlog
 
 from .config import LogSettings
@@ -18,8 +21,14 @@ def configure_logging(settings: LogSettings, stream=None) -> None:
     stream = stream or sys.stderr
     level = getattr(logging, settings.level.upper())
     use_json = settings.format == "json" or (settings.format == "auto" and not stream.isatty())
-    renderer = (structlog.processors.JSONRenderer() if use_json
-                else structlog.dev.ConsoleRenderer(colors=stream.isatty()))
+    if use_json and hasattr(stream, "buffer"):
+        # orjson renders bytes straight to the stream: logging is on every message's path.
+        renderer: Any = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        factory: Any = structlog.BytesLoggerFactory(file=stream.buffer)
+    else:
+        renderer = (structlog.processors.JSONRenderer() if use_json
+                    else structlog.dev.ConsoleRenderer(colors=stream.isatty()))
+        factory = structlog.WriteLoggerFactory(file=stream)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -29,8 +38,8 @@ def configure_logging(settings: LogSettings, stream=None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
-        cache_logger_on_first_use=False,
+        logger_factory=factory,
+        cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(level, logging.WARNING), stream=stream,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from email.utils import format_datetime
 
 import asyncpg
@@ -113,9 +114,12 @@ class Pipeline:
             parsed = parse_message(content.data)
         message = InboundMessage(envelope=envelope, raw=content.data, parsed=parsed)
         rcpt = [r.address for r in content.recipients]
+        began = time.perf_counter()
         try:
             auth, quarantined = await self.authenticate(message)
+            authenticated = time.perf_counter()
             scan = await self.scan(message)
+            scanned = time.perf_counter()
         except Rejected as rejected:
             log.info("smtp.rejected" if rejected.reply.code >= 500 else "smtp.tempfail",
                      reason=rejected.reason, reply=str(rejected.reply), queue_id=content.queue_id,
@@ -138,13 +142,17 @@ class Pipeline:
                       queue_id=content.queue_id, mail_from=content.mail_from, rcpt=rcpt)
             return replies.TEMP_STORE_FAILURE.with_text(
                 f"Temporary local problem, try again later (session {content.session_id})")
+        stored_at = time.perf_counter()
         log.info("smtp.accepted", queue_id=content.queue_id, message_id=parsed.message_id,
                  mail_from=content.mail_from, rcpt=rcpt, size=len(content.data),
                  attachments=len(parsed.attachments), spf=auth.spf, dkim=auth.dkim,
                  dmarc=auth.dmarc, arc=auth.arc, quarantined=quarantined,
                  scan=verdicts.scan_status,
                  stored=[s.id for s in stored if not s.duplicate],
-                 duplicates=[s.id for s in stored if s.duplicate])
+                 duplicates=[s.id for s in stored if s.duplicate],
+                 ms={"auth": round((authenticated - began) * 1000, 1),
+                     "scan": round((scanned - authenticated) * 1000, 1),
+                     "store": round((stored_at - scanned) * 1000, 1)})
         return replies.queued(content.queue_id)
 
 

@@ -129,7 +129,7 @@ async def authenticate(message: InboundMessage, resolver: Resolver, settings: Au
         authserv_id=authserv_id, dkim_signatures=dkim.signatures, spf_detail=spf,
         dmarc_detail=dmarc, arc_detail=arc,
     )
-    log.info("auth.result", spf=result.spf, dkim=result.dkim, dmarc=result.dmarc,
+    log.debug("auth.result", spf=result.spf, dkim=result.dkim, dmarc=result.dmarc,
              arc=result.arc, dmarc_policy=result.dmarc_policy,
              dmarc_disposition=result.dmarc_disposition)
     return result

@@ -11,6 +11,7 @@ and becomes temperror rather than a broken chain.
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -63,7 +64,12 @@ def verify_chain(message: bytes, dnsfunc: Any) -> ArcResult:
                      instances=len(sets), chain=chain)
 
 
+HAS_ARC = re.compile(rb"(?im)^arc-(seal|message-signature|authentication-results)\s*:")
+
+
 async def verify_arc(resolver: Resolver, message: bytes) -> ArcResult:
+    if not HAS_ARC.search(message.split(b"\r\n\r\n", 1)[0]):
+        return ArcResult("none")
     dnsfunc = make_dnsfunc(resolver.blocking(asyncio.get_running_loop()))
     result = await asyncio.to_thread(verify_chain, message, dnsfunc)
     log.debug("arc.checked", result=result.result, instances=result.instances,

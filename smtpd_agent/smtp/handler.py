@@ -25,7 +25,7 @@ class SessionHandler:
                           mail_options: list[str]) -> str:
         envelope.mail_from = address  # "<>" for the null sender; aiosmtpd needs it non-empty
         envelope.mail_options.extend(mail_options)
-        log.info("smtp.mail_from", mail_from=address, helo=session.host_name)
+        log.debug("smtp.mail_from", mail_from=address, helo=session.host_name)
         return str(replies.MAIL_OK)
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,

@@ -1,0 +1,327 @@
+"""Benchmark: the full pipeline against a bare aiosmtpd sink, in one run, on loopback.
+
+    .venv/bin/python -m bench.run [--messages 2000] [--sessions 20] [--size 5000]
+                                  [--attachment] [--json FILE] [--profile DIR]
+
+Starts everything the server needs (embedded Postgres unless DATABASE_URL is
+given, the loopback DNS test server publishing SPF, DKIM and DMARC for the
+sending domain, a real clamd when clamav-daemon is installed), runs
+`smtpd-agent serve` as a subprocess, and drives it with the lean load
+generator (bench/loadgen.py) sending DKIM-signed messages, a new connection
+per message. Then the same load against a bare aiosmtpd sink. Prints a table
+and writes JSON. Traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.auth.keys import rsa_key, sign  # noqa: E402
+from tests.clamd import Clamd, find_clamd  # noqa: E402
+from tests.dnsserver import DnsTestServer  # noqa: E402
+
+DOMAIN = "bench.test"
+SENDER_DOMAIN = "sender.bench.test"
+RCPT = f"inbox@load.{DOMAIN}"
+MAIL_FROM = f"load@{SENDER_DOMAIN}"
+
+
+@dataclass
+class Figures:
+    name: str
+    accepted: int
+    seconds: float
+    messages_per_second: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    peak_rss_mb: float
+    cpu_seconds_per_1000: float
+    postgres_cpu_seconds_per_1000: float = 0.0
+    machine_busy_percent: float = 0.0
+    failures: dict = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def make_payloads(count: int, size: int, attachment: bool, key) -> list[bytes]:
+    """DKIM-signed messages of about `size` bytes, dot-stuffed and terminated for DATA."""
+    filler = ("The quick brown fox jumps over the lazy dog. " * 2)[:76]
+    payloads = []
+    for index in range(count):
+        head = (f"From: Load <{MAIL_FROM}>\r\nTo: {RCPT}\r\nSubject: load {index}\r\n"
+                f"Date: Sat, 21 Nov 2026 05:00:00 +0000\r\n"
+                f"Message-ID: <load-{index}-{time.time_ns()}@{SENDER_DOMAIN}>\r\n")
+        if attachment:
+            blob = base64.encodebytes(os.urandom(max(size // 2, 100))).replace(b"\n", b"\r\n")
+            body_text = "\r\n".join([filler] * max(1, size // 2 // 78))
+            raw = (head + "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+                   f"--b\r\nContent-Type: text/plain\r\n\r\n{body_text}\r\n--b\r\n"
+                   "Content-Type: application/pdf; name=doc.pdf\r\n"
+                   "Content-Disposition: attachment; filename=doc.pdf\r\n"
+                   "Content-Transfer-Encoding: base64\r\n\r\n").encode() + blob + b"--b--\r\n"
+        else:
+            body_text = "\r\n".join([filler] * max(1, size // 78))
+            raw = (head + "\r\n" + body_text + "\r\n").encode()
+        signed = sign(raw, key, SENDER_DOMAIN)
+        payloads.append(signed.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+    return payloads
+
+
+def write_payloads(payloads: list[bytes], path: Path) -> None:
+    with open(path, "wb") as handle:
+        for payload in payloads:
+            handle.write(len(payload).to_bytes(4, "big") + payload)
+
+
+class Sampler:
+    """Peak RSS of one process, sampled in a thread while the load runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.process.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.05)
+
+    def cpu(self) -> float:
+        times = self.process.cpu_times()
+        return times.user + times.system
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def postgres_cpu() -> float:
+    total = 0.0
+    for process in psutil.process_iter(["name", "cpu_times"]):
+        if process.info["name"] == "postgres" and process.info["cpu_times"]:
+            total += process.info["cpu_times"].user + process.info["cpu_times"].system
+    return total
+
+
+def drive(name: str, port: int, pid: int, payload_file: Path, sessions: int) -> Figures:
+    machine_before = psutil.cpu_times()
+    postgres_before = postgres_cpu()
+    with Sampler(pid) as sampler:
+        cpu_before = sampler.cpu()
+        result = subprocess.run(
+            [sys.executable, str(REPO / "bench" / "loadgen.py"), "--port", str(port),
+             "--sessions", str(sessions), "--payloads", str(payload_file),
+             "--mail-from", MAIL_FROM, "--rcpt", RCPT],
+            capture_output=True, text=True, timeout=600, check=True)
+        cpu = sampler.cpu() - cpu_before
+    postgres = postgres_cpu() - postgres_before
+    machine_after = psutil.cpu_times()
+    busy = sum(machine_after) - sum(machine_before)
+    idle = (machine_after.idle + machine_after.iowait) - (machine_before.idle + machine_before.iowait)
+    data = json.loads(result.stdout)
+    latencies = sorted(data["latencies"])
+    accepted = data["accepted"]
+
+    def pct(p: float) -> float:
+        if not latencies:
+            return 0.0
+        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 2)
+
+    return Figures(
+        name=name, accepted=accepted, seconds=round(data["seconds"], 3),
+        messages_per_second=round(accepted / data["seconds"], 1) if data["seconds"] else 0.0,
+        p50_ms=round(statistics.median(latencies) * 1000, 2) if latencies else 0.0,
+        p95_ms=pct(0.95), p99_ms=pct(0.99), peak_rss_mb=round(sampler.peak / 2**20, 1),
+        cpu_seconds_per_1000=round(cpu / accepted * 1000, 3) if accepted else 0.0,
+        postgres_cpu_seconds_per_1000=round(postgres / accepted * 1000, 3) if accepted else 0.0,
+        machine_busy_percent=round(100 * (1 - idle / busy), 1) if busy else 0.0,
+        failures=data["failures"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--size", type=int, default=5000, help="approximate message bytes")
+    parser.add_argument("--attachment", action="store_true", help="add a base64 attachment")
+    parser.add_argument("--json", type=Path, help="write the figures here as JSON")
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--profile", type=Path,
+                        help="record the server with py-spy into this directory (needs py-spy)")
+    parser.add_argument("--no-sink", action="store_true", help="skip the bare-sink reference")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="smtpd-agent-bench-"))
+    processes: list[subprocess.Popen] = []
+    clamd = None
+    dns = DnsTestServer().__enter__()
+    try:
+        key = rsa_key(2048)
+        dns.txt(SENDER_DOMAIN, "v=spf1 ip4:127.0.0.1 -all")
+        dns.txt(f"sel._domainkey.{SENDER_DOMAIN}", key.record)
+        dns.txt(f"_dmarc.{SENDER_DOMAIN}", "v=DMARC1; p=reject")
+
+        env = {**os.environ, "SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": DOMAIN,
+               "SMTPD_AGENT_DNS_NAMESERVERS": dns.nameserver,
+               "SMTPD_AGENT_LOG_LEVEL": args.log_level, "SMTPD_AGENT_LOG_FORMAT": "json",
+               "SMTPD_AGENT_SMTP_MAX_CONNECTIONS_PER_IP": str(args.sessions * 4),
+               "SMTPD_AGENT_SERVER_STATE_DIR": str(work / "state")}
+        scanning = find_clamd() is not None
+        if scanning:
+            (work / "clamd").mkdir()
+            clamd = Clamd(root=work / "clamd", binary=find_clamd())
+            clamd.start()
+            env["SMTPD_AGENT_SCAN_CLAMD"] = clamd.unix_address
+        cli = [sys.executable, "-m", "smtpd_agent"]
+        for command in (["workspace", "add", "load"],
+                        ["agent", "add", RCPT, "--no-auto-reply"]):
+            subprocess.run(cli + command, env=env, cwd=REPO, check=True, capture_output=True)
+
+        port = free_port()
+        serve = [*cli, "serve", "--port", str(port)]
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            serve = ["py-spy", "record", "--threads", "-f", "raw", "-o",
+                     str(args.profile / "server.folded"), "--", *serve]
+        log = open(work / "serve.log", "w")
+        server = subprocess.Popen(serve, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        processes.append(server)
+        wait_for_port(port, server)
+        server_pid = server.pid
+        if args.profile:
+            children = psutil.Process(server.pid).children()
+            server_pid = children[0].pid if children else server.pid
+
+        payloads = make_payloads(args.messages + 100, args.size, args.attachment, key)
+        warmup, measured = work / "warmup.bin", work / "measured.bin"
+        write_payloads(payloads[:100], warmup)
+        write_payloads(payloads[100:], measured)
+        drive("warm-up", port, server_pid, warmup, args.sessions)
+        full = drive("smtpd-agent", port, server_pid, measured, args.sessions)
+        stored = subprocess.run(cli + ["inbox", RCPT, "--json", "--limit", "100000"], env=env,
+                                cwd=REPO, capture_output=True, text=True, check=True)
+        stored_count = sum(len(t["messages"]) for t in json.loads(stored.stdout))
+        server.send_signal(signal.SIGINT if args.profile else signal.SIGTERM)
+        server.wait(60)
+        log.close()
+        stages = stage_times(work / "serve.log")
+
+        figures = [full]
+        if not args.no_sink:
+            sink_port = free_port()
+            sink = subprocess.Popen([sys.executable, str(REPO / "bench" / "sink.py"), "--port",
+                                     str(sink_port)], cwd=REPO)
+            processes.append(sink)
+            wait_for_port(sink_port, sink)
+            drive("warm-up", sink_port, sink.pid, warmup, args.sessions)
+            figures.append(drive("bare aiosmtpd sink", sink_port, sink.pid, measured,
+                                 args.sessions))
+        report = {
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+            "load": {"messages": args.messages, "sessions": args.sessions, "size": args.size,
+                     "attachment": args.attachment, "dkim_signed": True,
+                     "pipeline": ["spf", "dkim", "arc", "dmarc"] + (["clamd"] if scanning else [])
+                     + ["postgres commit"]},
+            "stored": stored_count,
+            "stage_ms_mean": stages,
+            "results": [asdict(f) for f in figures],
+        }
+        if len(figures) == 2 and figures[1].messages_per_second:
+            report["ratio_to_sink"] = round(figures[0].messages_per_second
+                                            / figures[1].messages_per_second, 3)
+        print_table(report)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2))
+        return 0 if stored_count == full.accepted + 100 else 1
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(30)
+        if clamd:
+            clamd.stop()
+        dns.__exit__(None, None, None)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def stage_times(log_file: Path) -> dict[str, float]:
+    """Mean milliseconds per pipeline stage, from the server's smtp.accepted events."""
+    totals: dict[str, float] = {}
+    count = 0
+    for line in log_file.read_text().splitlines():
+        if '"smtp.accepted"' not in line:
+            continue
+        event = json.loads(line)
+        count += 1
+        for stage, ms in event.get("ms", {}).items():
+            totals[stage] = totals.get(stage, 0.0) + ms
+    return {stage: round(total / count, 2) for stage, total in totals.items()} if count else {}
+
+
+def print_table(report: dict) -> None:
+    load = report["load"]
+    print(f"\n{load['messages']} messages of ~{load['size']} bytes"
+          f"{' with an attachment' if load['attachment'] else ''}, {load['sessions']} sessions, "
+          f"pipeline: {' + '.join(load['pipeline'])}")
+    print(f"{'server':<22}{'msg/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
+          f"{'RSS MB':>9}{'CPU s/1k':>10}{'PG s/1k':>9}{'busy%':>7}  failures")
+    for row in report["results"]:
+        print(f"{row['name']:<22}{row['messages_per_second']:>9}{row['p50_ms']:>9}"
+              f"{row['p95_ms']:>9}{row['p99_ms']:>9}{row['peak_rss_mb']:>9}"
+              f"{row['cpu_seconds_per_1000']:>10}{row['postgres_cpu_seconds_per_1000']:>9}"
+              f"{row['machine_busy_percent']:>7}  {row['failures'] or '-'}")
+    if "ratio_to_sink" in report:
+        print(f"ratio to the bare sink: {report['ratio_to_sink']:.1%}")
+    print(f"stored in Postgres: {report['stored']}; mean ms per stage: {report['stage_ms_mean']}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
