@@ -3,14 +3,13 @@
 `serve()` runs the services until SIGTERM/SIGINT (graceful stop: the listener
 closes, messages in transfer finish within `smtp.shutdown_grace`) and reloads
 the live settings on SIGHUP (`config.LIVE_KEYS`: TLS certificates, SMTP limits
-and policies, auth, scan, store, log level) without dropping a session.
+and policies, auth, scan, store) without dropping a session.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import signal
 import ssl
 from collections.abc import Callable
@@ -251,12 +250,9 @@ class App:
         except Exception as error:  # a reload must never take the mail server down
             log.exception("config.reload_failed", error=f"{type(error).__name__}: {error}")
             return False
-        previous, self.settings = self.settings, settings
+        self.settings = settings
         if self.runtime is not None:
             self.runtime.settings = settings
-        if settings.log.level != previous.log.level:
-            structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(
-                getattr(logging, settings.log.level.upper())))
         log.info("config.reloaded")
         return True
 

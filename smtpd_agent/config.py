@@ -142,9 +142,10 @@ class Settings:
 
 
 # What a SIGHUP applies to the running server (sessions opened after it); every other key
-# (bind address, database, DNS, routing, agent, anything a later section adds) needs a
-# restart. Prefixes end with ".", other entries are exact keys.
-LIVE_KEYS = ("smtp.", "auth.", "scan.", "store.", "log.level")
+# (bind address, database, DNS, routing, agent, logging, anything a later section adds)
+# needs a restart. Logging is not live: loggers cache their level on first use (logs.py).
+# Prefixes end with ".", other entries are exact keys.
+LIVE_KEYS = ("smtp.", "auth.", "scan.", "store.")
 RESTART_ONLY_KEYS = ("smtp.host", "smtp.port")
 
 

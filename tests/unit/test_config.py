@@ -90,7 +90,7 @@ def test_reload_applies_live_keys_and_names_the_rest(tmp_path):
         "SMTPD_AGENT_LOG_LEVEL": "debug", "SMTPD_AGENT_LOG_FORMAT": "json"})
     merged, restart = apply_live(current, new)
     assert merged.smtp.max_recipients == 5 and merged.auth.spf_fail == "reject"
-    assert merged.log.level == "debug"
+    assert merged.log.level == current.log.level
     assert merged.smtp.port == current.smtp.port and merged.dns.timeout == current.dns.timeout
-    assert sorted(restart) == ["dns.timeout", "log.format", "smtp.port"]
+    assert sorted(restart) == ["dns.timeout", "log.format", "log.level", "smtp.port"]
     assert is_live("smtp.tls_cert") and is_live("scan.clamd") and not is_live("database.url")
