@@ -143,7 +143,12 @@ class MailServer:
     def _build_parts(self, settings: Settings) -> SessionParts:
         """Everything new sessions need; raises (bad certificate, say) before anything changes."""
         tls_context = build_tls_context(settings.smtp)
-        scanner = Scanner(settings.scan) if settings.scan.clamd else None
+        current = self._parts
+        if current is not None and current.settings.scan == settings.scan:
+            # Keep the one Scanner, so its bound on streams to clamd stays one bound.
+            scanner = current.pipeline.scanner
+        else:
+            scanner = Scanner(settings.scan) if settings.scan.clamd else None
         if scanner is None:
             log.warning("scan.disabled", reason="scan.clamd is not set: attachments are "
                         "stored with scan status 'unscanned'")
