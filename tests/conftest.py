@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import asyncpg
 import pytest
 
 from smtpd_agent.store import directory
+from tests.clamd import APT_PACKAGES, Clamd, find_clamd
 from tests.dnsserver import DnsTestServer
 from tests.support import (DEFAULT_DOMAIN, OPEN_DIALOGUES, EmbeddedCluster, ServerThread,
                            make_settings)
@@ -90,6 +93,36 @@ async def server(start_server: Callable[..., ServerThread], db: asyncpg.Connecti
     await directory.add_agent(db, "acme", "sales")
     await directory.add_agent(db, "globex", "support")
     return running
+
+
+@pytest.fixture(scope="session")
+def clamd_session() -> Iterator[Clamd]:
+    binary = find_clamd()
+    if binary is None:
+        reason = f"clamd not installed (apt-get install -y {' '.join(APT_PACKAGES)})"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}; CI=true, so this is a failure, not a skip")
+        pytest.skip(reason)
+    # /tmp, not pytest's deep tmp_path: a Unix socket path must fit in 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix="smtpd-agent-clamd-"))
+    server = Clamd(root=root, binary=binary)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def clamd(clamd_session: Clamd) -> Iterator[Clamd]:
+    """The session's clamd, guaranteed running (and not paused) before and after each test."""
+    clamd_session.start()
+    yield clamd_session
+    if clamd_session.running:
+        clamd_session.resume()
+    else:
+        clamd_session.start()
 
 
 @pytest.fixture

@@ -11,7 +11,10 @@ import asyncio
 import itertools
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -192,3 +195,103 @@ class Dialogue:
 def enhanced(line: bytes) -> str | None:
     match = re.match(rb"^\d{3}[ -](\d\.\d{1,3}\.\d{1,3}) ", line)
     return match.group(1).decode() if match else None
+
+
+async def smtp_send(port: int, payload: bytes, mail_from: str, rcpts: list[str],
+                    timeout: float = 30.0) -> tuple[int, bytes]:
+    """Send one message over a new connection, as an MTA would; (code, last reply line).
+
+    The payload is the message as it goes after DATA (dot-stuffed, without the final dot).
+    A connection error comes back as code 0, so load tests can retry like a real sender.
+    """
+
+    async def reply(reader: asyncio.StreamReader) -> bytes:
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise ConnectionError("closed")
+            if line[3:4] != b"-":
+                return line.rstrip(b"\r\n")
+
+    async def dialogue() -> tuple[int, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for command in (None, b"EHLO client.example.org", b"MAIL FROM:<%s>" % mail_from.encode(),
+                            *(b"RCPT TO:<%s>" % r.encode() for r in rcpts), b"DATA"):
+                if command is not None:
+                    writer.write(command + b"\r\n")
+                line = await reply(reader)
+                if not (line.startswith(b"2") or line.startswith(b"354")):
+                    return int(line[:3]), line
+            writer.write(payload + b".\r\n")
+            line = await reply(reader)
+            writer.write(b"QUIT\r\n")
+            return int(line[:3]), line
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+    try:
+        return await asyncio.wait_for(dialogue(), timeout)
+    except (ConnectionError, OSError, asyncio.TimeoutError) as error:
+        return 0, str(error).encode()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ServeProcess:
+    """`smtpd-agent serve` as a real subprocess, for tests that kill or signal it."""
+
+    def __init__(self, env: dict[str, str], state_dir: Path, port: int | None = None) -> None:
+        self.env = {**os.environ, "SMTPD_AGENT_LOG_FORMAT": "json", **env}
+        self.env.pop("DATABASE_URL", None) if "DATABASE_URL" not in env else None
+        self.state_dir = state_dir
+        self.port = port or free_port()
+        self.process: subprocess.Popen | None = None
+        self.log_path = state_dir / "serve.log"
+
+    def start(self, timeout: float = 90) -> ServeProcess:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "smtpd_agent", "serve", "--state-dir", str(self.state_dir),
+             "--port", str(self.port)], cwd=REPO, env=self.env, stdout=log,
+            stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve exited {self.process.returncode}: {self.log_tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"serve did not listen: {self.log_tail()}")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(30)
+
+    def stop(self) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(60)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

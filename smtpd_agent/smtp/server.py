@@ -38,9 +38,6 @@ log = structlog.get_logger("smtpd_agent.smtp")
 READ_CHUNK = 65_536
 TERMINATOR = b"\r\n.\r\n"
 BARE_LF = re.compile(rb"(?<!\r)\n")
-# Replies sent at once even with input waiting: the client must see them before we close
-# (221, 421) or before it may send the message (354).
-FLUSH_NOW = (b"221", b"421", b"354")
 BDAT_ARGS = re.compile(r"^(\d{1,10})(?:\s+(LAST))?$", re.IGNORECASE)
 
 
@@ -200,10 +197,12 @@ class AgentSMTP(SMTP):
         RFC 2920 lets a server hold replies while more commands are waiting in
         its input buffer (Postfix does); one write per pipelined group instead
         of one per command saves a syscall and a wake-up of the client each.
+        Only positive replies wait: aiosmtpd closes the connection only after a
+        negative reply or 221, so nothing held back is ever lost to a close.
         """
         line = status.encode("utf-8") if isinstance(status, str) else status
         self._pending_replies += replies.enhance(line) + b"\r\n"
-        if self._reader._buffer and line[:3] not in FLUSH_NOW:  # type: ignore[attr-defined]
+        if self._reader._buffer and line[:1] == b"2" and line[:3] != b"221":  # type: ignore[attr-defined]
             return
         await self.flush_replies()
 

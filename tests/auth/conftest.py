@@ -7,7 +7,6 @@ resolver, so neither records nor cached answers leak between tests.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 

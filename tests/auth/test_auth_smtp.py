@@ -10,7 +10,7 @@ import pytest
 from smtpd_agent.smtp import replies
 from smtpd_agent.store import directory
 from tests.auth.keys import rsa_key, sign
-from tests.support import Dialogue, enhanced
+from tests.support import enhanced, smtp_send
 
 RCPT = "support@acme.agents.test"
 REPO = Path(__file__).resolve().parents[2]
@@ -22,17 +22,8 @@ def mail(from_domain: str, subject: str, extra: str = "") -> bytes:
             "\r\nHello.\r\n").encode()
 
 
-def deliver(port: int, raw: bytes, mail_from: str) -> tuple[int, bytes]:
-    dialogue = Dialogue.open(port)
-    dialogue.reply()
-    dialogue.command("EHLO mail.sender.test")
-    dialogue.command(f"MAIL FROM:<{mail_from}>")
-    assert dialogue.command(f"RCPT TO:<{RCPT}>")[0] == 250
-    assert dialogue.command("DATA")[0] == 354
-    dialogue.send(raw + b".\r\n")
-    code, lines = dialogue.reply()
-    dialogue.command("QUIT")
-    return code, lines[-1]
+async def deliver(port: int, raw: bytes, mail_from: str) -> tuple[int, bytes]:
+    return await smtp_send(port, raw, mail_from, [RCPT])
 
 
 @pytest.fixture
@@ -46,14 +37,14 @@ async def auth_server(start_server, db):
 async def test_dmarc_reject_policy_failure_is_refused(auth_server, db, dns_server):
     dns_server.txt("_dmarc.bank.test", "v=DMARC1; p=reject")
     dns_server.txt("bank.test", "v=spf1 ip4:192.0.2.1 -all")
-    code, line = deliver(auth_server.port, mail("bank.test", "phish"), "alice@bank.test")
+    code, line = await deliver(auth_server.port, mail("bank.test", "phish"), "alice@bank.test")
     assert code == 550 and enhanced(line) == "5.7.1", line
     assert await db.fetchval("SELECT count(*) FROM messages") == 0
 
 
 async def test_dmarc_quarantine_is_stored_flagged(auth_server, db, dns_server):
     dns_server.txt("_dmarc.shop.test", "v=DMARC1; p=quarantine")
-    code, _ = deliver(auth_server.port, mail("shop.test", "dodgy"), "bounce@elsewhere.test")
+    code, _ = await deliver(auth_server.port, mail("shop.test", "dodgy"), "bounce@elsewhere.test")
     assert code == 250
     row = await db.fetchrow("SELECT dmarc, quarantined FROM messages")
     assert (row["dmarc"], row["quarantined"]) == ("fail", True)
@@ -65,7 +56,7 @@ async def test_aligned_dkim_and_spf_pass_are_stored_and_shown(auth_server, db, d
     dns_server.txt("good.test", "v=spf1 ip4:127.0.0.1 -all")
     dns_server.txt("_dmarc.good.test", "v=DMARC1; p=reject")
     raw = sign(mail("good.test", "signed"), key, "good.test")
-    code, _ = deliver(auth_server.port, raw, "alice@good.test")
+    code, _ = await deliver(auth_server.port, raw, "alice@good.test")
     assert code == 250
     row = await db.fetchrow("SELECT spf, dkim, dmarc, arc, quarantined, auth_results, auth_detail, raw "
                             "FROM messages")
@@ -83,7 +74,7 @@ async def test_aligned_dkim_and_spf_pass_are_stored_and_shown(auth_server, db, d
 async def test_forged_results_for_our_authserv_id_are_removed(auth_server, db, dns_server):
     forged = "Authentication-Results: mx.test.local; spf=pass; dkim=pass; dmarc=pass\r\n"
     theirs = "Authentication-Results: mx.other.test; spf=fail\r\n"
-    code, _ = deliver(auth_server.port, mail("forger.test", "forged", forged + theirs),
+    code, _ = await deliver(auth_server.port, mail("forger.test", "forged", forged + theirs),
                       "x@forger.test")
     assert code == 250
     raw = await db.fetchval("SELECT raw FROM messages")
@@ -98,13 +89,13 @@ async def test_dns_temperror_tempfails_when_configured(start_server, db, dns_ser
     await directory.add_workspace(db, "acme")
     await directory.add_agent(db, "acme", "support")
     dns_server.set_servfail("broken.test")
-    code, line = deliver(running.port, mail("broken.test", "temp"), "alice@broken.test")
+    code, line = await deliver(running.port, mail("broken.test", "temp"), "alice@broken.test")
     assert code == 451 and enhanced(line) == replies.TEMP_AUTH_FAILURE.enhanced, line
     assert await db.fetchval("SELECT count(*) FROM messages") == 0
 
 
 async def test_dns_temperror_is_accepted_and_marked_by_default(auth_server, db, dns_server):
     dns_server.set_servfail("broken.test")
-    code, _ = deliver(auth_server.port, mail("broken.test", "temp"), "alice@broken.test")
+    code, _ = await deliver(auth_server.port, mail("broken.test", "temp"), "alice@broken.test")
     assert code == 250
     assert await db.fetchval("SELECT spf FROM messages") == "temperror"

@@ -15,7 +15,7 @@ import pytest
 from smtpd_agent.smtp import replies
 from smtpd_agent.store import directory
 from tests.clamd import EICAR, REPORTED_SIGNATURE
-from tests.support import Dialogue, enhanced
+from tests.support import enhanced, smtp_send
 
 PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
 RCPT = "support@acme.agents.test"
@@ -53,17 +53,8 @@ def nested_base64_eicar() -> bytes:
     return outer.as_bytes(policy=SMTP)
 
 
-def deliver(port: int, raw: bytes) -> tuple[int, bytes]:
-    dialogue = Dialogue.open(port)
-    dialogue.reply()
-    dialogue.command("EHLO client.example.org")
-    dialogue.command("MAIL FROM:<alice@example.org>")
-    assert dialogue.command(f"RCPT TO:<{RCPT}>")[0] == 250
-    assert dialogue.command("DATA")[0] == 354
-    dialogue.send(raw.replace(b"\r\n.", b"\r\n..") + b".\r\n")
-    code, lines = dialogue.reply()
-    dialogue.command("QUIT")
-    return code, lines[-1]
+async def deliver(port: int, raw: bytes) -> tuple[int, bytes]:
+    return await smtp_send(port, raw.replace(b"\r\n.", b"\r\n.."), "alice@example.org", [RCPT])
 
 
 @pytest.fixture
@@ -77,7 +68,7 @@ async def scanning_server(start_server, db, clamd):
 @pytest.mark.parametrize("raw", [with_attachment(EICAR, "eicar.com", "plain"), zipped_eicar(),
                                  nested_base64_eicar()], ids=["attachment", "zip", "nested-base64"])
 async def test_virus_is_refused_with_its_signature_and_not_stored(scanning_server, db, raw):
-    code, line = deliver(scanning_server.port, raw)
+    code, line = await deliver(scanning_server.port, raw)
     assert code == 554 and enhanced(line) == "5.7.1", line
     assert REPORTED_SIGNATURE.encode() in line and b"virus found" in line
     assert await db.fetchval("SELECT count(*) FROM messages") == 0
@@ -85,7 +76,7 @@ async def test_virus_is_refused_with_its_signature_and_not_stored(scanning_serve
 
 
 async def test_clean_attachment_is_stored_as_clean(scanning_server, db):
-    code, _ = deliver(scanning_server.port, with_attachment(PDF, "report.pdf", "clean"))
+    code, _ = await deliver(scanning_server.port, with_attachment(PDF, "report.pdf", "clean"))
     assert code == 250
     assert await db.fetchval("SELECT scan_status FROM messages") == "clean"
     assert await db.fetchval("SELECT scan_status FROM attachments") == "clean"
@@ -93,11 +84,11 @@ async def test_clean_attachment_is_stored_as_clean(scanning_server, db):
 
 async def test_clamd_down_tempfails_and_recovers(scanning_server, db, clamd):
     clamd.stop()
-    code, line = deliver(scanning_server.port, with_attachment(PDF, "report.pdf", "while-down"))
+    code, line = await deliver(scanning_server.port, with_attachment(PDF, "report.pdf", "while-down"))
     assert code == 451 and enhanced(line) == replies.TEMP_SCAN_FAILURE.enhanced, line
     assert await db.fetchval("SELECT count(*) FROM messages") == 0
     clamd.start()
-    code, _ = deliver(scanning_server.port, with_attachment(PDF, "report.pdf", "while-down"))
+    code, _ = await deliver(scanning_server.port, with_attachment(PDF, "report.pdf", "while-down"))
     assert code == 250
     assert await db.fetchval("SELECT scan_status FROM messages") == "clean"
 
@@ -108,7 +99,7 @@ async def test_clamd_down_with_scanning_optional_stores_unscanned(start_server, 
     await directory.add_workspace(db, "acme")
     await directory.add_agent(db, "acme", "support")
     clamd.stop()
-    code, _ = deliver(running.port, with_attachment(PDF, "report.pdf", "optional"))
+    code, _ = await deliver(running.port, with_attachment(PDF, "report.pdf", "optional"))
     assert code == 250
     assert await db.fetchval("SELECT scan_status FROM messages") == "unscanned"
 
@@ -117,12 +108,12 @@ async def test_attachment_over_the_stream_limit_is_refused(start_server, db, cla
     running = start_server(**{"scan.clamd": clamd.unix_address, "scan.max_stream_size": 50_000})
     await directory.add_workspace(db, "acme")
     await directory.add_agent(db, "acme", "support")
-    code, line = deliver(running.port, with_attachment(b"A" * 60_000, "big.bin", "big"))
+    code, line = await deliver(running.port, with_attachment(b"A" * 60_000, "big.bin", "big"))
     assert (code, enhanced(line)) == (replies.TOO_BIG_TO_SCAN.code, replies.TOO_BIG_TO_SCAN.enhanced)
     assert await db.fetchval("SELECT count(*) FROM messages") == 0
 
 
 async def test_without_a_scanner_attachments_are_marked_unscanned(server, db):
-    code, _ = deliver(server.port, with_attachment(PDF, "report.pdf", "no-scanner"))
+    code, _ = await deliver(server.port, with_attachment(PDF, "report.pdf", "no-scanner"))
     assert code == 250
     assert await db.fetchval("SELECT scan_status FROM messages") == "unscanned"
