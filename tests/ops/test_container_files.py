@@ -3,9 +3,16 @@ be checked without one: the image's shape, and that every setting they pass exis
 
 from __future__ import annotations
 
+import http.server
+import json
+import os
 import re
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
+import pytest
 import yaml
 
 from smtpd_agent.config import STANDARD_ENV, env_name, known_keys
@@ -45,3 +52,41 @@ def test_compose_has_postgres_clamd_and_passes_known_settings():
     for name in env:
         assert name in setting_names() | {"ANTHROPIC_API_KEY"}, name
     assert services["smtpd-agent"]["stop_grace_period"] == "45s"
+
+
+def healthcheck_command() -> list[str]:
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    match = re.search(r"^HEALTHCHECK .*?CMD (\[.*\])$", text, re.MULTILINE)
+    assert match, "no HEALTHCHECK CMD in exec form"
+    return json.loads(match.group(1))
+
+
+@pytest.mark.parametrize("status, healthy", [(200, True), (503, False), (None, False)])
+def test_healthcheck_command_follows_the_health_status(status, healthy):
+    """Run the image's HEALTHCHECK command (with this Python) against a loopback /health."""
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    port = server.server_address[1]
+    if status is None:
+        server.server_close()  # nothing listens: connection refused
+    else:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    command = healthcheck_command()
+    assert command[0] == "python"
+    try:
+        result = subprocess.run([sys.executable, *command[1:]], capture_output=True,
+                                timeout=30, check=False,
+                                env={**os.environ, "SMTPD_AGENT_HTTP_PORT": str(port)})
+    finally:
+        if status is not None:
+            server.shutdown()
+            server.server_close()
+    assert (result.returncode == 0) is healthy, result.stderr

@@ -1,0 +1,161 @@
+"""The authenticate stage (DESIGN.md step 3): SPF, DKIM, ARC, then DMARC, then a pure decision.
+
+`authenticate()` does the I/O: SPF, DKIM and ARC run concurrently, each under
+its own deadline (a missed deadline is temperror, never fail); DMARC then
+combines SPF and DKIM. It returns an `AuthResult` holding the values to store
+(columns spf, dkim, dmarc, arc, auth_results) and the Authentication-Results
+header value. `decide()` is pure: it maps a result and the operator's policy
+to accept / quarantine / reject / tempfail; the listener owns the SMTP reply
+(reject -> 550 5.7.1, tempfail -> 451 4.7.x).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import structlog
+
+from ..config import AuthSettings
+from ..dns import Resolver
+from ..record import InboundMessage
+from .arc import ArcResult, verify_arc
+from .dkim import DkimResult, DkimSignatureResult, verify_dkim
+from .dmarc import DmarcResult, evaluate_dmarc
+from .results import header_value, prepend_results, strip_our_results
+from .spf import SpfResult, check_spf, spf_identity
+
+__all__ = [
+    "AuthDecision", "AuthResult", "authenticate", "decide", "prepend_results",
+    "strip_our_results",
+]
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+Action = Literal["accept", "quarantine", "reject", "tempfail"]
+
+
+@dataclass(frozen=True)
+class AuthResult:
+    """Every verdict of one message; the str fields are the stored columns."""
+
+    spf: str
+    dkim: str
+    dmarc: str
+    arc: str
+    dmarc_policy: str  # the owner's policy for this From domain: p, or sp for a subdomain
+    header_value: str  # the Authentication-Results field body (after "Authentication-Results: ")
+    authserv_id: str
+    # What we apply on DMARC fail after pct sampling (RFC 7489 6.6.4): none / quarantine /
+    # reject; "" when DMARC did not fail.
+    dmarc_disposition: str = ""
+    dkim_signatures: tuple[DkimSignatureResult, ...] = field(default=())
+    spf_detail: SpfResult | None = None
+    dmarc_detail: DmarcResult | None = None
+    arc_detail: ArcResult | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (plain str/int/list/dict), for the store and the inbox CLI."""
+        return {
+            "spf": self.spf,
+            "dkim": self.dkim,
+            "dmarc": self.dmarc,
+            "arc": self.arc,
+            "dmarc_policy": self.dmarc_policy,
+            "dmarc_disposition": self.dmarc_disposition,
+            "authserv_id": self.authserv_id,
+            "header_value": self.header_value,
+            "dkim_signatures": [s.to_dict() for s in self.dkim_signatures],
+            "spf_detail": self.spf_detail.to_dict() if self.spf_detail else None,
+            "dmarc_detail": self.dmarc_detail.to_dict() if self.dmarc_detail else None,
+            "arc_detail": self.arc_detail.to_dict() if self.arc_detail else None,
+        }
+
+    def stamp(self, raw: bytes) -> bytes:
+        """The raw message as stored: forged A-R claiming our id removed, ours first."""
+        return prepend_results(raw, self.authserv_id, self.header_value)
+
+
+@dataclass(frozen=True)
+class AuthDecision:
+    action: Action
+    reason: str = ""  # short and log-safe: "dmarc policy reject", "spf fail", "dns temperror"
+
+
+async def _deadline(check: Awaitable[T], seconds: float) -> T | None:
+    """None when the check missed its deadline (the caller records temperror)."""
+    try:
+        return await asyncio.wait_for(check, seconds)
+    except asyncio.TimeoutError:
+        return None
+
+
+async def authenticate(message: InboundMessage, resolver: Resolver, settings: AuthSettings,
+                       authserv_id: str) -> AuthResult:
+    """Run SPF, DKIM and ARC concurrently, then DMARC; never raises for DNS trouble."""
+    envelope = message.envelope
+    deadline = settings.timeout
+    identity, sender, domain = spf_identity(envelope.mail_from, envelope.helo)
+    spf, dkim, arc = await asyncio.gather(
+        _deadline(check_spf(resolver, envelope.client_ip, envelope.mail_from, envelope.helo,
+                            timeout=deadline), deadline),
+        _deadline(verify_dkim(resolver, message.raw), deadline),
+        _deadline(verify_arc(resolver, message.raw), deadline),
+    )
+    if spf is None:
+        spf = SpfResult("temperror", identity, domain, sender, envelope.client_ip,
+                        reason="SPF check timed out")
+    if dkim is None:
+        # Which signatures exist is cheap to know, but not their verdicts: one temperror.
+        dkim = DkimResult((DkimSignatureResult("temperror", "", "", "",
+                                               "DKIM verification timed out"),))
+    if arc is None:
+        arc = ArcResult("temperror", reason="ARC verification timed out")
+    dmarc = await _deadline(
+        evaluate_dmarc(resolver, message.parsed.from_address, spf, dkim,
+                       discovery=settings.dmarc_discovery), deadline)
+    if dmarc is None:
+        dmarc = DmarcResult("temperror", reason="DMARC policy lookup timed out")
+
+    value = header_value(authserv_id, spf, dkim, dmarc, arc)
+    result = AuthResult(
+        spf=spf.result, dkim=dkim.summary, dmarc=dmarc.result, arc=arc.result,
+        dmarc_policy=dmarc.policy,
+        dmarc_disposition=dmarc.disposition if dmarc.result == "fail" else "",
+        header_value=value,
+        authserv_id=authserv_id, dkim_signatures=dkim.signatures, spf_detail=spf,
+        dmarc_detail=dmarc, arc_detail=arc,
+    )
+    log.debug("auth.result", spf=result.spf, dkim=result.dkim, dmarc=result.dmarc,
+             arc=result.arc, dmarc_policy=result.dmarc_policy,
+             dmarc_disposition=result.dmarc_disposition)
+    return result
+
+
+def decide(result: AuthResult, settings: AuthSettings) -> AuthDecision:
+    """Pure: verdicts + operator policy -> action. Order matters; each rule says why."""
+    dmarc_fail = result.dmarc == "fail"
+    # 1. The domain owner asked for rejection and the operator honours it (auth.dmarc_reject).
+    if dmarc_fail and result.dmarc_disposition == "reject":
+        if settings.dmarc_reject:
+            return AuthDecision("reject", "dmarc policy reject")
+        return AuthDecision("quarantine", "dmarc policy reject")
+    # 2. A check could not complete: retry later if configured, else accept (marked in A-R).
+    temperror = "temperror" in (result.spf, result.dmarc) or result.dkim == "temperror"
+    if temperror and settings.temperror == "tempfail":
+        return AuthDecision("tempfail", "dns temperror")
+    # 3. SPF fail on its own, when the operator wants it rejected. A DMARC pass (an
+    #    aligned DKIM signature) outranks it: forwarding breaks SPF (RFC 7489 10.1).
+    if result.spf == "fail" and settings.spf_fail == "reject" and result.dmarc != "pass":
+        return AuthDecision("reject", "spf fail")
+    # 4. The domain owner asked for quarantine.
+    if dmarc_fail and result.dmarc_disposition == "quarantine":
+        return AuthDecision("quarantine", "dmarc policy quarantine")
+    if temperror:
+        return AuthDecision("accept", "dns temperror")
+    if result.spf == "fail":
+        return AuthDecision("accept", "spf fail")
+    return AuthDecision("accept")

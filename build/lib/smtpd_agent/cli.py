@@ -1,0 +1,277 @@
+"""The `smtpd-agent` command: serve, migrate, workspaces, agents, inbox.
+
+Every command that touches the database takes the same --config and
+--state-dir (or DATABASE_URL), so with the embedded Postgres it attaches to the
+server a running `serve` started rather than starting a second one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+from dataclasses import dataclass
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .app import Database, serve
+from .config import ConfigError, Settings, load_settings
+from .logs import configure_logging
+from .routing import parse_address, workspace_of
+from .store import directory, inbox
+from .store.database import migrate
+from .store.directory import DirectoryError
+
+
+@dataclass(frozen=True)
+class Parents:
+    """Argument groups every command shares: `common` (config, state dir, domain), `listing` (--json)."""
+
+    common: argparse.ArgumentParser
+    listing: argparse.ArgumentParser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE",
+                        help="settings file (default: config/smtpd-agent.toml if present)")
+    common.add_argument("--state-dir", metavar="DIR",
+                        help="where the embedded Postgres lives when DATABASE_URL is unset")
+    common.add_argument("--default-domain", metavar="D",
+                        help="the operator's domain: agents are <handle>@<workspace>.<D>")
+    listing = argparse.ArgumentParser(add_help=False)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    parents = Parents(common, listing)
+
+    parser = argparse.ArgumentParser(
+        prog="smtpd-agent", description="An SMTP server that gives AI agents email addresses.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in COMMAND_GROUPS:
+        register(commands, parents)
+    return parser
+
+
+def register_core(commands: Any, parents: Parents) -> None:
+    common, listing = parents.common, parents.listing
+    serve_cmd = commands.add_parser("serve", parents=[common], help="run the SMTP server")
+    serve_cmd.add_argument("--host", help="bind address (smtp.host)")
+    serve_cmd.add_argument("--port", type=int, help="bind port (smtp.port)")
+    serve_cmd.set_defaults(run=run_serve)
+
+    commands.add_parser("migrate", parents=[common], help="apply database migrations") \
+        .set_defaults(handler=cmd_migrate, migrate_first=False)
+
+    workspace = commands.add_parser("workspace", help="manage workspaces")
+    workspace_cmds = workspace.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = workspace_cmds.add_parser("add", parents=[common], help="create a workspace")
+    add.add_argument("slug", help="lower-case name, the label under the default domain")
+    add.add_argument("--name", help="display name")
+    add.set_defaults(handler=cmd_workspace_add)
+    workspace_cmds.add_parser("list", parents=[common, listing], help="list workspaces") \
+        .set_defaults(handler=cmd_workspace_list)
+
+    agent = commands.add_parser("agent", help="manage agents")
+    agent_cmds = agent.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = agent_cmds.add_parser("add", parents=[common], help="create an agent mailbox")
+    add.add_argument("address", help="<handle>@<workspace>.<default domain>")
+    add.add_argument("--name", help="display name used in replies")
+    add.add_argument("--prompt", help="the agent's system prompt")
+    add.add_argument("--no-auto-reply", action="store_true", help="store mail but never answer")
+    add.set_defaults(handler=cmd_agent_add)
+    listed = agent_cmds.add_parser("list", parents=[common, listing], help="list agents")
+    listed.add_argument("--workspace", metavar="SLUG")
+    listed.set_defaults(handler=cmd_agent_list)
+    disable = agent_cmds.add_parser("disable", parents=[common], help="stop accepting mail")
+    disable.add_argument("address")
+    disable.set_defaults(handler=cmd_agent_disable)
+    enable = agent_cmds.add_parser("enable", parents=[common], help="accept mail again")
+    enable.add_argument("address")
+    enable.set_defaults(handler=cmd_agent_enable)
+
+    inbox_cmd = commands.add_parser("inbox", parents=[common, listing],
+                                    help="an agent's threads, newest first")
+    inbox_cmd.add_argument("address", help="the agent's address")
+    inbox_cmd.add_argument("--limit", type=int, default=50, help="threads to show")
+    inbox_cmd.set_defaults(handler=cmd_inbox)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for flag, key in (("state_dir", "server.state_dir"), ("default_domain", "server.default_domain"),
+                      ("host", "smtp.host"), ("port", "smtp.port")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = value
+    return load_settings(args.config, overrides=overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except ConfigError as error:
+        print(f"smtpd-agent: configuration error: {error}", file=sys.stderr)
+        return 2
+    quiet = not hasattr(args, "run") and settings.log.level != "debug"
+    configure_logging(dataclasses.replace(settings.log, level="warning") if quiet else settings.log)
+    try:
+        if hasattr(args, "run"):
+            return args.run(settings, args)
+        return asyncio.run(with_database(settings, args.handler, args))
+    except (DirectoryError, ConfigError) as error:
+        print(f"smtpd-agent: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def run_serve(settings: Settings, args: argparse.Namespace) -> int:
+    # SIGHUP re-reads the same file, environment and flags as start-up did.
+    asyncio.run(serve(settings, reload=lambda: settings_from(args)))
+    return 0
+
+
+Command = Callable[[Any, Settings, argparse.Namespace], Awaitable[int]]
+
+
+async def with_database(settings: Settings, command: Command, args: argparse.Namespace) -> int:
+    database = await Database.open(settings, run_migrations=getattr(args, "migrate_first", True))
+    try:
+        return await command(database.pool, settings, args)
+    finally:
+        await database.close()
+
+
+def mailbox_of(address: str, settings: Settings) -> tuple[str, str]:
+    """(workspace slug, handle) of an agent address under the default domain."""
+    parsed = parse_address(address)
+    if parsed is None:
+        raise DirectoryError(f"{address!r} is not an email address")
+    slug = workspace_of(parsed.domain, settings.server.default_domain)
+    if not isinstance(slug, str):
+        raise DirectoryError(f"{address!r} is not <handle>@<workspace>."
+                             f"{settings.server.default_domain}")
+    if parsed.tag is not None:
+        raise DirectoryError(f"{address!r}: an agent address has no +tag")
+    return slug, parsed.local
+
+
+def emit(data: Any, as_json: bool, lines: Callable[[Any], list[str]]) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, default=_json_default))
+    else:
+        print("\n".join(lines(data)))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, (bytes, memoryview)):
+        return bytes(value).hex()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+async def cmd_migrate(db: Any, settings: Settings, args: argparse.Namespace) -> int:
+    async with db.acquire() as connection:
+        applied = await migrate(connection)
+    print("applied: " + ", ".join(applied) if applied else "database is up to date")
+    return 0
+
+
+async def cmd_workspace_add(db: Any, settings: Settings, args: argparse.Namespace) -> int:
+    workspace = await directory.add_workspace(db, args.slug, args.name)
+    print(f"workspace {workspace.slug} created: agents are <handle>@{workspace.slug}."
+          f"{settings.server.default_domain}")
+    return 0
+
+
+async def cmd_workspace_list(db: Any, settings: Settings, args: argparse.Namespace) -> int:
+    workspaces = [dict(vars(w), domain=f"{w.slug}.{settings.server.default_domain}")
+                  for w in await directory.list_workspaces(db)]
+    emit(workspaces, args.json, lambda rows: [f"{w['slug']:<24} {w['domain']:<40} {w['name']}"
+                                              for w in rows] or ["no workspaces"])
+    return 0
+
+
+def _agent_view(agent: directory.Agent, settings: Settings) -> dict[str, Any]:
+    return dict(vars(agent), address=f"{agent.handle}@{agent.workspace_slug}."
+                                     f"{settings.server.default_domain}")
+
+
+async def cmd_agent_add(db: Any, settings: Settings, args: argparse.Namespace) -> int:
+    slug, handle = mailbox_of(args.address, settings)
+    agent = await directory.add_agent(db, slug, handle, display_name=args.name,
+                                      system_prompt=args.prompt,
+                                      auto_reply=not args.no_auto_reply)
+    view = _agent_view(agent, settings)
+    print(f"agent {view['address']} created (auto-reply {'on' if agent.auto_reply else 'off'})")
+    return 0
+
+
+async def cmd_agent_list(db: Any, settings: Settings, args: argparse.Namespace) -> int:
+    agents = [_agent_view(a, settings) for a in await directory.list_agents(db, args.workspace)]
+    emit(agents, args.json, lambda rows: [
+        f"{a['address']:<48} {'enabled' if a['enabled'] else 'disabled':<9} "
+        f"auto-reply={'on' if a['auto_reply'] else 'off'}  {a['display_name'] or ''}"
+        for a in rows] or ["no agents"])
+    return 0
+
+
+async def _set_enabled(db: Any, settings: Settings, args: argparse.Namespace, enabled: bool) -> int:
+    slug, handle = mailbox_of(args.address, settings)
+    agent = await directory.set_agent_enabled(db, slug, handle, enabled)
+    print(f"agent {_agent_view(agent, settings)['address']} {'enabled' if enabled else 'disabled'}")
+    return 0
+
+
+async def cmd_agent_disable(db: Any, settings: Settings, args: argparse.Namespace) -> int:
+    return await _set_enabled(db, settings, args, False)
+
+
+async def cmd_agent_enable(db: Any, settings: Settings, args: argparse.Namespace) -> int:
+    return await _set_enabled(db, settings, args, True)
+
+
+async def cmd_inbox(db: Any, settings: Settings, args: argparse.Namespace) -> int:
+    slug, handle = mailbox_of(args.address, settings)
+    agent = await directory.get_agent(db, slug, handle)
+    threads = await inbox.agent_inbox(db, agent, limit=args.limit)
+    emit(threads, args.json, _inbox_lines)
+    return 0
+
+
+def _inbox_lines(threads: list[dict[str, Any]]) -> list[str]:
+    if not threads:
+        return ["no mail"]
+    lines = []
+    for thread in threads:
+        lines.append(f"thread {thread['id']}: {thread['subject'] or '(no subject)'}  "
+                     f"[{thread['message_count']} message(s), last {thread['last_message_at']:%Y-%m-%d %H:%M}]")
+        for message in thread["messages"]:
+            when = message["sent_at"] or message["received_at"]
+            verdicts = " ".join(f"{key}={message[key]}" for key in
+                                ("spf", "dkim", "dmarc", "arc", "scan_status") if message[key])
+            flags = " QUARANTINED" if message["quarantined"] else ""
+            lines.append(f"  {message['direction']:<8} #{message['id']} {when:%Y-%m-%d %H:%M} "
+                         f"from {message['from_header'] or message['mail_from'] or '<>'}")
+            lines.append(f"           subject: {message['subject'] or '(no subject)'}  "
+                         f"size: {message['size']} bytes{flags}")
+            if verdicts:
+                lines.append(f"           verdicts: {verdicts}")
+            for attachment in message["attachments"]:
+                lines.append(f"           attachment: {attachment['filename'] or '(unnamed)'} "
+                             f"({attachment['content_type']}, {attachment['size']} bytes)")
+    return lines
+
+
+# Each group adds its subcommands to the parser; a command sets `handler` (run with an open
+# database pool) or `run` (given the settings, manages its own resources).
+COMMAND_GROUPS: list[Callable[[Any, Parents], None]] = [
+    register_core,
+]

@@ -1,0 +1,327 @@
+"""One typed settings object: `config/smtpd-agent.toml`, then the environment.
+
+Every key `section.key` of the file can be overridden by the environment
+variable `SMTPD_AGENT_SECTION_KEY` (lists comma-separated), and a few standard
+names map onto keys (`DATABASE_URL` -> `database.url`, and so on). Flags of
+`smtpd-agent serve` override both. Anything invalid stops start-up with a
+`ConfigError` naming the key, which the CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+ENV_PREFIX = "SMTPD_AGENT_"
+DEFAULT_CONFIG_PATH = Path("config/smtpd-agent.toml")
+
+# Standard variable names that ops already know, mapped onto our keys.
+STANDARD_ENV = {
+    "DATABASE_URL": "database.url",
+    "ANTHROPIC_API_KEY": "agent.api_key",
+    "ANTHROPIC_BASE_URL": "agent.base_url",
+}
+
+
+class ConfigError(ValueError):
+    """A setting is missing, malformed or out of range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    hostname: str = field(default_factory=socket.getfqdn)
+    default_domain: str = "aexy.email"
+    state_dir: Path = Path("state")
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = ""
+    pool_min: int = 1
+    pool_max: int = 10
+    connect_timeout: float = 5.0
+    command_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str = "127.0.0.1"
+    port: int = 2525
+    max_message_size: int = 26_214_400
+    max_header_size: int = 262_144
+    max_recipients: int = 100
+    max_connections: int = 1000
+    max_connections_per_ip: int = 20
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    shutdown_grace: float = 30.0
+    bare_lf: Literal["normalize", "reject"] = "normalize"
+    tls_cert: str = ""
+    tls_key: str = ""
+    require_starttls: bool = False
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    cache_ttl: float = 30.0
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    thread_window_days: int = 30
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    nameservers: list[str] = field(default_factory=list)
+    timeout: float = 5.0
+    cache_size: int = 10_000
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    authserv_id: str = ""
+    dmarc_reject: bool = True
+    spf_fail: Literal["mark", "reject"] = "mark"
+    temperror: Literal["accept", "tempfail"] = "accept"
+    # Deadline in seconds for each of SPF, DKIM and ARC (run concurrently); a
+    # check that misses it counts as temperror.
+    timeout: float = 20.0
+    # DMARC policy discovery: "psl" = the From domain, else its organizational
+    # domain by the Public Suffix List (RFC 7489); "treewalk" = DNS tree walk (RFC 9989).
+    dmarc_discovery: Literal["psl", "treewalk"] = "psl"
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    clamd: str = ""
+    required: bool = True
+    scan_all: bool = False
+    timeout: float = 30.0
+    max_stream_size: int = 26_214_400
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    api_key: str = ""
+    base_url: str = ""
+    model: str = "claude-sonnet-4-5"
+    max_tokens: int = 1024
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    dns: DnsSettings = field(default_factory=DnsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    scan: ScanSettings = field(default_factory=ScanSettings)
+    agent: AgentSettings = field(default_factory=AgentSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def replace(self, overrides: Mapping[str, Any]) -> Settings:
+        """A copy with `section.key` overrides applied (CLI flags), validated like the file."""
+        return _build({**_flatten(self), **overrides}, source="flag")
+
+
+# What a SIGHUP applies to the running server (sessions opened after it); every other key
+# (bind address, database, DNS, routing, agent, logging, anything a later section adds)
+# needs a restart. Logging is not live: loggers cache their level on first use (logs.py).
+# Prefixes end with ".", other entries are exact keys.
+LIVE_KEYS = ("smtp.", "auth.", "scan.", "store.")
+RESTART_ONLY_KEYS = ("smtp.host", "smtp.port")
+
+
+def is_live(key: str) -> bool:
+    """Whether a SIGHUP reload applies `key` (see LIVE_KEYS)."""
+    if key in RESTART_ONLY_KEYS:
+        return False
+    return any(key.startswith(p) if p.endswith(".") else key == p for p in LIVE_KEYS)
+
+
+def apply_live(current: Settings, new: Settings) -> tuple[Settings, list[str]]:
+    """`current` with the live keys of `new`; and the changed keys that wait for a restart."""
+    old_values, new_values = _flatten(current), _flatten(new)
+    changed = [key for key in new_values if new_values[key] != old_values.get(key)]
+    live = {key: new_values[key] for key in changed if is_live(key)}
+    return current.replace(live), [key for key in changed if not is_live(key)]
+
+
+def load_settings(
+    path: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """File (if any), then environment, then `overrides` (CLI flags)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    explicit = path is not None or "SMTPD_AGENT_CONFIG" in env
+    config_path = Path(path or env.get("SMTPD_AGENT_CONFIG") or DEFAULT_CONFIG_PATH)
+    if config_path.exists():
+        try:
+            document = tomllib.loads(config_path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"{config_path}: {error}") from error
+        for section, table in document.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{section}: expected a [{section}] table")
+            for key, value in table.items():
+                values[f"{section}.{key}"] = value
+    elif explicit:
+        raise ConfigError(f"config file {config_path} does not exist")
+    values.update(_from_environment(env))
+    values.update(overrides or {})
+    return _build(values, source="config")
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Settings)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Settings)}
+
+
+def known_keys() -> dict[str, Any]:
+    """Every `section.key` with its type hint."""
+    keys = {}
+    for section, cls in _sections().items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            keys[f"{section}.{f.name}"] = hints[f.name]
+    return keys
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+def _from_environment(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, key in STANDARD_ENV.items():
+        if env.get(name):
+            values[key] = env[name]
+    for key in known_keys():
+        name = env_name(key)
+        if name in env:
+            values[key] = env[name]
+    return values
+
+
+def _flatten(settings: Settings) -> dict[str, Any]:
+    flat = {}
+    for section in _sections():
+        for f in dataclasses.fields(getattr(settings, section)):
+            flat[f"{section}.{f.name}"] = getattr(getattr(settings, section), f.name)
+    return flat
+
+
+def _build(values: Mapping[str, Any], source: str) -> Settings:
+    keys = known_keys()
+    unknown = sorted(set(values) - set(keys))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown setting")
+    sections = {}
+    for section, cls in _sections().items():
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            if key in values:
+                kwargs[f.name] = _coerce(key, values[key], keys[key])
+        sections[section] = cls(**kwargs)
+    settings = Settings(**sections)
+    _validate(settings)
+    return settings
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on"}:
+            return True
+        if isinstance(value, str) and value.strip().lower() in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {'an integer' if hint is int else 'a number'}, "
+                              f"got {value!r}") from None
+        if number < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value!r}")
+        return number
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{key}: expected a path, got {value!r}")
+        return Path(value)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return list(value)
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no such keys yet
+        raise ConfigError(f"{key}: unsupported type {hint}")
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+def _validate(settings: Settings) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    smtp = settings.smtp
+    if not 0 <= smtp.port < 65536:
+        raise ConfigError(f"smtp.port: must be 0-65535 (0 picks a free port), got {smtp.port}")
+    for key in ("max_message_size", "max_recipients", "max_connections",
+                "max_connections_per_ip", "max_header_size"):
+        if getattr(smtp, key) < 1:
+            raise ConfigError(f"smtp.{key}: must be at least 1")
+    if bool(smtp.tls_cert) != bool(smtp.tls_key):
+        raise ConfigError("smtp.tls_cert: tls_cert and tls_key must be set together")
+    if smtp.require_starttls and not smtp.tls_cert:
+        raise ConfigError("smtp.require_starttls: needs smtp.tls_cert and smtp.tls_key")
+    for key in ("tls_cert", "tls_key"):
+        value = getattr(smtp, key)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"smtp.{key}: no such file {value}")
+    domain = settings.server.default_domain
+    if not domain or "." not in domain.strip(".") or domain != domain.lower().strip("."):
+        raise ConfigError(f"server.default_domain: expected a lower-case domain name, got {domain!r}")
+    url = settings.database.url
+    if url and not url.startswith(("postgres://", "postgresql://")):
+        raise ConfigError("database.url: expected a postgresql:// URL")
+    if settings.database.pool_min > settings.database.pool_max:
+        raise ConfigError("database.pool_min: must not exceed database.pool_max")
+    for server in settings.dns.nameservers:
+        host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
+        if port and not port.isdigit():
+            raise ConfigError(f"dns.nameservers: bad port in {server!r}")
+    clamd = settings.scan.clamd
+    if clamd and not clamd.startswith(("unix:", "tcp:")):
+        raise ConfigError(f"scan.clamd: expected unix:/path or tcp:host:port, got {clamd!r}")

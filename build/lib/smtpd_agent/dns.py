@@ -1,0 +1,196 @@
+"""The one DNS resolver of the server: every check (SPF, DKIM, DMARC, ARC) asks it.
+
+Built once at start-up from `DnsSettings` and passed to each stage (no
+module-level singleton). It wraps dnspython's asyncio resolver with:
+
+- configurable nameservers (`host:port`, `[v6]:port`; none = system resolver);
+- a bounded, TTL-respecting cache (dnspython's `LRUCache`, which also keeps
+  NXDOMAIN and NODATA answers for the SOA minimum, RFC 2308);
+- one error model: a name that does not exist or has no data of the type asked
+  for is an *empty answer*; a timeout, SERVFAIL or REFUSED is a `DnsTempError`,
+  because RFC 7208 section 2.6.6, RFC 6376 section 6.1.2 and RFC 7489 section
+  6.6.3 all make it a temporary error, never a failure.
+
+SPF and DKIM libraries are synchronous and run in worker threads; `blocking()`
+gives them a view of this resolver that hops back onto the event loop, so
+they share the cache and the timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any, Coroutine, TypeVar
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.nameserver
+import dns.resolver
+import dns.reversename
+import structlog
+
+from .config import DnsSettings
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+
+class DnsTempError(Exception):
+    """The DNS did not answer (timeout, SERVFAIL, REFUSED): retry later, never 'fail'."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What DNS said about (name, type): possibly nothing, never an error."""
+
+    name: str
+    rdtype: str
+    records: tuple[Any, ...] = field(default=())
+    nxdomain: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not self.records
+
+
+def parse_nameserver(spec: str) -> dns.nameserver.Do53Nameserver:
+    """`1.2.3.4`, `1.2.3.4:5353`, `::1`, `[::1]:5353` -> a plain DNS (port 53 default) server."""
+    spec = spec.strip()
+    host, port = spec, 53
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]")
+        if rest.startswith(":"):
+            port = int(rest[1:])
+    elif spec.count(":") == 1:
+        host, _, port_text = spec.partition(":")
+        port = int(port_text)
+    ipaddress.ip_address(host)  # dnspython wants an address; fail loudly at start-up
+    return dns.nameserver.Do53Nameserver(host, port)
+
+
+class Resolver:
+    """Async DNS lookups with a shared TTL cache; see the module docstring for the error model."""
+
+    def __init__(self, settings: DnsSettings) -> None:
+        self.timeout = settings.timeout
+        resolver = dns.asyncresolver.Resolver(configure=not settings.nameservers)
+        if settings.nameservers:
+            resolver.nameservers = [parse_nameserver(s) for s in settings.nameservers]
+        # One overall deadline per lookup; per-server tries share it.
+        resolver.lifetime = settings.timeout
+        resolver.timeout = settings.timeout
+        # A SERVFAIL is an answer to pass on as temperror, not a reason to spin.
+        resolver.retry_servfail = False
+        if settings.cache_size > 0:
+            resolver.cache = dns.resolver.LRUCache(settings.cache_size)
+        self._resolver = resolver
+
+    async def query(self, name: str, rdtype: str) -> Answer:
+        """Records of `rdtype` at `name`; empty on NXDOMAIN/NODATA; DnsTempError otherwise."""
+        try:
+            qname = dns.name.from_text(name)
+        except (dns.exception.DNSException, ValueError, UnicodeError):
+            # A name that cannot exist in the DNS (label > 63 octets, empty label,
+            # not IDNA-encodable) has no records: a permanent condition, not temporary.
+            return Answer(name, rdtype, nxdomain=True)
+        try:
+            answer = await self._resolver.resolve(qname, rdtype, search=False,
+                                                  raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            return Answer(name, rdtype, nxdomain=True)
+        except dns.resolver.NoAnswer:  # pragma: no cover - raise_on_no_answer=False
+            return Answer(name, rdtype)
+        except dns.resolver.YXDOMAIN:
+            return Answer(name, rdtype, nxdomain=True)
+        except (dns.exception.Timeout, dns.resolver.NoNameservers) as error:
+            log.info("dns.temperror", name=name, rdtype=rdtype, error=type(error).__name__)
+            raise DnsTempError(f"{rdtype} {name}: {type(error).__name__}") from error
+        except dns.exception.DNSException as error:
+            log.info("dns.temperror", name=name, rdtype=rdtype, error=type(error).__name__)
+            raise DnsTempError(f"{rdtype} {name}: {error}") from error
+        records = tuple(answer.rrset) if answer.rrset is not None else ()
+        return Answer(name, rdtype, records)
+
+    def cached(self, name: str, rdtype: str) -> Answer | None:
+        """The answer from the TTL cache, or None; synchronous, safe from any thread.
+
+        Worker threads (pyspf, dkimpy) ask here first, so a warm cache answers
+        without a round trip through the event loop.
+        """
+        cache = self._resolver.cache
+        if cache is None:
+            return None
+        try:
+            qname = dns.name.from_text(name)
+            kind = dns.rdatatype.from_text(rdtype)
+        except (dns.exception.DNSException, ValueError, UnicodeError):
+            return None
+        answer = cache.get((qname, kind, dns.rdataclass.IN))
+        if answer is not None:
+            return Answer(name, rdtype, tuple(answer.rrset) if answer.rrset is not None else ())
+        negative = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+        if negative is not None and negative.response.rcode() == dns.rcode.NXDOMAIN:
+            return Answer(name, rdtype, nxdomain=True)
+        return None
+
+    async def txt(self, name: str) -> list[bytes]:
+        """TXT records, each with its character-strings joined (RFC 7208 3.3, RFC 6376 3.6.2.2)."""
+        answer = await self.query(name, "TXT")
+        return [b"".join(r.strings) for r in answer.records]
+
+    async def a(self, name: str) -> list[str]:
+        return [r.address for r in (await self.query(name, "A")).records]
+
+    async def aaaa(self, name: str) -> list[str]:
+        return [r.address for r in (await self.query(name, "AAAA")).records]
+
+    async def mx(self, name: str) -> list[tuple[int, str]]:
+        answer = await self.query(name, "MX")
+        return [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer.records]
+
+    async def ptr(self, address: str) -> list[str]:
+        name = dns.reversename.from_address(address).to_text()
+        answer = await self.query(name, "PTR")
+        return [r.target.to_text(omit_final_dot=True) for r in answer.records]
+
+    def blocking(self, loop: asyncio.AbstractEventLoop) -> BlockingResolver:
+        """A synchronous view for library code running in a worker thread."""
+        return BlockingResolver(self, loop)
+
+
+class BlockingResolver:
+    """Runs lookups on the event loop from a worker thread (pyspf, dkimpy are synchronous).
+
+    Never call it on the loop's own thread: it would wait on itself.
+    """
+
+    def __init__(self, resolver: Resolver, loop: asyncio.AbstractEventLoop) -> None:
+        self.resolver = resolver
+        self.loop = loop
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            # The resolver has its own lifetime; this margin only guards a stuck loop.
+            return future.result(timeout=self.resolver.timeout + 2.0)
+        except concurrent.futures.TimeoutError as error:
+            future.cancel()
+            raise DnsTempError("DNS lookup did not finish in time") from error
+        except concurrent.futures.CancelledError as error:
+            raise DnsTempError("DNS lookup cancelled") from error
+
+    def query(self, name: str, rdtype: str) -> Answer:
+        cached = self.resolver.cached(name, rdtype)
+        if cached is not None:
+            return cached
+        return self._run(self.resolver.query(name, rdtype))
+
+    def txt(self, name: str) -> list[bytes]:
+        return [b"".join(r.strings) for r in self.query(name, "TXT").records]

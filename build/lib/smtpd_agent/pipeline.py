@@ -1,0 +1,166 @@
+"""From received bytes to a stored message: parse, authenticate, scan, store.
+
+The listener hands over a `ReceivedContent`; this module freezes it into the
+typed record, runs the stages in order and returns the one reply for the
+client. 250 is returned only after the store's COMMIT; anything that fails
+before is a 4xx so the sender keeps the message and retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from email.utils import format_datetime
+
+import asyncpg
+import structlog
+
+from .auth import AuthResult, authenticate, strip_our_results
+from .auth import decide as decide_auth
+from .config import Settings
+from .dns import Resolver
+from .message import parse_message
+from .record import Envelope, InboundMessage
+from .scan import ScanResult, Scanner
+from .scan import decide as decide_scan
+from .smtp import replies
+from .smtp.replies import Reply
+from .smtp.server import ReceivedContent
+from .store.database import DatabaseUnavailable
+from .store.messages import Verdicts, store_inbound
+
+log = structlog.get_logger("smtpd_agent.pipeline")
+
+# Above this size parsing takes long enough to stall other sessions; do it in a thread.
+PARSE_IN_THREAD_ABOVE = 256 * 1024
+
+
+def received_header(content: ReceivedContent, hostname: str) -> str:
+    """RFC 5321 section 4.4 trace header, with the RFC 3848 protocol name."""
+    protocol = "UTF8SMTP" if content.smtputf8 else "ESMTP" if content.esmtp else "SMTP"
+    if content.tls and protocol != "SMTP":
+        protocol += "S"
+    elif content.tls:
+        protocol = "ESMTPS"
+    helo = "".join(ch for ch in content.helo if ch.isprintable() and ch not in "()\\")[:255]
+    recipient = (f"\r\n\tfor <{content.recipients[0].address}>"
+                 if len(content.recipients) == 1 else "")
+    tls = f" ({content.tls_version})" if content.tls_version else ""
+    return (f"from {helo or 'unknown'} ([{content.client_ip}])\r\n"
+            f"\tby {hostname} (smtpd-agent) with {protocol}{tls} id {content.queue_id}{recipient};\r\n"
+            f"\t{format_datetime(content.received_at)}")
+
+
+class Rejected(Exception):
+    """A stage refused the message; carries the one reply for the client."""
+
+    def __init__(self, reply: Reply, reason: str, **fields: object) -> None:
+        super().__init__(reason)
+        self.reply = reply
+        self.reason = reason
+        self.fields = fields
+
+
+class Pipeline:
+    def __init__(self, db: asyncpg.Pool, settings: Settings, resolver: Resolver,
+                 scanner: Scanner | None = None) -> None:
+        self.db = db
+        self.settings = settings
+        self.resolver = resolver
+        self.scanner = scanner
+        self.authserv_id = settings.auth.authserv_id or settings.server.hostname
+
+    async def authenticate(self, message: InboundMessage) -> tuple[AuthResult, bool]:
+        """SPF, DKIM, ARC, DMARC; raise Rejected per policy, else say whether to quarantine."""
+        result = await authenticate(message, self.resolver, self.settings.auth, self.authserv_id)
+        decision = decide_auth(result, self.settings.auth)
+        if decision.action == "reject":
+            reply = (replies.DMARC_REJECT if decision.reason.startswith("dmarc")
+                     else replies.SPF_REJECT)
+            raise Rejected(reply, decision.reason, spf=result.spf, dkim=result.dkim,
+                           dmarc=result.dmarc)
+        if decision.action == "tempfail":
+            raise Rejected(replies.TEMP_AUTH_FAILURE, decision.reason, spf=result.spf,
+                           dkim=result.dkim, dmarc=result.dmarc)
+        return result, decision.action == "quarantine"
+
+    async def scan(self, message: InboundMessage) -> ScanResult | None:
+        """Run clamd over the message; raise Rejected for viruses, oversize and outages."""
+        if self.scanner is None:
+            return None
+        result = await self.scanner.scan_message(message)
+        decision = decide_scan(result, self.settings.scan)
+        if decision.action == "reject" and decision.reason == "virus":
+            raise Rejected(replies.VIRUS_FOUND.with_text(
+                f"Message rejected: virus found ({decision.signature})"), "virus",
+                signature=decision.signature)
+        if decision.action == "reject":
+            raise Rejected(replies.TOO_BIG_TO_SCAN, "too large to scan")
+        if decision.action == "tempfail":
+            raise Rejected(replies.TEMP_SCAN_FAILURE, decision.reason, problem=result.problem)
+        return result
+
+    async def receive(self, content: ReceivedContent) -> Reply:
+        """The reply for one received message; 250 only once it is committed."""
+        envelope = Envelope(
+            session_id=content.session_id, client_ip=content.client_ip, helo=content.helo,
+            mail_from=content.mail_from, recipients=content.recipients, tls=content.tls,
+            tls_version=content.tls_version, smtputf8=content.smtputf8,
+            received_at=content.received_at)
+        if len(content.data) > PARSE_IN_THREAD_ABOVE:
+            parsed = await asyncio.to_thread(parse_message, content.data)
+        else:
+            parsed = parse_message(content.data)
+        message = InboundMessage(envelope=envelope, raw=content.data, parsed=parsed)
+        rcpt = [r.address for r in content.recipients]
+        began = time.perf_counter()
+        try:
+            auth, quarantined = await self.authenticate(message)
+            authenticated = time.perf_counter()
+            scan = await self.scan(message)
+            scanned = time.perf_counter()
+        except Rejected as rejected:
+            log.info("smtp.rejected" if rejected.reply.code >= 500 else "smtp.tempfail",
+                     reason=rejected.reason, reply=str(rejected.reply), queue_id=content.queue_id,
+                     mail_from=content.mail_from, rcpt=rcpt, **rejected.fields)
+            return rejected.reply
+        verdicts = Verdicts(
+            spf=auth.spf, dkim=auth.dkim, dmarc=auth.dmarc, arc=auth.arc,
+            auth_results=auth.header_value, auth_detail=auth.to_dict(), quarantined=quarantined,
+            **scan_columns(scan, message))
+        # RFC 8601 section 5: results claiming our authserv-id can only be forged; ours go first.
+        message = dataclasses.replace(
+            message, raw=strip_our_results(content.data, self.authserv_id),
+            trace_headers=(("Authentication-Results", auth.header_value),
+                           ("Received", received_header(content, self.settings.server.hostname))))
+        try:
+            stored = await store_inbound(self.db, message, verdicts,
+                                         self.settings.store.thread_window_days, content.queue_id)
+        except DatabaseUnavailable as error:
+            log.error("smtp.tempfail", reason="store failed", error=str(error),
+                      queue_id=content.queue_id, mail_from=content.mail_from, rcpt=rcpt)
+            return replies.TEMP_STORE_FAILURE.with_text(
+                f"Temporary local problem, try again later (session {content.session_id})")
+        stored_at = time.perf_counter()
+        log.info("smtp.accepted", queue_id=content.queue_id, message_id=parsed.message_id,
+                 mail_from=content.mail_from, rcpt=rcpt, size=len(content.data),
+                 attachments=len(parsed.attachments), spf=auth.spf, dkim=auth.dkim,
+                 dmarc=auth.dmarc, arc=auth.arc, quarantined=quarantined,
+                 scan=verdicts.scan_status,
+                 stored=[s.id for s in stored if not s.duplicate],
+                 duplicates=[s.id for s in stored if s.duplicate],
+                 ms={"auth": round((authenticated - began) * 1000, 1),
+                     "scan": round((scanned - authenticated) * 1000, 1),
+                     "store": round((stored_at - scanned) * 1000, 1)})
+        return replies.queued(content.queue_id)
+
+
+def scan_columns(scan: ScanResult | None, message: InboundMessage) -> dict[str, object]:
+    """Scan verdicts as stored: with no scanner configured, attachments are 'unscanned'."""
+    if scan is None:
+        status = "unscanned" if message.parsed.attachments else "skipped"
+        return {"scan_status": status,
+                "attachment_scans": tuple((status, None) for _ in message.parsed.attachments)}
+    return {"scan_status": scan.status, "scan_signature": scan.signature,
+            "attachment_scans": tuple((a.status, a.signature) for a in scan.attachments)}

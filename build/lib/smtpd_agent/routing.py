@@ -1,0 +1,116 @@
+"""RCPT TO address -> mailbox, decided at RCPT time.
+
+`<handle>[+tag]@<workspace>.<default domain>` (case-insensitive) reaches the
+enabled agent `handle` of workspace `workspace`. Any other address under the
+default domain is an unknown mailbox; any domain that is not ours is refused
+as relaying, whatever the mailbox. Lookups are cached, positive and negative,
+for a short TTL so RCPT does not cost a Postgres round trip every time; the
+cache is only a cache: it is safe to lose, and another host has its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import asyncpg
+import structlog
+
+from .record import Mailbox
+from .store import directory
+from .store.database import CONNECTION_ERRORS, DatabaseUnavailable
+
+log = structlog.get_logger(__name__)
+
+MAX_CACHE_ENTRIES = 100_000
+
+
+class RouteKind(Enum):
+    MAILBOX = "mailbox"
+    UNKNOWN_MAILBOX = "unknown_mailbox"
+    RELAY_DENIED = "relay_denied"
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: RouteKind
+    mailbox: Mailbox | None = None
+    tag: str | None = None
+
+
+@dataclass(frozen=True)
+class ParsedAddress:
+    local: str
+    tag: str | None
+    domain: str
+
+
+def parse_address(address: str) -> ParsedAddress | None:
+    """Split `handle+tag@domain`, lower-cased; None if it is not an address at all."""
+    local, at, domain = address.strip().strip("<>").rpartition("@")
+    if not at or not local or not domain:
+        return None
+    local = local.lower()
+    domain = domain.lower().rstrip(".")
+    handle, plus, tag = local.partition("+")
+    return ParsedAddress(local=handle, tag=tag if plus else None, domain=domain)
+
+
+def workspace_of(domain: str, default_domain: str) -> str | None | bool:
+    """The workspace slug for a domain under ours; True for ours without a workspace; None if foreign."""
+    if domain == default_domain:
+        return True
+    suffix = "." + default_domain
+    if not domain.endswith(suffix):
+        return None
+    label = domain[: -len(suffix)]
+    return label if "." not in label else True
+
+
+class Router:
+    def __init__(self, db: asyncpg.Pool, default_domain: str, cache_ttl: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._db = db
+        self._default_domain = default_domain
+        self._ttl = cache_ttl
+        self._clock = clock
+        self._cache: dict[tuple[str, str], tuple[float, Mailbox | None]] = {}
+
+    async def route(self, address: str) -> Route:
+        parsed = parse_address(address)
+        if parsed is None:
+            return Route(RouteKind.UNKNOWN_MAILBOX)
+        slug = workspace_of(parsed.domain, self._default_domain)
+        if slug is None:
+            return Route(RouteKind.RELAY_DENIED)
+        if slug is True:
+            return Route(RouteKind.UNKNOWN_MAILBOX)
+        mailbox = await self._lookup(slug, parsed.local, parsed.domain)
+        if mailbox is None:
+            return Route(RouteKind.UNKNOWN_MAILBOX)
+        return Route(RouteKind.MAILBOX, mailbox=mailbox, tag=parsed.tag)
+
+    async def _lookup(self, slug: str, handle: str, domain: str) -> Mailbox | None:
+        key = (slug, handle)
+        now = self._clock()
+        cached = self._cache.get(key)
+        if cached and cached[0] > now:
+            return cached[1]
+        try:
+            agent = await directory.find_mailbox(self._db, slug, handle)
+        except CONNECTION_ERRORS as error:
+            raise DatabaseUnavailable(str(error)) from error
+        mailbox = None
+        if agent is not None:
+            mailbox = Mailbox(workspace_id=agent.workspace_id, workspace_slug=agent.workspace_slug,
+                              agent_id=agent.id, handle=agent.handle, domain=domain,
+                              auto_reply=agent.auto_reply)
+        if len(self._cache) >= MAX_CACHE_ENTRIES:
+            self._cache.clear()
+        self._cache[key] = (now + self._ttl, mailbox)
+        return mailbox
+
+    def invalidate(self) -> None:
+        self._cache.clear()

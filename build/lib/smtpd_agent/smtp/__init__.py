@@ -1,0 +1,1 @@
+"""The SMTP listener: a thin adapter from aiosmtpd sessions to the pipeline."""

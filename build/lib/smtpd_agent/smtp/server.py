@@ -1,0 +1,411 @@
+"""The SMTP protocol layer: aiosmtpd's command parser with our own DATA and BDAT.
+
+aiosmtpd parses commands and their parameters well; what we replace:
+
+- DATA is read in chunks and ends only at <CR><LF>.<CR><LF>, found with
+  bytes.find; <LF>.<LF>, <LF>.<CR><LF> and <CR>.<CR> are content (SMTP
+  smuggling), and bare LF is normalized or refused (`smtp.bare_lf`), as
+  Postfix's smtpd_forbid_bare_newline does.
+- BDAT (CHUNKING, RFC 3030), which aiosmtpd lacks.
+- Every reply gets an RFC 3463 enhanced code on its way out (`replies`).
+- An unexpected exception answers 451 4.3.0 with the session id instead of
+  aiosmtpd's permanent 500 naming the exception.
+- Connection limits, global and per client IP, and a 421 on timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import ssl
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, AnyStr, Awaitable, Callable
+
+import structlog
+from aiosmtpd.smtp import SMTP, Envelope as AioEnvelope, syntax
+
+from ..config import SmtpSettings
+from ..record import Recipient
+from . import replies
+from .replies import Reply
+
+log = structlog.get_logger("smtpd_agent.smtp")
+
+READ_CHUNK = 65_536
+TERMINATOR = b"\r\n.\r\n"
+BARE_LF = re.compile(rb"(?<!\r)\n")
+BDAT_ARGS = re.compile(r"^(\d{1,10})(?:\s+(LAST))?$", re.IGNORECASE)
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(6)
+
+
+class ConnectionLimits:
+    """Open sessions, globally and per client IP."""
+
+    def __init__(self, total: int, per_ip: int) -> None:
+        self.total = total
+        self.per_ip = per_ip
+        self.open: Counter[str] = Counter()
+        self.open_total = 0
+
+    def acquire(self, ip: str) -> bool:
+        if self.open_total >= self.total or self.open[ip] >= self.per_ip:
+            return False
+        self.open_total += 1
+        self.open[ip] += 1
+        return True
+
+    def release(self, ip: str) -> None:
+        self.open_total -= 1
+        self.open[ip] -= 1
+        if self.open[ip] <= 0:
+            del self.open[ip]
+
+
+class TransactionEnvelope(AioEnvelope):
+    """aiosmtpd's envelope plus where each recipient routes and the BDAT state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recipients: list[Recipient] = []
+        self.bdat_chunks: list[bytes] = []
+        self.bdat_size = 0
+        self.bdat_failed: Reply | None = None
+
+
+@dataclass(frozen=True)
+class ReceivedContent:
+    """The message bytes of one transaction, after transparency and line-ending rules."""
+
+    data: bytes
+    session_id: str
+    queue_id: str
+    client_ip: str
+    helo: str
+    mail_from: str
+    recipients: tuple[Recipient, ...]
+    tls: bool
+    tls_version: str | None
+    smtputf8: bool
+    esmtp: bool
+    received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+Deliver = Callable[[ReceivedContent], Awaitable[Reply]]
+
+
+class Sessions:
+    """The open sessions of one listener, so that stopping can drain them."""
+
+    def __init__(self) -> None:
+        self.active: set[AgentSMTP] = set()
+        self.draining = False
+
+    async def drain(self, grace: float) -> None:
+        """Close idle sessions now with 421; give sessions inside DATA/BDAT `grace` seconds."""
+        self.draining = True
+        for session in list(self.active):
+            if not session.receiving:
+                session.close_with(replies.SHUTTING_DOWN)
+        deadline = time.monotonic() + grace
+        while any(s.receiving for s in self.active) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.active):
+            session.close_with(replies.SHUTTING_DOWN)
+        tasks = [s._handler_coroutine for s in self.active if s._handler_coroutine]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+
+class AgentSMTP(SMTP):
+    """One SMTP session."""
+
+    def __init__(self, handler: Any, *, settings: SmtpSettings, limits: ConnectionLimits,
+                 deliver: Deliver, hostname: str, sessions: Sessions,
+                 tls_context: ssl.SSLContext | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(
+            handler,
+            data_size_limit=settings.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=hostname,
+            ident="smtpd-agent ESMTP",
+            tls_context=tls_context,
+            require_starttls=settings.require_starttls,
+            timeout=settings.command_timeout,
+            auth_require_tls=True,
+            loop=loop,
+        )
+        self.settings = settings
+        self.limits = limits
+        self.deliver = deliver
+        self.session_id = new_session_id()
+        self.sessions = sessions
+        self.receiving = False
+        self._pending_replies = bytearray()
+        self.client_ip = ""
+        self.transactions = 0
+        self.started = time.monotonic()
+        self._bytes_in = 0
+
+    # -- session lifecycle -------------------------------------------------------------
+
+    def _create_envelope(self) -> TransactionEnvelope:
+        return TransactionEnvelope()
+
+    async def _handle_client(self) -> None:
+        peer = self.session.peer if self.session else None
+        self.client_ip = peer[0] if isinstance(peer, tuple) else str(peer or "")
+        structlog.contextvars.bind_contextvars(session=self.session_id, client_ip=self.client_ip)
+        if not self.limits.acquire(self.client_ip):
+            log.warning("smtp.connection_refused", reason="connection limit",
+                        open_total=self.limits.open_total)
+            await self.push(str(replies.TOO_MANY_CONNECTIONS))
+            self.transport.close()
+            return
+        log.debug("smtp.session_start")
+        self.sessions.active.add(self)
+        try:
+            await super()._handle_client()
+        finally:
+            self.sessions.active.discard(self)
+            self.limits.release(self.client_ip)
+            log.info("smtp.session_end", transactions=self.transactions,
+                     seconds=round(time.monotonic() - self.started, 3))
+
+    def close_with(self, reply: Reply) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(bytes(self._pending_replies) + str(reply).encode() + b"\r\n")
+            self._pending_replies.clear()
+            self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        log.info("smtp.timeout")
+        self.close_with(replies.TIMEOUT)
+        super()._timeout_cb()
+
+    async def push(self, status: AnyStr) -> None:
+        """Queue a reply; send once the client's pipelined commands are all answered.
+
+        RFC 2920 lets a server hold replies while more commands are waiting in
+        its input buffer (Postfix does); one write per pipelined group instead
+        of one per command saves a syscall and a wake-up of the client each.
+        Only positive replies wait: aiosmtpd closes the connection only after a
+        negative reply or 221, so nothing held back is ever lost to a close.
+        """
+        line = status.encode("utf-8") if isinstance(status, str) else status
+        self._pending_replies += replies.enhance(line) + b"\r\n"
+        if self._reader._buffer and line[:1] == b"2" and line[:3] != b"221":  # type: ignore[attr-defined]
+            return
+        await self.flush_replies()
+
+    async def flush_replies(self) -> None:
+        if self._pending_replies:
+            self._writer.write(bytes(self._pending_replies))
+            self._pending_replies.clear()
+            await self._writer.drain()
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("smtp.internal_error", error=type(error).__name__)
+        return str(replies.TEMP_ERROR.with_text(
+            f"Internal error, try again later (session {self.session_id})"))
+
+    # -- commands ----------------------------------------------------------------------
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        self._set_rset_state()
+        self.session.extended_smtp = True
+        self.session.host_name = hostname
+        self.command_size_limits["MAIL"] = self.command_size_limit + 26 + 10
+        lines = [self.hostname, f"SIZE {self.data_size_limit}", "8BITMIME", "SMTPUTF8",
+                 "PIPELINING", "ENHANCEDSTATUSCODES", "CHUNKING"]
+        if self.tls_context and not self._tls_protocol:
+            lines.append("STARTTLS")
+        self._pending_replies += "".join(
+            f"250{' ' if index == len(lines) - 1 else '-'}{text}\r\n"
+            for index, text in enumerate(lines)).encode()
+        await self.flush_replies()
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: HELO hostname")
+            return
+        self._set_rset_state()
+        self.session.extended_smtp = False
+        self.session.host_name = hostname
+        self._pending_replies += f"250 {self.hostname}\r\n".encode()
+        await self.flush_replies()
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        if arg:
+            await self.push(str(replies.SYNTAX_ERROR.with_text("Syntax: DATA")))
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push(str(replies.BAD_SEQUENCE.with_text("Need RCPT command")))
+            return
+        if self.envelope.bdat_chunks or self.envelope.bdat_size:
+            await self.push(str(replies.BAD_SEQUENCE.with_text("DATA not allowed after BDAT")))
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self.receiving = True
+        try:
+            data, too_big = await self._read_dot_terminated()
+            self._reset_timeout()
+            await self.push(str(await self._finish(data, too_big, dot_stuffed=True)))
+        finally:
+            self._set_post_data_state()
+            self._end_receiving()
+
+    @syntax("BDAT size [LAST]")
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        match = BDAT_ARGS.match((arg or "").strip())
+        if match is None:
+            # The chunk size is unknown, so the stream cannot be resynchronised.
+            await self.push(str(replies.SYNTAX_ERROR.with_text("Syntax: BDAT size [LAST]")))
+            self.transport.close()
+            return
+        size, last = int(match.group(1)), match.group(2) is not None
+        envelope: TransactionEnvelope = self.envelope
+        limit = self.settings.max_message_size
+        self.receiving = True
+        try:
+            await self._bdat_chunk(envelope, size, last, limit)
+        finally:
+            if last or not envelope.rcpt_tos:
+                self._end_receiving()
+
+    def _end_receiving(self) -> None:
+        self.receiving = False
+        if self.sessions.draining:
+            self.close_with(replies.SHUTTING_DOWN)
+
+    async def _bdat_chunk(self, envelope: TransactionEnvelope, size: int, last: bool,
+                          limit: int) -> None:
+        keep = (not envelope.bdat_failed and envelope.rcpt_tos
+                and envelope.bdat_size + size <= limit)
+        chunk = await self._read_exactly(size, keep=bool(keep))
+        self._reset_timeout()
+        if not self.session.host_name:
+            await self.push(str(replies.BAD_SEQUENCE.with_text("Send EHLO first")))
+            return
+        if not envelope.rcpt_tos:
+            await self.push(str(replies.BAD_SEQUENCE.with_text("Need RCPT command")))
+            return
+        envelope.bdat_size += size
+        if envelope.bdat_failed is None and envelope.bdat_size > limit:
+            envelope.bdat_failed = replies.MESSAGE_TOO_BIG
+        if envelope.bdat_failed is None:
+            envelope.bdat_chunks.append(chunk)
+        if not last:
+            await self.push(str(envelope.bdat_failed or replies.bdat_chunk_ok(size)))
+            return
+        try:
+            if envelope.bdat_failed is not None:
+                log.info("smtp.rejected", reason="message too big", size=envelope.bdat_size)
+                await self.push(str(envelope.bdat_failed))
+                return
+            data = b"".join(envelope.bdat_chunks)
+            envelope.bdat_chunks.clear()
+            await self.push(str(await self._finish(data, too_big=False, dot_stuffed=False)))
+        finally:
+            self._set_post_data_state()
+
+    # -- reading message content -------------------------------------------------------
+
+    async def _read_dot_terminated(self) -> tuple[bytes, bool]:
+        """Read up to <CR><LF>.<CR><LF>; return the unstuffed content and whether it was too big.
+
+        The CRLF that ended the DATA command line opens the first line, so an
+        empty message (".<CR><LF>" straight away) is found by the same search.
+        """
+        reader = self._reader
+        buffer = bytearray(b"\r\n")
+        limit = self.settings.max_message_size + 2
+        too_big = False
+        search_from = 0
+        while True:
+            end = buffer.find(TERMINATOR, search_from)
+            if end >= 0:
+                break
+            if len(buffer) > limit:
+                too_big = True
+                del buffer[2:-4]
+            search_from = max(0, len(buffer) - len(TERMINATOR) + 1)
+            self._reset_timeout(self.settings.data_timeout)
+            chunk = await reader.read(READ_CHUNK)
+            if not chunk:
+                raise ConnectionResetError("connection closed in DATA")
+            buffer += chunk
+        leftover = buffer[end + len(TERMINATOR):]
+        if leftover:
+            # Pipelined commands after the final dot belong to the command loop. aiosmtpd
+            # itself reaches into the reader's buffer for STARTTLS; we put them back in front.
+            reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
+        if too_big or end > limit:
+            return b"", True
+        del buffer[end + 2:]
+        return bytes(buffer), False
+
+    async def _read_exactly(self, size: int, keep: bool) -> bytes:
+        """Read a BDAT chunk; when it will be refused anyway, drain it without keeping it."""
+        if keep:
+            self._reset_timeout(self.settings.data_timeout)
+            return await self._reader.readexactly(size)
+        remaining = size
+        while remaining:
+            self._reset_timeout(self.settings.data_timeout)
+            remaining -= len(await self._reader.readexactly(min(remaining, READ_CHUNK)))
+        return b""
+
+    async def _finish(self, data: bytes, too_big: bool, dot_stuffed: bool) -> Reply:
+        """Apply size, header and line-ending rules, then hand the message to the pipeline."""
+        self.transactions += 1
+        envelope: TransactionEnvelope = self.envelope
+        if too_big:
+            log.info("smtp.rejected", reason="message too big", mail_from=envelope.mail_from,
+                     rcpt=list(envelope.rcpt_tos))
+            return replies.MESSAGE_TOO_BIG
+        if b"\n" in data and data.count(b"\n") != data.count(b"\r\n"):
+            if self.settings.bare_lf == "reject":
+                log.info("smtp.rejected", reason="bare LF", mail_from=envelope.mail_from,
+                         rcpt=list(envelope.rcpt_tos))
+                return replies.BARE_LF
+            data = BARE_LF.sub(b"\r\n", data)
+        if dot_stuffed:
+            data = data.replace(b"\r\n.", b"\r\n")[2:]
+        header_end = data.find(b"\r\n\r\n")
+        header_size = header_end if header_end >= 0 else len(data)
+        if header_size > self.settings.max_header_size:
+            log.info("smtp.rejected", reason="header too big", header_size=header_size,
+                     mail_from=envelope.mail_from, rcpt=list(envelope.rcpt_tos))
+            return replies.HEADER_TOO_BIG
+        ssl_object = self.transport.get_extra_info("ssl_object") if self._tls_protocol else None
+        content = ReceivedContent(
+            data=data,
+            session_id=self.session_id,
+            queue_id=f"{self.session_id}.{self.transactions}",
+            client_ip=self.client_ip,
+            helo=self.session.host_name or "",
+            mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",
+            recipients=tuple(envelope.recipients),
+            tls=self._tls_protocol is not None,
+            tls_version=ssl_object.version() if ssl_object else None,
+            smtputf8=envelope.smtp_utf8,
+            esmtp=self.session.extended_smtp,
+        )
+        return await self.deliver(content)

@@ -1,0 +1,141 @@
+"""Where Postgres is, the connection pool, and the migrations.
+
+With `DATABASE_URL` set we use that server. Without it an embedded Postgres
+(the pgserver wheel) lives in `<state_dir>/pgdata`; pgserver keeps a list of
+the processes using it, so `smtpd-agent inbox` run beside a running `serve`
+attaches to the same postmaster instead of starting a second one, and the
+last process to leave stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import structlog
+
+from ..config import DatabaseSettings
+
+log = structlog.get_logger(__name__)
+
+EMBEDDED_DATABASE = "smtpd_agent"
+# pg_advisory_lock key: "smtpd-agent migrations" folded into a bigint.
+MIGRATION_LOCK = 0x736D74706461676E
+
+# Errors that mean "the server went away", after which a fresh connection may work.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+)
+
+
+class DatabaseUnavailable(RuntimeError):
+    """Postgres could not be reached or failed mid-transaction; the caller answers 4xx."""
+
+
+@dataclass
+class EmbeddedPostgres:
+    """A handle on the pgserver instance in a state directory."""
+
+    pgdata: Path
+    server: Any
+
+    @classmethod
+    def start(cls, state_dir: Path) -> EmbeddedPostgres:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import pgserver
+        state_dir.mkdir(parents=True, exist_ok=True)
+        pgdata = (state_dir / "pgdata").resolve()
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        if EMBEDDED_DATABASE not in server.psql("SELECT datname FROM pg_database;"):
+            server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
+        return cls(pgdata=pgdata, server=server)
+
+    @property
+    def url(self) -> str:
+        return self.server.get_uri(EMBEDDED_DATABASE)
+
+    def release(self) -> None:
+        """Drop our handle; pgserver stops the postmaster when no process holds one."""
+        self.server.cleanup()
+
+
+def resolve_database_url(settings: DatabaseSettings, state_dir: Path) -> tuple[str, EmbeddedPostgres | None]:
+    if settings.url:
+        return settings.url, None
+    embedded = EmbeddedPostgres.start(state_dir)
+    log.info("database.embedded", pgdata=str(embedded.pgdata))
+    return embedded.url, embedded
+
+
+async def _init_connection(connection: asyncpg.Connection) -> None:
+    await connection.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads,
+                                    schema="pg_catalog")
+
+
+async def create_pool(url: str, settings: DatabaseSettings) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        url,
+        min_size=settings.pool_min,
+        max_size=settings.pool_max,
+        timeout=settings.connect_timeout,
+        command_timeout=settings.command_timeout,
+        init=_init_connection,
+    )
+
+
+def migration_files() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every numbered SQL file, in order."""
+    folder = resources.files("smtpd_agent.store") / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:4].isdigit():
+            found.append((int(name[:4]), name, entry.read_text()))
+    return sorted(found)
+
+
+async def migrate(connection: asyncpg.Connection) -> list[str]:
+    """Apply pending migrations; safe to run twice and from two processes at once."""
+    await connection.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    try:
+        await connection.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version    integer PRIMARY KEY,
+                   name       text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())""")
+        applied = {row["version"] for row in
+                   await connection.fetch("SELECT version FROM schema_migrations")}
+        done = []
+        for version, name, sql in migration_files():
+            if version in applied:
+                continue
+            async with connection.transaction():
+                await connection.execute(sql)
+                await connection.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
+            log.info("database.migrated", migration=name)
+            done.append(name)
+        return done
+    finally:
+        await connection.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+
+async def pending_migrations(connection: asyncpg.Connection) -> list[str]:
+    exists = await connection.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    applied = set()
+    if exists:
+        applied = {row["version"] for row in
+                   await connection.fetch("SELECT version FROM schema_migrations")}
+    return [name for version, name, _ in migration_files() if version not in applied]
