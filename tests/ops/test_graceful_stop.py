@@ -49,6 +49,8 @@ def listener_closed(port: int, within: float = 5.0) -> bool:
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
         except ConnectionRefusedError:
             return True
+        except ConnectionResetError:
+            pass  # caught the listener while it closed (queued, then reset): look again
         time.sleep(0.05)
     return False
 
@@ -96,3 +98,29 @@ async def test_sigterm_with_a_stalled_transfer_answers_4xx_after_the_grace(serve
     assert server.process.wait(30) == 0, server.log()
     assert await db.fetchval("SELECT count(*) FROM messages") == 0
 
+
+
+async def test_sigterm_between_bdat_chunks_lets_the_last_chunk_finish(serve_process, db):
+    """CHUNKING (RFC 3030): a transaction between BDAT chunks counts as in transfer."""
+    server = serve_process(**{"smtp.shutdown_grace": 30})
+    await directory.add_workspace(db, "acme", "Acme")
+    await directory.add_agent(db, "acme", "support")
+    dialogue = Dialogue.open(server.port, timeout=30)
+    assert dialogue.reply()[0] == 220
+    assert dialogue.command("EHLO client.example.org")[0] == 250
+    assert dialogue.command("MAIL FROM:<alice@example.org>")[0] == 250
+    assert dialogue.command("RCPT TO:<support@acme.agents.test>")[0] == 250
+    first, rest = large_message("support@acme.agents.test", 3_000_000)
+    rest = rest[:-3]  # BDAT carries no dot terminator
+    dialogue.send(f"BDAT {len(first)}\r\n".encode() + first)
+    assert dialogue.reply()[0] == 250
+    server.signal(signal.SIGTERM)
+    server.wait_for_state("STOPPING=1", timeout=10)
+    assert listener_closed(server.port)
+    dialogue.send(f"BDAT {len(rest)} LAST\r\n".encode() + rest)
+    code, lines = dialogue.reply()
+    assert code == 250, lines
+    assert await db.fetchval("SELECT size FROM messages WHERE message_id = $1",
+                             MESSAGE_ID) >= 3_000_000
+    assert dialogue.reply()[0] == 421
+    assert server.process.wait(30) == 0, server.log()
