@@ -22,6 +22,7 @@ import structlog
 
 from .config import ConfigError, Settings, SmtpSettings, apply_live
 from .dns import Resolver
+from .domains.service import DomainRechecker
 from .pipeline import Pipeline
 from .routing import Router
 from .scan import Scanner, limit_problems
@@ -203,6 +204,7 @@ class MailServer:
 # shared Runtime; later stages (agent workers, HTTP) add themselves here.
 SERVICES: list[Callable[[Runtime], Service]] = [
     MailServer,
+    DomainRechecker,
 ]
 
 

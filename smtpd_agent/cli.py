@@ -20,6 +20,8 @@ from typing import Any
 
 from .app import Database, serve
 from .config import ConfigError, Settings, load_settings
+from .domains.cli import register_domains
+from .domains.keys import KeyStoreError
 from .logs import configure_logging
 from .routing import parse_address, workspace_of
 from .store import directory, inbox
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "run"):
             return args.run(settings, args)
         return asyncio.run(with_database(settings, args.handler, args))
-    except (DirectoryError, ConfigError) as error:
+    except (DirectoryError, ConfigError, KeyStoreError) as error:
         print(f"smtpd-agent: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -274,4 +276,5 @@ def _inbox_lines(threads: list[dict[str, Any]]) -> list[str]:
 # database pool) or `run` (given the settings, manages its own resources).
 COMMAND_GROUPS: list[Callable[[Any, Parents], None]] = [
     register_core,
+    register_domains,
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import tomllib
 import types
@@ -28,6 +29,10 @@ STANDARD_ENV = {
     "ANTHROPIC_API_KEY": "agent.api_key",
     "ANTHROPIC_BASE_URL": "agent.base_url",
 }
+
+
+LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+HOSTNAME = re.compile(r"^([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 class ConfigError(ValueError):
@@ -118,6 +123,36 @@ class AgentSettings:
 
 
 @dataclass(frozen=True)
+class DomainSettings:
+    """What `dns-records` and `domain add` ask the operator's and customers' DNS to say."""
+
+    # MX hosts every custom domain points at (preference 10 and 20); empty means
+    # mx1.<default domain> and mx2.<default domain>.
+    mx_primary: str = ""
+    mx_backup: str = ""
+    # The Mail-From (Return-Path) subdomain: <label>.<custom domain>, and
+    # <default label>.<default domain> for the operator's own domain.
+    mail_from_label: str = "mail"
+    default_mail_from_label: str = "bounce"
+    # SPF mechanisms of the operator's sending hosts, published once at
+    # _spf.<default domain> and included from every domain; empty: a:<each MX host>.
+    spf_mechanisms: list[str] = field(default_factory=list)
+    dmarc_policy: Literal["none", "quarantine", "reject"] = "quarantine"
+    # Aggregate report address(es) for the DMARC rua tag, e.g. "mailto:dmarc@aexy.email"; empty: none.
+    dmarc_rua: str = ""
+    # DKIM selectors are <prefix>-<yyyymmdd>-rsa and <prefix>-<yyyymmdd>-ed25519.
+    dkim_selector_prefix: str = "sa"
+    # Non-empty: the operator hosts the public keys under this zone and customers
+    # publish CNAMEs to it; empty: customers publish the key TXT records themselves.
+    dkim_hosted_zone: str = ""
+    # Seconds between re-checks of verified domains by `serve`; 0 disables them.
+    recheck_interval: float = 3600.0
+    # The secret that encrypts DKIM private keys in Postgres (mode 0600 or
+    # stricter); empty: <server.state_dir>/dkim.secret, created on first use.
+    key_file: str = ""
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -134,6 +169,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     scan: ScanSettings = field(default_factory=ScanSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
+    domains: DomainSettings = field(default_factory=DomainSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def replace(self, overrides: Mapping[str, Any]) -> Settings:
@@ -322,6 +358,18 @@ def _validate(settings: Settings) -> None:
         host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
         if port and not port.isdigit():
             raise ConfigError(f"dns.nameservers: bad port in {server!r}")
+    domains = settings.domains
+    for key in ("mail_from_label", "default_mail_from_label", "dkim_selector_prefix"):
+        if not LABEL.match(getattr(domains, key)):
+            raise ConfigError(f"domains.{key}: expected one lower-case DNS label, "
+                              f"got {getattr(domains, key)!r}")
+    for key in ("mx_primary", "mx_backup", "dkim_hosted_zone"):
+        value = getattr(domains, key)
+        if value and not HOSTNAME.match(value):
+            raise ConfigError(f"domains.{key}: expected a lower-case host name, got {value!r}")
+    if domains.dmarc_rua and not all(uri.strip().startswith("mailto:")
+                                     for uri in domains.dmarc_rua.split(",")):
+        raise ConfigError(f"domains.dmarc_rua: expected mailto: URIs, got {domains.dmarc_rua!r}")
     clamd = settings.scan.clamd
     if clamd and not clamd.startswith(("unix:", "tcp:")):
         raise ConfigError(f"scan.clamd: expected unix:/path or tcp:host:port, got {clamd!r}")

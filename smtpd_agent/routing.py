@@ -1,11 +1,14 @@
 """RCPT TO address -> mailbox, decided at RCPT time.
 
 `<handle>[+tag]@<workspace>.<default domain>` (case-insensitive) reaches the
-enabled agent `handle` of workspace `workspace`. Any other address under the
-default domain is an unknown mailbox; any domain that is not ours is refused
-as relaying, whatever the mailbox. Lookups are cached, positive and negative,
-for a short TTL so RCPT does not cost a Postgres round trip every time; the
-cache is only a cache: it is safe to lose, and another host has its own.
+enabled agent `handle` of workspace `workspace`, and so does
+`<handle>[+tag]@<custom domain>` once the workspace's custom domain is
+verified (`smtpd-agent domain check`). Any other address under the default
+domain is an unknown mailbox; any domain that is not ours, or a custom domain
+not verified yet, is refused as relaying, whatever the mailbox (the log says
+why). Lookups, of mailboxes and of custom domains, are cached, positive and
+negative, for a short TTL so RCPT does not cost a Postgres round trip every
+time; the cache is only a cache: it is safe to lose, and another host has its own.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import structlog
 
 from .record import Mailbox
 from .store import directory
+from .store import domains as domain_store
 from .store.database import CONNECTION_ERRORS, DatabaseUnavailable
 
 log = structlog.get_logger(__name__)
@@ -38,6 +42,9 @@ class Route:
     kind: RouteKind
     mailbox: Mailbox | None = None
     tag: str | None = None
+    # why a RELAY_DENIED was denied, for the log (never for the client)
+    reason: str = "relay denied"
+    hint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,24 +83,34 @@ class Router:
         self._default_domain = default_domain
         self._ttl = cache_ttl
         self._clock = clock
-        self._cache: dict[tuple[str, str], tuple[float, Mailbox | None]] = {}
+        self._cache: dict[tuple[str, str, str], tuple[float, Mailbox | None]] = {}
+        self._domains: dict[str, tuple[float, domain_store.Domain | None]] = {}
 
     async def route(self, address: str) -> Route:
         parsed = parse_address(address)
         if parsed is None:
             return Route(RouteKind.UNKNOWN_MAILBOX)
-        slug = workspace_of(parsed.domain, self._default_domain)
-        if slug is None:
-            return Route(RouteKind.RELAY_DENIED)
-        if slug is True:
+        found = workspace_of(parsed.domain, self._default_domain)
+        if found is None:
+            custom = await self._custom_domain(parsed.domain)
+            if custom is None:
+                return Route(RouteKind.RELAY_DENIED)
+            if not custom.receives:
+                return Route(RouteKind.RELAY_DENIED, reason=f"domain {custom.state}",
+                             hint=f"{custom.name} (workspace {custom.workspace_slug}) is "
+                                  f"{custom.state}: publish its records and run "
+                                  f"`smtpd-agent domain check {custom.name}`")
+            found = custom.workspace_slug
+        if not isinstance(found, str):
             return Route(RouteKind.UNKNOWN_MAILBOX)
+        slug = found
         mailbox = await self._lookup(slug, parsed.local, parsed.domain)
         if mailbox is None:
             return Route(RouteKind.UNKNOWN_MAILBOX)
         return Route(RouteKind.MAILBOX, mailbox=mailbox, tag=parsed.tag)
 
     async def _lookup(self, slug: str, handle: str, domain: str) -> Mailbox | None:
-        key = (slug, handle)
+        key = (slug, handle, domain)
         now = self._clock()
         cached = self._cache.get(key)
         if cached and cached[0] > now:
@@ -112,5 +129,21 @@ class Router:
         self._cache[key] = (now + self._ttl, mailbox)
         return mailbox
 
+    async def _custom_domain(self, name: str) -> domain_store.Domain | None:
+        """A registered custom domain (any state), cached like mailboxes."""
+        now = self._clock()
+        cached = self._domains.get(name)
+        if cached and cached[0] > now:
+            return cached[1]
+        try:
+            found = await domain_store.find_domain(self._db, name)
+        except CONNECTION_ERRORS as error:
+            raise DatabaseUnavailable(str(error)) from error
+        if len(self._domains) >= MAX_CACHE_ENTRIES:
+            self._domains.clear()
+        self._domains[name] = (now + self._ttl, found)
+        return found
+
     def invalidate(self) -> None:
         self._cache.clear()
+        self._domains.clear()

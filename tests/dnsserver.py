@@ -73,6 +73,16 @@ class DnsTestServer:
         for address in addresses:
             self.add(name, "AAAA" if ":" in address else "A", address)
 
+    def remove(self, name: str, rtype: str | None = None) -> None:
+        """Delete the records of `name` (of one type, or all)."""
+        with self.lock:
+            kept = [r for r in self.zone.records.get(_key(name), [])
+                    if rtype is not None and r[0] != rtype.upper()]
+            if kept:
+                self.zone.records[_key(name)] = kept
+            else:
+                self.zone.records.pop(_key(name), None)
+
     def set_timeout(self, name: str) -> None:
         """Never answer queries for `name` (a resolver sees a timeout)."""
         with self.lock:

@@ -41,7 +41,7 @@ class SessionHandler:
             return str(replies.TEMP_ROUTING_FAILURE)
         if route.kind is RouteKind.RELAY_DENIED:
             log.info("smtp.rcpt_rejected", rcpt=address, mail_from=envelope.mail_from,
-                     reason="relay denied")
+                     reason=route.reason, **({"hint": route.hint} if route.hint else {}))
             return str(replies.RELAY_DENIED)
         if route.kind is RouteKind.UNKNOWN_MAILBOX or route.mailbox is None:
             log.info("smtp.rcpt_rejected", rcpt=address, mail_from=envelope.mail_from,

@@ -37,6 +37,10 @@ class Agent:
     created_at: datetime
 
 
+# The operator workspace (migration 0003) owns the default domain's DKIM keys; it is no
+# customer's: never listed, never found by slug, never holding a mailbox.
+WORKSPACE_COLUMNS = "id, slug, name, created_at"
+
 AGENT_COLUMNS = """a.id, a.workspace_id, w.slug AS workspace_slug, a.handle, a.display_name,
                    a.system_prompt, a.auto_reply, a.enabled, a.created_at"""
 
@@ -48,19 +52,21 @@ async def add_workspace(db: asyncpg.Pool | asyncpg.Connection, slug: str, name: 
                              "not at either end, at most 63 characters")
     try:
         row = await db.fetchrow(
-            "INSERT INTO workspaces (slug, name) VALUES ($1, $2) RETURNING *", slug, name or slug)
+            f"INSERT INTO workspaces (slug, name) VALUES ($1, $2) RETURNING {WORKSPACE_COLUMNS}", slug, name or slug)
     except asyncpg.UniqueViolationError:
         raise DirectoryError(f"workspace {slug!r} already exists") from None
     return Workspace(**dict(row))
 
 
 async def list_workspaces(db: asyncpg.Pool | asyncpg.Connection) -> list[Workspace]:
-    rows = await db.fetch("SELECT * FROM workspaces ORDER BY slug")
+    rows = await db.fetch(f"SELECT {WORKSPACE_COLUMNS} FROM workspaces WHERE NOT operator "
+                          "ORDER BY slug")
     return [Workspace(**dict(row)) for row in rows]
 
 
 async def get_workspace(db: asyncpg.Pool | asyncpg.Connection, slug: str) -> Workspace:
-    row = await db.fetchrow("SELECT * FROM workspaces WHERE slug = $1", slug.lower())
+    row = await db.fetchrow(f"SELECT {WORKSPACE_COLUMNS} FROM workspaces "
+                            "WHERE slug = $1 AND NOT operator", slug.lower())
     if row is None:
         raise DirectoryError(f"no workspace {slug!r}")
     return Workspace(**dict(row))
@@ -111,5 +117,6 @@ async def find_mailbox(db: asyncpg.Pool | asyncpg.Connection, workspace_slug: st
     """The enabled agent behind a mailbox, or None."""
     row = await db.fetchrow(
         f"""SELECT {AGENT_COLUMNS} FROM agents a JOIN workspaces w ON w.id = a.workspace_id
-            WHERE w.slug = $1 AND a.handle = $2 AND a.enabled""", workspace_slug, handle)
+            WHERE w.slug = $1 AND a.handle = $2 AND a.enabled AND NOT w.operator""",
+        workspace_slug, handle)
     return Agent(**dict(row)) if row else None

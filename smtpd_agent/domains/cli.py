@@ -1,0 +1,121 @@
+"""`smtpd-agent dns-records` and `smtpd-agent domain add|check|list|remove`.
+
+Registered into cli.COMMAND_GROUPS. Output is a zone-file snippet (or one line
+per record for `check`), or JSON with --json; the JSON of `dns-records` and
+`domain add` follows `records.schema.json`. No output ever carries a private
+key: commands only see `DkimKey`, the public side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING, Any
+
+from ..config import Settings
+from ..store import domains as store
+from . import Domains
+from .check import CheckReport, DomainChecker
+
+if TYPE_CHECKING:
+    from ..cli import Parents
+
+
+def register_domains(commands: Any, parents: Parents) -> None:
+    common, listing = parents.common, parents.listing
+    records = commands.add_parser(
+        "dns-records", parents=[common, listing],
+        help="the DNS records the operator publishes for the default domain")
+    records.add_argument("--check", action="store_true",
+                         help="resolve each record instead: what is published, what is missing")
+    records.set_defaults(handler=cmd_dns_records)
+
+    domain = commands.add_parser("domain", help="custom domains of workspaces")
+    actions = domain.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser("add", parents=[common, listing],
+                             help="register a domain (pending) and print its records")
+    add.add_argument("domain", help="the domain, e.g. mail.acme.com")
+    add.add_argument("--workspace", required=True, metavar="SLUG")
+    add.set_defaults(handler=cmd_domain_add)
+    check = actions.add_parser("check", parents=[common, listing],
+                               help="resolve every record; all pass -> verified")
+    check.add_argument("domain")
+    check.set_defaults(handler=cmd_domain_check)
+    listed = actions.add_parser("list", parents=[common, listing], help="list custom domains")
+    listed.add_argument("--workspace", metavar="SLUG")
+    listed.set_defaults(handler=cmd_domain_list)
+    remove = actions.add_parser("remove", parents=[common],
+                                help="forget a domain and delete its DKIM keys")
+    remove.add_argument("domain")
+    remove.set_defaults(handler=cmd_domain_remove)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+async def cmd_dns_records(db: Any, settings: Settings, args: argparse.Namespace) -> int:
+    domains = Domains.open(db, settings)
+    record_set = await domains.default_record_set()
+    if args.check:
+        report = await DomainChecker(domains.resolver, settings).check(record_set)
+        _print_report(record_set.domain, report, args.json,
+                      "all records published" if report.passed else None)
+        return 0 if report.passed else 1
+    if args.json:
+        _print_json(record_set.to_dict())
+    else:
+        print(record_set.zone_snippet())
+    return 0
+
+
+async def cmd_domain_add(db: Any, settings: Settings, args: argparse.Namespace) -> int:
+    record_set = await Domains.open(db, settings).add(args.domain, args.workspace)
+    if args.json:
+        _print_json(record_set.to_dict())
+    else:
+        print(record_set.zone_snippet())
+    return 0
+
+
+async def cmd_domain_check(db: Any, settings: Settings, args: argparse.Namespace) -> int:
+    domain, report = await Domains.open(db, settings).check(args.domain)
+    _print_report(domain.name, report, args.json, None, state=domain.state)
+    return 0 if report.passed else 1
+
+
+def _print_report(name: str, report: CheckReport, as_json: bool, passed: str | None,
+                  state: str | None = None) -> None:
+    if as_json:
+        _print_json({"domain": name, "state": state, "passed": report.passed,
+                     "records": [c.to_dict() for c in report.checks]})
+        return
+    for check in report.checks:
+        print(check.line())
+    verdict = (passed or "all required records pass") if report.passed else (
+        "DNS errors, try again later" if report.temperror and not report.failing
+        else f"{len(report.failing)} record(s) to fix")
+    print(f"{name}: {state} ({verdict})" if state else f"{name}: {verdict}")
+
+
+async def cmd_domain_list(db: Any, settings: Settings, args: argparse.Namespace) -> int:
+    domains = await store.list_domains(db, args.workspace)
+    if args.json:
+        _print_json([{"domain": d.name, "workspace": d.workspace_slug, "state": d.state,
+                      "mail_from": d.mail_from, "verified_at": d.verified_at,
+                      "checked_at": d.checked_at, "failing": d.failing,
+                      "created_at": d.created_at} for d in domains])
+        return 0
+    if not domains:
+        print("no domains")
+    for d in domains:
+        failing = f"  failing: {', '.join(d.failing)}" if d.failing else ""
+        print(f"{d.name:<40} {d.workspace_slug:<20} {d.state:<9}{failing}")
+    return 0
+
+
+async def cmd_domain_remove(db: Any, settings: Settings, args: argparse.Namespace) -> int:
+    domain = await Domains.open(db, settings).remove(args.domain)
+    print(f"domain {domain.name} removed from workspace {domain.workspace_slug}; "
+          "its DKIM keys are deleted")
+    return 0

@@ -1,0 +1,212 @@
+"""What DNS must say for a domain to receive and send through us: pure record sets.
+
+Two sets, both built from settings and keys without any I/O:
+
+- the operator's default domain (`smtpd-agent dns-records`): wildcard MX so
+  every `<workspace>.<default domain>` reaches us, SPF for the domain and the
+  wildcard (both include `_spf.<default domain>`, the one list of our sending
+  hosts), DMARC, the bounce subdomain's MX and SPF, the default domain's DKIM
+  keys;
+- a custom domain (`smtpd-agent domain add`): two MX, SPF, the Mail-From
+  subdomain's MX and SPF, DKIM (TXT, or CNAMEs into the operator's hosted
+  zone), DMARC and the ownership TXT.
+
+`domain check` (check.py) resolves exactly these records, so what we print and
+what we verify cannot drift apart; those the customer publishes decide
+verification. Rendered as a zone-file snippet or as JSON (schema:
+`smtpd_agent/domains/records.schema.json`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from ..config import Settings
+from .keys import DkimKey
+
+RecordType = Literal["MX", "TXT", "CNAME"]
+Purpose = Literal["mx", "spf", "spf-hosts", "mail-from-mx", "mail-from-spf", "dkim", "dmarc",
+                  "dmarc-report-authorization", "ownership"]
+TTL = 3600
+OWNERSHIP_LABEL = "_smtpd-agent"
+OWNERSHIP_PREFIX = "smtpd-agent-verification="
+TXT_CHUNK = 255  # RFC 1035 3.3.14: one character-string holds at most 255 octets
+
+
+@dataclass(frozen=True)
+class DnsRecord:
+    """One record to publish. `value` is the MX host, TXT text or CNAME target."""
+
+    name: str
+    type: RecordType
+    value: str
+    purpose: Purpose
+    priority: int | None = None  # MX only
+    publisher: Literal["customer", "operator"] = "customer"
+    required: bool = True
+    ttl: int = TTL
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.priority is None:
+            del data["priority"]
+        return data
+
+    def zone_line(self) -> str:
+        """RFC 1035 5.1 master-file form, absolute names; long TXT split into 255-octet strings."""
+        if self.type == "MX":
+            rdata = f"{self.priority} {self.value}."
+        elif self.type == "CNAME":
+            rdata = f"{self.value}."
+        else:
+            chunks = [self.value[i:i + TXT_CHUNK] for i in range(0, len(self.value), TXT_CHUNK)]
+            quoted = ['"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"' for c in chunks]
+            rdata = quoted[0] if len(quoted) == 1 else "( " + " ".join(quoted) + " )"
+        return f"{self.name}.\t{self.ttl}\tIN\t{self.type}\t{rdata}"
+
+
+@dataclass(frozen=True)
+class RecordSet:
+    domain: str
+    kind: Literal["default", "custom"]
+    records: tuple[DnsRecord, ...]
+    workspace: str | None = None
+    state: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"domain": self.domain, "kind": self.kind, "workspace": self.workspace,
+                "state": self.state, "records": [r.to_dict() for r in self.records]}
+
+    def zone_snippet(self) -> str:
+        heading = {
+            "default": f"; Records for the default domain {self.domain}: publish them in its zone.",
+            "custom": f"; Records for {self.domain} (workspace {self.workspace}): publish them, "
+                      f"then run `smtpd-agent domain check {self.domain}`.",
+        }[self.kind]
+        lines = [heading]
+        for publisher in ("customer", "operator"):
+            records = [r for r in self.records if r.publisher == publisher]
+            if not records:
+                continue
+            if publisher == "operator" and self.kind == "custom":
+                lines.append("; Served by the operator (hosted DKIM zone), not by the customer:")
+            last = None
+            for record in records:
+                if record.purpose != last:
+                    lines.append(f"; {PURPOSE_TEXT[record.purpose]}")
+                    last = record.purpose
+                lines.append(record.zone_line())
+        return "\n".join(lines)
+
+
+PURPOSE_TEXT: dict[str, str] = {
+    "mx": "MX: mail for the domain comes to us (primary and backup)",
+    "spf": "SPF: our sending hosts may use the domain",
+    "spf-hosts": "SPF: the one list of our sending hosts, included by every domain",
+    "mail-from-mx": "Mail-From (bounce) subdomain: bounces come back to us",
+    "mail-from-spf": "Mail-From (bounce) subdomain: SPF for the envelope sender",
+    "dkim": "DKIM public keys (RSA-2048 and Ed25519)",
+    "dmarc": "DMARC policy",
+    "dmarc-report-authorization": "DMARC reports for other domains may come to us (RFC 7489 7.1)",
+    "ownership": "Ownership: proves the domain's owner asked for this",
+}
+
+
+def mx_hosts(settings: Settings) -> tuple[str, str]:
+    domain = settings.server.default_domain
+    return (settings.domains.mx_primary or f"mx1.{domain}",
+            settings.domains.mx_backup or f"mx2.{domain}")
+
+
+def spf_hosts_name(settings: Settings) -> str:
+    return f"_spf.{settings.server.default_domain}"
+
+
+def spf_record(settings: Settings) -> str:
+    """What every domain of ours publishes: our hosts and nothing else (-all, RFC 7208 5.1)."""
+    return f"v=spf1 include:{spf_hosts_name(settings)} -all"
+
+
+def spf_hosts_record(settings: Settings) -> str:
+    mechanisms = settings.domains.spf_mechanisms or [f"a:{host}" for host in mx_hosts(settings)]
+    return "v=spf1 " + " ".join(mechanisms) + " -all"
+
+
+def dmarc_record(settings: Settings, subdomain_policy: bool = False) -> str:
+    policy = settings.domains.dmarc_policy
+    tags = ["v=DMARC1", f"p={policy}"]
+    if subdomain_policy:
+        tags.append(f"sp={policy}")
+    if settings.domains.dmarc_rua:
+        tags.append("rua=" + ",".join(u.strip() for u in settings.domains.dmarc_rua.split(",")))
+    return "; ".join(tags)
+
+
+def mail_from_domain(domain: str, settings: Settings) -> str:
+    if domain == settings.server.default_domain:
+        return f"{settings.domains.default_mail_from_label}.{domain}"
+    return f"{settings.domains.mail_from_label}.{domain}"
+
+
+def ownership_name(domain: str) -> str:
+    return f"{OWNERSHIP_LABEL}.{domain}"
+
+
+def hosted_dkim_name(key: DkimKey, zone: str) -> str:
+    """Where the operator serves a customer's key when it hosts them: under its own zone."""
+    return f"{key.name}.{zone}"
+
+
+def _mx(name: str, settings: Settings, purpose: Purpose) -> list[DnsRecord]:
+    primary, backup = mx_hosts(settings)
+    return [DnsRecord(name, "MX", primary, purpose, priority=10),
+            DnsRecord(name, "MX", backup, purpose, priority=20)]
+
+
+def default_domain_records(settings: Settings, keys: list[DkimKey]) -> RecordSet:
+    domain = settings.server.default_domain
+    bounce = mail_from_domain(domain, settings)
+    records = [
+        *_mx(f"*.{domain}", settings, "mx"),
+        DnsRecord(spf_hosts_name(settings), "TXT", spf_hosts_record(settings), "spf-hosts"),
+        DnsRecord(domain, "TXT", spf_record(settings), "spf"),
+        DnsRecord(f"*.{domain}", "TXT", spf_record(settings), "spf"),
+        *_mx(bounce, settings, "mail-from-mx"),
+        DnsRecord(bounce, "TXT", spf_record(settings), "mail-from-spf"),
+        *[DnsRecord(k.name, "TXT", k.txt, "dkim") for k in keys],
+        DnsRecord(f"_dmarc.{domain}", "TXT", dmarc_record(settings, subdomain_policy=True),
+                  "dmarc"),
+    ]
+    rua_domains = {uri.strip().rpartition("@")[2].lower()
+                   for uri in settings.domains.dmarc_rua.split(",") if uri.strip()}
+    if domain in rua_domains:
+        records.append(DnsRecord(f"*._report._dmarc.{domain}", "TXT", "v=DMARC1",
+                                 "dmarc-report-authorization"))
+    return RecordSet(domain, "default", tuple(records))
+
+
+def custom_domain_records(settings: Settings, domain: str, workspace: str, state: str,
+                          token: str, keys: list[DkimKey]) -> RecordSet:
+    mail_from = mail_from_domain(domain, settings)
+    zone = settings.domains.dkim_hosted_zone
+    dkim: list[DnsRecord] = []
+    for key in keys:
+        if zone:
+            target = hosted_dkim_name(key, zone)
+            dkim.append(DnsRecord(key.name, "CNAME", target, "dkim"))
+            dkim.append(DnsRecord(target, "TXT", key.txt, "dkim", publisher="operator",
+                                  required=False))
+        else:
+            dkim.append(DnsRecord(key.name, "TXT", key.txt, "dkim"))
+    records = [
+        *_mx(domain, settings, "mx"),
+        DnsRecord(domain, "TXT", spf_record(settings), "spf"),
+        *_mx(mail_from, settings, "mail-from-mx"),
+        DnsRecord(mail_from, "TXT", spf_record(settings), "mail-from-spf"),
+        *[r for r in dkim if r.publisher == "customer"],
+        DnsRecord(f"_dmarc.{domain}", "TXT", dmarc_record(settings), "dmarc"),
+        DnsRecord(ownership_name(domain), "TXT", OWNERSHIP_PREFIX + token, "ownership"),
+        *[r for r in dkim if r.publisher == "operator"],
+    ]
+    return RecordSet(domain, "custom", tuple(records), workspace=workspace, state=state)

@@ -1,0 +1,72 @@
+"""The periodic re-check inside `serve`: domains whose records break after setup get noticed.
+
+Customers are told to keep the DNS records after verification; this service
+holds them to it. Every `domains.recheck_interval` seconds each domain that
+receives mail is checked exactly as `domain check` does; a broken record marks
+it `degraded` and logs which record broke (`domain.degraded`, with the record
+names), a passing check restores `verified`. Every host may run it: the
+check is idempotent, so two hosts re-checking at once only cost DNS queries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+import structlog
+
+from ..store import domains as store
+from . import Domains
+
+if TYPE_CHECKING:
+    from ..app import Runtime
+
+log = structlog.get_logger(__name__)
+
+
+class DomainRechecker:
+    """A Service (app.SERVICES): start() schedules the loop, stop() cancels it."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.interval = runtime.settings.domains.recheck_interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.interval <= 0:
+            log.info("domain.recheck_disabled")
+            return
+        self._task = asyncio.create_task(self._loop(), name="domain-recheck")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.error("domain.recheck_failed", error=str(error))
+
+    async def run_once(self) -> list[store.Domain]:
+        """Check every receiving domain once; returns them in their new state."""
+        runtime = self.runtime
+        domains = Domains.open(runtime.pool, runtime.settings, runtime.resolver)
+        checked = []
+        for domain in await store.verified_domains(runtime.pool):
+            try:
+                updated, _report = await domains.check(domain.name)
+            except store.DirectoryError:  # removed meanwhile
+                continue
+            checked.append(updated)
+        log.info("domain.recheck_done", domains=len(checked),
+                 degraded=sum(d.state == "degraded" for d in checked))
+        return checked

@@ -1,0 +1,125 @@
+"""Custom domains: which workspace a domain belongs to, and whether it is verified.
+
+Queries only; the record sets and checks live in `smtpd_agent.domains`. Every
+statement that changes or reads one domain is scoped by its workspace_id too,
+so a bug elsewhere cannot flip another tenant's domain.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal, TypeAlias
+
+import asyncpg
+
+from .directory import DirectoryError, get_workspace
+
+DbLike: TypeAlias = asyncpg.Pool | asyncpg.Connection
+State = Literal["pending", "verified", "degraded"]
+# RFC 1035 2.3.1 host names, at least two labels, a letter first in the last one
+DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+"
+                    r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+COLUMNS = """d.id, d.workspace_id, w.slug AS workspace_slug, d.name, d.state, d.ownership_token,
+             d.mail_from, d.verified_at, d.checked_at, d.failing, d.created_at"""
+
+
+@dataclass(frozen=True)
+class Domain:
+    id: int
+    workspace_id: int
+    workspace_slug: str
+    name: str
+    state: State
+    ownership_token: str
+    mail_from: str
+    verified_at: datetime | None
+    checked_at: datetime | None
+    failing: list[str]
+    created_at: datetime
+
+    @property
+    def receives(self) -> bool:
+        """Only a domain verified once takes mail; a degraded one keeps taking it (its
+        records broke after setup: we warn, the mail that still arrives is the customer's)."""
+        return self.verified_at is not None and self.state in ("verified", "degraded")
+
+
+def normalize(name: str) -> str:
+    return name.strip().rstrip(".").lower()
+
+
+async def add_domain(db: DbLike, workspace_slug: str, name: str, token: str,
+                     mail_from: str) -> Domain:
+    name = normalize(name)
+    if not DOMAIN.match(name):
+        raise DirectoryError(f"invalid domain {name!r}")
+    workspace = await get_workspace(db, workspace_slug)
+    try:
+        await db.execute(
+            """INSERT INTO domains (workspace_id, name, ownership_token, mail_from)
+               VALUES ($1, $2, $3, $4)""", workspace.id, name, token, mail_from)
+    except asyncpg.UniqueViolationError:
+        raise DirectoryError(f"domain {name!r} is already registered") from None
+    found = await find_domain(db, name)
+    assert found is not None
+    return found
+
+
+async def find_domain(db: DbLike, name: str) -> Domain | None:
+    row = await db.fetchrow(
+        f"""SELECT {COLUMNS} FROM domains d JOIN workspaces w ON w.id = d.workspace_id
+            WHERE d.name = $1""", normalize(name))
+    return Domain(**dict(row)) if row else None
+
+
+async def get_domain(db: DbLike, name: str) -> Domain:
+    domain = await find_domain(db, name)
+    if domain is None:
+        raise DirectoryError(f"no domain {normalize(name)!r}: add it with "
+                             "`smtpd-agent domain add <domain> --workspace <slug>`")
+    return domain
+
+
+async def list_domains(db: DbLike, workspace_slug: str | None = None) -> list[Domain]:
+    rows = await db.fetch(
+        f"""SELECT {COLUMNS} FROM domains d JOIN workspaces w ON w.id = d.workspace_id
+            WHERE $1::text IS NULL OR w.slug = $1 ORDER BY w.slug, d.name""",
+        workspace_slug.lower() if workspace_slug else None)
+    return [Domain(**dict(row)) for row in rows]
+
+
+async def verified_domains(db: DbLike) -> list[Domain]:
+    """Domains the periodic re-check watches: those that receive mail."""
+    rows = await db.fetch(
+        f"""SELECT {COLUMNS} FROM domains d JOIN workspaces w ON w.id = d.workspace_id
+            WHERE d.verified_at IS NOT NULL ORDER BY d.checked_at NULLS FIRST, d.name""")
+    return [Domain(**dict(row)) for row in rows]
+
+
+async def record_check(db: DbLike, domain: Domain, failing: list[str]) -> Domain:
+    """Store a check's outcome: all pass -> verified; a failure -> degraded once verified."""
+    row = await db.fetchrow(
+        f"""WITH updated AS (
+                UPDATE domains SET
+                    state = CASE WHEN cardinality($3::text[]) = 0 THEN 'verified'
+                                 WHEN verified_at IS NULL THEN 'pending'
+                                 ELSE 'degraded' END,
+                    verified_at = CASE WHEN cardinality($3::text[]) = 0
+                                       THEN coalesce(verified_at, now()) ELSE verified_at END,
+                    checked_at = now(),
+                    failing = $3
+                WHERE id = $1 AND workspace_id = $2
+                RETURNING *)
+            SELECT {COLUMNS} FROM updated d JOIN workspaces w ON w.id = d.workspace_id""",
+        domain.id, domain.workspace_id, failing)
+    if row is None:
+        raise DirectoryError(f"domain {domain.name!r} was removed")
+    return Domain(**dict(row))
+
+
+async def remove_domain(db: DbLike, domain: Domain) -> None:
+    await db.execute("DELETE FROM domains WHERE id = $1 AND workspace_id = $2",
+                     domain.id, domain.workspace_id)
