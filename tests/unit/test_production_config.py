@@ -27,6 +27,9 @@ def test_production_config_loads_with_real_certificate_files(tmp_path):
     assert settings.scan.clamd.startswith("unix:") and settings.scan.required
     assert settings.log.format == "json"
     assert settings.smtp.shutdown_grace < 60  # TimeoutStopSec of the systemd unit
+    # The only writable place under the unit's ProtectSystem=strict: ReadWritePaths.
+    assert settings.domains.key_file.startswith(str(settings.server.state_dir) + "/")
+    assert str(settings.server.state_dir) == "/var/lib/smtpd-agent"
     assert build_tls_context(settings.smtp) is not None
 
 
