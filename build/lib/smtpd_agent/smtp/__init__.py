@@ -1,1 +1,0 @@
-"""The SMTP listener: a thin adapter from aiosmtpd sessions to the pipeline."""
