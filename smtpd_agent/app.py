@@ -20,6 +20,7 @@ from typing import Protocol, TypeVar
 import asyncpg
 import structlog
 
+from .agent.worker import AgentWorkers
 from .config import ConfigError, Settings, SmtpSettings, apply_live
 from .dns import Resolver
 from .domains.service import DomainRechecker
@@ -204,6 +205,8 @@ class MailServer:
 # shared Runtime; later stages (agent workers, HTTP) add themselves here.
 SERVICES: list[Callable[[Runtime], Service]] = [
     MailServer,
+    # Reply workers (agent.workers of them; 0: run `smtpd-agent worker` elsewhere).
+    AgentWorkers,
     DomainRechecker,
 ]
 

@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .agent.cli import register_agent
 from .app import Database, serve
 from .config import ConfigError, Settings, load_settings
 from .domains.cli import register_domains
@@ -276,5 +277,6 @@ def _inbox_lines(threads: list[dict[str, Any]]) -> list[str]:
 # database pool) or `run` (given the settings, manages its own resources).
 COMMAND_GROUPS: list[Callable[[Any, Parents], None]] = [
     register_core,
+    register_agent,
     register_domains,
 ]

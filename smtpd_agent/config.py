@@ -117,9 +117,25 @@ class ScanSettings:
 class AgentSettings:
     api_key: str = ""
     base_url: str = ""
-    model: str = "claude-sonnet-4-5"
+    # A current Sonnet-class model the installed SDK lists and does not warn about
+    # (the newest Sonnet in its ModelParam; DEPRECATED_MODELS lists claude-sonnet-4-5); tests check.
+    model: str = "claude-sonnet-5-5"
     max_tokens: int = 1024
     timeout: float = 60.0
+    # Concurrent jobs per process (`serve` and `worker`); 0 in `serve`: no in-process workers.
+    workers: int = 2
+    # Seconds a claimed job stays reserved; must outlast one API call (agent.timeout).
+    lease: float = 120.0
+    poll_interval: float = 1.0
+    max_attempts: int = 5
+    backoff_base: float = 10.0
+    backoff_max: float = 900.0
+    correspondent_replies_per_hour: int = 5
+    agent_replies_per_hour: int = 200
+    # Characters of one message's body put in the prompt (the rest is cut, and says so).
+    max_body_chars: int = 20_000
+    # Without an API key: "" records jobs as skipped; any text is sent as a canned reply.
+    offline_reply: str = ""
 
 
 @dataclass(frozen=True)
@@ -358,6 +374,14 @@ def _validate(settings: Settings) -> None:
         host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
         if port and not port.isdigit():
             raise ConfigError(f"dns.nameservers: bad port in {server!r}")
+    agent = settings.agent
+    if agent.lease <= agent.timeout:
+        raise ConfigError("agent.lease: must exceed agent.timeout, or a slow call loses its job")
+    for key in ("max_attempts", "max_tokens"):
+        if getattr(agent, key) < 1:
+            raise ConfigError(f"agent.{key}: must be at least 1")
+    if agent.base_url and not agent.base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"agent.base_url: expected an http(s) URL, got {agent.base_url!r}")
     domains = settings.domains
     for key in ("mail_from_label", "default_mail_from_label", "dkim_selector_prefix"):
         if not LABEL.match(getattr(domains, key)):
