@@ -35,7 +35,8 @@ WORKDIR /var/lib/smtpd-agent
 # Port 25 as a non-root user: Docker sets net.ipv4.ip_unprivileged_port_start=0 in the
 # container's network namespace (not with --network host; there, map another port).
 EXPOSE 25 8001
-# /health answers 200 when the server can take mail (HTTP service, http.port).
+# /health answers 200 while the process serves (liveness); /health/ready names the
+# checks (Postgres, migrations, clamd) for orchestrators that want readiness.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('SMTPD_AGENT_HTTP_PORT', '8001'), timeout=4)"]
 # SIGTERM drains sessions for up to smtp.shutdown_grace (30 s): give `docker stop` longer

@@ -13,7 +13,7 @@ import hashlib
 import signal
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -24,6 +24,8 @@ from .agent.worker import AgentWorkers
 from .config import ConfigError, Settings, SmtpSettings, apply_live
 from .dns import Resolver
 from .domains.service import DomainRechecker
+from .http import HttpServer
+from .metrics import Metrics
 from .pipeline import Pipeline
 from .routing import Router
 from .scan import Scanner, limit_problems
@@ -95,10 +97,39 @@ class Runtime:
     settings: Settings
     database: Database
     resolver: Resolver
+    # One registry per process (per App in tests), never prometheus_client's global one.
+    metrics: Metrics = field(default_factory=Metrics)
+    _pipeline: Pipeline | None = field(default=None, repr=False)
 
     @property
     def pool(self) -> asyncpg.Pool:
         return self.database.pool
+
+    @property
+    def scanner(self) -> Scanner | None:
+        return self.pipeline.scanner
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The one pipeline every way in (SMTP, provider webhooks) feeds; built on first use."""
+        if self._pipeline is None:
+            self._pipeline = self.build_pipeline(self.settings)
+        return self._pipeline
+
+    def build_pipeline(self, settings: Settings) -> Pipeline:
+        """A pipeline for `settings` (a SIGHUP reload builds one for the listener). It keeps
+        the current Scanner while [scan] is unchanged: one bound on streams to clamd."""
+        current = self._pipeline
+        if current is not None and current.settings.scan == settings.scan:
+            scanner = current.scanner
+        else:
+            scanner = Scanner(settings.scan) if settings.scan.clamd else None
+            if scanner is None:
+                log.warning("scan.disabled", reason="scan.clamd is not set: attachments are "
+                            "stored with scan status 'unscanned'")
+            for problem in limit_problems(settings):
+                log.warning("scan.limits", problem=problem)
+        return Pipeline(self.pool, settings, self.resolver, scanner, self.metrics)
 
     @classmethod
     async def open(cls, settings: Settings) -> Runtime:
@@ -143,35 +174,32 @@ class MailServer:
         self.port: int | None = None
 
     def _build_parts(self, settings: Settings) -> SessionParts:
-        """Everything new sessions need; raises (bad certificate, say) before anything changes."""
+        """Everything new sessions need; raises (bad certificate, say) before anything changes.
+
+        At start the listener shares the runtime's pipeline (the webhooks feed it too);
+        a reload builds one for the new settings, for SMTP sessions only.
+        """
         tls_context = build_tls_context(settings.smtp)
-        current = self._parts
-        if current is not None and current.settings.scan == settings.scan:
-            # Keep the one Scanner, so its bound on streams to clamd stays one bound.
-            scanner = current.pipeline.scanner
-        else:
-            scanner = Scanner(settings.scan) if settings.scan.clamd else None
-        if scanner is None:
-            log.warning("scan.disabled", reason="scan.clamd is not set: attachments are "
-                        "stored with scan status 'unscanned'")
-        for problem in limit_problems(settings):
-            log.warning("scan.limits", problem=problem)
-        pipeline = Pipeline(self.runtime.pool, settings, self.runtime.resolver, scanner)
-        handler = SessionHandler(self.router, settings.smtp.max_recipients)
+        pipeline = (self.runtime.pipeline if self._parts is None
+                    else self.runtime.build_pipeline(settings))
+        handler = SessionHandler(self.router, settings.smtp.max_recipients, self.runtime.metrics)
         return SessionParts(settings, handler, pipeline, tls_context)
 
     async def start(self) -> None:
         settings = self.settings
+        metrics = self.runtime.metrics
         self._parts = self._build_parts(settings)
         loop = asyncio.get_running_loop()
+        metrics.sessions_active.set_function(lambda: len(self.sessions.active))
 
         def session() -> AgentSMTP:
             parts = self._parts
             assert parts is not None
+            metrics.sessions.inc()
             return AgentSMTP(parts.handler, settings=parts.settings.smtp, limits=self.limits,
                              deliver=parts.pipeline.receive,
                              hostname=parts.settings.server.hostname, sessions=self.sessions,
-                             tls_context=parts.tls_context, loop=loop)
+                             tls_context=parts.tls_context, loop=loop, metrics=metrics)
 
         self._server = await loop.create_server(session, settings.smtp.host, settings.smtp.port,
                                                 reuse_address=True)
@@ -208,6 +236,7 @@ SERVICES: list[Callable[[Runtime], Service]] = [
     # Reply workers (agent.workers of them; 0: run `smtpd-agent worker` elsewhere).
     AgentWorkers,
     DomainRechecker,
+    HttpServer,
 ]
 
 

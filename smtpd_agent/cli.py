@@ -23,6 +23,7 @@ from .app import Database, serve
 from .config import ConfigError, Settings, load_settings
 from .domains.cli import register_domains
 from .domains.keys import KeyStoreError
+from .http.cli import register_apikeys
 from .logs import configure_logging
 from .routing import parse_address, workspace_of
 from .store import directory, inbox
@@ -63,6 +64,8 @@ def register_core(commands: Any, parents: Parents) -> None:
     serve_cmd = commands.add_parser("serve", parents=[common], help="run the SMTP server")
     serve_cmd.add_argument("--host", help="bind address (smtp.host)")
     serve_cmd.add_argument("--port", type=int, help="bind port (smtp.port)")
+    serve_cmd.add_argument("--http-host", help="HTTP bind address (http.host)")
+    serve_cmd.add_argument("--http-port", type=int, help="HTTP bind port (http.port)")
     serve_cmd.set_defaults(run=run_serve)
 
     commands.add_parser("migrate", parents=[common], help="apply database migrations") \
@@ -105,7 +108,8 @@ def register_core(commands: Any, parents: Parents) -> None:
 def settings_from(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for flag, key in (("state_dir", "server.state_dir"), ("default_domain", "server.default_domain"),
-                      ("host", "smtp.host"), ("port", "smtp.port")):
+                      ("host", "smtp.host"), ("port", "smtp.port"),
+                      ("http_host", "http.host"), ("http_port", "http.port")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
@@ -279,4 +283,5 @@ COMMAND_GROUPS: list[Callable[[Any, Parents], None]] = [
     register_core,
     register_agent,
     register_domains,
+    register_apikeys,
 ]

@@ -169,6 +169,27 @@ class DomainSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP surface (health, metrics, inbox API, provider webhooks); see smtpd_agent/http."""
+
+    host: str = "127.0.0.1"
+    port: int = 8001
+    # Seconds a signed webhook timestamp (Mailgun, SendGrid) may be old or ahead.
+    webhook_max_age: float = 300.0
+    # SES via SNS: topics whose notifications we take; empty refuses every SES post.
+    ses_topic_arns: list[str] = field(default_factory=list)
+    # SNS SigningCertURL and SubscribeURL must match this (a regular expression).
+    sns_url_pattern: str = r"^https://sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/"
+    # SendGrid Inbound Parse signature verification key (base64 DER or PEM, ECDSA P-256).
+    sendgrid_public_key: str = ""
+    # Mailgun HTTP webhook signing key.
+    mailgun_signing_key: str = ""
+    # Postmark inbound: the basic-auth credentials put in the webhook URL.
+    postmark_username: str = ""
+    postmark_password: str = ""
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -186,6 +207,7 @@ class Settings:
     scan: ScanSettings = field(default_factory=ScanSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
     domains: DomainSettings = field(default_factory=DomainSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def replace(self, overrides: Mapping[str, Any]) -> Settings:
@@ -394,6 +416,13 @@ def _validate(settings: Settings) -> None:
     if domains.dmarc_rua and not all(uri.strip().startswith("mailto:")
                                      for uri in domains.dmarc_rua.split(",")):
         raise ConfigError(f"domains.dmarc_rua: expected mailto: URIs, got {domains.dmarc_rua!r}")
+    if not 0 <= settings.http.port < 65536:
+        raise ConfigError(f"http.port: must be 0-65535 (0 picks a free port), got "
+                          f"{settings.http.port}")
+    try:
+        re.compile(settings.http.sns_url_pattern)
+    except re.error as error:
+        raise ConfigError(f"http.sns_url_pattern: not a regular expression: {error}") from None
     clamd = settings.scan.clamd
     if clamd and not clamd.startswith(("unix:", "tcp:")):
         raise ConfigError(f"scan.clamd: expected unix:/path or tcp:host:port, got {clamd!r}")

@@ -20,13 +20,8 @@ from smtpd_agent.config import STANDARD_ENV, env_name, known_keys
 REPO = Path(__file__).resolve().parents[2]
 
 
-# http.host/http.port belong to the HTTP service (/health), built in parallel (issue 8).
-# TODO(issue 8): drop once its settings are on main.
-PENDING = {"SMTPD_AGENT_HTTP_HOST", "SMTPD_AGENT_HTTP_PORT"}
-
-
 def setting_names() -> set[str]:
-    return {env_name(key) for key in known_keys()} | set(STANDARD_ENV) | PENDING
+    return {env_name(key) for key in known_keys()} | set(STANDARD_ENV)
 
 
 def test_dockerfile_is_multi_stage_non_root_with_a_health_check():

@@ -26,6 +26,7 @@ def test_production_config_loads_with_real_certificate_files(tmp_path):
     assert settings.auth.temperror == "tempfail"
     assert settings.scan.clamd.startswith("unix:") and settings.scan.required
     assert settings.log.format == "json"
+    assert settings.http.host == "127.0.0.1"  # health, metrics, API: never on the internet
     assert settings.smtp.shutdown_grace < 60  # TimeoutStopSec of the systemd unit
     # The only writable place under the unit's ProtectSystem=strict: ReadWritePaths.
     assert settings.domains.key_file.startswith(str(settings.server.state_dir) + "/")
