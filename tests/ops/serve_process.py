@@ -49,11 +49,13 @@ class ServeProcess:
                  **settings: Any) -> None:
         self.workdir = workdir
         self.port = free_port()
+        self.http_port = free_port()
         self.config = workdir / "smtpd-agent.toml"
         self.settings = {
             "server.default_domain": "agents.test", "server.hostname": "mx.test.local",
             "server.state_dir": str(workdir / "state"), "database.url": database_url,
             "database.pool_max": 4, "smtp.host": "127.0.0.1", "smtp.port": self.port,
+            "http.host": "127.0.0.1", "http.port": self.http_port,
             "dns.nameservers": [nameserver], "dns.timeout": 0.5, "auth.timeout": 3,
             "routing.cache_ttl": 0.2, "log.format": "json", **settings}
         write_config(self.config, self.settings)

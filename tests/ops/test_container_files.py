@@ -85,3 +85,12 @@ def test_healthcheck_command_follows_the_health_status(status, healthy):
             server.shutdown()
             server.server_close()
     assert (result.returncode == 0) is healthy, result.stderr
+
+
+def test_healthcheck_command_against_a_running_serve(serve_process):
+    """The same command against the real HTTP service of `smtpd-agent serve`."""
+    server = serve_process()
+    result = subprocess.run([sys.executable, *healthcheck_command()[1:]], capture_output=True,
+                            timeout=30, check=False,
+                            env={**os.environ, "SMTPD_AGENT_HTTP_PORT": str(server.http_port)})
+    assert result.returncode == 0, result.stderr
