@@ -23,7 +23,8 @@ import structlog
 from .agent.worker import AgentWorkers
 from .config import ConfigError, Settings, SmtpSettings, apply_live
 from .dns import Resolver
-from .domains.service import DomainRechecker
+from .dnsserver.server import DnsServer
+from .domains.service import DomainRechecker, KeyRotator
 from .http import HttpServer
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -236,15 +237,21 @@ SERVICES: list[Callable[[Runtime], Service]] = [
     # Reply workers (agent.workers of them; 0: run `smtpd-agent worker` elsewhere).
     AgentWorkers,
     DomainRechecker,
+    KeyRotator,
+    DnsServer,  # off unless dns_server.listen is set
     HttpServer,
 ]
+# `smtpd-agent dns-serve`: the authoritative DNS server alone
+DNS_SERVICES: list[Callable[[Runtime], Service]] = [DnsServer]
 
 
 class App:
     """One process: the runtime and every service, started and stopped together."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings,
+                 factories: list[Callable[[Runtime], Service]] | None = None) -> None:
         self.settings = settings
+        self.factories = SERVICES if factories is None else factories
         self.runtime: Runtime | None = None
         self.services: list[Service] = []
 
@@ -254,7 +261,7 @@ class App:
     async def start(self) -> None:
         self.runtime = await Runtime.open(self.settings)
         try:
-            for factory in SERVICES:
+            for factory in self.factories:
                 service = factory(self.runtime)
                 await service.start()
                 self.services.append(service)
@@ -296,11 +303,14 @@ class App:
         return True
 
 
-async def serve(settings: Settings, reload: Callable[[], Settings] | None = None,
+async def serve(settings: Settings,
+                factories: list[Callable[[Runtime], Service]] | None = None, *,
+                reload: Callable[[], Settings] | None = None,
                 notifier: Notifier | None = None) -> None:
-    """Run until SIGTERM/SIGINT; on SIGHUP call `reload()` for fresh settings and apply them."""
+    """Run `factories` (default SERVICES) until SIGTERM/SIGINT; on SIGHUP call `reload()`
+    for fresh settings and apply them."""
     notifier = notifier or Notifier()
-    app = App(settings)
+    app = App(settings, factories)
     await app.start()
     notifier.ready(status="accepting mail")
     signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
