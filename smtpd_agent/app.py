@@ -15,6 +15,7 @@ import structlog
 from .config import Settings, SmtpSettings
 from .dns import Resolver
 from .domains.service import DomainRechecker
+from .outbound.worker import OutboundWorker
 from .pipeline import Pipeline
 from .routing import Router
 from .scan import Scanner, limit_problems
@@ -96,7 +97,10 @@ class MailServer:
         self.runtime = runtime
         self.settings = settings = runtime.settings
         self.router = Router(runtime.pool, settings.server.default_domain,
-                             settings.routing.cache_ttl)
+                             settings.routing.cache_ttl,
+                             bounce_label=settings.domains.default_mail_from_label,
+                             custom_bounce_label=settings.domains.mail_from_label,
+                             verp_prefix=settings.outbound.verp_prefix)
         self.limits = ConnectionLimits(settings.smtp.max_connections,
                                        settings.smtp.max_connections_per_ip)
         self.sessions = Sessions()
@@ -142,14 +146,18 @@ class MailServer:
 SERVICES: list[Callable[[Runtime], Service]] = [
     MailServer,
     DomainRechecker,
+    OutboundWorker,
 ]
 
 
 class App:
     """One process: the runtime and every service, started and stopped together."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings,
+                 services: list[Callable[[Runtime], Service]] | None = None) -> None:
         self.settings = settings
+        # None: every service `serve` runs; a worker command runs only its own
+        self.factories = SERVICES if services is None else services
         self.runtime: Runtime | None = None
         self.services: list[Service] = []
 
@@ -159,7 +167,7 @@ class App:
     async def start(self) -> None:
         self.runtime = await Runtime.open(self.settings)
         try:
-            for factory in SERVICES:
+            for factory in self.factories:
                 service = factory(self.runtime)
                 await service.start()
                 self.services.append(service)
@@ -175,8 +183,9 @@ class App:
             self.runtime = None
 
 
-async def serve(settings: Settings) -> None:
-    app = App(settings)
+async def serve(settings: Settings,
+                services: list[Callable[[Runtime], Service]] | None = None) -> None:
+    app = App(settings, services)
     await app.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -21,6 +21,7 @@ from typing import Any
 from .app import Database, serve
 from .config import ConfigError, Settings, load_settings
 from .domains.cli import register_domains
+from .outbound.cli import register_outbound
 from .domains.keys import KeyStoreError
 from .logs import configure_logging
 from .routing import parse_address, workspace_of
@@ -276,4 +277,5 @@ def _inbox_lines(threads: list[dict[str, Any]]) -> list[str]:
 COMMAND_GROUPS: list[Callable[[Any, Parents], None]] = [
     register_core,
     register_domains,
+    register_outbound,
 ]

@@ -28,6 +28,8 @@ STANDARD_ENV = {
     "DATABASE_URL": "database.url",
     "ANTHROPIC_API_KEY": "agent.api_key",
     "ANTHROPIC_BASE_URL": "agent.base_url",
+    # botocore itself only knows AWS_ENDPOINT_URL_SESV2 for the SESv2 API; ops know _SES
+    "AWS_ENDPOINT_URL_SES": "outbound.ses_endpoint_url",
 }
 
 
@@ -153,6 +155,37 @@ class DomainSettings:
 
 
 @dataclass(frozen=True)
+class OutboundSettings:
+    """How agent replies leave: transport, retries, the bounce (Mail-From) address."""
+
+    # "smtp": through outbound.relay; "ses": Amazon SES (SESv2 SendEmail, raw).
+    transport: Literal["smtp", "ses"] = "smtp"
+    # smtp://[user:password@]host[:port][?tls=starttls|implicit|none]; empty: nothing sends
+    # (messages stay queued and the worker logs why).
+    relay: str = ""
+    # Seconds for connecting to, and for each command of, the relay / each SES call.
+    timeout: float = 30.0
+    # Worker: seconds between polls of the queue, and messages claimed per poll.
+    poll_interval: float = 1.0
+    batch_size: int = 10
+    # Seconds a claimed message is ours; a worker that dies mid-send frees it after this.
+    lease: float = 300.0
+    # Retry after a 4xx or a connection error: retry_base * 2^(attempt-1) seconds,
+    # at most retry_max; after give_up_after seconds in the queue the message fails.
+    retry_base: float = 60.0
+    retry_max: float = 3600.0
+    give_up_after: float = 432000.0
+    # The Mail-From (Return-Path) local-part prefix of VERP addresses: <prefix>-<token>@<bounce domain>.
+    verp_prefix: str = "b"
+    # Amazon SES: region (empty: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1) and
+    # endpoint (empty: AWS's; AWS_ENDPOINT_URL_SES sets it). Credentials: the standard AWS_*.
+    ses_region: str = ""
+    ses_endpoint_url: str = ""
+    # SES configuration set to send with (its event destinations carry bounces and complaints).
+    ses_configuration_set: str = ""
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -170,6 +203,7 @@ class Settings:
     scan: ScanSettings = field(default_factory=ScanSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
     domains: DomainSettings = field(default_factory=DomainSettings)
+    outbound: OutboundSettings = field(default_factory=OutboundSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def replace(self, overrides: Mapping[str, Any]) -> Settings:
@@ -347,6 +381,18 @@ def _validate(settings: Settings) -> None:
     if domains.dmarc_rua and not all(uri.strip().startswith("mailto:")
                                      for uri in domains.dmarc_rua.split(",")):
         raise ConfigError(f"domains.dmarc_rua: expected mailto: URIs, got {domains.dmarc_rua!r}")
+    outbound = settings.outbound
+    if outbound.relay:
+        from .outbound.relay_url import RelayUrlError, parse_relay_url
+        try:
+            parse_relay_url(outbound.relay)
+        except RelayUrlError as error:
+            raise ConfigError(f"outbound.relay: {error}") from None
+    if not LABEL.match(outbound.verp_prefix):
+        raise ConfigError(f"outbound.verp_prefix: expected one lower-case DNS label, "
+                          f"got {outbound.verp_prefix!r}")
+    if outbound.batch_size < 1:
+        raise ConfigError("outbound.batch_size: must be at least 1")
     clamd = settings.scan.clamd
     if clamd and not clamd.startswith(("unix:", "tcp:")):
         raise ConfigError(f"scan.clamd: expected unix:/path or tcp:host:port, got {clamd!r}")

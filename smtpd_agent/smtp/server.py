@@ -74,6 +74,8 @@ class TransactionEnvelope(AioEnvelope):
     def __init__(self) -> None:
         super().__init__()
         self.recipients: list[Recipient] = []
+        # VERP tokens of accepted bounce addresses (RCPT routed to the bounce processor)
+        self.bounce_tokens: list[str] = []
         self.bdat_chunks: list[bytes] = []
         self.bdat_size = 0
         self.bdat_failed: Reply | None = None
@@ -95,6 +97,7 @@ class ReceivedContent:
     smtputf8: bool
     esmtp: bool
     received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    bounce_tokens: tuple[str, ...] = ()
 
 
 Deliver = Callable[[ReceivedContent], Awaitable[Reply]]
@@ -407,5 +410,6 @@ class AgentSMTP(SMTP):
             tls_version=ssl_object.version() if ssl_object else None,
             smtputf8=envelope.smtp_utf8,
             esmtp=self.session.extended_smtp,
+            bounce_tokens=tuple(envelope.bounce_tokens),
         )
         return await self.deliver(content)
