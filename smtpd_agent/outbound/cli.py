@@ -51,7 +51,7 @@ def run_outbound_worker(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def test_message(sender: str, recipient: str, subject: str, domain: str) -> bytes:
+def compose_test_message(sender: str, recipient: str, subject: str, domain: str) -> bytes:
     now = datetime.now(UTC)
     return (f"From: {sender}\r\nTo: {recipient}\r\nSubject: {subject}\r\n"
             f"Date: {format_datetime(now)}\r\nMessage-ID: {make_msgid(domain=domain)}\r\n"
@@ -84,7 +84,7 @@ async def cmd_send_test(db: Any, settings: Settings, args: argparse.Namespace) -
     if not keys and isinstance(slug, str):
         await domains.default_record_set()
         keys = await domains.signing_keys_for(workspace_id, parsed.domain)
-    raw = test_message(args.sender, args.recipient, args.subject, parsed.domain)
+    raw = compose_test_message(args.sender, args.recipient, args.subject, parsed.domain)
     try:
         signed = sign_message(raw, keys)
     except SigningError as error:

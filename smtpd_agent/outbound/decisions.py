@@ -89,13 +89,19 @@ def decide_delivery(outcomes: Sequence[Kind], attempt: int, age: float,
     return Next("failed")
 
 
-QUEUE_ID = re.compile(r"(?:queued as|id=|ok:?)\s*<?([A-Za-z0-9._@-]{4,})>?", re.IGNORECASE)
+# Postfix "queued as X", Exim "id=X", others "<X> queued"
+QUEUE_IDS = (re.compile(r"queued as\s+<?([A-Za-z0-9._@-]{4,})>?", re.IGNORECASE),
+             re.compile(r"\bid=<?([A-Za-z0-9._@-]{4,})>?", re.IGNORECASE),
+             re.compile(r"<([A-Za-z0-9._@-]{4,})>\s+queued", re.IGNORECASE))
 
 
 def provider_id_from_reply(text: str) -> str | None:
     """The relay's queue id from its final 250 text ('2.0.0 Ok: queued as 4Bx...'), if any."""
-    match = QUEUE_ID.search(text)
-    return match.group(1) if match else None
+    for pattern in QUEUE_IDS:
+        match = pattern.search(text)
+        if match:
+            return match.group(1)
+    return None
 
 
 @dataclass(frozen=True)
