@@ -40,6 +40,8 @@ class RelaySink:
     received: list[Received] = field(default_factory=list)
     rcpt_times: list[float] = field(default_factory=list)
     connections: int = 0
+    # seconds each RCPT takes to answer (keeps an attempt in flight for a kill to land in)
+    rcpt_delay: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
@@ -51,6 +53,8 @@ class RelaySink:
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           options: list[str]) -> str:
+        if self.rcpt_delay:
+            await asyncio.sleep(self.rcpt_delay)
         with self.lock:
             self.rcpt_times.append(time.monotonic())
             reply = self.script.pop(0) if self.script else None
