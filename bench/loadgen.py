@@ -1,6 +1,6 @@
 """A lean SMTP load generator: N concurrent sessions, a new connection per message.
 
-It speaks raw SMTP over asyncio streams (no client library in the hot path)
+It speaks raw SMTP over asyncio streams (tests.support.smtp_send, no client library)
 so that on a 2-core machine the client costs less CPU than the server it
 measures. Latency is measured from the end of DATA (the final dot sent) to
 the reply. Run as its own process; it prints one JSON object.
@@ -13,45 +13,10 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 
-
-async def read_reply(reader: asyncio.StreamReader) -> bytes:
-    while True:
-        line = await reader.readline()
-        if not line:
-            raise ConnectionError("closed")
-        if line[3:4] != b"-":
-            return line
-
-
-async def one_message(host: str, port: int, mail_from: str, rcpt: str,
-                      payload: bytes) -> tuple[bool, float, bytes]:
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        await read_reply(reader)
-        writer.write(b"EHLO loadgen.bench.test\r\n")
-        await read_reply(reader)
-        # PIPELINING, as smtp-source does
-        writer.write(b"MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n" % (mail_from.encode(),
-                                                                     rcpt.encode()))
-        for _ in range(3):
-            reply = await read_reply(reader)
-        if not reply.startswith(b"354"):
-            return False, 0.0, reply
-        writer.write(payload)
-        start = time.perf_counter()
-        await writer.drain()
-        reply = await read_reply(reader)
-        latency = time.perf_counter() - start
-        writer.write(b"QUIT\r\n")
-        await writer.drain()
-        return reply.startswith(b"250"), latency, reply
-    finally:
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support import smtp_send  # noqa: E402
 
 
 async def run(host: str, port: int, sessions: int, payloads: list[bytes], mail_from: str,
@@ -65,15 +30,13 @@ async def run(host: str, port: int, sessions: int, payloads: list[bytes], mail_f
     async def worker() -> None:
         while not queue.empty() and time.monotonic() < deadline:
             payload = queue.get_nowait()
-            try:
-                ok, latency, reply = await one_message(host, port, mail_from, rcpt, payload)
-            except (ConnectionError, OSError) as error:
-                failures[type(error).__name__] = failures.get(type(error).__name__, 0) + 1
-                continue
-            if ok:
-                latencies.append(latency)
+            timings: dict[str, float] = {}
+            code, reply = await smtp_send(port, payload, mail_from, [rcpt], timings=timings,
+                                          pipelining=True)
+            if code == 250:
+                latencies.append(timings["data"])
             else:
-                key = reply[:40].decode("ascii", "replace").strip()
+                key = reply[:40].decode("ascii", "replace").strip() or str(code)
                 failures[key] = failures.get(key, 0) + 1
 
     began = time.perf_counter()

@@ -15,7 +15,6 @@ and writes JSON. Traffic stays on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
 import os
@@ -82,7 +81,7 @@ def wait_for_port(port: int, process: subprocess.Popen, seconds: float = 90) -> 
 
 
 def make_payloads(count: int, size: int, attachment: bool, key) -> list[bytes]:
-    """DKIM-signed messages of about `size` bytes, dot-stuffed and terminated for DATA."""
+    """DKIM-signed messages of about `size` bytes, dot-stuffed for DATA."""
     filler = ("The quick brown fox jumps over the lazy dog. " * 2)[:76]
     payloads = []
     for index in range(count):
@@ -101,7 +100,7 @@ def make_payloads(count: int, size: int, attachment: bool, key) -> list[bytes]:
             body_text = "\r\n".join([filler] * max(1, size // 78))
             raw = (head + "\r\n" + body_text + "\r\n").encode()
         signed = sign(raw, key, SENDER_DOMAIN)
-        payloads.append(signed.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+        payloads.append(signed.replace(b"\r\n.", b"\r\n.."))
     return payloads
 
 

@@ -198,11 +198,14 @@ def enhanced(line: bytes) -> str | None:
 
 
 async def smtp_send(port: int, payload: bytes, mail_from: str, rcpts: list[str],
-                    timeout: float = 30.0) -> tuple[int, bytes]:
+                    timeout: float = 30.0, timings: dict[str, float] | None = None,
+                    pipelining: bool = False) -> tuple[int, bytes]:
     """Send one message over a new connection, as an MTA would; (code, last reply line).
 
     The payload is the message as it goes after DATA (dot-stuffed, without the final dot).
     A connection error comes back as code 0, so load tests can retry like a real sender.
+    `timings["data"]` receives the seconds from the final dot to the reply; with
+    `pipelining`, MAIL, RCPT and DATA go in one write (RFC 2920), as smtp-source sends them.
     """
 
     async def reply(reader: asyncio.StreamReader) -> bytes:
@@ -216,15 +219,24 @@ async def smtp_send(port: int, payload: bytes, mail_from: str, rcpts: list[str],
     async def dialogue() -> tuple[int, bytes]:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            for command in (None, b"EHLO client.example.org", b"MAIL FROM:<%s>" % mail_from.encode(),
-                            *(b"RCPT TO:<%s>" % r.encode() for r in rcpts), b"DATA"):
-                if command is not None:
+            commands = [b"MAIL FROM:<%s>" % mail_from.encode(),
+                        *(b"RCPT TO:<%s>" % r.encode() for r in rcpts), b"DATA"]
+            await reply(reader)  # greeting
+            writer.write(b"EHLO client.example.org\r\n")
+            await reply(reader)
+            if pipelining:
+                writer.write(b"".join(c + b"\r\n" for c in commands))
+            for command in commands:
+                if not pipelining:
                     writer.write(command + b"\r\n")
                 line = await reply(reader)
                 if not (line.startswith(b"2") or line.startswith(b"354")):
                     return int(line[:3]), line
             writer.write(payload + b".\r\n")
+            started = time.perf_counter()
             line = await reply(reader)
+            if timings is not None:
+                timings["data"] = time.perf_counter() - started
             writer.write(b"QUIT\r\n")
             return int(line[:3]), line
         finally:

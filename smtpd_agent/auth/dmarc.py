@@ -16,6 +16,7 @@ the walk is re-done here, step for step, with ours (`auth.dmarc_discovery`).
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from dataclasses import asdict, dataclass, field
@@ -90,8 +91,13 @@ def aligned(identifier: str, from_domain: str, mode: str, org_of: dict[str, str]
     return org_of.get(identifier, identifier) == org_of.get(from_domain, from_domain)
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_record(text: str, domain: str) -> DmarcRecord:
-    """checkdmarc validates the tags; we keep what disposition needs. Raises DMARCError."""
+    """checkdmarc validates the tags; we keep what disposition needs. Raises DMARCError.
+
+    Cached: the parse is a pure function of the record, and checkdmarc's grammar is
+    costly enough to show on the hot path for senders that mail us every second.
+    """
     tags = {}
     kept = []
     for part in text.split(";"):

@@ -9,6 +9,9 @@ from datetime import datetime
 import asyncpg
 
 SLUG = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# Labels under the default domain that the server itself uses (bounces/VERP, the
+# Mail-From subdomain, MTA-STS, mail client autoconfiguration): never a workspace.
+RESERVED_SLUGS = frozenset({"bounce", "mail", "mta-sts", "autoconfig", "autodiscover", "www"})
 HANDLE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$")
 
 
@@ -50,6 +53,9 @@ async def add_workspace(db: asyncpg.Pool | asyncpg.Connection, slug: str, name: 
     if not SLUG.match(slug):
         raise DirectoryError(f"invalid workspace slug {slug!r}: use a-z, 0-9 and '-', "
                              "not at either end, at most 63 characters")
+    if slug in RESERVED_SLUGS:
+        raise DirectoryError(f"workspace slug {slug!r} is reserved: {slug}.<default domain> "
+                             "is one of the server's own names")
     try:
         row = await db.fetchrow(
             f"INSERT INTO workspaces (slug, name) VALUES ($1, $2) RETURNING {WORKSPACE_COLUMNS}", slug, name or slug)

@@ -96,3 +96,24 @@ async def test_malformed_signature_is_permerror(resolver):
     raw = b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com\r\n" + message()
     [sig] = (await verify_dkim(resolver, raw)).signatures
     assert sig.result == "permerror"
+
+
+def test_openssl_rsa_verification_agrees_with_dkimpy(rsa2048):
+    """Our OpenSSL-backed RSASSA-PKCS1-v1_5 check answers exactly as dkimpy's pure Python one."""
+    import hashlib
+
+    import dkim.crypto
+
+    from smtpd_agent.auth.dkim import rsa_pkcs1_v1_5_verify
+
+    private = dkim.crypto.parse_pem_private_key(rsa2048.private)
+    public = {"modulus": private["modulus"], "publicExponent": private["publicExponent"]}
+    for text in (b"", b"hello", b"x" * 5000):
+        for algorithm in (hashlib.sha256, hashlib.sha1):
+            signature = dkim.crypto.RSASSA_PKCS1_v1_5_sign(algorithm(text), private)
+            for candidate, digest in ((signature, algorithm(text)),
+                                      (signature, algorithm(text + b"!")),
+                                      (signature[:-1] + bytes([signature[-1] ^ 1]), algorithm(text)),
+                                      (b"\x00" * len(signature), algorithm(text))):
+                expected = dkim.crypto.RSASSA_PKCS1_v1_5_verify(digest.copy(), candidate, public)
+                assert rsa_pkcs1_v1_5_verify(digest.copy(), candidate, public) == expected

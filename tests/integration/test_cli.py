@@ -135,3 +135,10 @@ def test_disabled_agent_is_refused_after_the_cache_ttl(running):
 def test_migrate_twice_is_a_no_op(running):
     _, cli, _ = running
     assert "up to date" in cli("migrate").stdout
+
+
+def test_reserved_workspace_slugs_are_refused(running):
+    _, cli, _ = running
+    for slug in ("bounce", "mail", "mta-sts"):
+        result = cli("workspace", "add", slug, check=False)
+        assert result.returncode == 1 and "reserved" in result.stderr, slug
