@@ -163,6 +163,8 @@ class OutboundSettings:
     # smtp://[user:password@]host[:port][?tls=starttls|implicit|none]; empty: nothing sends
     # (messages stay queued and the worker logs why).
     relay: str = ""
+    # PEM file of the CA(s) to trust for the relay's certificate; empty: the system's.
+    relay_ca_file: str = ""
     # Seconds for connecting to, and for each command of, the relay / each SES call.
     timeout: float = 30.0
     # Worker: seconds between polls of the queue, and messages claimed per poll.
@@ -388,6 +390,8 @@ def _validate(settings: Settings) -> None:
             parse_relay_url(outbound.relay)
         except RelayUrlError as error:
             raise ConfigError(f"outbound.relay: {error}") from None
+    if outbound.relay_ca_file and not Path(outbound.relay_ca_file).is_file():
+        raise ConfigError(f"outbound.relay_ca_file: no such file {outbound.relay_ca_file}")
     if not LABEL.match(outbound.verp_prefix):
         raise ConfigError(f"outbound.verp_prefix: expected one lower-case DNS label, "
                           f"got {outbound.verp_prefix!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import re
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
@@ -50,8 +51,11 @@ class SmtpRelay:
 
     name = "smtp"
 
-    def __init__(self, relay: RelayUrl, timeout: float, local_hostname: str) -> None:
+    def __init__(self, relay: RelayUrl, timeout: float, local_hostname: str,
+                 ca_file: str = "") -> None:
         self.relay = relay
+        # verified always (RFC 8314 / RFC 7672 spirit for a configured smarthost)
+        self.tls_context = ssl.create_default_context(cafile=ca_file or None)
         self.timeout = timeout
         self.local_hostname = local_hostname
         self._client: aiosmtplib.SMTP | None = None
@@ -65,10 +69,15 @@ class SmtpRelay:
         client = aiosmtplib.SMTP(hostname=relay.host, port=relay.port,
                                  use_tls=relay.tls == "implicit",
                                  start_tls=relay.tls == "starttls",
+                                 tls_context=None if relay.tls == "none" else self.tls_context,
                                  timeout=self.timeout, local_hostname=self.local_hostname)
-        await client.connect()
-        if relay.username:
-            await client.login(relay.username, relay.password)
+        try:
+            await client.connect()
+            if relay.username:
+                await client.login(relay.username, relay.password)
+        except BaseException:
+            client.close()  # a failed STARTTLS or AUTH must not leak the socket
+            raise
         log.info("outbound.relay_connected", relay=relay.safe)
         return client
 
@@ -210,4 +219,5 @@ def build_transport(settings: OutboundSettings, local_hostname: str) -> Transpor
         return SesTransport(settings)
     if not settings.relay:
         return None
-    return SmtpRelay(parse_relay_url(settings.relay), settings.timeout, local_hostname)
+    return SmtpRelay(parse_relay_url(settings.relay), settings.timeout, local_hostname,
+                     settings.relay_ca_file)

@@ -153,7 +153,7 @@ class OutboundWorker:
         log.info(f"outbound.{next_.state}", transport=self.transport.name,
                  recipients=[(r.address, r.code) for r in result.recipients],
                  provider_message_id=result.provider_message_id, retry_in=next_.retry_in,
-                 gave_up=next_.give_up, **fields)
+                 gave_up=next_.give_up, error=error[:300] if error else None, **fields)
 
     async def prepare(self, delivery: queue.Delivery) -> Prepared:
         """Sign with the From domain's keys and choose the VERP Return-Path; done once."""

@@ -4,17 +4,26 @@ and helpers that store agent replies the way the agent worker does (issue 6's co
 from __future__ import annotations
 
 import asyncio
+import gc
+import ipaddress
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.utils import format_datetime, make_msgid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from smtpd_agent.store import directory
 from tests.support import DEFAULT_DOMAIN, free_port
@@ -146,3 +155,66 @@ async def wait_state(db: asyncpg.Connection, message_id: int, states: set[str],
             return row
         await asyncio.sleep(0.05)
     raise AssertionError(f"delivery of message {message_id}: {dict(row) if row else None}")
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """(cert, key) PEM files for 127.0.0.1, the cert being its own CA (trust it as relay_ca_file)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.test")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(
+                "127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "relay.pem", directory / "relay.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@dataclass
+class SecureRelay:
+    sink: RelaySink
+    url: str
+    ca_file: Path
+    logins: list[str]
+
+
+# aiosmtpd leaves its own (server-side) socket of a TLS session unclosed after QUIT; the leak
+# is the sink's (the port in the warning is the sink's), so it is ignored for TLS sinks only.
+SINK_SOCKET_LEAK = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture(params=[pytest.param("starttls", marks=SINK_SOCKET_LEAK),
+                        pytest.param("implicit", marks=SINK_SOCKET_LEAK)])
+def secure_relay(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SecureRelay]:
+    """The sink behind TLS (STARTTLS required, or implicit TLS) demanding AUTH."""
+    cert, key = self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    logins: list[str] = []
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str,
+                      auth_data: Any) -> AuthResult:
+        ok = auth_data.login == b"agent@relay" and auth_data.password == b"s3cret:pw"
+        logins.append(f"{mechanism} {auth_data.login.decode()} {ok}")
+        return AuthResult(success=ok)
+
+    sink = RelaySink()
+    port = free_port()
+    tls = {"tls_context": context, "require_starttls": True} \
+        if request.param == "starttls" else {"ssl_context": context}
+    controller = Controller(sink, hostname="127.0.0.1", port=port, ready_timeout=10,
+                            authenticator=authenticator, auth_required=True,
+                            # aiosmtpd does not count implicit TLS as TLS for AUTH: ask it only of STARTTLS
+                            auth_require_tls=request.param == "starttls", **tls)
+    controller.start()
+    yield SecureRelay(sink, f"smtp://agent%40relay:s3cret%3Apw@127.0.0.1:{port}"
+                            f"?tls={request.param}", cert, logins)
+    controller.stop()
+    gc.collect()  # the implicit-TLS sink's leaked socket goes now, under its warning filter

@@ -8,6 +8,7 @@ import asyncio
 
 import asyncpg
 import dkim
+import pytest
 import dns.resolver
 from structlog.testing import capture_logs
 
@@ -227,3 +228,37 @@ async def test_gives_up_after_the_configured_age_with_a_failure_record(start_ser
                                 ORDER BY attempt DESC LIMIT 1""", row["id"])
     assert last["outcome"] == "failed" and 2 <= row["attempts"] <= 6
     assert not await is_suppressed(db, agent.workspace_id, "bob@example.org")
+
+
+# aiosmtpd warns about AUTH without its own notion of TLS (implicit TLS, see the fixture)
+IMPLICIT_AUTH = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+
+
+@IMPLICIT_AUTH
+async def test_relay_over_tls_with_auth(start_server, db, secure_relay):
+    relay = secure_relay
+    start_server(**fast(relay.url, **{"outbound.relay_ca_file": str(relay.ca_file)}))
+    agent = await make_agent(db)
+    first = await store_reply(db, agent, "bob@example.org")
+    second = await store_reply(db, agent, "carol@example.org")
+    await asyncio.to_thread(relay.sink.wait_for, 2)
+    for message_id in (first, second):
+        await wait_state(db, message_id, {"sent"})
+    # one TLS session, authenticated once, carried both (EHLO again after STARTTLS)
+    assert len(relay.logins) == 1 and relay.logins[0].endswith("agent@relay True")
+    assert relay.sink.connections == (2 if "starttls" in relay.url else 1)
+
+
+@IMPLICIT_AUTH
+async def test_relay_certificate_is_verified(start_server, db, secure_relay):
+    relay = secure_relay
+    start_server(**fast(relay.url))  # no relay_ca_file: the self-signed relay is not trusted
+    agent = await make_agent(db)
+    message_id = await store_reply(db, agent, "bob@example.org")
+    row = await wait_state(db, message_id, {"deferred", "sending"})
+    deadline = asyncio.get_running_loop().time() + 15
+    while not row["last_error"] and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+        row = await db.fetchrow("SELECT * FROM deliveries WHERE id = $1", row["id"])
+    assert "CERTIFICATE_VERIFY_FAILED" in row["last_error"], row["last_error"]
+    assert relay.sink.received == [] and relay.logins == []
