@@ -234,3 +234,18 @@ def test_sign_message_refuses_without_both_keys():
         sign_message(MESSAGE, [])
     with pytest.raises(SigningError):
         sign_message(b"To: x@y\r\n\r\nno from\r\n", keys)
+
+
+def test_openssl_rsa_signing_gives_dkimpys_bytes():
+    import hashlib
+
+    import dkim.crypto
+
+    from smtpd_agent.outbound.signing import rsa_pkcs1_v1_5_sign
+    keys, _ = keypair("agents.test")
+    pem = keys[0].dkimpy_private_key()
+    private = dkim.crypto.parse_pem_private_key(pem)
+    for data in (b"", b"one header set", MESSAGE):
+        digest = hashlib.sha256(data)
+        assert rsa_pkcs1_v1_5_sign(digest, private) == \
+            dkim.crypto.RSASSA_PKCS1_v1_5_sign(hashlib.sha256(data), private)
