@@ -46,6 +46,7 @@ async def bench_drain(root: Path, count: int, workers: int) -> tuple[float, int]
             settings = make_settings(url, root / f"state{index}", **{
                 "outbound.relay": f"smtp://127.0.0.1:{port}?tls=none",
                 "outbound.poll_interval": 0.05, "outbound.batch_size": 20,
+                "outbound.concurrency": int(sys.argv[3]) if len(sys.argv) > 3 else 4,
                 "domains.key_file": str(root / "dkim.secret"), "log.level": "warning"})
             servers.append(ServerThread(settings).start())
         db = await asyncpg.connect(url)

@@ -170,6 +170,8 @@ class OutboundSettings:
     # Worker: seconds between polls of the queue, and messages claimed per poll.
     poll_interval: float = 1.0
     batch_size: int = 10
+    # Deliveries one worker attempts at once (each with its own relay connection, reused).
+    concurrency: int = 4
     # Seconds a claimed message is ours; a worker that dies mid-send frees it after this.
     lease: float = 300.0
     # Retry after a 4xx or a connection error: retry_base * 2^(attempt-1) seconds,
@@ -395,8 +397,9 @@ def _validate(settings: Settings) -> None:
     if not LABEL.match(outbound.verp_prefix):
         raise ConfigError(f"outbound.verp_prefix: expected one lower-case DNS label, "
                           f"got {outbound.verp_prefix!r}")
-    if outbound.batch_size < 1:
-        raise ConfigError("outbound.batch_size: must be at least 1")
+    for key in ("batch_size", "concurrency"):
+        if getattr(outbound, key) < 1:
+            raise ConfigError(f"outbound.{key}: must be at least 1")
     clamd = settings.scan.clamd
     if clamd and not clamd.startswith(("unix:", "tcp:")):
         raise ConfigError(f"scan.clamd: expected unix:/path or tcp:host:port, got {clamd!r}")

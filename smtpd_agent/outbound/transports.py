@@ -47,7 +47,11 @@ def _all(recipients: Sequence[str], code: int | None, text: str, stage: Stage) -
 
 
 class SmtpRelay:
-    """A smarthost: one connection, kept open and reused between messages (RSET between them)."""
+    """A smarthost: connections kept open and reused between messages (RSET between them).
+
+    One connection per concurrent send; an idle one goes back to the pool, one that
+    failed mid-transaction is closed (its state is unknown).
+    """
 
     name = "smtp"
 
@@ -58,8 +62,7 @@ class SmtpRelay:
         self.tls_context = ssl.create_default_context(cafile=ca_file or None)
         self.timeout = timeout
         self.local_hostname = local_hostname
-        self._client: aiosmtplib.SMTP | None = None
-        self._lock = asyncio.Lock()
+        self._idle: list[aiosmtplib.SMTP] = []
 
     async def start(self) -> None:
         """Connections are opened on first send: a relay that is down must not stop `serve`."""
@@ -81,29 +84,35 @@ class SmtpRelay:
         log.info("outbound.relay_connected", relay=relay.safe)
         return client
 
-    async def _ready(self) -> aiosmtplib.SMTP:
-        """The open connection (checked with RSET) or a new one."""
-        if self._client is not None and self._client.is_connected:
+    async def _checkout(self) -> aiosmtplib.SMTP:
+        """An idle connection that still answers RSET, or a new one."""
+        while self._idle:
+            client = self._idle.pop()
+            if not client.is_connected:
+                continue
             try:
-                await self._client.rset()
-                return self._client
+                await client.rset()
+                return client
             except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
-                await self.close()
-        self._client = await self._connect()
-        return self._client
+                client.close()
+        return await self._connect()
 
     async def send(self, mail_from: str, recipients: Sequence[str], data: bytes) -> SendResult:
-        async with self._lock:
-            try:
-                client = await self._ready()
-                return await self._transaction(client, mail_from, recipients, data)
-            except aiosmtplib.SMTPResponseException as error:
-                # AUTH or STARTTLS refused: about the relay and us, not the recipients
-                await self.close()
-                return _all(recipients, error.code, error.message, "mail")
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as error:
-                await self.close()
-                return _all(recipients, None, f"{type(error).__name__}: {error}", "connect")
+        client = None
+        try:
+            client = await self._checkout()
+            result = await self._transaction(client, mail_from, recipients, data)
+        except aiosmtplib.SMTPResponseException as error:
+            # AUTH or STARTTLS refused: about the relay and us, not the recipients
+            if client is not None:
+                client.close()
+            return _all(recipients, error.code, error.message, "mail")
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as error:
+            if client is not None:
+                client.close()
+            return _all(recipients, None, f"{type(error).__name__}: {error}", "connect")
+        self._idle.append(client)
+        return result
 
     async def _transaction(self, client: aiosmtplib.SMTP, mail_from: str,
                            recipients: Sequence[str], data: bytes) -> SendResult:
@@ -136,12 +145,13 @@ class SmtpRelay:
         return SendResult(tuple({**refused, **done}[r] for r in recipients), provider_id)
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None and client.is_connected:
-            try:
-                await client.quit()
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
-                client.close()
+        idle, self._idle = self._idle, []
+        for client in idle:
+            if client.is_connected:
+                try:
+                    await client.quit()
+                except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                    client.close()
 
 
 # SES errors that say "later", not "never" (throttling, the service itself).

@@ -107,12 +107,21 @@ class OutboundWorker:
         """Claim one batch and attempt each delivery in it; how many were claimed."""
         settings = self.settings.outbound
         claimed = await queue.claim(self.db, settings.batch_size, settings.lease)
-        for delivery in claimed:
-            if self._stopping.is_set():
-                # give the rest back at once rather than after their lease
-                await queue.release(self.db, delivery, 0.0)
-                continue
-            await self.attempt(delivery)
+        slots = asyncio.Semaphore(settings.concurrency)
+
+        async def one(delivery: queue.Delivery) -> None:
+            async with slots:
+                if self._stopping.is_set():
+                    # give it back at once rather than after its lease
+                    await queue.release(self.db, delivery, 0.0)
+                    return
+                try:
+                    await self.attempt(delivery)
+                except Exception:  # the others go on; this one's lease runs out, it is retried
+                    log.exception("outbound.attempt_error", delivery_id=delivery.id,
+                                  workspace_id=delivery.workspace_id)
+
+        await asyncio.gather(*(one(delivery) for delivery in claimed))
         return len(claimed)
 
     async def attempt(self, delivery: queue.Delivery) -> None:

@@ -60,7 +60,7 @@ def dkim_verify(raw: bytes, nameserver: str) -> list[tuple[bytes, bytes, bool]]:
 async def test_reply_leaves_signed_and_verifies_with_published_keys(
         start_server, db, database_url, dns_server, relay):
     sink, url = relay
-    server = start_server(**fast(url))
+    server = start_server(**fast(url, **{"outbound.concurrency": 1}))
     agent = await make_agent(db)
     await publish_default_domain(server, database_url, dns_server)
     first = await store_reply(db, agent, "Bob <bob@example.org>")
@@ -237,7 +237,8 @@ IMPLICIT_AUTH = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requ
 @IMPLICIT_AUTH
 async def test_relay_over_tls_with_auth(start_server, db, secure_relay):
     relay = secure_relay
-    start_server(**fast(relay.url, **{"outbound.relay_ca_file": str(relay.ca_file)}))
+    start_server(**fast(relay.url, **{"outbound.relay_ca_file": str(relay.ca_file),
+                                      "outbound.concurrency": 1}))
     agent = await make_agent(db)
     first = await store_reply(db, agent, "bob@example.org")
     second = await store_reply(db, agent, "carol@example.org")
