@@ -207,11 +207,26 @@ async def pending_recipients(db: DbLike, delivery: Delivery) -> list[str]:
 RECIPIENT_STATE = {"sent": "sent", "retry": "deferred", "bounce": "bounced", "fail": "failed"}
 
 
+class LeaseLost(RuntimeError):
+    """Our claim ran out and another worker took the delivery: its record wins, ours is dropped."""
+
+
+async def _still_ours(connection: asyncpg.Connection, delivery: Delivery) -> None:
+    """Lock the delivery row; raise LeaseLost unless it is still in the attempt we claimed."""
+    ours = await connection.fetchval(
+        """SELECT state = 'sending' AND attempts = $3 FROM deliveries
+           WHERE id = $1 AND workspace_id = $2 FOR UPDATE""",
+        delivery.id, delivery.workspace_id, delivery.attempts)
+    if not ours:
+        raise LeaseLost(f"delivery {delivery.id}: attempt {delivery.attempts} is no longer ours")
+
+
 async def finish_attempt(db: asyncpg.Pool, delivery: Delivery, started_at: datetime,
                          transport: str, results: Sequence[RecipientResult], next_: Next,
                          provider_message_id: str | None, error: str | None) -> None:
     """Record one attempt in one transaction: recipients, suppressions, delivery, message."""
     async with db.acquire() as connection, connection.transaction():
+        await _still_ours(connection, delivery)
         for result in results:
             outcome = result.outcome
             state = RECIPIENT_STATE[outcome.kind]
@@ -253,6 +268,7 @@ async def finish_attempt(db: asyncpg.Pool, delivery: Delivery, started_at: datet
 async def fail(db: asyncpg.Pool, delivery: Delivery, started_at: datetime, reason: str) -> None:
     """A delivery that cannot be sent at all (e.g. no DKIM keys): failed, with the reason."""
     async with db.acquire() as connection, connection.transaction():
+        await _still_ours(connection, delivery)
         await connection.execute(
             """UPDATE deliveries SET state = 'failed', lease_until = NULL, last_error = $3,
                       finished_at = now() WHERE id = $1 AND workspace_id = $2""",

@@ -117,6 +117,9 @@ class OutboundWorker:
                     return
                 try:
                     await self.attempt(delivery)
+                except queue.LeaseLost as lost:
+                    log.warning("outbound.lease_lost", error=str(lost), delivery_id=delivery.id,
+                                workspace_id=delivery.workspace_id)
                 except Exception:  # the others go on; this one's lease runs out, it is retried
                     log.exception("outbound.attempt_error", delivery_id=delivery.id,
                                   workspace_id=delivery.workspace_id)
