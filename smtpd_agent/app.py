@@ -6,15 +6,18 @@ import asyncio
 import signal
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import asyncpg
 import structlog
 
+from .agent.worker import AgentWorkers
 from .config import Settings, SmtpSettings
 from .dns import Resolver
 from .domains.service import DomainRechecker
+from .http import HttpServer
+from .metrics import Metrics
 from .outbound.worker import OutboundWorker
 from .pipeline import Pipeline
 from .routing import Router
@@ -71,10 +74,31 @@ class Runtime:
     settings: Settings
     database: Database
     resolver: Resolver
+    # One registry per process (per App in tests), never prometheus_client's global one.
+    metrics: Metrics = field(default_factory=Metrics)
+    _pipeline: Pipeline | None = field(default=None, repr=False)
 
     @property
     def pool(self) -> asyncpg.Pool:
         return self.database.pool
+
+    @property
+    def scanner(self) -> Scanner | None:
+        return self.pipeline.scanner
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The one pipeline every way in (SMTP, provider webhooks) feeds; built on first use."""
+        if self._pipeline is None:
+            settings = self.settings
+            scanner = Scanner(settings.scan) if settings.scan.clamd else None
+            if scanner is None:
+                log.warning("scan.disabled", reason="scan.clamd is not set: attachments are "
+                            "stored with scan status 'unscanned'")
+            for problem in limit_problems(settings):
+                log.warning("scan.limits", problem=problem)
+            self._pipeline = Pipeline(self.pool, settings, self.resolver, scanner, self.metrics)
+        return self._pipeline
 
     @classmethod
     async def open(cls, settings: Settings) -> Runtime:
@@ -109,21 +133,19 @@ class MailServer:
 
     async def start(self) -> None:
         settings = self.settings
-        scanner = Scanner(settings.scan) if settings.scan.clamd else None
-        if scanner is None:
-            log.warning("scan.disabled", reason="scan.clamd is not set: attachments are "
-                        "stored with scan status 'unscanned'")
-        for problem in limit_problems(settings):
-            log.warning("scan.limits", problem=problem)
-        pipeline = Pipeline(self.runtime.pool, settings, self.runtime.resolver, scanner)
-        handler = SessionHandler(self.router, settings.smtp.max_recipients)
+        metrics = self.runtime.metrics
+        pipeline = self.runtime.pipeline
+        handler = SessionHandler(self.router, settings.smtp.max_recipients, metrics)
         tls_context = build_tls_context(settings.smtp)
         loop = asyncio.get_running_loop()
+        metrics.sessions_active.set_function(lambda: len(self.sessions.active))
 
         def session() -> AgentSMTP:
+            metrics.sessions.inc()
             return AgentSMTP(handler, settings=settings.smtp, limits=self.limits,
                              deliver=pipeline.receive, hostname=settings.server.hostname,
-                             sessions=self.sessions, tls_context=tls_context, loop=loop)
+                             sessions=self.sessions, tls_context=tls_context, loop=loop,
+                             metrics=metrics)
 
         self._server = await loop.create_server(session, settings.smtp.host, settings.smtp.port,
                                                 reuse_address=True)
@@ -145,7 +167,10 @@ class MailServer:
 # shared Runtime; later stages (agent workers, HTTP) add themselves here.
 SERVICES: list[Callable[[Runtime], Service]] = [
     MailServer,
+    # Reply workers (agent.workers of them; 0: run `smtpd-agent worker` elsewhere).
+    AgentWorkers,
     DomainRechecker,
+    HttpServer,
     OutboundWorker,
 ]
 

@@ -18,11 +18,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .agent.cli import register_agent
 from .app import Database, serve
 from .config import ConfigError, Settings, load_settings
 from .domains.cli import register_domains
 from .outbound.cli import register_outbound
 from .domains.keys import KeyStoreError
+from .http.cli import register_apikeys
 from .logs import configure_logging
 from .routing import parse_address, workspace_of
 from .store import directory, inbox
@@ -63,6 +65,8 @@ def register_core(commands: Any, parents: Parents) -> None:
     serve_cmd = commands.add_parser("serve", parents=[common], help="run the SMTP server")
     serve_cmd.add_argument("--host", help="bind address (smtp.host)")
     serve_cmd.add_argument("--port", type=int, help="bind port (smtp.port)")
+    serve_cmd.add_argument("--http-host", help="HTTP bind address (http.host)")
+    serve_cmd.add_argument("--http-port", type=int, help="HTTP bind port (http.port)")
     serve_cmd.set_defaults(run=run_serve)
 
     commands.add_parser("migrate", parents=[common], help="apply database migrations") \
@@ -105,7 +109,8 @@ def register_core(commands: Any, parents: Parents) -> None:
 def settings_from(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for flag, key in (("state_dir", "server.state_dir"), ("default_domain", "server.default_domain"),
-                      ("host", "smtp.host"), ("port", "smtp.port")):
+                      ("host", "smtp.host"), ("port", "smtp.port"),
+                      ("http_host", "http.host"), ("http_port", "http.port")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
@@ -276,6 +281,8 @@ def _inbox_lines(threads: list[dict[str, Any]]) -> list[str]:
 # database pool) or `run` (given the settings, manages its own resources).
 COMMAND_GROUPS: list[Callable[[Any, Parents], None]] = [
     register_core,
+    register_agent,
     register_domains,
+    register_apikeys,
     register_outbound,
 ]

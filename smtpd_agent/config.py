@@ -119,9 +119,25 @@ class ScanSettings:
 class AgentSettings:
     api_key: str = ""
     base_url: str = ""
-    model: str = "claude-sonnet-4-5"
+    # A current Sonnet-class model the installed SDK lists and does not warn about
+    # (the newest Sonnet in its ModelParam; DEPRECATED_MODELS lists claude-sonnet-4-5); tests check.
+    model: str = "claude-sonnet-5-5"
     max_tokens: int = 1024
     timeout: float = 60.0
+    # Concurrent jobs per process (`serve` and `worker`); 0 in `serve`: no in-process workers.
+    workers: int = 2
+    # Seconds a claimed job stays reserved; must outlast one API call (agent.timeout).
+    lease: float = 120.0
+    poll_interval: float = 1.0
+    max_attempts: int = 5
+    backoff_base: float = 10.0
+    backoff_max: float = 900.0
+    correspondent_replies_per_hour: int = 5
+    agent_replies_per_hour: int = 200
+    # Characters of one message's body put in the prompt (the rest is cut, and says so).
+    max_body_chars: int = 20_000
+    # Without an API key: "" records jobs as skipped; any text is sent as a canned reply.
+    offline_reply: str = ""
 
 
 @dataclass(frozen=True)
@@ -152,6 +168,27 @@ class DomainSettings:
     # The secret that encrypts DKIM private keys in Postgres (mode 0600 or
     # stricter); empty: <server.state_dir>/dkim.secret, created on first use.
     key_file: str = ""
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP surface (health, metrics, inbox API, provider webhooks); see smtpd_agent/http."""
+
+    host: str = "127.0.0.1"
+    port: int = 8001
+    # Seconds a signed webhook timestamp (Mailgun, SendGrid) may be old or ahead.
+    webhook_max_age: float = 300.0
+    # SES via SNS: topics whose notifications we take; empty refuses every SES post.
+    ses_topic_arns: list[str] = field(default_factory=list)
+    # SNS SigningCertURL and SubscribeURL must match this (a regular expression).
+    sns_url_pattern: str = r"^https://sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/"
+    # SendGrid Inbound Parse signature verification key (base64 DER or PEM, ECDSA P-256).
+    sendgrid_public_key: str = ""
+    # Mailgun HTTP webhook signing key.
+    mailgun_signing_key: str = ""
+    # Postmark inbound: the basic-auth credentials put in the webhook URL.
+    postmark_username: str = ""
+    postmark_password: str = ""
 
 
 @dataclass(frozen=True)
@@ -207,6 +244,7 @@ class Settings:
     scan: ScanSettings = field(default_factory=ScanSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
     domains: DomainSettings = field(default_factory=DomainSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     outbound: OutboundSettings = field(default_factory=OutboundSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
@@ -373,6 +411,14 @@ def _validate(settings: Settings) -> None:
         host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
         if port and not port.isdigit():
             raise ConfigError(f"dns.nameservers: bad port in {server!r}")
+    agent = settings.agent
+    if agent.lease <= agent.timeout:
+        raise ConfigError("agent.lease: must exceed agent.timeout, or a slow call loses its job")
+    for key in ("max_attempts", "max_tokens"):
+        if getattr(agent, key) < 1:
+            raise ConfigError(f"agent.{key}: must be at least 1")
+    if agent.base_url and not agent.base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"agent.base_url: expected an http(s) URL, got {agent.base_url!r}")
     domains = settings.domains
     for key in ("mail_from_label", "default_mail_from_label", "dkim_selector_prefix"):
         if not LABEL.match(getattr(domains, key)):
@@ -385,6 +431,13 @@ def _validate(settings: Settings) -> None:
     if domains.dmarc_rua and not all(uri.strip().startswith("mailto:")
                                      for uri in domains.dmarc_rua.split(",")):
         raise ConfigError(f"domains.dmarc_rua: expected mailto: URIs, got {domains.dmarc_rua!r}")
+    if not 0 <= settings.http.port < 65536:
+        raise ConfigError(f"http.port: must be 0-65535 (0 picks a free port), got "
+                          f"{settings.http.port}")
+    try:
+        re.compile(settings.http.sns_url_pattern)
+    except re.error as error:
+        raise ConfigError(f"http.sns_url_pattern: not a regular expression: {error}") from None
     outbound = settings.outbound
     if outbound.relay:
         from .outbound.relay_url import RelayUrlError, parse_relay_url

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from dataclasses import dataclass, field
 from email.utils import format_datetime
 
 import asyncpg
@@ -21,6 +22,7 @@ from .auth import decide as decide_auth
 from .config import Settings
 from .dns import Resolver
 from .message import parse_message
+from .metrics import Metrics
 from .outbound.bounces import BounceProcessor
 from .record import Envelope, InboundMessage
 from .scan import ScanResult, Scanner
@@ -29,7 +31,7 @@ from .smtp import replies
 from .smtp.replies import Reply
 from .smtp.server import ReceivedContent
 from .store.database import CONNECTION_ERRORS, DatabaseUnavailable
-from .store.messages import Verdicts, store_inbound
+from .store.messages import StoredMessage, Verdicts, store_inbound
 
 log = structlog.get_logger("smtpd_agent.pipeline")
 
@@ -39,6 +41,13 @@ PARSE_IN_THREAD_ABOVE = 256 * 1024
 
 def received_header(content: ReceivedContent, hostname: str) -> str:
     """RFC 5321 section 4.4 trace header, with the RFC 3848 protocol name."""
+    if content.transport != "smtp":
+        # Posted by a provider's webhook: the hop we saw was the provider, over HTTPS.
+        recipient = (f"\r\n\tfor <{content.recipients[0].address}>"
+                     if len(content.recipients) == 1 else "")
+        return (f"from {content.transport} webhook\r\n"
+                f"\tby {hostname} (smtpd-agent) with HTTP id {content.queue_id}{recipient};\r\n"
+                f"\t{format_datetime(content.received_at)}")
     protocol = "UTF8SMTP" if content.smtputf8 else "ESMTP" if content.esmtp else "SMTP"
     if content.tls and protocol != "SMTP":
         protocol += "S"
@@ -63,19 +72,36 @@ class Rejected(Exception):
         self.fields = fields
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one message: the reply, why, and the rows stored (webhooks show them)."""
+
+    reply: Reply
+    reason: str = "accepted"
+    stored: tuple[StoredMessage, ...] = field(default=())
+
+
 class Pipeline:
     def __init__(self, db: asyncpg.Pool, settings: Settings, resolver: Resolver,
-                 scanner: Scanner | None = None) -> None:
+                 scanner: Scanner | None = None, metrics: Metrics | None = None) -> None:
         self.db = db
         self.settings = settings
         self.resolver = resolver
         self.scanner = scanner
+        self.metrics = metrics or Metrics()
         self.authserv_id = settings.auth.authserv_id or settings.server.hostname
         self.bounces = BounceProcessor(db)
+
+    def unauthenticated(self) -> AuthResult:
+        """No checks possible (a provider gave parsed fields only): RFC 8601 'none'."""
+        return AuthResult(spf="none", dkim="none", dmarc="none", arc="none", dmarc_policy="",
+                          header_value=f"{self.authserv_id}; none",
+                          authserv_id=self.authserv_id)
 
     async def authenticate(self, message: InboundMessage) -> tuple[AuthResult, bool]:
         """SPF, DKIM, ARC, DMARC; raise Rejected per policy, else say whether to quarantine."""
         result = await authenticate(message, self.resolver, self.settings.auth, self.authserv_id)
+        self.metrics.auth_result(result.spf, result.dkim, result.dmarc, result.arc)
         decision = decide_auth(result, self.settings.auth)
         if decision.action == "reject":
             reply = (replies.DMARC_REJECT if decision.reason.startswith("dmarc")
@@ -92,6 +118,7 @@ class Pipeline:
         if self.scanner is None:
             return None
         result = await self.scanner.scan_message(message)
+        self.metrics.scans.labels(result.status).inc()
         decision = decide_scan(result, self.settings.scan)
         if decision.action == "reject" and decision.reason == "virus":
             raise Rejected(replies.VIRUS_FOUND.with_text(
@@ -121,10 +148,25 @@ class Pipeline:
 
     async def receive(self, content: ReceivedContent) -> Reply:
         """The reply for one received message; 250 only once it is committed."""
+        return (await self.process(content)).reply
+
+    async def process(self, content: ReceivedContent) -> Outcome:
+        """Every stage in order, counted; the listener and the webhooks both come here."""
+        outcome = await self._process(content)
+        if outcome.reply.code < 300:
+            self.metrics.accepted.labels(content.transport).inc()
+        else:
+            self.metrics.rejected_reply(content.transport, "data", outcome.reason,
+                                        outcome.reply.code)
+        return outcome
+
+    async def _process(self, content: ReceivedContent) -> Outcome:
         if content.bounce_tokens:
             failed = await self.receive_bounces(content)
-            if failed is not None or not content.recipients:
-                return failed or replies.queued(content.queue_id)
+            if failed is not None:
+                return Outcome(failed, reason="bounce processing failed")
+            if not content.recipients:
+                return Outcome(replies.queued(content.queue_id), reason="bounce")
         envelope = Envelope(
             session_id=content.session_id, client_ip=content.client_ip, helo=content.helo,
             mail_from=content.mail_from, recipients=content.recipients, tls=content.tls,
@@ -138,15 +180,19 @@ class Pipeline:
         rcpt = [r.address for r in content.recipients]
         began = time.perf_counter()
         try:
-            auth, quarantined = await self.authenticate(message)
+            if content.authenticable:
+                auth, quarantined = await self.authenticate(message)
+            else:
+                auth, quarantined = self.unauthenticated(), False
             authenticated = time.perf_counter()
             scan = await self.scan(message)
             scanned = time.perf_counter()
         except Rejected as rejected:
             log.info("smtp.rejected" if rejected.reply.code >= 500 else "smtp.tempfail",
                      reason=rejected.reason, reply=str(rejected.reply), queue_id=content.queue_id,
-                     mail_from=content.mail_from, rcpt=rcpt, **rejected.fields)
-            return rejected.reply
+                     mail_from=content.mail_from, rcpt=rcpt, transport=content.transport,
+                     **rejected.fields)
+            return Outcome(rejected.reply, rejected.reason)
         verdicts = Verdicts(
             spf=auth.spf, dkim=auth.dkim, dmarc=auth.dmarc, arc=auth.arc,
             auth_results=auth.header_value, auth_detail=auth.to_dict(), quarantined=quarantined,
@@ -161,21 +207,24 @@ class Pipeline:
                                          self.settings.store.thread_window_days, content.queue_id)
         except DatabaseUnavailable as error:
             log.error("smtp.tempfail", reason="store failed", error=str(error),
-                      queue_id=content.queue_id, mail_from=content.mail_from, rcpt=rcpt)
-            return replies.TEMP_STORE_FAILURE.with_text(
-                f"Temporary local problem, try again later (session {content.session_id})")
+                      queue_id=content.queue_id, mail_from=content.mail_from, rcpt=rcpt,
+                      transport=content.transport)
+            return Outcome(replies.TEMP_STORE_FAILURE.with_text(
+                f"Temporary local problem, try again later (session {content.session_id})"),
+                "store failed")
         stored_at = time.perf_counter()
+        self.metrics.store_latency.observe(stored_at - scanned)
         log.info("smtp.accepted", queue_id=content.queue_id, message_id=parsed.message_id,
                  mail_from=content.mail_from, rcpt=rcpt, size=len(content.data),
                  attachments=len(parsed.attachments), spf=auth.spf, dkim=auth.dkim,
                  dmarc=auth.dmarc, arc=auth.arc, quarantined=quarantined,
                  scan=verdicts.scan_status,
                  stored=[s.id for s in stored if not s.duplicate],
-                 duplicates=[s.id for s in stored if s.duplicate],
+                 duplicates=[s.id for s in stored if s.duplicate], transport=content.transport,
                  ms={"auth": round((authenticated - began) * 1000, 1),
                      "scan": round((scanned - authenticated) * 1000, 1),
                      "store": round((stored_at - scanned) * 1000, 1)})
-        return replies.queued(content.queue_id)
+        return Outcome(replies.queued(content.queue_id), "accepted", tuple(stored))
 
 
 def scan_columns(scan: ScanResult | None, message: InboundMessage) -> dict[str, object]:

@@ -25,6 +25,7 @@ from typing import Any
 import asyncpg
 
 from smtpd_agent.app import App, MailServer
+from smtpd_agent.http import HttpServer
 from smtpd_agent.config import Settings, load_settings
 
 DEFAULT_DOMAIN = "agents.test"
@@ -72,6 +73,7 @@ def make_settings(database_url: str, state_dir: Path, **overrides: Any) -> Setti
         "server.hostname": "mx.test.local",
         "smtp.host": "127.0.0.1",
         "smtp.port": 0,
+        "http.port": 0,
         "routing.cache_ttl": 0.5,
         "database.pool_min": 1,
         "database.pool_max": 4,
@@ -104,6 +106,16 @@ class ServerThread:
         port = self.app.service(MailServer).port
         assert port is not None
         return port
+
+    @property
+    def http_port(self) -> int:
+        port = self.app.service(HttpServer).port
+        assert port is not None
+        return port
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -263,6 +275,8 @@ class ServeProcess:
         self.env.pop("DATABASE_URL", None) if "DATABASE_URL" not in env else None
         self.state_dir = state_dir
         self.port = port or free_port()
+        # Never the default 8001: two of these (or a developer's serve) must not collide.
+        self.http_port = free_port()
         self.process: subprocess.Popen | None = None
         self.log_path = state_dir / "serve.log"
 
@@ -271,7 +285,8 @@ class ServeProcess:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "smtpd_agent", "serve", "--state-dir", str(self.state_dir),
-             "--port", str(self.port)], cwd=REPO, env=self.env, stdout=log,
+             "--port", str(self.port), "--http-port", str(self.http_port)], cwd=REPO,
+            env=self.env, stdout=log,
             stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + timeout

@@ -93,6 +93,12 @@ async def _deadline(check: Awaitable[T], seconds: float) -> T | None:
         return None
 
 
+async def _no_client_ip(identity: str, domain: str, sender: str) -> SpfResult:
+    """A message posted by a provider's webhook: the connecting IP is the provider's to know
+    (RFC 7208 needs it), so SPF is "none" and DMARC rests on DKIM alone."""
+    return SpfResult("none", identity, domain, sender, "", reason="no client IP (webhook)")
+
+
 async def authenticate(message: InboundMessage, resolver: Resolver, settings: AuthSettings,
                        authserv_id: str) -> AuthResult:
     """Run SPF, DKIM and ARC concurrently, then DMARC; never raises for DNS trouble."""
@@ -101,7 +107,8 @@ async def authenticate(message: InboundMessage, resolver: Resolver, settings: Au
     identity, sender, domain = spf_identity(envelope.mail_from, envelope.helo)
     spf, dkim, arc = await asyncio.gather(
         _deadline(check_spf(resolver, envelope.client_ip, envelope.mail_from, envelope.helo,
-                            timeout=deadline), deadline),
+                            timeout=deadline), deadline) if envelope.client_ip
+        else _no_client_ip(identity, domain, sender),
         _deadline(verify_dkim(resolver, message.raw), deadline),
         _deadline(verify_arc(resolver, message.raw), deadline),
     )

@@ -6,6 +6,7 @@ from typing import Any
 
 import structlog
 
+from ..metrics import Metrics
 from ..record import Recipient
 from ..routing import RouteKind, Router
 from ..store.database import DatabaseUnavailable
@@ -17,9 +18,16 @@ log = structlog.get_logger("smtpd_agent.smtp")
 class SessionHandler:
     """aiosmtpd handler hooks; one instance serves every session."""
 
-    def __init__(self, router: Router, max_recipients: int) -> None:
+    def __init__(self, router: Router, max_recipients: int,
+                 metrics: Metrics | None = None) -> None:
         self.router = router
         self.max_recipients = max_recipients
+        self.metrics = metrics
+
+    def _refused(self, reason: str, reply: replies.Reply) -> str:
+        if self.metrics is not None:
+            self.metrics.rejected_reply("smtp", "rcpt", reason, reply.code)
+        return str(reply)
 
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
                           mail_options: list[str]) -> str:
@@ -32,17 +40,17 @@ class SessionHandler:
                           rcpt_options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= self.max_recipients:
             log.info("smtp.rcpt_rejected", rcpt=address, reason="too many recipients")
-            return str(replies.TOO_MANY_RECIPIENTS)
+            return self._refused("too many recipients", replies.TOO_MANY_RECIPIENTS)
         try:
             route = await self.router.route(address)
         except DatabaseUnavailable as error:
             log.error("smtp.rcpt_tempfail", rcpt=address, reason="routing lookup failed",
                       error=str(error))
-            return str(replies.TEMP_ROUTING_FAILURE)
+            return self._refused("routing lookup failed", replies.TEMP_ROUTING_FAILURE)
         if route.kind is RouteKind.RELAY_DENIED:
             log.info("smtp.rcpt_rejected", rcpt=address, mail_from=envelope.mail_from,
                      reason=route.reason, **({"hint": route.hint} if route.hint else {}))
-            return str(replies.RELAY_DENIED)
+            return self._refused(route.reason or "relay denied", replies.RELAY_DENIED)
         if route.kind is RouteKind.BOUNCE and route.verp_token is not None:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
@@ -52,7 +60,7 @@ class SessionHandler:
         if route.kind is RouteKind.UNKNOWN_MAILBOX or route.mailbox is None:
             log.info("smtp.rcpt_rejected", rcpt=address, mail_from=envelope.mail_from,
                      reason="unknown mailbox")
-            return str(replies.MAILBOX_UNKNOWN)
+            return self._refused("unknown mailbox", replies.MAILBOX_UNKNOWN)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         envelope.recipients.append(Recipient(address=address, mailbox=route.mailbox, tag=route.tag))

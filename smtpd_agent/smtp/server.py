@@ -29,6 +29,7 @@ import structlog
 from aiosmtpd.smtp import SMTP, Envelope as AioEnvelope, syntax
 
 from ..config import SmtpSettings
+from ..metrics import Metrics
 from ..record import Recipient
 from . import replies
 from .replies import Reply
@@ -97,6 +98,12 @@ class ReceivedContent:
     smtputf8: bool
     esmtp: bool
     received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    # "smtp", or the provider whose webhook posted the message ("ses", "sendgrid", ...).
+    transport: str = "smtp"
+    # False when a provider gave us only parsed fields, not the message as sent: there
+    # is no signature left to verify, so authentication records "none" instead of "fail".
+    authenticable: bool = True
+    # VERP tokens of RCPTs routed to the bounce processor (outbound/bounces.py)
     bounce_tokens: tuple[str, ...] = ()
 
 
@@ -132,7 +139,8 @@ class AgentSMTP(SMTP):
     def __init__(self, handler: Any, *, settings: SmtpSettings, limits: ConnectionLimits,
                  deliver: Deliver, hostname: str, sessions: Sessions,
                  tls_context: ssl.SSLContext | None = None,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 metrics: Metrics | None = None) -> None:
         super().__init__(
             handler,
             data_size_limit=settings.max_message_size,
@@ -151,6 +159,7 @@ class AgentSMTP(SMTP):
         self.deliver = deliver
         self.session_id = new_session_id()
         self.sessions = sessions
+        self.metrics = metrics
         self.receiving = False
         self._pending_replies = bytearray()
         self.client_ip = ""
@@ -320,7 +329,7 @@ class AgentSMTP(SMTP):
         try:
             if envelope.bdat_failed is not None:
                 log.info("smtp.rejected", reason="message too big", size=envelope.bdat_size)
-                await self.push(str(envelope.bdat_failed))
+                await self.push(str(self._refused("message too big", envelope.bdat_failed)))
                 return
             data = b"".join(envelope.bdat_chunks)
             envelope.bdat_chunks.clear()
@@ -375,6 +384,12 @@ class AgentSMTP(SMTP):
             remaining -= len(await self._reader.readexactly(min(remaining, READ_CHUNK)))
         return b""
 
+    def _refused(self, reason: str, reply: Reply) -> Reply:
+        """Count a refusal the listener decided itself (the pipeline counts its own)."""
+        if self.metrics is not None:
+            self.metrics.rejected_reply("smtp", "data", reason, reply.code)
+        return reply
+
     async def _finish(self, data: bytes, too_big: bool, dot_stuffed: bool) -> Reply:
         """Apply size, header and line-ending rules, then hand the message to the pipeline."""
         self.transactions += 1
@@ -382,12 +397,12 @@ class AgentSMTP(SMTP):
         if too_big:
             log.info("smtp.rejected", reason="message too big", mail_from=envelope.mail_from,
                      rcpt=list(envelope.rcpt_tos))
-            return replies.MESSAGE_TOO_BIG
+            return self._refused("message too big", replies.MESSAGE_TOO_BIG)
         if b"\n" in data and data.count(b"\n") != data.count(b"\r\n"):
             if self.settings.bare_lf == "reject":
                 log.info("smtp.rejected", reason="bare LF", mail_from=envelope.mail_from,
                          rcpt=list(envelope.rcpt_tos))
-                return replies.BARE_LF
+                return self._refused("bare LF", replies.BARE_LF)
             data = BARE_LF.sub(b"\r\n", data)
         if dot_stuffed:
             data = data.replace(b"\r\n.", b"\r\n")[2:]
@@ -396,7 +411,7 @@ class AgentSMTP(SMTP):
         if header_size > self.settings.max_header_size:
             log.info("smtp.rejected", reason="header too big", header_size=header_size,
                      mail_from=envelope.mail_from, rcpt=list(envelope.rcpt_tos))
-            return replies.HEADER_TOO_BIG
+            return self._refused("header too big", replies.HEADER_TOO_BIG)
         ssl_object = self.transport.get_extra_info("ssl_object") if self._tls_protocol else None
         content = ReceivedContent(
             data=data,

@@ -1,4 +1,4 @@
-"""Store an accepted message: thread, message, attachments, in one transaction.
+"""Store an accepted message: thread, message, attachments, agent job, in one transaction.
 
 The listener answers 250 only after this COMMIT returns. One transaction
 covers every mailbox the message was addressed to, so the sender's retry
@@ -68,7 +68,17 @@ def unique_mailboxes(message: InboundMessage) -> list[tuple[Mailbox, str]]:
     return list(seen.values())
 
 
-STORE_SQL = f"SELECT * FROM store_inbound_message({', '.join(f'${i}' for i in range(1, 47))})"
+# The store function, and the agent job when $47 (the mailbox's auto_reply) is set and the
+# message is new: one statement, so the job commits with the message or not at all, and the
+# hot path stays one round trip. Whether to answer is the worker's decision, not the store's.
+STORE_SQL = f"""
+    WITH stored AS (
+        SELECT * FROM store_inbound_message({', '.join(f'${i}' for i in range(1, 47))})),
+    job AS (
+        INSERT INTO agent_jobs (workspace_id, agent_id, thread_id, message_id)
+        SELECT $1, $2, o_thread_id, o_message_id FROM stored WHERE $47 AND NOT o_duplicate
+        RETURNING id)
+    SELECT stored.*, (SELECT id FROM job) AS job_id FROM stored"""
 
 
 async def store_inbound(db: asyncpg.Pool, message: InboundMessage, verdicts: Verdicts,
@@ -122,7 +132,8 @@ async def _store_one(connection: asyncpg.Connection, message: InboundMessage, ve
         [_clean(a.filename) for a in attachments], [a.content_type for a in attachments],
         [a.disposition for a in attachments], [_clean(a.content_id) for a in attachments],
         [a.sha256 for a in attachments], [a.content for a in attachments],
-        [status for status, _ in scans], [signature for _, signature in scans])
+        [status for status, _ in scans], [signature for _, signature in scans],
+        mailbox.auto_reply)
     if row["o_duplicate"]:
         log.info("store.duplicate", agent=mailbox.address, message_id=parsed.message_id,
                  stored_id=row["o_message_id"])

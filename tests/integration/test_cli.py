@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import aiosmtplib
@@ -38,7 +39,8 @@ def running(tmp_path_factory, dns_server_session):
     log = open(state / "serve.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "smtpd_agent", "serve", "--state-dir", str(state),
-         "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+         "--port", str(port), "--http-port", str(free_port())], cwd=REPO, env=env, stdout=log,
+        stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
@@ -66,7 +68,8 @@ def running(tmp_path_factory, dns_server_session):
 
 def test_every_command_has_help():
     for command in (["serve"], ["migrate"], ["workspace", "add"], ["workspace", "list"],
-                    ["agent", "add"], ["agent", "list"], ["agent", "disable"], ["inbox"]):
+                    ["agent", "add"], ["agent", "list"], ["agent", "disable"], ["inbox"],
+                    ["apikey", "create"], ["apikey", "list"], ["apikey", "revoke"]):
         result = subprocess.run([sys.executable, "-m", "smtpd_agent", *command, "--help"],
                                 cwd=REPO, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and "usage: smtpd-agent" in result.stdout, command
@@ -135,6 +138,17 @@ def test_disabled_agent_is_refused_after_the_cache_ttl(running):
 def test_migrate_twice_is_a_no_op(running):
     _, cli, _ = running
     assert "up to date" in cli("migrate").stdout
+
+
+def test_serve_answers_health_over_http(running):
+    _port, _cli, state = running
+    events = [json.loads(line) for line in (state / "serve.log").read_text().splitlines()
+              if line.startswith("{")]
+    [listening] = [e for e in events if e.get("event") == "http.listening"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{listening['port']}/health/ready",
+                                timeout=10) as response:
+        body = json.loads(response.read())
+    assert response.status == 200 and body["ready"] is True
 
 
 def test_reserved_workspace_slugs_are_refused(running):

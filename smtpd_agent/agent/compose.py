@@ -1,0 +1,104 @@
+"""The reply as an RFC 5322 message, from the model's text and the stored original.
+
+Stage 6 of the pipeline, after the API call. Every address and threading
+header comes from our own records (the agent, the stored original's verdicts);
+the model supplies only the body, so no text in the incoming mail can redirect
+the reply, change its sender or add recipients.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime, make_msgid
+
+# Only reply prefixes are folded: "Re: Re: Aw: x" -> "Re: x" (RFC 5322 section 3.6.5).
+REPLY_PREFIX = re.compile(r"^\s*((re|aw|sv|antw|vs|rif|r)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
+# A long References chain is trimmed to the first and the last ones (RFC 5322 allows it).
+MAX_REFERENCES = 20
+
+
+@dataclass(frozen=True)
+class Original:
+    """The inbound message being answered, from the store."""
+
+    message_id: str | None
+    references: tuple[str, ...]
+    subject: str | None
+    in_reply_to: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ComposedReply:
+    message_id: str
+    from_header: str
+    from_address: str
+    to_address: str
+    subject: str
+    in_reply_to: tuple[str, ...]
+    references: tuple[str, ...]
+    text: str
+    html: str
+    headers: tuple[tuple[str, str], ...]
+    raw: bytes
+
+
+def reply_subject(subject: str | None) -> str:
+    """One `Re:`, whitespace (and any smuggled CR/LF) folded to single spaces."""
+    stripped = " ".join(REPLY_PREFIX.sub("", subject or "").split())
+    return f"Re: {stripped}" if stripped else "Re:"
+
+
+def reply_references(original: Original) -> tuple[str, ...]:
+    """RFC 5322 section 3.6.4: parent's References (else its one In-Reply-To), then its id."""
+    parents = original.references or (original.in_reply_to if len(original.in_reply_to) == 1
+                                       else ())
+    own = (original.message_id,) if original.message_id else ()
+    chain = list(dict.fromkeys(parents + own))
+    if len(chain) > MAX_REFERENCES:
+        chain = chain[:1] + chain[-(MAX_REFERENCES - 1):]
+    return tuple(chain)
+
+
+def text_to_html(text: str) -> str:
+    paragraphs = [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
+    body = "\n".join("<p>" + html.escape(p).replace("\n", "<br>\n") + "</p>" for p in paragraphs)
+    return f"<!DOCTYPE html>\n<html><body>\n{body}\n</body></html>\n"
+
+
+def compose_reply(original: Original, agent_name: str | None, agent_address: str,
+                  to_address: str, text: str, now: datetime) -> ComposedReply:
+    local, _, domain = agent_address.partition("@")
+    to_local, _, to_domain = to_address.partition("@")
+    message = EmailMessage(policy=SMTP)
+    message["From"] = Address(display_name=agent_name or "", username=local, domain=domain)
+    message["To"] = Address(username=to_local, domain=to_domain)
+    subject = reply_subject(original.subject)
+    message["Subject"] = subject
+    message["Date"] = format_datetime(now)
+    message_id = make_msgid(domain=domain)
+    message["Message-ID"] = message_id
+    references = reply_references(original)
+    in_reply_to = (original.message_id,) if original.message_id else ()
+    if in_reply_to:
+        message["In-Reply-To"] = in_reply_to[0]
+    if references:
+        message["References"] = " ".join(references)
+    # RFC 3834 section 5: mark it, so other responders do not answer us back.
+    message["Auto-Submitted"] = "auto-replied"
+    message["X-Auto-Response-Suppress"] = "All"
+    body = text.strip() + "\n"
+    message.set_content(body)
+    html_body = text_to_html(body)
+    message.add_alternative(html_body, subtype="html")
+    raw = message.as_bytes(policy=SMTP)
+    return ComposedReply(
+        message_id=message_id, from_header=str(message["From"]), from_address=agent_address,
+        to_address=to_address, subject=subject, in_reply_to=in_reply_to, references=references,
+        text=body, html=html_body,
+        headers=tuple((name, str(value)) for name, value in message.items()), raw=raw)

@@ -1,0 +1,253 @@
+"""The agent job queue in Postgres: claim, read the thread, finish.
+
+Stage 6 of the pipeline. Jobs are created by the store (same transaction as
+the message). A worker claims the oldest due job with `FOR UPDATE SKIP LOCKED`
+and moves its `run_at` to the end of a lease, with a fresh lease token; a
+worker that dies simply stops, and the job is due again when the lease ends.
+Finishing re-checks the token inside the transaction that stores the reply, so
+a worker that outlived its lease cannot add a second reply. Apart from the
+claim (which serves every workspace), every query names the job's workspace.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+
+from ..outbound.queue import enqueue
+from .compose import ComposedReply
+from .llm import Completion
+from .policy import MessageFacts, rate_limit_reason
+from .prompt import AttachmentNote, TranscriptEntry, body_text
+
+# One-hour window of the rate limits.
+RATE_WINDOW = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    workspace_id: int
+    agent_id: int
+    thread_id: int
+    message_id: int
+    attempts: int
+    lease_token: uuid.UUID
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    handle: str
+    workspace_slug: str
+    display_name: str | None
+    system_prompt: str | None
+    auto_reply: bool
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class InboundRecord:
+    facts: MessageFacts
+    message_id: str | None
+    references: tuple[str, ...]
+    in_reply_to: tuple[str, ...]
+    subject: str | None
+    from_address: str | None
+    reply_to: str | None
+    rcpt_to: str | None
+
+
+async def claim(db: asyncpg.Pool, worker: str, lease: float) -> Job | None:
+    row = await db.fetchrow(
+        """UPDATE agent_jobs j
+              SET status = 'running', attempts = j.attempts + 1, worker = $1,
+                  run_at = now() + make_interval(secs => $2), lease_token = gen_random_uuid(),
+                  updated_at = now()
+             FROM (SELECT id FROM agent_jobs
+                    WHERE status IN ('pending', 'running') AND run_at <= now()
+                    ORDER BY run_at, id LIMIT 1
+                    FOR UPDATE SKIP LOCKED) due
+            WHERE j.id = due.id
+        RETURNING j.id, j.workspace_id, j.agent_id, j.thread_id, j.message_id, j.attempts,
+                  j.lease_token""", worker, lease)
+    return Job(**dict(row)) if row else None
+
+
+async def load_agent(db: asyncpg.Pool, job: Job) -> AgentRecord | None:
+    row = await db.fetchrow(
+        """SELECT a.handle, w.slug AS workspace_slug, a.display_name, a.system_prompt,
+                  a.auto_reply, a.enabled
+             FROM agents a JOIN workspaces w ON w.id = a.workspace_id
+            WHERE a.id = $1 AND a.workspace_id = $2""", job.agent_id, job.workspace_id)
+    return AgentRecord(**dict(row)) if row else None
+
+
+async def load_inbound(db: asyncpg.Pool, job: Job) -> InboundRecord | None:
+    row = await db.fetchrow(
+        """SELECT headers, mail_from, from_address, dmarc, quarantined, scan_status, message_id,
+                  "references", in_reply_to, subject, reply_to, rcpt_to
+             FROM messages
+            WHERE id = $1 AND workspace_id = $2 AND agent_id = $3 AND direction = 'inbound'""",
+        job.message_id, job.workspace_id, job.agent_id)
+    if row is None:
+        return None
+    facts = MessageFacts(headers=tuple((str(k), str(v)) for k, v in row["headers"]),
+                         mail_from=row["mail_from"], from_address=row["from_address"],
+                         dmarc=row["dmarc"], quarantined=row["quarantined"],
+                         scan_status=row["scan_status"])
+    return InboundRecord(facts=facts, message_id=row["message_id"],
+                         references=tuple(row["references"]),
+                         in_reply_to=tuple(row["in_reply_to"]), subject=row["subject"],
+                         from_address=row["from_address"], reply_to=row["reply_to"],
+                         rcpt_to=row["rcpt_to"])
+
+
+async def load_transcript(db: asyncpg.Pool, job: Job) -> list[TranscriptEntry]:
+    """The thread in order: our replies, and inbound mail up to the one being answered."""
+    rows = await db.fetch(
+        """SELECT id, direction, from_header, to_header, subject, coalesce(sent_at, received_at)
+                  AS date, text_body, html_body
+             FROM messages
+            WHERE thread_id = $1 AND workspace_id = $2 AND (direction = 'outbound' OR id <= $3)
+            ORDER BY id""", job.thread_id, job.workspace_id, job.message_id)
+    attachments: dict[int, list[AttachmentNote]] = {}
+    for row in await db.fetch(
+            """SELECT message_id, filename, content_type, size FROM attachments
+                WHERE workspace_id = $1 AND message_id = ANY($2::bigint[])
+                ORDER BY message_id, position""",
+            job.workspace_id, [r["id"] for r in rows]):
+        attachments.setdefault(row["message_id"], []).append(
+            AttachmentNote(row["filename"], row["content_type"], row["size"]))
+    return [TranscriptEntry(direction=r["direction"], from_header=r["from_header"],
+                            to_header=r["to_header"], subject=r["subject"], date=r["date"],
+                            text=body_text(r["text_body"], r["html_body"]),
+                            attachments=tuple(attachments.get(r["id"], ())))
+            for r in rows]
+
+
+async def custom_domains_among(db: asyncpg.Pool, names: list[str]) -> frozenset[str]:
+    """Which of `names` are custom domains of any workspace (mail from them is from us).
+
+    Deliberately across workspaces: an agent of another workspace is still one of ours,
+    and only the yes/no leaves this function, never the other workspace's data.
+    """
+    if not names:
+        return frozenset()
+    rows = await db.fetch("SELECT name FROM domains WHERE name = ANY($1::text[])", names)
+    return frozenset(r["name"] for r in rows)
+
+
+async def receiving_domain_of(db: asyncpg.Pool, job: Job, name: str) -> bool:
+    """True when `name` is a custom domain of the job's workspace that receives mail."""
+    return bool(await db.fetchval(
+        """SELECT EXISTS (SELECT 1 FROM domains WHERE name = $1 AND workspace_id = $2
+                            AND state IN ('verified', 'degraded'))""", name, job.workspace_id))
+
+
+async def recent_replies(db: asyncpg.Pool | asyncpg.Connection, job: Job,
+                         correspondent: str) -> tuple[int, int]:
+    """(replies to this correspondent, replies in total) by the agent in the last hour."""
+    row = await db.fetchrow(
+        """SELECT count(*) FILTER (WHERE lower(rcpt_to) = lower($3)) AS to_correspondent,
+                  count(*) AS from_agent
+             FROM messages
+            WHERE agent_id = $1 AND workspace_id = $2 AND direction = 'outbound'
+              AND received_at > now() - $4::interval""",
+        job.agent_id, job.workspace_id, correspondent, RATE_WINDOW)
+    return row["to_correspondent"], row["from_agent"]
+
+
+async def _end(db: asyncpg.Pool | asyncpg.Connection, job: Job, status: str,
+               **columns: Any) -> bool:
+    """Set a final state, if we still hold the lease. False: someone else has it."""
+    names = list(columns)
+    assignments = "".join(f", {name} = ${i + 5}" for i, name in enumerate(names))
+    result = await db.execute(
+        f"""UPDATE agent_jobs SET status = $3, lease_token = NULL, updated_at = now(),
+                finished_at = now(){assignments}
+             WHERE id = $1 AND lease_token = $2 AND status = 'running' AND workspace_id = $4""",
+        job.id, job.lease_token, status, job.workspace_id, *[columns[n] for n in names])
+    return result.endswith(" 1")
+
+
+async def skip(db: asyncpg.Pool, job: Job, reason: str) -> bool:
+    return await _end(db, job, "skipped", skip_reason=reason)
+
+
+async def fail(db: asyncpg.Pool, job: Job, error: str) -> bool:
+    return await _end(db, job, "failed", last_error=error)
+
+
+async def retry_later(db: asyncpg.Pool, job: Job, error: str, delay: float) -> bool:
+    """Back to pending, due after `delay` seconds by the database's clock."""
+    result = await db.execute(
+        """UPDATE agent_jobs SET status = 'pending', lease_token = NULL, last_error = $3,
+                  run_at = now() + make_interval(secs => $4), updated_at = now()
+            WHERE id = $1 AND lease_token = $2 AND status = 'running' AND workspace_id = $5""",
+        job.id, job.lease_token, error, delay, job.workspace_id)
+    return result.endswith(" 1")
+
+
+async def release(db: asyncpg.Pool, job: Job) -> bool:
+    """Give a job back at once (worker stopping); the attempt does not count."""
+    result = await db.execute(
+        """UPDATE agent_jobs SET status = 'pending', run_at = now(), lease_token = NULL,
+                  attempts = greatest(attempts - 1, 0), updated_at = now()
+            WHERE id = $1 AND lease_token = $2 AND status = 'running' AND workspace_id = $3""",
+        job.id, job.lease_token, job.workspace_id)
+    return result.endswith(" 1")
+
+
+@dataclass(frozen=True)
+class Finished:
+    stored: bool
+    reply_id: int | None = None
+    reason: str | None = None
+
+
+async def store_reply(db: asyncpg.Pool, job: Job, reply: ComposedReply, completion: Completion,
+                      per_correspondent: int, per_agent: int) -> Finished:
+    """Store the reply in the thread and close the job, in one transaction, or nothing.
+
+    The rate limits are checked again here under a per-agent lock, since workers on
+    other machines may have replied since the first check.
+    """
+    usage = {"model": completion.model, "input_tokens": completion.input_tokens,
+             "output_tokens": completion.output_tokens, "latency_ms": completion.latency_ms}
+    async with db.acquire() as connection, connection.transaction():
+        holder = await connection.fetchval(
+            """SELECT lease_token FROM agent_jobs
+                WHERE id = $1 AND workspace_id = $2 AND status = 'running' FOR UPDATE""",
+            job.id, job.workspace_id)
+        if holder != job.lease_token:
+            return Finished(False, reason="lease lost")
+        await connection.execute("SELECT pg_advisory_xact_lock($1, $2)", 0x6167, job.agent_id)
+        counts = await recent_replies(connection, job, reply.to_address)
+        reason = rate_limit_reason(*counts, per_correspondent, per_agent)
+        if reason:
+            await _end(connection, job, "skipped", skip_reason=reason, **usage)
+            return Finished(False, reason=reason)
+        reply_id = await connection.fetchval(
+            """INSERT INTO messages (
+                   workspace_id, agent_id, thread_id, direction, status, dedup_key, message_id,
+                   in_reply_to, "references", from_header, from_address, to_header, subject,
+                   sent_at, headers, text_body, html_body, raw, size, mail_from, rcpt_to)
+               VALUES ($1, $2, $3, 'outbound', 'queued', $4, $5, $6, $7, $8, $9, $10, $11,
+                       now(), $12, $13, $14, $15, $16, $17, $18)
+               RETURNING id""",
+            job.workspace_id, job.agent_id, job.thread_id, f"reply:{job.message_id}",
+            reply.message_id, list(reply.in_reply_to), list(reply.references), reply.from_header,
+            reply.from_address, reply.to_address, reply.subject,
+            [[name, value] for name, value in reply.headers], reply.text, reply.html, reply.raw,
+            len(reply.raw), reply.from_address, reply.to_address)
+        # into the outbound queue in the same transaction (signed and sent by OutboundWorker)
+        await enqueue(connection, reply_id, job.workspace_id)
+        await connection.execute(
+            """UPDATE threads SET message_count = message_count + 1, last_message_at = now()
+                WHERE id = $1 AND workspace_id = $2""", job.thread_id, job.workspace_id)
+        await _end(connection, job, "done", reply_message_id=reply_id, **usage)
+    return Finished(True, reply_id=reply_id)

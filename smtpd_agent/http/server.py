@@ -1,0 +1,129 @@
+"""The HTTP service: an aiohttp application in the server's own event loop.
+
+A `Service` of the App like the SMTP listener (start binds, stop closes),
+built from the shared Runtime: the same pool, the same Pipeline (so webhook
+mail is routed, authenticated, scanned and stored as SMTP mail is) and the
+same Metrics registry that the listener counts into.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import structlog
+from aiohttp import web
+
+from ..routing import Router
+from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
+from .api import InboxApi
+from .health import Health
+from .openapi import openapi_spec
+from .responses import HttpError, error, json_response
+from .webhooks import Webhooks
+
+if TYPE_CHECKING:
+    from ..app import Runtime
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Webhook bodies carry the message, base64-encoded in JSON at worst (4/3), plus fields.
+BODY_OVERHEAD = 1024 * 1024
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One JSON error shape; a database outage is 503, anything unexpected 500 (logged)."""
+    try:
+        return await handler(request)
+    except HttpError as failure:
+        return error(failure.status, failure.message, failure.headers)
+    except web.HTTPException as failure:
+        if failure.status >= 400:
+            # Keep what the status needs (Allow on 405); the body and its type are ours.
+            kept = {k: v for k, v in failure.headers.items() if k.lower() != "content-type"}
+            return error(failure.status, failure.reason, kept)
+        raise
+    except (DatabaseUnavailable, *CONNECTION_ERRORS) as failure:
+        log.error("http.database_unavailable", path=request.path,
+                  error=type(failure).__name__)
+        return error(503, "database unavailable, retry later")
+    except Exception:
+        log.exception("http.internal_error", path=request.path, method=request.method)
+        return error(500, "internal error")
+
+
+class HttpServer:
+    """Health, metrics, inbox API, webhooks, /openapi.json on http.host:http.port."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.port: int | None = None
+        self._runner: web.AppRunner | None = None
+        self.webhooks: Webhooks | None = None
+
+    def build(self) -> web.Application:
+        runtime, settings = self.runtime, self.settings
+        pipeline = runtime.pipeline
+        router = Router(runtime.pool, settings.server.default_domain, settings.routing.cache_ttl)
+        health = Health(runtime.pool, settings, pipeline.scanner)
+        api = InboxApi(runtime.pool)
+        self.webhooks = hooks = Webhooks(settings.http, pipeline, router, runtime.pool,
+                                         runtime.metrics)
+        spec = openapi_spec()
+        app = web.Application(middlewares=[errors],
+                              client_max_size=2 * settings.smtp.max_message_size
+                              + BODY_OVERHEAD)
+
+        async def openapi(request: web.Request) -> web.Response:
+            return json_response(spec)
+
+        async def metrics(request: web.Request) -> web.Response:
+            try:
+                await runtime.metrics.refresh_queues(runtime.pool)
+            # The counters are still worth serving without the queue gauges.
+            except Exception as failure:  # noqa: BLE001
+                log.warning("http.metrics_queues_unavailable", error=type(failure).__name__)
+            return web.Response(body=runtime.metrics.render(),
+                                headers={"Content-Type": "text/plain; version=0.0.4; "
+                                                         "charset=utf-8"})
+
+        workspace = "/api/v1/workspaces/{slug}"
+        ident = r"{id:\d{1,19}}"
+        app.router.add_get("/health", health.live)
+        app.router.add_get("/health/ready", health.ready)
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/openapi.json", openapi)
+        app.router.add_get(f"{workspace}/agents", api.agents)
+        app.router.add_get(f"{workspace}/agents/{{handle}}/inbox", api.inbox)
+        app.router.add_get(f"{workspace}/threads/{ident}", api.thread)
+        app.router.add_get(f"{workspace}/messages/{ident}/raw", api.raw)
+        app.router.add_get(f"{workspace}/attachments/{ident}", api.attachment)
+        app.router.add_post("/webhook/ses", hooks.ses)
+        app.router.add_post("/webhook/sendgrid", hooks.sendgrid)
+        app.router.add_post("/webhook/mailgun", hooks.mailgun)
+        # Mailgun posts MIME only to a forward URL ending in "mime".
+        app.router.add_post("/webhook/mailgun/mime", hooks.mailgun)
+        app.router.add_post("/webhook/postmark", hooks.postmark)
+        return app
+
+    async def start(self) -> None:
+        app = self.build()
+        assert self.webhooks is not None
+        await self.webhooks.start()
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.http.host, self.settings.http.port,
+                           reuse_address=True)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        log.info("http.listening", host=self.settings.http.host, port=self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
+        log.info("http.stopped")

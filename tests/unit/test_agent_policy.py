@@ -1,0 +1,149 @@
+"""Pure pieces of the agent stage, table by table: loop rules, limits, backoff, addresses."""
+
+from __future__ import annotations
+
+import typing
+import warnings
+
+import pytest
+from anthropic.resources.messages import messages as sdk_messages
+from anthropic.types.model_param import ModelParam
+
+from smtpd_agent.agent.llm import classify_error, deprecation_of
+from smtpd_agent.agent.policy import (
+    MessageFacts,
+    loop_skip_reason,
+    parent_domains,
+    rate_limit_reason,
+    reply_address,
+    retry_delay,
+)
+from smtpd_agent.config import AgentSettings, ConfigError, load_settings
+
+OWN = "agents.test"
+
+
+def facts(*headers: tuple[str, str], mail_from: str = "alice@example.org",
+          from_address: str | None = "alice@example.org", dmarc: str | None = "none",
+          quarantined: bool = False, scan_status: str | None = "skipped") -> MessageFacts:
+    return MessageFacts(headers=headers, mail_from=mail_from, from_address=from_address,
+                        dmarc=dmarc, quarantined=quarantined, scan_status=scan_status)
+
+
+@pytest.mark.parametrize("message, reason", [
+    (facts(), None),
+    (facts(("Auto-Submitted", "no")), None),
+    (facts(("Auto-Submitted", "No ; comment")), None),
+    (facts(("Auto-Submitted", "auto-replied")), "Auto-Submitted: auto-replied"),
+    (facts(("auto-submitted", "auto-generated; x")), "Auto-Submitted: auto-generated"),
+    (facts(("Auto-Submitted", "auto-notified")), "Auto-Submitted: auto-notified"),
+    (facts(("Precedence", "bulk")), "Precedence: bulk"),
+    (facts(("Precedence", "LIST")), "Precedence: list"),
+    (facts(("Precedence", "junk")), "Precedence: junk"),
+    (facts(("Precedence", "first-class")), None),
+    (facts(("List-Id", "<x.example.org>")), "mailing list (List-Id)"),
+    (facts(("List-Unsubscribe", "<mailto:u@x>")), "mailing list (List-Unsubscribe)"),
+    (facts(("X-Auto-Response-Suppress", "OOF, AutoReply")),
+     "X-Auto-Response-Suppress: oof, autoreply"),
+    (facts(mail_from=""), "null sender (bounce or DSN)"),
+    (facts(mail_from="<>"), "null sender (bounce or DSN)"),
+    (facts(mail_from="MAILER-DAEMON@mx.example.org"),
+     "automated sender (MAILER-DAEMON@mx.example.org)"),
+    (facts(from_address="postmaster@example.org"), "automated sender (postmaster@example.org)"),
+    (facts(from_address="noreply@shop.example"), "automated sender (noreply@shop.example)"),
+    (facts(from_address="no-reply@shop.example"), "automated sender (no-reply@shop.example)"),
+    (facts(from_address="do-not-reply@shop.example"),
+     "automated sender (do-not-reply@shop.example)"),
+    (facts(mail_from="news-bounces@list.example"), "automated sender (news-bounces@list.example)"),
+    (facts(mail_from="owner-users@list.example"), "automated sender (owner-users@list.example)"),
+    (facts(from_address="noreen@example.org"), None),
+    (facts(mail_from="sales@acme.agents.test"), "from our own agents (sales@acme.agents.test)"),
+    (facts(from_address="support@ACME.agents.test"),
+     "from our own agents (support@ACME.agents.test)"),
+    (facts(from_address="x@agents.test.evil.example"), None),
+    (facts(dmarc="fail"), "DMARC fail"),
+    (facts(dmarc="fail", quarantined=True), "quarantined"),
+    (facts(dmarc="temperror"), None),
+    (facts(scan_status="infected"), "scan status infected"),
+    (facts(scan_status="unscanned"), "scan status unscanned"),
+    (facts(scan_status="error"), "scan status error"),
+    (facts(scan_status="clean"), None),
+    (facts(scan_status=None), None),
+])
+def test_loop_skip_reason(message, reason):
+    assert loop_skip_reason(message, OWN) == reason
+
+
+@pytest.mark.parametrize("address, reason", [
+    ("sales@mail.acme.test", "from our own agents (sales@mail.acme.test)"),
+    ("bounce@x.mail.acme.test", "from our own agents (bounce@x.mail.acme.test)"),
+    ("alice@acme.test", None),
+    ("alice@notmail.acme.test", None),
+])
+def test_custom_domains_are_ours_too(address, reason):
+    custom = frozenset({"mail.acme.test"})
+    assert loop_skip_reason(facts(from_address=address), OWN, custom) == reason
+
+
+@pytest.mark.parametrize("domain, parents", [
+    ("a.b.mail.acme.test", ["a.b.mail.acme.test", "b.mail.acme.test", "mail.acme.test",
+                            "acme.test"]),
+    ("Example.ORG.", ["example.org"]),
+    ("localhost", ["localhost"]),
+])
+def test_parent_domains(domain, parents):
+    assert parent_domains(domain) == parents
+
+
+@pytest.mark.parametrize("to_correspondent, from_agent, reason", [
+    (0, 0, None),
+    (4, 199, None),
+    (5, 0, "rate limit: 5 replies per hour to this correspondent"),
+    (0, 200, "rate limit: 200 replies per hour from this agent"),
+])
+def test_rate_limit_reason(to_correspondent, from_agent, reason):
+    assert rate_limit_reason(to_correspondent, from_agent, 5, 200) == reason
+
+
+@pytest.mark.parametrize("attempt, retry_after, delay", [
+    (1, None, 10.0), (2, None, 20.0), (3, None, 40.0), (7, None, 640.0), (8, None, 900.0),
+    (20, None, 900.0), (1, 30.0, 30.0), (1, 5.0, 10.0), (1, 5000.0, 900.0),
+])
+def test_retry_delay_doubles_up_to_the_cap(attempt, retry_after, delay):
+    assert retry_delay(attempt, 10.0, 900.0, retry_after) == delay
+
+
+@pytest.mark.parametrize("from_address, reply_to, mail_from, dmarc, expected", [
+    ("alice@example.org", None, "alice@example.org", "pass", "alice@example.org"),
+    ("alice@example.org", "desk@example.org", "a@example.org", "pass", "desk@example.org"),
+    ("alice@example.org", "Desk <desk@example.org>", "a@x.org", "pass", "desk@example.org"),
+    ("alice@example.org", "desk@example.org", "a@example.org", "none", "alice@example.org"),
+    ("alice@example.org", "desk@example.org", "a@example.org", "fail", "alice@example.org"),
+    ("alice@example.org", "attacker@evil.test, x@y.z", "a@example.org", "pass",
+     "alice@example.org"),
+    (None, None, "bounce@example.org", "none", "bounce@example.org"),
+    ("not an address", None, "", "none", None),
+    ("alice@example.org\r\nBcc: attacker@evil.test", None, "", "none", None),
+])
+def test_reply_address(from_address, reply_to, mail_from, dmarc, expected):
+    assert reply_address(from_address, reply_to, mail_from, dmarc) == expected
+
+
+def test_default_model_is_listed_by_the_sdk_and_not_deprecated():
+    model = AgentSettings().model
+    listed = typing.get_args(typing.get_args(ModelParam)[0])
+    assert model in listed and "sonnet" in model
+    assert model not in sdk_messages.DEPRECATED_MODELS and deprecation_of(model) is None
+    assert deprecation_of("claude-sonnet-4-5")  # the previous default: the SDK warns about it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_settings(path="config/smtpd-agent.toml", env={}).agent.model == model
+
+
+def test_lease_must_outlast_the_api_timeout():
+    with pytest.raises(ConfigError, match=r"^agent\.lease"):
+        load_settings(env={}, overrides={"agent.lease": 30.0, "agent.timeout": 60.0})
+
+
+def test_unexpected_errors_are_not_retried():
+    assert classify_error(ValueError("boom")).outcome == "fail"
