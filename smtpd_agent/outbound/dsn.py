@@ -73,6 +73,19 @@ class SesEvent:
     detail: str = ""
 
 
+SES_FEEDBACK = {"bounce", "complaint", "delivery"}
+
+
+def is_ses_feedback(message: str) -> bool:
+    """True if an SNS `Message` is SES feedback on mail we sent (not an inbound receipt)."""
+    try:
+        document = json.loads(message)
+    except ValueError:
+        return False
+    return isinstance(document, dict) and str(
+        document.get("notificationType") or document.get("eventType") or "").lower() in SES_FEEDBACK
+
+
 def parse_ses_notification(body: bytes | str) -> SesEvent:
     """An SES notification, bare or inside an SNS `Notification` envelope (its `Message`)."""
     document: Any = json.loads(body)

@@ -249,3 +249,16 @@ def test_openssl_rsa_signing_gives_dkimpys_bytes():
         digest = hashlib.sha256(data)
         assert rsa_pkcs1_v1_5_sign(digest, private) == \
             dkim.crypto.RSASSA_PKCS1_v1_5_sign(hashlib.sha256(data), private)
+
+
+@pytest.mark.parametrize("message, feedback", [
+    (json.dumps({"notificationType": "Bounce"}), True),
+    (json.dumps({"eventType": "Complaint"}), True),
+    (json.dumps({"notificationType": "Delivery"}), True),
+    (json.dumps({"notificationType": "Received"}), False),
+    ("not json", False),
+    ("[]", False),
+])
+def test_is_ses_feedback(message, feedback):
+    from smtpd_agent.outbound.dsn import is_ses_feedback
+    assert is_ses_feedback(message) is feedback
