@@ -55,6 +55,11 @@ async def test_ses_feedback_on_the_sns_webhook(start_server, db, sns):  # noqa: 
         tampered = {**sns.sign(forged), "Message": forged["Message"].replace("0002", "0001")}
         async with http.post(url, data=json.dumps(tampered)) as response:
             assert response.status == 403
+        async with http.get(f"{server.http_url}/metrics") as response:
+            metrics = await response.text()
+    # the outbound queue's depth by state is scraped with the others
+    assert any('table="deliveries"' in line and 'state="bounced"' in line
+               for line in metrics.splitlines()), metrics[-2000:]
     assert await db.fetchval("SELECT status FROM messages WHERE id = $1", bounced) == "bounced"
     assert await is_suppressed(db, agent.workspace_id, "nobody@example.org")
     assert await db.fetchval("SELECT reason FROM suppressions WHERE address = $1",
