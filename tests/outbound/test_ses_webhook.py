@@ -58,7 +58,7 @@ async def test_ses_feedback_on_the_sns_webhook(start_server, db, sns):  # noqa: 
         async with http.get(f"{server.http_url}/metrics") as response:
             metrics = await response.text()
     # the outbound queue's depth by state is scraped with the others
-    assert any('table="deliveries"' in line and 'state="bounced"' in line
+    assert any('queue="deliveries"' in line and 'state="bounced"' in line
                for line in metrics.splitlines()), metrics[-2000:]
     assert await db.fetchval("SELECT status FROM messages WHERE id = $1", bounced) == "bounced"
     assert await is_suppressed(db, agent.workspace_id, "nobody@example.org")
