@@ -15,7 +15,8 @@ import structlog
 from .agent.worker import AgentWorkers
 from .config import Settings, SmtpSettings
 from .dns import Resolver
-from .domains.service import DomainRechecker
+from .dnsserver.server import DnsServer
+from .domains.service import DomainRechecker, KeyRotator
 from .http import HttpServer
 from .metrics import Metrics
 from .outbound.worker import OutboundWorker
@@ -170,19 +171,22 @@ SERVICES: list[Callable[[Runtime], Service]] = [
     # Reply workers (agent.workers of them; 0: run `smtpd-agent worker` elsewhere).
     AgentWorkers,
     DomainRechecker,
+    KeyRotator,
+    DnsServer,  # off unless dns_server.listen is set
     HttpServer,
     OutboundWorker,
 ]
+# `smtpd-agent dns-serve`: the authoritative DNS server alone
+DNS_SERVICES: list[Callable[[Runtime], Service]] = [DnsServer]
 
 
 class App:
     """One process: the runtime and every service, started and stopped together."""
 
     def __init__(self, settings: Settings,
-                 services: list[Callable[[Runtime], Service]] | None = None) -> None:
+                 factories: list[Callable[[Runtime], Service]] | None = None) -> None:
         self.settings = settings
-        # None: every service `serve` runs; a worker command runs only its own
-        self.factories = SERVICES if services is None else services
+        self.factories = SERVICES if factories is None else factories
         self.runtime: Runtime | None = None
         self.services: list[Service] = []
 
@@ -209,8 +213,8 @@ class App:
 
 
 async def serve(settings: Settings,
-                services: list[Callable[[Runtime], Service]] | None = None) -> None:
-    app = App(settings, services)
+                factories: list[Callable[[Runtime], Service]] | None = None) -> None:
+    app = App(settings, factories)
     await app.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .agent.cli import register_agent
-from .app import Database, serve
+from .app import DNS_SERVICES, Database, serve
 from .config import ConfigError, Settings, load_settings
 from .domains.cli import register_domains
 from .outbound.cli import register_outbound
@@ -68,6 +68,12 @@ def register_core(commands: Any, parents: Parents) -> None:
     serve_cmd.add_argument("--http-host", help="HTTP bind address (http.host)")
     serve_cmd.add_argument("--http-port", type=int, help="HTTP bind port (http.port)")
     serve_cmd.set_defaults(run=run_serve)
+    dns_cmd = commands.add_parser(
+        "dns-serve", parents=[common],
+        help="run only the authoritative DNS server for delegated zones")
+    dns_cmd.add_argument("--listen", metavar="ADDRESS:PORT",
+                         help="UDP and TCP address (dns_server.listen), e.g. 0.0.0.0:53")
+    dns_cmd.set_defaults(run=run_dns_serve)
 
     commands.add_parser("migrate", parents=[common], help="apply database migrations") \
         .set_defaults(handler=cmd_migrate, migrate_first=False)
@@ -110,6 +116,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for flag, key in (("state_dir", "server.state_dir"), ("default_domain", "server.default_domain"),
                       ("host", "smtp.host"), ("port", "smtp.port"),
+                      ("listen", "dns_server.listen"),
                       ("http_host", "http.host"), ("http_port", "http.port")):
         value = getattr(args, flag, None)
         if value is not None:
@@ -139,6 +146,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_serve(settings: Settings, args: argparse.Namespace) -> int:
     asyncio.run(serve(settings))
+    return 0
+
+
+def run_dns_serve(settings: Settings, args: argparse.Namespace) -> int:
+    if not settings.dns_server.listen:
+        print("smtpd-agent: dns-serve needs dns_server.listen (or --listen ADDRESS:PORT)",
+              file=sys.stderr)
+        return 2
+    asyncio.run(serve(settings, DNS_SERVICES))
     return 0
 
 

@@ -10,6 +10,7 @@ names map onto keys (`DATABASE_URL` -> `database.url`, and so on). Flags of
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import socket
@@ -168,6 +169,61 @@ class DomainSettings:
     # The secret that encrypts DKIM private keys in Postgres (mode 0600 or
     # stricter); empty: <server.state_dir>/dkim.secret, created on first use.
     key_file: str = ""
+    # DKIM rotation (`domain rotate-dkim`): seconds the old selector stays published
+    # after the new one signs (mail in flight, verifiers' caches).
+    dkim_rotation_grace: float = 172_800.0
+    # Seconds between steps of pending rotations by `serve`; 0 disables them.
+    rotation_interval: float = 300.0
+
+
+@dataclass(frozen=True)
+class DnsServerSettings:
+    """The authoritative DNS server for delegated zones (`dns-serve`, or inside `serve`)."""
+
+    # "address:port" for UDP and TCP, e.g. "0.0.0.0:53" or "[::]:53"; empty: not run.
+    listen: str = ""
+    # Our name servers' host names, the NS set of every delegated zone; empty:
+    # ns1.<default domain> and ns2.<default domain>.
+    nameservers: list[str] = field(default_factory=list)
+    # "host=address" for name servers whose names lie inside a delegated zone:
+    # printed as glue by `domain add --delegate` and served in that zone.
+    glue: list[str] = field(default_factory=list)
+    # SOA RNAME (the zone's contact, RFC 1035 3.3.13); empty: hostmaster.<default domain>.
+    soa_rname: str = ""
+    soa_refresh: int = 3600
+    soa_retry: int = 600
+    soa_expire: int = 1_209_600
+    # Negative-answer TTL (RFC 2308).
+    soa_minimum: int = 300
+    # TTL of every other record served.
+    ttl: int = 300
+    # Seconds a loaded zone is served from memory before it is re-read from Postgres.
+    cache_ttl: float = 5.0
+    # Per source address over UDP: queries per second and burst; beyond, dropped
+    # (a spoofed source must not turn us into an amplifier). 0 disables.
+    rate_limit: float = 50.0
+    rate_burst: int = 100
+    # Largest UDP answer with EDNS0 (RFC 6891; 1232 avoids fragmentation).
+    udp_payload: int = 1232
+    # Seconds an idle TCP connection is kept, and how many may be open at once.
+    tcp_timeout: float = 10.0
+    max_tcp_connections: int = 256
+
+
+@dataclass(frozen=True)
+class MtaStsSettings:
+    """MTA-STS (RFC 8461) and TLS-RPT (RFC 8460) for every domain we receive for."""
+
+    # Policy mode: "testing" (report only), "enforce", or "none".
+    mode: Literal["testing", "enforce", "none"] = "testing"
+    # Seconds senders cache the policy (RFC 8461 3.2; at most 31557600).
+    max_age: int = 604_800
+    # The HTTPS host (TLS-terminating proxy in front of our HTTP surface) that
+    # mta-sts.<domain> points at with a CNAME; empty: mta-sts.<default domain>.
+    proxy_host: str = ""
+    # TLS-RPT report destinations (mailto: or https:, comma-separated); empty:
+    # mailto:tls-reports@<default domain>.
+    tlsrpt_rua: str = ""
 
 
 @dataclass(frozen=True)
@@ -244,6 +300,8 @@ class Settings:
     scan: ScanSettings = field(default_factory=ScanSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
     domains: DomainSettings = field(default_factory=DomainSettings)
+    dns_server: DnsServerSettings = field(default_factory=DnsServerSettings)
+    mta_sts: MtaStsSettings = field(default_factory=MtaStsSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     outbound: OutboundSettings = field(default_factory=OutboundSettings)
     log: LogSettings = field(default_factory=LogSettings)
@@ -431,6 +489,7 @@ def _validate(settings: Settings) -> None:
     if domains.dmarc_rua and not all(uri.strip().startswith("mailto:")
                                      for uri in domains.dmarc_rua.split(",")):
         raise ConfigError(f"domains.dmarc_rua: expected mailto: URIs, got {domains.dmarc_rua!r}")
+    _validate_dns_server(settings)
     if not 0 <= settings.http.port < 65536:
         raise ConfigError(f"http.port: must be 0-65535 (0 picks a free port), got "
                           f"{settings.http.port}")
@@ -456,3 +515,47 @@ def _validate(settings: Settings) -> None:
     clamd = settings.scan.clamd
     if clamd and not clamd.startswith(("unix:", "tcp:")):
         raise ConfigError(f"scan.clamd: expected unix:/path or tcp:host:port, got {clamd!r}")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """"0.0.0.0:53", "[::]:53" -> (host, port)."""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest.removeprefix(":")
+    else:
+        host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(value)
+    return host, int(port)
+
+
+def _validate_dns_server(settings: Settings) -> None:
+    server = settings.dns_server
+    if server.listen:
+        try:
+            parse_listen(server.listen)
+        except ValueError:
+            raise ConfigError(f"dns_server.listen: expected address:port, got {server.listen!r}")
+    for host in server.nameservers:
+        if not HOSTNAME.match(host):
+            raise ConfigError(f"dns_server.nameservers: expected lower-case host names, got {host!r}")
+    for entry in server.glue:
+        host, eq, address = entry.partition("=")
+        if not eq or not HOSTNAME.match(host):
+            raise ConfigError(f"dns_server.glue: expected host=address, got {entry!r}")
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ConfigError(f"dns_server.glue: bad address in {entry!r}") from None
+    if server.soa_rname and not HOSTNAME.match(server.soa_rname):
+        raise ConfigError(f"dns_server.soa_rname: expected a host name, got {server.soa_rname!r}")
+    if not 512 <= server.udp_payload <= 4096:
+        raise ConfigError("dns_server.udp_payload: must be 512-4096")
+    mta_sts = settings.mta_sts
+    if not 0 < mta_sts.max_age <= 31_557_600:
+        raise ConfigError("mta_sts.max_age: must be 1-31557600 (RFC 8461 3.2)")
+    if mta_sts.proxy_host and not HOSTNAME.match(mta_sts.proxy_host):
+        raise ConfigError(f"mta_sts.proxy_host: expected a host name, got {mta_sts.proxy_host!r}")
+    if mta_sts.tlsrpt_rua and not all(u.strip().startswith(("mailto:", "https:"))
+                                      for u in mta_sts.tlsrpt_rua.split(",")):
+        raise ConfigError("mta_sts.tlsrpt_rua: expected mailto: or https: URIs (RFC 8460 3)")

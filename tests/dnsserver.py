@@ -8,6 +8,12 @@ client times out) or answer SERVFAIL, which is how temperror paths are tested.
 It serves one flat namespace: any name it has no records for is NXDOMAIN
 (or NODATA when a longer name below it exists), with an SOA in the authority
 section so resolvers may cache the negative answer (RFC 2308).
+
+Delegation: `name_server(host, address, port)` says where a name server
+listens; once NS records for a zone point at such a host (the parent's
+delegation, published with `add(zone, "NS", host)`), queries for names in the
+zone are forwarded to it, as a recursive resolver would follow the referral.
+Without the NS records nothing is forwarded, as on the internet.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from dnslib import AAAA, CNAME, MX, PTR, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord, DNSLabel
+from dnslib import (AAAA, CNAME, MX, NS, PTR, QTYPE, RCODE, RR, SOA, TXT, A, DNSLabel,
+                    DNSRecord)
 
 UDP_PAYLOAD = 512  # RFC 1035 4.2.1 without EDNS; larger answers are truncated (TC) -> TCP
 TXT_CHUNK = 255  # RFC 1035 3.3.14: one character-string holds at most 255 octets
@@ -42,6 +49,8 @@ class Zone:
     records: dict[str, list[tuple[str, object, int]]] = field(default_factory=dict)
     timeout: set[str] = field(default_factory=set)
     servfail: set[str] = field(default_factory=set)
+    # name server host -> (address, port) that delegated zones are forwarded to
+    name_servers: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 class DnsTestServer:
@@ -83,6 +92,22 @@ class DnsTestServer:
             else:
                 self.zone.records.pop(_key(name), None)
 
+    def name_server(self, host: str, address: str, port: int) -> None:
+        """Where the name server `host` listens (its A record, plus the test's port)."""
+        with self.lock:
+            self.zone.name_servers[_key(host)] = (address, port)
+        self.a(host, address)
+
+    def _delegated_to(self, name: str) -> tuple[str, int] | None:
+        """The server a resolver would follow the parent's NS referral to, if any."""
+        labels = name.split(".")
+        for i in range(len(labels)):
+            owner = ".".join(labels[i:])
+            for rtype, value, _ttl in self.zone.records.get(owner, []):
+                if rtype == "NS" and _key(str(value)) in self.zone.name_servers:
+                    return self.zone.name_servers[_key(str(value))]
+        return None
+
     def set_timeout(self, name: str) -> None:
         """Never answer queries for `name` (a resolver sees a timeout)."""
         with self.lock:
@@ -117,6 +142,8 @@ class DnsTestServer:
             return PTR(value)
         if rtype == "CNAME":
             return CNAME(value)
+        if rtype == "NS":
+            return NS(value)
         raise ValueError(f"unsupported record type {rtype}")
 
     def _rr(self, name: str, rtype: str, value: object, ttl: int) -> RR:
@@ -139,6 +166,15 @@ class DnsTestServer:
         qtype = QTYPE.get(request.q.qtype)
         with self.lock:
             self.queries.append((transport, name, str(qtype)))
+            delegated = self._delegated_to(name)
+        if delegated is not None:
+            try:
+                return request.send(delegated[0], delegated[1], tcp=transport == "tcp",
+                                    timeout=2)
+            except OSError:
+                reply.header.rcode = RCODE.SERVFAIL
+                return reply.pack()
+        with self.lock:
             zone = self.zone
             if name in zone.servfail:
                 reply.header.rcode = RCODE.SERVFAIL

@@ -28,7 +28,7 @@ from checkdmarc.spf import SPFError, SPFTooManyDNSLookups, parse_spf_record
 
 from ..config import Settings
 from ..dns import DnsTempError, Resolver, parse_nameserver
-from .records import DnsRecord, RecordSet, mx_hosts, spf_hosts_name
+from .records import DnsRecord, RecordSet, mx_hosts, nameservers, spf_hosts_name
 
 log = structlog.get_logger(__name__)
 
@@ -59,7 +59,8 @@ class RecordCheck:
 
     def line(self) -> str:
         found = ", ".join(self.found) if self.found else "(nothing)"
-        optional = "" if self.record.required else " (operator, not required)"
+        optional = ("" if self.record.required else " (operator, not required)"
+                    if self.record.publisher == "operator" else " (recommended, not required)")
         text = (f"{self.status.upper():<9} {self.record.type:<5} {self.record.name}{optional}  "
                 f"expected: {expected_text(self.record)}  found: {found}")
         if self.problem:
@@ -159,6 +160,10 @@ class DomainChecker:
             return await self._check_mx(record)
         if record.type == "CNAME":
             return await self._check_cname(record)
+        if record.type == "NS":
+            return await self._check_ns(record)
+        if record.type in ("A", "AAAA"):
+            return await self._check_address(record)
         if record.purpose in ("spf", "mail-from-spf", "spf-hosts"):
             return await self._check_spf(record)
         if record.purpose == "dmarc":
@@ -189,6 +194,33 @@ class DomainChecker:
         return RecordCheck(record, "fail", found, problem="the CNAME does not point at our "
                            "key", fix=publish(record) + (" (and remove the other record)"
                                                          if found else ""))
+
+    async def _check_ns(self, record: DnsRecord) -> RecordCheck:
+        """Delegation: a resolver following the parent's referral finds our name servers.
+
+        Asked through the resolver, as receivers will: the NS set comes from our own
+        servers once the parent delegates to them, and is missing (NXDOMAIN or another
+        NS set) while it does not.
+        """
+        answer = await self.resolver.query(record.name, "NS")
+        found = tuple(sorted(r.target.to_text(omit_final_dot=True).lower()
+                             for r in answer.records))
+        if record.value in found:
+            foreign = sorted(set(found) - set(nameservers(self.settings)))
+            notes = (f"name server(s) {', '.join(foreign)} are not ours: resolvers asking "
+                     "them get other answers",) if foreign else ()
+            return RecordCheck(record, "pass", found, notes=notes)
+        return RecordCheck(record, "fail", found,
+                           problem=f"{record.name} is not delegated to {record.value}",
+                           fix=publish(record) + " in the parent zone")
+
+    async def _check_address(self, record: DnsRecord) -> RecordCheck:
+        found = tuple(await (self.resolver.aaaa(record.name) if record.type == "AAAA"
+                             else self.resolver.a(record.name)))
+        if record.value in found:
+            return RecordCheck(record, "pass", found)
+        return RecordCheck(record, "fail", found, problem="the glue address is missing",
+                           fix=publish(record) + " in the parent zone")
 
     async def _txts(self, name: str) -> list[str]:
         return [t.decode("utf-8", "replace") for t in await self.resolver.txt(name)]

@@ -9,6 +9,7 @@ key: commands only see `DkimKey`, the public side.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,15 @@ def register_domains(commands: Any, parents: Parents) -> None:
                              help="register a domain (pending) and print its records")
     add.add_argument("domain", help="the domain, e.g. mail.acme.com")
     add.add_argument("--workspace", required=True, metavar="SLUG")
+    add.add_argument("--delegate", action="store_true",
+                     help="the domain is delegated to our name servers: print the NS (and "
+                          "glue) for the parent zone; we serve every other record")
     add.set_defaults(handler=cmd_domain_add)
+    rotate = actions.add_parser("rotate-dkim", parents=[common, listing],
+                                help="publish new DKIM selectors; sign with them once served, "
+                                     "retire the old ones after domains.dkim_rotation_grace")
+    rotate.add_argument("domain")
+    rotate.set_defaults(handler=cmd_domain_rotate_dkim)
     check = actions.add_parser("check", parents=[common, listing],
                                help="resolve every record; all pass -> verified")
     check.add_argument("domain")
@@ -70,11 +79,36 @@ async def cmd_dns_records(db: Any, settings: Settings, args: argparse.Namespace)
 
 
 async def cmd_domain_add(db: Any, settings: Settings, args: argparse.Namespace) -> int:
-    record_set = await Domains.open(db, settings).add(args.domain, args.workspace)
+    record_set = await Domains.open(db, settings).add(args.domain, args.workspace,
+                                                      delegate=args.delegate)
     if args.json:
         _print_json(record_set.to_dict())
     else:
         print(record_set.zone_snippet())
+    return 0
+
+
+async def cmd_domain_rotate_dkim(db: Any, settings: Settings, args: argparse.Namespace) -> int:
+    domains = Domains.open(db, settings)
+    step = await domains.rotate_dkim(args.domain)
+    owner, name = await domains.key_owner(step.domain)
+    keys = [k for k in await domains.keys.active_keys(owner, name) if k.selector in step.created]
+    new = await domains.key_records(owner, name, keys)
+    if args.json:
+        _print_json({**dataclasses.asdict(step), "records": [r.to_dict() for r in new]})
+        return 0
+    domain = await store.find_domain(db, name)
+    where = "served by our DNS" if domain is not None and domain.delegated else "to publish"
+    print(f"{step.domain}: new DKIM selectors {', '.join(step.created)} ({where})")
+    for record in new:
+        print(record.zone_line())
+    if step.activated:
+        print(f"  signing with {', '.join(step.activated)} from now on; the old selectors "
+              f"stay published {settings.domains.dkim_rotation_grace:.0f}s, then are retired")
+    if step.waiting:
+        print(f"  not yet served by DNS: {', '.join(step.waiting)}; the old keys keep "
+              "signing until they are (`serve` checks every domains.rotation_interval "
+              "seconds)")
     return 0
 
 
@@ -104,13 +138,15 @@ async def cmd_domain_list(db: Any, settings: Settings, args: argparse.Namespace)
         _print_json([{"domain": d.name, "workspace": d.workspace_slug, "state": d.state,
                       "mail_from": d.mail_from, "verified_at": d.verified_at,
                       "checked_at": d.checked_at, "failing": d.failing,
+                      "delegated": d.delegated,
                       "created_at": d.created_at} for d in domains])
         return 0
     if not domains:
         print("no domains")
     for d in domains:
         failing = f"  failing: {', '.join(d.failing)}" if d.failing else ""
-        print(f"{d.name:<40} {d.workspace_slug:<20} {d.state:<9}{failing}")
+        delegated = "  delegated" if d.delegated else ""
+        print(f"{d.name:<40} {d.workspace_slug:<20} {d.state:<9}{delegated}{failing}")
     return 0
 
 

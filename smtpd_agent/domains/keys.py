@@ -16,8 +16,10 @@ one out, to the signer.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import stat
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,6 +57,9 @@ class DkimKey:
     public_key: str
     created_at: datetime
     retired_at: datetime | None
+    # None while a rotated-in key is published but does not sign yet (migration 0007)
+    activated_at: datetime | None = None
+    retire_after: datetime | None = None
 
     @property
     def name(self) -> str:
@@ -140,14 +145,16 @@ def selector_for(prefix: str, algorithm: Algorithm, when: datetime, attempt: int
     return f"{prefix}-{middle}-{SUFFIX[algorithm]}"
 
 
-KEY_COLUMNS = "id, workspace_id, domain, selector, algorithm, public_key, created_at, retired_at"
+KEY_COLUMNS = ("id, workspace_id, domain, selector, algorithm, public_key, created_at, retired_at, "
+               "activated_at, retire_after")
 
 
 class KeyStore:
     """DKIM keys in Postgres; every query is scoped to a workspace.
 
     The interface outbound signing and delegated zones build on:
-    `create_keys`, `active_keys`, `signing_keys`, `retire`, `delete_domain_keys`.
+    `create_keys`, `active_keys`, `signing_keys`, `retire`, `delete_domain_keys`; rotation
+    adds `create_keys(activate=False)`, `activate` and `retire_due`.
     """
 
     def __init__(self, db: DbLike, secret_file: Path, selector_prefix: str) -> None:
@@ -165,8 +172,12 @@ class KeyStore:
 
     async def create_keys(self, workspace_id: int, domain: str,
                           algorithms: tuple[Algorithm, ...] = ALGORITHMS,
-                          db: DbLike | None = None) -> list[DkimKey]:
-        """A new active key per algorithm for `domain` (new selectors; old keys stay active)."""
+                          db: DbLike | None = None, activate: bool = True) -> list[DkimKey]:
+        """A new active key per algorithm for `domain` (new selectors; old keys stay active).
+
+        activate=False (rotation): published at once, but signs only after `activate()`,
+        once DNS serves it: a signature nobody can verify yet is worse than the old key's.
+        """
         db = db or self._db
         now = datetime.now(UTC)
         created = []
@@ -177,11 +188,12 @@ class KeyStore:
                 selector = selector_for(self._prefix, algorithm, now, attempt)
                 row = await db.fetchrow(
                     f"""INSERT INTO dkim_keys (workspace_id, domain, selector, algorithm,
-                                               private_key, public_key)
-                        VALUES ($1, $2, $3, $4, $5, $6)
+                                               private_key, public_key, activated_at)
+                        VALUES ($1, $2, $3, $4, $5, $6,
+                                CASE WHEN $7::boolean THEN now() END)
                         ON CONFLICT (domain, selector) DO NOTHING
                         RETURNING {KEY_COLUMNS}""",
-                    workspace_id, domain, selector, algorithm, sealed, public)
+                    workspace_id, domain, selector, algorithm, sealed, public, activate)
                 if row is not None:
                     break
             else:  # pragma: no cover - a hundred rotations in one day
@@ -206,7 +218,8 @@ class KeyStore:
             """SELECT DISTINCT ON (algorithm) domain, selector, algorithm, private_key
                FROM dkim_keys
                WHERE workspace_id = $1 AND domain = $2 AND retired_at IS NULL
-               ORDER BY algorithm DESC, created_at DESC, id DESC""", workspace_id, domain)
+                 AND activated_at IS NOT NULL
+               ORDER BY algorithm DESC, activated_at DESC, id DESC""", workspace_id, domain)
         keys = []
         for row in rows:
             try:
@@ -229,11 +242,54 @@ class KeyStore:
                      workspace_id=workspace_id)
         return retired
 
+    async def activate(self, workspace_id: int, domain: str, selectors: list[str],
+                       grace_seconds: float) -> None:
+        """Sign with `selectors` from now on; the keys they replace (same algorithm, older)
+        stay published `grace_seconds` longer, then `retire_due` retires them."""
+        async with _transaction(self._db) as connection:
+            rows = await connection.fetch(
+                """UPDATE dkim_keys SET activated_at = now()
+                   WHERE workspace_id = $1 AND domain = $2 AND selector = ANY($3::text[])
+                     AND retired_at IS NULL AND activated_at IS NULL
+                   RETURNING algorithm, id""", workspace_id, domain, selectors)
+            for row in rows:
+                await connection.execute(
+                    """UPDATE dkim_keys SET retire_after = now() + make_interval(secs => $5)
+                       WHERE workspace_id = $1 AND domain = $2 AND algorithm = $3 AND id < $4
+                         AND retired_at IS NULL AND activated_at IS NOT NULL
+                         AND retire_after IS NULL""",
+                    workspace_id, domain, row["algorithm"], row["id"], float(grace_seconds))
+        for selector in selectors:
+            log.info("dkim.key_activated", domain=domain, selector=selector,
+                     workspace_id=workspace_id)
+
+    async def retire_due(self, workspace_id: int, domain: str) -> list[str]:
+        """Retire the rotated-out keys whose grace period is over; their selectors."""
+        rows = await self._db.fetch(
+            """UPDATE dkim_keys SET retired_at = now()
+               WHERE workspace_id = $1 AND domain = $2 AND retired_at IS NULL
+                 AND retire_after <= now()
+               RETURNING selector""", workspace_id, domain)
+        for row in rows:
+            log.info("dkim.key_retired", domain=domain, selector=row["selector"],
+                     workspace_id=workspace_id, reason="rotation grace over")
+        return [row["selector"] for row in rows]
+
     async def delete_domain_keys(self, workspace_id: int, domain: str,
                                  db: DbLike | None = None) -> int:
         status = await (db or self._db).execute(
             "DELETE FROM dkim_keys WHERE workspace_id = $1 AND domain = $2", workspace_id, domain)
         return int(status.split()[-1])
+
+
+@contextlib.asynccontextmanager
+async def _transaction(db: DbLike) -> AsyncIterator[asyncpg.Connection]:
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as connection, connection.transaction():
+            yield connection
+        return
+    async with db.transaction():
+        yield db
 
 
 async def operator_workspace_id(db: DbLike) -> int:

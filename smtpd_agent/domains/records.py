@@ -19,15 +19,16 @@ verification. Rendered as a zone-file snippet or as JSON (schema:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from ..config import Settings
 from .keys import DkimKey
 
-RecordType = Literal["MX", "TXT", "CNAME"]
+RecordType = Literal["MX", "TXT", "CNAME", "NS", "A", "AAAA"]
 Purpose = Literal["mx", "spf", "spf-hosts", "mail-from-mx", "mail-from-spf", "dkim", "dmarc",
-                  "dmarc-report-authorization", "ownership"]
+                  "dmarc-report-authorization", "ownership", "delegation", "glue", "mta-sts",
+                  "mta-sts-host", "tls-rpt"]
 TTL = 3600
 OWNERSHIP_LABEL = "_smtpd-agent"
 OWNERSHIP_PREFIX = "smtpd-agent-verification="
@@ -57,7 +58,9 @@ class DnsRecord:
         """RFC 1035 5.1 master-file form, absolute names; long TXT split into 255-octet strings."""
         if self.type == "MX":
             rdata = f"{self.priority} {self.value}."
-        elif self.type == "CNAME":
+        elif self.type in ("A", "AAAA"):
+            rdata = self.value
+        elif self.type in ("CNAME", "NS"):
             rdata = f"{self.value}."
         else:
             chunks = [self.value[i:i + TXT_CHUNK] for i in range(0, len(self.value), TXT_CHUNK)]
@@ -73,10 +76,12 @@ class RecordSet:
     records: tuple[DnsRecord, ...]
     workspace: str | None = None
     state: str | None = None
+    delegated: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"domain": self.domain, "kind": self.kind, "workspace": self.workspace,
-                "state": self.state, "records": [r.to_dict() for r in self.records]}
+                "state": self.state, "delegated": self.delegated,
+                "records": [r.to_dict() for r in self.records]}
 
     def zone_snippet(self) -> str:
         heading = {
@@ -84,6 +89,10 @@ class RecordSet:
             "custom": f"; Records for {self.domain} (workspace {self.workspace}): publish them, "
                       f"then run `smtpd-agent domain check {self.domain}`.",
         }[self.kind]
+        if self.delegated:
+            heading = (f"; {self.domain} (workspace {self.workspace}) is delegated to us: publish "
+                       f"these records in the parent zone, then run "
+                       f"`smtpd-agent domain check {self.domain}`. We serve every other record.")
         lines = [heading]
         for publisher in ("customer", "operator"):
             records = [r for r in self.records if r.publisher == publisher]
@@ -110,6 +119,11 @@ PURPOSE_TEXT: dict[str, str] = {
     "dmarc": "DMARC policy",
     "dmarc-report-authorization": "DMARC reports for other domains may come to us (RFC 7489 7.1)",
     "ownership": "Ownership: proves the domain's owner asked for this",
+    "delegation": "NS: delegate the domain to our name servers (in the parent zone)",
+    "glue": "Glue: addresses of name servers named inside the delegated domain",
+    "mta-sts": "MTA-STS (RFC 8461): senders must use TLS; the id changes with the policy",
+    "mta-sts-host": "MTA-STS policy host: https://mta-sts.<domain>/.well-known/mta-sts.txt",
+    "tls-rpt": "TLS-RPT (RFC 8460): where senders report TLS failures",
 }
 
 
@@ -156,6 +170,74 @@ def ownership_name(domain: str) -> str:
 def hosted_dkim_name(key: DkimKey, zone: str) -> str:
     """Where the operator serves a customer's key when it hosts them: under its own zone."""
     return f"{key.name}.{zone}"
+
+
+def nameservers(settings: Settings) -> list[str]:
+    """Our name servers: the NS set of every delegated zone."""
+    domain = settings.server.default_domain
+    return list(settings.dns_server.nameservers) or [f"ns1.{domain}", f"ns2.{domain}"]
+
+
+def glue_addresses(settings: Settings) -> dict[str, list[str]]:
+    addresses: dict[str, list[str]] = {}
+    for entry in settings.dns_server.glue:
+        host, _, address = entry.partition("=")
+        addresses.setdefault(host.strip().lower(), []).append(address.strip())
+    return addresses
+
+
+def _in_zone(name: str, zone: str) -> bool:
+    return name == zone or name.endswith("." + zone)
+
+
+def delegation_records(settings: Settings, domain: str) -> list[DnsRecord]:
+    """What the parent zone publishes: NS to our servers, and glue for in-zone server names
+    (RFC 1034 4.2.1: without it a resolver could not reach them)."""
+    records = [DnsRecord(domain, "NS", ns, "delegation") for ns in nameservers(settings)]
+    glue = glue_addresses(settings)
+    for ns in nameservers(settings):
+        if _in_zone(ns, domain):
+            for address in glue.get(ns, []):
+                records.append(DnsRecord(ns, "AAAA" if ":" in address else "A", address, "glue"))
+    return records
+
+
+def mta_sts_records(settings: Settings, domain: str) -> list[DnsRecord]:
+    """_mta-sts TXT, the policy host and _smtp._tls TXT; not required for verification (mail
+    flows without them), shown and checked so the customer can see what is missing."""
+    from .mta_sts import policy_for, policy_host, proxy_host, sts_txt, tlsrpt_txt
+    return [
+        DnsRecord(f"_mta-sts.{domain}", "TXT", sts_txt(policy_for(settings)), "mta-sts",
+                  required=False),
+        DnsRecord(policy_host(domain), "CNAME", proxy_host(settings), "mta-sts-host",
+                  required=False),
+        DnsRecord(f"_smtp._tls.{domain}", "TXT", tlsrpt_txt(settings), "tls-rpt",
+                  required=False),
+    ]
+
+
+def delegated_zone_records(settings: Settings, domain: str,
+                           keys: list[DkimKey]) -> tuple[DnsRecord, ...]:
+    """Every record our DNS server serves for a delegated zone, except the SOA.
+
+    The same builders as the self-managed set, so the two cannot drift apart; the DKIM keys
+    are TXT records in the zone itself (no hosted-zone CNAMEs: the zone is ours already).
+    """
+    mail_from = mail_from_domain(domain, settings)
+    glue = glue_addresses(settings)
+    served = [
+        *[DnsRecord(domain, "NS", ns, "delegation") for ns in nameservers(settings)],
+        *[DnsRecord(ns, "AAAA" if ":" in a else "A", a, "glue")
+          for ns in nameservers(settings) if _in_zone(ns, domain) for a in glue.get(ns, [])],
+        *_mx(domain, settings, "mx"),
+        DnsRecord(domain, "TXT", spf_record(settings), "spf"),
+        *_mx(mail_from, settings, "mail-from-mx"),
+        DnsRecord(mail_from, "TXT", spf_record(settings), "mail-from-spf"),
+        *[DnsRecord(k.name, "TXT", k.txt, "dkim") for k in keys],
+        DnsRecord(f"_dmarc.{domain}", "TXT", dmarc_record(settings), "dmarc"),
+        *mta_sts_records(settings, domain),
+    ]
+    return tuple(replace(r, ttl=settings.dns_server.ttl) for r in served)
 
 
 def _mx(name: str, settings: Settings, purpose: Purpose) -> list[DnsRecord]:
@@ -207,6 +289,14 @@ def custom_domain_records(settings: Settings, domain: str, workspace: str, state
         *[r for r in dkim if r.publisher == "customer"],
         DnsRecord(f"_dmarc.{domain}", "TXT", dmarc_record(settings), "dmarc"),
         DnsRecord(ownership_name(domain), "TXT", OWNERSHIP_PREFIX + token, "ownership"),
+        *mta_sts_records(settings, domain),
         *[r for r in dkim if r.publisher == "operator"],
     ]
     return RecordSet(domain, "custom", tuple(records), workspace=workspace, state=state)
+
+
+def delegated_domain_records(settings: Settings, domain: str, workspace: str,
+                             state: str) -> RecordSet:
+    """`domain add --delegate`: only what the parent zone publishes; we serve the rest."""
+    return RecordSet(domain, "custom", tuple(delegation_records(settings, domain)),
+                     workspace=workspace, state=state, delegated=True)

@@ -70,3 +70,37 @@ class DomainRechecker:
         log.info("domain.recheck_done", domains=len(checked),
                  degraded=sum(d.state == "degraded" for d in checked))
         return checked
+
+
+class KeyRotator:
+    """A Service: every `domains.rotation_interval` seconds, one step of each DKIM rotation
+    under way (`Domains.advance_rotations`): a new key DNS now serves starts signing, an
+    old key past its grace period is retired. Idempotent, so every host may run it."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.interval = runtime.settings.domains.rotation_interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.interval > 0:
+            self._task = asyncio.create_task(self._loop(), name="dkim-rotation")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                runtime = self.runtime
+                await Domains.open(runtime.pool, runtime.settings,
+                                   runtime.resolver).advance_rotations()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.error("dkim.rotation_step_failed", error=str(error))

@@ -87,6 +87,14 @@ def openapi_spec() -> dict[str, Any]:
                                       "tags": ["health"], "responses": {
                 "200": _json("ready", {"$ref": "#/components/schemas/Readiness"}),
                 "503": _json("not ready", {"$ref": "#/components/schemas/Readiness"})}}},
+            "/.well-known/mta-sts.txt": {"get": {
+                "summary": "the MTA-STS policy (RFC 8461) of the domain in the Host header "
+                           "(mta-sts.<domain>), served behind a TLS-terminating proxy",
+                "tags": ["mta-sts"], "responses": {
+                    "200": {"description": "the policy",
+                            "content": {"text/plain": {"schema": {"type": "string"}}}},
+                    "404": {"description": "not a domain we receive mail for",
+                            "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "tags": ["health"],
                                  "responses": {"200": {"description": "text exposition format",
                                                        "content": {"text/plain": {

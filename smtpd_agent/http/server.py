@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import structlog
 from aiohttp import web
 
+from ..domains.mta_sts import POLICY_PATH, mta_sts_route
 from ..routing import Router
 from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from .api import InboxApi
@@ -55,7 +56,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 class HttpServer:
-    """Health, metrics, inbox API, webhooks, /openapi.json on http.host:http.port."""
+    """Health, metrics, inbox API, webhooks, the MTA-STS policy, /openapi.json on
+    http.host:http.port."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -80,6 +82,12 @@ class HttpServer:
         async def openapi(request: web.Request) -> web.Response:
             return json_response(spec)
 
+        async def mta_sts(request: web.Request) -> web.Response:
+            """RFC 8461 3.3, behind the TLS-terminating proxy for every mta-sts.<domain>."""
+            reply = await mta_sts_route(runtime.pool, settings, request.host, request.path)
+            return web.Response(status=reply.status, body=reply.body,
+                                headers={"Content-Type": reply.content_type})
+
         async def metrics(request: web.Request) -> web.Response:
             try:
                 await runtime.metrics.refresh_queues(runtime.pool)
@@ -96,6 +104,7 @@ class HttpServer:
         app.router.add_get("/health/ready", health.ready)
         app.router.add_get("/metrics", metrics)
         app.router.add_get("/openapi.json", openapi)
+        app.router.add_get(POLICY_PATH, mta_sts)
         app.router.add_get(f"{workspace}/agents", api.agents)
         app.router.add_get(f"{workspace}/agents/{{handle}}/inbox", api.inbox)
         app.router.add_get(f"{workspace}/threads/{ident}", api.thread)

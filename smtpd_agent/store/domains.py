@@ -22,8 +22,12 @@ State = Literal["pending", "verified", "degraded"]
 DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+"
                     r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 
+# pg_advisory_xact_lock key: domains that nest inside delegated zones are checked one at a time
+NESTING_LOCK = 0x646F6D6E657374
+
 COLUMNS = """d.id, d.workspace_id, w.slug AS workspace_slug, d.name, d.state, d.ownership_token,
-             d.mail_from, d.verified_at, d.checked_at, d.failing, d.created_at"""
+             d.mail_from, d.verified_at, d.checked_at, d.failing, d.created_at, d.delegated,
+             d.zone_serial"""
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class Domain:
     checked_at: datetime | None
     failing: list[str]
     created_at: datetime
+    delegated: bool = False
+    zone_serial: int = 1
 
     @property
     def receives(self) -> bool:
@@ -52,15 +58,29 @@ def normalize(name: str) -> str:
 
 
 async def add_domain(db: DbLike, workspace_slug: str, name: str, token: str,
-                     mail_from: str) -> Domain:
+                     mail_from: str, delegated: bool = False) -> Domain:
     name = normalize(name)
     if not DOMAIN.match(name):
         raise DirectoryError(f"invalid domain {name!r}")
     workspace = await get_workspace(db, workspace_slug)
+    await db.execute("SELECT pg_advisory_xact_lock($1)", NESTING_LOCK)
+    conflict = await db.fetchrow(
+        """SELECT d.name, d.delegated FROM domains d
+           WHERE d.workspace_id <> $2
+             AND ((d.delegated AND $1 LIKE '%.' || d.name)
+                  OR ($3 AND d.name LIKE '%.' || $1))
+           LIMIT 1""", name, workspace.id, delegated)
+    if conflict is not None:
+        # Our DNS server answers for a delegated zone's whole subtree; a zone of another
+        # workspace inside or around it would let one tenant speak for another's names.
+        raise DirectoryError(
+            f"domain {name!r} is inside another workspace's delegated domain "
+            f"{conflict['name']!r}" if name.endswith("." + conflict["name"]) else
+            f"domain {name!r} contains another workspace's domain {conflict['name']!r}")
     try:
         await db.execute(
-            """INSERT INTO domains (workspace_id, name, ownership_token, mail_from)
-               VALUES ($1, $2, $3, $4)""", workspace.id, name, token, mail_from)
+            """INSERT INTO domains (workspace_id, name, ownership_token, mail_from, delegated)
+               VALUES ($1, $2, $3, $4, $5)""", workspace.id, name, token, mail_from, delegated)
     except asyncpg.UniqueViolationError:
         raise DirectoryError(f"domain {name!r} is already registered") from None
     found = await find_domain(db, name)
@@ -123,3 +143,27 @@ async def record_check(db: DbLike, domain: Domain, failing: list[str]) -> Domain
 async def remove_domain(db: DbLike, domain: Domain) -> None:
     await db.execute("DELETE FROM domains WHERE id = $1 AND workspace_id = $2",
                      domain.id, domain.workspace_id)
+
+
+async def delegated_zone_names(db: DbLike) -> set[str]:
+    """Every zone the DNS server is authoritative for (any state: a pending delegated zone
+    must answer, or `domain check` could never see the delegation work)."""
+    return {row["name"] for row in await db.fetch("SELECT name FROM domains WHERE delegated")}
+
+
+async def bump_zone_serial(db: DbLike, domain: Domain, zone_hash: str) -> int:
+    """The zone's SOA serial: bumped when its content (hash) differs from the last load.
+
+    Conditional, so several DNS hosts loading the same change bump it once.
+    """
+    serial = await db.fetchval(
+        """UPDATE domains SET zone_serial = zone_serial + 1, zone_hash = $3
+           WHERE id = $1 AND workspace_id = $2 AND zone_hash IS DISTINCT FROM $3
+           RETURNING zone_serial""", domain.id, domain.workspace_id, zone_hash)
+    if serial is None:
+        serial = await db.fetchval(
+            "SELECT zone_serial FROM domains WHERE id = $1 AND workspace_id = $2",
+            domain.id, domain.workspace_id)
+    if serial is None:
+        raise DirectoryError(f"domain {domain.name!r} was removed")
+    return int(serial)

@@ -46,6 +46,13 @@ def test_environment_overrides_file(tmp_path):
     ({"SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": "NoDots"}, "server.default_domain"),
     ({"DATABASE_URL": "mysql://x"}, "database.url"),
     ({"SMTPD_AGENT_SCAN_CLAMD": "/run/clamd.sock"}, "scan.clamd"),
+    ({"SMTPD_AGENT_DNS_SERVER_LISTEN": "0.0.0.0"}, "dns_server.listen"),
+    ({"SMTPD_AGENT_DNS_SERVER_NAMESERVERS": "NS1.Example.com"}, "dns_server.nameservers"),
+    ({"SMTPD_AGENT_DNS_SERVER_GLUE": "ns1.example.com=not-an-ip"}, "dns_server.glue"),
+    ({"SMTPD_AGENT_DNS_SERVER_UDP_PAYLOAD": "100"}, "dns_server.udp_payload"),
+    ({"SMTPD_AGENT_MTA_STS_MODE": "strict"}, "mta_sts.mode"),
+    ({"SMTPD_AGENT_MTA_STS_MAX_AGE": "0"}, "mta_sts.max_age"),
+    ({"SMTPD_AGENT_MTA_STS_TLSRPT_RUA": "tls@example.com"}, "mta_sts.tlsrpt_rua"),
     ({"SMTPD_AGENT_SMTP_TLS_CERT": "/nonexistent.pem", "SMTPD_AGENT_SMTP_TLS_KEY": "/x"},
      "smtp.tls_cert"),
 ])
