@@ -48,6 +48,42 @@ async def test_send_test_without_a_transport_says_so(database_url, db, tmp_path)
                   "--to", "someone@example.test")
 
 
-def test_outbound_worker_command_is_registered():
+def test_outbound_worker_commands_are_registered():
     args = build_parser().parse_args(["outbound-worker", "--state-dir", "/tmp/x"])
     assert callable(args.run)
+    args = build_parser().parse_args(["worker", "--with-outbound"])
+    assert args.with_outbound and callable(args.run)
+
+
+async def test_outbound_worker_process_delivers_and_stops_on_sigterm(
+        database_url, db, relay, dns_server, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.support import REPO
+
+    from .conftest import make_agent, store_reply, wait_state
+
+    sink, url = relay
+    env = {**os.environ, "DATABASE_URL": database_url,
+           "SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": DEFAULT_DOMAIN,
+           "SMTPD_AGENT_DNS_NAMESERVERS": dns_server.nameserver,
+           "SMTPD_AGENT_OUTBOUND_RELAY": url, "SMTPD_AGENT_OUTBOUND_POLL_INTERVAL": "0.05",
+           "SMTPD_AGENT_LOG_FORMAT": "json"}
+    await run(make_settings(database_url, tmp_path / "cli"), "migrate")
+    agent = await make_agent(db)
+    message_id = await store_reply(db, agent, "bob@example.org")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "smtpd_agent", "outbound-worker", "--state-dir",
+         str(tmp_path / "state")], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT)
+    try:
+        await wait_state(db, message_id, {"sent"}, timeout=30)
+        assert len(sink.received) == 1
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+    assert process.returncode == 0, output[-2000:]
+    assert b'"outbound.stopped"' in output
