@@ -16,6 +16,10 @@ from smtpd_agent.store.database import migrate
 from .conftest import make_agent, store_reply
 
 
+# Every wait in here is bounded; a hang fails this test, not the run.
+pytestmark = pytest.mark.timeout(60)
+
+
 @pytest.fixture
 async def pool(database_url, db):
     await migrate(db)

@@ -8,8 +8,8 @@ import asyncio
 
 import asyncpg
 import dkim
-import pytest
 import dns.resolver
+import pytest
 from structlog.testing import capture_logs
 
 from smtpd_agent.auth import authenticate
@@ -23,6 +23,10 @@ from smtpd_agent.smtp import replies
 from tests.support import DEFAULT_DOMAIN, Dialogue, enhanced, smtp_send
 
 from .conftest import AGENT, fast, make_agent, store_reply, wait_state
+
+
+# Every wait in here is bounded; a hang fails this test, not the run.
+pytestmark = pytest.mark.timeout(60)
 
 
 async def publish_default_domain(server, database_url, dns_server) -> None:

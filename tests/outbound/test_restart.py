@@ -9,6 +9,7 @@ import time
 from collections import Counter
 
 import asyncpg
+import pytest
 
 from smtpd_agent.outbound.queue import enqueue
 from tests.support import DEFAULT_DOMAIN, ServeProcess
@@ -16,6 +17,10 @@ from tests.support import DEFAULT_DOMAIN, ServeProcess
 from .conftest import make_agent, store_reply
 
 FIRST, QUEUED = 4, 12
+
+
+# Every wait in here is bounded; a hang fails this test, not the run.
+pytestmark = pytest.mark.timeout(120)
 
 
 async def states(db: asyncpg.Connection) -> Counter[str]:

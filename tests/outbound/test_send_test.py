@@ -14,6 +14,10 @@ from smtpd_agent.store.directory import DirectoryError
 from tests.support import DEFAULT_DOMAIN, make_settings
 
 
+# Every wait in here is bounded; a hang fails this test, not the run.
+pytestmark = pytest.mark.timeout(60)
+
+
 async def run(settings, *argv: str) -> int:
     args = build_parser().parse_args(list(argv))
     with capture_logs():

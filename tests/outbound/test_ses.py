@@ -22,6 +22,10 @@ from tests.support import DEFAULT_DOMAIN, free_port
 
 from .conftest import make_agent, store_reply, wait_state
 
+# Every wait in here is bounded; a hang fails this test, not the run.
+pytestmark = pytest.mark.timeout(60)
+
+
 REGION = "us-east-1"
 
 

@@ -7,11 +7,16 @@ import json
 import uuid
 
 import aiohttp
+import pytest
 
 from smtpd_agent.outbound.queue import enqueue, is_suppressed
 from tests.http.test_webhooks import TOPIC, sns  # noqa: F401 - the signing SNS stand-in
 
 from .conftest import make_agent, store_reply
+
+
+# Every wait in here is bounded; a hang fails this test, not the run.
+pytestmark = pytest.mark.timeout(60)
 
 
 def feedback(message_id: str, kind: str, address: str) -> dict[str, str]:
