@@ -2,14 +2,16 @@
 
     .venv/bin/python -m bench.run [--messages 2000] [--sessions 20] [--size 5000]
                                   [--attachment] [--json FILE] [--profile DIR]
+                                  [--baseline REV]
 
 Starts everything the server needs (embedded Postgres unless DATABASE_URL is
 given, the loopback DNS test server publishing SPF, DKIM and DMARC for the
 sending domain, a real clamd when clamav-daemon is installed), runs
 `smtpd-agent serve` as a subprocess, and drives it with the lean load
 generator (bench/loadgen.py) sending DKIM-signed messages, a new connection
-per message. Then the same load against a bare aiosmtpd sink. Prints a table
-and writes JSON. Traffic stays on 127.0.0.1.
+per message. Then the same load against a bare aiosmtpd sink, and with
+--baseline an earlier git revision too, all in one run on one machine state.
+Prints a table and writes JSON. Traffic stays on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -183,6 +185,48 @@ def drive(name: str, port: int, pid: int, payload_file: Path, sessions: int) -> 
         failures=data["failures"])
 
 
+def run_server(label: str, code: Path, env: dict[str, str], state: Path, key_sessions: int,
+               warmup: Path, measured: Path, profile: Path | None) -> tuple[Figures, dict, int]:
+    """Start `smtpd-agent serve` from the tree at `code`, warm it up, measure it, stop it."""
+    env = {**env, "SMTPD_AGENT_SERVER_STATE_DIR": str(state), "PYTHONPATH": str(code),
+           "SMTPD_AGENT_HTTP_PORT": str(free_port())}
+    cli = [sys.executable, "-m", "smtpd_agent"]
+    for command in (["workspace", "add", "load"], ["agent", "add", RCPT, "--no-auto-reply"]):
+        subprocess.run(cli + command, env=env, cwd=code, check=True, capture_output=True)
+    port = free_port()
+    serve = [*cli, "serve", "--port", str(port)]
+    if profile:
+        profile.mkdir(parents=True, exist_ok=True)
+        serve = ["py-spy", "record", "--threads", "-f", "raw", "-o",
+                 str(profile / "server.folded"), "--", *serve]
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / "serve.log", "w") as log:
+        server = subprocess.Popen(serve, env=env, cwd=code, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, server)
+        server_pid = server.pid
+        if profile:
+            children = psutil.Process(server.pid).children()
+            server_pid = children[0].pid if children else server.pid
+        drive("warm-up", port, server_pid, warmup, key_sessions)
+        figures = drive(label, port, server_pid, measured, key_sessions)
+        stored = subprocess.run(cli + ["inbox", RCPT, "--json", "--limit", "100000"], env=env,
+                                cwd=code, capture_output=True, text=True, check=True)
+        stored_count = sum(len(t["messages"]) for t in json.loads(stored.stdout))
+    finally:
+        server.send_signal(signal.SIGINT if profile else signal.SIGTERM)
+        server.wait(60)
+    return figures, stage_times(state / "serve.log"), stored_count
+
+
+def baseline_tree(rev: str, work: Path) -> Path:
+    """A detached worktree of `rev`, to measure an earlier version in the same run."""
+    tree = work / f"baseline-{rev}"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=REPO, check=True,
+                   capture_output=True)
+    return tree
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=2000)
@@ -194,11 +238,14 @@ def main() -> int:
     parser.add_argument("--profile", type=Path,
                         help="record the server with py-spy into this directory (needs py-spy)")
     parser.add_argument("--no-sink", action="store_true", help="skip the bare-sink reference")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also measure git revision REV (e.g. before an optimization)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="smtpd-agent-bench-"))
     processes: list[subprocess.Popen] = []
     clamd = None
+    baseline = None
     dns = DnsTestServer().__enter__()
     try:
         key = rsa_key(2048)
@@ -209,49 +256,31 @@ def main() -> int:
         env = {**os.environ, "SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": DOMAIN,
                "SMTPD_AGENT_DNS_NAMESERVERS": dns.nameserver,
                "SMTPD_AGENT_LOG_LEVEL": args.log_level, "SMTPD_AGENT_LOG_FORMAT": "json",
-               "SMTPD_AGENT_SMTP_MAX_CONNECTIONS_PER_IP": str(args.sessions * 4),
-               "SMTPD_AGENT_SERVER_STATE_DIR": str(work / "state")}
+               "SMTPD_AGENT_SMTP_MAX_CONNECTIONS_PER_IP": str(args.sessions * 4)}
         scanning = find_clamd() is not None
         if scanning:
             (work / "clamd").mkdir()
             clamd = Clamd(root=work / "clamd", binary=find_clamd())
             clamd.start()
             env["SMTPD_AGENT_SCAN_CLAMD"] = clamd.unix_address
-        cli = [sys.executable, "-m", "smtpd_agent"]
-        for command in (["workspace", "add", "load"],
-                        ["agent", "add", RCPT, "--no-auto-reply"]):
-            subprocess.run(cli + command, env=env, cwd=REPO, check=True, capture_output=True)
-
-        port = free_port()
-        serve = [*cli, "serve", "--port", str(port)]
-        if args.profile:
-            args.profile.mkdir(parents=True, exist_ok=True)
-            serve = ["py-spy", "record", "--threads", "-f", "raw", "-o",
-                     str(args.profile / "server.folded"), "--", *serve]
-        log = open(work / "serve.log", "w")
-        server = subprocess.Popen(serve, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        processes.append(server)
-        wait_for_port(port, server)
-        server_pid = server.pid
-        if args.profile:
-            children = psutil.Process(server.pid).children()
-            server_pid = children[0].pid if children else server.pid
 
         payloads = make_payloads(args.messages + 100, args.size, args.attachment, key)
         warmup, measured = work / "warmup.bin", work / "measured.bin"
         write_payloads(payloads[:100], warmup)
         write_payloads(payloads[100:], measured)
-        drive("warm-up", port, server_pid, warmup, args.sessions)
-        full = drive("smtpd-agent", port, server_pid, measured, args.sessions)
-        stored = subprocess.run(cli + ["inbox", RCPT, "--json", "--limit", "100000"], env=env,
-                                cwd=REPO, capture_output=True, text=True, check=True)
-        stored_count = sum(len(t["messages"]) for t in json.loads(stored.stdout))
-        server.send_signal(signal.SIGINT if args.profile else signal.SIGTERM)
-        server.wait(60)
-        log.close()
-        stages = stage_times(work / "serve.log")
 
-        figures = [full]
+        figures, stages, stored = [], {}, {}
+        runs = [("smtpd-agent", REPO)]
+        if args.baseline:
+            baseline = baseline_tree(args.baseline, work)
+            runs.insert(0, (f"smtpd-agent @ {args.baseline}", baseline))
+        for index, (label, code) in enumerate(runs):
+            result, stage_ms, count = run_server(label, code, env, work / f"state{index}",
+                                                 args.sessions, warmup, measured,
+                                                 args.profile if code == REPO else None)
+            figures.append(result)
+            stages[label], stored[label] = stage_ms, count
+
         if not args.no_sink:
             sink_port = free_port()
             sink = subprocess.Popen([sys.executable, str(REPO / "bench" / "sink.py"), "--port",
@@ -268,18 +297,21 @@ def main() -> int:
                      "attachment": args.attachment, "dkim_signed": True,
                      "pipeline": ["spf", "dkim", "arc", "dmarc"] + (["clamd"] if scanning else [])
                      + ["postgres commit"]},
-            "stored": stored_count,
+            "stored": stored,
             "stage_ms_mean": stages,
             "results": [asdict(f) for f in figures],
         }
-        if len(figures) == 2 and figures[1].messages_per_second:
-            report["ratio_to_sink"] = round(figures[0].messages_per_second
-                                            / figures[1].messages_per_second, 3)
+        current = next(f for f in figures if f.name == "smtpd-agent")
+        sink_row = next((f for f in figures if f.name.startswith("bare")), None)
+        if sink_row and sink_row.messages_per_second:
+            report["ratio_to_sink"] = round(current.messages_per_second
+                                            / sink_row.messages_per_second, 3)
         print_table(report)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2))
-        return 0 if stored_count == full.accepted + 100 else 1
+        expected = args.messages + 100
+        return 0 if all(count == expected for count in stored.values()) else 1
     finally:
         for process in processes:
             if process.poll() is None:
@@ -288,6 +320,9 @@ def main() -> int:
         if clamd:
             clamd.stop()
         dns.__exit__(None, None, None)
+        if baseline:
+            subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=REPO,
+                           capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -319,7 +354,9 @@ def print_table(report: dict) -> None:
               f"{row['machine_busy_percent']:>7}  {row['failures'] or '-'}")
     if "ratio_to_sink" in report:
         print(f"ratio to the bare sink: {report['ratio_to_sink']:.1%}")
-    print(f"stored in Postgres: {report['stored']}; mean ms per stage: {report['stage_ms_mean']}")
+    for label, count in report["stored"].items():
+        print(f"{label}: stored in Postgres {count}; mean ms per stage "
+              f"{report['stage_ms_mean'][label]}")
 
 
 if __name__ == "__main__":

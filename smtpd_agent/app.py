@@ -1,19 +1,27 @@
-"""Wiring: settings -> database, router, pipeline, listener. No module-level singletons."""
+"""Wiring: settings -> database, router, pipeline, listener. No module-level singletons.
+
+`serve()` runs the services until SIGTERM/SIGINT (graceful stop: the listener
+closes, messages in transfer finish within `smtp.shutdown_grace`) and reloads
+the live settings on SIGHUP (`config.LIVE_KEYS`: TLS certificates, SMTP limits
+and policies, auth, scan, store) without dropping a session.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import signal
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 import asyncpg
 import structlog
 
 from .agent.worker import AgentWorkers
-from .config import Settings, SmtpSettings
+from .config import ConfigError, Settings, SmtpSettings, apply_live
 from .dns import Resolver
 from .dnsserver.server import DnsServer
 from .domains.service import DomainRechecker, KeyRotator
@@ -26,17 +34,33 @@ from .scan import Scanner, limit_problems
 from .smtp.handler import SessionHandler
 from .smtp.server import AgentSMTP, ConnectionLimits, Sessions
 from .store.database import EmbeddedPostgres, create_pool, migrate, resolve_database_url
+from .systemd import Notifier
 
 log = structlog.get_logger("smtpd_agent.app")
 T = TypeVar("T")
 
 
 def build_tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:
+    """A server context with the configured chain, read from disk now (and again on reload)."""
     if not settings.tls_cert:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(settings.tls_cert, settings.tls_key)
     return context
+
+
+def certificate_summary(path: str) -> dict[str, str]:
+    """The SHA-256 fingerprint of the first certificate in a PEM file, for the log: ops
+    compare it with `openssl x509 -noout -fingerprint -sha256 -in FILE` after a renewal."""
+    if not path:
+        return {}
+    try:
+        text = Path(path).read_text()
+        end = text.index(ssl.PEM_FOOTER) + len(ssl.PEM_FOOTER)
+        der = ssl.PEM_cert_to_DER_cert(text[text.index(ssl.PEM_HEADER):end])
+    except (OSError, ValueError):
+        return {}
+    return {"tls_cert_sha256": hashlib.sha256(der).hexdigest()}
 
 
 @dataclass
@@ -91,15 +115,23 @@ class Runtime:
     def pipeline(self) -> Pipeline:
         """The one pipeline every way in (SMTP, provider webhooks) feeds; built on first use."""
         if self._pipeline is None:
-            settings = self.settings
+            self._pipeline = self.build_pipeline(self.settings)
+        return self._pipeline
+
+    def build_pipeline(self, settings: Settings) -> Pipeline:
+        """A pipeline for `settings` (a SIGHUP reload builds one for the listener). It keeps
+        the current Scanner while [scan] is unchanged: one bound on streams to clamd."""
+        current = self._pipeline
+        if current is not None and current.settings.scan == settings.scan:
+            scanner = current.scanner
+        else:
             scanner = Scanner(settings.scan) if settings.scan.clamd else None
             if scanner is None:
                 log.warning("scan.disabled", reason="scan.clamd is not set: attachments are "
                             "stored with scan status 'unscanned'")
             for problem in limit_problems(settings):
                 log.warning("scan.limits", problem=problem)
-            self._pipeline = Pipeline(self.pool, settings, self.resolver, scanner, self.metrics)
-        return self._pipeline
+        return Pipeline(self.pool, settings, self.resolver, scanner, self.metrics)
 
     @classmethod
     async def open(cls, settings: Settings) -> Runtime:
@@ -111,8 +143,21 @@ class Runtime:
 
 
 class Service(Protocol):
+    """A part of the process. It may also define `async reload(settings)` for SIGHUP."""
+
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SessionParts:
+    """What a new SMTP session is built from; replaced whole on reload, so a session
+    keeps the parts (certificate, limits, policies) it started with."""
+
+    settings: Settings
+    handler: SessionHandler
+    pipeline: Pipeline
+    tls_context: ssl.SSLContext | None
 
 
 class MailServer:
@@ -130,23 +175,36 @@ class MailServer:
                                        settings.smtp.max_connections_per_ip)
         self.sessions = Sessions()
         self._server: asyncio.base_events.Server | None = None
+        self._parts: SessionParts | None = None
         self.port: int | None = None
+
+    def _build_parts(self, settings: Settings) -> SessionParts:
+        """Everything new sessions need; raises (bad certificate, say) before anything changes.
+
+        At start the listener shares the runtime's pipeline (the webhooks feed it too);
+        a reload builds one for the new settings, for SMTP sessions only.
+        """
+        tls_context = build_tls_context(settings.smtp)
+        pipeline = (self.runtime.pipeline if self._parts is None
+                    else self.runtime.build_pipeline(settings))
+        handler = SessionHandler(self.router, settings.smtp.max_recipients, self.runtime.metrics)
+        return SessionParts(settings, handler, pipeline, tls_context)
 
     async def start(self) -> None:
         settings = self.settings
         metrics = self.runtime.metrics
-        pipeline = self.runtime.pipeline
-        handler = SessionHandler(self.router, settings.smtp.max_recipients, metrics)
-        tls_context = build_tls_context(settings.smtp)
+        self._parts = self._build_parts(settings)
         loop = asyncio.get_running_loop()
         metrics.sessions_active.set_function(lambda: len(self.sessions.active))
 
         def session() -> AgentSMTP:
+            parts = self._parts
+            assert parts is not None
             metrics.sessions.inc()
-            return AgentSMTP(handler, settings=settings.smtp, limits=self.limits,
-                             deliver=pipeline.receive, hostname=settings.server.hostname,
-                             sessions=self.sessions, tls_context=tls_context, loop=loop,
-                             metrics=metrics)
+            return AgentSMTP(parts.handler, settings=parts.settings.smtp, limits=self.limits,
+                             deliver=parts.pipeline.receive,
+                             hostname=parts.settings.server.hostname, sessions=self.sessions,
+                             tls_context=parts.tls_context, loop=loop, metrics=metrics)
 
         self._server = await loop.create_server(session, settings.smtp.host, settings.smtp.port,
                                                 reuse_address=True)
@@ -154,7 +212,19 @@ class MailServer:
         log.info("server.listening", host=settings.smtp.host, port=self.port,
                  default_domain=settings.server.default_domain,
                  embedded_postgres=self.runtime.database.embedded is not None,
-                 starttls=tls_context is not None)
+                 starttls=self._parts.tls_context is not None,
+                 **certificate_summary(settings.smtp.tls_cert))
+
+    async def reload(self, settings: Settings) -> None:
+        """New sessions get `settings` (and certificates read afresh); open ones are untouched."""
+        parts = self._build_parts(settings)
+        self.limits.total = settings.smtp.max_connections
+        self.limits.per_ip = settings.smtp.max_connections_per_ip
+        self.settings = settings
+        self._parts = parts
+        log.info("server.reloaded", starttls=parts.tls_context is not None,
+                 open_sessions=len(self.sessions.active),
+                 **certificate_summary(settings.smtp.tls_cert))
 
     async def stop(self) -> None:
         """Stop accepting, let messages in transfer finish (bounded)."""
@@ -211,17 +281,61 @@ class App:
             await self.runtime.close()
             self.runtime = None
 
+    async def reload(self, new: Settings) -> bool:
+        """Apply the live keys of `new` to every service that can reload; False if refused.
+
+        The merged settings are validated before any service sees them, and each service
+        builds its new state before swapping it in: a bad file or an unreadable
+        certificate leaves the server running exactly as it was.
+        """
+        try:
+            settings, restart_needed = apply_live(self.settings, new)
+            if restart_needed:
+                log.warning("config.restart_needed", keys=restart_needed)
+            reloading = [s for s in self.services if callable(getattr(s, "reload", None))]
+            for service in reloading:
+                await service.reload(settings)  # type: ignore[attr-defined]
+        except (ConfigError, OSError, ssl.SSLError) as error:
+            log.error("config.reload_failed", error=str(error))
+            return False
+        except Exception as error:  # a reload must never take the mail server down
+            log.exception("config.reload_failed", error=f"{type(error).__name__}: {error}")
+            return False
+        self.settings = settings
+        if self.runtime is not None:
+            self.runtime.settings = settings
+        log.info("config.reloaded")
+        return True
+
 
 async def serve(settings: Settings,
-                factories: list[Callable[[Runtime], Service]] | None = None) -> None:
+                factories: list[Callable[[Runtime], Service]] | None = None, *,
+                reload: Callable[[], Settings] | None = None,
+                notifier: Notifier | None = None) -> None:
+    """Run `factories` (default SERVICES) until SIGTERM/SIGINT; on SIGHUP call `reload()`
+    for fresh settings and apply them."""
+    notifier = notifier or Notifier()
     app = App(settings, factories)
     await app.start()
-    stop = asyncio.Event()
+    notifier.ready(status="accepting mail")
+    signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, signals.put_nowait, signum)
     try:
-        await stop.wait()
+        while (signum := await signals.get()) == signal.SIGHUP:
+            notifier.reloading()
+            log.info("config.reloading")
+            try:
+                fresh = reload() if reload else settings
+            except ConfigError as error:
+                log.error("config.reload_failed", error=str(error))
+            else:
+                await app.reload(fresh)
+            notifier.ready(status="accepting mail")
     finally:
+        notifier.stopping()
         log.info("server.stopping")
         await app.stop()
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(signum)

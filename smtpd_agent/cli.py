@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_serve(settings: Settings, args: argparse.Namespace) -> int:
-    asyncio.run(serve(settings))
+    # SIGHUP re-reads the same file, environment and flags as start-up did.
+    asyncio.run(serve(settings, reload=lambda: settings_from(args)))
     return 0
 
 

@@ -311,6 +311,29 @@ class Settings:
         return _build({**_flatten(self), **overrides}, source="flag")
 
 
+# What a SIGHUP applies to the running server (sessions opened after it); every other key
+# (bind address, database, DNS, routing, agent, logging, anything a later section adds)
+# needs a restart. Logging is not live: loggers cache their level on first use (logs.py).
+# Prefixes end with ".", other entries are exact keys.
+LIVE_KEYS = ("smtp.", "auth.", "scan.", "store.")
+RESTART_ONLY_KEYS = ("smtp.host", "smtp.port")
+
+
+def is_live(key: str) -> bool:
+    """Whether a SIGHUP reload applies `key` (see LIVE_KEYS)."""
+    if key in RESTART_ONLY_KEYS:
+        return False
+    return any(key.startswith(p) if p.endswith(".") else key == p for p in LIVE_KEYS)
+
+
+def apply_live(current: Settings, new: Settings) -> tuple[Settings, list[str]]:
+    """`current` with the live keys of `new`; and the changed keys that wait for a restart."""
+    old_values, new_values = _flatten(current), _flatten(new)
+    changed = [key for key in new_values if new_values[key] != old_values.get(key)]
+    live = {key: new_values[key] for key in changed if is_live(key)}
+    return current.replace(live), [key for key in changed if not is_live(key)]
+
+
 def load_settings(
     path: Path | str | None = None,
     env: Mapping[str, str] | None = None,

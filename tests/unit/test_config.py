@@ -84,3 +84,20 @@ def test_serve_with_invalid_config_prints_one_line_and_exits_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "smtp.port" in result.stderr
+
+
+def test_reload_applies_live_keys_and_names_the_rest(tmp_path):
+    from smtpd_agent.config import apply_live, is_live
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    current = load_settings(path=empty, env={})
+    new = load_settings(path=empty, env={
+        "SMTPD_AGENT_SMTP_MAX_RECIPIENTS": "5", "SMTPD_AGENT_AUTH_SPF_FAIL": "reject",
+        "SMTPD_AGENT_SMTP_PORT": "25", "SMTPD_AGENT_DNS_TIMEOUT": "1",
+        "SMTPD_AGENT_LOG_LEVEL": "debug", "SMTPD_AGENT_LOG_FORMAT": "json"})
+    merged, restart = apply_live(current, new)
+    assert merged.smtp.max_recipients == 5 and merged.auth.spf_fail == "reject"
+    assert merged.log.level == current.log.level
+    assert merged.smtp.port == current.smtp.port and merged.dns.timeout == current.dns.timeout
+    assert sorted(restart) == ["dns.timeout", "log.format", "log.level", "smtp.port"]
+    assert is_live("smtp.tls_cert") and is_live("scan.clamd") and not is_live("database.url")
