@@ -27,6 +27,7 @@ from .dnsserver.server import DnsServer
 from .domains.service import DomainRechecker, KeyRotator
 from .http import HttpServer
 from .metrics import Metrics
+from .outbound.worker import OutboundWorker
 from .pipeline import Pipeline
 from .routing import Router
 from .scan import Scanner, limit_problems
@@ -166,7 +167,10 @@ class MailServer:
         self.runtime = runtime
         self.settings = settings = runtime.settings
         self.router = Router(runtime.pool, settings.server.default_domain,
-                             settings.routing.cache_ttl)
+                             settings.routing.cache_ttl,
+                             bounce_label=settings.domains.default_mail_from_label,
+                             custom_bounce_label=settings.domains.mail_from_label,
+                             verp_prefix=settings.outbound.verp_prefix)
         self.limits = ConnectionLimits(settings.smtp.max_connections,
                                        settings.smtp.max_connections_per_ip)
         self.sessions = Sessions()
@@ -240,6 +244,7 @@ SERVICES: list[Callable[[Runtime], Service]] = [
     KeyRotator,
     DnsServer,  # off unless dns_server.listen is set
     HttpServer,
+    OutboundWorker,
 ]
 # `smtpd-agent dns-serve`: the authoritative DNS server alone
 DNS_SERVICES: list[Callable[[Runtime], Service]] = [DnsServer]

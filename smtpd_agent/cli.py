@@ -22,6 +22,7 @@ from .agent.cli import register_agent
 from .app import DNS_SERVICES, Database, serve
 from .config import ConfigError, Settings, load_settings
 from .domains.cli import register_domains
+from .outbound.cli import register_outbound
 from .domains.keys import KeyStoreError
 from .http.cli import register_apikeys
 from .logs import configure_logging
@@ -300,4 +301,5 @@ COMMAND_GROUPS: list[Callable[[Any, Parents], None]] = [
     register_agent,
     register_domains,
     register_apikeys,
+    register_outbound,
 ]

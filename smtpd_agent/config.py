@@ -29,6 +29,8 @@ STANDARD_ENV = {
     "DATABASE_URL": "database.url",
     "ANTHROPIC_API_KEY": "agent.api_key",
     "ANTHROPIC_BASE_URL": "agent.base_url",
+    # botocore itself only knows AWS_ENDPOINT_URL_SESV2 for the SESv2 API; ops know _SES
+    "AWS_ENDPOINT_URL_SES": "outbound.ses_endpoint_url",
 }
 
 
@@ -246,6 +248,41 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class OutboundSettings:
+    """How agent replies leave: transport, retries, the bounce (Mail-From) address."""
+
+    # "smtp": through outbound.relay; "ses": Amazon SES (SESv2 SendEmail, raw).
+    transport: Literal["smtp", "ses"] = "smtp"
+    # smtp://[user:password@]host[:port][?tls=starttls|implicit|none]; empty: nothing sends
+    # (messages stay queued and the worker logs why).
+    relay: str = ""
+    # PEM file of the CA(s) to trust for the relay's certificate; empty: the system's.
+    relay_ca_file: str = ""
+    # Seconds for connecting to, and for each command of, the relay / each SES call.
+    timeout: float = 30.0
+    # Worker: seconds between polls of the queue, and messages claimed per poll.
+    poll_interval: float = 1.0
+    batch_size: int = 10
+    # Deliveries one worker attempts at once (each with its own relay connection, reused).
+    concurrency: int = 4
+    # Seconds a claimed message is ours; a worker that dies mid-send frees it after this.
+    lease: float = 300.0
+    # Retry after a 4xx or a connection error: retry_base * 2^(attempt-1) seconds,
+    # at most retry_max; after give_up_after seconds in the queue the message fails.
+    retry_base: float = 60.0
+    retry_max: float = 3600.0
+    give_up_after: float = 432000.0
+    # The Mail-From (Return-Path) local-part prefix of VERP addresses: <prefix>-<token>@<bounce domain>.
+    verp_prefix: str = "b"
+    # Amazon SES: region (empty: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1) and
+    # endpoint (empty: AWS's; AWS_ENDPOINT_URL_SES sets it). Credentials: the standard AWS_*.
+    ses_region: str = ""
+    ses_endpoint_url: str = ""
+    # SES configuration set to send with (its event destinations carry bounces and complaints).
+    ses_configuration_set: str = ""
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -266,6 +303,7 @@ class Settings:
     dns_server: DnsServerSettings = field(default_factory=DnsServerSettings)
     mta_sts: MtaStsSettings = field(default_factory=MtaStsSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    outbound: OutboundSettings = field(default_factory=OutboundSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def replace(self, overrides: Mapping[str, Any]) -> Settings:
@@ -482,6 +520,21 @@ def _validate(settings: Settings) -> None:
         re.compile(settings.http.sns_url_pattern)
     except re.error as error:
         raise ConfigError(f"http.sns_url_pattern: not a regular expression: {error}") from None
+    outbound = settings.outbound
+    if outbound.relay:
+        from .outbound.relay_url import RelayUrlError, parse_relay_url
+        try:
+            parse_relay_url(outbound.relay)
+        except RelayUrlError as error:
+            raise ConfigError(f"outbound.relay: {error}") from None
+    if outbound.relay_ca_file and not Path(outbound.relay_ca_file).is_file():
+        raise ConfigError(f"outbound.relay_ca_file: no such file {outbound.relay_ca_file}")
+    if not LABEL.match(outbound.verp_prefix):
+        raise ConfigError(f"outbound.verp_prefix: expected one lower-case DNS label, "
+                          f"got {outbound.verp_prefix!r}")
+    for key in ("batch_size", "concurrency"):
+        if getattr(outbound, key) < 1:
+            raise ConfigError(f"outbound.{key}: must be at least 1")
     clamd = settings.scan.clamd
     if clamd and not clamd.startswith(("unix:", "tcp:")):
         raise ConfigError(f"scan.clamd: expected unix:/path or tcp:host:port, got {clamd!r}")

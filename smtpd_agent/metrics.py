@@ -20,7 +20,7 @@ log = structlog.get_logger(__name__)
 
 # Tables whose rows by state are queue depths, if a later stage has created them. Read at
 # scrape time so the numbers are the cluster's, not this process's.
-QUEUE_TABLES = ("agent_jobs", "outbound", "outbound_queue", "outbound_messages")
+QUEUE_TABLES = ("agent_jobs", "deliveries", "outbound", "outbound_queue", "outbound_messages")
 STATE_COLUMNS = ("state", "status")
 
 

@@ -23,13 +23,14 @@ from .config import Settings
 from .dns import Resolver
 from .message import parse_message
 from .metrics import Metrics
+from .outbound.bounces import BounceProcessor
 from .record import Envelope, InboundMessage
 from .scan import ScanResult, Scanner
 from .scan import decide as decide_scan
 from .smtp import replies
 from .smtp.replies import Reply
 from .smtp.server import ReceivedContent
-from .store.database import DatabaseUnavailable
+from .store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from .store.messages import StoredMessage, Verdicts, store_inbound
 
 log = structlog.get_logger("smtpd_agent.pipeline")
@@ -89,6 +90,7 @@ class Pipeline:
         self.scanner = scanner
         self.metrics = metrics or Metrics()
         self.authserv_id = settings.auth.authserv_id or settings.server.hostname
+        self.bounces = BounceProcessor(db)
 
     def unauthenticated(self) -> AuthResult:
         """No checks possible (a provider gave parsed fields only): RFC 8601 'none'."""
@@ -128,6 +130,22 @@ class Pipeline:
             raise Rejected(replies.TEMP_SCAN_FAILURE, decision.reason, problem=result.problem)
         return result
 
+    async def receive_bounces(self, content: ReceivedContent) -> Reply | None:
+        """Hand a DSN to the bounce processor for each VERP recipient; a 4xx if that failed.
+
+        No authentication or scan: the random VERP token is what makes a bounce ours,
+        and nothing of it reaches an agent or its mailbox.
+        """
+        try:
+            for token in content.bounce_tokens:
+                await self.bounces.receive_dsn(token, content.data, content.queue_id)
+        except CONNECTION_ERRORS as error:
+            log.error("smtp.tempfail", reason="bounce processing failed", error=str(error),
+                      queue_id=content.queue_id, mail_from=content.mail_from)
+            return replies.TEMP_STORE_FAILURE.with_text(
+                f"Temporary local problem, try again later (session {content.session_id})")
+        return None
+
     async def receive(self, content: ReceivedContent) -> Reply:
         """The reply for one received message; 250 only once it is committed."""
         return (await self.process(content)).reply
@@ -143,6 +161,12 @@ class Pipeline:
         return outcome
 
     async def _process(self, content: ReceivedContent) -> Outcome:
+        if content.bounce_tokens:
+            failed = await self.receive_bounces(content)
+            if failed is not None:
+                return Outcome(failed, reason="bounce processing failed")
+            if not content.recipients:
+                return Outcome(replies.queued(content.queue_id), reason="bounce")
         envelope = Envelope(
             session_id=content.session_id, client_ip=content.client_ip, helo=content.helo,
             mail_from=content.mail_from, recipients=content.recipients, tls=content.tls,

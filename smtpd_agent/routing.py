@@ -6,7 +6,10 @@ enabled agent `handle` of workspace `workspace`, and so does
 verified (`smtpd-agent domain check`). Any other address under the default
 domain is an unknown mailbox; any domain that is not ours, or a custom domain
 not verified yet, is refused as relaying, whatever the mailbox (the log says
-why). Lookups, of mailboxes and of custom domains, are cached, positive and
+why). `<verp prefix>-<token>@bounce.<default domain>` (and
+`@<mail_from_label>.<verified custom domain>`) are VERP bounce addresses of our
+outbound mail: they route to the bounce processor (outbound/bounces.py).
+Lookups, of mailboxes and of custom domains, are cached, positive and
 negative, for a short TTL so RCPT does not cost a Postgres round trip every
 time; the cache is only a cache: it is safe to lose, and another host has its own.
 """
@@ -21,6 +24,7 @@ from enum import Enum
 import asyncpg
 import structlog
 
+from .outbound.verp import token_of
 from .record import Mailbox
 from .store import directory
 from .store import domains as domain_store
@@ -35,6 +39,8 @@ class RouteKind(Enum):
     MAILBOX = "mailbox"
     UNKNOWN_MAILBOX = "unknown_mailbox"
     RELAY_DENIED = "relay_denied"
+    # a VERP Return-Path of our outbound mail: DSNs go to the bounce processor
+    BOUNCE = "bounce"
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,7 @@ class Route:
     # why a RELAY_DENIED was denied, for the log (never for the client)
     reason: str = "relay denied"
     hint: str | None = None
+    verp_token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,8 +85,12 @@ def workspace_of(domain: str, default_domain: str) -> str | None | bool:
 
 class Router:
     def __init__(self, db: asyncpg.Pool, default_domain: str, cache_ttl: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, bounce_label: str = "bounce",
+                 custom_bounce_label: str = "mail", verp_prefix: str = "b") -> None:
         self._db = db
+        self._bounce_domain = f"{bounce_label}.{default_domain}"
+        self._custom_bounce_label = custom_bounce_label
+        self._verp_prefix = verp_prefix
         self._default_domain = default_domain
         self._ttl = cache_ttl
         self._clock = clock
@@ -90,6 +101,9 @@ class Router:
         parsed = parse_address(address)
         if parsed is None:
             return Route(RouteKind.UNKNOWN_MAILBOX)
+        bounce = await self._bounce_route(parsed)
+        if bounce is not None:
+            return bounce
         found = workspace_of(parsed.domain, self._default_domain)
         if found is None:
             custom = await self._custom_domain(parsed.domain)
@@ -108,6 +122,22 @@ class Router:
         if mailbox is None:
             return Route(RouteKind.UNKNOWN_MAILBOX)
         return Route(RouteKind.MAILBOX, mailbox=mailbox, tag=parsed.tag)
+
+    async def _bounce_route(self, parsed: ParsedAddress) -> Route | None:
+        """BOUNCE for a VERP address at one of our bounce domains, UNKNOWN for others there."""
+        label, _, parent = parsed.domain.partition(".")
+        if parsed.domain == self._bounce_domain:
+            pass
+        elif label == self._custom_bounce_label and parent:
+            custom = await self._custom_domain(parent)
+            if custom is None or not custom.receives or custom.mail_from != parsed.domain:
+                return None
+        else:
+            return None
+        token = token_of(parsed.local, self._verp_prefix) if parsed.tag is None else None
+        if token is None:
+            return Route(RouteKind.UNKNOWN_MAILBOX)
+        return Route(RouteKind.BOUNCE, verp_token=token)
 
     async def _lookup(self, slug: str, handle: str, domain: str) -> Mailbox | None:
         key = (slug, handle, domain)

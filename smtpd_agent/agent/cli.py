@@ -23,6 +23,8 @@ def register_agent(commands: Any, parents: Any) -> None:
                                  help="run agent reply workers only (no SMTP listener)")
     worker.add_argument("--concurrency", type=int, metavar="N",
                         help="jobs at once in this process (default: agent.workers)")
+    worker.add_argument("--with-outbound", action="store_true",
+                        help="also run the outbound delivery worker in this process")
     worker.set_defaults(run=run_worker)
     jobs = commands.add_parser("jobs", parents=[parents.common, parents.listing],
                                help="recent agent jobs with their state")
@@ -32,24 +34,30 @@ def register_agent(commands: Any, parents: Any) -> None:
 
 
 def run_worker(settings: Settings, args: argparse.Namespace) -> int:
-    asyncio.run(work(settings, args.concurrency))
+    asyncio.run(work(settings, args.concurrency, getattr(args, "with_outbound", False)))
     return 0
 
 
-async def work(settings: Settings, concurrency: int | None) -> None:
+async def work(settings: Settings, concurrency: int | None, with_outbound: bool = False) -> None:
+    from ..outbound.worker import OutboundWorker
     from .worker import AgentWorkers
 
     runtime = await Runtime.open(settings)
     workers = AgentWorkers(runtime, concurrency=max(1, concurrency or settings.agent.workers))
+    outbound = OutboundWorker(runtime) if with_outbound else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
         await workers.start()
+        if outbound is not None:
+            await outbound.start()
         await stop.wait()
     finally:
         log.info("agent.worker.stopping")
+        if outbound is not None:
+            await outbound.stop()
         await workers.stop()
         await runtime.close()
 

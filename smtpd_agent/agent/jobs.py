@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from ..outbound.queue import enqueue
 from .compose import ComposedReply
 from .llm import Completion
 from .policy import MessageFacts, rate_limit_reason
@@ -243,6 +244,8 @@ async def store_reply(db: asyncpg.Pool, job: Job, reply: ComposedReply, completi
             reply.from_address, reply.to_address, reply.subject,
             [[name, value] for name, value in reply.headers], reply.text, reply.html, reply.raw,
             len(reply.raw), reply.from_address, reply.to_address)
+        # into the outbound queue in the same transaction (signed and sent by OutboundWorker)
+        await enqueue(connection, reply_id, job.workspace_id)
         await connection.execute(
             """UPDATE threads SET message_count = message_count + 1, last_message_at = now()
                 WHERE id = $1 AND workspace_id = $2""", job.thread_id, job.workspace_id)

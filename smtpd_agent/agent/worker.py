@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from ..config import Settings
+from ..outbound.queue import is_suppressed
 from ..routing import parse_address, workspace_of
 from . import jobs
 from .compose import Original, compose_reply
@@ -146,6 +147,10 @@ class AgentWorkers:
                                    inbound.facts.mail_from, inbound.facts.dmarc)
         if reason is None and to_address is None:
             reason = "no usable correspondent address"
+        if reason is None and to_address is not None and await is_suppressed(
+                db, job.workspace_id, to_address):
+            # a hard bounce or a complaint: never write to it again (outbound/queue.py)
+            reason = "correspondent suppressed"
         if reason is None and to_address is not None:
             counts = await jobs.recent_replies(db, job, to_address)
             reason = rate_limit_reason(*counts, settings.correspondent_replies_per_hour,

@@ -57,6 +57,8 @@ from ..pipeline import Pipeline
 from ..record import Recipient
 from ..routing import RouteKind, Router
 from ..smtp import replies
+from ..outbound.bounces import BounceProcessor
+from ..outbound.dsn import is_ses_feedback
 from ..smtp.server import ReceivedContent, new_session_id
 from ..store.database import CONNECTION_ERRORS
 from .responses import HttpError, json_response
@@ -417,6 +419,11 @@ class Webhooks:
             log.warning("webhook.sns_unsubscribed", topic=message.get("TopicArn"))
             self.metrics.webhooks.labels("ses", "unsubscribed").inc()
             return json_response({"status": "ok"})
+        if is_ses_feedback(str(message.get("Message", ""))):
+            # bounces and complaints about mail we sent, on the same verified topic
+            event = await BounceProcessor(self.db).receive_ses(str(message["Message"]))
+            self.metrics.webhooks.labels("ses", f"feedback_{event.kind}").inc()
+            return json_response({"status": "ok", "feedback": event.kind})
         try:
             post = ses_post(message)
         # A signed but unusable notification: 400, nothing stored.

@@ -51,6 +51,12 @@ class SessionHandler:
             log.info("smtp.rcpt_rejected", rcpt=address, mail_from=envelope.mail_from,
                      reason=route.reason, **({"hint": route.hint} if route.hint else {}))
             return self._refused(route.reason or "relay denied", replies.RELAY_DENIED)
+        if route.kind is RouteKind.BOUNCE and route.verp_token is not None:
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+            envelope.bounce_tokens.append(route.verp_token)
+            log.info("smtp.rcpt_accepted", rcpt=address, route="bounce")
+            return str(replies.RCPT_OK)
         if route.kind is RouteKind.UNKNOWN_MAILBOX or route.mailbox is None:
             log.info("smtp.rcpt_rejected", rcpt=address, mail_from=envelope.mail_from,
                      reason="unknown mailbox")

@@ -75,6 +75,8 @@ class TransactionEnvelope(AioEnvelope):
     def __init__(self) -> None:
         super().__init__()
         self.recipients: list[Recipient] = []
+        # VERP tokens of accepted bounce addresses (RCPT routed to the bounce processor)
+        self.bounce_tokens: list[str] = []
         self.bdat_chunks: list[bytes] = []
         self.bdat_size = 0
         self.bdat_failed: Reply | None = None
@@ -101,6 +103,8 @@ class ReceivedContent:
     # False when a provider gave us only parsed fields, not the message as sent: there
     # is no signature left to verify, so authentication records "none" instead of "fail".
     authenticable: bool = True
+    # VERP tokens of RCPTs routed to the bounce processor (outbound/bounces.py)
+    bounce_tokens: tuple[str, ...] = ()
 
 
 Deliver = Callable[[ReceivedContent], Awaitable[Reply]]
@@ -421,5 +425,6 @@ class AgentSMTP(SMTP):
             tls_version=ssl_object.version() if ssl_object else None,
             smtputf8=envelope.smtp_utf8,
             esmtp=self.session.extended_smtp,
+            bounce_tokens=tuple(envelope.bounce_tokens),
         )
         return await self.deliver(content)

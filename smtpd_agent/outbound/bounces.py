@@ -1,0 +1,99 @@
+"""Bounce processing: DSNs that reached a VERP address, and SES bounce/complaint notifications.
+
+Place: the listener routes RCPT <prefix>-<token>@<bounce domain> here instead of
+to a mailbox (routing.RouteKind.BOUNCE); the pipeline hands the bytes and the
+token to `receive_dsn`. SES notifications (SNS HTTP subscription or a queue
+consumer) go to `receive_ses`. A permanent failure marks the recipient (and,
+once nobody is left, the message) bounced; a hard bounce about the address and
+every complaint put it on the workspace's suppression list. The token is the
+authentication: it is random and known only to the message's receivers.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+import structlog
+
+from .decisions import classify_reply
+from .dsn import DsnRecipient, SesEvent, parse_dsn, parse_ses_notification
+from .queue import (find_by_provider_id, find_by_token, normalize_address,
+                    record_bounce, suppress)
+
+log = structlog.get_logger(__name__)
+
+
+class BounceProcessor:
+    def __init__(self, db: asyncpg.Pool) -> None:
+        self.db = db
+
+    async def receive_dsn(self, token: str, raw: bytes, queue_id: str = "") -> str:
+        """Apply one DSN for the message behind `token`; what was done, for the log."""
+        target = await find_by_token(self.db, token)
+        if target is None:
+            log.info("bounce.ignored", reason="unknown VERP token", queue_id=queue_id)
+            return "unknown token"
+        results = parse_dsn(raw)
+        if not results:
+            log.info("bounce.ignored", reason="not a DSN", queue_id=queue_id,
+                     delivery_id=target.delivery_id, workspace_id=target.workspace_id)
+            return "not a DSN"
+        async with self.db.acquire() as connection, connection.transaction():
+            known = {row["address"] for row in await connection.fetch(
+                """SELECT address FROM delivery_recipients
+                   WHERE delivery_id = $1 AND workspace_id = $2""",
+                target.delivery_id, target.workspace_id)}
+            state = None
+            for result in results:
+                address = self._attribute(result, known)
+                if address is None or not result.permanent:
+                    log.info("bounce.ignored", delivery_id=target.delivery_id,
+                             workspace_id=target.workspace_id, address=result.address,
+                             action=result.action, status=result.status,
+                             reason="not ours" if address is None else "not permanent")
+                    continue
+                state = await record_bounce(connection, target, address, result.status,
+                                            result.diagnostic) or state
+                outcome = classify_reply(550, result.status, "rcpt")
+                if outcome.suppress:
+                    await suppress(connection, target.workspace_id, address, "hard_bounce",
+                                   source="dsn", detail=f"{result.status} {result.diagnostic}",
+                                   delivery_id=target.delivery_id)
+                log.info("bounce.recorded", delivery_id=target.delivery_id,
+                         workspace_id=target.workspace_id, message_id=target.message_id,
+                         address=address, status=result.status, suppressed=outcome.suppress,
+                         delivery_state=state or "unchanged", queue_id=queue_id)
+        return state or "recorded"
+
+    @staticmethod
+    def _attribute(result: DsnRecipient, known: set[str]) -> str | None:
+        """The delivery's recipient a DSN block is about (a forwarder may rename a single one)."""
+        address = normalize_address(result.address)
+        if address in known:
+            return address
+        return next(iter(known)) if len(known) == 1 else None
+
+    async def receive_ses(self, body: bytes | str) -> SesEvent:
+        """Apply one SES notification (bounce or complaint) to the message SES sent."""
+        event = parse_ses_notification(body)
+        target = (await find_by_provider_id(self.db, event.provider_message_id)
+                  if event.provider_message_id else None)
+        if target is None or event.kind not in ("bounce", "complaint"):
+            log.info("bounce.ses_ignored", kind=event.kind,
+                     provider_message_id=event.provider_message_id,
+                     reason="unknown message" if target is None else "not a bounce or complaint")
+            return event
+        async with self.db.acquire() as connection, connection.transaction():
+            for address in event.addresses:
+                if event.kind == "bounce" and event.permanent:
+                    await record_bounce(connection, target, address, "5.0.0", event.detail)
+                    await suppress(connection, target.workspace_id, address, "hard_bounce",
+                                   source="ses", detail=event.detail,
+                                   delivery_id=target.delivery_id)
+                elif event.kind == "complaint":
+                    await suppress(connection, target.workspace_id, address, "complaint",
+                                   source="ses", detail=event.detail,
+                                   delivery_id=target.delivery_id)
+                log.info("bounce.ses_recorded", kind=event.kind, permanent=event.permanent,
+                         delivery_id=target.delivery_id, workspace_id=target.workspace_id,
+                         address=address)
+        return event

@@ -1,0 +1,349 @@
+"""The outbound queue in Postgres: enqueue, claim with SKIP LOCKED and a lease, record results.
+
+Place: between the agent worker (which stores a reply and calls `enqueue` in
+its own transaction) and the OutboundWorker (which claims, sends, and records
+through `finish_attempt`). Nothing is kept in process memory: a worker that
+dies mid-send leaves a `sending` row whose lease runs out, and any worker on
+any host claims it again. Every query names the workspace of the rows it
+touches; only the claim and the sweep, which serve every workspace, scan
+across them, and they return each row with its workspace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from email.parser import BytesHeaderParser
+from email.utils import getaddresses
+from typing import Literal, TypeAlias
+
+import asyncpg
+import structlog
+
+from .decisions import Next, RecipientResult
+from .verp import new_token
+
+log = structlog.get_logger(__name__)
+
+DbLike: TypeAlias = asyncpg.Pool | asyncpg.Connection
+SuppressionReason = Literal["hard_bounce", "complaint", "manual"]
+
+
+def normalize_address(address: str) -> str:
+    return address.strip().strip("<>").lower()
+
+
+def recipients_of(raw: bytes) -> list[str]:
+    """To and Cc of the message, lower-cased, in order, once each (the agent never Bccs)."""
+    headers = BytesHeaderParser().parsebytes(raw)
+    fields = [str(v) for name in ("to", "cc") for v in headers.get_all(name, [])]
+    seen: dict[str, None] = {}
+    for _, address in getaddresses(fields):
+        address = normalize_address(address)
+        if "@" in address:
+            seen.setdefault(address, None)
+    return list(seen)
+
+
+async def is_suppressed(db: DbLike, workspace_id: int, address: str) -> bool:
+    """True if `workspace_id` must not write to `address` (hard bounce, complaint, manual).
+
+    The agent worker calls this before composing a reply (and records a skip);
+    `enqueue` checks again and never sends to a suppressed recipient.
+    """
+    return bool(await db.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM suppressions WHERE workspace_id = $1 AND address = $2)",
+        workspace_id, normalize_address(address)))
+
+
+async def suppress(db: DbLike, workspace_id: int, address: str, reason: SuppressionReason,
+                   source: str, detail: str = "", delivery_id: int | None = None) -> bool:
+    """Add `address` to the workspace's suppression list; False if it was already there."""
+    status = await db.execute(
+        """INSERT INTO suppressions (workspace_id, address, reason, source, detail, delivery_id)
+           VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (workspace_id, address) DO NOTHING""",
+        workspace_id, normalize_address(address), reason, source, detail[:500], delivery_id)
+    added = status.endswith(" 1")
+    if added:
+        log.info("outbound.suppressed", workspace_id=workspace_id, address=address,
+                 reason=reason, source=source, delivery_id=delivery_id)
+    return added
+
+
+async def enqueue(connection: asyncpg.Connection, message_id: int,
+                  workspace_id: int | None = None) -> int | None:
+    """Queue the outbound message `message_id` for delivery; its delivery id (None if not one).
+
+    Call it in the transaction that stores the message (direction 'outbound',
+    status 'queued'). Idempotent: a second call returns the same delivery.
+    Suppressed recipients are recorded as skipped ('suppressed') and never sent
+    to; with nobody left the delivery fails at once.
+    """
+    if workspace_id is None:
+        workspace_id = await connection.fetchval(
+            "SELECT workspace_id FROM messages WHERE id = $1", message_id)
+        if workspace_id is None:
+            return None
+    message = await connection.fetchrow(
+        """SELECT id, raw FROM messages WHERE id = $1 AND workspace_id = $2
+             AND direction = 'outbound'""", message_id, workspace_id)
+    if message is None:
+        return None
+    delivery_id = await connection.fetchval(
+        """INSERT INTO deliveries (workspace_id, message_id, verp_token)
+           VALUES ($1, $2, $3) ON CONFLICT (message_id) DO NOTHING RETURNING id""",
+        workspace_id, message_id, new_token())
+    if delivery_id is None:
+        return await connection.fetchval(
+            "SELECT id FROM deliveries WHERE message_id = $1 AND workspace_id = $2",
+            message_id, workspace_id)
+    recipients = recipients_of(bytes(message["raw"]))
+    suppressed = {row["address"] for row in await connection.fetch(
+        "SELECT address FROM suppressions WHERE workspace_id = $1 AND address = ANY($2::text[])",
+        workspace_id, recipients)}
+    await connection.executemany(
+        """INSERT INTO delivery_recipients (delivery_id, workspace_id, address, state, detail)
+           VALUES ($1, $2, $3, $4, $5)""",
+        [(delivery_id, workspace_id, address,
+          "suppressed" if address in suppressed else "queued",
+          "on the workspace's suppression list" if address in suppressed else None)
+         for address in recipients])
+    for address in suppressed:
+        log.info("outbound.recipient_skipped", workspace_id=workspace_id, delivery_id=delivery_id,
+                 message_id=message_id, address=address, reason="suppressed")
+    if len(suppressed) == len(recipients):
+        reason = "every recipient is suppressed" if recipients else "no recipients"
+        await connection.execute(
+            """UPDATE deliveries SET state = 'failed', last_error = $3, finished_at = now()
+               WHERE id = $1 AND workspace_id = $2""", delivery_id, workspace_id, reason)
+        await _set_message_status(connection, workspace_id, message_id, "failed")
+        log.info("outbound.failed", workspace_id=workspace_id, delivery_id=delivery_id,
+                 message_id=message_id, reason=reason)
+    else:
+        log.info("outbound.queued", workspace_id=workspace_id, delivery_id=delivery_id,
+                 message_id=message_id, recipients=len(recipients) - len(suppressed))
+    return int(delivery_id)
+
+
+async def sweep(db: asyncpg.Pool, limit: int = 100) -> int:
+    """Enqueue outbound messages left 'queued' without a delivery (a caller that did not enqueue)."""
+    rows = await db.fetch(
+        """SELECT m.id, m.workspace_id FROM messages m
+           WHERE m.direction = 'outbound' AND m.status = 'queued'
+             AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = m.id
+                             AND d.workspace_id = m.workspace_id)
+           ORDER BY m.id LIMIT $1""", limit)
+    for row in rows:
+        async with db.acquire() as connection, connection.transaction():
+            await enqueue(connection, row["id"], row["workspace_id"])
+    return len(rows)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A claimed delivery: the message, its sender and what has been prepared for it."""
+
+    id: int
+    workspace_id: int
+    message_id: int
+    verp_token: str
+    attempts: int
+    created_at: datetime
+    from_address: str
+    raw: bytes
+    mail_from: str | None
+    signed: bytes | None
+
+
+async def claim(db: asyncpg.Pool, limit: int, lease: float) -> list[Delivery]:
+    """Take up to `limit` due deliveries for `lease` seconds; no two workers get the same one.
+
+    Due: queued or deferred whose time has come, or sending whose lease ran out
+    (its worker died). The attempt counter moves here, so a crash mid-send
+    still counts the attempt.
+    """
+    rows = await db.fetch(
+        """WITH due AS (
+               SELECT id FROM deliveries
+               WHERE (state IN ('queued', 'deferred') AND next_attempt_at <= now())
+                  OR (state = 'sending' AND lease_until < now())
+               ORDER BY next_attempt_at, id
+               LIMIT $1 FOR UPDATE SKIP LOCKED)
+           UPDATE deliveries d
+              SET state = 'sending', attempts = d.attempts + 1,
+                  lease_until = now() + make_interval(secs => $2), last_attempt_at = now()
+             FROM due, messages m
+            WHERE d.id = due.id AND m.id = d.message_id AND m.workspace_id = d.workspace_id
+        RETURNING d.id, d.workspace_id, d.message_id, d.verp_token, d.attempts, d.created_at,
+                  m.from_address, m.raw, d.mail_from, d.signed""", limit, lease)
+    claimed = [Delivery(id=r["id"], workspace_id=r["workspace_id"], message_id=r["message_id"],
+                        verp_token=r["verp_token"], attempts=r["attempts"],
+                        created_at=r["created_at"], from_address=r["from_address"] or "",
+                        raw=bytes(r["raw"]), mail_from=r["mail_from"],
+                        signed=bytes(r["signed"]) if r["signed"] is not None else None)
+               for r in rows]
+    for delivery in claimed:
+        await _set_message_status(db, delivery.workspace_id, delivery.message_id, "sending")
+    return claimed
+
+
+async def store_prepared(db: DbLike, delivery: Delivery, mail_from: str, signed: bytes) -> None:
+    """Keep the signed bytes and the Return-Path: every later attempt sends exactly these."""
+    await db.execute(
+        """UPDATE deliveries SET mail_from = $3, signed = $4
+           WHERE id = $1 AND workspace_id = $2 AND signed IS NULL""",
+        delivery.id, delivery.workspace_id, mail_from, signed)
+
+
+async def pending_recipients(db: DbLike, delivery: Delivery) -> list[str]:
+    rows = await db.fetch(
+        """SELECT address FROM delivery_recipients
+           WHERE delivery_id = $1 AND workspace_id = $2 AND state IN ('queued', 'deferred')
+           ORDER BY address""", delivery.id, delivery.workspace_id)
+    return [row["address"] for row in rows]
+
+
+RECIPIENT_STATE = {"sent": "sent", "retry": "deferred", "bounce": "bounced", "fail": "failed"}
+
+
+class LeaseLost(RuntimeError):
+    """Our claim ran out and another worker took the delivery: its record wins, ours is dropped."""
+
+
+async def _still_ours(connection: asyncpg.Connection, delivery: Delivery) -> None:
+    """Lock the delivery row; raise LeaseLost unless it is still in the attempt we claimed."""
+    ours = await connection.fetchval(
+        """SELECT state = 'sending' AND attempts = $3 FROM deliveries
+           WHERE id = $1 AND workspace_id = $2 FOR UPDATE""",
+        delivery.id, delivery.workspace_id, delivery.attempts)
+    if not ours:
+        raise LeaseLost(f"delivery {delivery.id}: attempt {delivery.attempts} is no longer ours")
+
+
+async def finish_attempt(db: asyncpg.Pool, delivery: Delivery, started_at: datetime,
+                         transport: str, results: Sequence[RecipientResult], next_: Next,
+                         provider_message_id: str | None, error: str | None) -> None:
+    """Record one attempt in one transaction: recipients, suppressions, delivery, message."""
+    async with db.acquire() as connection, connection.transaction():
+        await _still_ours(connection, delivery)
+        for result in results:
+            outcome = result.outcome
+            state = RECIPIENT_STATE[outcome.kind]
+            if next_.give_up and outcome.kind == "retry":
+                state = "failed"
+            await connection.execute(
+                """UPDATE delivery_recipients
+                      SET state = $4, code = $5, enhanced = $6, detail = $7, updated_at = now()
+                    WHERE delivery_id = $1 AND workspace_id = $2 AND address = $3""",
+                delivery.id, delivery.workspace_id, result.address, state, result.code,
+                result.enhanced, result.text[:500])
+            if outcome.suppress:
+                await suppress(connection, delivery.workspace_id, result.address, "hard_bounce",
+                               source=f"{transport} {result.stage}",
+                               detail=f"{result.code} {result.text}", delivery_id=delivery.id)
+        final = next_.state != "deferred"
+        codes = {r.code for r in results}
+        await connection.execute(
+            """UPDATE deliveries
+                  SET state = $3, transport = $4, lease_until = NULL,
+                      next_attempt_at = now() + make_interval(secs => $5),
+                      provider_message_id = coalesce($6, provider_message_id),
+                      last_error = $7, finished_at = CASE WHEN $8 THEN now() END
+                WHERE id = $1 AND workspace_id = $2""",
+            delivery.id, delivery.workspace_id, next_.state, transport, next_.retry_in or 0.0,
+            provider_message_id, error, final)
+        await connection.execute(
+            """INSERT INTO delivery_attempts (delivery_id, workspace_id, attempt, started_at,
+                                              transport, outcome, code, detail, retry_in)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
+            delivery.id, delivery.workspace_id, delivery.attempts, started_at, transport,
+            next_.state, next(iter(codes)) if len(codes) == 1 else None,
+            (error or "; ".join(f"{r.address}: {r.code} {r.text}" for r in results))[:1000],
+            next_.retry_in)
+        await _set_message_status(connection, delivery.workspace_id, delivery.message_id,
+                                  next_.state)
+
+
+async def fail(db: asyncpg.Pool, delivery: Delivery, started_at: datetime, reason: str) -> None:
+    """A delivery that cannot be sent at all (e.g. no DKIM keys): failed, with the reason."""
+    async with db.acquire() as connection, connection.transaction():
+        await _still_ours(connection, delivery)
+        await connection.execute(
+            """UPDATE deliveries SET state = 'failed', lease_until = NULL, last_error = $3,
+                      finished_at = now() WHERE id = $1 AND workspace_id = $2""",
+            delivery.id, delivery.workspace_id, reason)
+        await connection.execute(
+            """UPDATE delivery_recipients SET state = 'failed', detail = $3, updated_at = now()
+               WHERE delivery_id = $1 AND workspace_id = $2 AND state IN ('queued', 'deferred')""",
+            delivery.id, delivery.workspace_id, reason)
+        await connection.execute(
+            """INSERT INTO delivery_attempts (delivery_id, workspace_id, attempt, started_at,
+                                              transport, outcome, detail)
+               VALUES ($1, $2, $3, $4, 'none', 'failed', $5)""",
+            delivery.id, delivery.workspace_id, delivery.attempts, started_at, reason)
+        await _set_message_status(connection, delivery.workspace_id, delivery.message_id,
+                                  "failed")
+
+
+async def release(db: DbLike, delivery: Delivery, retry_in: float) -> None:
+    """Give a claimed delivery back untried (nothing to send with yet): no attempt is counted."""
+    await db.execute(
+        """UPDATE deliveries SET state = 'deferred', lease_until = NULL,
+                  attempts = greatest(attempts - 1, 0),
+                  next_attempt_at = now() + make_interval(secs => $3)
+            WHERE id = $1 AND workspace_id = $2""", delivery.id, delivery.workspace_id, retry_in)
+
+
+@dataclass(frozen=True)
+class BounceTarget:
+    delivery_id: int
+    workspace_id: int
+    message_id: int
+
+
+async def find_by_token(db: DbLike, token: str) -> BounceTarget | None:
+    row = await db.fetchrow(
+        "SELECT id, workspace_id, message_id FROM deliveries WHERE verp_token = $1", token)
+    return BounceTarget(row["id"], row["workspace_id"], row["message_id"]) if row else None
+
+
+async def find_by_provider_id(db: DbLike, provider_message_id: str) -> BounceTarget | None:
+    row = await db.fetchrow(
+        """SELECT id, workspace_id, message_id FROM deliveries
+           WHERE provider_message_id = $1 ORDER BY id DESC LIMIT 1""", provider_message_id)
+    return BounceTarget(row["id"], row["workspace_id"], row["message_id"]) if row else None
+
+
+async def record_bounce(connection: asyncpg.Connection, target: BounceTarget, address: str,
+                        status: str, detail: str) -> str | None:
+    """A recipient bounced after we handed the message on; the delivery's new state, if any.
+
+    The delivery becomes 'bounced' when no recipient of it was delivered or is still pending.
+    """
+    await connection.execute(
+        """UPDATE delivery_recipients
+              SET state = 'bounced', enhanced = $4, detail = $5, updated_at = now()
+            WHERE delivery_id = $1 AND workspace_id = $2 AND address = $3""",
+        target.delivery_id, target.workspace_id, normalize_address(address), status,
+        detail[:500])
+    remaining = await connection.fetchval(
+        """SELECT count(*) FROM delivery_recipients
+           WHERE delivery_id = $1 AND workspace_id = $2 AND state NOT IN ('bounced', 'suppressed',
+                                                                          'failed')""",
+        target.delivery_id, target.workspace_id)
+    if remaining:
+        return None
+    await connection.execute(
+        """UPDATE deliveries SET state = 'bounced', finished_at = coalesce(finished_at, now())
+           WHERE id = $1 AND workspace_id = $2""", target.delivery_id, target.workspace_id)
+    await _set_message_status(connection, target.workspace_id, target.message_id, "bounced")
+    return "bounced"
+
+
+async def _set_message_status(db: DbLike, workspace_id: int, message_id: int,
+                              status: str) -> None:
+    await db.execute(
+        """UPDATE messages SET status = $3
+           WHERE id = $1 AND workspace_id = $2 AND direction = 'outbound'""",
+        message_id, workspace_id, status)

@@ -1,0 +1,191 @@
+"""The outbound worker: claims due deliveries, signs once, sends, records what came back.
+
+Place: a Service of `serve` (app.SERVICES) and of `smtpd-agent outbound-worker`;
+any number of them, on any host, share the queue through SKIP LOCKED claims.
+Decisions are decisions.py's; this module only sequences the I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import asyncpg
+import structlog
+
+from ..config import Settings
+from ..domains import Domains
+from ..domains.keys import KeyStoreError
+from ..store import domains as domain_store
+from ..store.database import CONNECTION_ERRORS
+from . import queue
+from .decisions import decide_delivery
+from .signing import SigningError, sign_message
+from .transports import Transport, build_transport
+from .verp import bounce_domain, verp_address
+
+if TYPE_CHECKING:
+    from ..app import Runtime
+
+log = structlog.get_logger(__name__)
+
+# Polls between sweeps for outbound messages that were stored without `enqueue`.
+SWEEP_EVERY = 10
+
+
+@dataclass(frozen=True)
+class Prepared:
+    mail_from: str
+    signed: bytes
+
+
+class OutboundWorker:
+    """One queue consumer with one transport (its relay connection is reused across messages)."""
+
+    def __init__(self, runtime: Runtime, transport: Transport | None = None) -> None:
+        self.db: asyncpg.Pool = runtime.pool
+        self.settings: Settings = runtime.settings
+        self.domains = Domains.open(runtime.pool, runtime.settings, runtime.resolver)
+        self.transport = transport or build_transport(self.settings.outbound,
+                                                      self.settings.server.hostname)
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.transport is None:
+            log.warning("outbound.disabled", reason="outbound.relay is not set: replies stay "
+                        "queued until a transport is configured")
+        else:
+            await self.transport.start()
+        self._task = asyncio.create_task(self._run(), name="outbound-worker")
+
+    def wake(self) -> None:
+        """Look at the queue now rather than at the next poll."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._task is not None:
+            try:
+                # an attempt in flight finishes (bounded by the transport timeout)
+                await asyncio.wait_for(asyncio.shield(self._task),
+                                       self.settings.outbound.timeout + 5)
+            except asyncio.TimeoutError:
+                self._task.cancel()
+            self._task = None
+        if self.transport is not None:
+            await self.transport.close()
+        log.info("outbound.stopped")
+
+    async def _run(self) -> None:
+        settings = self.settings.outbound
+        polls = 0
+        while not self._stopping.is_set():
+            claimed = 0
+            try:
+                if polls % SWEEP_EVERY == 0:
+                    await queue.sweep(self.db)
+                polls += 1
+                if self.transport is not None:
+                    claimed = await self.run_once()
+            except CONNECTION_ERRORS as error:
+                log.error("outbound.database_unavailable", error=str(error))
+            except Exception:  # one bad delivery must not stop the worker
+                log.exception("outbound.worker_error")
+            if claimed < settings.batch_size:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), settings.poll_interval)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def run_once(self) -> int:
+        """Claim one batch and attempt each delivery in it; how many were claimed."""
+        settings = self.settings.outbound
+        claimed = await queue.claim(self.db, settings.batch_size, settings.lease)
+        slots = asyncio.Semaphore(settings.concurrency)
+
+        async def one(delivery: queue.Delivery) -> None:
+            async with slots:
+                if self._stopping.is_set():
+                    # give it back at once rather than after its lease
+                    await queue.release(self.db, delivery, 0.0)
+                    return
+                try:
+                    await self.attempt(delivery)
+                except queue.LeaseLost as lost:
+                    log.warning("outbound.lease_lost", error=str(lost), delivery_id=delivery.id,
+                                workspace_id=delivery.workspace_id)
+                except Exception:  # the others go on; this one's lease runs out, it is retried
+                    log.exception("outbound.attempt_error", delivery_id=delivery.id,
+                                  workspace_id=delivery.workspace_id)
+
+        await asyncio.gather(*(one(delivery) for delivery in claimed))
+        return len(claimed)
+
+    async def attempt(self, delivery: queue.Delivery) -> None:
+        assert self.transport is not None
+        started = datetime.now(UTC)
+        fields = dict(delivery_id=delivery.id, workspace_id=delivery.workspace_id,
+                      message_id=delivery.message_id, attempt=delivery.attempts)
+        if delivery.signed is None or delivery.mail_from is None:
+            try:
+                prepared = await self.prepare(delivery)
+            except (SigningError, KeyStoreError) as error:
+                # never send unsigned: the message fails, with the reason recorded
+                log.error("outbound.signing_failed", error=str(error), **fields)
+                await queue.fail(self.db, delivery, started, f"DKIM signing failed: {error}")
+                return
+            await queue.store_prepared(self.db, delivery, prepared.mail_from, prepared.signed)
+            signed, mail_from = prepared.signed, prepared.mail_from
+        else:
+            signed, mail_from = delivery.signed, delivery.mail_from
+        recipients = await queue.pending_recipients(self.db, delivery)
+        if not recipients:
+            await queue.fail(self.db, delivery, started, "no recipient left to send to")
+            return
+        # SES writes its own MAIL FROM; it takes the sending identity (the From address).
+        envelope_from = delivery.from_address if self.transport.name == "ses" else mail_from
+        result = await self.transport.send(envelope_from, recipients, signed)
+        age = (datetime.now(UTC) - delivery.created_at).total_seconds()
+        next_ = decide_delivery([r.outcome.kind for r in result.recipients], delivery.attempts,
+                                age, self.settings.outbound)
+        error = None
+        if next_.state != "sent":
+            error = "; ".join(f"{r.address}: {r.code or 'no reply'} {r.text}"
+                              for r in result.recipients if r.outcome.kind != "sent")
+            if next_.give_up:
+                error = f"gave up after {delivery.attempts} attempts in {age:.0f}s: {error}"
+        await queue.finish_attempt(self.db, delivery, started, self.transport.name,
+                                   result.recipients, next_, result.provider_message_id, error)
+        log.info(f"outbound.{next_.state}", transport=self.transport.name,
+                 recipients=[(r.address, r.code) for r in result.recipients],
+                 provider_message_id=result.provider_message_id, retry_in=next_.retry_in,
+                 gave_up=next_.give_up, error=error[:300] if error else None, **fields)
+
+    async def prepare(self, delivery: queue.Delivery) -> Prepared:
+        """Sign with the From domain's keys and choose the VERP Return-Path; done once."""
+        from_domain = delivery.from_address.rpartition("@")[2].lower()
+        if not from_domain:
+            raise SigningError("the message has no From address")
+        keys = await self.domains.signing_keys_for(delivery.workspace_id, from_domain)
+        default = self.settings.server.default_domain
+        own = from_domain == default or from_domain.endswith("." + default)
+        if not keys and own:
+            # the default domain's keys are made on first use (as `dns-records` would)
+            await self.domains.default_record_set()
+            keys = await self.domains.signing_keys_for(delivery.workspace_id, from_domain)
+        if not keys:
+            raise SigningError(f"no DKIM keys for {from_domain}")
+        signed = await asyncio.to_thread(sign_message, delivery.raw, keys)
+        custom = None if own else await domain_store.find_domain(self.db, from_domain)
+        domain = bounce_domain(from_domain, default,
+                               self.settings.domains.default_mail_from_label,
+                               custom.mail_from if custom and
+                               custom.workspace_id == delivery.workspace_id else None)
+        return Prepared(verp_address(self.settings.outbound.verp_prefix, delivery.verp_token,
+                                     domain), signed)
