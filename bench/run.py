@@ -113,7 +113,7 @@ def write_payloads(payloads: list[bytes], path: Path) -> None:
 
 
 class Sampler:
-    """Peak RSS of one process, sampled in a thread while the load runs."""
+    """Peak RSS and CPU of a server process and its children (smtp.processes > 1)."""
 
     def __init__(self, pid: int) -> None:
         self.process = psutil.Process(pid)
@@ -121,17 +121,29 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def tree(self) -> list[psutil.Process]:
+        try:
+            return [self.process, *self.process.children(recursive=True)]
+        except psutil.Error:
+            return []
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.peak = max(self.peak, self.process.memory_info().rss)
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in self.tree()))
             except psutil.Error:
-                return
+                pass
             time.sleep(0.05)
 
     def cpu(self) -> float:
-        times = self.process.cpu_times()
-        return times.user + times.system
+        total = 0.0
+        for process in self.tree():
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+        return total
 
     def __enter__(self) -> Sampler:
         self._thread.start()
@@ -238,6 +250,9 @@ def main() -> int:
     parser.add_argument("--profile", type=Path,
                         help="record the server with py-spy into this directory (needs py-spy)")
     parser.add_argument("--no-sink", action="store_true", help="skip the bare-sink reference")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="smtp.processes: accepting processes sharing the port")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     parser.add_argument("--baseline", metavar="REV",
                         help="also measure git revision REV (e.g. before an optimization)")
     args = parser.parse_args()
@@ -256,7 +271,8 @@ def main() -> int:
         env = {**os.environ, "SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": DOMAIN,
                "SMTPD_AGENT_DNS_NAMESERVERS": dns.nameserver,
                "SMTPD_AGENT_LOG_LEVEL": args.log_level, "SMTPD_AGENT_LOG_FORMAT": "json",
-               "SMTPD_AGENT_SMTP_MAX_CONNECTIONS_PER_IP": str(args.sessions * 4)}
+               "SMTPD_AGENT_SMTP_MAX_CONNECTIONS_PER_IP": str(args.sessions * 4),
+               "SMTPD_AGENT_SMTP_PROCESSES": str(args.processes)}
         scanning = find_clamd() is not None
         if scanning:
             (work / "clamd").mkdir()
@@ -294,6 +310,7 @@ def main() -> int:
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
             "load": {"messages": args.messages, "sessions": args.sessions, "size": args.size,
+                     "processes": args.processes,
                      "attachment": args.attachment, "dkim_signed": True,
                      "pipeline": ["spf", "dkim", "arc", "dmarc"] + (["clamd"] if scanning else [])
                      + ["postgres commit"]},
@@ -323,7 +340,10 @@ def main() -> int:
         if baseline:
             subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=REPO,
                            capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def stage_times(log_file: Path) -> dict[str, float]:

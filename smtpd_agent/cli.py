@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .agent.cli import register_agent
-from .app import DNS_SERVICES, Database, serve
+from .app import DNS_SERVICES, LISTENER_SERVICES, Database, serve
 from .config import ConfigError, Settings, load_settings
 from .domains.cli import register_domains
 from .outbound.cli import register_outbound
@@ -67,6 +67,7 @@ def register_core(commands: Any, parents: Parents) -> None:
     serve_cmd.add_argument("--port", type=int, help="bind port (smtp.port)")
     serve_cmd.add_argument("--http-host", help="HTTP bind address (http.host)")
     serve_cmd.add_argument("--http-port", type=int, help="HTTP bind port (http.port)")
+    serve_cmd.add_argument("--listener-only", action="store_true", help=argparse.SUPPRESS)
     serve_cmd.set_defaults(run=run_serve)
     dns_cmd = commands.add_parser(
         "dns-serve", parents=[common],
@@ -146,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_serve(settings: Settings, args: argparse.Namespace) -> int:
     # SIGHUP re-reads the same file, environment and flags as start-up did.
+    if args.listener_only:  # one of the smtp.processes extra listeners, started by serve
+        asyncio.run(serve(settings, LISTENER_SERVICES, reload=lambda: settings_from(args)))
+        return 0
     asyncio.run(serve(settings, reload=lambda: settings_from(args)))
     return 0
 

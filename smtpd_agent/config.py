@@ -67,6 +67,7 @@ class SmtpSettings:
     max_recipients: int = 100
     max_connections: int = 1000
     max_connections_per_ip: int = 20
+    processes: int = 1
     command_timeout: float = 300.0
     data_timeout: float = 600.0
     shutdown_grace: float = 30.0
@@ -376,6 +377,20 @@ def known_keys() -> dict[str, Any]:
     return keys
 
 
+def to_environment(settings: Settings) -> dict[str, str]:
+    """Every key as SMTPD_AGENT_* variables: a child process rebuilds exactly these settings."""
+    env = {}
+    for key, value in _flatten(settings).items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, list):
+            text = ",".join(value)
+        else:
+            text = str(value)
+        env[env_name(key)] = text
+    return env
+
+
 def env_name(key: str) -> str:
     return ENV_PREFIX + key.replace(".", "_").upper()
 
@@ -468,7 +483,7 @@ def _validate(settings: Settings) -> None:
     smtp = settings.smtp
     if not 0 <= smtp.port < 65536:
         raise ConfigError(f"smtp.port: must be 0-65535 (0 picks a free port), got {smtp.port}")
-    for key in ("max_message_size", "max_recipients", "max_connections",
+    for key in ("max_message_size", "max_recipients", "max_connections", "processes",
                 "max_connections_per_ip", "max_header_size"):
         if getattr(smtp, key) < 1:
             raise ConfigError(f"smtp.{key}: must be at least 1")

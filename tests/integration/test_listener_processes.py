@@ -1,0 +1,55 @@
+"""smtp.processes: several processes accept on one port and every message is stored once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import asyncpg
+import psutil
+
+from smtpd_agent.store import directory
+from tests.support import ServeProcess, smtp_send
+
+
+async def test_two_listener_processes_share_the_port(cluster, dns_server, tmp_path):
+    url = await cluster.new_database()
+    server = ServeProcess({"DATABASE_URL": url, "SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": "agents.test",
+                           "SMTPD_AGENT_DNS_NAMESERVERS": dns_server.nameserver,
+                           "SMTPD_AGENT_SMTP_PROCESSES": "2", "SMTPD_AGENT_AGENT_WORKERS": "0",
+                           "SMTPD_AGENT_SMTP_MAX_CONNECTIONS_PER_IP": "200"},
+                          tmp_path / "state").start()
+    try:
+        connection = await asyncpg.connect(url)
+        await directory.add_workspace(connection, "acme")
+        await directory.add_agent(connection, "acme", "support", auto_reply=False)
+
+        def listeners() -> set[int]:
+            return {c.pid for c in psutil.net_connections("tcp")
+                    if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port and c.pid}
+
+        for _ in range(100):
+            if len(listeners()) == 2:
+                break
+            await asyncio.sleep(0.1)
+        pids = listeners()
+        assert len(pids) == 2 and server.process.pid in pids
+
+        async def send(index: int) -> int:
+            payload = (b"Subject: n%d\r\nMessage-ID: <n%d@example.org>\r\n\r\nhi\r\n" % (index, index))
+            return (await smtp_send(server.port, payload, "a@example.org",
+                                    ["support@acme.agents.test"]))[0]
+
+        codes = await asyncio.gather(*(send(i) for i in range(60)))
+        assert Counter(codes) == {250: 60}
+        assert await connection.fetchval("SELECT count(DISTINCT message_id) FROM messages") == 60
+        # both processes took sessions: each message's queue id starts with its session id,
+        # and the listener processes log under their own pids
+        sessions = await connection.fetchval("SELECT count(DISTINCT session_id) FROM messages")
+        assert sessions == 60
+        await connection.close()
+        child = next(pid for pid in pids if pid != server.process.pid)
+        assert psutil.Process(child).cpu_times().user > 0
+    finally:
+        assert server.stop() == 0
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
