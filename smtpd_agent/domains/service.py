@@ -25,19 +25,22 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
-class DomainRechecker:
-    """A Service (app.SERVICES): start() schedules the loop, stop() cancels it."""
+class Periodic:
+    """A Service running `run_once()` every `interval` seconds (0: off) until stopped."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    name = "periodic"
+    failure_event = "periodic.failed"
+
+    def __init__(self, runtime: Runtime, interval: float) -> None:
         self.runtime = runtime
-        self.interval = runtime.settings.domains.recheck_interval
+        self.interval = interval
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self.interval <= 0:
-            log.info("domain.recheck_disabled")
+            log.info("service.disabled", service=self.name, reason="interval 0")
             return
-        self._task = asyncio.create_task(self._loop(), name="domain-recheck")
+        self._task = asyncio.create_task(self._loop(), name=self.name)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -53,8 +56,21 @@ class DomainRechecker:
                 await self.run_once()
             except asyncio.CancelledError:
                 raise
-            except Exception as error:
-                log.error("domain.recheck_failed", error=str(error))
+            except Exception as error:  # one failed round must not end the loop
+                log.error(self.failure_event, error=str(error))
+
+    async def run_once(self) -> object:
+        raise NotImplementedError
+
+
+class DomainRechecker(Periodic):
+    """Re-checks every receiving domain each `domains.recheck_interval` seconds."""
+
+    name = "domain-recheck"
+    failure_event = "domain.recheck_failed"
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime, runtime.settings.domains.recheck_interval)
 
     async def run_once(self) -> list[store.Domain]:
         """Check every receiving domain once; returns them in their new state."""
@@ -72,35 +88,18 @@ class DomainRechecker:
         return checked
 
 
-class KeyRotator:
-    """A Service: every `domains.rotation_interval` seconds, one step of each DKIM rotation
-    under way (`Domains.advance_rotations`): a new key DNS now serves starts signing, an
-    old key past its grace period is retired. Idempotent, so every host may run it."""
+class KeyRotator(Periodic):
+    """Every `domains.rotation_interval` seconds, one step of each DKIM rotation under way
+    (`Domains.advance_rotations`): a new key DNS now serves starts signing, an old key past
+    its grace period is retired. Idempotent, so every host may run it."""
+
+    name = "dkim-rotation"
+    failure_event = "dkim.rotation_step_failed"
 
     def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.interval = runtime.settings.domains.rotation_interval
-        self._task: asyncio.Task[None] | None = None
+        super().__init__(runtime, runtime.settings.domains.rotation_interval)
 
-    async def start(self) -> None:
-        if self.interval > 0:
-            self._task = asyncio.create_task(self._loop(), name="dkim-rotation")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                runtime = self.runtime
-                await Domains.open(runtime.pool, runtime.settings,
-                                   runtime.resolver).advance_rotations()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                log.error("dkim.rotation_step_failed", error=str(error))
+    async def run_once(self) -> object:
+        runtime = self.runtime
+        return await Domains.open(runtime.pool, runtime.settings,
+                                  runtime.resolver).advance_rotations()
