@@ -142,8 +142,7 @@ class Pipeline:
         except CONNECTION_ERRORS as error:
             log.error("smtp.tempfail", reason="bounce processing failed", error=str(error),
                       queue_id=content.queue_id, mail_from=content.mail_from)
-            return replies.TEMP_STORE_FAILURE.with_text(
-                f"Temporary local problem, try again later (session {content.session_id})")
+            return replies.TEMP_STORE_FAILURE.for_session(content.session_id)
         return None
 
     async def receive(self, content: ReceivedContent) -> Reply:
@@ -209,9 +208,8 @@ class Pipeline:
             log.error("smtp.tempfail", reason="store failed", error=str(error),
                       queue_id=content.queue_id, mail_from=content.mail_from, rcpt=rcpt,
                       transport=content.transport)
-            return Outcome(replies.TEMP_STORE_FAILURE.with_text(
-                f"Temporary local problem, try again later (session {content.session_id})"),
-                "store failed")
+            return Outcome(replies.TEMP_STORE_FAILURE.for_session(content.session_id),
+                           "store failed")
         stored_at = time.perf_counter()
         self.metrics.store_latency.observe(stored_at - scanned)
         log.info("smtp.accepted", queue_id=content.queue_id, message_id=parsed.message_id,

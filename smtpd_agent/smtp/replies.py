@@ -35,6 +35,10 @@ class Reply:
     def with_text(self, text: str) -> Reply:
         return Reply(self.code, self.detail, text)
 
+    def for_session(self, session_id: str) -> Reply:
+        """The same reply naming our session, so the sender's log points at ours."""
+        return self.with_text(f"{self.text} (session {session_id})")
+
 
 # 2xx
 MAIL_OK = Reply(250, "1.0", "Sender OK")
@@ -43,6 +47,10 @@ RSET_OK = Reply(250, "0.0", "OK")
 NOOP_OK = Reply(250, "0.0", "OK")
 CLOSING = Reply(221, "0.0", "Bye")
 VRFY_CANNOT = Reply(252, "1.5", "Cannot VRFY user, but will accept message and attempt delivery")
+
+
+# 3xx intermediate reply: RFC 2034 gives it no enhanced code.
+START_MAIL_INPUT = "354 End data with <CR><LF>.<CR><LF>"
 
 
 def queued(message_ref: str) -> Reply:

@@ -226,15 +226,14 @@ class AgentSMTP(SMTP):
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("smtp.internal_error", error=type(error).__name__)
-        return str(replies.TEMP_ERROR.with_text(
-            f"Internal error, try again later (session {self.session_id})"))
+        return str(replies.TEMP_ERROR.for_session(self.session_id))
 
     # -- commands ----------------------------------------------------------------------
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
         if not hostname:
-            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            await self.push(str(replies.SYNTAX_ERROR.with_text("Syntax: EHLO hostname")))
             return
         self._set_rset_state()
         self.session.extended_smtp = True
@@ -252,7 +251,7 @@ class AgentSMTP(SMTP):
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
         if not hostname:
-            await self.push("501 5.5.4 Syntax: HELO hostname")
+            await self.push(str(replies.SYNTAX_ERROR.with_text("Syntax: HELO hostname")))
             return
         self._set_rset_state()
         self.session.extended_smtp = False
@@ -273,7 +272,7 @@ class AgentSMTP(SMTP):
         if self.envelope.bdat_chunks or self.envelope.bdat_size:
             await self.push(str(replies.BAD_SEQUENCE.with_text("DATA not allowed after BDAT")))
             return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        await self.push(replies.START_MAIL_INPUT)
         self.receiving = True
         try:
             data, too_big = await self._read_dot_terminated()
