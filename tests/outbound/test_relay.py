@@ -22,7 +22,7 @@ from smtpd_agent.record import Envelope, InboundMessage
 from smtpd_agent.smtp import replies
 from tests.support import DEFAULT_DOMAIN, Dialogue, enhanced, smtp_send
 
-from .conftest import AGENT, fast, make_agent, store_reply, wait_state
+from .conftest import fast, make_agent, store_reply, wait_state
 
 
 # Every wait in here is bounded; a hang fails this test, not the run.
