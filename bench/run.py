@@ -60,6 +60,7 @@ class Figures:
     cpu_seconds_per_1000: float
     postgres_cpu_seconds_per_1000: float = 0.0
     machine_busy_percent: float = 0.0
+    loop_busy_percent: float = 0.0
     failures: dict = field(default_factory=dict)
 
 
@@ -145,6 +146,14 @@ class Sampler:
             total += times.user + times.system
         return total
 
+    def loop_cpu(self) -> float:
+        """CPU seconds of the main (event loop) thread of the top process."""
+        try:
+            main = next(t for t in self.process.threads() if t.id == self.process.pid)
+        except (psutil.Error, StopIteration):
+            return 0.0
+        return main.user_time + main.system_time
+
     def __enter__(self) -> Sampler:
         self._thread.start()
         return self
@@ -166,13 +175,13 @@ def drive(name: str, port: int, pid: int, payload_file: Path, sessions: int) -> 
     machine_before = psutil.cpu_times()
     postgres_before = postgres_cpu()
     with Sampler(pid) as sampler:
-        cpu_before = sampler.cpu()
+        cpu_before, loop_before = sampler.cpu(), sampler.loop_cpu()
         result = subprocess.run(
             [sys.executable, str(REPO / "bench" / "loadgen.py"), "--port", str(port),
              "--sessions", str(sessions), "--payloads", str(payload_file),
              "--mail-from", MAIL_FROM, "--rcpt", RCPT],
             capture_output=True, text=True, timeout=600, check=True)
-        cpu = sampler.cpu() - cpu_before
+        cpu, loop = sampler.cpu() - cpu_before, sampler.loop_cpu() - loop_before
     postgres = postgres_cpu() - postgres_before
     machine_after = psutil.cpu_times()
     busy = sum(machine_after) - sum(machine_before)
@@ -194,6 +203,7 @@ def drive(name: str, port: int, pid: int, payload_file: Path, sessions: int) -> 
         cpu_seconds_per_1000=round(cpu / accepted * 1000, 3) if accepted else 0.0,
         postgres_cpu_seconds_per_1000=round(postgres / accepted * 1000, 3) if accepted else 0.0,
         machine_busy_percent=round(100 * (1 - idle / busy), 1) if busy else 0.0,
+        loop_busy_percent=round(100 * loop / data["seconds"], 1) if data["seconds"] else 0.0,
         failures=data["failures"])
 
 
@@ -209,7 +219,10 @@ def run_server(label: str, code: Path, env: dict[str, str], state: Path, key_ses
     serve = [*cli, "serve", "--port", str(port)]
     if profile:
         profile.mkdir(parents=True, exist_ok=True)
-        serve = ["py-spy", "record", "--threads", "-f", "raw", "-o",
+        py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        if not py_spy:
+            raise SystemExit("--profile needs py-spy (pip install py-spy)")
+        serve = [py_spy, "record", "--threads", "-f", "raw", "-o",
                  str(profile / "server.folded"), "--", *serve]
     state.mkdir(parents=True, exist_ok=True)
     with open(state / "serve.log", "w") as log:
@@ -323,7 +336,10 @@ def main() -> int:
         if sink_row and sink_row.messages_per_second:
             report["ratio_to_sink"] = round(current.messages_per_second
                                             / sink_row.messages_per_second, 3)
+        report["dns_queries"] = len(dns.queries)
         print_table(report)
+        print("DNS queries answered by the test server:", len(dns.queries),
+              sorted(set(dns.queries))[:20])
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2))
@@ -366,12 +382,13 @@ def print_table(report: dict) -> None:
           f"{' with an attachment' if load['attachment'] else ''}, {load['sessions']} sessions, "
           f"pipeline: {' + '.join(load['pipeline'])}")
     print(f"{'server':<22}{'msg/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
-          f"{'RSS MB':>9}{'CPU s/1k':>10}{'PG s/1k':>9}{'busy%':>7}  failures")
+          f"{'RSS MB':>9}{'CPU s/1k':>10}{'PG s/1k':>9}{'busy%':>7}{'loop%':>7}  failures")
     for row in report["results"]:
         print(f"{row['name']:<22}{row['messages_per_second']:>9}{row['p50_ms']:>9}"
               f"{row['p95_ms']:>9}{row['p99_ms']:>9}{row['peak_rss_mb']:>9}"
               f"{row['cpu_seconds_per_1000']:>10}{row['postgres_cpu_seconds_per_1000']:>9}"
-              f"{row['machine_busy_percent']:>7}  {row['failures'] or '-'}")
+              f"{row['machine_busy_percent']:>7}{row['loop_busy_percent']:>7}"
+              f"  {row['failures'] or '-'}")
     if "ratio_to_sink" in report:
         print(f"ratio to the bare sink: {report['ratio_to_sink']:.1%}")
     for label, count in report["stored"].items():

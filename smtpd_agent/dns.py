@@ -11,9 +11,13 @@ module-level singleton). It wraps dnspython's asyncio resolver with:
   because RFC 7208 section 2.6.6, RFC 6376 section 6.1.2 and RFC 7489 section
   6.6.3 all make it a temporary error, never a failure.
 
-SPF and DKIM libraries are synchronous and run in worker threads; `blocking()`
-gives them a view of this resolver that hops back onto the event loop, so
-they share the cache and the timeouts.
+SPF and DKIM libraries are synchronous. `from_cache()` runs such a check
+right away on the event loop with answers from the cache only (the common
+case: a sender's records are cached after its first message, and a thread hop
+costs more than the check); when the check needs a lookup the cache cannot
+answer, `in_thread()` runs it again in a worker thread with `blocking()`, a
+view of this resolver that hops back onto the event loop, so both share the
+cache and the timeouts.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import asyncio
 import concurrent.futures
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any, Coroutine, TypeVar
+from typing import Any, Callable, Coroutine, TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -44,6 +48,10 @@ T = TypeVar("T")
 
 class DnsTempError(Exception):
     """The DNS did not answer (timeout, SERVFAIL, REFUSED): retry later, never 'fail'."""
+
+
+class CacheMiss(Exception):
+    """A cache-only lookup found nothing cached; the check must run the full way."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,9 @@ class Resolver:
 
     async def query(self, name: str, rdtype: str) -> Answer:
         """Records of `rdtype` at `name`; empty on NXDOMAIN/NODATA; DnsTempError otherwise."""
+        cached = self.cached(name, rdtype)
+        if cached is not None:
+            return cached
         try:
             qname = dns.name.from_text(name)
         except (dns.exception.DNSException, ValueError, UnicodeError):
@@ -164,8 +175,47 @@ class Resolver:
         """A synchronous view for library code running in a worker thread."""
         return BlockingResolver(self, loop)
 
+    def from_cache(self, check: Callable[[SyncResolver], T]) -> T | None:
+        """`check(view)` run now, on this thread, answered from the cache only; None when it
+        asked for something not cached (even if library code swallowed the CacheMiss)."""
+        view = CachedResolver(self)
+        try:
+            result = check(view)
+        except CacheMiss:
+            return None
+        return None if view.missed else result
 
-class BlockingResolver:
+    async def in_thread(self, check: Callable[[SyncResolver], T]) -> T:
+        """`check(view)` in a worker thread, its lookups done on this event loop."""
+        return await asyncio.to_thread(check, self.blocking(asyncio.get_running_loop()))
+
+
+class SyncResolver:
+    """What synchronous library code (pyspf, dkimpy) may ask of the resolver."""
+
+    def query(self, name: str, rdtype: str) -> Answer:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def txt(self, name: str) -> list[bytes]:
+        return [b"".join(r.strings) for r in self.query(name, "TXT").records]
+
+
+class CachedResolver(SyncResolver):
+    """Answers from the TTL cache only; anything else is a CacheMiss, remembered in `missed`."""
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
+        self.missed = False
+
+    def query(self, name: str, rdtype: str) -> Answer:
+        cached = self.resolver.cached(name, rdtype)
+        if cached is None:
+            self.missed = True
+            raise CacheMiss(f"{rdtype} {name}")
+        return cached
+
+
+class BlockingResolver(SyncResolver):
     """Runs lookups on the event loop from a worker thread (pyspf, dkimpy are synchronous).
 
     Never call it on the loop's own thread: it would wait on itself.
@@ -191,6 +241,3 @@ class BlockingResolver:
         if cached is not None:
             return cached
         return self._run(self.resolver.query(name, rdtype))
-
-    def txt(self, name: str) -> list[bytes]:
-        return [b"".join(r.strings) for r in self.query(name, "TXT").records]

@@ -21,11 +21,11 @@ import structlog
 from ..config import AuthSettings
 from ..dns import Resolver
 from ..record import InboundMessage
-from .arc import ArcResult, verify_arc
-from .dkim import DkimResult, DkimSignatureResult, verify_dkim
+from .arc import ArcResult, verify_arc, verify_arc_cached
+from .dkim import DkimResult, DkimSignatureResult, verify_dkim, verify_dkim_cached
 from .dmarc import DmarcResult, evaluate_dmarc
 from .results import header_value, prepend_results, strip_our_results
-from .spf import SpfResult, check_spf, spf_identity
+from .spf import SpfResult, check_spf, check_spf_cached, spf_identity
 
 __all__ = [
     "AuthDecision", "AuthResult", "authenticate", "decide", "prepend_results",
@@ -88,12 +88,17 @@ class AuthDecision:
 async def _deadline(check: Awaitable[T], seconds: float) -> T | None:
     """None when the check missed its deadline (the caller records temperror)."""
     try:
-        return await asyncio.wait_for(check, seconds)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(seconds):
+            return await check
+    except TimeoutError:
         return None
 
 
-async def _no_client_ip(identity: str, domain: str, sender: str) -> SpfResult:
+async def _ready(value: T) -> T:
+    return value
+
+
+def _no_client_ip(identity: str, domain: str, sender: str) -> SpfResult:
     """A message posted by a provider's webhook: the connecting IP is the provider's to know
     (RFC 7208 needs it), so SPF is "none" and DMARC rests on DKIM alone."""
     return SpfResult("none", identity, domain, sender, "", reason="no client IP (webhook)")
@@ -101,17 +106,26 @@ async def _no_client_ip(identity: str, domain: str, sender: str) -> SpfResult:
 
 async def authenticate(message: InboundMessage, resolver: Resolver, settings: AuthSettings,
                        authserv_id: str) -> AuthResult:
-    """Run SPF, DKIM and ARC concurrently, then DMARC; never raises for DNS trouble."""
+    """SPF, DKIM and ARC (concurrently when they need DNS), then DMARC; never raises for DNS
+    trouble. With the sender's records cached, nothing here waits for the event loop."""
     envelope = message.envelope
     deadline = settings.timeout
     identity, sender, domain = spf_identity(envelope.mail_from, envelope.helo)
-    spf, dkim, arc = await asyncio.gather(
-        _deadline(check_spf(resolver, envelope.client_ip, envelope.mail_from, envelope.helo,
-                            timeout=deadline), deadline) if envelope.client_ip
-        else _no_client_ip(identity, domain, sender),
-        _deadline(verify_dkim(resolver, message.raw), deadline),
-        _deadline(verify_arc(resolver, message.raw), deadline),
-    )
+    spf = (check_spf_cached(resolver, envelope.client_ip, envelope.mail_from, envelope.helo,
+                            timeout=deadline) if envelope.client_ip
+           else _no_client_ip(identity, domain, sender))
+    dkim = verify_dkim_cached(resolver, message.raw)
+    arc = verify_arc_cached(resolver, message.raw)
+    if spf is None or dkim is None or arc is None:
+        spf, dkim, arc = await asyncio.gather(
+            _ready(spf) if spf is not None else _deadline(
+                check_spf(resolver, envelope.client_ip, envelope.mail_from, envelope.helo,
+                          timeout=deadline), deadline),
+            _ready(dkim) if dkim is not None else _deadline(
+                verify_dkim(resolver, message.raw), deadline),
+            _ready(arc) if arc is not None else _deadline(
+                verify_arc(resolver, message.raw), deadline),
+        )
     if spf is None:
         spf = SpfResult("temperror", identity, domain, sender, envelope.client_ip,
                         reason="SPF check timed out")

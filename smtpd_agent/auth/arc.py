@@ -3,14 +3,15 @@
 We only validate and record the chain (pass / fail / none, or temperror when a
 key could not be fetched); it does not change the DMARC verdict by itself, but
 an operator or a later policy can trust `arc=pass` from known forwarders.
-dkimpy does the work in a worker thread, with keys fetched through our
-resolver; a DNS temporary error escapes dkimpy (it is not a DKIMException)
-and becomes temperror rather than a broken chain.
+dkimpy does the work (on the event loop when the keys are cached, like DKIM,
+else in a worker thread), with keys fetched through our resolver; a DNS
+temporary error escapes dkimpy (it is not a DKIMException) and becomes
+temperror rather than a broken chain.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -18,8 +19,8 @@ from typing import Any, Literal
 import dkim
 import structlog
 
-from ..dns import DnsTempError, Resolver
-from .dkim import MIN_RSA_BITS, make_dnsfunc
+from ..dns import DnsTempError, Resolver, SyncResolver
+from .dkim import MIN_RSA_BITS, VERIFY_INLINE_MAX, make_dnsfunc
 
 log = structlog.get_logger(__name__)
 
@@ -67,11 +68,25 @@ def verify_chain(message: bytes, dnsfunc: Any) -> ArcResult:
 HAS_ARC = re.compile(rb"(?im)^arc-(seal|message-signature|authentication-results)\s*:")
 
 
-async def verify_arc(resolver: Resolver, message: bytes) -> ArcResult:
-    if not HAS_ARC.search(message.split(b"\r\n\r\n", 1)[0]):
-        return ArcResult("none")
-    dnsfunc = make_dnsfunc(resolver.blocking(asyncio.get_running_loop()))
-    result = await asyncio.to_thread(verify_chain, message, dnsfunc)
+def _verify(view: SyncResolver, message: bytes) -> ArcResult:
+    result = verify_chain(message, make_dnsfunc(view))
     log.debug("arc.checked", result=result.result, instances=result.instances,
               reason=result.reason)
     return result
+
+
+def verify_arc_cached(resolver: Resolver, message: bytes) -> ArcResult | None:
+    """The chain's verdict right now (none without ARC headers), or None when that would
+    need a key lookup or the message is too large to verify on the event loop."""
+    if not HAS_ARC.search(message.split(b"\r\n\r\n", 1)[0]):
+        return ArcResult("none")
+    if len(message) > VERIFY_INLINE_MAX:
+        return None
+    return resolver.from_cache(functools.partial(_verify, message=message))
+
+
+async def verify_arc(resolver: Resolver, message: bytes) -> ArcResult:
+    cached = verify_arc_cached(resolver, message)
+    if cached is not None:
+        return cached
+    return await resolver.in_thread(functools.partial(_verify, message=message))

@@ -7,15 +7,17 @@ drive its steps one by one so a missing key (permerror), a DNS outage
 (temperror) and a forged signature (fail) stay distinct: dkimpy's own
 `verify()` collapses all three to `False`.
 
-Keys are fetched through dkimpy's `dnsfunc` hook with our resolver, and the
-whole verification of a signature runs in a worker thread: RSA and body
-hashing are CPU work that must not stall other SMTP sessions.
+Keys are fetched through dkimpy's `dnsfunc` hook with our resolver. A message
+up to VERIFY_INLINE_MAX whose keys are cached is verified on the event loop
+(about 0.25 ms for 5 KB, less than a thread hop costs); a larger one, or one
+whose key must be looked up, in a worker thread, so body hashing never stalls
+other SMTP sessions for long.
 """
 
 from __future__ import annotations
 
-import asyncio
 import binascii
+import functools
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal
@@ -29,13 +31,15 @@ from cryptography.hazmat.primitives.asymmetric import padding, utils
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from ..dns import BlockingResolver, DnsTempError, Resolver
+from ..dns import DnsTempError, Resolver, SyncResolver
 
 log = structlog.get_logger(__name__)
 
 DkimStatus = Literal["pass", "fail", "neutral", "temperror", "permerror"]
 # RFC 8301 section 3.2: keys under 1024 bits must not be considered valid.
 MIN_RSA_BITS = 1024
+# Larger messages are verified in a worker thread (canonicalization is Python, linear in size).
+VERIFY_INLINE_MAX = 64 * 1024
 
 PREHASHED = {"sha256": utils.Prehashed(hashes.SHA256()), "sha1": utils.Prehashed(hashes.SHA1())}
 
@@ -50,12 +54,24 @@ def rsa_pkcs1_v1_5_verify(hash: Any, signature: bytes, public_key: dict[str, int
     prehashed = PREHASHED.get(hash.name)
     if prehashed is None:
         return bool(dkim.crypto.RSASSA_PKCS1_v1_5_verify(hash, signature, public_key))
-    key = RSAPublicNumbers(public_key["publicExponent"], public_key["modulus"]).public_key()
+    key = _rsa_public_key(public_key["publicExponent"], public_key["modulus"])
     try:
         key.verify(signature, hash.digest(), padding.PKCS1v15(), prehashed)
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+@functools.lru_cache(maxsize=1024)
+def _rsa_public_key(exponent: int, modulus: int) -> Any:
+    """OpenSSL's key object, built once per published key rather than per message."""
+    return RSAPublicNumbers(exponent, modulus).public_key()
+
+
+@functools.lru_cache(maxsize=1024)
+def _evaluate_pk(name: str, record: bytes | None) -> tuple[Any, int, bytes, bool]:
+    """dkimpy's parse of a key record (base64 and ASN.1), once per record text."""
+    return dkim.evaluate_pk(name, record)
 
 
 # dkimpy looks the function up in its module namespace at call time.
@@ -100,7 +116,7 @@ class DkimResult:
         return {"summary": self.summary, "signatures": [s.to_dict() for s in self.signatures]}
 
 
-def make_dnsfunc(blocking: BlockingResolver) -> Callable[..., bytes | None]:
+def make_dnsfunc(view: SyncResolver) -> Callable[..., bytes | None]:
     """dkimpy's key lookup, answered by our resolver.
 
     A DNS temporary error is raised as `DnsTempError`, which is *not* a
@@ -109,7 +125,7 @@ def make_dnsfunc(blocking: BlockingResolver) -> Callable[..., bytes | None]:
 
     def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
         text = name.decode("ascii", "replace") if isinstance(name, bytes) else name
-        records = blocking.txt(text)
+        records = view.txt(text)
         # RFC 6376 3.6.2.2: several key records are ambiguous; use the first, like dkimpy.
         return records[0] if records else None
 
@@ -152,7 +168,7 @@ def verify_signature(verifier: dkim.DKIM, index: int,
     except DnsTempError as error:
         return DkimSignatureResult("temperror", reason=f"key lookup: {error}", **done)
     try:
-        pk, keysize, ktag, seqtlsrpt = dkim.evaluate_pk(key_name, key_record)
+        pk, keysize, ktag, seqtlsrpt = _evaluate_pk(key_name, key_record)
     except dkim.KeyFormatError as error:
         reason = "no key" if not key_record else f"bad key: {error}"
         return DkimSignatureResult("permerror", reason=reason, **done)
@@ -202,13 +218,27 @@ def verify_all(message: bytes, dnsfunc: Any) -> list[DkimSignatureResult]:
     return [verify_signature(verifier, index, dnsfunc) for index in range(count)]
 
 
-async def verify_dkim(resolver: Resolver, message: bytes) -> DkimResult:
-    """Verify every DKIM-Signature in a worker thread (RSA and hashing stay off the loop)."""
-    if not HAS_SIGNATURE.search(message.split(b"\r\n\r\n", 1)[0]):
-        return DkimResult(())
-    dnsfunc = make_dnsfunc(resolver.blocking(asyncio.get_running_loop()))
-    results = await asyncio.to_thread(verify_all, message, dnsfunc)
+def _verify(view: SyncResolver, message: bytes) -> DkimResult:
+    results = verify_all(message, make_dnsfunc(view))
     for r in results:
         log.debug("dkim.checked", result=r.result, d=r.domain, s=r.selector, a=r.algorithm,
                   reason=r.reason)
     return DkimResult(tuple(results))
+
+
+def verify_dkim_cached(resolver: Resolver, message: bytes) -> DkimResult | None:
+    """The verdicts right now, on this thread, or None when that would need a key lookup
+    or the message is too large to verify on the event loop."""
+    if not HAS_SIGNATURE.search(message.split(b"\r\n\r\n", 1)[0]):
+        return DkimResult(())
+    if len(message) > VERIFY_INLINE_MAX:
+        return None
+    return resolver.from_cache(functools.partial(_verify, message=message))
+
+
+async def verify_dkim(resolver: Resolver, message: bytes) -> DkimResult:
+    """Verify every DKIM-Signature: from cached keys at once, else in a worker thread."""
+    cached = verify_dkim_cached(resolver, message)
+    if cached is not None:
+        return cached
+    return await resolver.in_thread(functools.partial(_verify, message=message))
