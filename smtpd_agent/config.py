@@ -85,6 +85,8 @@ class RoutingSettings:
 @dataclass(frozen=True)
 class StoreSettings:
     thread_window_days: int = 30
+    batch_max: int = 32
+    committers: int = 2
 
 
 @dataclass(frozen=True)
@@ -503,6 +505,12 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("database.url: expected a postgresql:// URL")
     if settings.database.pool_min > settings.database.pool_max:
         raise ConfigError("database.pool_min: must not exceed database.pool_max")
+    for key in ("batch_max", "committers"):
+        if getattr(settings.store, key) < 1:
+            raise ConfigError(f"store.{key}: must be at least 1")
+    if settings.store.committers >= settings.database.pool_max:
+        raise ConfigError("store.committers: must be less than database.pool_max "
+                          "(routing, agents and the API need connections too)")
     for server in settings.dns.nameservers:
         host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
         if port and not port.isdigit():

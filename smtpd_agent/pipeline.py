@@ -31,7 +31,7 @@ from .smtp import replies
 from .smtp.replies import Reply
 from .smtp.server import ReceivedContent
 from .store.database import CONNECTION_ERRORS, DatabaseUnavailable
-from .store.messages import StoredMessage, Verdicts, store_inbound
+from .store.messages import GroupCommit, StoredMessage, Verdicts
 
 log = structlog.get_logger("smtpd_agent.pipeline")
 
@@ -91,6 +91,8 @@ class Pipeline:
         self.metrics = metrics or Metrics()
         self.authserv_id = settings.auth.authserv_id or settings.server.hostname
         self.bounces = BounceProcessor(db)
+        self.store = GroupCommit(db, settings.store.thread_window_days,
+                                 settings.store.batch_max, settings.store.committers)
 
     def unauthenticated(self) -> AuthResult:
         """No checks possible (a provider gave parsed fields only): RFC 8601 'none'."""
@@ -202,8 +204,7 @@ class Pipeline:
             trace_headers=(("Authentication-Results", auth.header_value),
                            ("Received", received_header(content, self.settings.server.hostname))))
         try:
-            stored = await store_inbound(self.db, message, verdicts,
-                                         self.settings.store.thread_window_days, content.queue_id)
+            stored = await self.store.store(message, verdicts, content.queue_id)
         except DatabaseUnavailable as error:
             log.error("smtp.tempfail", reason="store failed", error=str(error),
                       queue_id=content.queue_id, mail_from=content.mail_from, rcpt=rcpt,

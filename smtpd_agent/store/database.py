@@ -79,9 +79,19 @@ def resolve_database_url(settings: DatabaseSettings, state_dir: Path) -> tuple[s
     return embedded.url, embedded
 
 
+def _encode_jsonb(value: Any) -> bytes:
+    return b"\x01" + json.dumps(value).encode()
+
+
+def _decode_jsonb(data: bytes) -> Any:
+    return json.loads(data[1:])
+
+
 async def _init_connection(connection: asyncpg.Connection) -> None:
-    await connection.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads,
-                                    schema="pg_catalog")
+    # Binary (jsonb's wire format: version 1, then the text), because asyncpg encodes a
+    # composite value (store_inbound_batch's rows) only when every field codec is binary.
+    await connection.set_type_codec("jsonb", encoder=_encode_jsonb, decoder=_decode_jsonb,
+                                    schema="pg_catalog", format="binary")
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:
