@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ipaddress
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine, TypeVar
 
@@ -99,6 +100,10 @@ class Resolver:
         if settings.cache_size > 0:
             resolver.cache = dns.resolver.LRUCache(settings.cache_size)
         self._resolver = resolver
+        # Our Answers for names as asked, until their TTL runs out: building the cache key
+        # (dns.name.from_text) cost more than the rest of a cached SPF check.
+        self._answers: dict[tuple[str, str], tuple[float, Answer]] = {}
+        self._answers_max = settings.cache_size
 
     async def query(self, name: str, rdtype: str) -> Answer:
         """Records of `rdtype` at `name`; empty on NXDOMAIN/NODATA; DnsTempError otherwise."""
@@ -138,18 +143,29 @@ class Resolver:
         cache = self._resolver.cache
         if cache is None:
             return None
+        key = (name, rdtype)
+        known = self._answers.get(key)
+        if known is not None:
+            if known[0] > time.time():
+                return known[1]
+            self._answers.pop(key, None)
         try:
             qname = dns.name.from_text(name)
             kind = dns.rdatatype.from_text(rdtype)
         except (dns.exception.DNSException, ValueError, UnicodeError):
             return None
-        answer = cache.get((qname, kind, dns.rdataclass.IN))
-        if answer is not None:
-            return Answer(name, rdtype, tuple(answer.rrset) if answer.rrset is not None else ())
-        negative = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
-        if negative is not None and negative.response.rcode() == dns.rcode.NXDOMAIN:
-            return Answer(name, rdtype, nxdomain=True)
-        return None
+        found = cache.get((qname, kind, dns.rdataclass.IN))
+        if found is not None:
+            answer = Answer(name, rdtype, tuple(found.rrset) if found.rrset is not None else ())
+        else:
+            found = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+            if found is None or found.response.rcode() != dns.rcode.NXDOMAIN:
+                return None
+            answer = Answer(name, rdtype, nxdomain=True)
+        if len(self._answers) >= self._answers_max:
+            self._answers.clear()
+        self._answers[key] = (found.expiration, answer)
+        return answer
 
     async def txt(self, name: str) -> list[bytes]:
         """TXT records, each with its character-strings joined (RFC 7208 3.3, RFC 6376 3.6.2.2)."""
