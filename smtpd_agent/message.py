@@ -110,12 +110,19 @@ def _header_text(value: object) -> str | None:
     if value is None:
         return None
     text = str(value)
-    try:
-        decoded = str(make_header(decode_header(text)))
-    except (LookupError, ValueError, UnicodeError, email.errors.HeaderParseError):
+    if "=?" not in text:  # no encoded words: decoding would give the text back, slowly
         decoded = text
+    else:
+        decoded = _decode_words(text)
     decoded = decoded.replace("\x00", "")
     return decoded[:MAX_HEADER_VALUE] if len(decoded) > MAX_HEADER_VALUE else decoded
+
+
+def _decode_words(text: str) -> str:
+    try:
+        return str(make_header(decode_header(text)))
+    except (LookupError, ValueError, UnicodeError, email.errors.HeaderParseError):
+        return text
 
 
 def _first_message_id(value: object) -> str | None:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from smtpd_agent.message import normalize_subject, parse_message
+from email.header import decode_header, make_header
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from smtpd_agent.message import MAX_HEADER_VALUE, _header_text, normalize_subject, parse_message
 
 
 def test_headers_bodies_and_references():
@@ -42,3 +47,12 @@ def test_subject_normalization():
     assert normalize_subject("Re[2]: hello") == "hello"
     assert normalize_subject("Regarding the report") == "regarding the report"
     assert normalize_subject(None) == ""
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=80))
+def test_header_text_without_encoded_words_is_what_full_decoding_gives(text):
+    if "=?" in text:
+        return
+    expected = str(make_header(decode_header(text))).replace("\x00", "")
+    assert _header_text(text) == expected[:MAX_HEADER_VALUE]
