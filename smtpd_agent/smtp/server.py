@@ -16,6 +16,7 @@ aiosmtpd parses commands and their parameters well; what we replace:
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import secrets
 import ssl
@@ -23,7 +24,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, AnyStr, Awaitable, Callable
+from typing import Any, AnyStr, Awaitable, Callable, Iterable
 
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope as AioEnvelope, syntax
@@ -44,6 +45,41 @@ BDAT_ARGS = re.compile(r"^(\d{1,10})(?:\s+(LAST))?$", re.IGNORECASE)
 
 def new_session_id() -> str:
     return secrets.token_hex(6)
+
+
+# The attribute prefixes SMTP.__init__ collects into its method and hook tables.
+HOOK_PREFIXES = ("auth_", "smtp_", "handle_")
+
+
+@functools.cache
+def _class_hook_names(cls: type) -> frozenset[str]:
+    """Once per class: a hook added to a class after its first session would go unseen."""
+    return frozenset(name for name in dir(cls) if name.startswith(HOOK_PREFIXES))
+
+
+def _hook_dir(obj: object) -> list[str]:
+    """dir(obj) less the names SMTP.__init__ would skip: the class's names are looked up once."""
+    names = _class_hook_names(type(obj))
+    own = [name for name in getattr(obj, "__dict__", ()) if name.startswith(HOOK_PREFIXES)]
+    return list(names.union(own)) if own else list(names)
+
+
+class _HookView:
+    """A handler as SMTP.__init__ sees it: the same attributes, but dir() only its hooks.
+
+    Used only for handlers with the default dir(); one with its own __dir__ is passed as is.
+    """
+
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: Any) -> None:
+        self.handler = handler
+
+    def __dir__(self) -> list[str]:
+        return _hook_dir(self.handler)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.handler, name)
 
 
 class ConnectionLimits:
@@ -134,26 +170,40 @@ class Sessions:
 
 
 class AgentSMTP(SMTP):
-    """One SMTP session."""
+    """One SMTP session.
+
+    aiosmtpd's SMTP.__init__ builds its tables of smtp_*, auth_* and handle_*
+    methods with inspect.getmembers() and dir() of the session and the handler,
+    every connection: most of what building a session costs. While it runs,
+    dir() of both is narrowed to the names with those prefixes (looked up once
+    per class), so aiosmtpd's own code builds the same tables from a few names.
+    tests/unit/test_smtp_session.py compares them with what aiosmtpd builds alone.
+    """
 
     def __init__(self, handler: Any, *, settings: SmtpSettings, limits: ConnectionLimits,
                  deliver: Deliver, hostname: str, sessions: Sessions,
                  tls_context: ssl.SSLContext | None = None,
                  loop: asyncio.AbstractEventLoop | None = None,
                  metrics: Metrics | None = None) -> None:
-        super().__init__(
-            handler,
-            data_size_limit=settings.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=hostname,
-            ident="smtpd-agent ESMTP",
-            tls_context=tls_context,
-            require_starttls=settings.require_starttls,
-            timeout=settings.command_timeout,
-            auth_require_tls=True,
-            loop=loop,
-        )
+        view = _HookView(handler) if type(handler).__dir__ is object.__dir__ else handler
+        self._hooks_only_dir = True
+        try:
+            super().__init__(
+                view,
+                data_size_limit=settings.max_message_size,
+                enable_SMTPUTF8=True,
+                decode_data=False,
+                hostname=hostname,
+                ident="smtpd-agent ESMTP",
+                tls_context=tls_context,
+                require_starttls=settings.require_starttls,
+                timeout=settings.command_timeout,
+                auth_require_tls=True,
+                loop=loop,
+            )
+        finally:
+            del self._hooks_only_dir
+        self.event_handler = handler
         self.settings = settings
         self.limits = limits
         self.deliver = deliver
@@ -166,6 +216,12 @@ class AgentSMTP(SMTP):
         self.transactions = 0
         self.started = time.monotonic()
         self._bytes_in = 0
+
+    def __dir__(self) -> Iterable[str]:
+        if self.__dict__.get("_hooks_only_dir"):
+            # Nothing has set a hook on this instance yet: the class's names are all there is.
+            return list(_class_hook_names(type(self)))
+        return super().__dir__()
 
     # -- session lifecycle -------------------------------------------------------------
 
