@@ -321,13 +321,8 @@ class AgentSMTP(SMTP):
         self.session.extended_smtp = True
         self.session.host_name = hostname
         self.command_size_limits["MAIL"] = self.command_size_limit + 26 + 10
-        lines = [self.hostname, f"SIZE {self.data_size_limit}", "8BITMIME", "SMTPUTF8",
-                 "PIPELINING", "ENHANCEDSTATUSCODES", "CHUNKING"]
-        if self.tls_context and not self._tls_protocol:
-            lines.append("STARTTLS")
-        self._pending_replies += "".join(
-            f"250{' ' if index == len(lines) - 1 else '-'}{text}\r\n"
-            for index, text in enumerate(lines)).encode()
+        self._pending_replies += replies.ehlo(
+            self.hostname, self.data_size_limit, bool(self.tls_context and not self._tls_protocol))
         await self.flush_replies()
 
     @syntax("HELO hostname")
