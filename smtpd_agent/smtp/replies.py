@@ -9,6 +9,7 @@ and the HELO/EHLO replies).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -51,6 +52,18 @@ VRFY_CANNOT = Reply(252, "1.5", "Cannot VRFY user, but will accept message and a
 
 # 3xx intermediate reply: RFC 2034 gives it no enhanced code.
 START_MAIL_INPUT = "354 End data with <CR><LF>.<CR><LF>"
+
+
+@functools.lru_cache(maxsize=16)
+def ehlo(hostname: str, size: int | None, starttls: bool) -> bytes:
+    """The multi-line EHLO reply (RFC 2034 gives it no enhanced code); built once per
+    configuration, as every session of it sends the same one."""
+    lines = [hostname, f"SIZE {size}", "8BITMIME", "SMTPUTF8",
+             "PIPELINING", "ENHANCEDSTATUSCODES", "CHUNKING"]
+    if starttls:
+        lines.append("STARTTLS")
+    return "".join(f"250{' ' if index == len(lines) - 1 else '-'}{text}\r\n"
+                   for index, text in enumerate(lines)).encode()
 
 
 def queued(message_ref: str) -> Reply:
@@ -119,8 +132,12 @@ BUILTIN_DETAILS: tuple[tuple[int, str, str], ...] = (
 )
 
 
+@functools.lru_cache(maxsize=256)
 def enhance(line: bytes) -> bytes:
-    """Add an enhanced status code to a reply line that lacks one."""
+    """Add an enhanced status code to a reply line that lacks one.
+
+    Cached: the lines aiosmtpd sends (greeting, "250 OK", "221 Bye") repeat every session.
+    """
     if len(line) < 4 or not line[:3].isdigit() or ENHANCED.match(line):
         return line
     code = int(line[:3])

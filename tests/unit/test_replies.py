@@ -39,3 +39,10 @@ def test_lines_that_need_nothing_are_unchanged(line):
 def test_temporary_builtins_never_get_a_permanent_code():
     for code in (421, 450, 451, 452, 454):
         assert enhance(b"%d something" % code).startswith(b"%d 4." % code)
+
+
+def test_ehlo_reply_lists_the_extensions_and_starttls_only_when_offered():
+    assert replies.ehlo("mx.test", 1000, False) == (
+        b"250-mx.test\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-PIPELINING\r\n"
+        b"250-ENHANCEDSTATUSCODES\r\n250 CHUNKING\r\n")
+    assert replies.ehlo("mx.test", 1000, True).endswith(b"250-CHUNKING\r\n250 STARTTLS\r\n")
