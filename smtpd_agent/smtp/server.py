@@ -221,6 +221,7 @@ class AgentSMTP(SMTP):
         self.metrics = metrics
         self.receiving = False
         self._pending_replies = bytearray()
+        self._greeted = False
         self.client_ip = ""
         self.transactions = 0
         self.started = time.monotonic()
@@ -278,7 +279,11 @@ class AgentSMTP(SMTP):
         negative reply or 221, so nothing held back is ever lost to a close.
         """
         line = status.encode("utf-8") if isinstance(status, str) else status
-        self._pending_replies += replies.enhance(line) + b"\r\n"
+        if self._greeted:
+            line = replies.enhance(line)
+        elif line[:3] == b"220":
+            self._greeted = True  # RFC 2034 section 3: the greeting carries no enhanced code
+        self._pending_replies += line + b"\r\n"
         if self._reader._buffer and line[:1] == b"2" and line[:3] != b"221":  # type: ignore[attr-defined]
             return
         await self.flush_replies()

@@ -212,7 +212,8 @@ async def test_abrupt_disconnect_mid_data_stores_nothing(server, db):
 
 async def test_every_reply_of_a_session_carries_an_enhanced_code(server):
     dialogue = Dialogue.open(server.port)
-    dialogue.reply()
+    [greeting] = dialogue.reply()[1]
+    assert greeting.startswith(b"220 mx.test.local ") and enhanced(greeting) is None  # RFC 2034
     lines = [dialogue.command("MAIL FROM:<a@b.c>")[1]]
     dialogue.command("EHLO client.example.org")  # RFC 2034: EHLO replies carry no code
     for command in ("RCPT TO:<x@acme.agents.test>",
