@@ -3,18 +3,24 @@
 Stage 6 of the pipeline. The SDK's own retries are off (max_retries=0): retries
 belong to the job queue, where backoff survives a restart and every attempt is
 counted in the job row.
+
+The SDK is imported when the first client is made: it is ~50 MB and a second
+of start-up that accepting processes (smtp.processes) and servers without an
+API key never need.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
-from typing import Literal
-
-import anthropic
+from typing import TYPE_CHECKING, Literal
 
 from ..config import AgentSettings
 from .prompt import Prompt
+
+if TYPE_CHECKING:
+    import anthropic
 
 Outcome = Literal["retry", "fail"]
 
@@ -38,16 +44,19 @@ class CallError:
 
 
 def classify_error(error: BaseException) -> CallError:
-    if isinstance(error, anthropic.APITimeoutError):
-        return CallError("retry", "timeout")
-    if isinstance(error, anthropic.APIConnectionError):
-        return CallError("retry", f"connection error: {error}")
-    if isinstance(error, anthropic.APIStatusError):
-        status = error.status_code
-        text = f"HTTP {status}: {_short(_api_message(error))}"
-        if status == 429 or status >= 500 or status == 408:
-            return CallError("retry", text, _retry_after(error.response.headers.get("retry-after")))
-        return CallError("fail", text)
+    anthropic = sys.modules.get("anthropic")  # without a client made, no SDK error either
+    if anthropic is not None:
+        if isinstance(error, anthropic.APITimeoutError):
+            return CallError("retry", "timeout")
+        if isinstance(error, anthropic.APIConnectionError):
+            return CallError("retry", f"connection error: {error}")
+        if isinstance(error, anthropic.APIStatusError):
+            status = error.status_code
+            text = f"HTTP {status}: {_short(_api_message(error))}"
+            if status == 429 or status >= 500 or status == 408:
+                return CallError("retry", text,
+                                 _retry_after(error.response.headers.get("retry-after")))
+            return CallError("fail", text)
     return CallError("fail", f"{type(error).__name__}: {_short(str(error))}")
 
 
@@ -84,6 +93,8 @@ class LLM:
     """One AsyncAnthropic client per process, shared by its workers."""
 
     def __init__(self, settings: AgentSettings) -> None:
+        import anthropic
+
         self.settings = settings
         self.client = anthropic.AsyncAnthropic(
             api_key=settings.api_key, base_url=settings.base_url or None,

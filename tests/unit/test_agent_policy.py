@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import typing
 import warnings
 
@@ -147,3 +149,10 @@ def test_lease_must_outlast_the_api_timeout():
 
 def test_unexpected_errors_are_not_retried():
     assert classify_error(ValueError("boom")).outcome == "fail"
+
+
+def test_the_sdk_is_not_imported_until_a_client_is_made():
+    """Accepting processes (smtp.processes) never call the API: ~50 MB each saved."""
+    probe = ("import sys, smtpd_agent.cli, smtpd_agent.app; "
+             "assert 'anthropic' not in sys.modules, 'imported at start-up'")
+    subprocess.run([sys.executable, "-c", probe], check=True)
