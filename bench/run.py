@@ -1,17 +1,23 @@
 """Benchmark: the full pipeline against a bare aiosmtpd sink, in one run, on loopback.
 
-    .venv/bin/python -m bench.run [--messages 2000] [--sessions 20] [--size 5000]
-                                  [--attachment] [--json FILE] [--profile DIR]
-                                  [--baseline REV]
+    .venv/bin/python -m bench.run [--messages 2000] [--rounds 3] [--sessions 20]
+                                  [--size 5000] [--attachment] [--processes N]
+                                  [--json FILE] [--profile DIR] [--baseline REV]
 
 Starts everything the server needs (embedded Postgres unless DATABASE_URL is
 given, the loopback DNS test server publishing SPF, DKIM and DMARC for the
 sending domain, a real clamd when clamav-daemon is installed), runs
-`smtpd-agent serve` as a subprocess, and drives it with the lean load
+`smtpd-agent serve` as a subprocess beside a bare aiosmtpd sink (and with
+--baseline an earlier git revision too), and drives each with the lean load
 generator (bench/loadgen.py) sending DKIM-signed messages, a new connection
-per message. Then the same load against a bare aiosmtpd sink, and with
---baseline an earlier git revision too, all in one run on one machine state.
+per message. The targets are measured in alternating rounds, each round with
+new messages, and the figures are medians: a shared machine's speed drifts
+by tens of percent within a minute (the report says how much, per round).
 Prints a table and writes JSON. Traffic stays on 127.0.0.1.
+
+Postfix's smtp-source is not used even when installed: it sends one -F file
+for every message, which our deduplication would store once, and it does not
+time the end of DATA to the reply.
 """
 
 from __future__ import annotations
@@ -207,41 +213,96 @@ def drive(name: str, port: int, pid: int, payload_file: Path, sessions: int) -> 
         failures=data["failures"])
 
 
-def run_server(label: str, code: Path, env: dict[str, str], state: Path, key_sessions: int,
-               warmup: Path, measured: Path, profile: Path | None) -> tuple[Figures, dict, int]:
-    """Start `smtpd-agent serve` from the tree at `code`, warm it up, measure it, stop it."""
-    env = {**env, "SMTPD_AGENT_SERVER_STATE_DIR": str(state), "PYTHONPATH": str(code),
-           "SMTPD_AGENT_HTTP_PORT": str(free_port())}
-    cli = [sys.executable, "-m", "smtpd_agent"]
-    for command in (["workspace", "add", "load"], ["agent", "add", RCPT, "--no-auto-reply"]):
-        subprocess.run(cli + command, env=env, cwd=code, check=True, capture_output=True)
-    port = free_port()
-    serve = [*cli, "serve", "--port", str(port)]
-    if profile:
-        profile.mkdir(parents=True, exist_ok=True)
-        py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-        if not py_spy:
-            raise SystemExit("--profile needs py-spy (pip install py-spy)")
-        serve = [py_spy, "record", "--threads", "-f", "raw", "-o",
-                 str(profile / "server.folded"), "--", *serve]
-    state.mkdir(parents=True, exist_ok=True)
-    with open(state / "serve.log", "w") as log:
-        server = subprocess.Popen(serve, env=env, cwd=code, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(port, server)
-        server_pid = server.pid
-        if profile:
-            children = psutil.Process(server.pid).children()
-            server_pid = children[0].pid if children else server.pid
-        drive("warm-up", port, server_pid, warmup, key_sessions)
-        figures = drive(label, port, server_pid, measured, key_sessions)
-        stored = subprocess.run(cli + ["inbox", RCPT, "--json", "--limit", "100000"], env=env,
-                                cwd=code, capture_output=True, text=True, check=True)
-        stored_count = sum(len(t["messages"]) for t in json.loads(stored.stdout))
-    finally:
-        server.send_signal(signal.SIGINT if profile else signal.SIGTERM)
-        server.wait(60)
-    return figures, stage_times(state / "serve.log"), stored_count
+class Target:
+    """Something the load generator drives: `smtpd-agent serve` from a tree, or the sink."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.port = 0
+        self.pid = 0
+        self.process: subprocess.Popen | None = None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(60)
+
+
+class Sink(Target):
+    def start(self) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen([sys.executable, str(REPO / "bench" / "sink.py"),
+                                         "--port", str(self.port)], cwd=REPO)
+        wait_for_port(self.port, self.process)
+        self.pid = self.process.pid
+
+
+class Server(Target):
+    """`smtpd-agent serve` from the tree at `code`, with its own state directory."""
+
+    def __init__(self, label: str, code: Path, env: dict[str, str], state: Path,
+                 profile: Path | None) -> None:
+        super().__init__(label)
+        self.code, self.state, self.profile = code, state, profile
+        self.env = {**env, "SMTPD_AGENT_SERVER_STATE_DIR": str(state), "PYTHONPATH": str(code),
+                    "SMTPD_AGENT_HTTP_PORT": str(free_port())}
+        self.cli = [sys.executable, "-m", "smtpd_agent"]
+
+    def start(self) -> None:
+        for command in (["workspace", "add", "load"], ["agent", "add", RCPT, "--no-auto-reply"]):
+            subprocess.run(self.cli + command, env=self.env, cwd=self.code, check=True,
+                           capture_output=True)
+        self.port = free_port()
+        serve = [*self.cli, "serve", "--port", str(self.port)]
+        if self.profile:
+            self.profile.mkdir(parents=True, exist_ok=True)
+            py_spy = shutil.which("py-spy",
+                                  path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+            if not py_spy:
+                raise SystemExit("--profile needs py-spy (pip install py-spy)")
+            serve = [py_spy, "record", "--threads", "-f", "raw", "-o",
+                     str(self.profile / "server.folded"), "--", *serve]
+        self.state.mkdir(parents=True, exist_ok=True)
+        with open(self.state / "serve.log", "w") as log:
+            self.process = subprocess.Popen(serve, env=self.env, cwd=self.code, stdout=log,
+                                            stderr=subprocess.STDOUT)
+        wait_for_port(self.port, self.process)
+        self.pid = self.process.pid
+        if self.profile:
+            children = psutil.Process(self.pid).children()
+            self.pid = children[0].pid if children else self.pid
+
+    def stored(self) -> int:
+        listed = subprocess.run(self.cli + ["inbox", RCPT, "--json", "--limit", "1000000"],
+                                env=self.env, cwd=self.code, capture_output=True, text=True,
+                                check=True)
+        return sum(len(t["messages"]) for t in json.loads(listed.stdout))
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT if self.profile else signal.SIGTERM)
+            self.process.wait(60)
+
+
+def median_figures(rounds: list[Figures]) -> Figures:
+    """Each figure's median over the rounds; failures added up."""
+    numbers = {name: round(statistics.median(getattr(f, name) for f in rounds), 2)
+               for name, value in asdict(rounds[0]).items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    failures: dict[str, int] = {}
+    for figures in rounds:
+        for key, count in figures.failures.items():
+            failures[key] = failures.get(key, 0) + count
+    return Figures(**{**asdict(rounds[0]), **numbers, "failures": failures})
+
+
+def cpu_speed_ms() -> float:
+    """Milliseconds for a fixed pure-Python loop: how fast the (shared) machine runs now."""
+    began = time.perf_counter()
+    total = 0
+    for number in range(1_000_000):
+        total += number * number
+    return round((time.perf_counter() - began) * 1000, 1)
 
 
 def baseline_tree(rev: str, work: Path) -> Path:
@@ -254,7 +315,10 @@ def baseline_tree(rev: str, work: Path) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--messages", type=int, default=2000, help="per round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measure each server and the sink this many times, alternating; "
+                             "the figures are the medians")
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=5000, help="approximate message bytes")
     parser.add_argument("--attachment", action="store_true", help="add a base64 attachment")
@@ -271,7 +335,6 @@ def main() -> int:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="smtpd-agent-bench-"))
-    processes: list[subprocess.Popen] = []
     clamd = None
     baseline = None
     dns = DnsTestServer().__enter__()
@@ -293,36 +356,47 @@ def main() -> int:
             clamd.start()
             env["SMTPD_AGENT_SCAN_CLAMD"] = clamd.unix_address
 
-        payloads = make_payloads(args.messages + 100, args.size, args.attachment, key)
-        warmup, measured = work / "warmup.bin", work / "measured.bin"
+        payloads = make_payloads(args.messages * args.rounds + 100, args.size,
+                                 args.attachment, key)
+        warmup = work / "warmup.bin"
         write_payloads(payloads[:100], warmup)
-        write_payloads(payloads[100:], measured)
+        measured = []
+        for index in range(args.rounds):
+            measured.append(work / f"round{index}.bin")
+            first = 100 + index * args.messages
+            write_payloads(payloads[first:first + args.messages], measured[-1])
 
-        figures, stages, stored = [], {}, {}
-        runs = [("smtpd-agent", REPO)]
+        servers: list[Target] = [Server("smtpd-agent", REPO, env, work / "state", args.profile)]
         if args.baseline:
             baseline = baseline_tree(args.baseline, work)
-            runs.insert(0, (f"smtpd-agent @ {args.baseline}", baseline))
-        for index, (label, code) in enumerate(runs):
-            result, stage_ms, count = run_server(label, code, env, work / f"state{index}",
-                                                 args.sessions, warmup, measured,
-                                                 args.profile if code == REPO else None)
-            figures.append(result)
-            stages[label], stored[label] = stage_ms, count
-
-        if not args.no_sink:
-            sink_port = free_port()
-            sink = subprocess.Popen([sys.executable, str(REPO / "bench" / "sink.py"), "--port",
-                                     str(sink_port)], cwd=REPO)
-            processes.append(sink)
-            wait_for_port(sink_port, sink)
-            drive("warm-up", sink_port, sink.pid, warmup, args.sessions)
-            figures.append(drive("bare aiosmtpd sink", sink_port, sink.pid, measured,
-                                 args.sessions))
+            servers.insert(0, Server(f"smtpd-agent @ {args.baseline}", baseline, env,
+                                     work / "state-baseline", None))
+        targets = servers + ([] if args.no_sink else [Sink("bare aiosmtpd sink")])
+        rounds: dict[str, list[Figures]] = {t.label: [] for t in targets}
+        speeds = []
+        try:
+            for target in targets:
+                target.start()
+                drive("warm-up", target.port, target.pid, warmup, args.sessions)
+            for index in range(args.rounds):
+                # Alternate, and rotate who goes first: the machine's speed drifts.
+                order = targets[index % len(targets):] + targets[:index % len(targets)]
+                speeds.append(cpu_speed_ms())
+                for target in order:
+                    rounds[target.label].append(drive(target.label, target.port, target.pid,
+                                                      measured[index], args.sessions))
+            stored = {t.label: t.stored() for t in servers}  # type: ignore[attr-defined]
+        finally:
+            for target in targets:
+                target.stop()
+        stages = {t.label: stage_times(t.state / "serve.log") for t in servers}  # type: ignore
+        figures = [median_figures(rounds[t.label]) for t in targets]
         report = {
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-            "load": {"messages": args.messages, "sessions": args.sessions, "size": args.size,
+            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                        "cpu_speed_ms_per_round": speeds},
+            "load": {"messages": args.messages, "rounds": args.rounds,
+                     "sessions": args.sessions, "size": args.size,
                      "processes": args.processes,
                      "attachment": args.attachment, "dkim_signed": True,
                      "pipeline": ["spf", "dkim", "arc", "dmarc"] + (["clamd"] if scanning else [])
@@ -330,12 +404,16 @@ def main() -> int:
             "stored": stored,
             "stage_ms_mean": stages,
             "results": [asdict(f) for f in figures],
+            "rounds": {label: [asdict(f) for f in rows] for label, rows in rounds.items()},
         }
         current = next(f for f in figures if f.name == "smtpd-agent")
         sink_row = next((f for f in figures if f.name.startswith("bare")), None)
         if sink_row and sink_row.messages_per_second:
             report["ratio_to_sink"] = round(current.messages_per_second
                                             / sink_row.messages_per_second, 3)
+            report["ratio_to_sink_per_round"] = [
+                round(ours.messages_per_second / theirs.messages_per_second, 3)
+                for ours, theirs in zip(rounds["smtpd-agent"], rounds[sink_row.name])]
         report["dns_queries"] = len(dns.queries)
         print_table(report)
         print(f"DNS queries that reached the test server: {len(dns.queries)} "
@@ -343,13 +421,9 @@ def main() -> int:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2))
-        expected = args.messages + 100
+        expected = args.messages * args.rounds + 100
         return 0 if all(count == expected for count in stored.values()) else 1
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-                process.wait(30)
         if clamd:
             clamd.stop()
         dns.__exit__(None, None, None)
@@ -378,7 +452,7 @@ def stage_times(log_file: Path) -> dict[str, float]:
 
 def print_table(report: dict) -> None:
     load = report["load"]
-    print(f"\n{load['messages']} messages of ~{load['size']} bytes"
+    print(f"\n{load['rounds']} x {load['messages']} messages of ~{load['size']} bytes"
           f"{' with an attachment' if load['attachment'] else ''}, {load['sessions']} sessions, "
           f"pipeline: {' + '.join(load['pipeline'])}")
     print(f"{'server':<22}{'msg/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
@@ -390,7 +464,11 @@ def print_table(report: dict) -> None:
               f"{row['machine_busy_percent']:>7}{row['loop_busy_percent']:>7}"
               f"  {row['failures'] or '-'}")
     if "ratio_to_sink" in report:
-        print(f"ratio to the bare sink: {report['ratio_to_sink']:.1%}")
+        per_round = ", ".join(f"{r:.1%}" for r in report["ratio_to_sink_per_round"])
+        print(f"ratio to the bare sink: {report['ratio_to_sink']:.1%} (medians; per round "
+              f"{per_round})")
+    print(f"medians of {load['rounds']} alternating rounds; machine speed per round (ms for a "
+          f"fixed loop, lower is faster): {report['machine']['cpu_speed_ms_per_round']}")
     for label, count in report["stored"].items():
         print(f"{label}: stored in Postgres {count}; mean ms per stage "
               f"{report['stage_ms_mean'][label]}")
