@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import structlog
@@ -67,7 +67,7 @@ class DmarcResult:
     reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = dict(vars(self))
         data["aligned"] = list(self.aligned)
         return data
 

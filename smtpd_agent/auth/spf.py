@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import spf
@@ -54,7 +54,7 @@ class SpfResult:
     explanation: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(vars(self))
 
 
 def _dns_lookup(name: str, qtype: str, strict: bool = True,

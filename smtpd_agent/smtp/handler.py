@@ -55,7 +55,7 @@ class SessionHandler:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
             envelope.bounce_tokens.append(route.verp_token)
-            log.info("smtp.rcpt_accepted", rcpt=address, route="bounce")
+            log.debug("smtp.rcpt_accepted", rcpt=address, route="bounce")
             return str(replies.RCPT_OK)
         if route.kind is RouteKind.UNKNOWN_MAILBOX or route.mailbox is None:
             log.info("smtp.rcpt_rejected", rcpt=address, mail_from=envelope.mail_from,
@@ -64,7 +64,7 @@ class SessionHandler:
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         envelope.recipients.append(Recipient(address=address, mailbox=route.mailbox, tag=route.tag))
-        log.info("smtp.rcpt_accepted", rcpt=address, workspace=route.mailbox.workspace_slug,
+        log.debug("smtp.rcpt_accepted", rcpt=address, workspace=route.mailbox.workspace_slug,
                  agent=route.mailbox.handle)
         return str(replies.RCPT_OK)
 
