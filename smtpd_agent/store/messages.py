@@ -69,6 +69,11 @@ def unique_mailboxes(message: InboundMessage) -> list[tuple[Mailbox, str]]:
     return list(seen.values())
 
 
+class StoreRefused(DatabaseUnavailable):
+    """Postgres answered with an error for this statement (not an outage): one of the
+    messages may be at fault, so a batch is worth storing again one by one."""
+
+
 @dataclass(frozen=True)
 class Submission:
     """One accepted message waiting to be stored."""
@@ -113,7 +118,7 @@ async def store_batch(db: asyncpg.Pool, batch: list[Submission],
             # A pooled connection may have died with a restarted server; one fresh try.
             last_error = error
         except asyncpg.PostgresError as error:
-            raise DatabaseUnavailable(f"{type(error).__name__}: {error}") from error
+            raise StoreRefused(f"{type(error).__name__}: {error}") from error
     else:
         raise DatabaseUnavailable(f"{type(last_error).__name__}: {last_error}") from last_error
     stored: list[list[StoredMessage]] = [[] for _ in batch]
@@ -162,7 +167,8 @@ class GroupCommit:
     load the batches grow by themselves (no timer, no added latency), so Postgres
     commits less often and the event loop makes fewer round trips. Each message
     still gets its answer only after the COMMIT that holds it. A batch that fails is
-    stored again one message at a time, so one bad message cannot fail the others.
+    stored again one message at a time when Postgres refused it (so one bad message
+    cannot fail the others), not when Postgres is unreachable.
     """
 
     def __init__(self, db: asyncpg.Pool, thread_window_days: int, batch_max: int,
@@ -214,8 +220,11 @@ class GroupCommit:
         try:
             results = await store_batch(self.db, [s for s, _ in batch], self.thread_window_days)
         except DatabaseUnavailable as error:
-            if len(batch) == 1:
-                _settle(batch[0][1], error=error)
+            if len(batch) == 1 or not isinstance(error, StoreRefused):
+                # An outage fails every message alike; trying each alone would only
+                # make the senders wait once per message for their 4xx.
+                for _, future in batch:
+                    _settle(future, error=error)
                 return
             log.warning("store.batch_failed", messages=len(batch), error=str(error))
             for item in batch:

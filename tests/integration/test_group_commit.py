@@ -5,17 +5,19 @@ mailboxes is stored for both or neither."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 from smtpd_agent.config import DatabaseSettings
 from smtpd_agent.message import parse_message
 from smtpd_agent.record import Envelope, InboundMessage, Mailbox, Recipient
 from smtpd_agent.store import directory
 from smtpd_agent.store.database import DatabaseUnavailable, create_pool, migrate
-from smtpd_agent.store.messages import GroupCommit, Verdicts
+from smtpd_agent.store.messages import GroupCommit, StoreRefused, Verdicts
 from tests.support import DEFAULT_DOMAIN
 
 VERDICTS = Verdicts(spf="pass", dkim="pass", dmarc="pass", arc="none", scan_status="skipped",
@@ -108,3 +110,25 @@ async def test_a_sender_that_goes_away_does_not_stop_the_commit(pool):
     assert sum(isinstance(d, asyncio.CancelledError) for d in done) == 2
     # Stored all the same: the sender will retry and find it (deduplicated).
     assert await pool.fetchval("SELECT count(*) FROM messages") == 10
+
+
+async def test_an_outage_fails_the_batch_without_trying_each_message(pool):
+    """Unreachable Postgres fails every waiting sender alike (4xx, they retry); storing
+    them one by one would only make each wait for its own failed connection attempts."""
+    support = await mailbox(pool, "support")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    unreachable = await create_pool(f"postgresql://postgres@127.0.0.1:{port}/x",
+                                    DatabaseSettings(pool_min=0, pool_max=4))
+    store = GroupCommit(unreachable, 30, batch_max=32, committers=1)
+    try:
+        with capture_logs() as events:
+            outcomes = await asyncio.gather(
+                *(store.store(inbound(i, support), VERDICTS, f"q{i}") for i in range(10)),
+                return_exceptions=True)
+    finally:
+        await unreachable.close()
+    assert all(isinstance(o, DatabaseUnavailable) and not isinstance(o, StoreRefused)
+               for o in outcomes), outcomes
+    assert [e for e in events if e["event"] == "store.batch_failed"] == []
