@@ -30,7 +30,7 @@ from .dns import Resolver
 from .dnsserver.server import DnsServer
 from .domains.service import DomainRechecker, KeyRotator
 from .http import HttpServer
-from .metrics import Metrics
+from .metrics import Metrics, MetricsSpooler, spool_directory
 from .outbound.worker import OutboundWorker
 from .pipeline import Pipeline
 from .routing import Router
@@ -319,7 +319,11 @@ class App:
 
 
 # What `serve --listener-only` runs: the extra processes of smtp.processes.
-LISTENER_SERVICES: list[Callable[[Runtime], Service]] = [MailServer]
+def metrics_spooler(runtime: Runtime) -> Service:
+    return MetricsSpooler(runtime.metrics, runtime.settings.server.state_dir)
+
+
+LISTENER_SERVICES: list[Callable[[Runtime], Service]] = [MailServer, metrics_spooler]
 
 
 class ListenerProcesses:
@@ -336,6 +340,8 @@ class ListenerProcesses:
         self.children: list[subprocess.Popen[bytes]] = []
 
     async def start(self) -> None:
+        for stale in spool_directory(self.settings.server.state_dir).glob("*.prom"):
+            stale.unlink(missing_ok=True)  # a previous run's processes
         env = {**os.environ, **to_environment(self.settings),
                env_name("smtp.port"): str(self.port)}
         env.pop("NOTIFY_SOCKET", None)  # readiness is the parent's to report to systemd
@@ -372,6 +378,8 @@ async def serve(settings: Settings,
                  if factories is None and settings.smtp.processes > 1 else None)
     if listeners:
         await listeners.start()
+        if app.runtime is not None:
+            app.runtime.metrics.spool = spool_directory(settings.server.state_dir)
     notifier.ready(status="accepting mail")
     signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
     loop = asyncio.get_running_loop()

@@ -6,15 +6,25 @@ listener counts sessions and RCPT refusals, the pipeline counts verdicts,
 scan results, store latency and the final accept/reject with its reply code;
 gauges of rows in Postgres (agent jobs, outbound queue) are read at scrape
 time, because they are state that lives in the database, not in a process.
+
+With smtp.processes above 1, each extra accepting process writes its counters
+to a spool file every SPOOL_SECONDS (MetricsSpooler); the main process's
+/metrics adds them to its own, so the counters cover every process.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 log = structlog.get_logger(__name__)
 
@@ -30,6 +40,8 @@ class Metrics:
 
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     queue_tables: tuple[str, ...] = QUEUE_TABLES
+    # The extra accepting processes' spool files, added in by render() (smtp.processes > 1).
+    spool: Path | None = None
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -81,4 +93,77 @@ class Metrics:
                 self.queue_depth.labels(table, count["state"] or "").set(count["n"])
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        own = generate_latest(self.registry)
+        if self.spool is None:
+            return own
+        texts = [own.decode()]
+        for path in sorted(self.spool.glob("*.prom")):
+            try:
+                texts.append(path.read_text())
+            except OSError:  # the process is going away; its last counts go with it
+                continue
+        merged = CollectorRegistry(auto_describe=False)
+        merged.register(_Sum(texts))
+        return generate_latest(merged)
+
+
+class _Sum:
+    """Expositions of several processes as one: each sample summed across them, except
+    creation times, which keep the earliest."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        for text in self.texts:
+            for family in text_string_to_metric_families(text):
+                families.setdefault(family.name, Metric(family.name, family.documentation,
+                                                        family.type))
+                sums = values.setdefault(family.name, {})
+                for sample in family.samples:
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    if sample.name.endswith("_created"):
+                        sums[key] = min(sums.get(key, sample.value), sample.value)
+                    else:
+                        sums[key] = sums.get(key, 0.0) + sample.value
+        for name, metric in families.items():
+            for (sample_name, labels), value in values[name].items():
+                metric.add_sample(sample_name, dict(labels), value)
+            yield metric
+
+
+SPOOL_SECONDS = 1.0
+
+
+def spool_directory(state_dir: Path) -> Path:
+    return state_dir / "metrics"
+
+
+class MetricsSpooler:
+    """In an extra accepting process: this process's counters, written for the main one."""
+
+    def __init__(self, metrics: Metrics, state_dir: Path) -> None:
+        self.metrics = metrics
+        self.path = spool_directory(state_dir) / f"{os.getpid()}.prom"
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self.write()
+            await asyncio.sleep(SPOOL_SECONDS)
+
+    def write(self) -> None:
+        staging = self.path.with_suffix(".tmp")
+        staging.write_bytes(generate_latest(self.metrics.registry))
+        os.replace(staging, self.path)  # the reader never sees half a file
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.path.unlink(missing_ok=True)

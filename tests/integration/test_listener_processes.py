@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections import Counter
 
 import asyncpg
@@ -10,6 +11,16 @@ import psutil
 
 from smtpd_agent.store import directory
 from tests.support import ServeProcess, smtp_send
+
+
+def scrape(port: int, sample: str) -> float | None:
+    """One sample's value from GET /metrics, as Prometheus would read it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            name, _, value = line.rpartition(" ")
+            if name == sample:
+                return float(value)
+    return None
 
 
 async def test_two_listener_processes_share_the_port(cluster, dns_server, tmp_path):
@@ -43,6 +54,15 @@ async def test_two_listener_processes_share_the_port(cluster, dns_server, tmp_pa
         codes = await asyncio.gather(*(send(i) for i in range(60)))
         assert Counter(codes) == {250: 60}
         assert await connection.fetchval("SELECT count(DISTINCT message_id) FROM messages") == 60
+        # The main process's /metrics counts the other process's messages too.
+        for _ in range(50):
+            accepted = scrape(server.http_port, 'smtpd_agent_messages_accepted_total'
+                                                '{transport="smtp"}')
+            if accepted == 60:
+                break
+            await asyncio.sleep(0.1)
+        assert accepted == 60
+        assert scrape(server.http_port, "smtpd_agent_smtp_sessions_total") >= 60
         await connection.close()
         # both processes take sessions: hold 30 connections open and see whose they are
         held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(30)]
