@@ -174,7 +174,8 @@ class MailServer:
                              settings.routing.cache_ttl,
                              bounce_label=settings.domains.default_mail_from_label,
                              custom_bounce_label=settings.domains.mail_from_label,
-                             verp_prefix=settings.outbound.verp_prefix)
+                             verp_prefix=settings.outbound.verp_prefix,
+                             postmaster=settings.routing.postmaster)
         self.limits = ConnectionLimits(settings.smtp.max_connections,
                                        settings.smtp.max_connections_per_ip)
         self.sessions = Sessions()

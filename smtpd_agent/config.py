@@ -80,6 +80,7 @@ class SmtpSettings:
 @dataclass(frozen=True)
 class RoutingSettings:
     cache_ttl: float = 30.0
+    postmaster: str = ""
 
 
 @dataclass(frozen=True)
@@ -505,6 +506,11 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("database.url: expected a postgresql:// URL")
     if settings.database.pool_min > settings.database.pool_max:
         raise ConfigError("database.pool_min: must not exceed database.pool_max")
+    postmaster = settings.routing.postmaster
+    if postmaster and (postmaster.count("@") != 1 or not all(postmaster.split("@"))
+                       or "+" in postmaster):
+        raise ConfigError(f"routing.postmaster: expected an agent address like "
+                          f"ops@operator.{settings.server.default_domain}, got {postmaster!r}")
     for key in ("batch_max", "committers"):
         if getattr(settings.store, key) < 1:
             raise ConfigError(f"store.{key}: must be at least 1")

@@ -9,6 +9,10 @@ not verified yet, is refused as relaying, whatever the mailbox (the log says
 why). `<verp prefix>-<token>@bounce.<default domain>` (and
 `@<mail_from_label>.<verified custom domain>`) are VERP bounce addresses of our
 outbound mail: they route to the bounce processor (outbound/bounces.py).
+`postmaster` (RFC 5321 section 4.5.1: case-insensitive, with or without a
+domain, at every domain we receive for) reaches the workspace's own agent
+named postmaster when there is one, else the mailbox `routing.postmaster`
+names (the operator's); without it, postmaster is an unknown mailbox.
 Lookups, of mailboxes and of custom domains, are cached, positive and
 negative, for a short TTL so RCPT does not cost a Postgres round trip every
 time; the cache is only a cache: it is safe to lose, and another host has its own.
@@ -33,6 +37,7 @@ from .store.database import CONNECTION_ERRORS, DatabaseUnavailable
 log = structlog.get_logger(__name__)
 
 MAX_CACHE_ENTRIES = 100_000
+POSTMASTER = "postmaster"
 
 
 class RouteKind(Enum):
@@ -86,8 +91,10 @@ def workspace_of(domain: str, default_domain: str) -> str | None | bool:
 class Router:
     def __init__(self, db: asyncpg.Pool, default_domain: str, cache_ttl: float,
                  clock: Callable[[], float] = time.monotonic, *, bounce_label: str = "bounce",
-                 custom_bounce_label: str = "mail", verp_prefix: str = "b") -> None:
+                 custom_bounce_label: str = "mail", verp_prefix: str = "b",
+                 postmaster: str = "") -> None:
         self._db = db
+        self._postmaster = parse_address(postmaster) if postmaster else None
         self._bounce_domain = f"{bounce_label}.{default_domain}"
         self._custom_bounce_label = custom_bounce_label
         self._verp_prefix = verp_prefix
@@ -100,7 +107,27 @@ class Router:
     async def route(self, address: str) -> Route:
         parsed = parse_address(address)
         if parsed is None:
+            if address.strip().strip("<>").lower() == POSTMASTER:  # RCPT TO:<Postmaster>
+                return await self._postmaster_route(None)
             return Route(RouteKind.UNKNOWN_MAILBOX)
+        route = await self._route(parsed)
+        if route.kind is RouteKind.UNKNOWN_MAILBOX and parsed.local == POSTMASTER:
+            return await self._postmaster_route(parsed.tag)
+        return route
+
+    async def _postmaster_route(self, tag: str | None) -> Route:
+        """The operator's mailbox for postmaster, where no workspace has its own."""
+        if self._postmaster is None:
+            return Route(RouteKind.UNKNOWN_MAILBOX)
+        route = await self._route(self._postmaster)
+        if route.kind is not RouteKind.MAILBOX:
+            log.warning("routing.postmaster_unroutable",
+                        postmaster=f"{self._postmaster.local}@{self._postmaster.domain}",
+                        found=route.kind.value)
+            return Route(RouteKind.UNKNOWN_MAILBOX)
+        return Route(RouteKind.MAILBOX, mailbox=route.mailbox, tag=tag)
+
+    async def _route(self, parsed: ParsedAddress) -> Route:
         bounce = await self._bounce_route(parsed)
         if bounce is not None:
             return bounce
