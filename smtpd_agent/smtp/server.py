@@ -222,6 +222,7 @@ class AgentSMTP(SMTP):
         self.receiving = False
         self._pending_replies = bytearray()
         self._greeted = False
+        self._deadline = 0.0
         self.client_ip = ""
         self.transactions = 0
         self.started = time.monotonic()
@@ -263,6 +264,27 @@ class AgentSMTP(SMTP):
             self.transport.write(bytes(self._pending_replies) + str(reply).encode() + b"\r\n")
             self._pending_replies.clear()
             self.transport.close()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's idle timeout without a new timer per command.
+
+        aiosmtpd cancels and re-creates a TimerHandle on every command and every
+        DATA read; here the deadline moves and the pending timer stays, re-armed
+        only when it fires early (_timeout_due) or when the new deadline is sooner.
+        """
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(deadline, self._timeout_due)
+
+    def _timeout_due(self) -> None:
+        if self.loop.time() < self._deadline:  # activity since the timer was set
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_due)
+            return
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         log.info("smtp.timeout")

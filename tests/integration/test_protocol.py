@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 
 import pytest
 
 from smtpd_agent.smtp import replies
+from smtpd_agent.store import directory
 from tests.support import Dialogue, enhanced
 
 MESSAGE = (b"From: alice@example.org\r\nTo: support@acme.agents.test\r\n"
@@ -77,7 +79,6 @@ async def test_unknown_mailbox_and_foreign_domain(server, db):
 
 
 async def test_too_many_recipients(start_server, db):
-    from smtpd_agent.store import directory
     running = start_server(**{"smtp.max_recipients": 2})
     await directory.add_workspace(db, "acme")
     for handle in ("a", "b", "c"):
@@ -96,7 +97,6 @@ async def test_too_many_recipients(start_server, db):
 
 
 async def test_oversize_message_is_refused_at_mail_and_at_data(start_server, db):
-    from smtpd_agent.store import directory
     running = start_server(**{"smtp.max_message_size": 10_000})
     await directory.add_workspace(db, "acme")
     await directory.add_agent(db, "acme", "support")
@@ -151,7 +151,6 @@ async def test_bare_lf_is_normalized_by_default(server, db):
 
 
 async def test_bare_lf_is_refused_when_configured(start_server, db):
-    from smtpd_agent.store import directory
     running = start_server(**{"smtp.bare_lf": "reject"})
     await directory.add_workspace(db, "acme")
     await directory.add_agent(db, "acme", "support")
@@ -250,6 +249,30 @@ async def test_command_timeout_answers_421(start_server):
     assert dialogue.closed()
 
 
+async def test_activity_keeps_a_session_alive_past_the_command_timeout(start_server):
+    running = start_server(**{"smtp.command_timeout": 0.6})
+    dialogue = Dialogue.open(running.port)
+    dialogue.reply()
+    for _ in range(6):  # 1.8 s of a slow but live client
+        time.sleep(0.3)
+        assert dialogue.command("NOOP")[0] == 250
+    code, lines = dialogue.reply()  # then silence: the timeout, counted from the last command
+    assert_reply((code, lines[-1]), replies.TIMEOUT)
+
+
+async def test_data_timeout_applies_inside_data(start_server, db):
+    running = start_server(**{"smtp.command_timeout": 30, "smtp.data_timeout": 0.5})
+    await directory.add_workspace(db, "acme")
+    await directory.add_agent(db, "acme", "support")
+    dialogue = start_transaction(running.port)
+    assert dialogue.command("DATA")[0] == 354
+    dialogue.send(b"Subject: stalled\r\n")
+    started = time.monotonic()
+    code, lines = dialogue.reply()
+    assert_reply((code, lines[-1]), replies.TIMEOUT)
+    assert time.monotonic() - started < 10  # the data timeout, not the command timeout
+
+
 class TestBdat:
     async def test_chunks_make_one_message(self, server, db):
         dialogue = start_transaction(server.port)
@@ -278,7 +301,6 @@ class TestBdat:
         assert await count(db) == 0
 
     async def test_oversize_bdat_is_refused_after_last(self, start_server, db):
-        from smtpd_agent.store import directory
         running = start_server(**{"smtp.max_message_size": 1000})
         await directory.add_workspace(db, "acme")
         await directory.add_agent(db, "acme", "support")

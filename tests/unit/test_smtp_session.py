@@ -20,7 +20,7 @@ from smtpd_agent.smtp.server import AgentSMTP, ConnectionLimits, Sessions
 
 # Attributes AgentSMTP sets after aiosmtpd's __init__, on top of aiosmtpd's own.
 OURS = {"settings", "limits", "deliver", "session_id", "sessions", "metrics", "receiving",
-        "_pending_replies", "_greeted", "client_ip", "transactions", "started", "_bytes_in"}
+        "_pending_replies", "_greeted", "_deadline", "client_ip", "transactions", "started", "_bytes_in"}
 
 
 async def deliver(content: Any) -> Any:
