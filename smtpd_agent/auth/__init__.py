@@ -21,11 +21,11 @@ import structlog
 from ..config import AuthSettings
 from ..dns import Resolver
 from ..record import InboundMessage
-from .arc import ArcResult, verify_arc, verify_arc_cached
-from .dkim import DkimResult, DkimSignatureResult, verify_dkim, verify_dkim_cached
+from .arc import ArcResult, verify_arc_cached, verify_arc_in_thread
+from .dkim import DkimResult, DkimSignatureResult, verify_dkim_cached, verify_dkim_in_thread
 from .dmarc import DmarcResult, evaluate_dmarc
 from .results import header_value, prepend_results, strip_our_results
-from .spf import SpfResult, check_spf, check_spf_cached, spf_identity
+from .spf import SpfResult, check_spf_cached, check_spf_in_thread, spf_identity
 
 __all__ = [
     "AuthDecision", "AuthResult", "authenticate", "decide", "prepend_results",
@@ -117,14 +117,15 @@ async def authenticate(message: InboundMessage, resolver: Resolver, settings: Au
     dkim = verify_dkim_cached(resolver, message.raw)
     arc = verify_arc_cached(resolver, message.raw)
     if spf is None or dkim is None or arc is None:
+        # What the cache could not answer runs the full way, concurrently, each in time.
         spf, dkim, arc = await asyncio.gather(
             _ready(spf) if spf is not None else _deadline(
-                check_spf(resolver, envelope.client_ip, envelope.mail_from, envelope.helo,
-                          timeout=deadline), deadline),
+                check_spf_in_thread(resolver, envelope.client_ip, envelope.mail_from,
+                                    envelope.helo, timeout=deadline), deadline),
             _ready(dkim) if dkim is not None else _deadline(
-                verify_dkim(resolver, message.raw), deadline),
+                verify_dkim_in_thread(resolver, message.raw), deadline),
             _ready(arc) if arc is not None else _deadline(
-                verify_arc(resolver, message.raw), deadline),
+                verify_arc_in_thread(resolver, message.raw), deadline),
         )
     if spf is None:
         spf = SpfResult("temperror", identity, domain, sender, envelope.client_ip,

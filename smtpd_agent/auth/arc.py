@@ -20,7 +20,7 @@ import dkim
 import structlog
 
 from ..dns import DnsTempError, Resolver, SyncResolver
-from .dkim import MIN_RSA_BITS, VERIFY_INLINE_MAX, make_dnsfunc
+from .dkim import MIN_RSA_BITS, make_dnsfunc, verify_on_loop
 
 log = structlog.get_logger(__name__)
 
@@ -76,17 +76,13 @@ def _verify(view: SyncResolver, message: bytes) -> ArcResult:
 
 
 def verify_arc_cached(resolver: Resolver, message: bytes) -> ArcResult | None:
-    """The chain's verdict right now (none without ARC headers), or None when that would
-    need a key lookup or the message is too large to verify on the event loop."""
-    if not HAS_ARC.search(message.split(b"\r\n\r\n", 1)[0]):
-        return ArcResult("none")
-    if len(message) > VERIFY_INLINE_MAX:
-        return None
-    return resolver.from_cache(functools.partial(_verify, message=message))
+    return verify_on_loop(resolver, message, _verify, marker=HAS_ARC, absent=ArcResult("none"))
+
+
+async def verify_arc_in_thread(resolver: Resolver, message: bytes) -> ArcResult:
+    return await resolver.in_thread(functools.partial(_verify, message=message))
 
 
 async def verify_arc(resolver: Resolver, message: bytes) -> ArcResult:
     cached = verify_arc_cached(resolver, message)
-    if cached is not None:
-        return cached
-    return await resolver.in_thread(functools.partial(_verify, message=message))
+    return cached if cached is not None else await verify_arc_in_thread(resolver, message)

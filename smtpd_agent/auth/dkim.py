@@ -20,7 +20,7 @@ import binascii
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, TypeVar
 
 import dkim
 import dkim.crypto
@@ -34,6 +34,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 from ..dns import DnsTempError, Resolver, SyncResolver
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 DkimStatus = Literal["pass", "fail", "neutral", "temperror", "permerror"]
 # RFC 8301 section 3.2: keys under 1024 bits must not be considered valid.
@@ -226,19 +227,26 @@ def _verify(view: SyncResolver, message: bytes) -> DkimResult:
     return DkimResult(tuple(results))
 
 
-def verify_dkim_cached(resolver: Resolver, message: bytes) -> DkimResult | None:
-    """The verdicts right now, on this thread, or None when that would need a key lookup
-    or the message is too large to verify on the event loop."""
-    if not HAS_SIGNATURE.search(message.split(b"\r\n\r\n", 1)[0]):
-        return DkimResult(())
+def verify_on_loop(resolver: Resolver, message: bytes, verify: Callable[[SyncResolver, bytes], T],
+                   *, marker: re.Pattern[bytes], absent: T) -> T | None:
+    """`verify` right now from cached keys (`absent` when no header matches `marker`), or
+    None when it needs a key lookup or the message is too large for the event loop."""
+    if not marker.search(message.split(b"\r\n\r\n", 1)[0]):
+        return absent
     if len(message) > VERIFY_INLINE_MAX:
         return None
-    return resolver.from_cache(functools.partial(_verify, message=message))
+    return resolver.from_cache(functools.partial(verify, message=message))
+
+
+def verify_dkim_cached(resolver: Resolver, message: bytes) -> DkimResult | None:
+    return verify_on_loop(resolver, message, _verify, marker=HAS_SIGNATURE, absent=DkimResult(()))
+
+
+async def verify_dkim_in_thread(resolver: Resolver, message: bytes) -> DkimResult:
+    return await resolver.in_thread(functools.partial(_verify, message=message))
 
 
 async def verify_dkim(resolver: Resolver, message: bytes) -> DkimResult:
     """Verify every DKIM-Signature: from cached keys at once, else in a worker thread."""
     cached = verify_dkim_cached(resolver, message)
-    if cached is not None:
-        return cached
-    return await resolver.in_thread(functools.partial(_verify, message=message))
+    return cached if cached is not None else await verify_dkim_in_thread(resolver, message)

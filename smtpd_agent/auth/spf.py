@@ -122,14 +122,11 @@ def check_spf_cached(resolver: Resolver, client_ip: str, mail_from: str, helo: s
     return None if outcome is None else _result(outcome, client_ip, mail_from, helo)
 
 
-async def check_spf(resolver: Resolver, client_ip: str, mail_from: str, helo: str, *,
-                    timeout: float = DEFAULT_SPF_TIMEOUT,
-                    default_explanation: str | None = None) -> SpfResult:
-    """Evaluate SPF for the envelope; never raises for DNS trouble (that is temperror)."""
-    cached = check_spf_cached(resolver, client_ip, mail_from, helo, timeout=timeout,
-                              default_explanation=default_explanation)
-    if cached is not None:
-        return cached
+async def check_spf_in_thread(resolver: Resolver, client_ip: str, mail_from: str, helo: str, *,
+                              timeout: float = DEFAULT_SPF_TIMEOUT,
+                              default_explanation: str | None = None) -> SpfResult:
+    """The full way: pyspf in a worker thread, its lookups on the event loop."""
+    _install()
     try:
         async with asyncio.timeout(timeout):
             outcome = await resolver.in_thread(functools.partial(
@@ -138,6 +135,17 @@ async def check_spf(resolver: Resolver, client_ip: str, mail_from: str, helo: st
     except TimeoutError:
         outcome = "temperror", "SPF evaluation timed out"
     return _result(outcome, client_ip, mail_from, helo)
+
+
+async def check_spf(resolver: Resolver, client_ip: str, mail_from: str, helo: str, *,
+                    timeout: float = DEFAULT_SPF_TIMEOUT,
+                    default_explanation: str | None = None) -> SpfResult:
+    """Evaluate SPF for the envelope; never raises for DNS trouble (that is temperror)."""
+    cached = check_spf_cached(resolver, client_ip, mail_from, helo, timeout=timeout,
+                              default_explanation=default_explanation)
+    return cached if cached is not None else await check_spf_in_thread(
+        resolver, client_ip, mail_from, helo, timeout=timeout,
+        default_explanation=default_explanation)
 
 
 def _result(outcome: tuple[str, str], client_ip: str, mail_from: str, helo: str) -> SpfResult:

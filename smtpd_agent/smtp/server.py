@@ -301,10 +301,10 @@ class AgentSMTP(SMTP):
         negative reply or 221, so nothing held back is ever lost to a close.
         """
         line = status.encode("utf-8") if isinstance(status, str) else status
-        if self._greeted:
-            line = replies.enhance(line)
-        elif line[:3] == b"220":
+        if not self._greeted and line[:3] == b"220":
             self._greeted = True  # RFC 2034 section 3: the greeting carries no enhanced code
+        else:
+            line = replies.enhance(line)
         self._pending_replies += line + b"\r\n"
         if self._reader._buffer and line[:1] == b"2" and line[:3] != b"221":  # type: ignore[attr-defined]
             return

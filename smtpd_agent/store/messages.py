@@ -197,24 +197,21 @@ class GroupCommit:
 
     async def _commit_pending(self) -> None:
         try:
-            await self._commit_while_pending()
+            while self._pending:
+                batch = self._pending[:self.batch_max]
+                del self._pending[:self.batch_max]
+                try:
+                    await self._commit(batch)
+                except Exception as error:  # a bug, not an outage: say so, answer 4xx, go on
+                    log.exception("store.commit_crashed", messages=len(batch))
+                    for _, future in batch:
+                        _settle(future, error=DatabaseUnavailable(f"store crashed: {error!r}"))
+                except BaseException:  # cancelled (shutting down): the senders must retry
+                    for _, future in batch:
+                        _settle(future, error=DatabaseUnavailable("store interrupted"))
+                    raise
         finally:
             self._committing -= 1
-
-    async def _commit_while_pending(self) -> None:
-        while self._pending:
-            batch = self._pending[:self.batch_max]
-            del self._pending[:self.batch_max]
-            try:
-                await self._commit(batch)
-            except Exception as error:  # a bug, not an outage: say so, answer 4xx, go on
-                log.exception("store.commit_crashed", messages=len(batch))
-                for _, future in batch:
-                    _settle(future, error=DatabaseUnavailable(f"store crashed: {error!r}"))
-            except BaseException:  # cancelled (shutting down): the senders must retry
-                for _, future in batch:
-                    _settle(future, error=DatabaseUnavailable("store interrupted"))
-                raise
 
     async def _commit(self, batch: list[tuple[Submission, asyncio.Future[Any]]]) -> None:
         try:
