@@ -9,12 +9,12 @@ from datetime import UTC, datetime
 import pytest
 
 from smtpd_agent.http.api import decode_cursor, encode_cursor
+from smtpd_agent.http.sns import string_to_sign as sns_string_to_sign
 from smtpd_agent.http.webhooks import (
     VerificationError,
     basic_credentials,
     check_fresh,
     form_fields,
-    sns_string_to_sign,
     verify_mailgun,
 )
 
