@@ -136,6 +136,38 @@ async def test_mailgun_signed_post_joins_the_thread_and_replays_are_refused(hook
     assert await count(db) == before
 
 
+def multipart(fields: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    """multipart/form-data in the given field order (Mailgun's forward posts)."""
+    boundary = "mg" + uuid.uuid4().hex
+    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n"
+                    .encode() + value + b"\r\n" for name, value in fields)
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+async def test_mailgun_multipart_post_is_streamed_and_joins_the_thread(hooks, db, http):
+    thread_id, first = await first_thread(hooks, db)
+    url = f"{hooks.http_url}/webhook/mailgun/mime"
+    form = mailgun_form(reply_mime("Re: order 1234", first))
+    # body-mime first, unknown fields dropped, the signature last
+    order = ["body-mime", "recipient", "sender", "stripped-text", "timestamp", "token",
+             "signature"]
+    form["stripped-text"] = "thanks"
+    body, content_type = multipart([(name, form[name].encode()) for name in order])
+    async with http.post(url, data=body, headers={"Content-Type": content_type}) as response:
+        result = await response.json()
+    assert response.status == 200, result
+    await assert_lands_in(db, result, thread_id)
+    before = await count(db)
+    forged = {**form, "signature": "0" * 64, "token": uuid.uuid4().hex}
+    body, content_type = multipart([(name, forged[name].encode()) for name in order])
+    async with http.post(url, data=body, headers={"Content-Type": content_type}) as response:
+        assert response.status == 401
+    async with http.post(url, data=b"--nope\r\n", headers={
+            "Content-Type": "multipart/form-data; boundary=x"}) as response:
+        assert response.status in (400, 401)
+    assert await count(db) == before
+
+
 # --- SendGrid ----------------------------------------------------------------------------
 
 def sendgrid_body(raw: bytes, to: str = RCPT) -> tuple[bytes, str]:
