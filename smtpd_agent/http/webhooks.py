@@ -400,9 +400,9 @@ class Webhooks:
         if request.content_type != "multipart/form-data":
             body = await read_body(request, limit, timeout)
             try:
-                pairs = parse_qsl(body.decode("latin-1"), keep_blank_values=True,
-                                  encoding="utf-8", errors="surrogateescape",
-                                  max_num_fields=MAX_FORM_PARTS)
+                pairs = await off_loop(len(body), lambda: parse_qsl(
+                    body.decode("latin-1"), keep_blank_values=True, encoding="utf-8",
+                    errors="surrogateescape", max_num_fields=MAX_FORM_PARTS))
             except ValueError:
                 raise self._refuse("mailgun", 400, "malformed form body") from None
             for name, value in pairs:
