@@ -12,7 +12,7 @@ COPY pyproject.toml README.md ./
 COPY requirements/runtime.lock ./requirements/
 COPY smtpd_agent ./smtpd_agent
 # The locked runtime dependencies (the versions and files the suite ran with, checked by
-# hash), then the project without resolving again. No [test] extra: no tests or test tools.
+# hash), then the project without resolving again; no test dependencies or tests.
 RUN /opt/smtpd-agent/venv/bin/pip install --require-hashes --no-deps -r requirements/runtime.lock \
  && /opt/smtpd-agent/venv/bin/pip install --no-deps . \
  && /opt/smtpd-agent/venv/bin/pip check \
