@@ -190,3 +190,13 @@ async def test_capped_stream_counts_what_is_kept():
     assert refused.value.status == 413
     with pytest.raises(ValueError):
         await CappedStream(Chunks(b"x"), 10).read()
+
+
+def test_sns_trust_store_is_the_given_bundle_or_the_systems(tmp_path):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(b"junk\n" + Authority.create().pem() + Authority.create().pem())
+    assert isinstance(sns.load_trust_store(str(bundle)), Store)
+    assert isinstance(sns.load_trust_store(""), Store)  # the system's bundle
+    (tmp_path / "empty.pem").write_text("no certificates here\n")
+    with pytest.raises(ValueError, match="no certificate"):
+        sns.load_trust_store(str(tmp_path / "empty.pem"))
