@@ -17,12 +17,14 @@ import binascii
 import datetime
 import re
 import ssl
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509 import verification
@@ -103,11 +105,14 @@ def load_trust_store(ca_file: str) -> verification.Store:
             raise ValueError("no CA bundle found; set http.sns_ca_file") from None
     certificates = []
     for block in PEM_BLOCK.findall(Path(path).read_bytes()):
-        try:
-            certificates.append(x509.load_pem_x509_certificate(block))
-        # A bundle can hold a certificate this library refuses; the others still count.
-        except ValueError:
-            continue
+        # A bundle can hold a certificate this library refuses or will refuse (a negative
+        # serial number, say); the others still count.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CryptographyDeprecationWarning)
+            try:
+                certificates.append(x509.load_pem_x509_certificate(block))
+            except (ValueError, CryptographyDeprecationWarning):
+                continue
     if not certificates:
         raise ValueError(f"no certificate in {path}")
     return verification.Store(certificates)
