@@ -17,27 +17,25 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-import asyncpg
 import structlog
 
 from .agent.worker import AgentWorkers
 from .config import ConfigError, Settings, SmtpSettings, apply_live, env_name, to_environment
-from .dns import Resolver
 from .dnsserver.server import DnsServer
 from .domains.service import DomainRechecker, KeyRotator
 from .http import HttpServer
-from .metrics import Metrics, MetricsSpooler, spool_directory
+from .metrics import MetricsSpooler, spool_directory
+from .outbound.bounces import BounceProcessor
 from .outbound.worker import OutboundWorker
 from .pipeline import Pipeline
 from .routing import Router
-from .scan import Scanner, limit_problems
+from .runtime import Runtime
 from .smtp.handler import SessionHandler
 from .smtp.server import AgentSMTP, ConnectionLimits, Sessions
-from .store.database import EmbeddedPostgres, create_pool, migrate, resolve_database_url
 from .systemd import Notifier
 
 log = structlog.get_logger("smtpd_agent.app")
@@ -65,85 +63,6 @@ def certificate_summary(path: str) -> dict[str, str]:
     except (OSError, ValueError):
         return {}
     return {"tls_cert_sha256": hashlib.sha256(der).hexdigest()}
-
-
-@dataclass
-class Database:
-    """An open pool, and the embedded server behind it when there is one."""
-
-    url: str
-    pool: asyncpg.Pool
-    embedded: EmbeddedPostgres | None
-
-    @classmethod
-    async def open(cls, settings: Settings, run_migrations: bool = True) -> Database:
-        url, embedded = await asyncio.to_thread(
-            resolve_database_url, settings.database, settings.server.state_dir)
-        try:
-            pool = await create_pool(url, settings.database)
-            if run_migrations:
-                async with pool.acquire() as connection:
-                    await migrate(connection)
-        except BaseException:
-            if embedded:
-                embedded.release()
-            raise
-        return cls(url, pool, embedded)
-
-    async def close(self) -> None:
-        await self.pool.close()
-        if self.embedded:
-            await asyncio.to_thread(self.embedded.release)
-
-
-@dataclass
-class Runtime:
-    """What every service of one process shares: settings, the database, the resolver."""
-
-    settings: Settings
-    database: Database
-    resolver: Resolver
-    # One registry per process (per App in tests), never prometheus_client's global one.
-    metrics: Metrics = field(default_factory=Metrics)
-    _pipeline: Pipeline | None = field(default=None, repr=False)
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        return self.database.pool
-
-    @property
-    def scanner(self) -> Scanner | None:
-        return self.pipeline.scanner
-
-    @property
-    def pipeline(self) -> Pipeline:
-        """The one pipeline every way in (SMTP, provider webhooks) feeds; built on first use."""
-        if self._pipeline is None:
-            self._pipeline = self.build_pipeline(self.settings)
-        return self._pipeline
-
-    def build_pipeline(self, settings: Settings) -> Pipeline:
-        """A pipeline for `settings` (a SIGHUP reload builds one for the listener). It keeps
-        the current Scanner while [scan] is unchanged: one bound on streams to clamd."""
-        current = self._pipeline
-        if current is not None and current.settings.scan == settings.scan:
-            scanner = current.scanner
-        else:
-            scanner = Scanner(settings.scan) if settings.scan.clamd else None
-            if scanner is None:
-                log.warning("scan.disabled", reason="scan.clamd is not set: attachments are "
-                            "stored with scan status 'unscanned'")
-            for problem in limit_problems(settings):
-                log.warning("scan.limits", problem=problem)
-        return Pipeline(self.pool, settings, self.resolver, scanner, self.metrics)
-
-    @classmethod
-    async def open(cls, settings: Settings) -> Runtime:
-        database = await Database.open(settings)
-        return cls(settings, database, Resolver(settings.dns))
-
-    async def close(self) -> None:
-        await self.database.close()
 
 
 class Service(Protocol):
@@ -271,7 +190,7 @@ class App:
         return next(s for s in self.services if isinstance(s, kind))
 
     async def start(self) -> None:
-        self.runtime = await Runtime.open(self.settings)
+        self.runtime = await Runtime.open(self.settings, bounces=BounceProcessor)
         try:
             for factory in self.factories:
                 service = factory(self.runtime)

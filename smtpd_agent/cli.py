@@ -10,16 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
-from dataclasses import dataclass
 import sys
-from collections.abc import Awaitable, Callable
-from datetime import datetime
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from .agent.cli import register_agent
-from .app import DNS_SERVICES, LISTENER_SERVICES, Database, serve
+from .app import DNS_SERVICES, LISTENER_SERVICES, serve
+from .cli_common import Parents, emit, with_database
 from .config import ConfigError, Settings, load_settings
 from .domains.cli import register_domains
 from .outbound.cli import register_outbound
@@ -30,14 +27,6 @@ from .routing import parse_address, workspace_of
 from .store import directory, inbox
 from .store.database import migrate
 from .store.directory import DirectoryError
-
-
-@dataclass(frozen=True)
-class Parents:
-    """Argument groups every command shares: `common` (config, state dir, domain), `listing` (--json)."""
-
-    common: argparse.ArgumentParser
-    listing: argparse.ArgumentParser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,17 +152,6 @@ def run_dns_serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-Command = Callable[[Any, Settings, argparse.Namespace], Awaitable[int]]
-
-
-async def with_database(settings: Settings, command: Command, args: argparse.Namespace) -> int:
-    database = await Database.open(settings, run_migrations=getattr(args, "migrate_first", True))
-    try:
-        return await command(database.pool, settings, args)
-    finally:
-        await database.close()
-
-
 def mailbox_of(address: str, settings: Settings) -> tuple[str, str]:
     """(workspace slug, handle) of an agent address under the default domain."""
     parsed = parse_address(address)
@@ -186,23 +164,6 @@ def mailbox_of(address: str, settings: Settings) -> tuple[str, str]:
     if parsed.tag is not None:
         raise DirectoryError(f"{address!r}: an agent address has no +tag")
     return slug, parsed.local
-
-
-def emit(data: Any, as_json: bool, lines: Callable[[Any], list[str]]) -> None:
-    if as_json:
-        print(json.dumps(data, indent=2, default=_json_default))
-    else:
-        print("\n".join(lines(data)))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, (bytes, memoryview)):
-        return bytes(value).hex()
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
 
 
 async def cmd_migrate(db: Any, settings: Settings, args: argparse.Namespace) -> int:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from .relay_url import RelayUrlError, parse_relay_url
+
 ENV_PREFIX = "SMTPD_AGENT_"
 DEFAULT_CONFIG_PATH = Path("config/smtpd-agent.toml")
 
@@ -551,7 +553,6 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"http.sns_url_pattern: not a regular expression: {error}") from None
     outbound = settings.outbound
     if outbound.relay:
-        from .outbound.relay_url import RelayUrlError, parse_relay_url
         try:
             parse_relay_url(outbound.relay)
         except RelayUrlError as error:
