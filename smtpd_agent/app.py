@@ -16,7 +16,7 @@ import signal
 import ssl
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -24,7 +24,7 @@ from typing import Protocol, TypeVar
 import structlog
 
 from .agent.worker import AgentWorkers
-from .config import ConfigError, Settings, SmtpSettings, apply_live, env_name, to_environment
+from .config import ConfigError, Settings, SmtpSettings, apply_live
 from .dnsserver.server import DnsServer
 from .domains.service import DomainRechecker, KeyRotator
 from .http import HttpServer
@@ -249,25 +249,33 @@ LISTENER_SERVICES: list[Callable[[Runtime], Service]] = [MailServer, metrics_spo
 class ListenerProcesses:
     """The smtp.processes - 1 extra accepting processes beside this one.
 
-    Each is `smtpd-agent serve --listener-only` with exactly our settings (passed as
-    SMTPD_AGENT_* variables) and our bound port; they share the port through
+    Each is `smtpd-agent serve --listener-only` started with our command-line flags
+    (`listener_args`: --config, --state-dir, ...) and our bound port, and our own
+    environment unchanged: it reads the same file, environment and flags as we did, and
+    on SIGHUP re-reads them the same way, so a reload reaches every process. No setting
+    is handed over in the environment (secrets would show in /proc/<pid>/environ, and
+    an environment value would win over the reloaded file). They share the port through
     SO_REUSEPORT and Postgres through their own pools, and keep no state of their own.
     """
 
-    def __init__(self, settings: Settings, port: int | None) -> None:
+    def __init__(self, settings: Settings, port: int | None,
+                 listener_args: Sequence[str] = ()) -> None:
         self.settings = settings
         self.port = port
+        self.listener_args = list(listener_args)
         self.children: list[subprocess.Popen[bytes]] = []
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "smtpd_agent", "serve", "--listener-only",
+                *self.listener_args, "--port", str(self.port)]
 
     async def start(self) -> None:
         for stale in spool_directory(self.settings.server.state_dir).glob("*.prom"):
             stale.unlink(missing_ok=True)  # a previous run's processes
-        env = {**os.environ, **to_environment(self.settings),
-               env_name("smtp.port"): str(self.port)}
+        env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)  # readiness is the parent's to report to systemd
         for _ in range(self.settings.smtp.processes - 1):
-            self.children.append(subprocess.Popen(
-                [sys.executable, "-m", "smtpd_agent", "serve", "--listener-only"], env=env))
+            self.children.append(subprocess.Popen(self.command(), env=env))
         log.info("server.listener_processes", pids=[c.pid for c in self.children])
 
     def signal(self, signum: signal.Signals) -> None:
@@ -288,13 +296,15 @@ class ListenerProcesses:
 async def serve(settings: Settings,
                 factories: list[Callable[[Runtime], Service]] | None = None, *,
                 reload: Callable[[], Settings] | None = None,
-                notifier: Notifier | None = None) -> None:
+                notifier: Notifier | None = None,
+                listener_args: Sequence[str] = ()) -> None:
     """Run `factories` (default SERVICES) until SIGTERM/SIGINT; on SIGHUP call `reload()`
-    for fresh settings and apply them."""
+    for fresh settings and apply them. `listener_args`: the flags (not the port) the
+    smtp.processes extra listeners are started with, so they read what we read."""
     notifier = notifier or Notifier()
     app = App(settings, factories)
     await app.start()
-    listeners = (ListenerProcesses(settings, app.service(MailServer).port)
+    listeners = (ListenerProcesses(settings, app.service(MailServer).port, listener_args)
                  if factories is None and settings.smtp.processes > 1 else None)
     if listeners:
         await listeners.start()

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .agent.cli import register_agent
@@ -139,8 +140,24 @@ def run_serve(settings: Settings, args: argparse.Namespace) -> int:
     if args.listener_only:  # one of the smtp.processes extra listeners, started by serve
         asyncio.run(serve(settings, LISTENER_SERVICES, reload=lambda: settings_from(args)))
         return 0
-    asyncio.run(serve(settings, reload=lambda: settings_from(args)))
+    asyncio.run(serve(settings, reload=lambda: settings_from(args),
+                      listener_args=listener_args(args)))
     return 0
+
+
+def listener_args(args: argparse.Namespace) -> list[str]:
+    """The flags an extra listener process (smtp.processes) gets: ours, the config file's
+    path made absolute, and never a setting's value in the environment; app.py adds the
+    bound port."""
+    forwarded: list[str] = []
+    if args.config is not None:
+        forwarded += ["--config", str(Path(args.config).resolve())]
+    for flag, name in (("state_dir", "--state-dir"), ("default_domain", "--default-domain"),
+                       ("host", "--host")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            forwarded += [name, str(Path(value).resolve()) if flag == "state_dir" else value]
+    return forwarded
 
 
 def run_dns_serve(settings: Settings, args: argparse.Namespace) -> int:

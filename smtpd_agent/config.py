@@ -382,20 +382,6 @@ def known_keys() -> dict[str, Any]:
     return keys
 
 
-def to_environment(settings: Settings) -> dict[str, str]:
-    """Every key as SMTPD_AGENT_* variables: a child process rebuilds exactly these settings."""
-    env = {}
-    for key, value in _flatten(settings).items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, list):
-            text = ",".join(value)
-        else:
-            text = str(value)
-        env[env_name(key)] = text
-    return env
-
-
 def env_name(key: str) -> str:
     return ENV_PREFIX + key.replace(".", "_").upper()
 
