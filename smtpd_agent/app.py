@@ -13,6 +13,7 @@ import gc
 import hashlib
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from typing import Protocol, TypeVar
 import structlog
 
 from .agent.worker import AgentWorkers
-from .config import ConfigError, Settings, SmtpSettings, apply_live
+from .config import ConfigError, Settings, SmtpSettings, apply_live, local_name_problem
 from .dnsserver.server import DnsServer
 from .domains.service import DomainRechecker, KeyRotator
 from .http import HttpServer
@@ -36,6 +37,7 @@ from .routing import Router
 from .runtime import Runtime
 from .smtp.handler import SessionHandler
 from .smtp.server import AgentSMTP, ConnectionLimits, Sessions
+from .store import deployment
 from .systemd import Notifier
 
 log = structlog.get_logger("smtpd_agent.app")
@@ -70,6 +72,24 @@ class Service(Protocol):
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
+
+
+def check_greeting_name(settings: Settings) -> None:
+    """Warn when the name we announce (greeting, EHLO, Received) is a name like localhost;
+    on port 25, where the internet's MTAs talk to us, refuse unless allowed."""
+    name = settings.server.hostname
+    problem = local_name_problem(name)
+    if problem is None:
+        return
+    log.warning("server.hostname_not_public", hostname=name, problem=problem,
+                fallback=name == socket.getfqdn(),
+                hint="set server.hostname (SMTPD_AGENT_SERVER_HOSTNAME) to this host's "
+                     "public name, the one its A/AAAA and PTR records give")
+    if settings.smtp.port == 25 and not settings.server.allow_local_hostname:
+        raise ConfigError(
+            f"server.hostname is {name!r} ({problem}): a public MX on port 25 must greet with "
+            "a name that resolves to it (RFC 5321 4.1.4). Set server.hostname, or set "
+            "server.allow_local_hostname = true to start anyway.")
 
 
 @dataclass(frozen=True)
@@ -116,6 +136,7 @@ class MailServer:
 
     async def start(self) -> None:
         settings = self.settings
+        check_greeting_name(settings)
         metrics = self.runtime.metrics
         self._parts = self._build_parts(settings)
         loop = asyncio.get_running_loop()
@@ -192,6 +213,10 @@ class App:
     async def start(self) -> None:
         self.runtime = await Runtime.open(self.settings, bounces=BounceProcessor)
         try:
+            # The deployment's identity: recorded by the first server, the same for the rest.
+            await deployment.claim(self.runtime.pool, self.settings.server.default_domain,
+                                   self.settings.server.hostname,
+                                   where="this server is configured with default domain")
             for factory in self.factories:
                 service = factory(self.runtime)
                 await service.start()

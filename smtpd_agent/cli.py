@@ -17,7 +17,7 @@ from typing import Any
 
 from .agent.cli import register_agent
 from .app import DNS_SERVICES, LISTENER_SERVICES, serve
-from .cli_common import Parents, emit, with_database
+from .cli_common import Parents, deployment_settings, emit, with_database
 from .config import ConfigError, Settings, load_settings
 from .domains.cli import register_domains
 from .outbound.cli import register_outbound
@@ -25,7 +25,7 @@ from .domains.keys import KeyStoreError
 from .http.cli import register_apikeys
 from .logs import configure_logging
 from .routing import parse_address, workspace_of
-from .store import directory, inbox
+from .store import deployment, directory, inbox
 from .store.database import migrate
 from .store.directory import DirectoryError
 
@@ -68,6 +68,18 @@ def register_core(commands: Any, parents: Parents) -> None:
 
     commands.add_parser("migrate", parents=[common], help="apply database migrations") \
         .set_defaults(handler=cmd_migrate, migrate_first=False)
+
+    identity = commands.add_parser(
+        "deployment", help="the deployment's identity (its default domain) in the database")
+    identity_cmds = identity.add_subparsers(dest="action", required=True, metavar="ACTION")
+    identity_cmds.add_parser("show", parents=[common, listing],
+                             help="the recorded default domain and the hosts that served it") \
+        .set_defaults(handler=cmd_deployment_show, identity_check=False)
+    set_domain = identity_cmds.add_parser(
+        "set-domain", parents=[common],
+        help="change the deployment's default domain on purpose (workspace addresses move)")
+    set_domain.add_argument("domain", help="the new default domain")
+    set_domain.set_defaults(handler=cmd_deployment_set_domain, identity_check=False)
 
     workspace = commands.add_parser("workspace", help="manage workspaces")
     workspace_cmds = workspace.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -187,6 +199,40 @@ async def cmd_migrate(db: Any, settings: Settings, args: argparse.Namespace) -> 
     async with db.acquire() as connection:
         applied = await migrate(connection)
     print("applied: " + ", ".join(applied) if applied else "database is up to date")
+    settings = await deployment_settings(db, settings, args)
+    domain = await deployment.record(db, settings.server.default_domain)
+    print(f"deployment: default domain {domain}")
+    return 0
+
+
+async def cmd_deployment_show(db: Any, settings: Settings, args: argparse.Namespace) -> int:
+    identity = await deployment.recorded(db)
+    if identity is None:
+        emit(None, args.json, lambda _: [
+            "no deployment recorded yet: the first `serve` or `migrate` records its "
+            f"default domain (here: {settings.server.default_domain})"])
+        return 0
+    emit(dataclasses.asdict(identity), args.json, lambda data: [
+        f"default domain: {data['default_domain']}",
+        f"recorded:       {data['recorded_at']:%Y-%m-%d %H:%M:%S %Z}"
+        + (f", changed {data['changed_at']:%Y-%m-%d %H:%M:%S %Z}" if data["changed_at"] else ""),
+        *(f"host:           {name} (last started {when:%Y-%m-%d %H:%M:%S %Z})"
+          for name, when in data["hosts"])])
+    return 0
+
+
+async def cmd_deployment_set_domain(db: Any, settings: Settings,
+                                    args: argparse.Namespace) -> int:
+    domain = args.domain.strip().lower()
+    settings.replace({"server.default_domain": domain})  # validated like the file's value
+    previous = await deployment.set_domain(db, domain)
+    if previous == domain:
+        print(f"the deployment's default domain is already {domain}")
+        return 0
+    print(f"the deployment's default domain is now {domain} (was {previous or 'not recorded'}): "
+          f"workspaces receive at <workspace>.{domain}. Start every server with "
+          f"server.default_domain = \"{domain}\" (or --default-domain {domain}); a server "
+          f"still configured with {previous} refuses to start.")
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from .config import Settings
 from .runtime import Database
+from .store import deployment
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,32 @@ Command = Callable[[Any, Settings, argparse.Namespace], Awaitable[int]]
 
 
 async def with_database(settings: Settings, command: Command, args: argparse.Namespace) -> int:
-    database = await Database.open(settings, run_migrations=getattr(args, "migrate_first", True))
+    """Run `command` with an open pool and the deployment's identity (deployment_settings);
+    `migrate` (migrate_first False) and the `deployment` commands deal with it themselves."""
+    migrate_first = getattr(args, "migrate_first", True)
+    database = await Database.open(settings, run_migrations=migrate_first)
     try:
+        if migrate_first and getattr(args, "identity_check", True):
+            settings = await deployment_settings(database.pool, settings, args)
         return await command(database.pool, settings, args)
     finally:
         await database.close()
+
+
+async def deployment_settings(db: Any, settings: Settings, args: argparse.Namespace) -> Settings:
+    """The settings a command runs with: the default domain the database records (the one
+    `serve` or `migrate` recorded), not the file's or the built-in one. A --default-domain
+    that differs is refused with both values named; none recorded yet: ours."""
+    identity = await deployment.recorded(db)
+    if identity is None:
+        return settings
+    given = getattr(args, "default_domain", None)
+    if given is not None and given != identity.default_domain:
+        raise deployment.DeploymentMismatch(identity.default_domain, given,
+                                            "this command was given --default-domain")
+    if settings.server.default_domain == identity.default_domain:
+        return settings
+    return settings.replace({"server.default_domain": identity.default_domain})
 
 
 def emit(data: Any, as_json: bool, lines: Callable[[Any], list[str]]) -> None:

@@ -49,6 +49,26 @@ class ServerSettings:
     hostname: str = field(default_factory=socket.getfqdn)
     default_domain: str = "aexy.email"
     state_dir: Path = Path("state")
+    # Start on port 25 even when `hostname` is a name like localhost (local_name_problem).
+    allow_local_hostname: bool = False
+
+
+def local_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a public MX's greeting name (RFC 5321 4.1.4, 4.1.1.1: a name
+    that resolves to us), or None. Receivers score a `localhost` HELO as spam."""
+    host = name.strip().lower().rstrip(".")
+    if not host:
+        return "it is empty"
+    if host == "localhost" or host.endswith((".localhost", ".localdomain", ".local")):
+        return "it is a local-only name"
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return "it is an address, not a name"
+    except ValueError:
+        pass
+    if "." not in host:
+        return "it is not fully qualified"
+    return None
 
 
 @dataclass(frozen=True)

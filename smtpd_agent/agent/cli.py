@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-from ..cli_common import Parents, emit
+from ..cli_common import Parents, deployment_settings, emit
 from ..config import Settings
 from ..outbound.worker import OutboundWorker
 from ..runtime import Runtime
@@ -37,12 +37,19 @@ def register_agent(commands: Any, parents: Parents) -> None:
 
 
 def run_worker(settings: Settings, args: argparse.Namespace) -> int:
-    asyncio.run(work(settings, args.concurrency, getattr(args, "with_outbound", False)))
+    asyncio.run(work(settings, args.concurrency, getattr(args, "with_outbound", False), args))
     return 0
 
 
-async def work(settings: Settings, concurrency: int | None, with_outbound: bool = False) -> None:
+async def work(settings: Settings, concurrency: int | None, with_outbound: bool = False,
+               args: argparse.Namespace | None = None) -> None:
     runtime = await Runtime.open(settings)
+    try:  # replies come from <handle>@<workspace>.<the deployment's default domain>
+        runtime.settings = await deployment_settings(runtime.pool, settings,
+                                                     args or argparse.Namespace())
+    except BaseException:
+        await runtime.close()
+        raise
     workers = AgentWorkers(runtime, concurrency=max(1, concurrency or settings.agent.workers))
     outbound = OutboundWorker(runtime) if with_outbound else None
     stop = asyncio.Event()

@@ -40,7 +40,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "stages": (
         "auth", "routing", "scan", "pipeline",
         "store", "store.api", "store.apikeys", "store.database", "store.directory",
-        "store.domains", "store.inbox", "store.messages",
+        "store.deployment", "store.domains", "store.inbox", "store.messages",
         "runtime",
     ),
     # Listeners and features: each receives the Runtime and calls stages and store.
