@@ -90,8 +90,7 @@ async def enqueue(connection: asyncpg.Connection, message_id: int,
         if workspace_id is None:
             return None
     message = await connection.fetchrow(
-        """SELECT m.id, r.content AS raw FROM messages m
-             JOIN raw_messages r ON r.workspace_id = m.workspace_id AND r.sha256 = m.raw_sha256
+        """SELECT m.id, m.raw FROM messages m
             WHERE m.id = $1 AND m.workspace_id = $2 AND m.direction = 'outbound'""",
         message_id, workspace_id)
     if message is None:
@@ -121,7 +120,7 @@ async def enqueue(connection: asyncpg.Connection, message_id: int,
     if len(suppressed) == len(recipients):
         reason = "every recipient is suppressed" if recipients else "no recipients"
         await connection.execute(
-            """UPDATE deliveries SET state = 'failed', last_error = $3, finished_at = now()
+            """UPDATE deliveries SET status = 'failed', last_error = $3, finished_at = now()
                WHERE id = $1 AND workspace_id = $2""", delivery_id, workspace_id, reason)
         await _set_message_status(connection, workspace_id, message_id, "failed")
         log.info("outbound.failed", workspace_id=workspace_id, delivery_id=delivery_id,
@@ -182,10 +181,9 @@ async def claim(db: asyncpg.Pool, limit: int, lease: float) -> list[Delivery]:
     if not rows:
         return []
     messages = {r["id"]: r for r in await db.fetch(
-        """SELECT m.id, m.from_address, r.content AS raw
+        """SELECT m.id, m.from_address, m.raw
              FROM unnest($1::bigint[], $2::bigint[]) AS d(message_id, workspace_id)
-             JOIN messages m ON m.id = d.message_id AND m.workspace_id = d.workspace_id
-             JOIN raw_messages r ON r.workspace_id = m.workspace_id AND r.sha256 = m.raw_sha256""",
+             JOIN messages m ON m.id = d.message_id AND m.workspace_id = d.workspace_id""",
         [r["message_id"] for r in rows], [r["workspace_id"] for r in rows])}
     claimed = []
     for r in rows:
@@ -337,7 +335,7 @@ async def record_bounce(connection: asyncpg.Connection, target: BounceTarget, ad
     if remaining:
         return None
     await connection.execute(
-        """UPDATE deliveries SET state = 'bounced', finished_at = coalesce(finished_at, now())
+        """UPDATE deliveries SET status = 'bounced', finished_at = coalesce(finished_at, now())
            WHERE id = $1 AND workspace_id = $2""", target.delivery_id, target.workspace_id)
     await _set_message_status(connection, target.workspace_id, target.message_id, "bounced")
     return "bounced"

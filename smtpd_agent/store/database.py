@@ -89,7 +89,8 @@ def _decode_jsonb(data: bytes) -> Any:
     return json.loads(data[1:])
 
 
-async def _init_connection(connection: asyncpg.Connection) -> None:
+async def init_connection(connection: asyncpg.Connection) -> None:
+    """What every connection of ours needs: the pool runs it on each new connection."""
     # Binary (jsonb's wire format: version 1, then the text), because asyncpg encodes a
     # composite value (store_inbound_batch's rows) only when every field codec is binary.
     await connection.set_type_codec("jsonb", encoder=_encode_jsonb, decoder=_decode_jsonb,
@@ -112,7 +113,7 @@ async def create_pool(url: str, settings: DatabaseSettings) -> asyncpg.Pool:
         max_size=settings.pool_max,
         timeout=settings.connect_timeout,
         command_timeout=settings.command_timeout,
-        init=_init_connection,
+        init=init_connection,
         reset=_keep_session,
     )
 

@@ -117,10 +117,8 @@ async def thread(db: DB, workspace_id: int, thread_id: int) -> dict[str, Any] | 
 
 
 async def raw_message(db: DB, workspace_id: int, message_id: int) -> bytes | None:
-    return await db.fetchval(
-        """SELECT r.content FROM messages m
-             JOIN raw_messages r ON r.workspace_id = m.workspace_id AND r.sha256 = m.raw_sha256
-            WHERE m.workspace_id = $1 AND m.id = $2""", workspace_id, message_id)
+    return await db.fetchval("SELECT m.raw FROM messages m WHERE m.workspace_id = $1 AND m.id = $2",
+                             workspace_id, message_id)
 
 
 async def attachment(db: DB, workspace_id: int, attachment_id: int) -> dict[str, Any] | None:

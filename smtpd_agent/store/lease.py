@@ -1,12 +1,12 @@
 """Lease queues in Postgres: the agent's jobs and the outbound deliveries, one way.
 
 A row is claimed with `FOR UPDATE SKIP LOCKED` by moving it to the queue's
-leased state, pushing `due_at` to the end of the lease and drawing a fresh
+leased status, pushing `run_at` to the end of the lease and drawing a fresh
 `lease_token`; a worker that dies simply stops, and the row is due again when
-its lease runs out (one partial index on `due_at` serves "due" and "lease
+its lease runs out (one partial index on `run_at` serves "due" and "lease
 expired"). Every result is recorded only while the token is still the
 current one, so a worker that outlived its lease cannot record a second
-result. Both tables share the column names (migration 0009): state, due_at,
+result. Both tables share the column names (migration 0009): status, run_at,
 attempts, lease_token. Apart from the claim, which serves every workspace
 and returns each row with its workspace, every statement names the workspace.
 
@@ -33,7 +33,7 @@ DbLike: TypeAlias = asyncpg.Pool | asyncpg.Connection
 
 @dataclass(frozen=True)
 class LeaseQueue:
-    """A table used as a lease queue: which states may be claimed, and the claimed one."""
+    """A table used as a lease queue: which statuses may be claimed, and the claimed one."""
 
     table: str
     claimable: tuple[str, ...]
@@ -78,11 +78,11 @@ async def claim(db: DbLike, queue: LeaseQueue, limit: int, lease: float,
     return await db.fetch(
         f"""WITH due AS (
                 SELECT id FROM {queue.table}
-                 WHERE state = ANY($1::text[]) AND due_at <= now()
-                 ORDER BY due_at, id LIMIT $2 FOR UPDATE SKIP LOCKED)
+                 WHERE status = ANY($1::text[]) AND run_at <= now()
+                 ORDER BY run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED)
             UPDATE {queue.table} q
-               SET state = $3, attempts = q.attempts + 1, lease_token = gen_random_uuid(),
-                   due_at = now() + make_interval(secs => $4){extra}
+               SET status = $3, attempts = q.attempts + 1, lease_token = gen_random_uuid(),
+                   run_at = now() + make_interval(secs => $4){extra}
               FROM due WHERE q.id = due.id
             RETURNING q.*""",
         list(queue.claimable), limit, queue.leased, lease, *values)
@@ -91,7 +91,7 @@ async def claim(db: DbLike, queue: LeaseQueue, limit: int, lease: float,
 async def hold(connection: asyncpg.Connection, queue: LeaseQueue, lease: Lease) -> bool:
     """Lock the row for the caller's transaction; False when the lease is no longer ours."""
     return bool(await connection.fetchval(
-        f"""SELECT lease_token = $3 AND state = $4 FROM {queue.table}
+        f"""SELECT lease_token = $3 AND status = $4 FROM {queue.table}
              WHERE id = $1 AND workspace_id = $2 FOR UPDATE""",
         lease.id, lease.workspace_id, lease.token, queue.leased))
 
@@ -99,17 +99,17 @@ async def hold(connection: asyncpg.Connection, queue: LeaseQueue, lease: Lease) 
 async def settle(db: DbLike, queue: LeaseQueue, lease: Lease, state: str, *,
                  due_in: float | None = None, uncount: bool = False,
                  **columns: Any) -> bool:
-    """End our lease: the row goes to `state` (due again in `due_in` seconds, if given;
+    """End our lease: the row goes to status `state` (due again in `due_in` seconds, if given;
     the attempt not counted with `uncount`), with `columns` set. False: not ours."""
     extra, values = _assignments(columns, 8)
     result = await db.execute(
         f"""UPDATE {queue.table}
-               SET state = $4, lease_token = NULL,
-                   due_at = CASE WHEN $5::float8 IS NULL THEN due_at
+               SET status = $4, lease_token = NULL,
+                   run_at = CASE WHEN $5::float8 IS NULL THEN run_at
                                  ELSE now() + make_interval(secs => $5::float8) END,
                    attempts = CASE WHEN $6 THEN greatest(attempts - 1, 0) ELSE attempts END
                    {extra}
-             WHERE id = $1 AND workspace_id = $2 AND lease_token = $3 AND state = $7""",
+             WHERE id = $1 AND workspace_id = $2 AND lease_token = $3 AND status = $7""",
         lease.id, lease.workspace_id, lease.token, state, due_in, uncount, queue.leased,
         *values)
     return result.endswith(" 1")

@@ -26,16 +26,16 @@ ALTER TABLE messages
     DROP COLUMN raw;
 
 -- 2. Both lease queues (agent jobs, outbound deliveries) named alike, for one
---    helper (store/lease.py): `state`; `due_at`, when a row may be claimed
---    (for a claimed row, when its lease runs out); `attempts`; `lease_token`,
---    new at every claim, so only the current holder can record a result.
+--    helper (store/lease.py), in the agent jobs' words: `status`; `run_at`, when
+--    a row may be claimed (for a claimed row, when its lease runs out);
+--    `attempts`; `lease_token`, new at every claim, so that only the current
+--    holder can record a result. Deliveries kept the lease's end in a column of
+--    its own (lease_until); it moves into run_at.
 
-ALTER TABLE agent_jobs RENAME COLUMN status TO state;
-ALTER TABLE agent_jobs RENAME COLUMN run_at TO due_at;
-
-ALTER TABLE deliveries RENAME COLUMN next_attempt_at TO due_at;
+ALTER TABLE deliveries RENAME COLUMN state TO status;
+ALTER TABLE deliveries RENAME COLUMN next_attempt_at TO run_at;
 ALTER TABLE deliveries ADD COLUMN lease_token uuid;
-UPDATE deliveries SET due_at = lease_until WHERE state = 'sending' AND lease_until IS NOT NULL;
+UPDATE deliveries SET run_at = lease_until WHERE status = 'sending' AND lease_until IS NOT NULL;
 ALTER TABLE deliveries DROP COLUMN lease_until;
 DROP INDEX deliveries_due;
-CREATE INDEX deliveries_due ON deliveries (due_at) WHERE state IN ('queued', 'deferred', 'sending');
+CREATE INDEX deliveries_due ON deliveries (run_at) WHERE status IN ('queued', 'deferred', 'sending');
