@@ -110,6 +110,7 @@ class StoreSettings:
     thread_window_days: int = 30
     batch_max: int = 32
     committers: int = 2
+    batch_max_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -519,7 +520,7 @@ def _validate(settings: Settings) -> None:
                        or "+" in postmaster):
         raise ConfigError(f"routing.postmaster: expected an agent address like "
                           f"ops@operator.{settings.server.default_domain}, got {postmaster!r}")
-    for key in ("batch_max", "committers"):
+    for key in ("batch_max", "committers", "batch_max_bytes"):
         if getattr(settings.store, key) < 1:
             raise ConfigError(f"store.{key}: must be at least 1")
     if settings.store.committers >= settings.database.pool_max:

@@ -30,7 +30,7 @@ from .scan import decide as decide_scan
 from .smtp import replies
 from .smtp.replies import Reply
 from .store.database import CONNECTION_ERRORS, DatabaseUnavailable
-from .store.messages import GroupCommit, StoredMessage, Verdicts
+from .store.messages import GroupCommit, StoredMessage, StoreTooLarge, Verdicts
 
 log = structlog.get_logger("smtpd_agent.pipeline")
 
@@ -99,7 +99,8 @@ class Pipeline:
         self.authserv_id = settings.auth.authserv_id or settings.server.hostname
         self.bounces = bounces
         self.store = GroupCommit(db, settings.store.thread_window_days,
-                                 settings.store.batch_max, settings.store.committers)
+                                 settings.store.batch_max, settings.store.committers,
+                                 settings.store.batch_max_bytes)
 
     def unauthenticated(self) -> AuthResult:
         """No checks possible (a provider gave parsed fields only): RFC 8601 'none'."""
@@ -216,6 +217,12 @@ class Pipeline:
                            ("Received", received_header(content, self.settings.server.hostname))))
         try:
             stored = await self.store.store(message, verdicts, content.queue_id)
+        except StoreTooLarge as error:
+            # the same bytes fail the same way every time: permanent, for this message only
+            log.warning("smtp.rejected", reason="too big to store", error=str(error),
+                        queue_id=content.queue_id, mail_from=content.mail_from, rcpt=rcpt,
+                        transport=content.transport)
+            return Outcome(replies.TOO_BIG_TO_STORE, "too big to store")
         except DatabaseUnavailable as error:
             log.error("smtp.tempfail", reason="store failed", error=str(error),
                       queue_id=content.queue_id, mail_from=content.mail_from, rcpt=rcpt,
