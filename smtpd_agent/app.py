@@ -25,6 +25,7 @@ import asyncpg
 import structlog
 
 from .agent.worker import AgentWorkers
+from .auth import CheckRunner, adapters
 from .config import ConfigError, Settings, SmtpSettings, apply_live, env_name, to_environment
 from .dns import Resolver
 from .dnsserver.server import DnsServer
@@ -105,6 +106,8 @@ class Runtime:
     resolver: Resolver
     # One registry per process (per App in tests), never prometheus_client's global one.
     metrics: Metrics = field(default_factory=Metrics)
+    # The bounded thread pools of the SPF, DKIM and ARC checks (auth/runner.py).
+    checks: CheckRunner = field(default_factory=CheckRunner)
     _pipeline: Pipeline | None = field(default=None, repr=False)
 
     @property
@@ -135,14 +138,18 @@ class Runtime:
                             "stored with scan status 'unscanned'")
             for problem in limit_problems(settings):
                 log.warning("scan.limits", problem=problem)
-        return Pipeline(self.pool, settings, self.resolver, scanner, self.metrics)
+        return Pipeline(self.pool, settings, self.resolver, scanner, self.metrics,
+                        checks=self.checks)
 
     @classmethod
     async def open(cls, settings: Settings) -> Runtime:
+        adapters.install()
         database = await Database.open(settings)
-        return cls(settings, database, Resolver(settings.dns))
+        return cls(settings, database, Resolver(settings.dns),
+                   checks=CheckRunner(settings.auth.dns_workers, settings.auth.verify_workers))
 
     async def close(self) -> None:
+        self.checks.close()
         await self.database.close()
 
 
