@@ -73,3 +73,33 @@ async def test_stored_message_has_no_forgery_and_ours_first(dns_server, resolver
     assert len(results) == 1 and headers[0][0] == "Authentication-Results"
     assert "dmarc=fail" in results[0] and "dkim=none" in results[0]
     assert stored.endswith(b"From: ceo@bank.example\r\nSubject: wire money\r\n\r\nnow\r\n")
+
+
+def test_claimed_authserv_id_quoted_and_escaped_comments():
+    assert claimed_authserv_id(b' (a \\) still comment) "Mx.Test.Example"; none') == OURS
+    assert claimed_authserv_id(b"(unclosed comment") == ""
+    assert claimed_authserv_id(b"") == ""
+
+
+def test_deeply_nested_comments_take_one_bounded_pass():
+    """Issue 16 #1: N '(' then N ')' (254 KB, under smtp.max_header_size) took 173 s of the
+    event loop, one regex pass per nesting level. One pass over a bounded prefix now."""
+    import time
+
+    shallow = b"(" * 100 + b")" * 100 + b" mx.test.example; dkim=pass"
+    assert claimed_authserv_id(shallow) == OURS
+    n = 127_000
+    nested = b" " + b"(" * n + b")" * n + b" mx.test.example; dkim=pass"
+    raw = b"Authentication-Results:" + nested + b"\r\nFrom: a@b.example\r\n\r\nbody\r\n"
+    began = time.thread_time()
+    # Too buried in comments to read: treated as claiming our id, so it goes.
+    assert strip_our_results(raw, OURS) == b"From: a@b.example\r\n\r\nbody\r\n"
+    assert claimed_authserv_id(nested) == "(overlong)"
+    # Generous: today's code needs minutes of CPU here; the bounded pass needs a few ms.
+    assert time.thread_time() - began < 0.5
+
+
+def test_a_forged_field_behind_long_comments_still_goes():
+    forged = b"Authentication-Results: " + b"(x)" * 5000 + b" mx.test.example; dkim=pass\r\n"
+    assert strip_our_results(forged + b"From: a@b.example\r\n\r\n", OURS) == \
+        b"From: a@b.example\r\n\r\n"
