@@ -12,7 +12,8 @@ the cache cannot answer runs in a thread pool of its kind, under a deadline:
 
 A check whose deadline passes is abandoned: a queued one never starts, a
 running one stops at its next checkpoint or DNS lookup (dns.SyncResolver).
-Both pools are bounded; `close()` abandons everything still running.
+Both pools are bounded; `close()` (the runtime's, at stop) abandons everything
+still running.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Literal, TypeVar
 
-from ..dns import Resolver, SyncResolver
+from ..dns import Abandoned, Resolver, SyncResolver
 
 T = TypeVar("T")
 Pool = Literal["dns", "verify"]
@@ -56,6 +57,7 @@ class CheckRunner:
             "verify": concurrent.futures.ThreadPoolExecutor(
                 max(1, verify_workers), thread_name_prefix="auth-verify"),
         }
+        self._running: set[SyncResolver] = set()
 
     @staticmethod
     def now(resolver: Resolver, check: SyncCheck[T]) -> T | None:
@@ -64,10 +66,17 @@ class CheckRunner:
 
     async def later(self, resolver: Resolver, check: SyncCheck[T], deadline: float) -> T | None:
         """The full way in the check's pool; None when it missed `deadline` (abandoned)."""
+        def tracked(view: SyncResolver) -> T:
+            self._running.add(view)
+            try:
+                return check.run(view)
+            finally:
+                self._running.discard(view)
+
         try:
             async with asyncio.timeout(deadline):
-                return await resolver.in_thread(check.run, self._pools[check.pool])
-        except TimeoutError:
+                return await resolver.in_thread(tracked, self._pools[check.pool])
+        except (TimeoutError, Abandoned):
             return None
 
     async def run(self, resolver: Resolver, check: SyncCheck[T], deadline: float) -> T | None:
@@ -88,10 +97,12 @@ class CheckRunner:
         return results
 
     def close(self) -> None:
-        """Queued checks are dropped; a running one stops at its next checkpoint once its
-        await ends (a cancelled session, or the deadline)."""
+        """Queued checks are dropped and running ones abandoned: they stop at their next
+        checkpoint, so a stopping process does not wait for hostile work to finish."""
         for pool in self._pools.values():
             pool.shutdown(wait=False, cancel_futures=True)
+        for view in list(self._running):
+            view.abandon()
 
 
 @contextlib.asynccontextmanager
