@@ -71,9 +71,19 @@ def verify_chain(message: bytes, dnsfunc: Any,
 HAS_ARC = re.compile(rb"(?im)^arc-(seal|message-signature|authentication-results)\s*:")
 
 
+ARC_SEAL = re.compile(rb"(?im)^arc-seal\s*:")
+# RFC 8617 4.2.1: i= runs from 1 to 50; a longer chain is invalid. Checked before dkimpy,
+# which has no limit and rescans every ARC header for each set (quadratic in sets).
+MAX_ARC_SETS = 50
+
+
 def _verify(view: SyncResolver, message: bytes) -> ArcResult:
-    if not HAS_ARC.search(header_section(message)):
+    header = header_section(message)
+    if not HAS_ARC.search(header):
         return ArcResult("none")
+    seals = sum(1 for _ in zip(range(MAX_ARC_SETS + 1), ARC_SEAL.finditer(header)))
+    if seals > MAX_ARC_SETS:
+        return ArcResult("fail", reason=f"more than {MAX_ARC_SETS} ARC sets (RFC 8617 4.2.1)")
     result = verify_chain(message, make_dnsfunc(view), view.checkpoint)
     log.debug("arc.checked", result=result.result, instances=result.instances,
               reason=result.reason)
