@@ -19,7 +19,7 @@ async def sent(db, agent, to: str) -> tuple[int, str]:
     async with db.transaction():
         message_id = await store_reply(db, agent, to)
         delivery_id = await enqueue(db, message_id)
-    await db.execute("UPDATE deliveries SET state = 'sent' WHERE id = $1", delivery_id)
+    await db.execute("UPDATE deliveries SET status = 'sent' WHERE id = $1", delivery_id)
     await db.execute("UPDATE delivery_recipients SET state = 'sent' WHERE delivery_id = $1",
                      delivery_id)
     token = await db.fetchval("SELECT verp_token FROM deliveries WHERE id = $1", delivery_id)
