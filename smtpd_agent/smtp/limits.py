@@ -1,0 +1,190 @@
+"""What the listener lets any one client hold: connections and in-flight DATA bytes.
+
+Connections are counted per client key (an IPv4 address, or the /64 of an IPv6
+address, where one host usually has a whole /64 to pick from) and in total,
+across every process accepting on the port (smtp.processes). The counts live
+in a small table in shared memory (CounterTable) that the first process
+creates and hands to the others as an inherited file descriptor: each process
+writes only its own row, and a row counts only while its process is alive, so
+a child that crashes holds nothing. Checking a connection is one keyed hash
+and a read of each row: no lock, no round trip to another process; two
+processes admitting at the same instant may each let one more in.
+
+Clients share a bucket when their keys hash alike (65,536 buckets, keyed with
+a secret per start so a client cannot aim at another's bucket); the global cap
+bounds how many buckets can be full at once (max_connections / per-IP limit of
+65,536).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import mmap
+import os
+import secrets
+import struct
+from typing import Final
+
+MAGIC: Final = b"SMTPLIM1"
+HEADER = struct.Struct("<8sII16s")  # magic, slots, buckets, hash key
+ROW_HEAD = struct.Struct("<qq")  # pid, open sessions of that process
+BUCKETS: Final = 65_536
+
+
+def client_key(ip: str) -> str:
+    """The unit a per-client limit counts: an IPv4 address, or an IPv6 address's /64."""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip  # not an IP (a Unix socket peer, say): itself
+    if isinstance(address, ipaddress.IPv6Address):
+        mapped = address.ipv4_mapped
+        if mapped is not None:
+            return str(mapped)
+        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+    return str(address)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class CounterTable:
+    """Open-session counts of every accepting process, in shared memory (one row each).
+
+    `create` makes a table in an anonymous memory file; its descriptor, passed to a
+    child (pass_fds) with the child's slot number, lets `attach` map the same table.
+    """
+
+    def __init__(self, mapping: mmap.mmap, slot: int, fd: int = -1) -> None:
+        self.fd = fd
+        self._map = mapping
+        magic, self.slots, self.buckets, self.key = HEADER.unpack_from(mapping, 0)
+        if magic != MAGIC or not 0 <= slot < self.slots:
+            raise ValueError("not a connection table, or no such slot")
+        self.slot = slot
+        self._row_size = ROW_HEAD.size + 2 * self.buckets
+        self._rows = [HEADER.size + index * self._row_size for index in range(self.slots)]
+        self._counts = [memoryview(mapping)[start + ROW_HEAD.size:start + self._row_size]
+                        .cast("H") for start in self._rows]
+        own = self._rows[slot]
+        mapping[own:own + self._row_size] = bytes(self._row_size)  # a previous owner's counts
+        ROW_HEAD.pack_into(mapping, own, os.getpid(), 0)
+
+    @classmethod
+    def create(cls, slots: int = 1, buckets: int = BUCKETS) -> CounterTable:
+        """A table for `slots` processes; this one is slot 0. Shared (a memory file
+        whose descriptor children inherit) only when there are other slots."""
+        size = HEADER.size + slots * (ROW_HEAD.size + 2 * buckets)
+        fd = -1
+        if slots > 1:
+            fd = os.memfd_create("smtpd-agent-connections", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+            mapping = mmap.mmap(fd, size)
+        else:
+            mapping = mmap.mmap(-1, size)
+        HEADER.pack_into(mapping, 0, MAGIC, slots, buckets, secrets.token_bytes(16))
+        return cls(mapping, 0, fd)
+
+    @classmethod
+    def attach(cls, fd: int, slot: int) -> CounterTable:
+        """The table a parent created, from the descriptor it passed; this process is `slot`."""
+        return cls(mmap.mmap(fd, os.fstat(fd).st_size), slot, fd)
+
+    def bucket(self, key: str) -> int:
+        digest = hashlib.blake2b(key.encode(), key=self.key, digest_size=4).digest()
+        return int.from_bytes(digest, "little") % self.buckets
+
+    def _live_rows(self) -> list[int]:
+        rows = []
+        for index, start in enumerate(self._rows):
+            if index == self.slot:
+                rows.append(index)
+                continue
+            pid, _ = ROW_HEAD.unpack_from(self._map, start)
+            if pid and _alive(pid):
+                rows.append(index)
+        return rows
+
+    def counts(self, bucket: int) -> tuple[int, int]:
+        """(sessions open in `bucket`, sessions open in total), over every live process."""
+        in_bucket = total = 0
+        for index in self._live_rows():
+            in_bucket += self._counts[index][bucket]
+            total += ROW_HEAD.unpack_from(self._map, self._rows[index])[1]
+        return in_bucket, total
+
+    def add(self, bucket: int, delta: int) -> None:
+        """Change this process's own row (its only writer)."""
+        counts = self._counts[self.slot]
+        counts[bucket] = max(0, min(0xFFFF, counts[bucket] + delta))
+        start = self._rows[self.slot]
+        pid, total = ROW_HEAD.unpack_from(self._map, start)
+        ROW_HEAD.pack_into(self._map, start, pid, max(0, total + delta))
+
+    def close(self) -> None:
+        for view in self._counts:
+            view.release()
+        self._map.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class ConnectionLimits:
+    """Open sessions, in total and per client key (IPv4 address or IPv6 /64).
+
+    Without a table the counts are this process's own; with one (smtp.processes > 1)
+    they are every accepting process's.
+    """
+
+    def __init__(self, total: int, per_ip: int, table: CounterTable | None = None) -> None:
+        self.total = total
+        self.per_ip = per_ip
+        self.table = table if table is not None else CounterTable.create()
+
+    @property
+    def open_total(self) -> int:
+        return self.table.counts(0)[1]
+
+    def acquire(self, ip: str) -> bool:
+        bucket = self.table.bucket(client_key(ip))
+        in_bucket, total = self.table.counts(bucket)
+        if total >= self.total or in_bucket >= self.per_ip:
+            return False
+        self.table.add(bucket, 1)
+        return True
+
+    def release(self, ip: str) -> None:
+        self.table.add(self.table.bucket(client_key(ip)), -1)
+
+
+class DataBudget:
+    """In-flight DATA/BDAT bytes of one process, over what each session may always hold.
+
+    A session holding more than `free` bytes of message content must reserve the
+    excess here; when the budget is spent the message is read to its end without
+    being kept and answered 452 4.3.1, so slow or huge uploads cannot add up past
+    the budget, while a typical message (under `free`) is never refused for it.
+    """
+
+    def __init__(self, limit: int, free: int = 262_144) -> None:
+        self.limit = limit
+        self.free = free
+        self.used = 0
+
+    def reserve(self, size: int) -> bool:
+        if self.limit and self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.used = max(0, self.used - size)
