@@ -5,8 +5,9 @@ address, where one host usually has a whole /64 to pick from) and in total,
 across every process accepting on the port (smtp.processes). The counts live
 in a small table in shared memory (CounterTable) that the first process
 creates and hands to the others as an inherited file descriptor: each process
-writes only its own row, and a row counts only while its process is alive, so
-a child that crashes holds nothing. Checking a connection is one keyed hash
+writes only its own row, and a row counts only while its process is alive (it
+holds a POSIX lock on its row, which the kernel drops when the process dies,
+zombie or not), so a child that crashes holds nothing. Checking a connection is one keyed hash
 and a read of each row: no lock, no round trip to another process; two
 processes admitting at the same instant may each let one more in.
 
@@ -18,18 +19,21 @@ bounds how many buckets can be full at once (max_connections / per-IP limit of
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import ipaddress
 import mmap
 import os
 import secrets
 import struct
+import time
 from typing import Final
 
 MAGIC: Final = b"SMTPLIM1"
 HEADER = struct.Struct("<8sII16s")  # magic, slots, buckets, hash key
 ROW_HEAD = struct.Struct("<qq")  # pid, open sessions of that process
 BUCKETS: Final = 65_536
+LIVENESS_TTL: Final = 1.0  # seconds another row's liveness is trusted before checking again
 
 
 def client_key(ip: str) -> str:
@@ -46,16 +50,6 @@ def client_key(ip: str) -> str:
     return str(address)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class CounterTable:
     """Open-session counts of every accepting process, in shared memory (one row each).
 
@@ -63,55 +57,73 @@ class CounterTable:
     child (pass_fds) with the child's slot number, lets `attach` map the same table.
     """
 
-    def __init__(self, mapping: mmap.mmap, slot: int, fd: int = -1) -> None:
+    def __init__(self, header: bytes, slot: int, fd: int = -1,
+                 mapping: mmap.mmap | None = None) -> None:
         self.fd = fd
-        self._map = mapping
-        magic, self.slots, self.buckets, self.key = HEADER.unpack_from(mapping, 0)
+        magic, self.slots, self.buckets, self.key = HEADER.unpack_from(header, 0)
         if magic != MAGIC or not 0 <= slot < self.slots:
             raise ValueError("not a connection table, or no such slot")
         self.slot = slot
         self._row_size = ROW_HEAD.size + 2 * self.buckets
         self._rows = [HEADER.size + index * self._row_size for index in range(self.slots)]
+        own = self._rows[slot]
+        if fd >= 0:
+            # Held while this process lives; raises if a live process has this slot. Taken
+            # before mmap() dups the descriptor: closing any descriptor of the file drops
+            # every POSIX lock this process holds on it.
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, self._row_size, own)
+        if mapping is None:
+            mapping = mmap.mmap(fd, os.fstat(fd).st_size)
+        self._map = mapping
         self._counts = [memoryview(mapping)[start + ROW_HEAD.size:start + self._row_size]
                         .cast("H") for start in self._rows]
-        own = self._rows[slot]
         mapping[own:own + self._row_size] = bytes(self._row_size)  # a previous owner's counts
         ROW_HEAD.pack_into(mapping, own, os.getpid(), 0)
+        self._liveness: dict[int, tuple[bool, float]] = {}
 
     @classmethod
     def create(cls, slots: int = 1, buckets: int = BUCKETS) -> CounterTable:
         """A table for `slots` processes; this one is slot 0. Shared (a memory file
         whose descriptor children inherit) only when there are other slots."""
         size = HEADER.size + slots * (ROW_HEAD.size + 2 * buckets)
-        fd = -1
-        if slots > 1:
-            fd = os.memfd_create("smtpd-agent-connections", os.MFD_CLOEXEC)
-            os.ftruncate(fd, size)
-            mapping = mmap.mmap(fd, size)
-        else:
+        header = HEADER.pack(MAGIC, slots, buckets, secrets.token_bytes(16))
+        if slots == 1:
             mapping = mmap.mmap(-1, size)
-        HEADER.pack_into(mapping, 0, MAGIC, slots, buckets, secrets.token_bytes(16))
-        return cls(mapping, 0, fd)
+            mapping[:len(header)] = header
+            return cls(header, 0, mapping=mapping)
+        fd = os.memfd_create("smtpd-agent-connections", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        os.pwrite(fd, header, 0)
+        return cls(header, 0, fd)
 
     @classmethod
     def attach(cls, fd: int, slot: int) -> CounterTable:
         """The table a parent created, from the descriptor it passed; this process is `slot`."""
-        return cls(mmap.mmap(fd, os.fstat(fd).st_size), slot, fd)
+        return cls(os.pread(fd, HEADER.size, 0), slot, fd)
 
     def bucket(self, key: str) -> int:
         digest = hashlib.blake2b(key.encode(), key=self.key, digest_size=4).digest()
         return int.from_bytes(digest, "little") % self.buckets
 
+    def _alive(self, index: int) -> bool:
+        """Whether row `index`'s process holds its lock (checked at most once per TTL)."""
+        now = time.monotonic()
+        alive, checked = self._liveness.get(index, (False, -LIVENESS_TTL))
+        if now - checked < LIVENESS_TTL:
+            return alive
+        start = self._rows[index]
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB, self._row_size, start)
+        except OSError:
+            alive = True
+        else:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, self._row_size, start)
+            alive = False
+        self._liveness[index] = (alive, now)
+        return alive
+
     def _live_rows(self) -> list[int]:
-        rows = []
-        for index, start in enumerate(self._rows):
-            if index == self.slot:
-                rows.append(index)
-                continue
-            pid, _ = ROW_HEAD.unpack_from(self._map, start)
-            if pid and _alive(pid):
-                rows.append(index)
-        return rows
+        return [index for index in range(self.slots) if index == self.slot or self._alive(index)]
 
     def counts(self, bucket: int) -> tuple[int, int]:
         """(sessions open in `bucket`, sessions open in total), over every live process."""
