@@ -1,6 +1,7 @@
 """Held replies (issue 16, defect 5): one client pipelines NOOPs whose writes end mid-line.
 
     .venv/bin/python -m bench.hostile_smtp [--megabytes 37] [--baseline REV] [--json FILE]
+                                           [--max-commands N]
 
 Runs `smtpd-agent serve` (embedded Postgres unless DATABASE_URL is given) from
 this tree, and with --baseline from an earlier git revision too, and against
@@ -154,12 +155,16 @@ def main() -> int:
     parser.add_argument("--megabytes", type=int, default=37)
     parser.add_argument("--baseline", metavar="REV", help="also measure git revision REV")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--max-commands", type=int,
+                        help="smtp.max_commands for this tree (e.g. 10**9: the reply cap alone)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="smtpd-agent-hostile-"))
     env = {**os.environ, "SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": "bench.test",
            "SMTPD_AGENT_AGENT_WORKERS": "0", "SMTPD_AGENT_LOG_LEVEL": "warning",
            "SMTPD_AGENT_SCAN_CLAMD": "", "SMTPD_AGENT_DNS_NAMESERVERS": "127.0.0.1:9",
            "SMTPD_AGENT_DNS_TIMEOUT": "0.5", "SMTPD_AGENT_AUTH_TIMEOUT": "1"}
+    if args.max_commands:  # an older tree ignores the variable (unknown keys are not read)
+        env["SMTPD_AGENT_SMTP_MAX_COMMANDS"] = str(args.max_commands)
     trees = [("this tree", REPO)]
     baseline = None
     if args.baseline:
