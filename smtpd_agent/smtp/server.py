@@ -266,7 +266,12 @@ class AgentSMTP(SMTP):
             self.transport.close()
 
     def _set_post_data_state(self) -> None:
-        self._release_data()
+        """Also on RSET and EHLO (aiosmtpd's _set_rset_state): a transaction abandoned
+        between BDAT chunks stops counting as receiving, for the data rate and a drain."""
+        if "_rate_handle" in self.__dict__:
+            self._stop_rate_watch()
+            self._release_data()
+            self.receiving = False
         super()._set_post_data_state()
 
     def _reset_timeout(self, duration: float | None = None) -> None:
@@ -489,7 +494,7 @@ class AgentSMTP(SMTP):
         return True
 
     def _release_data(self) -> None:
-        if self.__dict__.get("_data_held") and self.data_budget is not None:
+        if self._data_held and self.data_budget is not None:
             self.data_budget.release(self._data_held)
             self._data_held = 0
 
