@@ -293,6 +293,38 @@ async def test_data_below_the_minimum_rate_is_cut_off(hostile_server):
     assert seconds < 4, f"closed after {seconds:.1f}s"
 
 
+async def test_bdat_below_the_minimum_rate_is_cut_off_but_not_after_rset(hostile_server):
+    async with alongside(hostile_server.port):
+        reader, writer = await open_session(hostile_server.port)
+        for command in (b"MAIL FROM:<slow@example.org>", f"RCPT TO:<{RCPT}>".encode(),
+                        b"BDAT 100"):
+            writer.write(command + b"\r\n" + (b"x" * 100 if command == b"BDAT 100" else b""))
+            assert (await read_reply(reader))[:1] == b"2"
+        # A transaction abandoned between chunks no longer has a rate to keep.
+        writer.write(b"RSET\r\n")
+        assert (await read_reply(reader))[:1] == b"2"
+        await asyncio.sleep(2.5)
+        writer.write(b"NOOP\r\n")
+        assert (await read_reply(reader))[:1] == b"2"
+        for command in (b"MAIL FROM:<slow@example.org>", f"RCPT TO:<{RCPT}>".encode()):
+            writer.write(command + b"\r\n")
+            assert (await read_reply(reader))[:1] == b"2"
+        writer.write(b"BDAT 100000 LAST\r\n")
+        started = time.monotonic()
+        closing = asyncio.create_task(received_until_closed(reader, 8))
+        try:
+            while not closing.done():
+                writer.write(b"x" * 100)  # ~400 bytes/s, under 4,000
+                await asyncio.sleep(0.25)
+        except ConnectionError:
+            pass
+        data = await closing
+        seconds = time.monotonic() - started
+        writer.close()
+    assert data.startswith(str(replies.DATA_TOO_SLOW).encode()), data
+    assert seconds < 4, f"closed after {seconds:.1f}s"
+
+
 async def test_in_flight_data_is_bounded_by_the_budget(hostile_server):
     """Two sessions hold 1.4 MB each mid-DATA (sending fast enough not to be cut off);
     a 1.2 MB message then does not fit the 3 MB budget: 452 4.3.1, and it is read to its
