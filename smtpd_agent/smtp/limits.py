@@ -5,10 +5,11 @@ address, where one host usually has a whole /64 to pick from) and in total,
 across every process accepting on the port (smtp.processes). The counts live
 in a small table in shared memory (CounterTable) that the first process
 creates and hands to the others as an inherited file descriptor: each process
-writes only its own row, and a row counts only while its process is alive (it
-holds a POSIX lock on its row, which the kernel drops when the process dies,
-zombie or not), so a child that crashes holds nothing. Checking a connection is one keyed hash
-and a read of each row: no lock, no round trip to another process; two
+writes only its own row, and a row counts only while its process is alive: it
+holds a POSIX lock on its row, which the kernel drops when the process dies
+(zombie or not), so a child that crashes stops counting within LIVENESS_TTL.
+Checking a connection is one keyed hash and a read of each row (a lock probe
+per other row at most once a second): no round trip to another process; two
 processes admitting at the same instant may each let one more in.
 
 Clients share a bucket when their keys hash alike (65,536 buckets, keyed with
@@ -82,7 +83,7 @@ class CounterTable:
                         .cast("H") for start in self._rows]
         mapping[own:own + self._row_size] = bytes(self._row_size)  # a previous owner's counts
         ROW_HEAD.pack_into(mapping, own, os.getpid(), 0)
-        self._liveness: dict[int, tuple[bool, float]] = {}
+        self._liveness: dict[int, tuple[int, bool, float]] = {}  # row: pid, alive, when
 
     @classmethod
     def create(cls, slots: int = 1, buckets: int = BUCKETS) -> CounterTable:
@@ -108,11 +109,12 @@ class CounterTable:
         digest = hashlib.blake2b(key.encode(), key=self.key, digest_size=4).digest()
         return int.from_bytes(digest, "little") % self.buckets
 
-    def _alive(self, index: int) -> bool:
-        """Whether row `index`'s process holds its lock (checked at most once per TTL)."""
+    def _alive(self, index: int, pid: int) -> bool:
+        """Whether row `index`'s process holds its lock: checked at most once per TTL for
+        the same pid (a row taken over by a new process is checked at once)."""
         now = time.monotonic()
-        alive, checked = self._liveness.get(index, (False, -LIVENESS_TTL))
-        if now - checked < LIVENESS_TTL:
+        seen, alive, checked = self._liveness.get(index, (0, False, -LIVENESS_TTL))
+        if seen == pid and now - checked < LIVENESS_TTL:
             return alive
         start = self._rows[index]
         try:
@@ -122,18 +124,17 @@ class CounterTable:
         else:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, self._row_size, start)
             alive = False
-        self._liveness[index] = (alive, now)
+        self._liveness[index] = (pid, alive, now)
         return alive
-
-    def _live_rows(self) -> list[int]:
-        return [index for index in range(self.slots) if index == self.slot or self._alive(index)]
 
     def counts(self, bucket: int) -> tuple[int, int]:
         """(sessions open in `bucket`, sessions open in total), over every live process."""
         in_bucket = total = 0
-        for index in self._live_rows():
-            in_bucket += self._counts[index][bucket]
-            total += ROW_HEAD.unpack_from(self._map, self._rows[index])[1]
+        for index, start in enumerate(self._rows):
+            pid, row_total = ROW_HEAD.unpack_from(self._map, start)
+            if row_total and (index == self.slot or self._alive(index, pid)):
+                in_bucket += self._counts[index][bucket]
+                total += row_total
         return in_bucket, total
 
     def add(self, bucket: int, delta: int) -> None:
