@@ -35,8 +35,9 @@ from .outbound.worker import OutboundWorker
 from .pipeline import Pipeline
 from .routing import Router
 from .runtime import Runtime
+from .smtp.edge import Edge
 from .smtp.handler import SessionHandler
-from .smtp.limits import ConnectionLimits, CounterTable, DataBudget
+from .smtp.limits import ClientRates, ConnectionLimits, CounterTable, DataBudget
 from .smtp.server import AgentSMTP, Sessions
 from .store import deployment
 from .systemd import Notifier
@@ -102,6 +103,7 @@ class SessionParts:
     handler: SessionHandler
     pipeline: Pipeline
     tls_context: ssl.SSLContext | None
+    edge: Edge
 
 
 class MailServer:
@@ -137,7 +139,10 @@ class MailServer:
         pipeline = (self.runtime.pipeline if self._parts is None
                     else self.runtime.build_pipeline(settings))
         handler = SessionHandler(self.router, settings.smtp.max_recipients, self.runtime.metrics)
-        return SessionParts(settings, handler, pipeline, tls_context)
+        # Rates and bans live in the connection table, so a reload keeps them.
+        edge = Edge(settings.edge, self.runtime.resolver,
+                    ClientRates(self.limits.table, settings.edge), self.runtime.metrics)
+        return SessionParts(settings, handler, pipeline, tls_context, edge)
 
     async def start(self) -> None:
         settings = self.settings
@@ -155,7 +160,7 @@ class MailServer:
                              deliver=parts.pipeline.receive,
                              hostname=parts.settings.server.hostname, sessions=self.sessions,
                              tls_context=parts.tls_context, loop=loop, metrics=metrics,
-                             data_budget=self.data_budget)
+                             data_budget=self.data_budget, edge=parts.edge)
 
         # With smtp.processes > 1 several processes accept on this port (SO_REUSEPORT).
         self._server = await loop.create_server(session, settings.smtp.host, settings.smtp.port,

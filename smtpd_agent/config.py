@@ -335,6 +335,24 @@ class OutboundSettings:
 
 
 @dataclass(frozen=True)
+class EdgeSettings:
+    """Reputation at the edge: DNSBLs and iprev at connect, per-client rates and bans."""
+
+    # DNSBL zones (RFC 5782) asked about every connecting client, e.g. "zen.spamhaus.org"
+    dnsbl: list[str] = field(default_factory=list)
+    dnsbl_action: Literal["reject", "mark"] = "reject"
+    dnsbl_timeout: float = 3.0
+    iprev: bool = True
+    iprev_timeout: float = 5.0
+    # Per client (IPv4 address, IPv6 /64), per fixed window of rate_window seconds; 0: no limit
+    rate_window: float = 60.0
+    connection_rate: int = 60
+    message_rate: int = 120
+    failed_rcpt_rate: int = 30
+    ban_seconds: float = 600.0
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -356,6 +374,7 @@ class Settings:
     mta_sts: MtaStsSettings = field(default_factory=MtaStsSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     outbound: OutboundSettings = field(default_factory=OutboundSettings)
+    edge: EdgeSettings = field(default_factory=EdgeSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def replace(self, overrides: Mapping[str, Any]) -> Settings:
@@ -367,7 +386,7 @@ class Settings:
 # (bind address, database, DNS, routing, agent, logging, anything a later section adds)
 # needs a restart. Logging is not live: loggers cache their level on first use (logs.py).
 # Prefixes end with ".", other entries are exact keys.
-LIVE_KEYS = ("smtp.", "auth.", "scan.", "store.")
+LIVE_KEYS = ("smtp.", "auth.", "scan.", "store.", "edge.")
 RESTART_ONLY_KEYS = ("smtp.host", "smtp.port", "auth.verify_workers", "auth.dns_workers")
 
 
@@ -556,6 +575,7 @@ def _validate(settings: Settings) -> None:
     for key in ("batch_max", "committers", "batch_max_bytes"):
         if getattr(settings.store, key) < 1:
             raise ConfigError(f"store.{key}: must be at least 1")
+    _validate_edge(settings)
     if settings.store.committers >= settings.database.pool_max:
         raise ConfigError("store.committers: must be less than database.pool_max "
                           "(routing, agents and the API need connections too)")
@@ -627,6 +647,19 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(value)
     return host, int(port)
+
+
+def _validate_edge(settings: Settings) -> None:
+    edge = settings.edge
+    for key in ("connection_rate", "message_rate", "failed_rcpt_rate"):
+        if not 0 <= getattr(edge, key) <= 0xFFFF:
+            raise ConfigError(f"edge.{key}: must be 0 (no limit) to 65535")
+    for key in ("dnsbl_timeout", "iprev_timeout", "rate_window", "ban_seconds"):
+        if getattr(edge, key) <= 0:
+            raise ConfigError(f"edge.{key}: must be above 0")
+    for zone in edge.dnsbl:
+        if not zone or "." not in zone.strip(".") or any(c in zone for c in " /@"):
+            raise ConfigError(f"edge.dnsbl: expected DNS zone names, got {zone!r}")
 
 
 def _validate_dns_server(settings: Settings) -> None:

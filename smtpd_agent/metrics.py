@@ -64,6 +64,18 @@ class Metrics:
                                  2.5, 5, 10))
         self.webhooks = Counter("smtpd_agent_webhook_requests", "Provider webhook posts",
                                 ["provider", "outcome"], registry=r)
+        self.edge_rate_exceeded = Counter(
+            "smtpd_agent_edge_rate_exceeded",
+            "Clients banned for going over a per-client rate, by the rate", ["kind"],
+            registry=r)
+        self.edge_refused = Counter(
+            "smtpd_agent_edge_refused",
+            "Connections or commands refused at the edge (ban, rate, dnsbl)", ["reason"],
+            registry=r)
+        self.dnsbl = Counter("smtpd_agent_dnsbl_results", "DNSBL answers by zone and result",
+                             ["zone", "result"], registry=r)
+        self.iprev = Counter("smtpd_agent_iprev_results", "iprev verdicts of connections",
+                             ["result"], registry=r)
         self.queue_depth = Gauge("smtpd_agent_queue_depth",
                                  "Rows of a queue table by state, read at scrape time",
                                  ["queue", "state"], registry=r)

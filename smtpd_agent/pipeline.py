@@ -189,7 +189,7 @@ class Pipeline:
             session_id=content.session_id, client_ip=content.client_ip, helo=content.helo,
             mail_from=content.mail_from, recipients=content.recipients, tls=content.tls,
             tls_version=content.tls_version, smtputf8=content.smtputf8,
-            received_at=content.received_at)
+            received_at=content.received_at, iprev=content.iprev, dnsbl=content.dnsbl)
         if len(content.data) > PARSE_IN_THREAD_ABOVE:
             parsed = await asyncio.to_thread(parse_message, content.data)
         else:
@@ -213,7 +213,8 @@ class Pipeline:
             return Outcome(rejected.reply, rejected.reason)
         verdicts = Verdicts(
             spf=auth.spf, dkim=auth.dkim, dmarc=auth.dmarc, arc=auth.arc,
-            auth_results=auth.header_value, auth_detail=auth.to_dict(), quarantined=quarantined,
+            auth_results=auth.header_value, auth_detail=auth_detail(auth, envelope),
+            quarantined=quarantined, iprev=auth.iprev or None,
             **scan_columns(scan, message))
         # RFC 8601 section 5: results claiming our authserv-id can only be forged; ours go first.
         message = dataclasses.replace(
@@ -247,6 +248,15 @@ class Pipeline:
                      "scan": round((scanned - authenticated) * 1000, 1),
                      "store": round((stored_at - scanned) * 1000, 1)})
         return Outcome(replies.queued(content.queue_id), "accepted", tuple(stored))
+
+
+def auth_detail(auth: AuthResult, envelope: Envelope) -> dict[str, object]:
+    """What authentication found, plus the DNSBL zones that list the client (edge.dnsbl
+    with dnsbl_action = "mark"), for the inbox and a later spam stage."""
+    detail = auth.to_dict()
+    if envelope.dnsbl:
+        detail["dnsbl"] = list(envelope.dnsbl)
+    return detail
 
 
 def scan_columns(scan: ScanResult | None, message: InboundMessage) -> dict[str, object]:

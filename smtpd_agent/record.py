@@ -39,6 +39,16 @@ class Recipient:
 
 
 @dataclass(frozen=True)
+class Iprev:
+    """The client's reverse DNS, confirmed forward (RFC 8601 section 3): computed once per
+    connection at connect, kept with every message of it (the spam stage reads it too)."""
+
+    result: str  # pass / fail / temperror / permerror
+    ip: str
+    name: str = ""  # the confirmed name on pass, else the first PTR name (if any)
+
+
+@dataclass(frozen=True)
 class Envelope:
     """What the SMTP session knows about one transaction."""
 
@@ -51,6 +61,9 @@ class Envelope:
     tls_version: str | None = None
     smtputf8: bool = False
     received_at: datetime | None = None
+    iprev: Iprev | None = None  # None: not computed (a webhook, or edge.iprev off)
+    # DNSBL zones (edge.dnsbl) listing the client, when edge.dnsbl_action = "mark"
+    dnsbl: tuple[str, ...] = ()
 
     @property
     def null_sender(self) -> bool:
@@ -90,3 +103,5 @@ class ReceivedContent:
     authenticable: bool = True
     # VERP tokens of RCPTs routed to the bounce processor (outbound/bounces.py)
     bounce_tokens: tuple[str, ...] = ()
+    iprev: Iprev | None = None
+    dnsbl: tuple[str, ...] = ()

@@ -59,6 +59,7 @@ class AuthResult:
     spf_detail: SpfResult | None = None
     dmarc_detail: DmarcResult | None = None
     arc_detail: ArcResult | None = None
+    iprev: str = ""  # "" when not computed (webhooks); the stored column
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (plain str/int/list/dict), for the store and the inbox CLI."""
@@ -67,6 +68,7 @@ class AuthResult:
             "dkim": self.dkim,
             "dmarc": self.dmarc,
             "arc": self.arc,
+            "iprev": self.iprev,
             "dmarc_policy": self.dmarc_policy,
             "dmarc_disposition": self.dmarc_disposition,
             "authserv_id": self.authserv_id,
@@ -149,7 +151,8 @@ async def authenticate(message: InboundMessage, resolver: Resolver, settings: Au
     if dmarc is None:
         dmarc = DmarcResult("temperror", reason="DMARC policy lookup timed out")
 
-    value = header_value(authserv_id, spf_result, dkim_result, dmarc, arc_result)
+    value = header_value(authserv_id, spf_result, dkim_result, dmarc, arc_result,
+                         envelope.iprev)
     result = AuthResult(
         spf=spf_result.result, dkim=dkim_result.summary, dmarc=dmarc.result,
         arc=arc_result.result,
@@ -158,6 +161,7 @@ async def authenticate(message: InboundMessage, resolver: Resolver, settings: Au
         header_value=value,
         authserv_id=authserv_id, dkim_signatures=dkim_result.signatures, spf_detail=spf_result,
         dmarc_detail=dmarc, arc_detail=arc_result,
+        iprev=envelope.iprev.result if envelope.iprev else "",
     )
     log.debug("auth.result", spf=result.spf, dkim=result.dkim, dmarc=result.dmarc,
              arc=result.arc, dmarc_policy=result.dmarc_policy,

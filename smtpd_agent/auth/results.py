@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from ..record import Iprev
+
 if TYPE_CHECKING:
     from .arc import ArcResult
     from .dkim import DkimResult
@@ -39,7 +41,7 @@ def _comment(text: str) -> str:
 
 
 def header_value(authserv_id: str, spf: SpfResult, dkim: DkimResult, dmarc: DmarcResult,
-                 arc: ArcResult | None = None) -> str:
+                 arc: ArcResult | None = None, iprev: Iprev | None = None) -> str:
     """The field body, folded one method per line: "id;\\r\\n\\tspf=pass smtp.mailfrom=..."."""
     parts: list[str] = []
 
@@ -82,6 +84,13 @@ def header_value(authserv_id: str, spf: SpfResult, dkim: DkimResult, dmarc: Dmar
         if arc.reason and arc.result != "pass":
             arc_part += " " + _comment(arc.reason)
         parts.append(arc_part)
+
+    if iprev is not None:
+        # RFC 8601 section 2.7.3: the address is policy.iprev; the name goes in a comment.
+        iprev_part = f"iprev={iprev.result}"
+        if iprev.name:
+            iprev_part += " " + _comment(iprev.name)
+        parts.append(iprev_part + f" policy.iprev={_value(iprev.ip)}")
 
     return authserv_id + ";\r\n\t" + ";\r\n\t".join(parts)
 

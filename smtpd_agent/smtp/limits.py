@@ -16,26 +16,53 @@ Clients share a bucket when their keys hash alike (65,536 buckets, keyed with
 a secret per start so a client cannot aim at another's bucket); the global cap
 bounds how many buckets can be full at once (max_connections / per-IP limit of
 65,536).
+
+The same rows also count per-client rates (issue 17: connections, messages and
+failed RCPTs per fixed window of edge.rate_window seconds) and hold bans: each
+process counts into its own row, a bucket's rate is the sum over every row in
+the current window (a process that died still counted what it saw), and a
+bucket is banned while any row's ban time lies ahead (ClientRates). Bans live
+as long as the table, that is until the main process restarts: a restart lifts
+them, as Postfix's anvil forgets its counts.
 """
 
 from __future__ import annotations
 
+import enum
 import fcntl
 import hashlib
+import math
 import mmap
 import os
 import secrets
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import Final
 
-MAGIC: Final = b"SMTPLIM1"
+from ..config import EdgeSettings
+
+MAGIC: Final = b"SMTPLIM2"
 HEADER = struct.Struct("<8sII16s")  # magic, slots, buckets, hash key
 ROW_HEAD = struct.Struct("<qq")  # pid, open sessions of that process
 BUCKETS: Final = 65_536
 IPV4_MAPPED: Final = bytes(10) + b"\xff\xff"
 LIVENESS_TTL: Final = 1.0  # seconds another row's liveness is trusted before checking again
+
+
+class RateKind(enum.IntEnum):
+    """What a per-client rate counts (edge.connection_rate, message_rate, failed_rcpt_rate)."""
+
+    CONNECTION = 0
+    MESSAGE = 1
+    FAILED_RCPT = 2
+
+
+RATE_KINDS: Final = len(RateKind)
+# Bytes per bucket in a row: open sessions (H), the window its rates count in (I), one
+# count per RateKind (H each), the time its ban ends (I, Unix seconds).
+BUCKET_BYTES: Final = 2 + 4 + 2 * RATE_KINDS + 4
 
 
 def client_key(ip: str) -> str:
@@ -68,7 +95,7 @@ class CounterTable:
         if magic != MAGIC or not 0 <= slot < self.slots:
             raise ValueError("not a connection table, or no such slot")
         self.slot = slot
-        self._row_size = ROW_HEAD.size + 2 * self.buckets
+        self._row_size = ROW_HEAD.size + BUCKET_BYTES * self.buckets
         self._rows = [HEADER.size + index * self._row_size for index in range(self.slots)]
         own = self._rows[slot]
         if fd >= 0:
@@ -79,8 +106,16 @@ class CounterTable:
         if mapping is None:
             mapping = mmap.mmap(fd, os.fstat(fd).st_size)
         self._map = mapping
-        self._counts = [memoryview(mapping)[start + ROW_HEAD.size:start + self._row_size]
-                        .cast("H") for start in self._rows]
+        view = memoryview(mapping)
+        b = self.buckets
+        # Per row: open sessions, then the rate window, rate counts and ban end per bucket.
+        areas = [(start + ROW_HEAD.size, start + ROW_HEAD.size + 2 * b) for start in self._rows]
+        self._counts = [view[first:end].cast("H") for first, end in areas]
+        self._windows = [view[end:end + 4 * b].cast("I") for _, end in areas]
+        self._events = [view[end + 4 * b:end + (4 + 2 * RATE_KINDS) * b].cast("H")
+                        for _, end in areas]
+        self._bans = [view[end + (4 + 2 * RATE_KINDS) * b:end + (8 + 2 * RATE_KINDS) * b]
+                      .cast("I") for _, end in areas]
         mapping[own:own + self._row_size] = bytes(self._row_size)  # a previous owner's counts
         ROW_HEAD.pack_into(mapping, own, os.getpid(), 0)
         self._liveness: dict[int, tuple[int, bool, float]] = {}  # row: pid, alive, when
@@ -89,7 +124,7 @@ class CounterTable:
     def create(cls, slots: int = 1, buckets: int = BUCKETS) -> CounterTable:
         """A table for `slots` processes; this one is slot 0. Shared (a memory file
         whose descriptor children inherit) only when there are other slots."""
-        size = HEADER.size + slots * (ROW_HEAD.size + 2 * buckets)
+        size = HEADER.size + slots * (ROW_HEAD.size + BUCKET_BYTES * buckets)
         header = HEADER.pack(MAGIC, slots, buckets, secrets.token_bytes(16))
         if slots == 1:
             mapping = mmap.mmap(-1, size)
@@ -145,8 +180,29 @@ class CounterTable:
         pid, total = ROW_HEAD.unpack_from(self._map, start)
         ROW_HEAD.pack_into(self._map, start, pid, max(0, total + delta))
 
+    def note(self, bucket: int, kind: RateKind, window: int) -> int:
+        """Count one event of `kind` in this process's row; the bucket's count of that kind
+        in `window` over every row (a crashed process's count still counts)."""
+        own_windows, own_events = self._windows[self.slot], self._events[self.slot]
+        if own_windows[bucket] != window:
+            own_windows[bucket] = window
+            for other in range(RATE_KINDS):
+                own_events[bucket * RATE_KINDS + other] = 0
+        index = bucket * RATE_KINDS + kind
+        own_events[index] = min(0xFFFF, own_events[index] + 1)
+        return sum(events[index] for windows, events in zip(self._windows, self._events)
+                   if windows[bucket] == window)
+
+    def banned_until(self, bucket: int) -> int:
+        """When the latest ban of `bucket` in any row ends (Unix seconds; 0: never banned)."""
+        return max(bans[bucket] for bans in self._bans)
+
+    def ban(self, bucket: int, until: int) -> None:
+        own = self._bans[self.slot]
+        own[bucket] = max(own[bucket], min(until, 0xFFFFFFFF))
+
     def close(self) -> None:
-        for view in self._counts:
+        for view in (*self._counts, *self._windows, *self._events, *self._bans):
             view.release()
         self._map.close()
         if self.fd >= 0:
@@ -204,3 +260,49 @@ class DataBudget:
 
     def release(self, size: int) -> None:
         self.used = max(0, self.used - size)
+
+
+class RateVerdict(enum.Enum):
+    """A per-client rate's decision on one event."""
+
+    WITHIN = "within"
+    EXCEEDED = "exceeded"  # this event went over the limit: the client is banned from now
+    BANNED = "banned"  # an earlier ban still holds
+
+
+class ClientRates:
+    """Per-client rates and temporary bans, in the connection table (every process's).
+
+    Fixed windows of edge.rate_window seconds (a client may reach twice a limit across
+    a window boundary, never more); going over any limit bans the client's bucket for
+    edge.ban_seconds, during which every connection gets 421 4.7.0.
+    """
+
+    def __init__(self, table: CounterTable, settings: EdgeSettings,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.table = table
+        self.window = settings.rate_window
+        self.ban_seconds = settings.ban_seconds
+        self.limits = {RateKind.CONNECTION: settings.connection_rate,
+                       RateKind.MESSAGE: settings.message_rate,
+                       RateKind.FAILED_RCPT: settings.failed_rcpt_rate}
+        self.clock = clock
+
+    def ban_left(self, ip: str) -> float:
+        """Seconds the client's ban still runs (0: not banned)."""
+        until = self.table.banned_until(self.table.bucket(client_key(ip)))
+        return max(0.0, until - self.clock())
+
+    def note(self, ip: str, kind: RateKind) -> RateVerdict:
+        bucket = self.table.bucket(client_key(ip))
+        now = self.clock()
+        if self.table.banned_until(bucket) > now:
+            return RateVerdict.BANNED
+        limit = self.limits[kind]
+        if not limit:
+            return RateVerdict.WITHIN
+        count = self.table.note(bucket, kind, int(now // self.window) & 0xFFFFFFFF)
+        if count <= limit:
+            return RateVerdict.WITHIN
+        self.table.ban(bucket, math.ceil(now + self.ban_seconds))
+        return RateVerdict.EXCEEDED

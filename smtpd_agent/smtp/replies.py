@@ -80,6 +80,9 @@ TEMP_ERROR = Reply(451, "3.0", "Internal error, try again later")
 TEMP_ROUTING_FAILURE = Reply(451, "3.0", "Temporary lookup failure, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "5.3", "Too many recipients")
 TOO_MANY_CONNECTIONS = Reply(421, "7.0", "Too many connections, try again later")
+CLIENT_BANNED = Reply(421, "7.0", "Too much traffic from your address, try again later")
+RATE_EXCEEDED = Reply(421, "7.0",
+                      "Rate limit exceeded for your address, try again later")
 TIMEOUT = Reply(421, "4.2", "Timeout, closing connection")
 SHUTTING_DOWN = Reply(421, "3.2", "Service shutting down, try again later")
 TEMP_AUTH_FAILURE = Reply(451, "7.0", "DNS error during policy check, try again later")
@@ -99,6 +102,13 @@ BARE_LF = Reply(550, "5.2", "Bare <LF> received, lines must end with <CR><LF>")
 DMARC_REJECT = Reply(550, "7.1", "Message rejected: DMARC policy of the sender's domain")
 SPF_REJECT = Reply(550, "7.23", "Message rejected: SPF check failed")
 VIRUS_FOUND = Reply(554, "7.1", "Message rejected: virus found")
+
+
+def client_listed(ip: str, zones: tuple[str, ...]) -> Reply:
+    """554 at connect (RFC 5321 section 3.1) naming the DNSBLs, as Postfix's reply does."""
+    return Reply(554, "7.1", f"Service refused: client [{ip}] listed by {', '.join(zones)}")
+
+
 BAD_SEQUENCE = Reply(503, "5.1", "Bad sequence of commands")
 SYNTAX_ERROR = Reply(501, "5.4", "Syntax error in parameters or arguments")
 HELO_CONTROL_CHARACTER = Reply(501, "5.4", "Control characters are not allowed in the hostname")

@@ -12,6 +12,8 @@ aiosmtpd parses commands and their parameters well; what we replace:
   aiosmtpd's permanent 500 naming the exception.
 - Connection limits, global and per client (IPv4 address or IPv6 /64) across
   every accepting process, and a 421 on timeout (`limits`).
+- Reputation at the edge (`edge`): bans and per-client rates of connections,
+  messages and failed RCPTs (421 4.7.0), DNSBLs at connect (554 5.7.1), iprev.
 - Hostile-client bounds: C0/DEL control characters refused in HELO/EHLO, MAIL
   and RCPT arguments; replies held for pipelining only up to HOLD_REPLIES bytes;
   a command cap per session; a per-process budget of in-flight message bytes;
@@ -36,8 +38,9 @@ from aiosmtpd.smtp import SMTP, Envelope as AioEnvelope, syntax
 
 from ..config import SmtpSettings
 from ..metrics import Metrics
-from ..record import ReceivedContent, Recipient
+from ..record import Iprev, ReceivedContent, Recipient
 from . import replies
+from .edge import Edge, EdgeAction, EdgeDecision, reply_for
 from .limits import ConnectionLimits, DataBudget
 from .replies import Reply
 
@@ -157,7 +160,8 @@ class AgentSMTP(SMTP):
                  tls_context: ssl.SSLContext | None = None,
                  loop: asyncio.AbstractEventLoop | None = None,
                  metrics: Metrics | None = None,
-                 data_budget: DataBudget | None = None) -> None:
+                 data_budget: DataBudget | None = None,
+                 edge: Edge | None = None) -> None:
         view = _HookView(handler) if type(handler).__dir__ is object.__dir__ else handler
         self._hooks_only_dir = True
         try:
@@ -196,6 +200,9 @@ class AgentSMTP(SMTP):
         self._replies = 0
         self._rate_handle: asyncio.TimerHandle | None = None
         self._window_bytes = 0
+        self.edge = edge
+        self._iprev: asyncio.Task[Iprev] | None = None
+        self.dnsbl: tuple[str, ...] = ()  # zones listing the client (dnsbl_action "mark")
 
     def __dir__(self) -> Iterable[str]:
         if self.__dict__.get("_hooks_only_dir"):
@@ -212,6 +219,12 @@ class AgentSMTP(SMTP):
         peer = self.session.peer if self.session else None
         self.client_ip = peer[0] if isinstance(peer, tuple) else str(peer or "")
         structlog.contextvars.bind_contextvars(session=self.session_id, client_ip=self.client_ip)
+        edge = self.edge
+        if edge is not None and self.client_ip:
+            decision = edge.connection(self.client_ip)
+            if decision.action is not EdgeAction.ACCEPT:
+                await self._edge_refused(decision, "connect")
+                return
         if not self.limits.acquire(self.client_ip):
             log.warning("smtp.connection_refused", reason="connection limit",
                         open_total=self.limits.open_total)
@@ -221,14 +234,52 @@ class AgentSMTP(SMTP):
         log.debug("smtp.session_start")
         self.sessions.active.add(self)
         try:
+            if edge is not None and self.client_ip:
+                self._iprev = edge.start_iprev(self.client_ip)
+                decision = await edge.screen(self.client_ip)
+                if decision.action is not EdgeAction.ACCEPT:
+                    await self._edge_refused(decision, "connect")
+                    return
+                self.dnsbl = decision.listed
             await super()._handle_client()
         finally:
+            if self._iprev is not None and not self._iprev.done():
+                self._iprev.cancel()
             self.sessions.active.discard(self)
             self.limits.release(self.client_ip)
             self._stop_rate_watch()
             self._release_data()
             log.info("smtp.session_end", transactions=self.transactions,
                      seconds=round(time.monotonic() - self.started, 3))
+
+    async def _edge_refused(self, decision: EdgeDecision, stage: str) -> None:
+        """Answer an edge decision (in place of the greeting at connect) and close.
+
+        At connect the 554 or 421 stands for the greeting (RFC 5321 section 3.1) and the
+        connection is closed at once rather than waiting for QUIT: nothing the client
+        could send would change the answer, and it holds no resources while refused.
+        """
+        reply = reply_for(decision)
+        assert reply is not None
+        if self.metrics is not None:
+            self.metrics.rejected_reply("smtp", stage, decision.action.value, reply.code)
+        if stage == "connect":
+            self.transport.write(str(reply).encode() + b"\r\n")
+            self.transport.close()
+        else:
+            self.close_with(reply)
+
+    async def _iprev_result(self) -> Iprev | None:
+        """The connection's iprev, awaited by the first message (it began at connect)."""
+        task = self._iprev
+        if task is None:
+            return None
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                return None
+            raise
 
     def close_with(self, reply: Reply) -> None:
         """Write what is held and `reply`, close; input still buffered is not read."""
@@ -379,15 +430,26 @@ class AgentSMTP(SMTP):
         if arg and CONTROL.search(arg):
             await self.push(str(self._control_refused("mail", replies.SENDER_CONTROL_CHARACTER)))
             return
+        if self.edge is not None and self.client_ip:
+            decision = self.edge.message(self.client_ip)
+            if decision.action is not EdgeAction.ACCEPT:
+                await self._edge_refused(decision, "mail")
+                return
         await super().smtp_MAIL(arg)
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
+        accepted = len(self.envelope.rcpt_tos)
         if arg and CONTROL.search(arg):
             await self.push(str(self._control_refused("rcpt",
                                                       replies.RECIPIENT_CONTROL_CHARACTER)))
-            return
-        await super().smtp_RCPT(arg)
+        else:
+            await super().smtp_RCPT(arg)
+        if (self.edge is not None and self.client_ip and self.envelope is not None
+                and len(self.envelope.rcpt_tos) == accepted):
+            decision = self.edge.failed_rcpt(self.client_ip)  # a dictionary attack's unit
+            if decision.action is not EdgeAction.ACCEPT:
+                await self._edge_refused(decision, "rcpt")
 
     def _control_refused(self, command: str, reply: Reply) -> Reply:
         """Log (without the argument: it is what carries the control character) and count."""
@@ -648,5 +710,7 @@ class AgentSMTP(SMTP):
             smtputf8=envelope.smtp_utf8,
             esmtp=self.session.extended_smtp,
             bounce_tokens=tuple(envelope.bounce_tokens),
+            iprev=await self._iprev_result(),
+            dnsbl=self.dnsbl,
         )
         return await self.deliver(content)

@@ -38,6 +38,7 @@ class Verdicts:
     quarantined: bool = False
     scan_status: str | None = None
     scan_signature: str | None = None
+    iprev: str | None = None
     attachment_scans: tuple[tuple[str | None, str | None], ...] = field(default=())
 
 
@@ -182,7 +183,8 @@ def _content(submission: Submission) -> tuple[Any, ...]:
         dkim=verdicts.dkim, dmarc=verdicts.dmarc, arc=verdicts.arc,
         auth_results=verdicts.auth_results, auth_detail=verdicts.auth_detail,
         quarantined=verdicts.quarantined, scan_status=verdicts.scan_status,
-        scan_signature=verdicts.scan_signature, received_at=envelope.received_at)
+        scan_signature=verdicts.scan_signature, received_at=envelope.received_at,
+        iprev=verdicts.iprev)
 
 
 def _attachments(submission: Submission, position: int) -> list[tuple[Any, ...]]:
@@ -248,7 +250,7 @@ async def store_outbound(connection: asyncpg.Connection, row: OutboundRow) -> in
         client_ip=None, helo=None, tls=None, tls_version=None, session_id=None, queue_id=None,
         defects=None, spf=None, dkim=None, dmarc=None, arc=None, auth_results=None,
         auth_detail=None, quarantined=None, scan_status=None, scan_signature=None,
-        received_at=None)
+        received_at=None, iprev=None)
     return await connection.fetchval(
         """SELECT store_message($1, $2, $3, false, 'outbound', 'queued', $4,
                                 $5::message_content, '{}'::message_attachment[])""",

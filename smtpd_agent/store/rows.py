@@ -62,7 +62,7 @@ MESSAGE_CONTENT = RowType("message_content", (
     ("defects", "text[]"), ("spf", "text"), ("dkim", "text"), ("dmarc", "text"),
     ("arc", "text"), ("auth_results", "text"), ("auth_detail", "jsonb"),
     ("quarantined", "boolean"), ("scan_status", "text"), ("scan_signature", "text"),
-    ("received_at", "timestamptz"),
+    ("received_at", "timestamptz"), ("iprev", "text"),
 ))
 
 # One attachment of the message_content at `content_position` (1-based).
