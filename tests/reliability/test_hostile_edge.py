@@ -329,3 +329,67 @@ async def test_rates_and_bans_are_shared_by_every_accepting_process(cluster, dns
         await client.close()
     finally:
         server.stop()
+
+
+# -- connection and message rates, and "mark" ----------------------------------------------
+
+CONNECTION_RATE = 5
+MESSAGE_RATE = 3
+
+
+@pytest.fixture
+def marking_server(cluster, dns_server, tmp_path) -> Iterator[ServerThread]:
+    url = asyncio.run(cluster.new_database())
+    settings = make_settings(url, tmp_path / "state", **{
+        "dns.nameservers": [dns_server.nameserver], "smtp.command_timeout": 10,
+        "edge.dnsbl": [ZONE], "edge.dnsbl_action": "mark",
+        "edge.connection_rate": CONNECTION_RATE, "edge.message_rate": MESSAGE_RATE,
+        "edge.ban_seconds": 60})
+    server = ServerThread(settings).start()
+
+    async def prepare() -> None:
+        connection = await asyncpg.connect(url)
+        await directory.add_workspace(connection, "acme")
+        await directory.add_agent(connection, "acme", "support", auto_reply=False)
+        await connection.close()
+
+    asyncio.run(prepare())
+    yield server
+    server.stop()
+
+
+async def test_connection_rate_bans_a_client(marking_server):
+    for _ in range(CONNECTION_RATE):
+        client, greeting = await Client.open(marking_server.port, "127.0.0.40")
+        assert greeting[:3] == b"220", greeting
+        await client.close()
+    client, greeting = await Client.open(marking_server.port, "127.0.0.40")
+    assert is_reply(greeting, replies.RATE_EXCEEDED), greeting
+    await client.close()
+    client, greeting = await Client.open(marking_server.port, "127.0.0.40")
+    assert is_reply(greeting, replies.CLIENT_BANNED), greeting
+    await client.close()
+    text = await metrics_text(marking_server)
+    assert sample(text, "smtpd_agent_edge_rate_exceeded_total", kind="connection") == 1
+
+
+async def test_message_rate_bans_a_client_mid_session(marking_server):
+    client, greeting = await Client.open(marking_server.port, "127.0.0.41")
+    assert greeting[:3] == b"220"
+    for index in range(MESSAGE_RATE):
+        assert (await client.deliver(f"edge-rate-{index}"))[:3] == b"250"
+    line = await client.command("MAIL FROM:<sender@example.org>")
+    assert is_reply(line, replies.RATE_EXCEEDED), line
+    assert await client.closed()
+    await client.close()
+
+
+async def test_mark_only_logs_and_records_the_listing(marking_server, dns_server):
+    dns_server.add(f"42.0.0.127.{ZONE}", "A", "127.0.0.2")
+    client, greeting = await Client.open(marking_server.port, "127.0.0.42")
+    assert greeting[:3] == b"220", greeting
+    assert (await client.deliver("edge-marked"))[:3] == b"250"
+    await client.close()
+    row = await stored(marking_server, "edge-marked")
+    detail = row["auth_detail"]
+    assert '"dnsbl": ["bl.edge.test"]' in detail, detail
