@@ -350,6 +350,8 @@ class EdgeSettings:
     message_rate: int = 120
     failed_rcpt_rate: int = 30
     ban_seconds: float = 600.0
+    # Client networks no rate counts or bans (as Postfix's smtpd_client_event_limit_exceptions)
+    rate_exempt: list[str] = field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
 
 
 @dataclass(frozen=True)
@@ -657,6 +659,12 @@ def _validate_edge(settings: Settings) -> None:
     for key in ("dnsbl_timeout", "iprev_timeout", "rate_window", "ban_seconds"):
         if getattr(edge, key) <= 0:
             raise ConfigError(f"edge.{key}: must be above 0")
+    for network in edge.rate_exempt:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"edge.rate_exempt: expected networks like 192.0.2.0/24, "
+                              f"got {network!r}") from None
     for zone in edge.dnsbl:
         if not zone or "." not in zone.strip(".") or any(c in zone for c in " /@"):
             raise ConfigError(f"edge.dnsbl: expected DNS zone names, got {zone!r}")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import enum
 import fcntl
 import hashlib
+import ipaddress
 import math
 import mmap
 import os
@@ -287,6 +288,25 @@ class ClientRates:
                        RateKind.MESSAGE: settings.message_rate,
                        RateKind.FAILED_RCPT: settings.failed_rcpt_rate}
         self.clock = clock
+        self.exempt = [ipaddress.ip_network(n, strict=False) for n in settings.rate_exempt]
+        self._exempt_seen: dict[str, bool] = {}
+
+    def exempt_client(self, ip: str) -> bool:
+        """Whether `ip` is in edge.rate_exempt (remembered: the same few clients recur)."""
+        known = self._exempt_seen.get(ip)
+        if known is None:
+            try:
+                address = ipaddress.ip_address(ip.split("%", 1)[0])
+            except ValueError:
+                known = False
+            else:
+                if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                    address = address.ipv4_mapped
+                known = any(address in network for network in self.exempt)
+            if len(self._exempt_seen) >= 4096:
+                self._exempt_seen.clear()
+            self._exempt_seen[ip] = known
+        return known
 
     def ban_left(self, ip: str) -> float:
         """Seconds the client's ban still runs (0: not banned)."""
@@ -294,6 +314,8 @@ class ClientRates:
         return max(0.0, until - self.clock())
 
     def note(self, ip: str, kind: RateKind) -> RateVerdict:
+        if self.exempt and self.exempt_client(ip):
+            return RateVerdict.WITHIN
         bucket = self.table.bucket(client_key(ip))
         now = self.clock()
         if self.table.banned_until(bucket) > now:

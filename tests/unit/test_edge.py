@@ -138,3 +138,14 @@ def test_iprev_is_rendered_as_rfc_8601_says():
 def test_bad_edge_settings_are_refused(key, value):
     with pytest.raises(ConfigError, match=key.split(".")[1]):
         Settings().replace({key: value})
+
+
+def test_exempt_networks_are_never_counted_or_banned():
+    limiter = rates()  # default edge.rate_exempt: this host's loopback addresses
+    assert {limiter.note("127.0.0.1", RateKind.CONNECTION) for _ in range(100)} == \
+        {RateVerdict.WITHIN}
+    assert {limiter.note("::1", RateKind.CONNECTION) for _ in range(100)} == {RateVerdict.WITHIN}
+    assert limiter.note("::ffff:127.0.0.1", RateKind.CONNECTION) is RateVerdict.WITHIN
+    counted = rates(rate_exempt=[])  # type: ignore[arg-type]
+    assert [counted.note("127.0.0.1", RateKind.CONNECTION) for _ in range(4)][-1] is \
+        RateVerdict.EXCEEDED
