@@ -314,6 +314,8 @@ def _inbox_lines(threads: list[dict[str, Any]]) -> list[str]:
                          f"from {message['from_header'] or message['mail_from'] or '<>'}")
             lines.append(f"           subject: {message['subject'] or '(no subject)'}  "
                          f"size: {message['size']} bytes{flags}")
+            if message["preview"]:
+                lines.append(f"           preview: {message['preview']}")
             if verdicts:
                 lines.append(f"           verdicts: {verdicts}")
             for attachment in message["attachments"]:

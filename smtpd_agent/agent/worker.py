@@ -20,6 +20,7 @@ from ..config import Settings
 from ..outbound.queue import is_suppressed
 from ..routing import parse_address, workspace_of
 from ..runtime import Runtime
+from ..store.lease import poll
 from . import jobs
 from .compose import Original, compose_reply
 from .jobs import Job
@@ -91,18 +92,11 @@ class AgentWorkers:
     async def _loop(self, worker: str) -> None:
         db = self.runtime.pool
         agent = self.settings.agent
-        while not self._stopping.is_set():
-            try:
-                job = await jobs.claim(db, worker, agent.lease)
-            except Exception as error:  # noqa: BLE001 - database away: wait, try again
-                log.warning("agent.claim_failed", worker=worker, error=str(error))
-                job = None
+
+        async def step() -> bool:
+            job = await jobs.claim(db, worker, agent.lease)
             if job is None:
-                try:
-                    await asyncio.wait_for(self._stopping.wait(), agent.poll_interval)
-                except TimeoutError:
-                    pass
-                continue
+                return False
             try:
                 await self.process(job, worker)
             except asyncio.CancelledError:
@@ -113,6 +107,9 @@ class AgentWorkers:
                 raise
             except Exception as error:  # a bug, or the database: the lease brings it back
                 log.exception("agent.job_error", job=job.id, error=str(error))
+            return True
+
+        await poll(step, interval=agent.poll_interval, stopping=self._stopping, name=worker)
 
     async def process(self, job: Job, worker: str) -> None:
         """One claimed job to a final state (done, skipped, failed) or back to pending."""
