@@ -81,7 +81,9 @@ def test_commands_use_the_default_domain_serve_recorded(serve_with_flag):
     listed = cli(env, "workspace", "list", "--json")
     assert [w["domain"] for w in json.loads(listed.stdout)] == ["acme.example.test"]
     shown = cli(env, "deployment", "show", "--json")
-    assert json.loads(shown.stdout)["default_domain"] == "example.test"
+    identity = json.loads(shown.stdout)
+    assert identity["default_domain"] == "example.test"
+    assert [host for host, _ in identity["hosts"]] == [socket.getfqdn()]  # serve's greeting name
 
 
 def test_a_different_default_domain_is_refused_naming_both(serve_with_flag):
