@@ -12,24 +12,23 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 from email.utils import format_datetime
 
 import asyncpg
 import structlog
 
-from .auth import AuthResult, authenticate, strip_our_results
+from .auth import AuthResult, CheckRunner, authenticate, strip_our_results
 from .auth import decide as decide_auth
 from .config import Settings
 from .dns import Resolver
 from .message import parse_message
 from .metrics import Metrics
-from .outbound.bounces import BounceProcessor
-from .record import Envelope, InboundMessage
+from .record import Envelope, InboundMessage, ReceivedContent
 from .scan import ScanResult, Scanner
 from .scan import decide as decide_scan
 from .smtp import replies
 from .smtp.replies import Reply
-from .smtp.server import ReceivedContent
 from .store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from .store.messages import GroupCommit, StoredMessage, StoreTooLarge, Verdicts
 
@@ -81,16 +80,27 @@ class Outcome:
     stored: tuple[StoredMessage, ...] = field(default=())
 
 
+class DsnReceiver(Protocol):
+    """Takes a DSN that reached a VERP address (outbound/bounces.py's BounceProcessor; the
+    runtime passes it in, so this stage never imports the outbound feature)."""
+
+    async def receive_dsn(self, token: str, raw: bytes, queue_id: str = "") -> str: ...
+
+
 class Pipeline:
     def __init__(self, db: asyncpg.Pool, settings: Settings, resolver: Resolver,
-                 scanner: Scanner | None = None, metrics: Metrics | None = None) -> None:
+                 scanner: Scanner | None = None, metrics: Metrics | None = None, *,
+                 bounces: DsnReceiver | None = None,
+                 checks: CheckRunner | None = None) -> None:
         self.db = db
         self.settings = settings
         self.resolver = resolver
+        self.checks = checks or CheckRunner(settings.auth.dns_workers,
+                                            settings.auth.verify_workers)
         self.scanner = scanner
         self.metrics = metrics or Metrics()
         self.authserv_id = settings.auth.authserv_id or settings.server.hostname
-        self.bounces = BounceProcessor(db)
+        self.bounces = bounces
         self.store = GroupCommit(db, settings.store.thread_window_days,
                                  settings.store.batch_max, settings.store.committers,
                                  settings.store.batch_max_bytes)
@@ -103,7 +113,8 @@ class Pipeline:
 
     async def authenticate(self, message: InboundMessage) -> tuple[AuthResult, bool]:
         """SPF, DKIM, ARC, DMARC; raise Rejected per policy, else say whether to quarantine."""
-        result = await authenticate(message, self.resolver, self.settings.auth, self.authserv_id)
+        result = await authenticate(message, self.resolver, self.settings.auth, self.authserv_id,
+                                    self.checks)
         self.metrics.auth_result(result.spf, result.dkim, result.dmarc, result.arc)
         decision = decide_auth(result, self.settings.auth)
         if decision.action == "reject":
@@ -139,6 +150,10 @@ class Pipeline:
         No authentication or scan: the random VERP token is what makes a bounce ours,
         and nothing of it reaches an agent or its mailbox.
         """
+        if self.bounces is None:  # a runtime wired without the bounce processor
+            log.error("smtp.tempfail", reason="no bounce processor in this process",
+                      queue_id=content.queue_id, mail_from=content.mail_from)
+            return replies.TEMP_STORE_FAILURE.for_session(content.session_id)
         try:
             for token in content.bounce_tokens:
                 await self.bounces.receive_dsn(token, content.data, content.queue_id)

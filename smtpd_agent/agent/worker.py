@@ -13,13 +13,13 @@ import os
 import secrets
 import socket
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 import structlog
 
 from ..config import Settings
 from ..outbound.queue import is_suppressed
 from ..routing import parse_address, workspace_of
+from ..runtime import Runtime
 from ..store.lease import poll
 from . import jobs
 from .compose import Original, compose_reply
@@ -27,9 +27,6 @@ from .jobs import Job
 from .llm import LLM, Completion, classify_error, deprecation_of
 from .policy import loop_skip_reason, parent_domains, rate_limit_reason, reply_address, retry_delay
 from .prompt import build_prompt
-
-if TYPE_CHECKING:  # app imports this module for SERVICES
-    from ..app import Runtime
 
 log = structlog.get_logger("smtpd_agent.agent")
 

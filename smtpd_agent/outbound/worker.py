@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 import asyncpg
 import structlog
@@ -19,15 +18,13 @@ from ..config import Settings
 from ..domains import Domains
 from ..domains.keys import KeyStoreError
 from ..store import domains as domain_store
+from ..runtime import Runtime
 from ..store.lease import poll
 from . import queue
 from .decisions import decide_delivery
 from .signing import SigningError, sign_message
 from .transports import Transport, build_transport
 from .verp import bounce_domain, verp_address
-
-if TYPE_CHECKING:
-    from ..app import Runtime
 
 log = structlog.get_logger(__name__)
 
