@@ -32,23 +32,12 @@ async def test_agent_reply_leaves_through_the_relay(start_server, db, messages_a
     reply = parse(received.data)
     assert reply["In-Reply-To"] == "<q42@example.org>"
     assert len(reply.get_all("DKIM-Signature")) == 2
-<<<<<<< HEAD
-    # The sink has the message before the worker reads its 250 and records it: wait for that.
-    for _ in range(100):
-        row = await db.fetchrow("""SELECT m.status, d.status, d.attempts FROM messages m
-                                   JOIN deliveries d ON d.message_id = m.id
-                                   WHERE m.direction = 'outbound'""")
-        if row["status"] != "sending":
-            break
-        await asyncio.sleep(0.1)
-=======
     # the sink has the message a moment before the worker records the attempt
     message_id = await db.fetchval("SELECT id FROM messages WHERE direction = 'outbound'")
     await wait_state(db, message_id, {"sent"})
     row = await db.fetchrow("""SELECT m.status, d.status, d.attempts FROM messages m
                                JOIN deliveries d ON d.message_id = m.id
                                WHERE m.direction = 'outbound'""")
->>>>>>> main
     assert tuple(row) == ("sent", "sent", 1)
 
 
