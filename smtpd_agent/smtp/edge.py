@@ -129,7 +129,11 @@ class Edge:
         return asyncio.get_running_loop().create_task(self._iprev(ip))
 
     async def _iprev(self, ip: str) -> Iprev:
-        result = await check_iprev(self.resolver, ip, self.settings.iprev_timeout)
+        try:
+            result = await check_iprev(self.resolver, ip, self.settings.iprev_timeout)
+        except Exception:  # a signal only: a bug here must not turn mail away with 451
+            log.exception("edge.iprev_failed")
+            result = Iprev("temperror", ip)
         if self.metrics is not None:
             self.metrics.iprev.labels(result.result).inc()
         log.debug("edge.iprev", result=result.result, name=result.name)

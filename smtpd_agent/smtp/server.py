@@ -203,6 +203,7 @@ class AgentSMTP(SMTP):
         self.edge = edge
         self._iprev: asyncio.Task[Iprev] | None = None
         self.dnsbl: tuple[str, ...] = ()  # zones listing the client (dnsbl_action "mark")
+        self._last_code = b""  # of the last reply queued: tells a refused RCPT's kind
 
     def __dir__(self) -> Iterable[str]:
         if self.__dict__.get("_hooks_only_dir"):
@@ -344,6 +345,7 @@ class AgentSMTP(SMTP):
             line = replies.enhance(line)
             if not self._count_reply():
                 return
+        self._last_code = line[:3]
         self._pending_replies += line + b"\r\n"
         if (self._reader._buffer and line[:3] in HELD_CODES  # type: ignore[attr-defined]
                 and len(self._pending_replies) < HOLD_REPLIES):
@@ -445,9 +447,12 @@ class AgentSMTP(SMTP):
                                                       replies.RECIPIENT_CONTROL_CHARACTER)))
         else:
             await super().smtp_RCPT(arg)
+        # A dictionary attack's unit: an RCPT refused for good (unknown mailbox, relay
+        # denied, syntax). A 4xx (too many recipients, a database outage) is not the
+        # client's doing and never counts.
         if (self.edge is not None and self.client_ip and self.envelope is not None
-                and len(self.envelope.rcpt_tos) == accepted):
-            decision = self.edge.failed_rcpt(self.client_ip)  # a dictionary attack's unit
+                and len(self.envelope.rcpt_tos) == accepted and self._last_code[:1] == b"5"):
+            decision = self.edge.failed_rcpt(self.client_ip)
             if decision.action is not EdgeAction.ACCEPT:
                 await self._edge_refused(decision, "rcpt")
 

@@ -393,3 +393,21 @@ async def test_mark_only_logs_and_records_the_listing(marking_server, dns_server
     row = await stored(marking_server, "edge-marked")
     detail = row["auth_detail"]
     assert '"dnsbl": ["bl.edge.test"]' in detail, detail
+
+
+async def test_temporary_rcpt_refusals_are_not_failed_rcpts(marking_server):
+    """452 4.5.3 past smtp.max_recipients is not a dictionary attack: 40 of them (over the
+    default edge.failed_rcpt_rate of 30) ban nobody, and the message is delivered."""
+    client, greeting = await Client.open(marking_server.port, "127.0.0.43")
+    assert greeting[:3] == b"220"
+    assert (await client.command("EHLO big.edge.test"))[:3] == b"250"
+    assert (await client.command("MAIL FROM:<list@example.org>"))[:3] == b"250"
+    limit = marking_server.settings.smtp.max_recipients
+    for index in range(limit + 40):
+        line = await client.command(f"RCPT TO:<support+r{index}@acme.{DEFAULT_DOMAIN}>")
+        expected = replies.RCPT_OK if index < limit else replies.TOO_MANY_RECIPIENTS
+        assert is_reply(line, expected), (index, line)
+    assert (await client.command("DATA"))[:3] == b"354"
+    line = await client.command(b"Subject: edge-many\r\nMessage-ID: <many@example.org>\r\n\r\nhi\r\n.")
+    assert line[:3] == b"250", line
+    await client.close()

@@ -22,7 +22,7 @@ from smtpd_agent.smtp.server import AgentSMTP, ConnectionLimits, Sessions
 OURS = {"settings", "limits", "deliver", "session_id", "sessions", "metrics", "receiving",
         "_pending_replies", "_greeted", "_deadline", "client_ip", "transactions", "started", "_bytes_in",
         "data_budget", "_data_held", "_replies", "_rate_handle", "_window_bytes",
-        "edge", "_iprev", "dnsbl"}
+        "edge", "_iprev", "dnsbl", "_last_code"}
 
 
 async def deliver(content: Any) -> Any:
