@@ -47,6 +47,12 @@ class Iprev:
     ip: str
     name: str = ""  # the confirmed name on pass, else the first PTR name (if any)
 
+    @property
+    def confirmed_name(self) -> str:
+        """The client's name only when forward-confirmed, else "": what rspamd's `Hostname`
+        header expects (it reads a missing or "unknown" name as an unresolved client)."""
+        return self.name if self.result == "pass" else ""
+
 
 @dataclass(frozen=True)
 class Envelope:

@@ -149,3 +149,8 @@ def test_exempt_networks_are_never_counted_or_banned():
     counted = rates(rate_exempt=[])  # type: ignore[arg-type]
     assert [counted.note("127.0.0.1", RateKind.CONNECTION) for _ in range(4)][-1] is \
         RateVerdict.EXCEEDED
+
+
+def test_only_a_confirmed_name_is_offered_as_the_clients_hostname():
+    assert Iprev("pass", "192.0.2.1", "mail.example.org").confirmed_name == "mail.example.org"
+    assert Iprev("fail", "192.0.2.1", "forged.example").confirmed_name == ""
