@@ -37,6 +37,7 @@ from .routing import Router
 from .scan import Scanner, limit_problems
 from .smtp.handler import SessionHandler
 from .smtp.server import AgentSMTP, ConnectionLimits, Sessions
+from .store.changes import ChangeFeed
 from .store.database import EmbeddedPostgres, create_pool, migrate, resolve_database_url
 from .systemd import Notifier
 
@@ -106,10 +107,18 @@ class Runtime:
     # One registry per process (per App in tests), never prometheus_client's global one.
     metrics: Metrics = field(default_factory=Metrics)
     _pipeline: Pipeline | None = field(default=None, repr=False)
+    _changes: ChangeFeed | None = field(default=None, repr=False)
 
     @property
     def pool(self) -> asyncpg.Pool:
         return self.database.pool
+
+    @property
+    def changes(self) -> ChangeFeed:
+        """The process's one LISTEN connection (routing and DNS caches subscribe to it)."""
+        if self._changes is None:
+            self._changes = ChangeFeed(self.database.url, self.settings.database.connect_timeout)
+        return self._changes
 
     @property
     def scanner(self) -> Scanner | None:
@@ -143,6 +152,8 @@ class Runtime:
         return cls(settings, database, Resolver(settings.dns))
 
     async def close(self) -> None:
+        if self._changes is not None:
+            await self._changes.close()
         await self.database.close()
 
 
@@ -175,7 +186,8 @@ class MailServer:
                              bounce_label=settings.domains.default_mail_from_label,
                              custom_bounce_label=settings.domains.mail_from_label,
                              verp_prefix=settings.outbound.verp_prefix,
-                             postmaster=settings.routing.postmaster)
+                             postmaster=settings.routing.postmaster,
+                             changes=runtime.changes)
         self.limits = ConnectionLimits(settings.smtp.max_connections,
                                        settings.smtp.max_connections_per_ip)
         self.sessions = Sessions()
@@ -199,6 +211,7 @@ class MailServer:
         settings = self.settings
         metrics = self.runtime.metrics
         self._parts = self._build_parts(settings)
+        await self.runtime.changes.start()  # routing changes reach us before the first RCPT
         loop = asyncio.get_running_loop()
         metrics.sessions_active.set_function(lambda: len(self.sessions.active))
 

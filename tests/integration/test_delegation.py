@@ -143,8 +143,10 @@ async def test_delegated_domain_end_to_end(
     added = await cli.json("domain", "add", ZONE, "--workspace", "acme", "--delegate")
     jsonschema.validate(added, SCHEMA)
     assert added["delegated"] is True
-    assert [(r["type"], r["value"]) for r in added["records"]] == [
-        ("NS", "ns1.agents.test"), ("NS", "ns2.agents.test")]
+    token = await db.fetchval("SELECT ownership_token FROM domains WHERE name = $1", ZONE)
+    assert [(r["name"], r["type"], r["value"]) for r in added["records"]] == [
+        (ZONE, "NS", "ns1.agents.test"), (ZONE, "NS", "ns2.agents.test"),
+        ("_smtpd-agent.acme.example", "TXT", f"smtpd-agent-verification={token}")]
 
     # not delegated yet: check names the NS record and what the parent must publish
     code, out = await cli("domain", "check", ZONE)

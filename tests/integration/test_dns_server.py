@@ -32,6 +32,7 @@ from smtpd_agent.dnsserver.server import DnsServer
 from smtpd_agent.domains import Domains
 from smtpd_agent.domains.mta_sts import policy_for, sts_txt
 from smtpd_agent.store import directory
+from smtpd_agent.store import domains as domain_store
 from tests.support import IN_CI, REPO, free_port, make_settings
 
 ZONE = "mail.acme.example"
@@ -68,11 +69,17 @@ async def start_dns(database_url: str, state: Path, **overrides: Any) -> Running
     return Running(server, runtime, Domains.open(runtime.pool, settings, runtime.resolver))
 
 
+async def verified(pool: asyncpg.Pool, name: str = ZONE) -> None:
+    """What a passing `domain check` stores (the check itself is test_delegation's)."""
+    await domain_store.record_check(pool, await domain_store.get_domain(pool, name), [])
+
+
 @pytest.fixture
 async def running(database_url: str, tmp_path: Path) -> AsyncIterator[Running]:
     running = await start_dns(database_url, tmp_path / "state")
     await directory.add_workspace(running.runtime.pool, "acme", "Acme")
     await running.domains.add(ZONE, "acme", delegate=True)
+    await verified(running.runtime.pool)
     yield running
     await running.server.stop()
     await running.runtime.close()
@@ -288,6 +295,7 @@ async def test_dns_serve_runs_the_dns_server_alone(database_url: str, tmp_path: 
         try:
             await directory.add_workspace(pool, "acme", "Acme")
             await Domains.open(pool, settings).add(ZONE, "acme", delegate=True)
+            await verified(pool)
         finally:
             await pool.close()
         query = dns.message.make_query(ZONE, "MX")
@@ -308,6 +316,7 @@ async def test_database_changes_are_pushed_past_a_long_cache(database_url: str,
     try:
         await directory.add_workspace(running.runtime.pool, "acme", "Acme")
         await running.domains.add(ZONE, "acme", delegate=True)
+        await verified(running.runtime.pool)
         await eventually(running, ZONE, "SOA", dns.rcode.NOERROR)
         serial = (await running.query(ZONE, "SOA")).answer[0][0].serial
         step = await running.domains.rotate_dkim(ZONE)
