@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import asyncpg
 import structlog
@@ -36,19 +36,21 @@ class Subscription:
     reset: Callable[[], None]
 
 
-@dataclass(eq=False)
 class ChangeFeed:
     """LISTEN on every subscribed channel; connects on `start()` or the first subscription."""
 
-    database_url: str
-    connect_timeout: float
-    retry_delay: float = RETRY_DELAY
-    _subscriptions: list[Subscription] = field(default_factory=list)
-    _connection: asyncpg.Connection | None = None
-    _listening: set[str] = field(default_factory=set)
-    _connecting: asyncio.Task[None] | None = None
-    _retry: asyncio.Task[None] | None = None
-    _closed: bool = False
+    def __init__(self, database_url: str, connect_timeout: float,
+                 retry_delay: float = RETRY_DELAY) -> None:
+        self.database_url = database_url
+        self.connect_timeout = connect_timeout
+        self.retry_delay = retry_delay
+        self._subscriptions: list[Subscription] = []
+        self._connection: asyncpg.Connection | None = None
+        self._listening: set[str] = set()
+        self._lock = asyncio.Lock()  # one connect or LISTEN at a time on the connection
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._retry: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def connected(self) -> bool:
@@ -56,12 +58,14 @@ class ChangeFeed:
 
     def subscribe(self, channel: str, changed: Callable[[str], None],
                   reset: Callable[[], None]) -> Subscription:
-        """Register a subscriber; the LISTEN itself happens in the background (`start()`
-        waits for it). Until it does, the subscriber's reset runs once it is in place."""
+        """Register a subscriber; the LISTEN happens in the background (`start()` waits
+        for it). `reset` runs on every (re)connect, the first one included."""
         subscription = Subscription(channel, changed, reset)
         self._subscriptions.append(subscription)
         if not self._closed:
-            self._ensure_connecting()
+            task = asyncio.ensure_future(self._sync())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
@@ -69,22 +73,20 @@ class ChangeFeed:
             self._subscriptions.remove(subscription)
 
     async def start(self) -> None:
-        """Connect now (bounded by the connect timeout); on failure keep retrying behind."""
+        """Connect and LISTEN now (bounded by the connect timeout); on failure keep
+        retrying in the background."""
         self._closed = False
-        self._ensure_connecting()
-        if self._connecting is not None:
-            await asyncio.shield(self._connecting)
+        await self._sync()
 
-    def _ensure_connecting(self) -> None:
-        if self.connected:
+    async def _sync(self) -> None:
+        async with self._lock:
+            if self._closed:
+                return
             connection = self._connection
-            assert connection is not None
-            missing = {s.channel for s in self._subscriptions} - self._listening
-            if missing:
-                self._connecting = asyncio.ensure_future(self._listen(connection, missing))
-            return
-        if (self._connecting is None or self._connecting.done()) and self._retry is None:
-            self._connecting = asyncio.ensure_future(self._connect())
+            if connection is None or connection.is_closed():
+                await self._connect()
+            else:
+                await self._listen(connection)
 
     async def _connect(self) -> None:
         try:
@@ -93,25 +95,27 @@ class ChangeFeed:
             log.warning("changes.listen_failed", error=str(error), retry_in=self.retry_delay)
             self._schedule_retry()
             return
-        if self._closed:
+        if self._closed:  # close() ran meanwhile
             await connection.close()
             return
         self._connection = connection
         self._listening = set()
         connection.add_termination_listener(self._lost)
-        await self._listen(connection, {s.channel for s in self._subscriptions})
-        for subscription in list(self._subscriptions):
-            subscription.reset()  # whatever changed while nobody listened
+        if await self._listen(connection):
+            for subscription in list(self._subscriptions):
+                subscription.reset()  # whatever changed while nobody listened
 
-    async def _listen(self, connection: asyncpg.Connection, channels: set[str]) -> None:
+    async def _listen(self, connection: asyncpg.Connection) -> bool:
+        wanted = {s.channel for s in self._subscriptions}
         try:
-            for channel in sorted(channels - self._listening):
+            for channel in sorted(wanted - self._listening):
                 await connection.add_listener(channel, self._notified)
                 self._listening.add(channel)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             log.warning("changes.listen_failed", error=str(error), retry_in=self.retry_delay)
-            with contextlib.suppress(Exception):
-                connection.terminate()  # _lost schedules the retry
+            connection.terminate()  # _lost schedules the retry
+            return False
+        return True
 
     def _notified(self, connection: object, pid: int, channel: str, payload: str) -> None:
         for subscription in list(self._subscriptions):
@@ -130,18 +134,17 @@ class ChangeFeed:
         async def again() -> None:
             await asyncio.sleep(self.retry_delay)
             self._retry = None
-            self._connecting = asyncio.ensure_future(self._connect())
+            await self._sync()
         if self._retry is None and not self._closed:
             self._retry = asyncio.ensure_future(again())
 
     async def close(self) -> None:
         self._closed = True
-        for task in (self._retry, self._connecting):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._retry = self._connecting = None
+        tasks = [t for t in (self._retry, *self._tasks) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._retry = None
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.remove_termination_listener(self._lost)
