@@ -10,7 +10,9 @@
 --
 -- Zones: a delegated zone is served in full only once verified (before, SOA and NS
 -- only), so its state and verified_at now change its content too, and announce it on
--- smtpd_agent_zones like the columns of migration 0007.
+-- smtpd_agent_zones like the columns of migration 0007. (A delegated domain verified
+-- before this release keeps receiving and being served; its next re-check wants the
+-- ownership TXT in the parent zone too, and marks it degraded, naming it, until then.)
 
 CREATE FUNCTION notify_routing_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
