@@ -261,16 +261,16 @@ async def test_activity_keeps_a_session_alive_past_the_command_timeout(start_ser
 
 
 async def test_data_timeout_applies_inside_data(start_server, db):
-    running = start_server(**{"smtp.command_timeout": 30, "smtp.data_timeout": 0.5})
+    running = start_server(**{"smtp.command_timeout": 3600, "smtp.data_timeout": 0.5})
     await directory.add_workspace(db, "acme")
     await directory.add_agent(db, "acme", "support")
     dialogue = start_transaction(running.port)
     assert dialogue.command("DATA")[0] == 354
     dialogue.send(b"Subject: stalled\r\n")
-    started = time.monotonic()
+    # The command timeout is an hour and the client's socket gives up after 10 s (Dialogue):
+    # a timeout reply at all is the data timeout's.
     code, lines = dialogue.reply()
     assert_reply((code, lines[-1]), replies.TIMEOUT)
-    assert time.monotonic() - started < 10  # the data timeout, not the command timeout
 
 
 class TestBdat:
