@@ -54,6 +54,9 @@ class RouteKind(Enum):
     BOUNCE = "bounce"
 
 
+REFUSALS = (RouteKind.UNKNOWN_MAILBOX, RouteKind.RELAY_DENIED)
+
+
 @dataclass(frozen=True)
 class Route:
     kind: RouteKind
@@ -116,6 +119,20 @@ class Router:
             changes.subscribe(ROUTING_CHANNEL, self._changed, self.invalidate)
 
     async def route(self, address: str) -> Route:
+        route = await self._route_address(address)
+        if route.kind in REFUSALS and self._forget_domains(address):
+            # a refusal never rests on a cached domain (a move the push missed): ask again
+            route = await self._route_address(address)
+        return route
+
+    def _forget_domains(self, address: str) -> bool:
+        parsed = parse_address(address)
+        if parsed is None:
+            return False
+        names = (parsed.domain, parsed.domain.partition(".")[2])
+        return bool([n for n in names if self._domains.pop(n, None) is not None])
+
+    async def _route_address(self, address: str) -> Route:
         parsed = parse_address(address)
         if parsed is None:
             if address.strip().strip("<>").lower() == POSTMASTER:  # RCPT TO:<Postmaster>

@@ -144,3 +144,32 @@ async def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition never met"
         await asyncio.sleep(0.02)
+
+
+async def test_a_refusal_never_rests_on_a_cached_domain(database_url: str,
+                                                        db: asyncpg.Connection) -> None:
+    """Without the push (a router with no feed, as while the LISTEN connection is down), a
+    domain that moved to another workspace is still cached as the old one's: mail its old
+    workspace has no mailbox for is routed afresh, not refused from that entry."""
+    from smtpd_agent.routing import RouteKind, Router
+    from smtpd_agent.store.database import migrate
+    await migrate(db)
+    for slug in ("acme", "globex"):
+        await directory.add_workspace(db, slug)
+    await directory.add_agent(db, "acme", "support")
+    await directory.add_agent(db, "globex", "billing")
+    verified = """INSERT INTO domains (workspace_id, name, ownership_token, mail_from, state,
+                                      verified_at)
+                  SELECT id, $2, 't', 'mail.' || $2, 'verified', now() FROM workspaces
+                  WHERE slug = $1"""
+    await db.execute(verified, "acme", CUSTOM)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        router = Router(pool, DEFAULT_DOMAIN, cache_ttl=3600)
+        assert (await router.route(f"support@{CUSTOM}")).mailbox.workspace_slug == "acme"
+        await db.execute("DELETE FROM domains WHERE name = $1", CUSTOM)
+        await db.execute(verified, "globex", CUSTOM)
+        route = await router.route(f"billing@{CUSTOM}")
+        assert route.kind is RouteKind.MAILBOX and route.mailbox.workspace_slug == "globex"
+    finally:
+        await pool.close()
