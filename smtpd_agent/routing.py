@@ -235,6 +235,7 @@ class Router:
         cache[key] = (self._clock() + self._ttl, value)
 
     def _changed(self, payload: str) -> None:
+        log.debug("routing.cache_dropped", changed=payload)
         self.invalidate()
 
     def invalidate(self) -> None:
