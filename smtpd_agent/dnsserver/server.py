@@ -10,7 +10,7 @@ IPv6 /64 (one host usually holds a whole /64).
 
 Zones are read from Postgres on demand and cached; a change to a domain or a
 DKIM key is announced by Postgres (LISTEN/NOTIFY on the runtime's ChangeFeed,
-migrations 0007 and 0009) and expires the cached zone at once, and
+migrations 0007 and 0011) and expires the cached zone at once, and
 `dns_server.cache_ttl` bounds the rest (settings such as the MX hosts, a lost
 listener). Each load recomputes the zone's hash and bumps the SOA serial when
 the content changed. While Postgres fails, the last good copy of a zone keeps
@@ -32,7 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import asyncpg
 import dns.exception
@@ -45,12 +45,10 @@ import structlog
 from ..config import Settings, parse_listen
 from ..domains import open_key_store
 from ..domains.records import DnsRecord, delegated_zone_records
+from ..runtime import Runtime
 from ..store import domains as store
 from ..store.changes import ZONES_CHANNEL, ChangeFeed, Subscription
 from .zone import Zone, build_zone, find_origin, respond, soa_for, to_wire, udp_limit, zone_hash
-
-if TYPE_CHECKING:
-    from ..app import Runtime
 
 log = structlog.get_logger(__name__)
 

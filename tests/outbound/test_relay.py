@@ -177,11 +177,11 @@ async def test_dsn_over_smtp_to_the_verp_address_bounces_the_right_message(
         code, line = await smtp_send(server.port, dsn_for(verp, "later-gone@example.org"), "",
                                      [verp])
     assert code == 250, line
-    assert (await db.fetchrow("SELECT state FROM deliveries WHERE message_id = $1",
-                              lost))["state"] == "bounced"
+    assert (await db.fetchrow("SELECT status FROM deliveries WHERE message_id = $1",
+                              lost))["status"] == "bounced"
     assert await db.fetchval("SELECT status FROM messages WHERE id = $1", lost) == "bounced"
-    assert (await db.fetchrow("SELECT state FROM deliveries WHERE message_id = $1",
-                              kept))["state"] == "sent"
+    assert (await db.fetchrow("SELECT status FROM deliveries WHERE message_id = $1",
+                              kept))["status"] == "sent"
     assert await is_suppressed(db, agent.workspace_id, "later-gone@example.org")
     assert not await is_suppressed(db, agent.workspace_id, "alice@example.org")
     # nothing of the DSN reached a mailbox
