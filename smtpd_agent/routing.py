@@ -16,10 +16,10 @@ names (the operator's); without it, postmaster is an unknown mailbox.
 Lookups that find a mailbox or a receiving custom domain are cached for
 `routing.cache_ttl` so RCPT does not cost a Postgres round trip every time; a
 change to agents, workspaces or domains is pushed by Postgres (LISTEN/NOTIFY,
-store/changes.py, migration 0011) and drops the cache at once. A miss is never
-cached: a refusal (5xx) always comes from a fresh read, so a domain verified a
-moment ago is not bounced. The cache is only a cache: safe to lose, and another
-host has its own.
+store/changes.py, store/functions/notify_routing_change.sql) and drops the cache
+at once. A miss is never cached: a refusal (5xx) always comes from a fresh read,
+so a domain verified a moment ago is not bounced. The cache is only a cache: safe
+to lose, and another host has its own.
 """
 
 from __future__ import annotations

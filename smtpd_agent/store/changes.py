@@ -1,8 +1,8 @@
 """Changes pushed from Postgres to running servers: one LISTEN connection per process.
 
-Triggers on the tables a cache reads NOTIFY a channel at COMMIT (migration 0007: the
-delegated zones the DNS server serves; 0011: the agents, workspaces and domains the
-router reads). A `ChangeFeed` listens on a connection of its own (a pooled one would be
+Triggers on the tables a cache reads NOTIFY a channel at COMMIT (migrations 0007 and
+0011: the delegated zones the DNS server serves; functions/notify_routing_change.sql:
+the agents, workspaces and domains the router reads). A `ChangeFeed` listens on a connection of its own (a pooled one would be
 handed to other work) and calls every subscriber of the channel with the payload, so
 a cache drops what changed at once instead of waiting for its TTL.
 

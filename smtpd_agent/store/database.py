@@ -201,7 +201,8 @@ async def _apply_repeatables(connection: asyncpg.Connection) -> None:
 
     A changed type is dropped and created again; that drops the functions taking
     it (CASCADE), so then every function is applied again. A changed function
-    first loses every overload of its name, so a new signature leaves no stale one.
+    first loses every overload of its name, so a new signature leaves no stale one;
+    a trigger function loses its triggers with it, and its file creates them again.
     """
     await connection.execute(
         """CREATE TABLE IF NOT EXISTS schema_repeatables (
@@ -221,12 +222,15 @@ async def _apply_repeatables(connection: asyncpg.Connection) -> None:
             if item.kind == "type":
                 await connection.execute(f"DROP TYPE IF EXISTS {item.name} CASCADE")
             else:
-                for (signature,) in await connection.fetch(
-                        """SELECT p.oid::regprocedure::text FROM pg_proc p
+                for signature, trigger in await connection.fetch(
+                        """SELECT p.oid::regprocedure::text, p.prorettype = 'trigger'::regtype
+                             FROM pg_proc p
                             WHERE p.proname = $1
                               AND p.pronamespace = current_schema()::regnamespace""",
                         item.name):
-                    await connection.execute(f"DROP FUNCTION {signature}")
+                    # a trigger function's file creates its triggers again
+                    cascade = " CASCADE" if trigger else ""
+                    await connection.execute(f"DROP FUNCTION {signature}{cascade}")
             await connection.execute(item.sql)
             await connection.execute(
                 """INSERT INTO schema_repeatables (name, sha256) VALUES ($1, $2)

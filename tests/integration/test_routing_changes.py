@@ -173,3 +173,27 @@ async def test_a_refusal_never_rests_on_a_cached_domain(database_url: str,
         assert route.kind is RouteKind.MAILBOX and route.mailbox.workspace_slug == "globex"
     finally:
         await pool.close()
+
+
+async def test_the_routing_trigger_function_is_applied_again_with_its_triggers(
+        database_url: str, db: asyncpg.Connection) -> None:
+    """A changed trigger function (a repeatable file) is dropped with its triggers and its
+    file creates both again: the push keeps working after an upgrade."""
+    from smtpd_agent.store.database import migrate
+    await migrate(db)
+    triggers = """SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+                   WHERE p.proname = 'notify_routing_change'"""
+    assert await db.fetchval(triggers) == 4
+    await db.execute("""UPDATE schema_repeatables SET sha256 = 'old'
+                         WHERE name = 'function:notify_routing_change'""")
+    await migrate(db)
+    assert await db.fetchval(triggers) == 4
+    seen: list[str] = []
+    feed = ChangeFeed(database_url, connect_timeout=5)
+    feed.subscribe(ROUTING_CHANNEL, seen.append, lambda: None)
+    try:
+        await feed.start()
+        await directory.add_workspace(db, "acme")
+        await wait_for(lambda: seen == ["workspaces"])
+    finally:
+        await feed.close()
