@@ -1,5 +1,9 @@
 """Where Postgres is, the connection pool, and the migrations.
 
+Numbered files in migrations/ hold tables and data, applied once each; the
+composite types (rows.py) and the functions (one per file in functions/) are
+applied again whenever their text changes, after the numbered files.
+
 With `DATABASE_URL` set we use that server. Without it an embedded Postgres
 (the pgserver wheel) lives in `<state_dir>/pgdata`; pgserver keeps a list of
 the processes using it, so `smtpd-agent inbox` run beside a running `serve`
@@ -202,7 +206,7 @@ async def _apply_repeatables(connection: asyncpg.Connection) -> None:
     A changed type is dropped and created again; that drops the functions taking
     it (CASCADE), so then every function is applied again. A changed function
     first loses every overload of its name, so a new signature leaves no stale one;
-    a trigger function loses its triggers with it, and its file creates them again.
+    with CASCADE, so a trigger function's file creates its triggers as well.
     """
     await connection.execute(
         """CREATE TABLE IF NOT EXISTS schema_repeatables (
@@ -222,15 +226,12 @@ async def _apply_repeatables(connection: asyncpg.Connection) -> None:
             if item.kind == "type":
                 await connection.execute(f"DROP TYPE IF EXISTS {item.name} CASCADE")
             else:
-                for signature, trigger in await connection.fetch(
-                        """SELECT p.oid::regprocedure::text, p.prorettype = 'trigger'::regtype
-                             FROM pg_proc p
+                for (signature,) in await connection.fetch(
+                        """SELECT p.oid::regprocedure::text FROM pg_proc p
                             WHERE p.proname = $1
                               AND p.pronamespace = current_schema()::regnamespace""",
                         item.name):
-                    # a trigger function's file creates its triggers again
-                    cascade = " CASCADE" if trigger else ""
-                    await connection.execute(f"DROP FUNCTION {signature}{cascade}")
+                    await connection.execute(f"DROP FUNCTION {signature} CASCADE")
             await connection.execute(item.sql)
             await connection.execute(
                 """INSERT INTO schema_repeatables (name, sha256) VALUES ($1, $2)
