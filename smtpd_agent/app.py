@@ -36,7 +36,7 @@ from .pipeline import Pipeline
 from .routing import Router
 from .scan import Scanner, limit_problems
 from .smtp.handler import SessionHandler
-from .smtp.server import AgentSMTP, ConnectionLimits, Sessions
+from .smtp.server import AgentSMTP, ConnectionLimits, Sessions, delivering
 from .store.database import EmbeddedPostgres, create_pool, migrate, resolve_database_url
 from .systemd import Notifier
 
@@ -106,6 +106,7 @@ class Runtime:
     # One registry per process (per App in tests), never prometheus_client's global one.
     metrics: Metrics = field(default_factory=Metrics)
     _pipeline: Pipeline | None = field(default=None, repr=False)
+    _router: Router | None = field(default=None, repr=False)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -114,6 +115,13 @@ class Runtime:
     @property
     def scanner(self) -> Scanner | None:
         return self.pipeline.scanner
+
+    @property
+    def router(self) -> Router:
+        """The one router every way in routes recipients with (its cache shared too)."""
+        if self._router is None:
+            self._router = Router.from_settings(self.pool, self.settings)
+        return self._router
 
     @property
     def pipeline(self) -> Pipeline:
@@ -170,12 +178,7 @@ class MailServer:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.settings = settings = runtime.settings
-        self.router = Router(runtime.pool, settings.server.default_domain,
-                             settings.routing.cache_ttl,
-                             bounce_label=settings.domains.default_mail_from_label,
-                             custom_bounce_label=settings.domains.mail_from_label,
-                             verp_prefix=settings.outbound.verp_prefix,
-                             postmaster=settings.routing.postmaster)
+        self.router = runtime.router
         self.limits = ConnectionLimits(settings.smtp.max_connections,
                                        settings.smtp.max_connections_per_ip)
         self.sessions = Sessions()
@@ -207,7 +210,7 @@ class MailServer:
             assert parts is not None
             metrics.sessions.inc()
             return AgentSMTP(parts.handler, settings=parts.settings.smtp, limits=self.limits,
-                             deliver=parts.pipeline.receive,
+                             deliver=delivering(parts.pipeline.process, metrics),
                              hostname=parts.settings.server.hostname, sessions=self.sessions,
                              tls_context=parts.tls_context, loop=loop, metrics=metrics)
 

@@ -28,6 +28,8 @@ from enum import Enum
 import asyncpg
 import structlog
 
+from .addresses import POSTMASTER, Address, OurDomains, parse_address
+from .config import Settings
 from .outbound.verp import token_of
 from .record import Mailbox
 from .store import directory
@@ -37,7 +39,6 @@ from .store.database import CONNECTION_ERRORS, DatabaseUnavailable
 log = structlog.get_logger(__name__)
 
 MAX_CACHE_ENTRIES = 100_000
-POSTMASTER = "postmaster"
 
 
 class RouteKind(Enum):
@@ -59,35 +60,6 @@ class Route:
     verp_token: str | None = None
 
 
-@dataclass(frozen=True)
-class ParsedAddress:
-    local: str
-    tag: str | None
-    domain: str
-
-
-def parse_address(address: str) -> ParsedAddress | None:
-    """Split `handle+tag@domain`, lower-cased; None if it is not an address at all."""
-    local, at, domain = address.strip().strip("<>").rpartition("@")
-    if not at or not local or not domain:
-        return None
-    local = local.lower()
-    domain = domain.lower().rstrip(".")
-    handle, plus, tag = local.partition("+")
-    return ParsedAddress(local=handle, tag=tag if plus else None, domain=domain)
-
-
-def workspace_of(domain: str, default_domain: str) -> str | None | bool:
-    """The workspace slug for a domain under ours; True for ours without a workspace; None if foreign."""
-    if domain == default_domain:
-        return True
-    suffix = "." + default_domain
-    if not domain.endswith(suffix):
-        return None
-    label = domain[: -len(suffix)]
-    return label if "." not in label else True
-
-
 class Router:
     def __init__(self, db: asyncpg.Pool, default_domain: str, cache_ttl: float,
                  clock: Callable[[], float] = time.monotonic, *, bounce_label: str = "bounce",
@@ -98,11 +70,20 @@ class Router:
         self._bounce_domain = f"{bounce_label}.{default_domain}"
         self._custom_bounce_label = custom_bounce_label
         self._verp_prefix = verp_prefix
-        self._default_domain = default_domain
+        self._ours = OurDomains(default_domain)
         self._ttl = cache_ttl
         self._clock = clock
         self._cache: dict[tuple[str, str, str], tuple[float, Mailbox | None]] = {}
         self._domains: dict[str, tuple[float, domain_store.Domain | None]] = {}
+
+    @classmethod
+    def from_settings(cls, db: asyncpg.Pool, settings: Settings) -> Router:
+        """The runtime's one router: SMTP and every provider webhook route through it."""
+        return cls(db, settings.server.default_domain, settings.routing.cache_ttl,
+                   bounce_label=settings.domains.default_mail_from_label,
+                   custom_bounce_label=settings.domains.mail_from_label,
+                   verp_prefix=settings.outbound.verp_prefix,
+                   postmaster=settings.routing.postmaster)
 
     async def route(self, address: str) -> Route:
         parsed = parse_address(address)
@@ -127,12 +108,12 @@ class Router:
             return Route(RouteKind.UNKNOWN_MAILBOX)
         return Route(RouteKind.MAILBOX, mailbox=route.mailbox, tag=tag)
 
-    async def _route(self, parsed: ParsedAddress) -> Route:
+    async def _route(self, parsed: Address) -> Route:
         bounce = await self._bounce_route(parsed)
         if bounce is not None:
             return bounce
-        found = workspace_of(parsed.domain, self._default_domain)
-        if found is None:
+        slug = self._ours.workspace(parsed.domain)
+        if slug is None and not self._ours.is_ours(parsed.domain):
             custom = await self._custom_domain(parsed.domain)
             if custom is None:
                 return Route(RouteKind.RELAY_DENIED)
@@ -141,16 +122,15 @@ class Router:
                              hint=f"{custom.name} (workspace {custom.workspace_slug}) is "
                                   f"{custom.state}: publish its records and run "
                                   f"`smtpd-agent domain check {custom.name}`")
-            found = custom.workspace_slug
-        if not isinstance(found, str):
+            slug = custom.workspace_slug
+        if slug is None:
             return Route(RouteKind.UNKNOWN_MAILBOX)
-        slug = found
         mailbox = await self._lookup(slug, parsed.local, parsed.domain)
         if mailbox is None:
             return Route(RouteKind.UNKNOWN_MAILBOX)
         return Route(RouteKind.MAILBOX, mailbox=mailbox, tag=parsed.tag)
 
-    async def _bounce_route(self, parsed: ParsedAddress) -> Route | None:
+    async def _bounce_route(self, parsed: Address) -> Route | None:
         """BOUNCE for a VERP address at one of our bounce domains, UNKNOWN for others there."""
         label, _, parent = parsed.domain.partition(".")
         if parsed.domain == self._bounce_domain:
@@ -200,7 +180,3 @@ class Router:
             self._domains.clear()
         self._domains[name] = (now + self._ttl, found)
         return found
-
-    def invalidate(self) -> None:
-        self._cache.clear()
-        self._domains.clear()

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from enum import StrEnum
+from typing import Any, TypeVar
 
 import structlog
 
@@ -28,14 +29,30 @@ from .results import header_value, prepend_results, strip_our_results
 from .spf import SpfResult, check_spf_cached, check_spf_in_thread, spf_identity
 
 __all__ = [
-    "AuthDecision", "AuthResult", "authenticate", "decide", "prepend_results",
+    "AuthAction", "AuthDecision", "AuthReason", "AuthResult", "authenticate", "decide", "prepend_results",
     "strip_our_results",
 ]
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-Action = Literal["accept", "quarantine", "reject", "tempfail"]
+
+
+class AuthAction(StrEnum):
+    ACCEPT = "accept"
+    QUARANTINE = "quarantine"
+    REJECT = "reject"
+    TEMPFAIL = "tempfail"
+
+
+class AuthReason(StrEnum):
+    """Short and log-safe; for a refusal, the key of its reply in smtp/replies.py."""
+
+    NONE = ""
+    DMARC_REJECT = "dmarc policy reject"
+    DMARC_QUARANTINE = "dmarc policy quarantine"
+    SPF_FAIL = "spf fail"
+    DNS_TEMPERROR = "dns temperror"
 
 
 @dataclass(frozen=True)
@@ -81,8 +98,8 @@ class AuthResult:
 
 @dataclass(frozen=True)
 class AuthDecision:
-    action: Action
-    reason: str = ""  # short and log-safe: "dmarc policy reject", "spf fail", "dns temperror"
+    action: AuthAction
+    reason: AuthReason = AuthReason.NONE
 
 
 async def _deadline(check: Awaitable[T], seconds: float) -> T | None:
@@ -163,21 +180,21 @@ def decide(result: AuthResult, settings: AuthSettings) -> AuthDecision:
     # 1. The domain owner asked for rejection and the operator honours it (auth.dmarc_reject).
     if dmarc_fail and result.dmarc_disposition == "reject":
         if settings.dmarc_reject:
-            return AuthDecision("reject", "dmarc policy reject")
-        return AuthDecision("quarantine", "dmarc policy reject")
+            return AuthDecision(AuthAction.REJECT, AuthReason.DMARC_REJECT)
+        return AuthDecision(AuthAction.QUARANTINE, AuthReason.DMARC_REJECT)
     # 2. A check could not complete: retry later if configured, else accept (marked in A-R).
     temperror = "temperror" in (result.spf, result.dmarc) or result.dkim == "temperror"
     if temperror and settings.temperror == "tempfail":
-        return AuthDecision("tempfail", "dns temperror")
+        return AuthDecision(AuthAction.TEMPFAIL, AuthReason.DNS_TEMPERROR)
     # 3. SPF fail on its own, when the operator wants it rejected. A DMARC pass (an
     #    aligned DKIM signature) outranks it: forwarding breaks SPF (RFC 7489 10.1).
     if result.spf == "fail" and settings.spf_fail == "reject" and result.dmarc != "pass":
-        return AuthDecision("reject", "spf fail")
+        return AuthDecision(AuthAction.REJECT, AuthReason.SPF_FAIL)
     # 4. The domain owner asked for quarantine.
     if dmarc_fail and result.dmarc_disposition == "quarantine":
-        return AuthDecision("quarantine", "dmarc policy quarantine")
+        return AuthDecision(AuthAction.QUARANTINE, AuthReason.DMARC_QUARANTINE)
     if temperror:
-        return AuthDecision("accept", "dns temperror")
+        return AuthDecision(AuthAction.ACCEPT, AuthReason.DNS_TEMPERROR)
     if result.spf == "fail":
-        return AuthDecision("accept", "spf fail")
-    return AuthDecision("accept")
+        return AuthDecision(AuthAction.ACCEPT, AuthReason.SPF_FAIL)
+    return AuthDecision(AuthAction.ACCEPT)

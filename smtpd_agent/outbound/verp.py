@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 import secrets
 
+from ..addresses import within
+
 TOKEN = re.compile(r"^[a-z0-9]{16,64}$")
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
@@ -40,7 +42,7 @@ def bounce_domain(from_domain: str, default_domain: str, default_label: str,
     records publish MX and SPF there once); a custom domain has its own
     Mail-From subdomain (`domains.mail_from`), so SPF aligns with its From.
     """
-    if from_domain == default_domain or from_domain.endswith("." + default_domain):
+    if within(from_domain, default_domain):
         return f"{default_label}.{default_domain}"
     if custom_mail_from:
         return custom_mail_from

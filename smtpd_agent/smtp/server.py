@@ -14,6 +14,22 @@ aiosmtpd parses commands and their parameters well; what we replace:
 - Per-connection and per-command cost: aiosmtpd's method tables are built
   without introspecting every attribute (AgentSMTP), and a plain
   `<local@domain>` path is read without the email package's parser (_getaddr).
+
+What a session decides is not decided here: RCPT goes through the shared
+recipient step and the message bytes through the shared content step
+(ingress.py), and every decision becomes its reply in smtp/replies.py.
+
+aiosmtpd internals this relies on (1.4.x; pyproject.toml bounds the version,
+and tests/unit/test_smtp_session.py, test_smtp_address.py and test_replies.py
+break when they change): SMTP.__init__ collecting `smtp_*`/`auth_*`/`handle_*`
+through dir() (HOOK_PREFIXES); the overridden `_handle_client`,
+`_create_envelope`, `_getaddr`, `_reset_timeout`/`_timeout_cb` (with
+`_timeout_handle`, `_timeout_duration`) and `push`; the attributes `_reader`
+(and its StreamReader's `_buffer`, as aiosmtpd's STARTTLS also reaches into),
+`_writer`, `_tls_protocol`, `_handler_coroutine`, `command_size_limit(s)`,
+`local_part_limit`; the helpers `_set_rset_state`, `_set_post_data_state`,
+`check_helo_needed` and the `syntax` decorator; and the texts of its built-in
+replies (replies.BUILTIN_DETAILS).
 """
 
 from __future__ import annotations
@@ -21,20 +37,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
-import secrets
 import ssl
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, AnyStr, Awaitable, Callable, Iterable
 
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope as AioEnvelope, syntax
 
 from ..config import SmtpSettings
+from ..ingress import ContentVerdict, Recipients, accept_content, new_session_id
 from ..metrics import Metrics
-from ..record import Recipient
+from ..pipeline import Outcome
+from ..record import Envelope, ReceivedContent
 from . import replies
 from .replies import Reply
 
@@ -42,7 +57,6 @@ log = structlog.get_logger("smtpd_agent.smtp")
 
 READ_CHUNK = 65_536
 TERMINATOR = b"\r\n.\r\n"
-BARE_LF = re.compile(rb"(?<!\r)\n")
 BDAT_ARGS = re.compile(r"^(\d{1,10})(?:\s+(LAST))?$", re.IGNORECASE)
 # The usual MAIL FROM / RCPT TO path: "<" dot-atom "@" LDH labels ">" (RFC 5321 section 4.1.2),
 # ASCII only. The email package would read a local part opening with "=?" as an RFC 2047
@@ -50,10 +64,6 @@ BDAT_ARGS = re.compile(r"^(\d{1,10})(?:\s+(LAST))?$", re.IGNORECASE)
 ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 PLAIN_PATH = re.compile(
     rf"<(?P<local>(?!=\?){ATEXT}+(?:\.{ATEXT}+)*)@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*>")
-
-
-def new_session_id() -> str:
-    return secrets.token_hex(6)
 
 
 # The attribute prefixes SMTP.__init__ collects into its method and hook tables.
@@ -119,40 +129,24 @@ class TransactionEnvelope(AioEnvelope):
 
     def __init__(self) -> None:
         super().__init__()
-        self.recipients: list[Recipient] = []
-        # VERP tokens of accepted bounce addresses (RCPT routed to the bounce processor)
-        self.bounce_tokens: list[str] = []
+        self.accepted = Recipients.empty()
         self.bdat_chunks: list[bytes] = []
         self.bdat_size = 0
         self.bdat_failed: Reply | None = None
 
 
-@dataclass(frozen=True)
-class ReceivedContent:
-    """The message bytes of one transaction, after transparency and line-ending rules."""
-
-    data: bytes
-    session_id: str
-    queue_id: str
-    client_ip: str
-    helo: str
-    mail_from: str
-    recipients: tuple[Recipient, ...]
-    tls: bool
-    tls_version: str | None
-    smtputf8: bool
-    esmtp: bool
-    received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-    # "smtp", or the provider whose webhook posted the message ("ses", "sendgrid", ...).
-    transport: str = "smtp"
-    # False when a provider gave us only parsed fields, not the message as sent: there
-    # is no signature left to verify, so authentication records "none" instead of "fail".
-    authenticable: bool = True
-    # VERP tokens of RCPTs routed to the bounce processor (outbound/bounces.py)
-    bounce_tokens: tuple[str, ...] = ()
-
-
 Deliver = Callable[[ReceivedContent], Awaitable[Reply]]
+
+
+def delivering(process: Callable[[ReceivedContent], Awaitable[Outcome]],
+               metrics: Metrics | None) -> Deliver:
+    """What a session hands its message to: the pipeline, its verdict made a reply."""
+    async def deliver(content: ReceivedContent) -> Reply:
+        outcome = await process(content)
+        envelope = content.envelope
+        return replies.answer(outcome.verdict, "smtp", metrics, queue_id=envelope.queue_id,
+                              session_id=envelope.session_id, signature=outcome.signature)
+    return deliver
 
 
 class Sessions:
@@ -226,7 +220,6 @@ class AgentSMTP(SMTP):
         self.client_ip = ""
         self.transactions = 0
         self.started = time.monotonic()
-        self._bytes_in = 0
 
     def __dir__(self) -> Iterable[str]:
         if self.__dict__.get("_hooks_only_dir"):
@@ -363,7 +356,7 @@ class AgentSMTP(SMTP):
         self._set_rset_state()
         self.session.extended_smtp = False
         self.session.host_name = hostname
-        self._pending_replies += f"250 {self.hostname}\r\n".encode()
+        self._pending_replies += replies.helo(self.hostname)
         await self.flush_replies()
 
     @syntax("DATA")
@@ -426,30 +419,28 @@ class AgentSMTP(SMTP):
             return
         envelope.bdat_size += size
         if envelope.bdat_failed is None and envelope.bdat_size > limit:
-            envelope.bdat_failed = replies.MESSAGE_TOO_BIG
+            envelope.bdat_failed = replies.reply_for(ContentVerdict.TOO_BIG)
         if envelope.bdat_failed is None:
             envelope.bdat_chunks.append(chunk)
         if not last:
             await self.push(str(envelope.bdat_failed or replies.bdat_chunk_ok(size)))
             return
         try:
-            if envelope.bdat_failed is not None:
-                log.info("smtp.rejected", reason="message too big", size=envelope.bdat_size)
-                await self.push(str(self._refused("message too big", envelope.bdat_failed)))
-                return
             data = b"".join(envelope.bdat_chunks)
             envelope.bdat_chunks.clear()
-            await self.push(str(await self._finish(data, too_big=False, dot_stuffed=False)))
+            await self.push(str(await self._finish(data, too_big=envelope.bdat_failed is not None,
+                                                   dot_stuffed=False)))
         finally:
             self._set_post_data_state()
 
     # -- reading message content -------------------------------------------------------
 
     async def _read_dot_terminated(self) -> tuple[bytes, bool]:
-        """Read up to <CR><LF>.<CR><LF>; return the unstuffed content and whether it was too big.
+        """Read up to <CR><LF>.<CR><LF>; return the content (still dot-stuffed) and whether
+        it was too big.
 
-        The CRLF that ended the DATA command line opens the first line, so an
-        empty message (".<CR><LF>" straight away) is found by the same search.
+        The CRLF that ended the DATA command line opens the buffer, so an empty
+        message (".<CR><LF>" straight away) is found by the same search.
         """
         reader = self._reader
         buffer = bytearray(b"\r\n")
@@ -476,8 +467,8 @@ class AgentSMTP(SMTP):
             reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
         if too_big or end > limit:
             return b"", True
-        del buffer[end + 2:]
-        return bytes(buffer), False
+        with memoryview(buffer) as view:
+            return bytes(view[2:end + 2]), False
 
     async def _read_exactly(self, size: int, keep: bool) -> bytes:
         """Read a BDAT chunk; when it will be refused anyway, drain it without keeping it."""
@@ -490,47 +481,26 @@ class AgentSMTP(SMTP):
             remaining -= len(await self._reader.readexactly(min(remaining, READ_CHUNK)))
         return b""
 
-    def _refused(self, reason: str, reply: Reply) -> Reply:
-        """Count a refusal the listener decided itself (the pipeline counts its own)."""
-        if self.metrics is not None:
-            self.metrics.rejected_reply("smtp", "data", reason, reply.code)
-        return reply
-
     async def _finish(self, data: bytes, too_big: bool, dot_stuffed: bool) -> Reply:
-        """Apply size, header and line-ending rules, then hand the message to the pipeline."""
+        """The shared content step (ingress.py), then the pipeline; the reply from the table."""
         self.transactions += 1
         envelope: TransactionEnvelope = self.envelope
-        if too_big:
-            log.info("smtp.rejected", reason="message too big", mail_from=envelope.mail_from,
-                     rcpt=list(envelope.rcpt_tos))
-            return self._refused("message too big", replies.MESSAGE_TOO_BIG)
-        if b"\n" in data and data.count(b"\n") != data.count(b"\r\n"):
-            if self.settings.bare_lf == "reject":
-                log.info("smtp.rejected", reason="bare LF", mail_from=envelope.mail_from,
-                         rcpt=list(envelope.rcpt_tos))
-                return self._refused("bare LF", replies.BARE_LF)
-            data = BARE_LF.sub(b"\r\n", data)
-        if dot_stuffed:
-            data = data.replace(b"\r\n.", b"\r\n")[2:]
-        header_end = data.find(b"\r\n\r\n")
-        header_size = header_end if header_end >= 0 else len(data)
-        if header_size > self.settings.max_header_size:
-            log.info("smtp.rejected", reason="header too big", header_size=header_size,
-                     mail_from=envelope.mail_from, rcpt=list(envelope.rcpt_tos))
-            return self._refused("header too big", replies.HEADER_TOO_BIG)
         ssl_object = self.transport.get_extra_info("ssl_object") if self._tls_protocol else None
-        content = ReceivedContent(
-            data=data,
+        record = Envelope(
             session_id=self.session_id,
             queue_id=f"{self.session_id}.{self.transactions}",
             client_ip=self.client_ip,
             helo=self.session.host_name or "",
             mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",
-            recipients=tuple(envelope.recipients),
+            recipients=tuple(envelope.accepted.mailboxes),
             tls=self._tls_protocol is not None,
             tls_version=ssl_object.version() if ssl_object else None,
             smtputf8=envelope.smtp_utf8,
             esmtp=self.session.extended_smtp,
-            bounce_tokens=tuple(envelope.bounce_tokens),
+            bounce_tokens=tuple(envelope.accepted.bounce_tokens),
         )
-        return await self.deliver(content)
+        decision = accept_content(record, data, self.settings, self.hostname, too_big=too_big,
+                                  dot_stuffed=dot_stuffed)
+        if decision.content is None:
+            return replies.answer(decision.verdict, "smtp", self.metrics)
+        return await self.deliver(decision.content)
