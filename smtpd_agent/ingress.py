@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from email.utils import format_datetime
-from enum import StrEnum
+from enum import Enum
 
 import structlog
 
@@ -35,7 +35,7 @@ def new_session_id() -> str:
 
 # --- the recipient step ---------------------------------------------------------------------
 
-class RcptVerdict(StrEnum):
+class RcptVerdict(Enum):
     """What became of one recipient (RCPT TO, or one address a provider posted for)."""
 
     MAILBOX = "mailbox"
@@ -112,7 +112,7 @@ async def route_recipient(router: Router, address: str, *, accepted: int, max_re
 
 # --- the content step -----------------------------------------------------------------------
 
-class ContentVerdict(StrEnum):
+class ContentVerdict(Enum):
     """What the content step made of a message's bytes."""
 
     ACCEPTED = "accepted"  # on to the pipeline

@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum
 
 import asyncpg
 import structlog
@@ -38,7 +38,7 @@ log = structlog.get_logger("smtpd_agent.pipeline")
 PARSE_IN_THREAD_ABOVE = 256 * 1024
 
 
-class MessageVerdict(StrEnum):
+class MessageVerdict(Enum):
     """How the pipeline ended for a message that no check refused."""
 
     ACCEPTED = "accepted"  # committed
@@ -56,7 +56,7 @@ class Rejected(Exception):
 
     def __init__(self, verdict: AuthReason | ScanReason, temporary: bool,
                  **fields: object) -> None:
-        super().__init__(str(verdict))
+        super().__init__(verdict.value)
         self.verdict = verdict
         self.temporary = temporary
         self.fields = fields
@@ -72,7 +72,7 @@ class Outcome:
 
     @property
     def reason(self) -> str:
-        return str(self.verdict)
+        return self.verdict.value
 
 
 class Pipeline:
@@ -158,7 +158,7 @@ class Pipeline:
             scanned = time.perf_counter()
         except Rejected as rejected:
             log.info("smtp.tempfail" if rejected.temporary else "smtp.rejected",
-                     reason=str(rejected.verdict), queue_id=envelope.queue_id,
+                     reason=rejected.verdict.value, queue_id=envelope.queue_id,
                      mail_from=envelope.mail_from, rcpt=rcpt, transport=envelope.transport,
                      **rejected.fields)
             signature = rejected.fields.get("signature")

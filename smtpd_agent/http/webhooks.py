@@ -524,11 +524,11 @@ class Webhooks:
                 refusals.append(decision.verdict)
         if RcptVerdict.TEMPFAIL in refusals:
             return await self._answer(post, replies.reply_for(RcptVerdict.TEMPFAIL),
-                                      str(RcptVerdict.TEMPFAIL), queue_id, replay_token,
+                                      RcptVerdict.TEMPFAIL.value, queue_id, replay_token,
                                       recipients=verdicts)
         if not len(accepted):
             # as SMTP's DATA would be refused after every RCPT was: the first refusal answers
-            return await self._answer(post, replies.reply_for(refusals[0]), str(refusals[0]),
+            return await self._answer(post, replies.reply_for(refusals[0]), refusals[0].value,
                                       queue_id, replay_token, recipients=verdicts)
         envelope = Envelope(
             session_id=session_id, queue_id=queue_id, client_ip="", helo="",
@@ -538,7 +538,7 @@ class Webhooks:
         content = accept_content(envelope, post.raw, settings.smtp, settings.server.hostname)
         if content.content is None:
             reply = replies.answer(content.verdict, post.provider, self.metrics)
-            return await self._answer(post, reply, str(content.verdict), queue_id,
+            return await self._answer(post, reply, content.verdict.value, queue_id,
                                       replay_token, recipients=verdicts)
         outcome = await self.pipeline.process(content.content)
         reply = replies.answer(outcome.verdict, post.provider, self.metrics, queue_id=queue_id,

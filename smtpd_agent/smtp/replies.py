@@ -181,7 +181,7 @@ def answer(verdict: Verdict, transport: str, metrics: Metrics | None, *, queue_i
     if metrics is not None:
         stage = "rcpt" if isinstance(verdict, RcptVerdict) else "data"
         if reply.code >= 400:
-            metrics.rejected_reply(transport, stage, str(verdict), reply.code)
+            metrics.rejected_reply(transport, stage, verdict.value, reply.code)
         elif stage == "data":
             metrics.accepted.labels(transport).inc()
     return reply
