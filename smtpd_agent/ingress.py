@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 from enum import Enum
 
@@ -181,6 +181,6 @@ def accept_content(envelope: Envelope, data: bytes, settings: SmtpSettings, host
                  mail_from=envelope.mail_from, rcpt=rcpt, **fields)
         return ContentDecision(ContentVerdict.HEADER_TOO_BIG)
     if envelope.received_at is None:
-        envelope = replace(envelope, received_at=datetime.now(timezone.utc))
+        envelope = replace(envelope, received_at=datetime.now(UTC))
     return ContentDecision(ContentVerdict.ACCEPTED, ReceivedContent(
         envelope, data, trace_headers=(("Received", received_header(envelope, hostname)),)))

@@ -27,7 +27,7 @@ from .message import parse_message
 from .metrics import Metrics
 from .outbound.bounces import BounceProcessor
 from .record import InboundMessage, ReceivedContent
-from .scan import ScanAction, ScanReason, ScanResult, Scanner
+from .scan import ScanAction, Scanner, ScanReason, ScanResult
 from .scan import decide as decide_scan
 from .store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from .store.messages import GroupCommit, StoredMessage, Verdicts

@@ -5,8 +5,9 @@ its own deadline (a missed deadline is temperror, never fail); DMARC then
 combines SPF and DKIM. It returns an `AuthResult` holding the values to store
 (columns spf, dkim, dmarc, arc, auth_results) and the Authentication-Results
 header value. `decide()` is pure: it maps a result and the operator's policy
-to accept / quarantine / reject / tempfail; the listener owns the SMTP reply
-(reject -> 550 5.7.1, tempfail -> 451 4.7.x).
+to an action and a reason (typed); for a refusal, smtp/replies.py's table maps
+the reason to the reply, SMTP or HTTP (dmarc policy reject -> 550 5.7.1, spf fail
+-> 550 5.7.23, dns temperror -> 451 4.7.0).
 """
 
 from __future__ import annotations

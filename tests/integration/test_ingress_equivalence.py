@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,8 +24,18 @@ from smtpd_agent.smtp import replies
 from smtpd_agent.store import directory
 from smtpd_agent.store import domains as domain_store
 from tests.http.test_webhooks import (  # noqa: F401 - sns and sendgrid_key are fixtures
-    MAILGUN_KEY, POSTMARK_AUTH, POSTMARK_PASSWORD, POSTMARK_USER, TOPIC, mailgun_form,
-    sendgrid_body, sendgrid_headers, sendgrid_key, ses_notification, sns)
+    MAILGUN_KEY,
+    POSTMARK_AUTH,
+    POSTMARK_PASSWORD,
+    POSTMARK_USER,
+    TOPIC,
+    mailgun_form,
+    sendgrid_body,
+    sendgrid_headers,
+    sendgrid_key,
+    ses_notification,
+    sns,
+)
 from tests.support import Dialogue
 
 CUSTOM = "mail.acme-corp.example"

@@ -15,8 +15,16 @@ from smtpd_agent.metrics import Metrics
 from smtpd_agent.pipeline import MessageVerdict
 from smtpd_agent.scan import ScanReason
 from smtpd_agent.smtp import replies
-from smtpd_agent.smtp.replies import (BUILTIN_DETAILS, NO_REPLY, REPLIES, answer, builtin_detail,
-                                      enhance, http_answer, reply_for)
+from smtpd_agent.smtp.replies import (
+    BUILTIN_DETAILS,
+    NO_REPLY,
+    REPLIES,
+    answer,
+    builtin_detail,
+    enhance,
+    http_answer,
+    reply_for,
+)
 
 DECISIONS = [member for enum in typing.get_args(replies.Verdict) for member in enum]
 # What aiosmtpd lists but never reaches a client of ours: its HELO reply (ours is
