@@ -10,9 +10,12 @@ all ask the same question the same way.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 POSTMASTER = "postmaster"
+# A VERP token (outbound/verp.py makes them): lower-case letters and digits.
+VERP_TOKEN = re.compile(r"^[a-z0-9]{16,64}$")
 
 
 def normalize_domain(name: str) -> str:
@@ -52,6 +55,14 @@ def parse_address(address: str) -> Address | None:
     domain = normalize_domain(domain)
     handle, plus, tag = local.partition("+")
     return Address(local=handle, tag=tag if plus else None, domain=domain)
+
+
+def token_of(local_part: str, prefix: str) -> str | None:
+    """The token of a VERP local part `<prefix>-<token>`, or None if it is not one of ours."""
+    head, dash, token = local_part.lower().partition("-")
+    if not dash or head != prefix or not VERP_TOKEN.match(token):
+        return None
+    return token
 
 
 def workspace_of(domain: str, default_domain: str) -> str | None | bool:

@@ -28,9 +28,8 @@ from enum import Enum
 import asyncpg
 import structlog
 
-from .addresses import POSTMASTER, Address, OurDomains, parse_address
+from .addresses import POSTMASTER, Address, OurDomains, parse_address, token_of
 from .config import Settings
-from .outbound.verp import token_of
 from .record import Mailbox
 from .store import directory
 from .store import domains as domain_store

@@ -3,17 +3,16 @@
 The token is random (not derived from ids), so a DSN can only name a message
 that we sent; it is stored with the delivery and looked up when a bounce
 arrives. Lower-case letters and digits only: routing lower-cases addresses and
-treats `+` as a tag separator.
+treats `+` as a tag separator. Reading a token back out of an address is
+addresses.token_of's (routing needs it, and must not import outbound mail).
 """
 
 from __future__ import annotations
 
-import re
 import secrets
 
 from ..addresses import within
 
-TOKEN = re.compile(r"^[a-z0-9]{16,64}$")
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
@@ -24,14 +23,6 @@ def new_token(length: int = 24) -> str:
 
 def verp_address(prefix: str, token: str, bounce_domain: str) -> str:
     return f"{prefix}-{token}@{bounce_domain}"
-
-
-def token_of(local_part: str, prefix: str) -> str | None:
-    """The token of a VERP local part, or None if it is not one of ours."""
-    head, dash, token = local_part.lower().partition("-")
-    if not dash or head != prefix or not TOKEN.match(token):
-        return None
-    return token
 
 
 def bounce_domain(from_domain: str, default_domain: str, default_label: str,
