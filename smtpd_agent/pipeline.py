@@ -15,22 +15,22 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
 import asyncpg
 import structlog
 
-from .auth import AuthAction, AuthReason, AuthResult, authenticate, strip_our_results
+from .auth import AuthAction, AuthReason, AuthResult, CheckRunner, authenticate, strip_our_results
 from .auth import decide as decide_auth
 from .config import Settings
 from .dns import Resolver
 from .message import parse_message
 from .metrics import Metrics
-from .outbound.bounces import BounceProcessor
 from .record import InboundMessage, ReceivedContent
 from .scan import ScanAction, Scanner, ScanReason, ScanResult
 from .scan import decide as decide_scan
 from .store.database import CONNECTION_ERRORS, DatabaseUnavailable
-from .store.messages import GroupCommit, StoredMessage, Verdicts
+from .store.messages import GroupCommit, StoredMessage, StoreTooLarge, Verdicts
 
 log = structlog.get_logger("smtpd_agent.pipeline")
 
@@ -44,6 +44,7 @@ class MessageVerdict(Enum):
     ACCEPTED = "accepted"  # committed
     BOUNCE = "bounce"  # DSNs for VERP recipients only, handed to the bounce processor
     STORE_TEMPFAIL = "store failed"
+    TOO_BIG_TO_STORE = "too big to store"  # the store's own bounds: the same every time
     BOUNCE_TEMPFAIL = "bounce processing failed"
 
 
@@ -75,18 +76,30 @@ class Outcome:
         return self.verdict.value
 
 
+class DsnReceiver(Protocol):
+    """Takes a DSN that reached a VERP address (outbound/bounces.py's BounceProcessor; the
+    runtime passes it in, so this stage never imports the outbound feature)."""
+
+    async def receive_dsn(self, token: str, raw: bytes, queue_id: str = "") -> str: ...
+
+
 class Pipeline:
     def __init__(self, db: asyncpg.Pool, settings: Settings, resolver: Resolver,
-                 scanner: Scanner | None = None, metrics: Metrics | None = None) -> None:
+                 scanner: Scanner | None = None, metrics: Metrics | None = None, *,
+                 bounces: DsnReceiver | None = None,
+                 checks: CheckRunner | None = None) -> None:
         self.db = db
         self.settings = settings
         self.resolver = resolver
+        self.checks = checks or CheckRunner(settings.auth.dns_workers,
+                                            settings.auth.verify_workers)
         self.scanner = scanner
         self.metrics = metrics or Metrics()
         self.authserv_id = settings.auth.authserv_id or settings.server.hostname
-        self.bounces = BounceProcessor(db)
+        self.bounces = bounces
         self.store = GroupCommit(db, settings.store.thread_window_days,
-                                 settings.store.batch_max, settings.store.committers)
+                                 settings.store.batch_max, settings.store.committers,
+                                 settings.store.batch_max_bytes)
 
     def unauthenticated(self) -> AuthResult:
         """No checks possible (a provider gave parsed fields only): RFC 8601 'none'."""
@@ -96,7 +109,8 @@ class Pipeline:
 
     async def authenticate(self, message: InboundMessage) -> tuple[AuthResult, bool]:
         """SPF, DKIM, ARC, DMARC; raise Rejected per policy, else say whether to quarantine."""
-        result = await authenticate(message, self.resolver, self.settings.auth, self.authserv_id)
+        result = await authenticate(message, self.resolver, self.settings.auth, self.authserv_id,
+                                    self.checks)
         self.metrics.auth_result(result.spf, result.dkim, result.dmarc, result.arc)
         decision = decide_auth(result, self.settings.auth)
         if decision.action in (AuthAction.REJECT, AuthAction.TEMPFAIL):
@@ -124,6 +138,10 @@ class Pipeline:
         and nothing of it reaches an agent or its mailbox.
         """
         envelope = content.envelope
+        if self.bounces is None:  # a runtime wired without the bounce processor
+            log.error("smtp.tempfail", reason="no bounce processor in this process",
+                      queue_id=envelope.queue_id, mail_from=envelope.mail_from)
+            return False
         try:
             for token in envelope.bounce_tokens:
                 await self.bounces.receive_dsn(token, content.data, envelope.queue_id)
@@ -175,6 +193,12 @@ class Pipeline:
                            *content.trace_headers))
         try:
             stored = await self.store.store(message, verdicts, envelope.queue_id)
+        except StoreTooLarge as error:
+            # the same bytes fail the same way every time: permanent, for this message only
+            log.warning("smtp.rejected", reason="too big to store", error=str(error),
+                        queue_id=envelope.queue_id, mail_from=envelope.mail_from, rcpt=rcpt,
+                        transport=envelope.transport)
+            return Outcome(MessageVerdict.TOO_BIG_TO_STORE)
         except DatabaseUnavailable as error:
             log.error("smtp.tempfail", reason="store failed", error=str(error),
                       queue_id=envelope.queue_id, mail_from=envelope.mail_from, rcpt=rcpt,

@@ -112,6 +112,7 @@ RELAY_DENIED = Reply(550, "7.1", "Relay access denied")
 MESSAGE_TOO_BIG = Reply(552, "3.4", "Message size exceeds fixed maximum message size")
 HEADER_TOO_BIG = Reply(552, "3.4", "Message header exceeds fixed maximum size")
 TOO_BIG_TO_SCAN = Reply(552, "3.4", "Message too big to scan")
+TOO_BIG_TO_STORE = Reply(552, "3.4", "Message too big to store")
 BARE_LF = Reply(550, "5.2", "Bare <LF> received, lines must end with <CR><LF>")
 DMARC_REJECT = Reply(550, "7.1", "Message rejected: DMARC policy of the sender's domain")
 SPF_REJECT = Reply(550, "7.23", "Message rejected: SPF check failed")
@@ -149,11 +150,13 @@ REPLIES: Mapping[Verdict, Reply] = {
     MessageVerdict.ACCEPTED: QUEUED,
     MessageVerdict.BOUNCE: QUEUED,
     MessageVerdict.STORE_TEMPFAIL: TEMP_STORE_FAILURE,
+    MessageVerdict.TOO_BIG_TO_STORE: TOO_BIG_TO_STORE,
     MessageVerdict.BOUNCE_TEMPFAIL: TEMP_STORE_FAILURE,
 }
 # Decisions that are never a reply of their own: the stage went on to the next one.
 NO_REPLY: frozenset[Verdict] = frozenset({
     ContentVerdict.ACCEPTED, AuthReason.NONE, AuthReason.DMARC_QUARANTINE,
+    AuthReason.DMARC_TEMPERROR_QUARANTINE, AuthReason.DMARC_TEMPERROR_REJECT,
     ScanReason.CLEAN, ScanReason.NOT_SCANNED,
 })
 # What a provider should do after a permanent refusal: stop retrying (Mailgun's and

@@ -32,7 +32,7 @@ async def test_agent_reply_leaves_through_the_relay(start_server, db, messages_a
     reply = parse(received.data)
     assert reply["In-Reply-To"] == "<q42@example.org>"
     assert len(reply.get_all("DKIM-Signature")) == 2
-    row = await db.fetchrow("""SELECT m.status, d.state, d.attempts FROM messages m
+    row = await db.fetchrow("""SELECT m.status, d.status, d.attempts FROM messages m
                                JOIN deliveries d ON d.message_id = m.id
                                WHERE m.direction = 'outbound'""")
     assert tuple(row) == ("sent", "sent", 1)

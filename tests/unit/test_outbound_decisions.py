@@ -14,7 +14,7 @@ from smtpd_agent.outbound.decisions import (Outcome, backoff, classify_reply, de
                                             provider_id_from_reply)
 from smtpd_agent.outbound.dsn import parse_dsn, parse_ses_notification
 from smtpd_agent.outbound.queue import recipients_of
-from smtpd_agent.outbound.relay_url import RelayUrlError, parse_relay_url
+from smtpd_agent.relay_url import RelayUrlError, parse_relay_url
 from smtpd_agent.outbound.signing import SigningError, sign_message
 from smtpd_agent.addresses import token_of
 from smtpd_agent.outbound.verp import bounce_domain, new_token, verp_address
@@ -242,7 +242,7 @@ def test_openssl_rsa_signing_gives_dkimpys_bytes():
 
     import dkim.crypto
 
-    from smtpd_agent.outbound.signing import rsa_pkcs1_v1_5_sign
+    from smtpd_agent.auth.adapters import rsa_pkcs1_v1_5_sign
     keys, _ = keypair("agents.test")
     pem = keys[0].dkimpy_private_key()
     private = dkim.crypto.parse_pem_private_key(pem)
