@@ -4,10 +4,11 @@ aiosmtpd parses commands and their parameters well; what we replace:
 
 - DATA is read in chunks and ends only at <CR><LF>.<CR><LF>, found with
   bytes.find; <LF>.<LF>, <LF>.<CR><LF> and <CR>.<CR> are content (SMTP
-  smuggling), and bare LF is normalized or refused (`smtp.bare_lf`), as
-  Postfix's smtpd_forbid_bare_newline does.
+  smuggling); the content step then normalizes or refuses bare LF
+  (`smtp.bare_lf`), as Postfix's smtpd_forbid_bare_newline does.
 - BDAT (CHUNKING, RFC 3030), which aiosmtpd lacks.
-- Every reply gets an RFC 3463 enhanced code on its way out (`replies`).
+- Every reply gets an RFC 3463 enhanced code on its way out: aiosmtpd's own
+  texts from the explicit table replies.BUILTIN_DETAILS.
 - An unexpected exception answers 451 4.3.0 with the session id instead of
   aiosmtpd's permanent 500 naming the exception.
 - Connection limits, global and per client IP, and a 421 on timeout.
