@@ -80,7 +80,8 @@ class DsnReceiver(Protocol):
     """Takes a DSN that reached a VERP address (outbound/bounces.py's BounceProcessor; the
     runtime passes it in, so this stage never imports the outbound feature)."""
 
-    async def receive_dsn(self, token: str, raw: bytes, queue_id: str = "") -> str: ...
+    async def receive_dsn(self, token: str, raw: bytes, queue_id: str = "",
+                          mail_from: str = "") -> str: ...
 
 
 class Pipeline:
@@ -144,7 +145,8 @@ class Pipeline:
             return False
         try:
             for token in envelope.bounce_tokens:
-                await self.bounces.receive_dsn(token, content.data, envelope.queue_id)
+                await self.bounces.receive_dsn(token, content.data, envelope.queue_id,
+                                               envelope.mail_from)
         except CONNECTION_ERRORS as error:
             log.error("smtp.tempfail", reason="bounce processing failed", error=str(error),
                       queue_id=envelope.queue_id, mail_from=envelope.mail_from)

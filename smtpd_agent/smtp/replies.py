@@ -17,6 +17,7 @@ import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 
 import structlog
 
@@ -105,6 +106,9 @@ TIMEOUT = Reply(421, "4.2", "Timeout, closing connection")
 SHUTTING_DOWN = Reply(421, "3.2", "Service shutting down, try again later")
 TEMP_AUTH_FAILURE = Reply(451, "7.0", "DNS error during policy check, try again later")
 TEMP_SCAN_FAILURE = Reply(451, "7.0", "Content scanner unavailable, try again later")
+TOO_MANY_COMMANDS = Reply(421, "7.0", "Too many commands, closing connection")
+DATA_TOO_SLOW = Reply(421, "4.2", "Data rate too low, closing connection")
+DATA_BUDGET_EXHAUSTED = Reply(452, "3.1", "Insufficient system storage, try again later")
 
 # 5xx: permanent
 MAILBOX_UNKNOWN = Reply(550, "1.1", "Mailbox unavailable")
@@ -119,14 +123,28 @@ SPF_REJECT = Reply(550, "7.23", "Message rejected: SPF check failed")
 VIRUS_FOUND = Reply(554, "7.1", "Message rejected: virus found")
 BAD_SEQUENCE = Reply(503, "5.1", "Bad sequence of commands")
 SYNTAX_ERROR = Reply(501, "5.4", "Syntax error in parameters or arguments")
+HELO_CONTROL_CHARACTER = Reply(501, "5.4", "Control characters are not allowed in the hostname")
+SENDER_CONTROL_CHARACTER = Reply(553, "1.7", "Control characters are not allowed in the sender")
+RECIPIENT_CONTROL_CHARACTER = Reply(553, "1.3",
+                                    "Control characters are not allowed in the recipient")
 # aiosmtpd's own text (require_starttls), named here for BUILTIN_DETAILS
 STARTTLS_REQUIRED = Reply(530, "7.0", "Must issue a STARTTLS command first")
 
 
 # --- decisions to replies -------------------------------------------------------------------
 
+class SessionVerdict(Enum):
+    """What the SMTP session refuses on its own, before a shared step sees the input."""
+
+    HELO_CONTROL_CHARACTER = "control character in hostname"
+    SENDER_CONTROL_CHARACTER = "control character in sender"
+    RECIPIENT_CONTROL_CHARACTER = "control character in recipient"
+    DATA_BUDGET_EXHAUSTED = "data budget exhausted"
+    DATA_TOO_SLOW = "data rate too low"
+
+
 # Every decision a stage returns, whichever way the message came (SMTP or a webhook).
-Verdict = RcptVerdict | ContentVerdict | AuthReason | ScanReason | MessageVerdict
+Verdict = RcptVerdict | ContentVerdict | AuthReason | ScanReason | MessageVerdict | SessionVerdict
 
 # The one table. A stage's reason is looked up only when the stage refused: "spf fail"
 # is 550 when auth.spf_fail rejects it, and only noted in the A-R header otherwise.
@@ -151,6 +169,11 @@ REPLIES: Mapping[Verdict, Reply] = {
     MessageVerdict.BOUNCE: QUEUED,
     MessageVerdict.STORE_TEMPFAIL: TEMP_STORE_FAILURE,
     MessageVerdict.TOO_BIG_TO_STORE: TOO_BIG_TO_STORE,
+    SessionVerdict.HELO_CONTROL_CHARACTER: HELO_CONTROL_CHARACTER,
+    SessionVerdict.SENDER_CONTROL_CHARACTER: SENDER_CONTROL_CHARACTER,
+    SessionVerdict.RECIPIENT_CONTROL_CHARACTER: RECIPIENT_CONTROL_CHARACTER,
+    SessionVerdict.DATA_BUDGET_EXHAUSTED: DATA_BUDGET_EXHAUSTED,
+    SessionVerdict.DATA_TOO_SLOW: DATA_TOO_SLOW,
     MessageVerdict.BOUNCE_TEMPFAIL: TEMP_STORE_FAILURE,
 }
 # Decisions that are never a reply of their own: the stage went on to the next one.
@@ -178,11 +201,12 @@ def reply_for(verdict: Verdict, queue_id: str = "", session_id: str = "",
 
 
 def answer(verdict: Verdict, transport: str, metrics: Metrics | None, *, queue_id: str = "",
-           session_id: str = "", signature: str | None = None) -> Reply:
-    """The reply for a decision, counted: every refusal of every way in is counted here."""
+           session_id: str = "", signature: str | None = None, stage: str | None = None) -> Reply:
+    """The reply for a decision, counted: every refusal of every way in is counted here
+    (`stage`: the command it refused, when not RCPT or the message)."""
     reply = reply_for(verdict, queue_id, session_id, signature)
     if metrics is not None:
-        stage = "rcpt" if isinstance(verdict, RcptVerdict) else "data"
+        stage = stage or ("rcpt" if isinstance(verdict, RcptVerdict) else "data")
         if reply.code >= 400:
             metrics.rejected_reply(transport, stage, verdict.value, reply.code)
         elif stage == "data":
