@@ -127,7 +127,8 @@ HELO_CONTROL_CHARACTER = Reply(501, "5.4", "Control characters are not allowed i
 SENDER_CONTROL_CHARACTER = Reply(553, "1.7", "Control characters are not allowed in the sender")
 RECIPIENT_CONTROL_CHARACTER = Reply(553, "1.3",
                                     "Control characters are not allowed in the recipient")
-# aiosmtpd's own text (require_starttls), named here for BUILTIN_DETAILS
+# aiosmtpd's own texts (NOOP, RSET; require_starttls), named here for BUILTIN_DETAILS
+NOOP_OK = Reply(250, "0.0", "OK")
 STARTTLS_REQUIRED = Reply(530, "7.0", "Must issue a STARTTLS command first")
 
 
@@ -233,7 +234,7 @@ def http_answer(reply: Reply, provider: str) -> tuple[str, int]:
 BUILTIN_DETAILS: Mapping[tuple[int, str], str] = {
     (220, "Ready to start TLS"): "0.0",
     (221, "Bye"): "0.0",
-    (250, "OK"): "0.0",
+    (250, NOOP_OK.text): NOOP_OK.detail,
     (250, "Syntax: {}"): "0.0",  # HELP <command>
     (250, "Supported commands: {}"): "0.0",  # HELP
     (252, VRFY_CANNOT.text): VRFY_CANNOT.detail,

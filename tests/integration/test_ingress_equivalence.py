@@ -28,7 +28,6 @@ from tests.http.test_webhooks import (  # noqa: F401 - sns and sendgrid_key are 
     POSTMARK_AUTH,
     POSTMARK_PASSWORD,
     POSTMARK_USER,
-    TOPIC,
     mailgun_form,
     sendgrid_body,
     sendgrid_headers,
@@ -75,8 +74,7 @@ async def running(start_server, db, sns, sendgrid_key):  # noqa: F811
         "http.sendgrid_public_key": base64.b64encode(public).decode(),
         "http.postmark_username": POSTMARK_USER,
         "http.postmark_password": POSTMARK_PASSWORD,
-        "http.ses_topic_arns": [TOPIC],
-        "http.sns_url_pattern": r"^http://127\.0\.0\.1:\d+/",
+        **sns.settings(),
     })
     for slug in ("acme", "hq"):
         await directory.add_workspace(db, slug)
@@ -127,9 +125,12 @@ def poster(http: aiohttp.ClientSession, base: str, provider: str, sns: Any,  # n
             request = http.post(f"{base}/webhook/postmark", json=payload, headers=POSTMARK_AUTH)
         else:
             signed = sns.sign(ses_notification(raw, [rcpt]))
-            request = http.post(f"{base}/webhook/ses", data=json.dumps(signed))
+            request = http.post(f"{base}/webhook/ses", data=json.dumps(signed),
+                                headers=sns.headers(signed))
         async with request as response:
-            return response.status, await response.json()
+            body = await response.json()
+            assert "status" in body, (provider, response.status, body)  # past verification
+            return response.status, body
     return post
 
 
