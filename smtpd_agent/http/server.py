@@ -14,8 +14,8 @@ import structlog
 from aiohttp import web
 
 from ..domains.mta_sts import POLICY_PATH, mta_sts_route
-from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from ..runtime import Runtime
+from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from .api import InboxApi
 from .health import Health
 from .openapi import openapi_spec
