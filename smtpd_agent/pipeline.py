@@ -30,6 +30,7 @@ from .scan import decide as decide_scan
 from .smtp import replies
 from .smtp.replies import Reply
 from .smtp.server import ReceivedContent
+from .store.acl import AclCache
 from .store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from .store.messages import GroupCommit, StoredMessage, Verdicts
 
@@ -91,6 +92,8 @@ class Pipeline:
         self.metrics = metrics or Metrics()
         self.authserv_id = settings.auth.authserv_id or settings.server.hostname
         self.bounces = BounceProcessor(db)
+        # allow/block lists for receiving; the SMTP handler shares it for RCPT
+        self.acl = AclCache(db, settings.routing.cache_ttl)
         self.store = GroupCommit(db, settings.store.thread_window_days,
                                  settings.store.batch_max, settings.store.committers)
 
@@ -114,6 +117,36 @@ class Pipeline:
             raise Rejected(replies.TEMP_AUTH_FAILURE, decision.reason, spf=result.spf,
                            dkim=result.dkim, dmarc=result.dmarc)
         return result, decision.action == "quarantine"
+
+    async def apply_acl(self, message: InboundMessage) -> InboundMessage:
+        """Refuse a sender (MAIL FROM or From) the mailboxes' allow/block lists refuse.
+
+        Every recipient refusing it: Rejected (550 5.7.1). Only some: the message goes
+        on to the others, and the refusing mailboxes' share is dropped with a log line.
+        """
+        senders = [a for a in (message.envelope.mail_from, message.parsed.from_address)
+                   if a and a != "<>"]
+        kept, refused = [], []
+        for recipient in message.envelope.recipients:
+            mailbox = recipient.mailbox
+            try:
+                decisions = [await self.acl.receiving(mailbox.workspace_id, mailbox.agent_id,
+                                                      sender) for sender in senders]
+            except DatabaseUnavailable as error:
+                raise Rejected(replies.TEMP_ROUTING_FAILURE.for_session(
+                    message.envelope.session_id), "acl lookup failed", error=str(error)) from None
+            reasons = [d.reason for d in decisions if d.refused]
+            (refused if reasons else kept).append((recipient, reasons))
+        if not refused:
+            return message
+        if not kept:
+            raise Rejected(replies.SENDER_REFUSED, "sender refused by acl",
+                           acl=[r for _, reasons in refused for r in reasons])
+        log.info("smtp.acl_dropped", session=message.envelope.session_id,
+                 dropped=[r.address for r, _ in refused],
+                 acl=[r for _, reasons in refused for r in reasons])
+        return dataclasses.replace(message, envelope=dataclasses.replace(
+            message.envelope, recipients=tuple(r for r, _ in kept)))
 
     async def scan(self, message: InboundMessage) -> ScanResult | None:
         """Run clamd over the message; raise Rejected for viruses, oversize and outages."""
@@ -179,6 +212,14 @@ class Pipeline:
             parsed = parse_message(content.data)
         message = InboundMessage(envelope=envelope, raw=content.data, parsed=parsed)
         rcpt = [r.address for r in content.recipients]
+        try:
+            message = await self.apply_acl(message)
+        except Rejected as rejected:
+            log.info("smtp.rejected" if rejected.reply.code >= 500 else "smtp.tempfail",
+                     reason=rejected.reason, reply=str(rejected.reply), queue_id=content.queue_id,
+                     mail_from=content.mail_from, rcpt=rcpt, transport=content.transport,
+                     **rejected.fields)
+            return Outcome(rejected.reply, rejected.reason)
         began = time.perf_counter()
         try:
             if content.authenticable:

@@ -9,6 +9,7 @@ import structlog
 from ..metrics import Metrics
 from ..record import Recipient
 from ..routing import RouteKind, Router
+from ..store.acl import AclCache
 from ..store.database import DatabaseUnavailable
 from . import replies
 
@@ -19,10 +20,11 @@ class SessionHandler:
     """aiosmtpd handler hooks; one instance serves every session."""
 
     def __init__(self, router: Router, max_recipients: int,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, acl: AclCache | None = None) -> None:
         self.router = router
         self.max_recipients = max_recipients
         self.metrics = metrics
+        self.acl = acl
 
     def _refused(self, reason: str, reply: replies.Reply) -> str:
         if self.metrics is not None:
@@ -61,6 +63,19 @@ class SessionHandler:
             log.info("smtp.rcpt_rejected", rcpt=address, mail_from=envelope.mail_from,
                      reason="unknown mailbox")
             return self._refused("unknown mailbox", replies.MAILBOX_UNKNOWN)
+        mailbox = route.mailbox
+        if self.acl is not None and envelope.mail_from not in ("", "<>", None):
+            try:
+                decision = await self.acl.receiving(mailbox.workspace_id, mailbox.agent_id,
+                                                    envelope.mail_from)
+            except DatabaseUnavailable as error:
+                log.error("smtp.rcpt_tempfail", rcpt=address, reason="acl lookup failed",
+                          error=str(error))
+                return self._refused("acl lookup failed", replies.TEMP_ROUTING_FAILURE)
+            if decision.refused:
+                log.info("smtp.rcpt_rejected", rcpt=address, mail_from=envelope.mail_from,
+                         reason="sender refused by acl", acl=decision.reason)
+                return self._refused("sender refused by acl", replies.SENDER_REFUSED)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         envelope.recipients.append(Recipient(address=address, mailbox=route.mailbox, tag=route.tag))

@@ -88,6 +88,8 @@ TEMP_SCAN_FAILURE = Reply(451, "7.0", "Content scanner unavailable, try again la
 # 5xx: permanent
 MAILBOX_UNKNOWN = Reply(550, "1.1", "Mailbox unavailable")
 RELAY_DENIED = Reply(550, "7.1", "Relay access denied")
+# the mailbox's (or its workspace's) allow/block lists refuse the sender (acl/)
+SENDER_REFUSED = Reply(550, "7.1", "Sender not accepted by this mailbox")
 MESSAGE_TOO_BIG = Reply(552, "3.4", "Message size exceeds fixed maximum message size")
 HEADER_TOO_BIG = Reply(552, "3.4", "Message header exceeds fixed maximum size")
 TOO_BIG_TO_SCAN = Reply(552, "3.4", "Message too big to scan")
