@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .acl.cli import register_acl
 from .agent.cli import register_agent
 from .app import DNS_SERVICES, LISTENER_SERVICES, Database, serve
 from .config import ConfigError, Settings, load_settings
@@ -306,4 +307,5 @@ COMMAND_GROUPS: list[Callable[[Any, Parents], None]] = [
     register_domains,
     register_apikeys,
     register_outbound,
+    register_acl,
 ]

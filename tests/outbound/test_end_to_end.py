@@ -9,14 +9,15 @@ import asyncio
 import pytest
 
 from smtpd_agent.outbound.queue import suppress
-from tests.agent.conftest import add_acme, agent_overrides, messages_api  # noqa: F401
+from tests.agent.conftest import (add_acme, agent_overrides, authenticated_senders,  # noqa: F401
+                                  messages_api)
 from tests.agent.helpers import deliver, mail, parse, wait_jobs
 from tests.messages_api import Step
 from tests.support import DEFAULT_DOMAIN
 
-from .conftest import fast
+from .conftest import fast, wait_state
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("authenticated_senders")]
 
 
 async def test_agent_reply_leaves_through_the_relay(start_server, db, messages_api,  # noqa: F811
@@ -32,6 +33,9 @@ async def test_agent_reply_leaves_through_the_relay(start_server, db, messages_a
     reply = parse(received.data)
     assert reply["In-Reply-To"] == "<q42@example.org>"
     assert len(reply.get_all("DKIM-Signature")) == 2
+    # the sink has it before the worker's record of the attempt commits
+    await wait_state(db, await db.fetchval(
+        "SELECT id FROM messages WHERE direction = 'outbound'"), {"sent"})
     row = await db.fetchrow("""SELECT m.status, d.state, d.attempts FROM messages m
                                JOIN deliveries d ON d.message_id = m.id
                                WHERE m.direction = 'outbound'""")
