@@ -25,7 +25,7 @@ from .message import parse_message
 from .metrics import Metrics
 from .outbound.bounces import BounceProcessor
 from .record import Envelope, InboundMessage
-from .scan import ScanResult, Scanner
+from .scan import Scanner, ScanResult
 from .scan import decide as decide_scan
 from .smtp import replies
 from .smtp.replies import Reply

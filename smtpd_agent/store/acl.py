@@ -15,8 +15,15 @@ from datetime import datetime
 
 import asyncpg
 
-from ..acl import (AclAction, AclDecision, AclDirection, AclEntry, candidates, decide,
-                   normalize_pattern)
+from ..acl import (
+    AclAction,
+    AclDecision,
+    AclDirection,
+    AclEntry,
+    candidates,
+    decide,
+    normalize_pattern,
+)
 from .database import CONNECTION_ERRORS, DatabaseUnavailable
 
 DbLike = asyncpg.Pool | asyncpg.Connection

@@ -9,8 +9,7 @@ import asyncio
 import pytest
 
 from smtpd_agent.outbound.queue import suppress
-from tests.agent.conftest import (add_acme, agent_overrides, authenticated_senders,  # noqa: F401
-                                  messages_api)
+from tests.agent.conftest import add_acme, agent_overrides, authenticated_senders, messages_api  # noqa: F401
 from tests.agent.helpers import deliver, mail, parse, wait_jobs
 from tests.messages_api import Step
 from tests.support import DEFAULT_DOMAIN

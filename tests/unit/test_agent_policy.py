@@ -76,8 +76,8 @@ def facts(*headers: tuple[str, str], mail_from: str = "alice@example.org",
     (facts(scan_status="error"), "scan status error"),
     (facts(scan_status="clean"), None),
     (facts(scan_status=None), None),
-    (facts(dmarc="none"), "sender not authenticated: example.org has no DMARC record and "
-                          "neither SPF nor DKIM passed for it"),
+    (facts(dmarc="none"), ("sender not authenticated: example.org has no DMARC record and "
+                           "neither SPF nor DKIM passed for it")),
     (facts(dmarc="none", spf="pass", spf_domain="example.org"), None),
 ])
 def test_loop_skip_reason(message, reason):
@@ -146,8 +146,8 @@ NO_RECORD = ("sender not authenticated: example.org has no DMARC record and neit
     (facts(dmarc="none", dkim_pass_domains=("esp.test",)), NO_RECORD),
     # the Public Suffix List: two customers of one public suffix are not one organization
     (facts(dmarc="none", from_address="alice@a.co.uk", spf="pass", spf_domain="b.co.uk"),
-     "sender not authenticated: a.co.uk has no DMARC record and neither SPF nor DKIM passed "
-     "for it"),
+     ("sender not authenticated: a.co.uk has no DMARC record and neither SPF nor DKIM passed "
+      "for it")),
     (facts(dmarc="none", from_address=None, spf="pass", spf_domain="example.org"),
      "sender not authenticated: no From address"),
 ])
