@@ -16,6 +16,7 @@ from datetime import datetime
 import asyncpg
 
 from ..acl import (
+    UNLISTED,
     AclAction,
     AclDecision,
     AclDirection,
@@ -108,7 +109,9 @@ async def check(db: DbLike, workspace_id: int, agent_id: int | None, direction: 
 class AclCache:
     """`check()` answers for receiving, kept `ttl` seconds: RCPT costs no round trip each time.
 
-    Only a cache: an entry added or removed takes effect here within `ttl`.
+    Most workspaces have no receiving entries at all: that is asked once per workspace
+    and TTL, so a new sender costs a query only where lists exist. Only a cache: an
+    entry added or removed takes effect here within `ttl`.
     """
 
     def __init__(self, db: asyncpg.Pool, ttl: float,
@@ -116,16 +119,28 @@ class AclCache:
         self._db = db
         self._ttl = ttl
         self._clock = clock
+        self._listed: dict[int, tuple[float, bool]] = {}
         self._cache: dict[tuple[int, int, str], tuple[float, AclDecision]] = {}
 
     async def receiving(self, workspace_id: int, agent_id: int, sender: str) -> AclDecision:
         """May `sender` mail this agent? DatabaseUnavailable when Postgres is away."""
         key = (workspace_id, agent_id, sender.strip().strip("<>").lower())
         now = self._clock()
-        cached = self._cache.get(key)
-        if cached and cached[0] > now:
-            return cached[1]
         try:
+            listed = self._listed.get(workspace_id)
+            if listed is None or listed[0] <= now:
+                listed = (now + self._ttl, bool(await self._db.fetchval(
+                    """SELECT EXISTS (SELECT 1 FROM acl_entries WHERE workspace_id = $1
+                                        AND direction = ANY($2::text[]))""",
+                    workspace_id, _directions(AclDirection.RECEIVE))))
+                if len(self._listed) >= MAX_CACHE_ENTRIES:
+                    self._listed.clear()
+                self._listed[workspace_id] = listed
+            if not listed[1]:
+                return UNLISTED
+            cached = self._cache.get(key)
+            if cached and cached[0] > now:
+                return cached[1]
             decision = await check(self._db, workspace_id, agent_id, AclDirection.RECEIVE,
                                    key[2])
         except CONNECTION_ERRORS as error:
@@ -136,4 +151,5 @@ class AclCache:
         return decision
 
     def invalidate(self) -> None:
+        self._listed.clear()
         self._cache.clear()
