@@ -9,9 +9,13 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/smtpd-agent/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY requirements/runtime.lock ./requirements/
 COPY smtpd_agent ./smtpd_agent
-# Not editable and without the [test] extra: the image carries no tests or test tools.
-RUN /opt/smtpd-agent/venv/bin/pip install . \
+# The locked runtime dependencies (the versions and files the suite ran with, checked by
+# hash), then the project without resolving again; no test dependencies or tests.
+RUN /opt/smtpd-agent/venv/bin/pip install --require-hashes --no-deps -r requirements/runtime.lock \
+ && /opt/smtpd-agent/venv/bin/pip install --no-deps . \
+ && /opt/smtpd-agent/venv/bin/pip check \
  && /opt/smtpd-agent/venv/bin/pip uninstall -y pip setuptools wheel
 
 # --- runtime: the virtualenv, the default config, an unprivileged user ------------------

@@ -55,7 +55,7 @@ async def bench_drain(root: Path, count: int, workers: int) -> tuple[float, int]
             for index in range(count):
                 await store_reply(db, agent, f"r{index}@example.org")
         began = time.perf_counter()
-        while await db.fetchval("SELECT count(*) FROM deliveries WHERE state = 'sent'") < count:
+        while await db.fetchval("SELECT count(*) FROM deliveries WHERE status = 'sent'") < count:
             await asyncio.sleep(0.02)
         elapsed = time.perf_counter() - began
         await db.close()

@@ -13,31 +13,31 @@ import gc
 import hashlib
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-import asyncpg
 import structlog
 
 from .agent.worker import AgentWorkers
-from .config import ConfigError, Settings, SmtpSettings, apply_live, env_name, to_environment
-from .dns import Resolver
+from .config import ConfigError, Settings, SmtpSettings, apply_live, local_name_problem
 from .dnsserver.server import DnsServer
 from .domains.service import DomainRechecker, KeyRotator
 from .http import HttpServer
-from .metrics import Metrics, MetricsSpooler, spool_directory
+from .metrics import MetricsSpooler, spool_directory
+from .outbound.bounces import BounceProcessor
 from .outbound.worker import OutboundWorker
 from .pipeline import Pipeline
 from .routing import Router
-from .scan import Scanner, limit_problems
+from .runtime import Runtime
 from .smtp.handler import SessionHandler
 from .smtp.server import AgentSMTP, ConnectionLimits, Sessions
-from .store.database import EmbeddedPostgres, create_pool, migrate, resolve_database_url
+from .store import deployment
 from .systemd import Notifier
 
 log = structlog.get_logger("smtpd_agent.app")
@@ -67,90 +67,29 @@ def certificate_summary(path: str) -> dict[str, str]:
     return {"tls_cert_sha256": hashlib.sha256(der).hexdigest()}
 
 
-@dataclass
-class Database:
-    """An open pool, and the embedded server behind it when there is one."""
-
-    url: str
-    pool: asyncpg.Pool
-    embedded: EmbeddedPostgres | None
-
-    @classmethod
-    async def open(cls, settings: Settings, run_migrations: bool = True) -> Database:
-        url, embedded = await asyncio.to_thread(
-            resolve_database_url, settings.database, settings.server.state_dir)
-        try:
-            pool = await create_pool(url, settings.database)
-            if run_migrations:
-                async with pool.acquire() as connection:
-                    await migrate(connection)
-        except BaseException:
-            if embedded:
-                embedded.release()
-            raise
-        return cls(url, pool, embedded)
-
-    async def close(self) -> None:
-        await self.pool.close()
-        if self.embedded:
-            await asyncio.to_thread(self.embedded.release)
-
-
-@dataclass
-class Runtime:
-    """What every service of one process shares: settings, the database, the resolver."""
-
-    settings: Settings
-    database: Database
-    resolver: Resolver
-    # One registry per process (per App in tests), never prometheus_client's global one.
-    metrics: Metrics = field(default_factory=Metrics)
-    _pipeline: Pipeline | None = field(default=None, repr=False)
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        return self.database.pool
-
-    @property
-    def scanner(self) -> Scanner | None:
-        return self.pipeline.scanner
-
-    @property
-    def pipeline(self) -> Pipeline:
-        """The one pipeline every way in (SMTP, provider webhooks) feeds; built on first use."""
-        if self._pipeline is None:
-            self._pipeline = self.build_pipeline(self.settings)
-        return self._pipeline
-
-    def build_pipeline(self, settings: Settings) -> Pipeline:
-        """A pipeline for `settings` (a SIGHUP reload builds one for the listener). It keeps
-        the current Scanner while [scan] is unchanged: one bound on streams to clamd."""
-        current = self._pipeline
-        if current is not None and current.settings.scan == settings.scan:
-            scanner = current.scanner
-        else:
-            scanner = Scanner(settings.scan) if settings.scan.clamd else None
-            if scanner is None:
-                log.warning("scan.disabled", reason="scan.clamd is not set: attachments are "
-                            "stored with scan status 'unscanned'")
-            for problem in limit_problems(settings):
-                log.warning("scan.limits", problem=problem)
-        return Pipeline(self.pool, settings, self.resolver, scanner, self.metrics)
-
-    @classmethod
-    async def open(cls, settings: Settings) -> Runtime:
-        database = await Database.open(settings)
-        return cls(settings, database, Resolver(settings.dns))
-
-    async def close(self) -> None:
-        await self.database.close()
-
-
 class Service(Protocol):
     """A part of the process. It may also define `async reload(settings)` for SIGHUP."""
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
+
+
+def check_greeting_name(settings: Settings) -> None:
+    """Warn when the name we announce (greeting, EHLO, Received) is a name like localhost;
+    on port 25, where the internet's MTAs talk to us, refuse unless allowed."""
+    name = settings.server.hostname
+    problem = local_name_problem(name)
+    if problem is None:
+        return
+    log.warning("server.hostname_not_public", hostname=name, problem=problem,
+                fallback=name == socket.getfqdn(),
+                hint="set server.hostname (SMTPD_AGENT_SERVER_HOSTNAME) to this host's "
+                     "public name, the one its A/AAAA and PTR records give")
+    if settings.smtp.port == 25 and not settings.server.allow_local_hostname:
+        raise ConfigError(
+            f"server.hostname is {name!r} ({problem}): a public MX on port 25 must greet with "
+            "a name that resolves to it (RFC 5321 4.1.4). Set server.hostname, or set "
+            "server.allow_local_hostname = true to start anyway.")
 
 
 @dataclass(frozen=True)
@@ -198,6 +137,7 @@ class MailServer:
 
     async def start(self) -> None:
         settings = self.settings
+        check_greeting_name(settings)
         metrics = self.runtime.metrics
         self._parts = self._build_parts(settings)
         loop = asyncio.get_running_loop()
@@ -272,8 +212,12 @@ class App:
         return next(s for s in self.services if isinstance(s, kind))
 
     async def start(self) -> None:
-        self.runtime = await Runtime.open(self.settings)
+        self.runtime = await Runtime.open(self.settings, bounces=BounceProcessor)
         try:
+            # The deployment's identity: recorded by the first server, the same for the rest.
+            await deployment.claim(self.runtime.pool, self.settings.server.default_domain,
+                                   self.settings.server.hostname,
+                                   where="this server is configured with default domain")
             for factory in self.factories:
                 service = factory(self.runtime)
                 await service.start()
@@ -331,25 +275,33 @@ LISTENER_SERVICES: list[Callable[[Runtime], Service]] = [MailServer, metrics_spo
 class ListenerProcesses:
     """The smtp.processes - 1 extra accepting processes beside this one.
 
-    Each is `smtpd-agent serve --listener-only` with exactly our settings (passed as
-    SMTPD_AGENT_* variables) and our bound port; they share the port through
+    Each is `smtpd-agent serve --listener-only` started with our command-line flags
+    (`listener_args`: --config, --state-dir, ...) and our bound port, and our own
+    environment unchanged: it reads the same file, environment and flags as we did, and
+    on SIGHUP re-reads them the same way, so a reload reaches every process. No setting
+    is handed over in the environment (secrets would show in /proc/<pid>/environ, and
+    an environment value would win over the reloaded file). They share the port through
     SO_REUSEPORT and Postgres through their own pools, and keep no state of their own.
     """
 
-    def __init__(self, settings: Settings, port: int | None) -> None:
+    def __init__(self, settings: Settings, port: int | None,
+                 listener_args: Sequence[str] = ()) -> None:
         self.settings = settings
         self.port = port
+        self.listener_args = list(listener_args)
         self.children: list[subprocess.Popen[bytes]] = []
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "smtpd_agent", "serve", "--listener-only",
+                *self.listener_args, "--port", str(self.port)]
 
     async def start(self) -> None:
         for stale in spool_directory(self.settings.server.state_dir).glob("*.prom"):
             stale.unlink(missing_ok=True)  # a previous run's processes
-        env = {**os.environ, **to_environment(self.settings),
-               env_name("smtp.port"): str(self.port)}
+        env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)  # readiness is the parent's to report to systemd
         for _ in range(self.settings.smtp.processes - 1):
-            self.children.append(subprocess.Popen(
-                [sys.executable, "-m", "smtpd_agent", "serve", "--listener-only"], env=env))
+            self.children.append(subprocess.Popen(self.command(), env=env))
         log.info("server.listener_processes", pids=[c.pid for c in self.children])
 
     def signal(self, signum: signal.Signals) -> None:
@@ -370,13 +322,15 @@ class ListenerProcesses:
 async def serve(settings: Settings,
                 factories: list[Callable[[Runtime], Service]] | None = None, *,
                 reload: Callable[[], Settings] | None = None,
-                notifier: Notifier | None = None) -> None:
+                notifier: Notifier | None = None,
+                listener_args: Sequence[str] = ()) -> None:
     """Run `factories` (default SERVICES) until SIGTERM/SIGINT; on SIGHUP call `reload()`
-    for fresh settings and apply them."""
+    for fresh settings and apply them. `listener_args`: the flags (not the port) the
+    smtp.processes extra listeners are started with, so they read what we read."""
     notifier = notifier or Notifier()
     app = App(settings, factories)
     await app.start()
-    listeners = (ListenerProcesses(settings, app.service(MailServer).port)
+    listeners = (ListenerProcesses(settings, app.service(MailServer).port, listener_args)
                  if factories is None and settings.smtp.processes > 1 else None)
     if listeners:
         await listeners.start()

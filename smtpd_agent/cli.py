@@ -10,17 +10,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
-from dataclasses import dataclass
 import sys
-from collections.abc import Awaitable, Callable
-from datetime import datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .acl.cli import register_acl
 from .agent.cli import register_agent
-from .app import DNS_SERVICES, LISTENER_SERVICES, Database, serve
+from .app import DNS_SERVICES, LISTENER_SERVICES, serve
+from .cli_common import Parents, deployment_settings, emit, with_database
 from .config import ConfigError, Settings, load_settings
 from .domains.cli import register_domains
 from .outbound.cli import register_outbound
@@ -28,17 +26,9 @@ from .domains.keys import KeyStoreError
 from .http.cli import register_apikeys
 from .logs import configure_logging
 from .routing import parse_address, workspace_of
-from .store import directory, inbox
+from .store import deployment, directory, inbox
 from .store.database import migrate
 from .store.directory import DirectoryError
-
-
-@dataclass(frozen=True)
-class Parents:
-    """Argument groups every command shares: `common` (config, state dir, domain), `listing` (--json)."""
-
-    common: argparse.ArgumentParser
-    listing: argparse.ArgumentParser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +69,18 @@ def register_core(commands: Any, parents: Parents) -> None:
 
     commands.add_parser("migrate", parents=[common], help="apply database migrations") \
         .set_defaults(handler=cmd_migrate, migrate_first=False)
+
+    identity = commands.add_parser(
+        "deployment", help="the deployment's identity (its default domain) in the database")
+    identity_cmds = identity.add_subparsers(dest="action", required=True, metavar="ACTION")
+    identity_cmds.add_parser("show", parents=[common, listing],
+                             help="the recorded default domain and the hosts that served it") \
+        .set_defaults(handler=cmd_deployment_show, identity_check=False)
+    set_domain = identity_cmds.add_parser(
+        "set-domain", parents=[common],
+        help="change the deployment's default domain on purpose (workspace addresses move)")
+    set_domain.add_argument("domain", help="the new default domain")
+    set_domain.set_defaults(handler=cmd_deployment_set_domain, identity_check=False)
 
     workspace = commands.add_parser("workspace", help="manage workspaces")
     workspace_cmds = workspace.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -151,8 +153,24 @@ def run_serve(settings: Settings, args: argparse.Namespace) -> int:
     if args.listener_only:  # one of the smtp.processes extra listeners, started by serve
         asyncio.run(serve(settings, LISTENER_SERVICES, reload=lambda: settings_from(args)))
         return 0
-    asyncio.run(serve(settings, reload=lambda: settings_from(args)))
+    asyncio.run(serve(settings, reload=lambda: settings_from(args),
+                      listener_args=listener_args(args)))
     return 0
+
+
+def listener_args(args: argparse.Namespace) -> list[str]:
+    """The flags an extra listener process (smtp.processes) gets: ours, the config file's
+    path made absolute, and never a setting's value in the environment; app.py adds the
+    bound port."""
+    forwarded: list[str] = []
+    if args.config is not None:
+        forwarded += ["--config", str(Path(args.config).resolve())]
+    for flag, name in (("state_dir", "--state-dir"), ("default_domain", "--default-domain"),
+                       ("host", "--host")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            forwarded += [name, str(Path(value).resolve()) if flag == "state_dir" else value]
+    return forwarded
 
 
 def run_dns_serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -162,17 +180,6 @@ def run_dns_serve(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     asyncio.run(serve(settings, DNS_SERVICES))
     return 0
-
-
-Command = Callable[[Any, Settings, argparse.Namespace], Awaitable[int]]
-
-
-async def with_database(settings: Settings, command: Command, args: argparse.Namespace) -> int:
-    database = await Database.open(settings, run_migrations=getattr(args, "migrate_first", True))
-    try:
-        return await command(database.pool, settings, args)
-    finally:
-        await database.close()
 
 
 def mailbox_of(address: str, settings: Settings) -> tuple[str, str]:
@@ -189,27 +196,44 @@ def mailbox_of(address: str, settings: Settings) -> tuple[str, str]:
     return slug, parsed.local
 
 
-def emit(data: Any, as_json: bool, lines: Callable[[Any], list[str]]) -> None:
-    if as_json:
-        print(json.dumps(data, indent=2, default=_json_default))
-    else:
-        print("\n".join(lines(data)))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, (bytes, memoryview)):
-        return bytes(value).hex()
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
-
-
 async def cmd_migrate(db: Any, settings: Settings, args: argparse.Namespace) -> int:
     async with db.acquire() as connection:
         applied = await migrate(connection)
     print("applied: " + ", ".join(applied) if applied else "database is up to date")
+    settings = await deployment_settings(db, settings, args)
+    domain = await deployment.record(db, settings.server.default_domain)
+    print(f"deployment: default domain {domain}")
+    return 0
+
+
+async def cmd_deployment_show(db: Any, settings: Settings, args: argparse.Namespace) -> int:
+    identity = await deployment.recorded(db)
+    if identity is None:
+        emit(None, args.json, lambda _: [
+            "no deployment recorded yet: the first `serve` or `migrate` records its "
+            f"default domain (here: {settings.server.default_domain})"])
+        return 0
+    emit(dataclasses.asdict(identity), args.json, lambda data: [
+        f"default domain: {data['default_domain']}",
+        f"recorded:       {data['recorded_at']:%Y-%m-%d %H:%M:%S %Z}"
+        + (f", changed {data['changed_at']:%Y-%m-%d %H:%M:%S %Z}" if data["changed_at"] else ""),
+        *(f"host:           {name} (last started {when:%Y-%m-%d %H:%M:%S %Z})"
+          for name, when in data["hosts"])])
+    return 0
+
+
+async def cmd_deployment_set_domain(db: Any, settings: Settings,
+                                    args: argparse.Namespace) -> int:
+    domain = args.domain.strip().lower()
+    settings.replace({"server.default_domain": domain})  # validated like the file's value
+    previous = await deployment.set_domain(db, domain)
+    if previous == domain:
+        print(f"the deployment's default domain is already {domain}")
+        return 0
+    print(f"the deployment's default domain is now {domain} (was {previous or 'not recorded'}): "
+          f"workspaces receive at <workspace>.{domain}. Start every server with "
+          f"server.default_domain = \"{domain}\" (or --default-domain {domain}); a server "
+          f"still configured with {previous} refuses to start.")
     return 0
 
 
@@ -291,6 +315,8 @@ def _inbox_lines(threads: list[dict[str, Any]]) -> list[str]:
                          f"from {message['from_header'] or message['mail_from'] or '<>'}")
             lines.append(f"           subject: {message['subject'] or '(no subject)'}  "
                          f"size: {message['size']} bytes{flags}")
+            if message["preview"]:
+                lines.append(f"           preview: {message['preview']}")
             if verdicts:
                 lines.append(f"           verdicts: {verdicts}")
             for attachment in message["attachments"]:

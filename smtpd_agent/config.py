@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from .relay_url import RelayUrlError, parse_relay_url
+
 ENV_PREFIX = "SMTPD_AGENT_"
 DEFAULT_CONFIG_PATH = Path("config/smtpd-agent.toml")
 
@@ -47,6 +49,26 @@ class ServerSettings:
     hostname: str = field(default_factory=socket.getfqdn)
     default_domain: str = "aexy.email"
     state_dir: Path = Path("state")
+    # Start on port 25 even when `hostname` is a name like localhost (local_name_problem).
+    allow_local_hostname: bool = False
+
+
+def local_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a public MX's greeting name (RFC 5321 4.1.4, 4.1.1.1: a name
+    that resolves to us), or None. Receivers score a `localhost` HELO as spam."""
+    host = name.strip().lower().rstrip(".")
+    if not host:
+        return "it is empty"
+    if host == "localhost" or host.endswith((".localhost", ".localdomain", ".local")):
+        return "it is a local-only name"
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return "it is an address, not a name"
+    except ValueError:
+        pass
+    if "." not in host:
+        return "it is not fully qualified"
+    return None
 
 
 @dataclass(frozen=True)
@@ -88,6 +110,7 @@ class StoreSettings:
     thread_window_days: int = 30
     batch_max: int = 32
     committers: int = 2
+    batch_max_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -385,20 +408,6 @@ def known_keys() -> dict[str, Any]:
     return keys
 
 
-def to_environment(settings: Settings) -> dict[str, str]:
-    """Every key as SMTPD_AGENT_* variables: a child process rebuilds exactly these settings."""
-    env = {}
-    for key, value in _flatten(settings).items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, list):
-            text = ",".join(value)
-        else:
-            text = str(value)
-        env[env_name(key)] = text
-    return env
-
-
 def env_name(key: str) -> str:
     return ENV_PREFIX + key.replace(".", "_").upper()
 
@@ -516,7 +525,7 @@ def _validate(settings: Settings) -> None:
                        or "+" in postmaster):
         raise ConfigError(f"routing.postmaster: expected an agent address like "
                           f"ops@operator.{settings.server.default_domain}, got {postmaster!r}")
-    for key in ("batch_max", "committers"):
+    for key in ("batch_max", "committers", "batch_max_bytes"):
         if getattr(settings.store, key) < 1:
             raise ConfigError(f"store.{key}: must be at least 1")
     if settings.store.committers >= settings.database.pool_max:
@@ -556,7 +565,6 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"http.sns_url_pattern: not a regular expression: {error}") from None
     outbound = settings.outbound
     if outbound.relay:
-        from .outbound.relay_url import RelayUrlError, parse_relay_url
         try:
             parse_relay_url(outbound.relay)
         except RelayUrlError as error:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 from typing import Any
 
@@ -45,3 +46,21 @@ def configure_logging(settings: LogSettings, stream=None) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     # aiosmtpd logs every command at INFO through stdlib logging; our own events replace it.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    route_warnings_to_log()
+
+
+def route_warnings_to_log() -> None:
+    """Python warnings become log events, DeprecationWarning included.
+
+    Python hides DeprecationWarning outside __main__, yet a library's deprecation (the
+    Anthropic SDK warns when agent.model nears its end of life) is the operator's business.
+    """
+    warnings.simplefilter("default", DeprecationWarning)
+    warnings.showwarning = _log_warning
+
+
+def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+    structlog.get_logger("smtpd_agent.warnings").warning(
+        "python.warning", category=category.__name__, message=str(message),
+        source=f"{filename}:{lineno}")

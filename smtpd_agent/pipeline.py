@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 from email.utils import format_datetime
 
 import asyncpg
@@ -23,16 +24,14 @@ from .config import Settings
 from .dns import Resolver
 from .message import parse_message
 from .metrics import Metrics
-from .outbound.bounces import BounceProcessor
-from .record import Envelope, InboundMessage
-from .scan import Scanner, ScanResult
+from .record import Envelope, InboundMessage, ReceivedContent
+from .scan import ScanResult, Scanner
 from .scan import decide as decide_scan
 from .smtp import replies
 from .smtp.replies import Reply
-from .smtp.server import ReceivedContent
 from .store.acl import AclCache
 from .store.database import CONNECTION_ERRORS, DatabaseUnavailable
-from .store.messages import GroupCommit, StoredMessage, Verdicts
+from .store.messages import GroupCommit, StoredMessage, StoreTooLarge, Verdicts
 
 log = structlog.get_logger("smtpd_agent.pipeline")
 
@@ -82,20 +81,29 @@ class Outcome:
     stored: tuple[StoredMessage, ...] = field(default=())
 
 
+class DsnReceiver(Protocol):
+    """Takes a DSN that reached a VERP address (outbound/bounces.py's BounceProcessor; the
+    runtime passes it in, so this stage never imports the outbound feature)."""
+
+    async def receive_dsn(self, token: str, raw: bytes, queue_id: str = "") -> str: ...
+
+
 class Pipeline:
     def __init__(self, db: asyncpg.Pool, settings: Settings, resolver: Resolver,
-                 scanner: Scanner | None = None, metrics: Metrics | None = None) -> None:
+                 scanner: Scanner | None = None, metrics: Metrics | None = None, *,
+                 bounces: DsnReceiver | None = None) -> None:
         self.db = db
         self.settings = settings
         self.resolver = resolver
         self.scanner = scanner
         self.metrics = metrics or Metrics()
         self.authserv_id = settings.auth.authserv_id or settings.server.hostname
-        self.bounces = BounceProcessor(db)
+        self.bounces = bounces
         # allow/block lists for receiving; the SMTP handler shares it for RCPT
         self.acl = AclCache(db, settings.routing.cache_ttl)
         self.store = GroupCommit(db, settings.store.thread_window_days,
-                                 settings.store.batch_max, settings.store.committers)
+                                 settings.store.batch_max, settings.store.committers,
+                                 settings.store.batch_max_bytes)
 
     def unauthenticated(self) -> AuthResult:
         """No checks possible (a provider gave parsed fields only): RFC 8601 'none'."""
@@ -171,6 +179,10 @@ class Pipeline:
         No authentication or scan: the random VERP token is what makes a bounce ours,
         and nothing of it reaches an agent or its mailbox.
         """
+        if self.bounces is None:  # a runtime wired without the bounce processor
+            log.error("smtp.tempfail", reason="no bounce processor in this process",
+                      queue_id=content.queue_id, mail_from=content.mail_from)
+            return replies.TEMP_STORE_FAILURE.for_session(content.session_id)
         try:
             for token in content.bounce_tokens:
                 await self.bounces.receive_dsn(token, content.data, content.queue_id)
@@ -246,6 +258,12 @@ class Pipeline:
                            ("Received", received_header(content, self.settings.server.hostname))))
         try:
             stored = await self.store.store(message, verdicts, content.queue_id)
+        except StoreTooLarge as error:
+            # the same bytes fail the same way every time: permanent, for this message only
+            log.warning("smtp.rejected", reason="too big to store", error=str(error),
+                        queue_id=content.queue_id, mail_from=content.mail_from, rcpt=rcpt,
+                        transport=content.transport)
+            return Outcome(replies.TOO_BIG_TO_STORE, "too big to store")
         except DatabaseUnavailable as error:
             log.error("smtp.tempfail", reason="store failed", error=str(error),
                       queue_id=content.queue_id, mail_from=content.mail_from, rcpt=rcpt,

@@ -8,7 +8,7 @@ returns its own result; nothing downstream touches aiosmtpd objects.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 
 from .message import ParsedMessage
 
@@ -65,3 +65,28 @@ class InboundMessage:
     raw: bytes
     parsed: ParsedMessage
     trace_headers: tuple[tuple[str, str], ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class ReceivedContent:
+    """The message bytes of one transaction, after transparency and line-ending rules."""
+
+    data: bytes
+    session_id: str
+    queue_id: str
+    client_ip: str
+    helo: str
+    mail_from: str
+    recipients: tuple[Recipient, ...]
+    tls: bool
+    tls_version: str | None
+    smtputf8: bool
+    esmtp: bool
+    received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    # "smtp", or the provider whose webhook posted the message ("ses", "sendgrid", ...).
+    transport: str = "smtp"
+    # False when a provider gave us only parsed fields, not the message as sent: there
+    # is no signature left to verify, so authentication records "none" instead of "fail".
+    authenticable: bool = True
+    # VERP tokens of RCPTs routed to the bounce processor (outbound/bounces.py)
+    bounce_tokens: tuple[str, ...] = ()

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ..cli_common import Parents, emit
 from ..config import Settings
 from ..store import acl as acl_store
 from ..store import directory
 from ..store.directory import DirectoryError
 from . import AclAction, AclDirection, AclPatternError
-
-if TYPE_CHECKING:
-    from ..cli import Parents
 
 
 def register_acl(commands: Any, parents: Parents) -> None:
@@ -86,8 +84,6 @@ async def cmd_acl_remove(db: Any, settings: Settings, args: argparse.Namespace) 
 
 
 async def cmd_acl_list(db: Any, settings: Settings, args: argparse.Namespace) -> int:
-    from ..cli import emit
-
     workspace_id, agent_id = await _scope(db, args)
     rows = [dataclasses.asdict(e) for e in await acl_store.list_entries(db, workspace_id,
                                                                          agent_id)]

@@ -12,13 +12,16 @@ from typing import Any
 
 import structlog
 
-from ..app import Runtime
+from ..cli_common import Parents, deployment_settings, emit
 from ..config import Settings
+from ..outbound.worker import OutboundWorker
+from ..runtime import Runtime
+from .worker import AgentWorkers
 
 log = structlog.get_logger("smtpd_agent.agent")
 
 
-def register_agent(commands: Any, parents: Any) -> None:
+def register_agent(commands: Any, parents: Parents) -> None:
     worker = commands.add_parser("worker", parents=[parents.common],
                                  help="run agent reply workers only (no SMTP listener)")
     worker.add_argument("--concurrency", type=int, metavar="N",
@@ -34,15 +37,19 @@ def register_agent(commands: Any, parents: Any) -> None:
 
 
 def run_worker(settings: Settings, args: argparse.Namespace) -> int:
-    asyncio.run(work(settings, args.concurrency, getattr(args, "with_outbound", False)))
+    asyncio.run(work(settings, args.concurrency, getattr(args, "with_outbound", False), args))
     return 0
 
 
-async def work(settings: Settings, concurrency: int | None, with_outbound: bool = False) -> None:
-    from ..outbound.worker import OutboundWorker
-    from .worker import AgentWorkers
-
+async def work(settings: Settings, concurrency: int | None, with_outbound: bool = False,
+               args: argparse.Namespace | None = None) -> None:
     runtime = await Runtime.open(settings)
+    try:  # replies come from <handle>@<workspace>.<the deployment's default domain>
+        runtime.settings = await deployment_settings(runtime.pool, settings,
+                                                     args or argparse.Namespace())
+    except BaseException:
+        await runtime.close()
+        raise
     workers = AgentWorkers(runtime, concurrency=max(1, concurrency or settings.agent.workers))
     outbound = OutboundWorker(runtime) if with_outbound else None
     stop = asyncio.Event()
@@ -63,8 +70,6 @@ async def work(settings: Settings, concurrency: int | None, with_outbound: bool 
 
 
 async def cmd_jobs(db: Any, settings: Settings, args: argparse.Namespace) -> int:
-    from ..cli import emit
-
     rows = [dict(r) for r in await db.fetch(
         """SELECT j.id, w.slug AS workspace, a.handle AS agent, j.status, j.attempts,
                   j.skip_reason, j.last_error, j.reply_message_id, j.model, j.input_tokens,

@@ -1,12 +1,13 @@
 """The agent job queue in Postgres: claim, read the thread, finish.
 
 Stage 6 of the pipeline. Jobs are created by the store (same transaction as
-the message). A worker claims the oldest due job with `FOR UPDATE SKIP LOCKED`
-and moves its `run_at` to the end of a lease, with a fresh lease token; a
-worker that dies simply stops, and the job is due again when the lease ends.
-Finishing re-checks the token inside the transaction that stores the reply, so
-a worker that outlived its lease cannot add a second reply. Apart from the
-claim (which serves every workspace), every query names the job's workspace.
+the message) and leased like outbound deliveries (store/lease.py): a worker
+claims the oldest due job, a worker that dies simply stops and the job is due
+again when the lease ends. Finishing re-checks the lease token inside the
+transaction that stores the reply (store/messages.py writes it, as it writes
+every message), so a worker that outlived its lease cannot add a second reply.
+Apart from the claim (which serves every workspace), every query names the
+job's workspace.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from typing import Any
 import asyncpg
 
 from ..outbound.queue import enqueue
+from ..store import lease as lease_queue
+from ..store.lease import NOW, Lease, LeaseQueue
+from ..store.messages import OutboundRow, store_outbound
 from .compose import ComposedReply
 from .llm import Completion
 from .policy import MessageFacts, cap_reason, rate_limit_reason
@@ -39,6 +43,9 @@ class Caps:
     workspace_per_day: int
     new_recipients_per_day: int
 
+# A claimed job is 'running' until its lease runs out (then it is claimable again).
+AGENT_JOBS = LeaseQueue("agent_jobs", claimable=("pending", "running"), leased="running")
+
 
 @dataclass(frozen=True)
 class Job:
@@ -49,6 +56,10 @@ class Job:
     message_id: int
     attempts: int
     lease_token: uuid.UUID
+
+    @property
+    def lease(self) -> Lease:
+        return Lease(self.id, self.workspace_id, self.lease_token)
 
 
 @dataclass(frozen=True)
@@ -74,19 +85,12 @@ class InboundRecord:
 
 
 async def claim(db: asyncpg.Pool, worker: str, lease: float) -> Job | None:
-    row = await db.fetchrow(
-        """UPDATE agent_jobs j
-              SET status = 'running', attempts = j.attempts + 1, worker = $1,
-                  run_at = now() + make_interval(secs => $2), lease_token = gen_random_uuid(),
-                  updated_at = now()
-             FROM (SELECT id FROM agent_jobs
-                    WHERE status IN ('pending', 'running') AND run_at <= now()
-                    ORDER BY run_at, id LIMIT 1
-                    FOR UPDATE SKIP LOCKED) due
-            WHERE j.id = due.id
-        RETURNING j.id, j.workspace_id, j.agent_id, j.thread_id, j.message_id, j.attempts,
-                  j.lease_token""", worker, lease)
-    return Job(**dict(row)) if row else None
+    rows = await lease_queue.claim(db, AGENT_JOBS, 1, lease, worker=worker, updated_at=NOW)
+    if not rows:
+        return None
+    row = rows[0]
+    return Job(row["id"], row["workspace_id"], row["agent_id"], row["thread_id"],
+               row["message_id"], row["attempts"], row["lease_token"])
 
 
 async def load_agent(db: asyncpg.Pool, job: Job) -> AgentRecord | None:
@@ -210,17 +214,11 @@ def limit_reason(rates: tuple[int, int], caps_counts: tuple[int, int, bool, int]
                           caps.new_recipients_per_day))
 
 
-async def _end(db: asyncpg.Pool | asyncpg.Connection, job: Job, status: str,
+async def _end(db: asyncpg.Pool | asyncpg.Connection, job: Job, state: str,
                **columns: Any) -> bool:
     """Set a final state, if we still hold the lease. False: someone else has it."""
-    names = list(columns)
-    assignments = "".join(f", {name} = ${i + 5}" for i, name in enumerate(names))
-    result = await db.execute(
-        f"""UPDATE agent_jobs SET status = $3, lease_token = NULL, updated_at = now(),
-                finished_at = now(){assignments}
-             WHERE id = $1 AND lease_token = $2 AND status = 'running' AND workspace_id = $4""",
-        job.id, job.lease_token, status, job.workspace_id, *[columns[n] for n in names])
-    return result.endswith(" 1")
+    return await lease_queue.settle(db, AGENT_JOBS, job.lease, state, updated_at=NOW,
+                                    finished_at=NOW, **columns)
 
 
 async def skip(db: asyncpg.Pool, job: Job, reason: str) -> bool:
@@ -233,22 +231,14 @@ async def fail(db: asyncpg.Pool, job: Job, error: str) -> bool:
 
 async def retry_later(db: asyncpg.Pool, job: Job, error: str, delay: float) -> bool:
     """Back to pending, due after `delay` seconds by the database's clock."""
-    result = await db.execute(
-        """UPDATE agent_jobs SET status = 'pending', lease_token = NULL, last_error = $3,
-                  run_at = now() + make_interval(secs => $4), updated_at = now()
-            WHERE id = $1 AND lease_token = $2 AND status = 'running' AND workspace_id = $5""",
-        job.id, job.lease_token, error, delay, job.workspace_id)
-    return result.endswith(" 1")
+    return await lease_queue.settle(db, AGENT_JOBS, job.lease, "pending", due_in=delay,
+                                    last_error=error, updated_at=NOW)
 
 
 async def release(db: asyncpg.Pool, job: Job) -> bool:
     """Give a job back at once (worker stopping); the attempt does not count."""
-    result = await db.execute(
-        """UPDATE agent_jobs SET status = 'pending', run_at = now(), lease_token = NULL,
-                  attempts = greatest(attempts - 1, 0), updated_at = now()
-            WHERE id = $1 AND lease_token = $2 AND status = 'running' AND workspace_id = $3""",
-        job.id, job.lease_token, job.workspace_id)
-    return result.endswith(" 1")
+    return await lease_queue.settle(db, AGENT_JOBS, job.lease, "pending", due_in=0.0,
+                                    uncount=True, updated_at=NOW)
 
 
 @dataclass(frozen=True)
@@ -269,11 +259,7 @@ async def store_reply(db: asyncpg.Pool, job: Job, reply: ComposedReply, completi
     usage = {"model": completion.model, "input_tokens": completion.input_tokens,
              "output_tokens": completion.output_tokens, "latency_ms": completion.latency_ms}
     async with db.acquire() as connection, connection.transaction():
-        holder = await connection.fetchval(
-            """SELECT lease_token FROM agent_jobs
-                WHERE id = $1 AND workspace_id = $2 AND status = 'running' FOR UPDATE""",
-            job.id, job.workspace_id)
-        if holder != job.lease_token:
+        if not await lease_queue.hold(connection, AGENT_JOBS, job.lease):
             return Finished(False, reason="lease lost")
         await connection.execute("SELECT pg_advisory_xact_lock($1, $2)", 0x6177,
                                  job.workspace_id)
@@ -282,19 +268,13 @@ async def store_reply(db: asyncpg.Pool, job: Job, reply: ComposedReply, completi
         if reason:
             await _end(connection, job, "skipped", skip_reason=reason, **usage)
             return Finished(False, reason=reason)
-        reply_id = await connection.fetchval(
-            """INSERT INTO messages (
-                   workspace_id, agent_id, thread_id, direction, status, dedup_key, message_id,
-                   in_reply_to, "references", from_header, from_address, to_header, subject,
-                   sent_at, headers, text_body, html_body, raw, size, mail_from, rcpt_to)
-               VALUES ($1, $2, $3, 'outbound', 'queued', $4, $5, $6, $7, $8, $9, $10, $11,
-                       now(), $12, $13, $14, $15, $16, $17, $18)
-               RETURNING id""",
-            job.workspace_id, job.agent_id, job.thread_id, f"reply:{job.message_id}",
-            reply.message_id, list(reply.in_reply_to), list(reply.references), reply.from_header,
-            reply.from_address, reply.to_address, reply.subject,
-            [[name, value] for name, value in reply.headers], reply.text, reply.html, reply.raw,
-            len(reply.raw), reply.from_address, reply.to_address)
+        reply_id = await store_outbound(connection, OutboundRow(
+            workspace_id=job.workspace_id, agent_id=job.agent_id, thread_id=job.thread_id,
+            dedup_key=f"reply:{job.message_id}", message_id=reply.message_id,
+            in_reply_to=tuple(reply.in_reply_to), references=tuple(reply.references),
+            from_header=reply.from_header, from_address=reply.from_address,
+            to_address=reply.to_address, subject=reply.subject, headers=tuple(reply.headers),
+            text_body=reply.text, html_body=reply.html, raw=reply.raw))
         await connection.execute(
             """INSERT INTO agent_recipients (workspace_id, agent_id, address)
                VALUES ($1, $2, lower($3))
@@ -302,8 +282,5 @@ async def store_reply(db: asyncpg.Pool, job: Job, reply: ComposedReply, completi
             job.workspace_id, job.agent_id, reply.to_address)
         # into the outbound queue in the same transaction (signed and sent by OutboundWorker)
         await enqueue(connection, reply_id, job.workspace_id)
-        await connection.execute(
-            """UPDATE threads SET message_count = message_count + 1, last_message_at = now()
-                WHERE id = $1 AND workspace_id = $2""", job.thread_id, job.workspace_id)
         await _end(connection, job, "done", reply_message_id=reply_id, **usage)
     return Finished(True, reply_id=reply_id)

@@ -13,7 +13,6 @@ import os
 import secrets
 import socket
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 import structlog
 
@@ -21,16 +20,15 @@ from ..acl import AclDirection
 from ..config import Settings
 from ..outbound.queue import is_suppressed
 from ..routing import parse_address, workspace_of
+from ..runtime import Runtime
 from ..store import acl
+from ..store.lease import poll
 from . import jobs
 from .compose import Original, compose_reply
 from .jobs import Caps, Job
 from .llm import LLM, Completion, classify_error, deprecation_of
 from .policy import loop_skip_reason, parent_domains, reply_address, retry_delay
 from .prompt import build_prompt, one_correspondent
-
-if TYPE_CHECKING:  # app imports this module for SERVICES
-    from ..app import Runtime
 
 log = structlog.get_logger("smtpd_agent.agent")
 
@@ -96,18 +94,11 @@ class AgentWorkers:
     async def _loop(self, worker: str) -> None:
         db = self.runtime.pool
         agent = self.settings.agent
-        while not self._stopping.is_set():
-            try:
-                job = await jobs.claim(db, worker, agent.lease)
-            except Exception as error:  # noqa: BLE001 - database away: wait, try again
-                log.warning("agent.claim_failed", worker=worker, error=str(error))
-                job = None
+
+        async def step() -> bool:
+            job = await jobs.claim(db, worker, agent.lease)
             if job is None:
-                try:
-                    await asyncio.wait_for(self._stopping.wait(), agent.poll_interval)
-                except TimeoutError:
-                    pass
-                continue
+                return False
             try:
                 await self.process(job, worker)
             except asyncio.CancelledError:
@@ -118,6 +109,9 @@ class AgentWorkers:
                 raise
             except Exception as error:  # a bug, or the database: the lease brings it back
                 log.exception("agent.job_error", job=job.id, error=str(error))
+            return True
+
+        await poll(step, interval=agent.poll_interval, stopping=self._stopping, name=worker)
 
     def caps(self) -> Caps:
         agent = self.settings.agent

@@ -21,7 +21,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import asyncpg
 import dns.exception
@@ -35,10 +34,8 @@ from ..config import Settings, parse_listen
 from ..domains import open_key_store
 from ..domains.records import delegated_zone_records
 from ..store import domains as store
+from ..runtime import Runtime
 from .zone import Zone, build_zone, find_origin, respond, soa_for, to_wire, udp_limit, zone_hash
-
-if TYPE_CHECKING:
-    from ..app import Runtime
 
 log = structlog.get_logger(__name__)
 

@@ -28,7 +28,8 @@ from checkdmarc.spf import SPFError, SPFTooManyDNSLookups, parse_spf_record
 
 from ..config import Settings
 from ..dns import DnsTempError, Resolver, parse_nameserver
-from .records import DnsRecord, RecordSet, mx_hosts, nameservers, spf_hosts_name
+from .hosts import mx_hosts
+from .records import DnsRecord, RecordSet, nameservers, spf_hosts_name
 
 log = structlog.get_logger(__name__)
 

@@ -11,15 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ..cli_common import Parents
 from ..config import Settings
 from ..store import domains as store
 from . import Domains
 from .check import CheckReport, DomainChecker
-
-if TYPE_CHECKING:
-    from ..cli import Parents
 
 
 def register_domains(commands: Any, parents: Parents) -> None:

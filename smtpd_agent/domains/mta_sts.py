@@ -21,7 +21,7 @@ import asyncpg
 
 from ..config import Settings
 from ..store import domains as store
-from .records import mx_hosts
+from .hosts import mx_hosts
 
 POLICY_PATH = "/.well-known/mta-sts.txt"  # RFC 8461 3.3
 POLICY_LABEL = "mta-sts"

@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from ..config import Settings
+from .hosts import mx_hosts
 from .keys import DkimKey
+from .mta_sts import policy_for, policy_host, proxy_host, sts_txt, tlsrpt_txt
 
 RecordType = Literal["MX", "TXT", "CNAME", "NS", "A", "AAAA"]
 Purpose = Literal["mx", "spf", "spf-hosts", "mail-from-mx", "mail-from-spf", "dkim", "dmarc",
@@ -127,12 +129,6 @@ PURPOSE_TEXT: dict[str, str] = {
 }
 
 
-def mx_hosts(settings: Settings) -> tuple[str, str]:
-    domain = settings.server.default_domain
-    return (settings.domains.mx_primary or f"mx1.{domain}",
-            settings.domains.mx_backup or f"mx2.{domain}")
-
-
 def spf_hosts_name(settings: Settings) -> str:
     return f"_spf.{settings.server.default_domain}"
 
@@ -205,7 +201,6 @@ def delegation_records(settings: Settings, domain: str) -> list[DnsRecord]:
 def mta_sts_records(settings: Settings, domain: str) -> list[DnsRecord]:
     """_mta-sts TXT, the policy host and _smtp._tls TXT; not required for verification (mail
     flows without them), shown and checked so the customer can see what is missing."""
-    from .mta_sts import policy_for, policy_host, proxy_host, sts_txt, tlsrpt_txt
     return [
         DnsRecord(f"_mta-sts.{domain}", "TXT", sts_txt(policy_for(settings)), "mta-sts",
                   required=False),

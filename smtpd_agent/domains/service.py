@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING
 
 import structlog
 
 from ..store import domains as store
+from ..runtime import Runtime
 from . import Domains
-
-if TYPE_CHECKING:
-    from ..app import Runtime
 
 log = structlog.get_logger(__name__)
 

@@ -18,8 +18,8 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from ..store import api as queries
-from ..store.api import Cursor
+from ..store import inbox as queries
+from ..store.inbox import Cursor
 from ..store.apikeys import KeyOwner, find_key
 from ..store.directory import HANDLE, SLUG
 from .responses import HttpError, json_response

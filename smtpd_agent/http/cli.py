@@ -7,12 +7,13 @@ import json
 import sys
 from typing import Any
 
+from ..cli_common import Parents
 from ..config import Settings
 from ..store.apikeys import create_key, list_keys, revoke_key
 from ..store.directory import DirectoryError
 
 
-def register_apikeys(commands: Any, parents: Any) -> None:
+def register_apikeys(commands: Any, parents: Parents) -> None:
     apikey = commands.add_parser("apikey", help="manage inbox API keys")
     actions = apikey.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = actions.add_parser("create", parents=[parents.common],

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from ..config import Settings
 from ..scan import Scanner
-from ..store.database import pending_migrations
+from ..store.database import pending_migrations, pending_repeatables
 from .responses import json_response
 
 log = structlog.get_logger(__name__)
@@ -58,7 +58,8 @@ class Health:
             async with asyncio.timeout(CHECK_TIMEOUT):
                 async with self.db.acquire() as connection:
                     await connection.fetchval("SELECT 1")
-                    pending = await pending_migrations(connection)
+                    pending = (await pending_migrations(connection)
+                               + await pending_repeatables(connection))
         # Any failure means not ready; the detail says which.
         except Exception as error:  # noqa: BLE001
             detail = f"{type(error).__name__}: {error}"[:200]

@@ -9,7 +9,6 @@ same Metrics registry that the listener counts into.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
@@ -17,14 +16,12 @@ from aiohttp import web
 from ..domains.mta_sts import POLICY_PATH, mta_sts_route
 from ..routing import Router
 from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
+from ..runtime import Runtime
 from .api import InboxApi
 from .health import Health
 from .openapi import openapi_spec
 from .responses import HttpError, error, json_response
 from .webhooks import Webhooks
-
-if TYPE_CHECKING:
-    from ..app import Runtime
 
 log = structlog.get_logger(__name__)
 

@@ -54,12 +54,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from ..config import ConfigError, HttpSettings
 from ..metrics import Metrics
 from ..pipeline import Pipeline
-from ..record import Recipient
+from ..record import ReceivedContent, Recipient
 from ..routing import RouteKind, Router
 from ..smtp import replies
 from ..outbound.bounces import BounceProcessor
 from ..outbound.dsn import is_ses_feedback
-from ..smtp.server import ReceivedContent, new_session_id
+from ..smtp.server import new_session_id
 from ..store.database import CONNECTION_ERRORS
 from .responses import HttpError, json_response
 

@@ -13,8 +13,10 @@ import asyncio
 import json
 from datetime import UTC, datetime
 from email.utils import format_datetime, make_msgid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ..app import serve
+from ..cli_common import Parents
 from ..config import Settings
 from ..domains import Domains
 from ..routing import parse_address, workspace_of
@@ -24,9 +26,7 @@ from ..store.directory import DirectoryError
 from .signing import SigningError, sign_message
 from .transports import build_transport
 from .verp import bounce_domain, new_token, verp_address
-
-if TYPE_CHECKING:
-    from ..cli import Parents
+from .worker import OutboundWorker
 
 
 def register_outbound(commands: Any, parents: Parents) -> None:
@@ -44,9 +44,6 @@ def register_outbound(commands: Any, parents: Parents) -> None:
 
 
 def run_outbound_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from ..app import serve
-    from .worker import OutboundWorker
-
     asyncio.run(serve(settings, [OutboundWorker]))
     return 0
 

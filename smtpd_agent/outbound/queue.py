@@ -2,15 +2,17 @@
 
 Place: between the agent worker (which stores a reply and calls `enqueue` in
 its own transaction) and the OutboundWorker (which claims, sends, and records
-through `finish_attempt`). Nothing is kept in process memory: a worker that
-dies mid-send leaves a `sending` row whose lease runs out, and any worker on
-any host claims it again. Every query names the workspace of the rows it
+through `finish_attempt`). Deliveries are leased like the agent's jobs
+(store/lease.py). Nothing is kept in process memory: a worker that dies
+mid-send leaves a `sending` row whose lease runs out, and any worker on any
+host claims it again. Every query names the workspace of the rows it
 touches; only the claim and the sweep, which serve every workspace, scan
 across them, and they return each row with its workspace.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +25,8 @@ import structlog
 
 from ..acl import AclDirection
 from ..store import acl
+from ..store import lease as lease_queue
+from ..store.lease import NOW, Lease, LeaseQueue
 from .decisions import Next, RecipientResult
 from .verp import new_token
 
@@ -89,8 +93,9 @@ async def enqueue(connection: asyncpg.Connection, message_id: int,
         if workspace_id is None:
             return None
     message = await connection.fetchrow(
-        """SELECT id, raw, agent_id FROM messages WHERE id = $1 AND workspace_id = $2
-             AND direction = 'outbound'""", message_id, workspace_id)
+        """SELECT m.id, m.raw, m.agent_id FROM messages m
+            WHERE m.id = $1 AND m.workspace_id = $2 AND m.direction = 'outbound'""",
+        message_id, workspace_id)
     if message is None:
         return None
     delivery_id = await connection.fetchval(
@@ -135,7 +140,7 @@ async def enqueue(connection: asyncpg.Connection, message_id: int,
         reason = ("no recipients" if not recipients else "every recipient is suppressed"
                   if not blocked else "every recipient is suppressed or blocked")
         await connection.execute(
-            """UPDATE deliveries SET state = 'failed', last_error = $3, finished_at = now()
+            """UPDATE deliveries SET status = 'failed', last_error = $3, finished_at = now()
                WHERE id = $1 AND workspace_id = $2""", delivery_id, workspace_id, reason)
         await _set_message_status(connection, workspace_id, message_id, "failed")
         log.info("outbound.failed", workspace_id=workspace_id, delivery_id=delivery_id,
@@ -175,36 +180,44 @@ class Delivery:
     mail_from: str | None
     signed: bytes | None
     agent_id: int | None = None
+    lease_token: uuid.UUID | None = None
+
+    @property
+    def lease(self) -> Lease:
+        assert self.lease_token is not None
+        return Lease(self.id, self.workspace_id, self.lease_token)
+
+
+# Due: queued or deferred whose time has come, or sending whose lease ran out (its worker died).
+DELIVERIES = LeaseQueue("deliveries", claimable=("queued", "deferred", "sending"),
+                        leased="sending")
 
 
 async def claim(db: asyncpg.Pool, limit: int, lease: float) -> list[Delivery]:
     """Take up to `limit` due deliveries for `lease` seconds; no two workers get the same one.
 
-    Due: queued or deferred whose time has come, or sending whose lease ran out
-    (its worker died). The attempt counter moves here, so a crash mid-send
-    still counts the attempt.
+    The attempt counter moves here, so a crash mid-send still counts the attempt.
     """
-    rows = await db.fetch(
-        """WITH due AS (
-               SELECT id FROM deliveries
-               WHERE (state IN ('queued', 'deferred') AND next_attempt_at <= now())
-                  OR (state = 'sending' AND lease_until < now())
-               ORDER BY next_attempt_at, id
-               LIMIT $1 FOR UPDATE SKIP LOCKED)
-           UPDATE deliveries d
-              SET state = 'sending', attempts = d.attempts + 1,
-                  lease_until = now() + make_interval(secs => $2), last_attempt_at = now()
-             FROM due, messages m
-            WHERE d.id = due.id AND m.id = d.message_id AND m.workspace_id = d.workspace_id
-        RETURNING d.id, d.workspace_id, d.message_id, d.verp_token, d.attempts, d.created_at,
-                  m.from_address, m.raw, d.mail_from, d.signed, m.agent_id""", limit, lease)
-    claimed = [Delivery(id=r["id"], workspace_id=r["workspace_id"], message_id=r["message_id"],
-                        verp_token=r["verp_token"], attempts=r["attempts"],
-                        created_at=r["created_at"], from_address=r["from_address"] or "",
-                        raw=bytes(r["raw"]), mail_from=r["mail_from"],
-                        signed=bytes(r["signed"]) if r["signed"] is not None else None,
-                        agent_id=r["agent_id"])
-               for r in rows]
+    rows = await lease_queue.claim(db, DELIVERIES, limit, lease, last_attempt_at=NOW)
+    if not rows:
+        return []
+    messages = {r["id"]: r for r in await db.fetch(
+        """SELECT m.id, m.from_address, m.raw, m.agent_id
+             FROM unnest($1::bigint[], $2::bigint[]) AS d(message_id, workspace_id)
+             JOIN messages m ON m.id = d.message_id AND m.workspace_id = d.workspace_id""",
+        [r["message_id"] for r in rows], [r["workspace_id"] for r in rows])}
+    claimed = []
+    for r in rows:
+        message = messages.get(r["message_id"])
+        if message is None:  # deleted with its message (ON DELETE CASCADE) meanwhile
+            continue
+        claimed.append(Delivery(
+            id=r["id"], workspace_id=r["workspace_id"], message_id=r["message_id"],
+            verp_token=r["verp_token"], attempts=r["attempts"], created_at=r["created_at"],
+            from_address=message["from_address"] or "", raw=bytes(message["raw"]),
+            mail_from=r["mail_from"],
+            signed=bytes(r["signed"]) if r["signed"] is not None else None,
+            lease_token=r["lease_token"], agent_id=message["agent_id"]))
     for delivery in claimed:
         await _set_message_status(db, delivery.workspace_id, delivery.message_id, "sending")
     return claimed
@@ -260,12 +273,8 @@ class LeaseLost(RuntimeError):
 
 
 async def _still_ours(connection: asyncpg.Connection, delivery: Delivery) -> None:
-    """Lock the delivery row; raise LeaseLost unless it is still in the attempt we claimed."""
-    ours = await connection.fetchval(
-        """SELECT state = 'sending' AND attempts = $3 FROM deliveries
-           WHERE id = $1 AND workspace_id = $2 FOR UPDATE""",
-        delivery.id, delivery.workspace_id, delivery.attempts)
-    if not ours:
+    """Lock the delivery row; raise LeaseLost unless we still hold the lease we claimed."""
+    if not await lease_queue.hold(connection, DELIVERIES, delivery.lease):
         raise LeaseLost(f"delivery {delivery.id}: attempt {delivery.attempts} is no longer ours")
 
 
@@ -292,15 +301,10 @@ async def finish_attempt(db: asyncpg.Pool, delivery: Delivery, started_at: datet
                                detail=f"{result.code} {result.text}", delivery_id=delivery.id)
         final = next_.state != "deferred"
         codes = {r.code for r in results}
-        await connection.execute(
-            """UPDATE deliveries
-                  SET state = $3, transport = $4, lease_until = NULL,
-                      next_attempt_at = now() + make_interval(secs => $5),
-                      provider_message_id = coalesce($6, provider_message_id),
-                      last_error = $7, finished_at = CASE WHEN $8 THEN now() END
-                WHERE id = $1 AND workspace_id = $2""",
-            delivery.id, delivery.workspace_id, next_.state, transport, next_.retry_in or 0.0,
-            provider_message_id, error, final)
+        await lease_queue.settle(
+            connection, DELIVERIES, delivery.lease, next_.state, due_in=next_.retry_in or 0.0,
+            transport=transport, last_error=error, finished_at=NOW if final else None,
+            **({"provider_message_id": provider_message_id} if provider_message_id else {}))
         await connection.execute(
             """INSERT INTO delivery_attempts (delivery_id, workspace_id, attempt, started_at,
                                               transport, outcome, code, detail, retry_in)
@@ -317,10 +321,8 @@ async def fail(db: asyncpg.Pool, delivery: Delivery, started_at: datetime, reaso
     """A delivery that cannot be sent at all (e.g. no DKIM keys): failed, with the reason."""
     async with db.acquire() as connection, connection.transaction():
         await _still_ours(connection, delivery)
-        await connection.execute(
-            """UPDATE deliveries SET state = 'failed', lease_until = NULL, last_error = $3,
-                      finished_at = now() WHERE id = $1 AND workspace_id = $2""",
-            delivery.id, delivery.workspace_id, reason)
+        await lease_queue.settle(connection, DELIVERIES, delivery.lease, "failed",
+                                 last_error=reason, finished_at=NOW)
         await connection.execute(
             """UPDATE delivery_recipients SET state = 'failed', detail = $3, updated_at = now()
                WHERE delivery_id = $1 AND workspace_id = $2 AND state IN ('queued', 'deferred')""",
@@ -336,11 +338,8 @@ async def fail(db: asyncpg.Pool, delivery: Delivery, started_at: datetime, reaso
 
 async def release(db: DbLike, delivery: Delivery, retry_in: float) -> None:
     """Give a claimed delivery back untried (nothing to send with yet): no attempt is counted."""
-    await db.execute(
-        """UPDATE deliveries SET state = 'deferred', lease_until = NULL,
-                  attempts = greatest(attempts - 1, 0),
-                  next_attempt_at = now() + make_interval(secs => $3)
-            WHERE id = $1 AND workspace_id = $2""", delivery.id, delivery.workspace_id, retry_in)
+    await lease_queue.settle(db, DELIVERIES, delivery.lease, "deferred", due_in=retry_in,
+                             uncount=True)
 
 
 @dataclass(frozen=True)
@@ -383,7 +382,7 @@ async def record_bounce(connection: asyncpg.Connection, target: BounceTarget, ad
     if remaining:
         return None
     await connection.execute(
-        """UPDATE deliveries SET state = 'bounced', finished_at = coalesce(finished_at, now())
+        """UPDATE deliveries SET status = 'bounced', finished_at = coalesce(finished_at, now())
            WHERE id = $1 AND workspace_id = $2""", target.delivery_id, target.workspace_id)
     await _set_message_status(connection, target.workspace_id, target.message_id, "bounced")
     return "bounced"

@@ -21,7 +21,7 @@ import structlog
 
 from ..config import OutboundSettings
 from .decisions import RecipientResult, SendResult, Stage, provider_id_from_reply
-from .relay_url import RelayUrl, parse_relay_url
+from ..relay_url import RelayUrl, parse_relay_url
 
 log = structlog.get_logger(__name__)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 import asyncpg
 import structlog
@@ -19,15 +18,13 @@ from ..config import Settings
 from ..domains import Domains
 from ..domains.keys import KeyStoreError
 from ..store import domains as domain_store
-from ..store.database import CONNECTION_ERRORS
+from ..runtime import Runtime
+from ..store.lease import poll
 from . import queue
 from .decisions import decide_delivery
 from .signing import SigningError, sign_message
 from .transports import Transport, build_transport
 from .verp import bounce_domain, verp_address
-
-if TYPE_CHECKING:
-    from ..app import Runtime
 
 log = structlog.get_logger(__name__)
 
@@ -84,24 +81,18 @@ class OutboundWorker:
     async def _run(self) -> None:
         settings = self.settings.outbound
         polls = 0
-        while not self._stopping.is_set():
-            claimed = 0
-            try:
-                if polls % SWEEP_EVERY == 0:
-                    await queue.sweep(self.db)
-                polls += 1
-                if self.transport is not None:
-                    claimed = await self.run_once()
-            except CONNECTION_ERRORS as error:
-                log.error("outbound.database_unavailable", error=str(error))
-            except Exception:  # one bad delivery must not stop the worker
-                log.exception("outbound.worker_error")
-            if claimed < settings.batch_size:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), settings.poll_interval)
-                except asyncio.TimeoutError:
-                    pass
+
+        async def step() -> bool:
+            nonlocal polls
+            if polls % SWEEP_EVERY == 0:
+                await queue.sweep(self.db)
+            polls += 1
+            if self.transport is None:
+                return False
+            return await self.run_once() >= settings.batch_size
+
+        await poll(step, interval=settings.poll_interval, stopping=self._stopping,
+                   wake=self._wake, name="outbound")
 
     async def run_once(self) -> int:
         """Claim one batch and attempt each delivery in it; how many were claimed."""

@@ -25,8 +25,6 @@ import secrets
 import ssl
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, AnyStr, Awaitable, Callable, Iterable
 
 import structlog
@@ -34,7 +32,7 @@ from aiosmtpd.smtp import SMTP, Envelope as AioEnvelope, syntax
 
 from ..config import SmtpSettings
 from ..metrics import Metrics
-from ..record import Recipient
+from ..record import ReceivedContent, Recipient
 from . import replies
 from .replies import Reply
 
@@ -125,31 +123,6 @@ class TransactionEnvelope(AioEnvelope):
         self.bdat_chunks: list[bytes] = []
         self.bdat_size = 0
         self.bdat_failed: Reply | None = None
-
-
-@dataclass(frozen=True)
-class ReceivedContent:
-    """The message bytes of one transaction, after transparency and line-ending rules."""
-
-    data: bytes
-    session_id: str
-    queue_id: str
-    client_ip: str
-    helo: str
-    mail_from: str
-    recipients: tuple[Recipient, ...]
-    tls: bool
-    tls_version: str | None
-    smtputf8: bool
-    esmtp: bool
-    received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-    # "smtp", or the provider whose webhook posted the message ("ses", "sendgrid", ...).
-    transport: str = "smtp"
-    # False when a provider gave us only parsed fields, not the message as sent: there
-    # is no signature left to verify, so authentication records "none" instead of "fail".
-    authenticable: bool = True
-    # VERP tokens of RCPTs routed to the bounce processor (outbound/bounces.py)
-    bounce_tokens: tuple[str, ...] = ()
 
 
 Deliver = Callable[[ReceivedContent], Awaitable[Reply]]

@@ -10,6 +10,7 @@ last process to leave stops it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import asyncpg
 import structlog
 
 from ..config import DatabaseSettings
+from .rows import ROW_TYPES
 
 log = structlog.get_logger(__name__)
 
@@ -87,7 +89,8 @@ def _decode_jsonb(data: bytes) -> Any:
     return json.loads(data[1:])
 
 
-async def _init_connection(connection: asyncpg.Connection) -> None:
+async def init_connection(connection: asyncpg.Connection) -> None:
+    """What every connection of ours needs: the pool runs it on each new connection."""
     # Binary (jsonb's wire format: version 1, then the text), because asyncpg encodes a
     # composite value (store_inbound_batch's rows) only when every field codec is binary.
     await connection.set_type_codec("jsonb", encoder=_encode_jsonb, decoder=_decode_jsonb,
@@ -110,13 +113,13 @@ async def create_pool(url: str, settings: DatabaseSettings) -> asyncpg.Pool:
         max_size=settings.pool_max,
         timeout=settings.connect_timeout,
         command_timeout=settings.command_timeout,
-        init=_init_connection,
+        init=init_connection,
         reset=_keep_session,
     )
 
 
 def migration_files() -> list[tuple[int, str, str]]:
-    """(version, name, sql) for every numbered SQL file, in order."""
+    """(version, name, sql) for every numbered SQL file, in order: tables and data."""
     folder = resources.files("smtpd_agent.store") / "migrations"
     found = []
     for entry in folder.iterdir():
@@ -126,8 +129,36 @@ def migration_files() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+@dataclass(frozen=True)
+class Repeatable:
+    """A type or function, defined in one place and (re)applied whenever its text changes."""
+
+    kind: str  # "type" or "function"
+    name: str
+    sql: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def repeatables() -> list[Repeatable]:
+    """The composite types (from the field lists in rows.py), then one function per file."""
+    found = [Repeatable("type", row_type.name, row_type.ddl()) for row_type in ROW_TYPES]
+    folder = resources.files("smtpd_agent.store") / "functions"
+    functions = sorted((entry.name, entry.read_text()) for entry in folder.iterdir()
+                       if entry.name.endswith(".sql"))
+    found += [Repeatable("function", name.removesuffix(".sql"), sql) for name, sql in functions]
+    return found
+
+
 async def migrate(connection: asyncpg.Connection) -> list[str]:
-    """Apply pending migrations; safe to run twice and from two processes at once."""
+    """Apply pending migrations, then changed types and functions; safe to run twice and
+    from two processes at once. The names of the versioned migrations applied."""
     await connection.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
         await connection.execute(
@@ -147,9 +178,57 @@ async def migrate(connection: asyncpg.Connection) -> list[str]:
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
             log.info("database.migrated", migration=name)
             done.append(name)
+        await _apply_repeatables(connection)
         return done
     finally:
         await connection.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+
+async def _applied_digests(connection: asyncpg.Connection) -> dict[str, str]:
+    if not await connection.fetchval("SELECT to_regclass('schema_repeatables') IS NOT NULL"):
+        return {}
+    return {row["name"]: row["sha256"] for row in
+            await connection.fetch("SELECT name, sha256 FROM schema_repeatables")}
+
+
+async def _apply_repeatables(connection: asyncpg.Connection) -> None:
+    """Flyway's "repeatable" migrations, after the versioned ones, in one transaction.
+
+    A changed type is dropped and created again; that drops the functions taking
+    it (CASCADE), so then every function is applied again. A changed function
+    first loses every overload of its name, so a new signature leaves no stale one.
+    """
+    await connection.execute(
+        """CREATE TABLE IF NOT EXISTS schema_repeatables (
+               name       text PRIMARY KEY,
+               sha256     text NOT NULL,
+               applied_at timestamptz NOT NULL DEFAULT now())""")
+    applied = await _applied_digests(connection)
+    items = repeatables()
+    changed = [item for item in items if applied.get(item.key) != item.digest]
+    if not changed:
+        return
+    if any(item.kind == "type" for item in changed):
+        changed = [item for item in items
+                   if item.kind == "function" or applied.get(item.key) != item.digest]
+    async with connection.transaction():
+        for item in changed:
+            if item.kind == "type":
+                await connection.execute(f"DROP TYPE IF EXISTS {item.name} CASCADE")
+            else:
+                for (signature,) in await connection.fetch(
+                        """SELECT p.oid::regprocedure::text FROM pg_proc p
+                            WHERE p.proname = $1
+                              AND p.pronamespace = current_schema()::regnamespace""",
+                        item.name):
+                    await connection.execute(f"DROP FUNCTION {signature}")
+            await connection.execute(item.sql)
+            await connection.execute(
+                """INSERT INTO schema_repeatables (name, sha256) VALUES ($1, $2)
+                   ON CONFLICT (name) DO UPDATE SET sha256 = excluded.sha256,
+                                                    applied_at = now()""",
+                item.key, item.digest)
+            log.info("database.repeatable_applied", repeatable=item.key)
 
 
 async def pending_migrations(connection: asyncpg.Connection) -> list[str]:
@@ -159,3 +238,9 @@ async def pending_migrations(connection: asyncpg.Connection) -> list[str]:
         applied = {row["version"] for row in
                    await connection.fetch("SELECT version FROM schema_migrations")}
     return [name for version, name, _ in migration_files() if version not in applied]
+
+
+async def pending_repeatables(connection: asyncpg.Connection) -> list[str]:
+    """Types and functions whose text differs from what the database last applied."""
+    applied = await _applied_digests(connection)
+    return [item.key for item in repeatables() if applied.get(item.key) != item.digest]

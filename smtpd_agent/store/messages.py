@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -20,6 +20,7 @@ import structlog
 
 from ..record import InboundMessage, Mailbox
 from .database import CONNECTION_ERRORS, DatabaseUnavailable
+from .rows import INBOUND_DELIVERY, MESSAGE_ATTACHMENT, MESSAGE_CONTENT, clean_text
 
 log = structlog.get_logger(__name__)
 
@@ -74,6 +75,11 @@ class StoreRefused(DatabaseUnavailable):
     messages may be at fault, so a batch is worth storing again one by one."""
 
 
+class StoreTooLarge(StoreRefused):
+    """Postgres refused the message as too large (SQLSTATE class 54, program limit
+    exceeded): storing it again would fail again, so the answer is permanent (552)."""
+
+
 @dataclass(frozen=True)
 class Submission:
     """One accepted message waiting to be stored."""
@@ -82,9 +88,19 @@ class Submission:
     verdicts: Verdicts
     queue_id: str
 
+    @property
+    def size(self) -> int:
+        """Bytes this message adds to a batch's bind parameters: sent once, whatever the
+        number of mailboxes."""
+        parsed = self.message.parsed
+        return (len(self.message.raw) + sum(len(a.content) for a in parsed.attachments)
+                + 2 * (len(parsed.text_body or "") + len(parsed.html_body or "")))
 
-# One statement for a whole batch: its own transaction, one round trip (migration 0008).
-STORE_SQL = "SELECT * FROM store_inbound_batch($1::inbound_delivery[], $2)"
+
+# One statement for a whole batch: its own transaction, one round trip
+# (functions/store_inbound_batch.sql).
+STORE_SQL = ("SELECT * FROM store_inbound_batch($1::message_content[], "
+             "$2::message_attachment[], $3::inbound_delivery[], $4)")
 
 
 async def store_inbound(db: asyncpg.Pool, message: InboundMessage, verdicts: Verdicts,
@@ -99,17 +115,22 @@ async def store_batch(db: asyncpg.Pool, batch: list[Submission],
                       thread_window_days: int) -> list[list[StoredMessage]]:
     """Store every message of `batch` in one transaction: all of them, or raise
     DatabaseUnavailable and none. Per message, what was stored for each mailbox."""
-    deliveries, owners = [], []
+    contents, attachments, deliveries, owners = [], [], [], []
     for index, submission in enumerate(batch):
+        contents.append(_content(submission))
+        attachments += _attachments(submission, index + 1)
         for mailbox, rcpt in unique_mailboxes(submission.message):
-            deliveries.append(_delivery(submission, mailbox, rcpt))
+            deliveries.append(INBOUND_DELIVERY.row(
+                content_position=index + 1, workspace_id=mailbox.workspace_id,
+                agent_id=mailbox.agent_id, auto_reply=mailbox.auto_reply, rcpt_to=rcpt))
             owners.append((index, mailbox))
     window = timedelta(days=thread_window_days)
     last_error: BaseException | None = None
     for _attempt in range(2):
         try:
             async with db.acquire() as connection:
-                rows = await connection.fetch(STORE_SQL, deliveries, window)
+                rows = await connection.fetch(STORE_SQL, contents, attachments, deliveries,
+                                              window)
             break
         except asyncpg.UniqueViolationError as error:
             # A concurrent delivery of the same message won the race; the retry dedupes.
@@ -118,7 +139,8 @@ async def store_batch(db: asyncpg.Pool, batch: list[Submission],
             # A pooled connection may have died with a restarted server; one fresh try.
             last_error = error
         except asyncpg.PostgresError as error:
-            raise StoreRefused(f"{type(error).__name__}: {error}") from error
+            refused = StoreTooLarge if _too_large(error) else StoreRefused
+            raise refused(f"{type(error).__name__}: {error}") from error
     else:
         raise DatabaseUnavailable(f"{type(last_error).__name__}: {last_error}") from last_error
     stored: list[list[StoredMessage]] = [[] for _ in batch]
@@ -133,30 +155,104 @@ async def store_batch(db: asyncpg.Pool, batch: list[Submission],
     return stored
 
 
-def _delivery(submission: Submission, mailbox: Mailbox, rcpt: str) -> tuple[Any, ...]:
-    """One inbound_delivery row (migration 0008), in the type's field order."""
+def _too_large(error: asyncpg.PostgresError) -> bool:
+    """Program limit exceeded (54xxx: an index row, a jsonb or an array too big) or a
+    value too long for its type: the same message fails the same way every time."""
+    state = getattr(error, "sqlstate", "") or ""
+    return state.startswith("54") or state == "22001"
+
+
+def _content(submission: Submission) -> tuple[Any, ...]:
+    """The message_content row of a received message (rows.MESSAGE_CONTENT)."""
     message, verdicts = submission.message, submission.verdicts
     parsed, envelope = message.parsed, message.envelope
-    attachments = parsed.attachments
-    scans = [verdicts.attachment_scans[i] if i < len(verdicts.attachment_scans)
-             else (verdicts.scan_status, None) for i in range(len(attachments))]
-    return (
-        mailbox.workspace_id, mailbox.agent_id, mailbox.auto_reply, dedup_key(message),
-        parsed.message_id, list(parsed.in_reply_to), list(parsed.references),
-        _clean(parsed.from_header), parsed.from_address, _clean(parsed.to_header),
-        _clean(parsed.cc_header), _clean(parsed.reply_to), _clean(parsed.subject),
-        parsed.normalized_subject, parsed.date,
-        [[name, _clean(value)] for name, value in parsed.headers],
-        _clean(parsed.text_body), _clean(parsed.html_body), stored_bytes(message),
-        envelope.mail_from, rcpt, envelope.client_ip or None, _clean(envelope.helo), envelope.tls,
-        envelope.tls_version, envelope.session_id, submission.queue_id, list(parsed.defects),
-        verdicts.spf, verdicts.dkim, verdicts.dmarc, verdicts.arc, verdicts.auth_results,
-        verdicts.auth_detail, verdicts.quarantined, verdicts.scan_status, verdicts.scan_signature,
-        envelope.received_at,
-        [_clean(a.filename) for a in attachments], [a.content_type for a in attachments],
-        [a.disposition for a in attachments], [_clean(a.content_id) for a in attachments],
-        [a.sha256 for a in attachments], [a.content for a in attachments],
-        [status for status, _ in scans], [signature for _, signature in scans])
+    raw = stored_bytes(message)
+    return MESSAGE_CONTENT.row(
+        dedup_key=dedup_key(message), message_id=parsed.message_id,
+        in_reply_to=list(parsed.in_reply_to), references=list(parsed.references),
+        from_header=parsed.from_header, from_address=parsed.from_address,
+        to_header=parsed.to_header, cc_header=parsed.cc_header, reply_to=parsed.reply_to,
+        subject=parsed.subject, normalized_subject=parsed.normalized_subject,
+        sent_at=parsed.date, headers=[[name, value] for name, value in parsed.headers],
+        text_body=parsed.text_body, html_body=parsed.html_body,
+        raw_sha256=hashlib.sha256(raw).digest(), raw=raw, mail_from=envelope.mail_from,
+        client_ip=envelope.client_ip or None, helo=envelope.helo, tls=envelope.tls,
+        tls_version=envelope.tls_version, session_id=envelope.session_id,
+        queue_id=submission.queue_id, defects=list(parsed.defects), spf=verdicts.spf,
+        dkim=verdicts.dkim, dmarc=verdicts.dmarc, arc=verdicts.arc,
+        auth_results=verdicts.auth_results, auth_detail=verdicts.auth_detail,
+        quarantined=verdicts.quarantined, scan_status=verdicts.scan_status,
+        scan_signature=verdicts.scan_signature, received_at=envelope.received_at)
+
+
+def _attachments(submission: Submission, position: int) -> list[tuple[Any, ...]]:
+    """The message_attachment rows of the message_content at `position`."""
+    verdicts = submission.verdicts
+    rows = []
+    for index, attachment in enumerate(submission.message.parsed.attachments):
+        status, signature = (verdicts.attachment_scans[index]
+                             if index < len(verdicts.attachment_scans)
+                             else (verdicts.scan_status, None))
+        rows.append(MESSAGE_ATTACHMENT.row(
+            content_position=position, position=index, filename=attachment.filename,
+            content_type=attachment.content_type, disposition=attachment.disposition,
+            content_id=attachment.content_id, sha256=attachment.sha256,
+            content=attachment.content, scan_status=status, scan_signature=signature))
+    return rows
+
+
+def split_batch(items: list[Any], sizes: list[int], max_count: int,
+                max_bytes: int) -> tuple[list[Any], list[Any]]:
+    """The head of `items` that fits one statement (at least one item), and the rest."""
+    taken = total = 0
+    for size in sizes[:max_count]:
+        if taken and total + size > max_bytes:
+            break
+        taken += 1
+        total += size
+    return items[:taken], items[taken:]
+
+
+@dataclass(frozen=True)
+class OutboundRow:
+    """A message the agent wrote, as stored in its thread before delivery."""
+
+    workspace_id: int
+    agent_id: int
+    thread_id: int
+    dedup_key: str
+    message_id: str | None
+    in_reply_to: tuple[str, ...]
+    references: tuple[str, ...]
+    from_header: str | None
+    from_address: str | None
+    to_address: str
+    subject: str | None
+    headers: tuple[tuple[str, str], ...]
+    text_body: str | None
+    html_body: str | None
+    raw: bytes
+
+
+async def store_outbound(connection: asyncpg.Connection, row: OutboundRow) -> int:
+    """Store an outbound message in its thread (status 'queued'); its id. Call it inside
+    the caller's transaction (the agent closes its job in the same one)."""
+    content = MESSAGE_CONTENT.row(
+        dedup_key=row.dedup_key, message_id=row.message_id, in_reply_to=list(row.in_reply_to),
+        references=list(row.references), from_header=row.from_header,
+        from_address=row.from_address, to_header=row.to_address, cc_header=None,
+        reply_to=None, subject=row.subject, normalized_subject=None,
+        sent_at=datetime.now(UTC), headers=[[name, value] for name, value in row.headers],
+        text_body=row.text_body, html_body=row.html_body,
+        raw_sha256=hashlib.sha256(row.raw).digest(), raw=row.raw, mail_from=row.from_address,
+        client_ip=None, helo=None, tls=None, tls_version=None, session_id=None, queue_id=None,
+        defects=None, spf=None, dkim=None, dmarc=None, arc=None, auth_results=None,
+        auth_detail=None, quarantined=None, scan_status=None, scan_signature=None,
+        received_at=None)
+    return await connection.fetchval(
+        """SELECT store_message($1, $2, $3, false, 'outbound', 'queued', $4,
+                                $5::message_content, '{}'::message_attachment[])""",
+        row.workspace_id, row.agent_id, row.thread_id, clean_text(row.to_address), content)
 
 
 class GroupCommit:
@@ -168,14 +264,17 @@ class GroupCommit:
     commits less often and the event loop makes fewer round trips. Each message
     still gets its answer only after the COMMIT that holds it. A batch that fails is
     stored again one message at a time when Postgres refused it (so one bad message
-    cannot fail the others), not when Postgres is unreachable.
+    cannot fail the others), not when Postgres is unreachable. A batch holds at most
+    `batch_max` messages and, beyond its first message, `batch_max_bytes` of content:
+    one bind parameter must stay far below Postgres's 1 GB limit.
     """
 
     def __init__(self, db: asyncpg.Pool, thread_window_days: int, batch_max: int,
-                 committers: int) -> None:
+                 committers: int, batch_max_bytes: int = 64 * 1024 * 1024) -> None:
         self.db = db
         self.thread_window_days = thread_window_days
         self.batch_max = batch_max
+        self.batch_max_bytes = batch_max_bytes
         self.committers = committers
         self._pending: list[tuple[Submission, asyncio.Future[list[StoredMessage]]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -198,8 +297,10 @@ class GroupCommit:
     async def _commit_pending(self) -> None:
         try:
             while self._pending:
-                batch = self._pending[:self.batch_max]
-                del self._pending[:self.batch_max]
+                head = self._pending[:self.batch_max]
+                batch, _ = split_batch(head, [submission.size for submission, _ in head],
+                                       self.batch_max, self.batch_max_bytes)
+                del self._pending[:len(batch)]
                 try:
                     await self._commit(batch)
                 except Exception as error:  # a bug, not an outage: say so, answer 4xx, go on
@@ -239,16 +340,3 @@ def _settle(future: asyncio.Future[Any], result: Any = None,
         future.set_exception(error)
     else:
         future.set_result(result)
-
-
-def _clean(text: str | None) -> str | None:
-    """Postgres text cannot hold NUL or lone surrogates; the raw bytes keep the original."""
-    if text is None:
-        return None
-    if "\x00" in text:
-        text = text.replace("\x00", "")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "replace").decode("utf-8")
-    return text

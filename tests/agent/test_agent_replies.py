@@ -56,7 +56,7 @@ async def test_mail_in_reply_out_in_the_same_thread(start_server, db, messages_a
     assert "Hello, where is order 42?" in block and "From: Alice <alice@example.org>" in block
     assert "invoice.pdf (application/pdf" in block and "JVBER" not in content
 
-    inbound, reply = await db.fetch("SELECT * FROM messages ORDER BY id")
+    inbound, reply = await db.fetch("SELECT *, messages.raw FROM messages ORDER BY id")
     assert (reply["direction"], reply["status"]) == ("outbound", "queued")
     assert reply["thread_id"] == inbound["thread_id"]
     assert reply["workspace_id"] == inbound["workspace_id"] == job["workspace_id"]
@@ -94,7 +94,7 @@ async def test_mail_in_reply_out_in_the_same_thread(start_server, db, messages_a
     rows = await db.fetch("SELECT thread_id, direction FROM messages ORDER BY id")
     assert [r["direction"] for r in rows] == ["inbound", "outbound", "inbound", "outbound"]
     assert len({r["thread_id"] for r in rows}) == 1
-    *_, followup, last = await db.fetch("SELECT message_id, raw FROM messages ORDER BY id")
+    *_, followup, last = await db.fetch("SELECT message_id, messages.raw FROM messages ORDER BY id")
     sent = parse(bytes(last["raw"]))
     assert sent["Subject"] == "Re: Where is my order?"
     assert sent["In-Reply-To"] == followup["message_id"]
@@ -162,7 +162,7 @@ async def test_prompt_injection_cannot_add_recipients(agent_server, db, messages
                                     extra="Cc: attacker@evil.test\r\n"))
     [job] = await wait_jobs(db)
     assert job["status"] == "done"
-    outbound = await db.fetch("SELECT * FROM messages WHERE direction = 'outbound'")
+    outbound = await db.fetch("SELECT *, messages.raw FROM messages WHERE direction = 'outbound'")
     assert [r["rcpt_to"] for r in outbound] == ["alice@example.org"]
     sent = parse(bytes(outbound[0]["raw"]))
     recipients = [parseaddr(v)[1] for name in ("To", "Cc", "Bcc", "Reply-To")
@@ -198,7 +198,7 @@ async def test_offline_canned_reply(start_server, db):
     deliver(server.port, mail("list", extra="List-Id: <l.example.org>\r\n"))
     jobs = await wait_jobs(db, count=2)
     assert [(j["status"], j["model"]) for j in jobs] == [("done", "canned"), ("skipped", None)]
-    [reply] = await db.fetch("SELECT raw FROM messages WHERE direction = 'outbound'")
+    [reply] = await db.fetch("SELECT messages.raw FROM messages WHERE direction = 'outbound'")
     sent = parse(bytes(reply["raw"]))
     assert sent["To"] == "alice@example.org" and sent["Auto-Submitted"] == "auto-replied"
     assert "will answer soon" in sent.get_body(("plain",)).get_content()
@@ -281,6 +281,6 @@ async def test_custom_domain_reply_comes_from_it_and_its_agents_are_ours(agent_s
     assert first["status"] == "done"
     assert (second["status"], second["skip_reason"]) == (
         "skipped", "from our own agents (sales@mail.acme.test)")
-    sent = parse(bytes(await db.fetchval("SELECT raw FROM messages WHERE direction = 'outbound'")))
+    sent = parse(bytes(await db.fetchval("SELECT messages.raw FROM messages WHERE direction = 'outbound'")))
     assert sent["From"] == f"Acme Support <{custom}>"
     assert sent["Message-ID"].endswith("@mail.acme.test>")

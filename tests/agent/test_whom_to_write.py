@@ -260,11 +260,11 @@ async def test_the_outbound_queue_enforces_the_lists_whoever_sends(start_server,
     start_server(**fast(url))  # a second process of the cluster, with the relay
     await wait_state(db, allowed, {"sent"})
     await wait_state(db, late, {"failed"})
-    rows = await db.fetch("""SELECT d.message_id, d.state, d.last_error, r.state AS recipient,
+    rows = await db.fetch("""SELECT d.message_id, d.status, d.last_error, r.state AS recipient,
                                     r.detail FROM deliveries d
                              JOIN delivery_recipients r ON r.delivery_id = d.id
                              ORDER BY d.message_id""")
-    assert [(r["state"], r["recipient"]) for r in rows] == [
+    assert [(r["status"], r["recipient"]) for r in rows] == [
         ("failed", "blocked"), ("failed", "blocked"), ("sent", "sent")]
     assert rows[0]["last_error"] == "every recipient is suppressed or blocked"
     assert rows[1]["last_error"] == "every recipient is blocked by the allow/block lists"

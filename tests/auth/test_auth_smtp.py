@@ -58,7 +58,7 @@ async def test_aligned_dkim_and_spf_pass_are_stored_and_shown(auth_server, db, d
     raw = sign(mail("good.test", "signed"), key, "good.test")
     code, _ = await deliver(auth_server.port, raw, "alice@good.test")
     assert code == 250
-    row = await db.fetchrow("SELECT spf, dkim, dmarc, arc, quarantined, auth_results, auth_detail, raw "
+    row = await db.fetchrow("SELECT spf, dkim, dmarc, arc, quarantined, auth_results, auth_detail, messages.raw "
                             "FROM messages")
     assert (row["spf"], row["dkim"], row["dmarc"], row["quarantined"]) == ("pass", "pass", "pass",
                                                                           False)
@@ -77,7 +77,7 @@ async def test_forged_results_for_our_authserv_id_are_removed(auth_server, db, d
     code, _ = await deliver(auth_server.port, mail("forger.test", "forged", forged + theirs),
                       "x@forger.test")
     assert code == 250
-    raw = await db.fetchval("SELECT raw FROM messages")
+    raw = await db.fetchval("SELECT messages.raw FROM messages")
     assert raw.count(b"mx.test.local") == 2  # ours (A-R) and the Received "by"
     assert raw.startswith(b"Authentication-Results: mx.test.local;")
     assert b"dmarc=pass" not in raw

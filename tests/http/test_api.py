@@ -69,7 +69,7 @@ async def test_inbox_api_returns_what_smtp_stored(server, keys, http, db):
         assert response.status == 200
         detail = await response.json()
     [stored] = detail["messages"]
-    row = await db.fetchrow("SELECT * FROM messages WHERE id = $1", stored["id"])
+    row = await db.fetchrow("SELECT *, messages.raw FROM messages WHERE id = $1", stored["id"])
     for column in ("subject", "from_header", "text_body", "html_body", "spf", "dkim", "dmarc",
                    "arc", "scan_status", "quarantined", "message_id", "auth_results"):
         assert stored[column] == row[column], column

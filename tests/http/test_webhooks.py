@@ -143,7 +143,7 @@ async def assert_lands_in(db, body: dict, thread_id: int) -> None:
     assert body["status"] == "accepted", body
     [stored] = body["stored"]
     assert stored["thread_id"] == thread_id and stored["workspace"] == "acme"
-    row = await db.fetchrow("SELECT thread_id, subject, auth_results, raw FROM messages "
+    row = await db.fetchrow("SELECT thread_id, subject, auth_results, messages.raw FROM messages "
                             "WHERE id = $1", stored["message_id"])
     assert row["thread_id"] == thread_id and row["subject"] == "Re: order 1234"
     assert bytes(row["raw"]).startswith(b"Authentication-Results: mx.test.local;")

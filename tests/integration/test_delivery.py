@@ -56,7 +56,7 @@ async def test_aiosmtplib_delivery_stores_thread_message_and_attachments(server,
     assert errors == {}
     assert reply.startswith("2.0.0") and reply.endswith("queued")
 
-    row = await db.fetchrow("SELECT * FROM messages")
+    row = await db.fetchrow("SELECT *, messages.raw FROM messages")
     assert row["message_id"] == message["Message-ID"]
     assert row["subject"] == "Order question"
     assert row["from_address"] == "alice@example.org"

@@ -27,7 +27,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from smtpd_agent.app import Runtime
+from smtpd_agent.runtime import Runtime
 from smtpd_agent.dnsserver.server import DnsServer
 from smtpd_agent.domains import Domains
 from smtpd_agent.domains.mta_sts import policy_for, sts_txt

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 from structlog.testing import capture_logs
 
-from smtpd_agent.app import Runtime
+from smtpd_agent.runtime import Runtime
 from smtpd_agent.cli import build_parser, with_database
 from smtpd_agent.config import Settings
 from smtpd_agent.domains import Domains, open_key_store

@@ -8,7 +8,8 @@ import structlog
 
 from smtpd_agent.config import SmtpSettings
 from smtpd_agent.smtp import replies
-from smtpd_agent.smtp.server import AgentSMTP, ConnectionLimits, ReceivedContent, Sessions
+from smtpd_agent.record import ReceivedContent
+from smtpd_agent.smtp.server import AgentSMTP, ConnectionLimits, Sessions
 
 
 class AcceptEveryone:

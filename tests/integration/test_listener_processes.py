@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
+import signal
+import time
 import urllib.request
 from collections import Counter
+from pathlib import Path
 
 import asyncpg
 import psutil
@@ -77,3 +81,87 @@ async def test_two_listener_processes_share_the_port(cluster, dns_server, tmp_pa
     finally:
         assert server.stop() == 0
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+
+async def ehlo_size(port: int) -> tuple[int, int, asyncio.StreamWriter]:
+    """(pid of the process that took the connection, its SIZE, the open writer)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert (await reader.readline()).startswith(b"220")
+    writer.write(b"EHLO client.example.org\r\n")
+    size = None
+    while True:
+        line = await reader.readline()
+        if line[4:].startswith(b"SIZE "):
+            size = int(line[9:].strip())
+        if line[3:4] == b" ":
+            break
+    local = writer.get_extra_info("sockname")[1]
+    [pid] = {c.pid for c in psutil.net_connections("tcp")
+             if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+             and c.raddr and c.raddr.port == local}
+    assert size is not None
+    return pid, size, writer
+
+
+async def sizes_by_process(port: int, connections: int = 30) -> dict[int, set[int]]:
+    seen: dict[int, set[int]] = {}
+    held = [await ehlo_size(port) for _ in range(connections)]
+    for pid, size, writer in held:
+        seen.setdefault(pid, set()).add(size)
+        writer.close()
+    return seen
+
+
+async def test_listener_processes_read_the_file_and_all_reload(cluster, dns_server, tmp_path):
+    """issue 16 item 9: the extra process gets the config path and flags, no setting in its
+    environment (the relay password stays out of /proc/<pid>/environ), and SIGHUP with a
+    changed file reaches every process, not only the one that read it."""
+    url = await cluster.new_database()
+    secret = "pw-" + secrets.token_hex(8)
+    config = tmp_path / "smtpd-agent.toml"
+
+    def write(max_message_size: int) -> None:
+        config.write_text(
+            "[server]\ndefault_domain = \"agents.test\"\n"
+            f"[dns]\nnameservers = [\"{dns_server.nameserver}\"]\n"
+            "[smtp]\nprocesses = 2\nmax_connections_per_ip = 200\n"
+            f"max_message_size = {max_message_size}\n"
+            "[agent]\nworkers = 0\n"
+            f"[outbound]\nrelay = \"smtp://user:{secret}@127.0.0.1:2525?tls=none\"\n")
+
+    write(1_000_000)
+    server = ServeProcess({"DATABASE_URL": url, "SMTPD_AGENT_CONFIG": str(config)},
+                          tmp_path / "state").start()
+    try:
+        child = None
+        for _ in range(100):
+            children = psutil.Process(server.process.pid).children()
+            listening = {c.pid for c in psutil.net_connections("tcp")
+                         if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port}
+            child = next((c for c in children if c.pid in listening), None)
+            if child is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert child is not None, server.log_tail()
+        environ = Path(f"/proc/{child.pid}/environ").read_bytes()
+        assert secret.encode() not in environ
+        assert b"SMTPD_AGENT_SMTP_MAX_MESSAGE_SIZE" not in environ
+        assert b"SMTPD_AGENT_OUTBOUND_RELAY" not in environ
+        before = await sizes_by_process(server.port)
+        assert set(before) == {server.process.pid, child.pid}
+        assert all(sizes == {1_000_000} for sizes in before.values()), before
+
+        write(2_000_000)
+        server.process.send_signal(signal.SIGHUP)
+        after: dict[int, set[int]] = {}
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            after = await sizes_by_process(server.port)
+            if set(after) == {server.process.pid, child.pid} and \
+                    all(sizes == {2_000_000} for sizes in after.values()):
+                break
+            await asyncio.sleep(0.2)
+        assert set(after) == {server.process.pid, child.pid}
+        assert all(sizes == {2_000_000} for sizes in after.values()), after
+    finally:
+        assert server.stop() == 0

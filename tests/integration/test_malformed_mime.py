@@ -33,7 +33,7 @@ async def test_malformed_message_is_stored_with_raw_bytes_intact(server, db, raw
     dialogue.send(raw + b".\r\n")
     code, lines = dialogue.reply()
     assert code == 250, lines
-    row = await db.fetchrow("SELECT raw, subject, text_body, defects FROM messages")
+    row = await db.fetchrow("SELECT messages.raw, subject, text_body, defects FROM messages")
     assert row["raw"].endswith(b"\r\n" + raw)
     assert row["raw"].startswith(b"Authentication-Results: ")
 

@@ -135,7 +135,7 @@ async def test_smuggling_terminators_do_not_end_data(server, db, smuggle):
     code, lines = dialogue.reply()
     assert code == 250, lines
     assert dialogue.command("QUIT")[0] == 221
-    rows = await db.fetch("SELECT subject, raw FROM messages")
+    rows = await db.fetch("SELECT subject, messages.raw FROM messages")
     assert [r["subject"] for r in rows] == ["carrier"]
     assert b"Subject: smuggled" in rows[0]["raw"]
 
@@ -145,7 +145,7 @@ async def test_bare_lf_is_normalized_by_default(server, db):
     assert dialogue.command("DATA")[0] == 354
     dialogue.send(b"Subject: bare\nMessage-ID: <bare@example.org>\n\nline one\nline two\r\n.\r\n")
     assert dialogue.reply()[0] == 250
-    raw = await db.fetchval("SELECT raw FROM messages")
+    raw = await db.fetchval("SELECT messages.raw FROM messages")
     assert raw.endswith(b"Subject: bare\r\nMessage-ID: <bare@example.org>\r\n\r\nline one\r\nline two\r\n")
     assert await db.fetchval("SELECT subject FROM messages") == "bare"
 
@@ -168,7 +168,7 @@ async def test_dot_stuffing_is_undone(server, db):
     dialogue.command("DATA")
     dialogue.send(b"Subject: dots\r\n\r\n..leading dot\r\n...two dots\r\n.\r\n")
     assert dialogue.reply()[0] == 250
-    raw = await db.fetchval("SELECT raw FROM messages")
+    raw = await db.fetchval("SELECT messages.raw FROM messages")
     assert raw.endswith(b"\r\n\r\n.leading dot\r\n..two dots\r\n")
 
 
@@ -182,7 +182,7 @@ async def test_empty_message_and_pipelined_quit(server, db):
     dialogue.send(b".\r\nQUIT\r\n")
     assert dialogue.reply()[0] == 250
     assert dialogue.reply()[0] == 221
-    row = await db.fetchrow("SELECT mail_from, raw FROM messages")
+    row = await db.fetchrow("SELECT mail_from, messages.raw FROM messages")
     assert row["mail_from"] == "" and row["raw"].startswith(b"Authentication-Results:")
 
 
@@ -261,16 +261,16 @@ async def test_activity_keeps_a_session_alive_past_the_command_timeout(start_ser
 
 
 async def test_data_timeout_applies_inside_data(start_server, db):
-    running = start_server(**{"smtp.command_timeout": 30, "smtp.data_timeout": 0.5})
+    running = start_server(**{"smtp.command_timeout": 3600, "smtp.data_timeout": 0.5})
     await directory.add_workspace(db, "acme")
     await directory.add_agent(db, "acme", "support")
     dialogue = start_transaction(running.port)
     assert dialogue.command("DATA")[0] == 354
     dialogue.send(b"Subject: stalled\r\n")
-    started = time.monotonic()
+    # The command timeout is an hour and the client's socket gives up after 10 s (Dialogue):
+    # a timeout reply at all is the data timeout's.
     code, lines = dialogue.reply()
     assert_reply((code, lines[-1]), replies.TIMEOUT)
-    assert time.monotonic() - started < 10  # the data timeout, not the command timeout
 
 
 class TestBdat:
@@ -281,14 +281,14 @@ class TestBdat:
         assert bdat(dialogue, first)[0] == 250
         code, line = bdat(dialogue, second, last=True)
         assert code == 250 and b"queued" in line
-        raw = await db.fetchval("SELECT raw FROM messages")
+        raw = await db.fetchval("SELECT messages.raw FROM messages")
         assert raw.endswith(b"\r\n" + body)
 
     async def test_dot_lines_are_content_in_bdat(self, server, db):
         dialogue = start_transaction(server.port)
         body = b"Subject: dots\r\n\r\n.\r\n..x\r\n"
         assert bdat(dialogue, body, last=True)[0] == 250
-        assert (await db.fetchval("SELECT raw FROM messages")).endswith(b"\r\n\r\n.\r\n..x\r\n")
+        assert (await db.fetchval("SELECT messages.raw FROM messages")).endswith(b"\r\n\r\n.\r\n..x\r\n")
 
     async def test_bdat_without_recipient_is_consumed_and_refused(self, server, db):
         dialogue = Dialogue.open(server.port)

@@ -31,7 +31,9 @@ def test_dockerfile_is_multi_stage_non_root_with_a_health_check():
     assert re.search(r"^USER smtpd-agent$", text, re.MULTILINE)
     assert re.search(r"^EXPOSE 25 8001$", text, re.MULTILINE)
     assert "HEALTHCHECK" in text and "/health" in text
-    assert "[test]" not in text.replace("without the [test] extra", "")
+    # exactly the runtime lock, checked by hash, then the project without resolving again
+    assert "--require-hashes --no-deps -r requirements/runtime.lock" in text
+    assert "pip install --no-deps ." in text and "test.lock" not in text
     for name in re.findall(r"\b(SMTPD_AGENT_[A-Z_]+)=", text):
         if name != "SMTPD_AGENT_CONFIG":
             assert name in setting_names(), name

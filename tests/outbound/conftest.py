@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from smtpd_agent.store import directory
+from smtpd_agent.store.database import init_connection
+from smtpd_agent.store.messages import OutboundRow, store_outbound
 from tests.support import DEFAULT_DOMAIN, free_port
 
 AGENT = f"support@acme.{DEFAULT_DOMAIN}"
@@ -137,12 +139,12 @@ async def store_reply(db: asyncpg.Connection, agent: Any, to: str, **kwargs: Any
         """INSERT INTO threads (workspace_id, agent_id, subject, correspondent)
            VALUES ($1, $2, 'Re: your order', $3) RETURNING id""",
         agent.workspace_id, agent.id, to)
-    return await db.fetchval(
-        """INSERT INTO messages (workspace_id, agent_id, thread_id, direction, status, dedup_key,
-                                 from_address, to_header, subject, raw, size)
-           VALUES ($1, $2, $3, 'outbound', 'queued', $4, $5, $6, 'Re: your order', $7, $8)
-           RETURNING id""",
-        agent.workspace_id, agent.id, thread_id, make_msgid(), sender, to, raw, len(raw))
+    await init_connection(db)
+    return await store_outbound(db, OutboundRow(
+        workspace_id=agent.workspace_id, agent_id=agent.id, thread_id=thread_id,
+        dedup_key=make_msgid(), message_id=None, in_reply_to=(), references=(),
+        from_header=None, from_address=sender, to_address=to, subject="Re: your order",
+        headers=(), text_body=None, html_body=None, raw=raw))
 
 
 async def wait_state(db: asyncpg.Connection, message_id: int, states: set[str],
@@ -151,7 +153,7 @@ async def wait_state(db: asyncpg.Connection, message_id: int, states: set[str],
     row = None
     while time.monotonic() < deadline:
         row = await db.fetchrow("SELECT * FROM deliveries WHERE message_id = $1", message_id)
-        if row is not None and row["state"] in states:
+        if row is not None and row["status"] in states:
             return row
         await asyncio.sleep(0.05)
     raise AssertionError(f"delivery of message {message_id}: {dict(row) if row else None}")

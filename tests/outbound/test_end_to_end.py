@@ -35,7 +35,7 @@ async def test_agent_reply_leaves_through_the_relay(start_server, db, messages_a
     # the sink has it before the worker's record of the attempt commits
     await wait_state(db, await db.fetchval(
         "SELECT id FROM messages WHERE direction = 'outbound'"), {"sent"})
-    row = await db.fetchrow("""SELECT m.status, d.state, d.attempts FROM messages m
+    row = await db.fetchrow("""SELECT m.status, d.status, d.attempts FROM messages m
                                JOIN deliveries d ON d.message_id = m.id
                                WHERE m.direction = 'outbound'""")
     assert tuple(row) == ("sent", "sent", 1)

@@ -54,7 +54,7 @@ async def test_an_expired_lease_is_claimed_again_and_the_late_record_refused(poo
                                    None, None)
     await queue.finish_attempt(pool, second, datetime.now(UTC), "smtp", sent, Next("sent"),
                                "Q1", None)
-    row = await db.fetchrow("SELECT state, provider_message_id FROM deliveries WHERE id = $1",
+    row = await db.fetchrow("SELECT status, provider_message_id FROM deliveries WHERE id = $1",
                             second.id)
     assert tuple(row) == ("sent", "Q1")
     assert await db.fetchval("SELECT count(*) FROM delivery_attempts") == 1

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 async def states(db: asyncpg.Connection) -> Counter[str]:
-    return Counter(row["state"] for row in await db.fetch("SELECT state FROM deliveries"))
+    return Counter(row["status"] for row in await db.fetch("SELECT status FROM deliveries"))
 
 
 async def test_kill_9_loses_no_queued_reply_and_sends_none_twice(
@@ -54,7 +54,7 @@ async def test_kill_9_loses_no_queued_reply_and_sends_none_twice(
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             tried = await db.fetchval("SELECT count(*) FROM deliveries WHERE attempts > 0 "
-                                      "AND state <> 'sent'")
+                                      "AND status <> 'sent'")
             if tried == QUEUED and (await states(db))["sending"]:
                 break
             await asyncio.sleep(0.01)

@@ -89,12 +89,12 @@ async def test_ses_delivers_raw_signed_and_records_its_message_id(
         await bounces.receive_ses(json.dumps(complaint))
     finally:
         await pool.close()
-    assert (await wait_state(db, message_id, {"bounced"}))["state"] == "bounced"
+    assert (await wait_state(db, message_id, {"bounced"}))["status"] == "bounced"
     assert await is_suppressed(db, agent.workspace_id, "bob@example.org")
     assert await db.fetchval("SELECT reason FROM suppressions WHERE address = $1",
                              "angry@example.org") == "complaint"
     # a complaint does not unsend the message
-    assert (await wait_state(db, complained, {"sent"}))["state"] == "sent"
+    assert (await wait_state(db, complained, {"sent"}))["status"] == "sent"
 
 
 async def test_ses_refusal_is_a_failure_not_a_bounce(start_server, db, ses_endpoint):

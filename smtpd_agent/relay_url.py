@@ -1,6 +1,8 @@
 """`outbound.relay` = smtp://[user:password@]host[:port][?tls=starttls|implicit|none], parsed.
 
-Pure, so configuration validation and the SMTP transport read it the same way.
+Pure, so configuration validation and the SMTP transport read it the same way. A typed
+value below config (docs/architecture.md: layers), so config never imports the outbound
+feature.
 """
 
 from __future__ import annotations

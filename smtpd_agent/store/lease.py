@@ -1,0 +1,141 @@
+"""Lease queues in Postgres: the agent's jobs and the outbound deliveries, one way.
+
+A row is claimed with `FOR UPDATE SKIP LOCKED` by moving it to the queue's
+leased status, pushing `run_at` to the end of the lease and drawing a fresh
+`lease_token`; a worker that dies simply stops, and the row is due again when
+its lease runs out (one partial index on `run_at` serves "due" and "lease
+expired"). Every result is recorded only while the token is still the
+current one, so a worker that outlived its lease cannot record a second
+result. Both tables share the column names (migration 0009): status, run_at,
+attempts, lease_token. Apart from the claim, which serves every workspace
+and returns each row with its workspace, every statement names the workspace.
+
+`poll` is the one loop both workers run over their queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import asyncpg
+import structlog
+
+from .database import CONNECTION_ERRORS
+
+log = structlog.get_logger(__name__)
+
+DbLike: TypeAlias = asyncpg.Pool | asyncpg.Connection
+
+
+@dataclass(frozen=True)
+class LeaseQueue:
+    """A table used as a lease queue: which statuses may be claimed, and the claimed one."""
+
+    table: str
+    claimable: tuple[str, ...]
+    leased: str
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What a worker holds: the row, its workspace, and the token that proves it."""
+
+    id: int
+    workspace_id: int
+    token: uuid.UUID
+
+
+class _Now:
+    """A column value meaning the database's clock at the statement (`now()`)."""
+
+    def __repr__(self) -> str:
+        return "NOW"
+
+
+NOW: Any = _Now()
+
+
+def _assignments(columns: dict[str, Any], first: int) -> tuple[str, list[Any]]:
+    sql, values = "", []
+    for name, value in columns.items():
+        if value is NOW:
+            sql += f", {name} = now()"
+        else:
+            values.append(value)
+            sql += f", {name} = ${first + len(values) - 1}"
+    return sql, values
+
+
+async def claim(db: DbLike, queue: LeaseQueue, limit: int, lease: float,
+                **columns: Any) -> list[asyncpg.Record]:
+    """Take up to `limit` due rows for `lease` seconds (also setting `columns`); each
+    claimed row as it is now. No two workers get the same row."""
+    extra, values = _assignments(columns, 5)
+    return await db.fetch(
+        f"""WITH due AS (
+                SELECT id FROM {queue.table}
+                 WHERE status = ANY($1::text[]) AND run_at <= now()
+                 ORDER BY run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED)
+            UPDATE {queue.table} q
+               SET status = $3, attempts = q.attempts + 1, lease_token = gen_random_uuid(),
+                   run_at = now() + make_interval(secs => $4){extra}
+              FROM due WHERE q.id = due.id
+            RETURNING q.*""",
+        list(queue.claimable), limit, queue.leased, lease, *values)
+
+
+async def hold(connection: asyncpg.Connection, queue: LeaseQueue, lease: Lease) -> bool:
+    """Lock the row for the caller's transaction; False when the lease is no longer ours."""
+    return bool(await connection.fetchval(
+        f"""SELECT lease_token = $3 AND status = $4 FROM {queue.table}
+             WHERE id = $1 AND workspace_id = $2 FOR UPDATE""",
+        lease.id, lease.workspace_id, lease.token, queue.leased))
+
+
+async def settle(db: DbLike, queue: LeaseQueue, lease: Lease, state: str, *,
+                 due_in: float | None = None, uncount: bool = False,
+                 **columns: Any) -> bool:
+    """End our lease: the row goes to status `state` (due again in `due_in` seconds, if given;
+    the attempt not counted with `uncount`), with `columns` set. False: not ours."""
+    extra, values = _assignments(columns, 8)
+    result = await db.execute(
+        f"""UPDATE {queue.table}
+               SET status = $4, lease_token = NULL,
+                   run_at = CASE WHEN $5::float8 IS NULL THEN run_at
+                                 ELSE now() + make_interval(secs => $5::float8) END,
+                   attempts = CASE WHEN $6 THEN greatest(attempts - 1, 0) ELSE attempts END
+                   {extra}
+             WHERE id = $1 AND workspace_id = $2 AND lease_token = $3 AND status = $7""",
+        lease.id, lease.workspace_id, lease.token, state, due_in, uncount, queue.leased,
+        *values)
+    return result.endswith(" 1")
+
+
+async def poll(step: Callable[[], Awaitable[bool]], *, interval: float,
+               stopping: asyncio.Event, wake: asyncio.Event | None = None,
+               name: str = "") -> None:
+    """Run `step` until `stopping` is set; when it reports no more work (False), or fails,
+    wait `interval` seconds, or until `wake` (or `stopping`) is set."""
+    while not stopping.is_set():
+        try:
+            busy = await step()
+        except asyncio.CancelledError:
+            raise
+        except CONNECTION_ERRORS as error:
+            log.warning("queue.database_unavailable", loop=name, error=str(error))
+            busy = False
+        except Exception as error:  # noqa: BLE001 - a bug: log it, wait, go on
+            log.exception("queue.poll_failed", loop=name, error=str(error))
+            busy = False
+        if busy:
+            continue
+        if wake is not None:
+            wake.clear()
+        try:
+            await asyncio.wait_for((wake or stopping).wait(), interval)
+        except TimeoutError:
+            pass

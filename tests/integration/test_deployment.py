@@ -1,0 +1,124 @@
+"""One identity per deployment (issue 21): the default domain `serve` ran with is recorded in
+the database; management commands use it, a different one stops with an error naming both,
+and `deployment set-domain` changes it on purpose."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from smtpd_agent.store.deployment import DeploymentMismatch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def command_env(database_url: str, dns_server) -> dict[str, str]:
+    """The repository's config/smtpd-agent.toml (default_domain = "aexy.email") applies, as
+    it does for an operator who runs the commands from the same directory."""
+    env = {**os.environ, "DATABASE_URL": database_url, "SMTPD_AGENT_LOG_FORMAT": "json",
+           "SMTPD_AGENT_DNS_NAMESERVERS": dns_server.nameserver,
+           "SMTPD_AGENT_AGENT_WORKERS": "0"}
+    env.pop("SMTPD_AGENT_SERVER_DEFAULT_DOMAIN", None)
+    return env
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "smtpd_agent", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def serve_with_flag(database_url, dns_server, tmp_path):
+    """`smtpd-agent serve --default-domain example.test`, a real subprocess."""
+    env = command_env(database_url, dns_server)
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "smtpd_agent", "serve", "--default-domain", "example.test",
+             "--state-dir", str(tmp_path / "state"), "--port", str(port),
+             "--http-port", str(free_port())],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert process.poll() is None, log_path.read_text()
+            time.sleep(0.2)
+    else:
+        pytest.fail("serve did not start: " + log_path.read_text())
+    yield env
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+
+
+def test_commands_use_the_default_domain_serve_recorded(serve_with_flag):
+    env = serve_with_flag
+    added = cli(env, "workspace", "add", "acme")
+    assert added.returncode == 0, added.stderr
+    assert "<handle>@acme.example.test" in added.stdout
+    agent = cli(env, "agent", "add", "support@acme.example.test")
+    assert agent.returncode == 0, agent.stderr
+    assert "support@acme.example.test" in agent.stdout
+    listed = cli(env, "workspace", "list", "--json")
+    assert [w["domain"] for w in json.loads(listed.stdout)] == ["acme.example.test"]
+    shown = cli(env, "deployment", "show", "--json")
+    assert json.loads(shown.stdout)["default_domain"] == "example.test"
+
+
+def test_a_different_default_domain_is_refused_naming_both(serve_with_flag):
+    env = serve_with_flag
+    refused = cli(env, "workspace", "add", "globex", "--default-domain", "other.test")
+    assert refused.returncode == 1
+    assert "'example.test'" in refused.stderr and "'other.test'" in refused.stderr
+    assert "smtpd-agent deployment set-domain other.test" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    listed = cli(env, "workspace", "list", "--json")
+    assert json.loads(listed.stdout) == []  # nothing was created under the other domain
+    migrate = cli(env, "migrate", "--default-domain", "other.test")
+    assert migrate.returncode == 1 and "set-domain other.test" in migrate.stderr
+
+
+async def test_a_server_with_another_domain_refuses_until_the_change_is_made(
+        start_server, database_url, dns_server):
+    start_server(**{"server.default_domain": "example.test"})
+    with pytest.raises(DeploymentMismatch) as refused:
+        start_server(**{"server.default_domain": "other.test"})
+    assert refused.value.recorded == "example.test" and refused.value.given == "other.test"
+    assert "deployment set-domain other.test" in str(refused.value)
+
+    env = command_env(database_url, dns_server)
+    changed = cli(env, "deployment", "set-domain", "other.test")
+    assert changed.returncode == 0, changed.stderr
+    assert "was example.test" in changed.stdout
+    start_server(**{"server.default_domain": "other.test"})  # now it is the deployment's
+    added = cli(env, "workspace", "add", "acme")
+    assert "<handle>@acme.other.test" in added.stdout
+    with pytest.raises(DeploymentMismatch):
+        start_server(**{"server.default_domain": "example.test"})
+
+
+def test_migrate_records_the_identity(database_url, dns_server):
+    env = command_env(database_url, dns_server)
+    assert cli(env, "deployment", "show").stdout.startswith("no deployment recorded yet")
+    migrated = cli(env, "migrate", "--default-domain", "first.test")
+    assert migrated.returncode == 0, migrated.stderr
+    assert "deployment: default domain first.test" in migrated.stdout
+    added = cli(env, "workspace", "add", "acme")  # the file says aexy.email: the record wins
+    assert "<handle>@acme.first.test" in added.stdout
