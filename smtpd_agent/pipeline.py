@@ -12,8 +12,8 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 from email.utils import format_datetime
+from typing import Protocol
 
 import asyncpg
 import structlog
@@ -25,7 +25,7 @@ from .dns import Resolver
 from .message import parse_message
 from .metrics import Metrics
 from .record import Envelope, InboundMessage, ReceivedContent
-from .scan import ScanResult, Scanner
+from .scan import Scanner, ScanResult
 from .scan import decide as decide_scan
 from .smtp import replies
 from .smtp.replies import Reply
