@@ -132,6 +132,13 @@ class AuthSettings:
     # DMARC policy discovery: "psl" = the From domain, else its organizational
     # domain by the Public Suffix List (RFC 7489); "treewalk" = DNS tree walk (RFC 9989).
     dmarc_discovery: Literal["psl", "treewalk"] = "psl"
+    # DKIM signatures verified per message (RFC 6376 6.1 allows a limit); those whose
+    # d= aligns with the From domain are chosen first, the rest are not verified.
+    dkim_max_signatures: int = 5
+    # Threads for DKIM and ARC verification (CPU-bound) per process, and for SPF
+    # (mostly waiting for DNS): separate pools, so neither can starve the other.
+    verify_workers: int = 2
+    dns_workers: int = 16
 
 
 @dataclass(frozen=True)
@@ -348,7 +355,7 @@ class Settings:
 # needs a restart. Logging is not live: loggers cache their level on first use (logs.py).
 # Prefixes end with ".", other entries are exact keys.
 LIVE_KEYS = ("smtp.", "auth.", "scan.", "store.")
-RESTART_ONLY_KEYS = ("smtp.host", "smtp.port")
+RESTART_ONLY_KEYS = ("smtp.host", "smtp.port", "auth.verify_workers", "auth.dns_workers")
 
 
 def is_live(key: str) -> bool:
@@ -525,6 +532,9 @@ def _validate(settings: Settings) -> None:
                        or "+" in postmaster):
         raise ConfigError(f"routing.postmaster: expected an agent address like "
                           f"ops@operator.{settings.server.default_domain}, got {postmaster!r}")
+    for key in ("dkim_max_signatures", "verify_workers", "dns_workers"):
+        if getattr(settings.auth, key) < 1:
+            raise ConfigError(f"auth.{key}: must be at least 1")
     for key in ("batch_max", "committers", "batch_max_bytes"):
         if getattr(settings.store, key) < 1:
             raise ConfigError(f"store.{key}: must be at least 1")

@@ -17,7 +17,10 @@ case: a sender's records are cached after its first message, and a thread hop
 costs more than the check); when the check needs a lookup the cache cannot
 answer, `in_thread()` runs it again in a worker thread with `blocking()`, a
 view of this resolver that hops back onto the event loop, so both share the
-cache and the timeouts.
+cache and the timeouts. Which thread pool, and the deadline, are the caller's
+(auth/runner.py); when the caller stops waiting, the view is abandoned: its
+lookup in flight is cancelled and the check stops at its next lookup or
+checkpoint instead of running on unseen.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ipaddress
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine, TypeVar
@@ -53,6 +57,12 @@ class DnsTempError(Exception):
 
 class CacheMiss(Exception):
     """A cache-only lookup found nothing cached; the check must run the full way."""
+
+
+class Abandoned(Exception):
+    """Nobody waits for this check any more (deadline, shutdown): stop working.
+
+    Not a DNS error and not a DKIMException, so library code passes it up."""
 
 
 @dataclass(frozen=True)
@@ -201,16 +211,34 @@ class Resolver:
             return None
         return None if view.missed else result
 
-    async def in_thread(self, check: Callable[[SyncResolver], T]) -> T:
-        """`check(view)` in a worker thread, its lookups done on this event loop."""
-        return await asyncio.to_thread(check, self.blocking(asyncio.get_running_loop()))
+    async def in_thread(self, check: Callable[[SyncResolver], T],
+                        executor: concurrent.futures.Executor | None = None) -> T:
+        """`check(view)` in a worker thread of `executor` (None: the loop's default), its
+        lookups done on this event loop. If this await is cancelled, the check is abandoned."""
+        loop = asyncio.get_running_loop()
+        view = self.blocking(loop)
+        try:
+            return await loop.run_in_executor(executor, check, view)
+        finally:
+            view.abandon()
 
 
 class SyncResolver:
     """What synchronous library code (pyspf, dkimpy) may ask of the resolver."""
 
+    def __init__(self) -> None:
+        self.abandoned = threading.Event()
+
     def query(self, name: str, rdtype: str) -> Answer:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def checkpoint(self) -> None:
+        """Raise Abandoned once the caller has stopped waiting; cheap, call it between steps."""
+        if self.abandoned.is_set():
+            raise Abandoned()
+
+    def abandon(self) -> None:
+        self.abandoned.set()
 
     def txt(self, name: str) -> list[bytes]:
         return [b"".join(r.strings) for r in self.query(name, "TXT").records]
@@ -220,6 +248,7 @@ class CachedResolver(SyncResolver):
     """Answers from the TTL cache only; anything else is a CacheMiss, remembered in `missed`."""
 
     def __init__(self, resolver: Resolver) -> None:
+        super().__init__()
         self.resolver = resolver
         self.missed = False
 
@@ -238,11 +267,22 @@ class BlockingResolver(SyncResolver):
     """
 
     def __init__(self, resolver: Resolver, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
         self.resolver = resolver
         self.loop = loop
+        self._in_flight: concurrent.futures.Future[Any] | None = None
+
+    def abandon(self) -> None:
+        super().abandon()
+        in_flight = self._in_flight
+        if in_flight is not None:
+            in_flight.cancel()
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        self._in_flight = future
+        if self.abandoned.is_set():  # abandoned between the checkpoint and now
+            future.cancel()
         try:
             # The resolver has its own lifetime; this margin only guards a stuck loop.
             return future.result(timeout=self.resolver.timeout + 2.0)
@@ -250,9 +290,13 @@ class BlockingResolver(SyncResolver):
             future.cancel()
             raise DnsTempError("DNS lookup did not finish in time") from error
         except concurrent.futures.CancelledError as error:
+            self.checkpoint()
             raise DnsTempError("DNS lookup cancelled") from error
+        finally:
+            self._in_flight = None
 
     def query(self, name: str, rdtype: str) -> Answer:
+        self.checkpoint()
         cached = self.resolver.cached(name, rdtype)
         if cached is not None:
             return cached

@@ -18,7 +18,7 @@ from typing import Protocol
 import asyncpg
 import structlog
 
-from .auth import AuthResult, authenticate, strip_our_results
+from .auth import AuthResult, CheckRunner, authenticate, strip_our_results
 from .auth import decide as decide_auth
 from .config import Settings
 from .dns import Resolver
@@ -91,10 +91,13 @@ class DsnReceiver(Protocol):
 class Pipeline:
     def __init__(self, db: asyncpg.Pool, settings: Settings, resolver: Resolver,
                  scanner: Scanner | None = None, metrics: Metrics | None = None, *,
-                 bounces: DsnReceiver | None = None) -> None:
+                 bounces: DsnReceiver | None = None,
+                 checks: CheckRunner | None = None) -> None:
         self.db = db
         self.settings = settings
         self.resolver = resolver
+        self.checks = checks or CheckRunner(settings.auth.dns_workers,
+                                            settings.auth.verify_workers)
         self.scanner = scanner
         self.metrics = metrics or Metrics()
         self.authserv_id = settings.auth.authserv_id or settings.server.hostname
@@ -113,7 +116,8 @@ class Pipeline:
 
     async def authenticate(self, message: InboundMessage) -> tuple[AuthResult, bool]:
         """SPF, DKIM, ARC, DMARC; raise Rejected per policy, else say whether to quarantine."""
-        result = await authenticate(message, self.resolver, self.settings.auth, self.authserv_id)
+        result = await authenticate(message, self.resolver, self.settings.auth, self.authserv_id,
+                                    self.checks)
         self.metrics.auth_result(result.spf, result.dkim, result.dmarc, result.arc)
         decision = decide_auth(result, self.settings.auth)
         if decision.action == "reject":

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import asyncpg
 import structlog
 
+from .auth import CheckRunner, adapters
 from .config import Settings
 from .dns import Resolver
 from .metrics import Metrics
@@ -69,6 +70,8 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     # Where DSNs to VERP addresses go; None in a runtime that receives no mail (workers).
     bounces: DsnReceiver | None = None
+    # The bounded thread pools of the SPF, DKIM and ARC checks (auth/runner.py).
+    checks: CheckRunner = field(default_factory=CheckRunner)
     _pipeline: Pipeline | None = field(default=None, repr=False)
 
     @property
@@ -100,15 +103,18 @@ class Runtime:
             for problem in limit_problems(settings):
                 log.warning("scan.limits", problem=problem)
         return Pipeline(self.pool, settings, self.resolver, scanner, self.metrics,
-                        bounces=self.bounces)
+                        bounces=self.bounces, checks=self.checks)
 
     @classmethod
     async def open(cls, settings: Settings, bounces: BounceFactory | None = None) -> Runtime:
+        adapters.install()
         database = await Database.open(settings)
         return cls(settings, database, Resolver(settings.dns),
-                   bounces=bounces(database.pool) if bounces else None)
+                   bounces=bounces(database.pool) if bounces else None,
+                   checks=CheckRunner(settings.auth.dns_workers, settings.auth.verify_workers))
 
     async def close(self) -> None:
+        self.checks.close()
         await self.database.close()
 
 

@@ -12,11 +12,18 @@ from typing import Any
 import asyncpg
 import pytest
 
+from smtpd_agent.auth import adapters
 from smtpd_agent.store import directory
 from tests.clamd import APT_PACKAGES, Clamd, find_clamd
 from tests.dnsserver import DnsTestServer
 from tests.support import (DEFAULT_DOMAIN, OPEN_DIALOGUES, EmbeddedCluster, ServerThread,
                            make_settings)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def library_adapters() -> None:
+    """dkimpy's RSA through OpenSSL, installed once as the runtime does at start-up."""
+    adapters.install()
 
 
 @pytest.fixture(scope="session")

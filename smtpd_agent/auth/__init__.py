@@ -1,7 +1,8 @@
 """The authenticate stage (DESIGN.md step 3): SPF, DKIM, ARC, then DMARC, then a pure decision.
 
-`authenticate()` does the I/O: SPF, DKIM and ARC run concurrently, each under
-its own deadline (a missed deadline is temperror, never fail); DMARC then
+`authenticate()` does the I/O: SPF, DKIM and ARC run through one CheckRunner
+(auth/runner.py: from the cache on the loop, else concurrently in bounded pools,
+each under its own deadline; a missed deadline is temperror, never fail); DMARC then
 combines SPF and DKIM. It returns an `AuthResult` holding the values to store
 (columns spf, dkim, dmarc, arc, auth_results) and the Authentication-Results
 header value. `decide()` is pure: it maps a result and the operator's policy
@@ -12,7 +13,7 @@ to accept / quarantine / reject / tempfail; the listener owns the SMTP reply
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -21,14 +22,16 @@ import structlog
 from ..config import AuthSettings
 from ..dns import Resolver
 from ..record import InboundMessage
-from .arc import ArcResult, verify_arc_cached, verify_arc_in_thread
-from .dkim import DkimResult, DkimSignatureResult, verify_dkim_cached, verify_dkim_in_thread
-from .dmarc import DmarcResult, evaluate_dmarc
+from . import arc, dkim, spf
+from .arc import ArcResult
+from .dkim import DkimResult, DkimSignatureResult
+from .dmarc import DmarcResult, aligned, evaluate_dmarc, organizational_domain
 from .results import header_value, prepend_results, strip_our_results
-from .spf import SpfResult, check_spf_cached, check_spf_in_thread, spf_identity
+from .runner import CheckRunner, own_runner
+from .spf import SpfResult, spf_identity
 
 __all__ = [
-    "AuthDecision", "AuthResult", "authenticate", "decide", "prepend_results",
+    "AuthDecision", "AuthResult", "CheckRunner", "authenticate", "decide", "prepend_results",
     "strip_our_results",
 ]
 
@@ -94,62 +97,67 @@ async def _deadline(check: Awaitable[T], seconds: float) -> T | None:
         return None
 
 
-async def _ready(value: T) -> T:
-    return value
-
-
 def _no_client_ip(identity: str, domain: str, sender: str) -> SpfResult:
     """A message posted by a provider's webhook: the connecting IP is the provider's to know
     (RFC 7208 needs it), so SPF is "none" and DMARC rests on DKIM alone."""
     return SpfResult("none", identity, domain, sender, "", reason="no client IP (webhook)")
 
 
+def _aligned_with(from_address: str | None) -> Callable[[str], bool]:
+    """Relaxed DMARC alignment with the From domain: which DKIM d= to verify first."""
+    from_domain = (from_address or "").rpartition("@")[2].strip().lower().rstrip(".")
+    org_of = {from_domain: organizational_domain(from_domain)} if from_domain else {}
+
+    def first(domain: str) -> bool:
+        domain = domain.lower().rstrip(".")
+        if domain not in org_of:
+            org_of[domain] = organizational_domain(domain)
+        return aligned(domain, from_domain, "r", org_of)
+
+    return first
+
+
 async def authenticate(message: InboundMessage, resolver: Resolver, settings: AuthSettings,
-                       authserv_id: str) -> AuthResult:
+                       authserv_id: str, runner: CheckRunner | None = None) -> AuthResult:
     """SPF, DKIM and ARC (concurrently when they need DNS), then DMARC; never raises for DNS
-    trouble. With the sender's records cached, nothing here waits for the event loop."""
+    trouble. With the sender's records cached, nothing here waits for the event loop.
+    The runtime passes its `runner`; one-off callers may leave it out."""
     envelope = message.envelope
     deadline = settings.timeout
+    raw = message.raw
     identity, sender, domain = spf_identity(envelope.mail_from, envelope.helo)
-    spf = (check_spf_cached(resolver, envelope.client_ip, envelope.mail_from, envelope.helo,
-                            timeout=deadline) if envelope.client_ip
-           else _no_client_ip(identity, domain, sender))
-    dkim = verify_dkim_cached(resolver, message.raw)
-    arc = verify_arc_cached(resolver, message.raw)
-    if spf is None or dkim is None or arc is None:
-        # What the cache could not answer runs the full way, concurrently, each in time.
-        spf, dkim, arc = await asyncio.gather(
-            _ready(spf) if spf is not None else _deadline(
-                check_spf_in_thread(resolver, envelope.client_ip, envelope.mail_from,
-                                    envelope.helo, timeout=deadline), deadline),
-            _ready(dkim) if dkim is not None else _deadline(
-                verify_dkim_in_thread(resolver, message.raw), deadline),
-            _ready(arc) if arc is not None else _deadline(
-                verify_arc_in_thread(resolver, message.raw), deadline),
-        )
-    if spf is None:
-        spf = SpfResult("temperror", identity, domain, sender, envelope.client_ip,
-                        reason="SPF check timed out")
-    if dkim is None:
-        # Which signatures exist is cheap to know, but not their verdicts: one temperror.
-        dkim = DkimResult((DkimSignatureResult("temperror", "", "", "",
-                                               "DKIM verification timed out"),))
-    if arc is None:
-        arc = ArcResult("temperror", reason="ARC verification timed out")
+    first = _aligned_with(message.parsed.from_address)
+    limit = settings.dkim_max_signatures
+    checks = [dkim.dkim_check(raw, first=first, limit=limit), arc.arc_check(raw)]
+    if envelope.client_ip:
+        checks.append(spf.spf_check(envelope.client_ip, envelope.mail_from, envelope.helo,
+                                    timeout=deadline))
+    async with own_runner(runner) as run:
+        found = await run.run_all(resolver, checks, deadline)
+    dkim_result = found[0] if found[0] is not None else dkim.timed_out(raw, first=first,
+                                                                       limit=limit)
+    arc_result = found[1] if found[1] is not None else arc.timed_out()
+    if not envelope.client_ip:
+        spf_result = _no_client_ip(identity, domain, sender)
+    elif found[2] is not None:
+        spf_result = found[2]
+    else:
+        spf_result = spf.timed_out(envelope.client_ip, envelope.mail_from, envelope.helo)
     dmarc = await _deadline(
-        evaluate_dmarc(resolver, message.parsed.from_address, spf, dkim,
+        evaluate_dmarc(resolver, message.parsed.from_address, spf_result, dkim_result,
                        discovery=settings.dmarc_discovery), deadline)
     if dmarc is None:
         dmarc = DmarcResult("temperror", reason="DMARC policy lookup timed out")
 
-    value = header_value(authserv_id, spf, dkim, dmarc, arc)
+    value = header_value(authserv_id, spf_result, dkim_result, dmarc, arc_result)
     result = AuthResult(
-        spf=spf.result, dkim=dkim.summary, dmarc=dmarc.result, arc=arc.result,
+        spf=spf_result.result, dkim=dkim_result.summary, dmarc=dmarc.result,
+        arc=arc_result.result,
         dmarc_policy=dmarc.policy,
         dmarc_disposition=dmarc.disposition if dmarc.result == "fail" else "",
         header_value=value,
-        authserv_id=authserv_id, dkim_signatures=dkim.signatures, spf_detail=spf,
-        dmarc_detail=dmarc, arc_detail=arc,
+        authserv_id=authserv_id, dkim_signatures=dkim_result.signatures, spf_detail=spf_result,
+        dmarc_detail=dmarc, arc_detail=arc_result,
     )
     log.debug("auth.result", spf=result.spf, dkim=result.dkim, dmarc=result.dmarc,
              arc=result.arc, dmarc_policy=result.dmarc_policy,
@@ -173,6 +181,11 @@ def decide(result: AuthResult, settings: AuthSettings) -> AuthDecision:
     #    aligned DKIM signature) outranks it: forwarding breaks SPF (RFC 7489 10.1).
     if result.spf == "fail" and settings.spf_fail == "reject" and result.dmarc != "pass":
         return AuthDecision("reject", "spf fail")
+    # 3b. DMARC could not decide because an *aligned* identifier had a temperror, and the
+    #     owner asked for quarantine or reject: never accept such mail unflagged (a forger
+    #     who stalls our checks must not get past p=reject).
+    if result.dmarc == "temperror" and result.dmarc_policy in ("quarantine", "reject"):
+        return AuthDecision("quarantine", f"dmarc temperror under p={result.dmarc_policy}")
     # 4. The domain owner asked for quarantine.
     if dmarc_fail and result.dmarc_disposition == "quarantine":
         return AuthDecision("quarantine", "dmarc policy quarantine")

@@ -3,8 +3,8 @@
 We only validate and record the chain (pass / fail / none, or temperror when a
 key could not be fetched); it does not change the DMARC verdict by itself, but
 an operator or a later policy can trust `arc=pass` from known forwarders.
-dkimpy does the work (on the event loop when the keys are cached, like DKIM,
-else in a worker thread), with keys fetched through our resolver; a DNS
+dkimpy does the work (where, auth/runner.py decides, as for DKIM), with keys
+fetched through our resolver and each body variant hashed once; a DNS
 temporary error escapes dkimpy (it is not a DKIMException) and becomes
 temperror rather than a broken chain.
 """
@@ -14,13 +14,15 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import dkim
 import structlog
 
 from ..dns import DnsTempError, Resolver, SyncResolver
-from .dkim import MIN_RSA_BITS, make_dnsfunc, verify_on_loop
+from .adapters import ArcVerifier, make_dnsfunc
+from .dkim import MIN_RSA_BITS, header_section
+from .runner import INLINE_MAX, CheckRunner, SyncCheck, own_runner
 
 log = structlog.get_logger(__name__)
 
@@ -45,10 +47,11 @@ def _text(value: object) -> object:
     return value.decode("ascii", "replace") if isinstance(value, bytes) else value
 
 
-def verify_chain(message: bytes, dnsfunc: Any) -> ArcResult:
-    """Blocking ARC validation (RFC 8617 section 5.2); run it in a thread."""
+def verify_chain(message: bytes, dnsfunc: Any,
+                 checkpoint: Callable[[], None] = lambda: None) -> ArcResult:
+    """Blocking ARC validation (RFC 8617 section 5.2)."""
     try:
-        arc = dkim.ARC(message, minkey=MIN_RSA_BITS)
+        arc = ArcVerifier(message, minkey=MIN_RSA_BITS, checkpoint=checkpoint)
         cv, sets, reason = arc.verify(dnsfunc=dnsfunc)
     except DnsTempError as error:
         return ArcResult("temperror", reason=f"key lookup: {error}")
@@ -68,21 +71,37 @@ def verify_chain(message: bytes, dnsfunc: Any) -> ArcResult:
 HAS_ARC = re.compile(rb"(?im)^arc-(seal|message-signature|authentication-results)\s*:")
 
 
+ARC_SEAL = re.compile(rb"(?im)^arc-seal\s*:")
+# RFC 8617 4.2.1: i= runs from 1 to 50; a longer chain is invalid. Checked before dkimpy,
+# which has no limit and rescans every ARC header for each set (quadratic in sets).
+MAX_ARC_SETS = 50
+
+
 def _verify(view: SyncResolver, message: bytes) -> ArcResult:
-    result = verify_chain(message, make_dnsfunc(view))
+    header = header_section(message)
+    if not HAS_ARC.search(header):
+        return ArcResult("none")
+    seals = sum(1 for _ in zip(range(MAX_ARC_SETS + 1), ARC_SEAL.finditer(header)))
+    if seals > MAX_ARC_SETS:
+        return ArcResult("fail", reason=f"more than {MAX_ARC_SETS} ARC sets (RFC 8617 4.2.1)")
+    result = verify_chain(message, make_dnsfunc(view), view.checkpoint)
     log.debug("arc.checked", result=result.result, instances=result.instances,
               reason=result.reason)
     return result
 
 
-def verify_arc_cached(resolver: Resolver, message: bytes) -> ArcResult | None:
-    return verify_on_loop(resolver, message, _verify, marker=HAS_ARC, absent=ArcResult("none"))
+def arc_check(message: bytes) -> SyncCheck[ArcResult]:
+    """ARC as a check for auth/runner.py: CPU-bound like DKIM, in the "verify" pool."""
+    inline = len(message) <= INLINE_MAX or not HAS_ARC.search(header_section(message))
+    return SyncCheck(functools.partial(_verify, message=message), pool="verify", inline=inline)
 
 
-async def verify_arc_in_thread(resolver: Resolver, message: bytes) -> ArcResult:
-    return await resolver.in_thread(functools.partial(_verify, message=message))
+def timed_out() -> ArcResult:
+    return ArcResult("temperror", reason="ARC verification timed out")
 
 
-async def verify_arc(resolver: Resolver, message: bytes) -> ArcResult:
-    cached = verify_arc_cached(resolver, message)
-    return cached if cached is not None else await verify_arc_in_thread(resolver, message)
+async def verify_arc(resolver: Resolver, message: bytes, runner: CheckRunner | None = None,
+                     *, deadline: float = 20.0) -> ArcResult:
+    async with own_runner(runner) as checks:
+        result = await checks.run(resolver, arc_check(message), deadline)
+    return result if result is not None else timed_out()

@@ -7,11 +7,13 @@ drive its steps one by one so a missing key (permerror), a DNS outage
 (temperror) and a forged signature (fail) stay distinct: dkimpy's own
 `verify()` collapses all three to `False`.
 
-Keys are fetched through dkimpy's `dnsfunc` hook with our resolver. A message
-up to VERIFY_INLINE_MAX whose keys are cached is verified on the event loop
-(about 0.25 ms for 5 KB, less than a thread hop costs); a larger one, or one
-whose key must be looked up, in a worker thread, so body hashing never stalls
-other SMTP sessions for long.
+Keys are fetched through dkimpy's `dnsfunc` hook with our resolver; where
+the check runs (on the loop from cached keys, else in the bounded "verify"
+pool) is auth/runner.py's decision. A hostile message may carry thousands of
+signatures: at most `max_signatures` are verified, those whose d= aligns with
+the From domain first (they are the ones DMARC needs), each body variant is
+hashed once (auth/adapters.py), and the work stops between signatures once
+nobody waits for it.
 """
 
 from __future__ import annotations
@@ -20,63 +22,24 @@ import binascii
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Callable, Literal
 
 import dkim
-import dkim.crypto
 import structlog
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, utils
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from ..dns import DnsTempError, Resolver, SyncResolver
+from .adapters import Verifier, make_dnsfunc, parse_key_record
+from .runner import INLINE_MAX, CheckRunner, SyncCheck, own_runner
 
 log = structlog.get_logger(__name__)
-T = TypeVar("T")
 
 DkimStatus = Literal["pass", "fail", "neutral", "temperror", "permerror"]
 # RFC 8301 section 3.2: keys under 1024 bits must not be considered valid.
 MIN_RSA_BITS = 1024
-# Larger messages are verified in a worker thread (canonicalization is Python, linear in size).
-VERIFY_INLINE_MAX = 64 * 1024
-
-PREHASHED = {"sha256": utils.Prehashed(hashes.SHA256()), "sha1": utils.Prehashed(hashes.SHA1())}
-
-
-def rsa_pkcs1_v1_5_verify(hash: Any, signature: bytes, public_key: dict[str, int]) -> bool:
-    """dkimpy's RSASSA-PKCS1-v1_5 verification, done by OpenSSL (through `cryptography`).
-
-    dkimpy verifies RSA in pure Python, converting 2048-bit integers to bytes one
-    byte at a time; on our hot path that was half of all DKIM time. Same inputs,
-    same answer (tests/auth/test_dkim.py compares the two).
-    """
-    prehashed = PREHASHED.get(hash.name)
-    if prehashed is None:
-        return bool(dkim.crypto.RSASSA_PKCS1_v1_5_verify(hash, signature, public_key))
-    key = _rsa_public_key(public_key["publicExponent"], public_key["modulus"])
-    try:
-        key.verify(signature, hash.digest(), padding.PKCS1v15(), prehashed)
-    except (InvalidSignature, ValueError):
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=1024)
-def _rsa_public_key(exponent: int, modulus: int) -> Any:
-    """OpenSSL's key object, built once per published key rather than per message."""
-    return RSAPublicNumbers(exponent, modulus).public_key()
-
-
-@functools.lru_cache(maxsize=1024)
-def _evaluate_pk(name: str, record: bytes | None) -> tuple[Any, int, bytes, bool]:
-    """dkimpy's parse of a key record (base64 and ASN.1), once per record text."""
-    return dkim.evaluate_pk(name, record)
-
-
-# dkimpy looks the function up in its module namespace at call time.
-dkim.RSASSA_PKCS1_v1_5_verify = rsa_pkcs1_v1_5_verify
+# RFC 6376 6.1 lets a verifier limit the signatures it tries; auth.dkim_max_signatures.
+DEFAULT_MAX_SIGNATURES = 5
+TIMED_OUT_EXAMINED = 100
 
 
 @dataclass(frozen=True)
@@ -98,6 +61,7 @@ class DkimSignatureResult:
 @dataclass(frozen=True)
 class DkimResult:
     signatures: tuple[DkimSignatureResult, ...] = ()
+    skipped: int = 0  # signatures present but not verified (over max_signatures)
 
     @property
     def summary(self) -> str:
@@ -110,34 +74,16 @@ class DkimResult:
                 return status
         return "none"  # pragma: no cover
 
-    def passing_domains(self) -> list[str]:
-        return [s.domain for s in self.signatures if s.result == "pass"]
-
     def to_dict(self) -> dict[str, Any]:
-        return {"summary": self.summary, "signatures": [s.to_dict() for s in self.signatures]}
-
-
-def make_dnsfunc(view: SyncResolver) -> Callable[..., bytes | None]:
-    """dkimpy's key lookup, answered by our resolver.
-
-    A DNS temporary error is raised as `DnsTempError`, which is *not* a
-    DKIMException, so dkimpy cannot swallow it into "signature invalid".
-    """
-
-    def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
-        text = name.decode("ascii", "replace") if isinstance(name, bytes) else name
-        records = view.txt(text)
-        # RFC 6376 3.6.2.2: several key records are ambiguous; use the first, like dkimpy.
-        return records[0] if records else None
-
-    return dnsfunc
+        return {"summary": self.summary, "signatures": [s.to_dict() for s in self.signatures],
+                "skipped": self.skipped}
 
 
 def _text(value: bytes | None) -> str:
     return value.decode("ascii", "replace") if value else ""
 
 
-def verify_signature(verifier: dkim.DKIM, index: int,
+def verify_signature(verifier: Verifier, index: int,
                      dnsfunc: Callable[..., bytes | None]) -> DkimSignatureResult:
     """Verify the `index`-th DKIM-Signature (0 = topmost). Blocking: run it in a thread."""
     try:
@@ -169,7 +115,7 @@ def verify_signature(verifier: dkim.DKIM, index: int,
     except DnsTempError as error:
         return DkimSignatureResult("temperror", reason=f"key lookup: {error}", **done)
     try:
-        pk, keysize, ktag, seqtlsrpt = _evaluate_pk(key_name, key_record)
+        pk, keysize, ktag, seqtlsrpt = parse_key_record(key_name, key_record)
     except dkim.KeyFormatError as error:
         reason = "no key" if not key_record else f"bad key: {error}"
         return DkimSignatureResult("permerror", reason=reason, **done)
@@ -207,46 +153,101 @@ def _testing_key(record: bytes | None) -> bool:
 
 
 HAS_SIGNATURE = re.compile(rb"(?im)^dkim-signature\s*:")
+SIGNATURE_FIELD = re.compile(rb"(?im)^dkim-signature[ \t]*:((?:.*)(?:\r?\n[ \t].*)*)")
 
 
-def verify_all(message: bytes, dnsfunc: Any) -> list[DkimSignatureResult]:
-    """Every signature, one after the other, on one parse of the message and one thread hop."""
+def _tags(value: bytes) -> dict[bytes, bytes]:
     try:
-        verifier = dkim.DKIM(message, minkey=MIN_RSA_BITS)
+        return parse_tag_value(value)
+    except (InvalidTagValueList, dkim.DKIMException):
+        return {}
+
+
+def choose(values: list[bytes], first: Callable[[str], bool], limit: int) -> list[int]:
+    """Indexes of the signatures to verify, in header order: at most `limit`, those whose
+    d= satisfies `first` (aligns with the From domain) chosen before the others."""
+    domains = [_text(_tags(v).get(b"d")) for v in values]
+    preferred = [i for i, d in enumerate(domains) if d and first(d)]
+    if len(preferred) < limit:
+        taken = set(preferred)
+        preferred += [i for i in range(len(values)) if i not in taken]
+    return sorted(preferred[:max(0, limit)])
+
+
+def _never(domain: str) -> bool:
+    return False
+
+
+def verify_all(message: bytes, dnsfunc: Any, *, first: Callable[[str], bool] = _never,
+               limit: int = DEFAULT_MAX_SIGNATURES,
+               checkpoint: Callable[[], None] = lambda: None) -> DkimResult:
+    """The chosen signatures, one after the other, on one parse of the message."""
+    try:
+        verifier = Verifier(message, minkey=MIN_RSA_BITS, checkpoint=checkpoint)
     except dkim.DKIMException as error:  # unparseable header section
-        return [DkimSignatureResult("permerror", "", "", "", f"message format: {error}")]
-    count = sum(1 for k, _ in verifier.headers if k.lower() == b"dkim-signature")
-    return [verify_signature(verifier, index, dnsfunc) for index in range(count)]
+        return DkimResult((DkimSignatureResult("permerror", "", "", "",
+                                               f"message format: {error}"),))
+    values = [v for k, v in verifier.headers if k.lower() == b"dkim-signature"]
+    chosen = choose(values, first, limit)
+    results = []
+    for index in chosen:
+        checkpoint()
+        results.append(verify_signature(verifier, index, dnsfunc))
+    return DkimResult(tuple(results), skipped=len(values) - len(chosen))
 
 
-def _verify(view: SyncResolver, message: bytes) -> DkimResult:
-    results = verify_all(message, make_dnsfunc(view))
-    for r in results:
+def _verify(view: SyncResolver, message: bytes, first: Callable[[str], bool],
+            limit: int) -> DkimResult:
+    if not HAS_SIGNATURE.search(header_section(message)):
+        return DkimResult(())
+    result = verify_all(message, make_dnsfunc(view), first=first, limit=limit,
+                        checkpoint=view.checkpoint)
+    for r in result.signatures:
         log.debug("dkim.checked", result=r.result, d=r.domain, s=r.selector, a=r.algorithm,
                   reason=r.reason)
-    return DkimResult(tuple(results))
+    if result.skipped:
+        log.info("dkim.capped", verified=len(result.signatures), skipped=result.skipped)
+    return result
 
 
-def verify_on_loop(resolver: Resolver, message: bytes, verify: Callable[[SyncResolver, bytes], T],
-                   *, marker: re.Pattern[bytes], absent: T) -> T | None:
-    """`verify` right now from cached keys (`absent` when no header matches `marker`), or
-    None when it needs a key lookup or the message is too large for the event loop."""
-    if not marker.search(message.split(b"\r\n\r\n", 1)[0]):
-        return absent
-    if len(message) > VERIFY_INLINE_MAX:
-        return None
-    return resolver.from_cache(functools.partial(verify, message=message))
+def dkim_check(message: bytes, *, first: Callable[[str], bool] = _never,
+               limit: int = DEFAULT_MAX_SIGNATURES) -> SyncCheck[DkimResult]:
+    """DKIM as a check for auth/runner.py: `first` says which d= to verify first."""
+    inline = len(message) <= INLINE_MAX or not HAS_SIGNATURE.search(header_section(message))
+    return SyncCheck(functools.partial(_verify, message=message, first=first, limit=limit),
+                     pool="verify", inline=inline)
 
 
-def verify_dkim_cached(resolver: Resolver, message: bytes) -> DkimResult | None:
-    return verify_on_loop(resolver, message, _verify, marker=HAS_SIGNATURE, absent=DkimResult(()))
+async def verify_dkim(resolver: Resolver, message: bytes, runner: CheckRunner | None = None,
+                      *, first: Callable[[str], bool] = _never,
+                      limit: int = DEFAULT_MAX_SIGNATURES, deadline: float = 20.0) -> DkimResult:
+    """Verify up to `limit` signatures (one-off callers may leave `runner` out)."""
+    async with own_runner(runner) as checks:
+        result = await checks.run(resolver, dkim_check(message, first=first, limit=limit),
+                                  deadline)
+    return result if result is not None else timed_out(message, first=first, limit=limit)
 
 
-async def verify_dkim_in_thread(resolver: Resolver, message: bytes) -> DkimResult:
-    return await resolver.in_thread(functools.partial(_verify, message=message))
+def timed_out(message: bytes, *, first: Callable[[str], bool] = _never,
+              limit: int = DEFAULT_MAX_SIGNATURES) -> DkimResult:
+    """Verification missed its deadline: temperror for each signature it would have
+    verified, with its d= (DMARC must see an aligned temperror, not a missing signature)."""
+    # On the event loop: look at a bounded number of fields (a hostile message has thousands).
+    fields = SIGNATURE_FIELD.finditer(header_section(message))
+    values = [m.group(1) for _, m in zip(range(TIMED_OUT_EXAMINED), fields)]
+    signatures = []
+    for index in choose(values, first, limit):
+        tags = _tags(values[index])
+        signatures.append(DkimSignatureResult(
+            "temperror", _text(tags.get(b"d")), _text(tags.get(b"s")), _text(tags.get(b"a")),
+            "DKIM verification timed out"))
+    if not signatures:
+        signatures.append(DkimSignatureResult("temperror", "", "", "",
+                                              "DKIM verification timed out"))
+    return DkimResult(tuple(signatures))
 
 
-async def verify_dkim(resolver: Resolver, message: bytes) -> DkimResult:
-    """Verify every DKIM-Signature: from cached keys at once, else in a worker thread."""
-    cached = verify_dkim_cached(resolver, message)
-    return cached if cached is not None else await verify_dkim_in_thread(resolver, message)
+def header_section(message: bytes) -> bytes:
+    """The header fields of `message`, without the blank line and body (a bounded scan)."""
+    end = re.search(rb"\r?\n\r?\n", message)
+    return message if end is None else message[:end.start() + 1]

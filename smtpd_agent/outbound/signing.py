@@ -3,8 +3,9 @@
 Place: the worker calls `sign_message` before a delivery's first attempt and
 stores the result; retries send the stored bytes. Both an RSA-2048 and an
 Ed25519 signature go on every message (Ed25519 is short and fast, RSA is what
-every verifier knows). Without both keys, or if dkimpy fails, `SigningError`:
-the caller must not send unsigned.
+every verifier knows). RSA signing goes through OpenSSL once auth/adapters.py's
+`install()` has run (the runtime does it at start-up). Without both keys, or if
+dkimpy fails, `SigningError`: the caller must not send unsigned.
 """
 
 from __future__ import annotations
@@ -12,12 +13,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from email.parser import BytesHeaderParser
-from typing import Any
 
 import dkim
-import dkim.crypto
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 from ..domains.keys import SigningKey
 
@@ -25,38 +22,6 @@ from ..domains.keys import SigningKey
 SIGNED_HEADERS = ("from", "to", "cc", "subject", "date", "message-id", "in-reply-to",
                   "references", "reply-to", "mime-version", "content-type",
                   "content-transfer-encoding", "content-disposition", "auto-submitted")
-
-
-PREHASHED = {"sha256": utils.Prehashed(hashes.SHA256()), "sha1": utils.Prehashed(hashes.SHA1())}
-
-
-@functools.lru_cache(maxsize=256)
-def _openssl_key(n: int, e: int, d: int, p: int, q: int, dmp1: int, dmq1: int,
-                 iqmp: int) -> rsa.RSAPrivateKey:
-    """The key as OpenSSL holds it; cached (a cache only), loading checks the key each time."""
-    return rsa.RSAPrivateNumbers(p, q, d, dmp1, dmq1, iqmp,
-                                 rsa.RSAPublicNumbers(e, n)).private_key()
-
-
-def rsa_pkcs1_v1_5_sign(hash: Any, private_key: dict[str, int]) -> bytes:
-    """dkimpy's RSASSA-PKCS1-v1_5 signing, done by OpenSSL (through `cryptography`).
-
-    dkimpy signs RSA in pure Python: ~39 ms per message on our 2-core machine, which
-    capped a worker at ~25 messages/s. PKCS#1 v1.5 is deterministic, so OpenSSL
-    gives the very same bytes (tests/unit/test_outbound_decisions.py compares them).
-    """
-    prehashed = PREHASHED.get(hash.name)
-    if prehashed is None:
-        return bytes(dkim.crypto.RSASSA_PKCS1_v1_5_sign(hash, private_key))
-    key = _openssl_key(*(private_key[name] for name in (
-        "modulus", "publicExponent", "privateExponent", "prime1", "prime2", "exponent1",
-        "exponent2", "coefficient")))
-    return key.sign(hash.digest(), padding.PKCS1v15(), prehashed)
-
-
-# dkimpy looks the function up in its module namespace at call time (as auth/dkim.py does
-# for verification).
-dkim.RSASSA_PKCS1_v1_5_sign = rsa_pkcs1_v1_5_sign
 
 
 @functools.lru_cache(maxsize=256)

@@ -126,7 +126,12 @@ def migration_files() -> list[tuple[int, str, str]]:
         name = entry.name
         if name.endswith(".sql") and name[:4].isdigit():
             found.append((int(name[:4]), name, entry.read_text()))
-    return sorted(found)
+    found.sort()
+    for (version, first, _), (again, second, _) in zip(found, found[1:]):
+        if version == again:
+            # schema_migrations is keyed by the number: the second file would never run.
+            raise RuntimeError(f"two migrations numbered {version:04d}: {first}, {second}")
+    return found
 
 
 @dataclass(frozen=True)

@@ -37,3 +37,11 @@ async def test_tampered_chain_fails(dns_server, resolver, rsa2048):
 async def test_key_timeout_is_temperror(dns_server, resolver, rsa2048):
     dns_server.set_timeout("arc._domainkey.lists.example.org")
     assert (await verify_arc(resolver, arc_sealed(message(), rsa2048))).result == "temperror"
+
+
+async def test_more_than_50_sets_fail_without_a_lookup(dns_server, resolver):
+    """RFC 8617 4.2.1 caps i= at 50; dkimpy has no cap and rescans all headers per set."""
+    seal = b"ARC-Seal: i=1; a=rsa-sha256; cv=none; d=x.example; s=arc; b=AAAA\r\n"
+    result = await verify_arc(resolver, seal * 5000 + message())
+    assert result.result == "fail" and "50" in result.reason
+    assert dns_server.queries == []

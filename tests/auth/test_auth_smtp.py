@@ -99,3 +99,36 @@ async def test_dns_temperror_is_accepted_and_marked_by_default(auth_server, db, 
     code, _ = await deliver(auth_server.port, mail("broken.test", "temp"), "alice@broken.test")
     assert code == 250
     assert await db.fetchval("SELECT spf FROM messages") == "temperror"
+
+
+async def test_aligned_temperror_under_p_reject_is_stored_quarantined(auth_server, db,
+                                                                     dns_server):
+    """Issue 16 #2: the From domain publishes p=reject, its aligned DKIM key cannot be
+    fetched, SPF is for another domain: DMARC temperror. With auth.temperror = "accept"
+    (the default) this mail was stored unflagged; now it is quarantined."""
+    key = rsa_key(2048)
+    dns_server.set_timeout("sel._domainkey.bank.test")
+    dns_server.txt("_dmarc.bank.test", "v=DMARC1; p=reject")
+    dns_server.txt("elsewhere.test", "v=spf1 ip4:127.0.0.1 -all")
+    raw = sign(mail("bank.test", "stalled"), key, "bank.test")
+    code, _ = await deliver(auth_server.port, raw, "bounce@elsewhere.test")
+    assert code == 250
+    row = await db.fetchrow("SELECT dkim, dmarc, quarantined FROM messages")
+    assert (row["dkim"], row["dmarc"], row["quarantined"]) == ("temperror", "temperror", True)
+
+
+@pytest.mark.timeout(60)  # outer guard: before the fix the listener froze for minutes
+async def test_nested_comment_results_header_does_not_stall_other_mail(auth_server, db):
+    """Issue 16 #1 over SMTP: 254 KB of nested comments in an Authentication-Results field
+    (under smtp.max_header_size) beside a well-behaved delivery; both are answered 250."""
+    import asyncio
+
+    n = 127_000
+    hostile = ("Authentication-Results: " + "(" * n + ")" * n
+               + " mx.test.local; dkim=pass\r\n")
+    both = await asyncio.gather(
+        deliver(auth_server.port, mail("forger.test", "nested", hostile), "x@forger.test"),
+        deliver(auth_server.port, mail("fine.test", "fine"), "a@fine.test"))
+    assert [code for code, _ in both] == [250, 250]
+    raw = await db.fetchval("SELECT raw FROM messages WHERE subject = 'nested'")
+    assert b"((((" not in raw  # the field claimed our id (buried in comments): removed

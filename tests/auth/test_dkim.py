@@ -104,7 +104,7 @@ def test_openssl_rsa_verification_agrees_with_dkimpy(rsa2048):
 
     import dkim.crypto
 
-    from smtpd_agent.auth.dkim import rsa_pkcs1_v1_5_verify
+    from smtpd_agent.auth.adapters import rsa_pkcs1_v1_5_verify
 
     private = dkim.crypto.parse_pem_private_key(rsa2048.private)
     public = {"modulus": private["modulus"], "publicExponent": private["publicExponent"]}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from smtpd_agent.auth import authenticate
-from smtpd_agent.auth.results import claimed_authserv_id, prepend_results, strip_our_results
+from smtpd_agent.auth.results import (MAX_AUTHSERV_ID, MAX_LEADING_CFWS, claimed_authserv_id,
+                                     prepend_results, strip_our_results)
 from smtpd_agent.config import AuthSettings
 from smtpd_agent.message import parse_message
 from smtpd_agent.record import Envelope, InboundMessage
@@ -73,3 +76,39 @@ async def test_stored_message_has_no_forgery_and_ours_first(dns_server, resolver
     assert len(results) == 1 and headers[0][0] == "Authentication-Results"
     assert "dmarc=fail" in results[0] and "dkim=none" in results[0]
     assert stored.endswith(b"From: ceo@bank.example\r\nSubject: wire money\r\n\r\nnow\r\n")
+
+
+def test_claimed_authserv_id_quoted_and_escaped_comments():
+    assert claimed_authserv_id(b' (a \\) still comment) "Mx.Test.Example"; none') == OURS
+    assert claimed_authserv_id(b"(unclosed comment") == ""
+    assert claimed_authserv_id(b"") == ""
+
+
+@pytest.mark.timeout(10)  # an outer guard: the code before the fix needs minutes here
+def test_deeply_nested_comments_take_one_bounded_pass():
+    """Issue 16 #1: N '(' then N ')' (254 KB, under smtp.max_header_size) took 173 s of the
+    event loop, one regex pass per nesting level. Now one pass over a bounded prefix."""
+    shallow = b"(" * 100 + b")" * 100 + b" mx.test.example; dkim=pass"
+    assert claimed_authserv_id(shallow) == OURS
+    n = 127_000
+    nested = b" " + b"(" * n + b")" * n + b" mx.test.example; dkim=pass"
+
+    class Watched(bytes):
+        """Records which parts of the value the parser reads."""
+
+        def __getitem__(self, key):
+            read.append(key)
+            return bytes.__getitem__(self, key)
+
+    read: list[object] = []
+    assert claimed_authserv_id(Watched(nested)) == "(overlong)"
+    assert read == [slice(None, MAX_LEADING_CFWS + MAX_AUTHSERV_ID)]
+    # Too buried in comments to read: treated as claiming our id, so it goes.
+    raw = b"Authentication-Results:" + nested + b"\r\nFrom: a@b.example\r\n\r\nbody\r\n"
+    assert strip_our_results(raw, OURS) == b"From: a@b.example\r\n\r\nbody\r\n"
+
+
+def test_a_forged_field_behind_long_comments_still_goes():
+    forged = b"Authentication-Results: " + b"(x)" * 5000 + b" mx.test.example; dkim=pass\r\n"
+    assert strip_our_results(forged + b"From: a@b.example\r\n\r\n", OURS) == \
+        b"From: a@b.example\r\n\r\n"

@@ -105,3 +105,11 @@ def test_reload_applies_live_keys_and_names_the_rest(tmp_path):
     assert merged.smtp.port == current.smtp.port and merged.dns.timeout == current.dns.timeout
     assert sorted(restart) == ["dns.timeout", "log.format", "log.level", "smtp.port"]
     assert is_live("smtp.tls_cert") and is_live("scan.clamd") and not is_live("database.url")
+
+
+def test_migration_numbers_are_unique() -> None:
+    """schema_migrations is keyed by the number: a second file with the same one never runs."""
+    from smtpd_agent.store.database import migration_files
+
+    versions = [version for version, _, _ in migration_files()]
+    assert versions == sorted(set(versions))

@@ -33,14 +33,15 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     # One module per standard, pure, the resolver passed in; no SMTP session, no store.
     "standards": (
-        "dns", "auth.arc", "auth.dkim", "auth.dmarc", "auth.results", "auth.spf",
+        "dns", "auth.adapters", "auth.arc", "auth.dkim", "auth.dmarc", "auth.results", "auth.runner", "auth.spf",
         "outbound.dsn", "outbound.verp", "smtp.replies",
     ),
     # The inbound stages, the store they write to, and the runtime they form.
     "stages": (
         "auth", "routing", "scan", "pipeline",
-        "store", "store.api", "store.apikeys", "store.database", "store.directory",
-        "store.deployment", "store.domains", "store.inbox", "store.messages", "store.acl",
+        "store", "store.apikeys", "store.database", "store.directory",
+        "store.deployment", "store.domains", "store.inbox", "store.lease", "store.messages",
+        "store.rows", "store.acl",
         "runtime",
     ),
     # Listeners and features: each receives the Runtime and calls stages and store.

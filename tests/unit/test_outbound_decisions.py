@@ -241,7 +241,7 @@ def test_openssl_rsa_signing_gives_dkimpys_bytes():
 
     import dkim.crypto
 
-    from smtpd_agent.outbound.signing import rsa_pkcs1_v1_5_sign
+    from smtpd_agent.auth.adapters import rsa_pkcs1_v1_5_sign
     keys, _ = keypair("agents.test")
     pem = keys[0].dkimpy_private_key()
     private = dkim.crypto.parse_pem_private_key(pem)
