@@ -319,6 +319,6 @@ async def test_reply_message_ids_are_unguessable(agent_server, db, messages_api)
     for value in ids:
         local, domain = value.strip("<>").split("@")
         assert domain == f"acme.{DEFAULT_DOMAIN}" and len(local) == 32
-        raw = await db.fetchval("SELECT raw FROM messages WHERE message_id = $1", value)
+        raw = await db.fetchval("SELECT messages.raw FROM messages WHERE message_id = $1", value)
         assert parse(bytes(raw))["Message-ID"] == value
     assert ids[0] != ids[1]
