@@ -18,6 +18,7 @@ from smtpd_agent.smtp import replies
 from smtpd_agent.store import directory
 from tests.agent.conftest import add_acme, agent_overrides, publish_spf
 from tests.agent.helpers import RCPT, deliver, mail, parse, wait_jobs
+from tests.auth.keys import ed25519_key, sign
 from tests.messages_api import Step
 from tests.outbound.conftest import fast, relay, store_reply, wait_state  # noqa: F401
 from tests.support import DEFAULT_DOMAIN, Dialogue
@@ -92,6 +93,29 @@ async def test_spoofed_from_without_dmarc_gets_no_reply(start_server, db, databa
     shown = cli(database_url, "jobs", "--workspace", "acme").stdout
     assert "reason='sender not authenticated: nodmarc.test has no DMARC record" in shown
     assert "reason='sender not authenticated: DMARC permerror'" in shown
+
+
+async def test_without_dmarc_an_aligned_dkim_pass_authenticates(start_server, db, messages_api,
+                                                                 dns_server):
+    """An ESP's envelope (SPF for the ESP, not the From): the From domain's own signature
+    is what counts; the ESP's signature alone is not the From's."""
+    server = start_server(**agent_overrides(messages_api, **{"agent.workers": 1}))
+    await add_acme(db)
+    publish_spf(dns_server, "esp.test")
+    key = ed25519_key()
+    dns_server.txt("sel._domainkey.mail.signed.test", key.record)
+    dns_server.txt("sel._domainkey.esp.test", key.record)
+    for index, signer in enumerate(["mail.signed.test", "esp.test"]):
+        raw = sign(mail(f"q{index}", sender="carol@signed.test"), key, signer)
+        deliver(server.port, raw, mail_from="bounce-123@esp.test")
+        await wait_jobs(db, count=index + 1)
+    jobs = await db.fetch("""SELECT j.status, j.skip_reason, m.spf, m.dkim, m.dmarc
+                               FROM agent_jobs j JOIN messages m ON m.id = j.message_id
+                              ORDER BY j.id""")
+    assert [tuple(j) for j in jobs] == [
+        ("done", None, "pass", "pass", "none"),
+        ("skipped", ("sender not authenticated: signed.test has no DMARC record and neither SPF "
+                     "nor DKIM passed for it"), "pass", "pass", "none")]
 
 
 async def test_reply_to_in_another_organization_is_ignored(start_server, db, messages_api,
