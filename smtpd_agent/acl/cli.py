@@ -1,8 +1,9 @@
 """`smtpd-agent acl add|remove|list`: a workspace's (or one agent's) allow and block lists.
 
 Registered into cli.COMMAND_GROUPS. Entries take effect at once where mail
-leaves (the outbound queue asks the database each time) and for receiving
-within routing.cache_ttl (RCPT and DATA keep answers that long).
+leaves (the outbound queue asks the database each time); for receiving, a new
+block within routing.cache_ttl (RCPT and DATA keep answers that let mail in
+that long) and a removed one at once (refusals are never cached).
 """
 
 from __future__ import annotations

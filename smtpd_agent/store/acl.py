@@ -110,8 +110,10 @@ class AclCache:
     """`check()` answers for receiving, kept `ttl` seconds: RCPT costs no round trip each time.
 
     Most workspaces have no receiving entries at all: that is asked once per workspace
-    and TTL, so a new sender costs a query only where lists exist. Only a cache: an
-    entry added or removed takes effect here within `ttl`.
+    and TTL, so a new sender costs a query only where lists exist. Only answers that
+    let mail in are kept: a refusal (550, permanent) always comes from the database as
+    it is now, so a removed entry never refuses from the cache; an added one takes
+    effect within `ttl`.
     """
 
     def __init__(self, db: asyncpg.Pool, ttl: float,
@@ -145,6 +147,8 @@ class AclCache:
                                    key[2])
         except CONNECTION_ERRORS as error:
             raise DatabaseUnavailable(str(error)) from error
+        if decision.refused:
+            return decision
         if len(self._cache) >= MAX_CACHE_ENTRIES:
             self._cache.clear()
         self._cache[key] = (now + self._ttl, decision)
