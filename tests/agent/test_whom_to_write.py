@@ -216,11 +216,26 @@ async def test_block_listed_sender_is_refused_at_rcpt_and_data(start_server, db,
                       rcpt=SALES) == ("rcpt", refused)
     assert refused_at(server.port, mail(sender="bob@partner.test"),
                       "bob@partner.test")[0] == "accepted"
+    # a From refused by one of two mailboxes: the other still gets the message
+    dialogue = Dialogue.open(server.port)
+    dialogue.reply()
+    dialogue.command("EHLO mail.sender.test")
+    dialogue.command("MAIL FROM:<alice@example.org>")
+    assert [dialogue.command(f"RCPT TO:<{to}>")[0] for to in (RCPT, SALES)] == [250, 250]
+    assert dialogue.command("DATA")[0] == 354
+    dialogue.send(mail("both", sender="bob@partner.test") + b".\r\n")
+    assert dialogue.reply()[0] == 250
+    dialogue.command("QUIT")
+    assert [r["rcpt_to"] for r in await db.fetch(
+        "SELECT rcpt_to FROM messages WHERE subject = 'both'")] == [RCPT]
     # not a suffix match on a name: notspam.test is someone else
     publish_spf(dns_server, "notspam.test")
     assert refused_at(server.port, mail(sender="ok@notspam.test"), "ok@notspam.test")[0] \
         == "accepted"
-    assert await db.fetchval("SELECT count(*) FROM messages") == 2
+    rows = await db.fetch("""SELECT rcpt_to, from_address FROM messages
+                             WHERE direction = 'inbound' ORDER BY id""")
+    assert [(r["rcpt_to"], r["from_address"]) for r in rows] == [
+        (RCPT, "bob@partner.test"), (RCPT, "bob@partner.test"), (RCPT, "ok@notspam.test")]
     assert refused.startswith(b"550 5.7.1 ")
 
     # a refusal is never served from the cache: removed, it lets the next message in at once
