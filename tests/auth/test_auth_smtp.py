@@ -130,5 +130,5 @@ async def test_nested_comment_results_header_does_not_stall_other_mail(auth_serv
         deliver(auth_server.port, mail("forger.test", "nested", hostile), "x@forger.test"),
         deliver(auth_server.port, mail("fine.test", "fine"), "a@fine.test"))
     assert [code for code, _ in both] == [250, 250]
-    raw = await db.fetchval("SELECT raw FROM messages WHERE subject = 'nested'")
+    raw = await db.fetchval("SELECT messages.raw FROM messages WHERE subject = 'nested'")
     assert b"((((" not in raw  # the field claimed our id (buried in comments): removed

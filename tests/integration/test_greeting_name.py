@@ -41,7 +41,7 @@ async def test_greeting_ehlo_helo_and_received_use_the_configured_name(start_ser
     assert greeting[0].startswith(b"220 mx1.mail-host.example ")
     assert ehlo[0] == b"250-mx1.mail-host.example"
     assert helo[0] == b"250 mx1.mail-host.example"
-    raw = await db.fetchval("SELECT raw FROM messages")
+    raw = await db.fetchval("SELECT messages.raw FROM messages")
     assert b"\tby mx1.mail-host.example (smtpd-agent) with ESMTP id " in raw
 
 
