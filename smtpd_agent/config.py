@@ -92,6 +92,10 @@ class SmtpSettings:
     processes: int = 1
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    max_commands: int = 10_000
+    data_memory_budget: int = 268_435_456
+    min_data_rate: int = 500
+    data_rate_window: float = 30.0
     shutdown_grace: float = 30.0
     bare_lf: Literal["normalize", "reject"] = "normalize"
     tls_cert: str = ""
@@ -273,10 +277,24 @@ class HttpSettings:
     port: int = 8001
     # Seconds a signed webhook timestamp (Mailgun, SendGrid) may be old or ahead.
     webhook_max_age: float = 300.0
+    # Largest webhook body taken (bytes, 413 above; SES posts: at most 1 MiB whatever this says).
+    webhook_max_body_size: int = 37_748_736
+    # Seconds a webhook body may take to arrive (408 after).
+    webhook_read_timeout: float = 60.0
+    # Webhook posts read or processed at once per process; more get 503 with Retry-After.
+    webhook_concurrency: int = 4
     # SES via SNS: topics whose notifications we take; empty refuses every SES post.
     ses_topic_arns: list[str] = field(default_factory=list)
-    # SNS SigningCertURL and SubscribeURL must match this (a regular expression).
-    sns_url_pattern: str = r"^https://sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/"
+    # SNS SigningCertURL and SubscribeURL must match this (a regular expression); the
+    # certificate's path must also be /SimpleNotificationService-<hex>.pem.
+    sns_url_pattern: str = r"^https://sns\.[a-z]{2}(-[a-z]+)+-[0-9]+\.amazonaws\.com(\.cn)?/"
+    # PEM bundle of the CAs an SNS signing certificate must chain to; empty: the system's.
+    sns_ca_file: str = ""
+    # The DNS name (subjectAltName) the SNS signing certificate must carry.
+    sns_certificate_name: str = "sns.amazonaws.com"
+    # Seconds an SNS message's signed Timestamp may differ from our clock; its MessageId
+    # is remembered (in Postgres) for twice as long, so a replay within it is ignored.
+    sns_max_age: float = 3600.0
     # SendGrid Inbound Parse signature verification key (base64 DER or PEM, ECDSA P-256).
     sendgrid_public_key: str = ""
     # Mailgun HTTP webhook signing key.
@@ -508,9 +526,14 @@ def _validate(settings: Settings) -> None:
     if not 0 <= smtp.port < 65536:
         raise ConfigError(f"smtp.port: must be 0-65535 (0 picks a free port), got {smtp.port}")
     for key in ("max_message_size", "max_recipients", "max_connections", "processes",
-                "max_connections_per_ip", "max_header_size"):
+                "max_connections_per_ip", "max_header_size", "max_commands"):
         if getattr(smtp, key) < 1:
             raise ConfigError(f"smtp.{key}: must be at least 1")
+    for key in ("data_memory_budget", "min_data_rate"):
+        if getattr(smtp, key) < 0:
+            raise ConfigError(f"smtp.{key}: must not be negative (0 turns it off)")
+    if smtp.data_rate_window <= 0:
+        raise ConfigError("smtp.data_rate_window: must be above 0")
     if bool(smtp.tls_cert) != bool(smtp.tls_key):
         raise ConfigError("smtp.tls_cert: tls_cert and tls_key must be set together")
     if smtp.require_starttls and not smtp.tls_cert:
@@ -573,6 +596,13 @@ def _validate(settings: Settings) -> None:
         re.compile(settings.http.sns_url_pattern)
     except re.error as error:
         raise ConfigError(f"http.sns_url_pattern: not a regular expression: {error}") from None
+    http = settings.http
+    for key in ("webhook_max_body_size", "webhook_read_timeout", "webhook_concurrency",
+                "sns_max_age", "webhook_max_age"):
+        if not getattr(http, key) > 0:
+            raise ConfigError(f"http.{key}: must be positive, got {getattr(http, key)}")
+    if http.sns_ca_file and not Path(http.sns_ca_file).is_file():
+        raise ConfigError(f"http.sns_ca_file: no such file {http.sns_ca_file}")
     outbound = settings.outbound
     if outbound.relay:
         try:

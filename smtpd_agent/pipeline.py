@@ -189,7 +189,8 @@ class Pipeline:
             return replies.TEMP_STORE_FAILURE.for_session(content.session_id)
         try:
             for token in content.bounce_tokens:
-                await self.bounces.receive_dsn(token, content.data, content.queue_id)
+                await self.bounces.receive_dsn(token, content.data, content.queue_id,
+                                               content.mail_from)
         except CONNECTION_ERRORS as error:
             log.error("smtp.tempfail", reason="bounce processing failed", error=str(error),
                       queue_id=content.queue_id, mail_from=content.mail_from)

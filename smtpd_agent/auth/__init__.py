@@ -24,7 +24,7 @@ from ..dns import Resolver
 from ..record import InboundMessage
 from . import arc, dkim, spf
 from .arc import ArcResult
-from .dkim import DkimResult, DkimSignatureResult
+from .dkim import DkimSignatureResult
 from .dmarc import DmarcResult, aligned, evaluate_dmarc, organizational_domain
 from .results import header_value, prepend_results, strip_our_results
 from .runner import CheckRunner, own_runner

@@ -19,10 +19,10 @@ from typing import Any, Callable, Literal
 import dkim
 import structlog
 
-from ..dns import DnsTempError, Resolver, SyncResolver
+from ..dns import DnsTempError, SyncResolver
 from .adapters import ArcVerifier, make_dnsfunc
 from .dkim import MIN_RSA_BITS, header_section
-from .runner import INLINE_MAX, CheckRunner, SyncCheck, own_runner
+from .runner import INLINE_MAX, SyncCheck
 
 log = structlog.get_logger(__name__)
 
@@ -98,10 +98,3 @@ def arc_check(message: bytes) -> SyncCheck[ArcResult]:
 
 def timed_out() -> ArcResult:
     return ArcResult("temperror", reason="ARC verification timed out")
-
-
-async def verify_arc(resolver: Resolver, message: bytes, runner: CheckRunner | None = None,
-                     *, deadline: float = 20.0) -> ArcResult:
-    async with own_runner(runner) as checks:
-        result = await checks.run(resolver, arc_check(message), deadline)
-    return result if result is not None else timed_out()

@@ -28,9 +28,9 @@ import dkim
 import structlog
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from ..dns import DnsTempError, Resolver, SyncResolver
+from ..dns import DnsTempError, SyncResolver
 from .adapters import Verifier, make_dnsfunc, parse_key_record
-from .runner import INLINE_MAX, CheckRunner, SyncCheck, own_runner
+from .runner import INLINE_MAX, SyncCheck
 
 log = structlog.get_logger(__name__)
 
@@ -216,16 +216,6 @@ def dkim_check(message: bytes, *, first: Callable[[str], bool] = _never,
     inline = len(message) <= INLINE_MAX or not HAS_SIGNATURE.search(header_section(message))
     return SyncCheck(functools.partial(_verify, message=message, first=first, limit=limit),
                      pool="verify", inline=inline)
-
-
-async def verify_dkim(resolver: Resolver, message: bytes, runner: CheckRunner | None = None,
-                      *, first: Callable[[str], bool] = _never,
-                      limit: int = DEFAULT_MAX_SIGNATURES, deadline: float = 20.0) -> DkimResult:
-    """Verify up to `limit` signatures (one-off callers may leave `runner` out)."""
-    async with own_runner(runner) as checks:
-        result = await checks.run(resolver, dkim_check(message, first=first, limit=limit),
-                                  deadline)
-    return result if result is not None else timed_out(message, first=first, limit=limit)
 
 
 def timed_out(message: bytes, *, first: Callable[[str], bool] = _never,

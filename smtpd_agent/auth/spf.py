@@ -2,9 +2,10 @@
 
 Checks the MAIL FROM identity, or the HELO identity for the null sender
 (RFC 7208 section 2.4), against the connecting IP with pyspf. pyspf is
-synchronous: with the sender's records cached it runs on the event loop
-(tens of microseconds), otherwise in a worker thread; either way its DNS
-lookups go to *our* resolver (shared cache, configured nameservers, one
+synchronous: `spf_check()` hands it to auth/runner.py, which runs it on the
+event loop when the sender's records are cached (tens of microseconds), else in
+the "dns" thread pool; either way its DNS lookups go to *our* resolver, per
+query (auth/adapters.SpfQuery: shared cache, configured nameservers, one
 timeout), with every DNS temporary error surfacing as `temperror`
 (RFC 7208 section 2.6.6), never as fail or none.
 """
@@ -17,9 +18,9 @@ from typing import Any, Literal
 
 import structlog
 
-from ..dns import Resolver, SyncResolver
+from ..dns import SyncResolver
 from .adapters import SpfQuery
-from .runner import CheckRunner, SyncCheck, own_runner
+from .runner import SyncCheck
 
 log = structlog.get_logger(__name__)
 
@@ -79,17 +80,6 @@ def spf_check(client_ip: str, mail_from: str, helo: str, *,
 
 def timed_out(client_ip: str, mail_from: str, helo: str) -> SpfResult:
     return _result(("temperror", "SPF evaluation timed out"), client_ip, mail_from, helo)
-
-
-async def check_spf(resolver: Resolver, client_ip: str, mail_from: str, helo: str, *,
-                    timeout: float = DEFAULT_SPF_TIMEOUT, default_explanation: str | None = None,
-                    runner: CheckRunner | None = None) -> SpfResult:
-    """Evaluate SPF for the envelope; never raises for DNS trouble (that is temperror)."""
-    async with own_runner(runner) as checks:
-        result = await checks.run(resolver, spf_check(
-            client_ip, mail_from, helo, timeout=timeout,
-            default_explanation=default_explanation), timeout)
-    return result if result is not None else timed_out(client_ip, mail_from, helo)
 
 
 def _result(outcome: tuple[str, str], client_ip: str, mail_from: str, helo: str) -> SpfResult:

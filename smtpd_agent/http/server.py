@@ -107,12 +107,14 @@ class HttpServer:
         app.router.add_get(f"{workspace}/threads/{ident}", api.thread)
         app.router.add_get(f"{workspace}/messages/{ident}/raw", api.raw)
         app.router.add_get(f"{workspace}/attachments/{ident}", api.attachment)
-        app.router.add_post("/webhook/ses", hooks.ses)
-        app.router.add_post("/webhook/sendgrid", hooks.sendgrid)
-        app.router.add_post("/webhook/mailgun", hooks.mailgun)
+        # Webhooks read their own bodies within http.webhook_max_body_size (413 above,
+        # before 100 Continue when the client asks for one).
+        app.router.add_post("/webhook/ses", hooks.ses, expect_handler=hooks.expect)
+        app.router.add_post("/webhook/sendgrid", hooks.sendgrid, expect_handler=hooks.expect)
+        app.router.add_post("/webhook/mailgun", hooks.mailgun, expect_handler=hooks.expect)
         # Mailgun posts MIME only to a forward URL ending in "mime".
-        app.router.add_post("/webhook/mailgun/mime", hooks.mailgun)
-        app.router.add_post("/webhook/postmark", hooks.postmark)
+        app.router.add_post("/webhook/mailgun/mime", hooks.mailgun, expect_handler=hooks.expect)
+        app.router.add_post("/webhook/postmark", hooks.postmark, expect_handler=hooks.expect)
         return app
 
     async def start(self) -> None:

@@ -7,6 +7,13 @@ consumer) go to `receive_ses`. A permanent failure marks the recipient (and,
 once nobody is left, the message) bounced; a hard bounce about the address and
 every complaint put it on the workspace's suppression list. The token is the
 authentication: it is random and known only to the message's receivers.
+
+Only what the delivery was about is touched: a DSN is a bounce only with a null
+envelope sender (RFC 3464 2, RFC 5321 4.5.5; anything else at the VERP address
+is an auto-reply or a forgery), its failed recipient is read from its
+per-recipient fields (Final-Recipient, Original-Recipient) and must be one the
+delivery was sent to, and an SES notification suppresses only addresses that
+were recipients of the delivery SES names by its message id.
 """
 
 from __future__ import annotations
@@ -26,8 +33,13 @@ class BounceProcessor:
     def __init__(self, db: asyncpg.Pool) -> None:
         self.db = db
 
-    async def receive_dsn(self, token: str, raw: bytes, queue_id: str = "") -> str:
+    async def receive_dsn(self, token: str, raw: bytes, queue_id: str = "",
+                          mail_from: str = "") -> str:
         """Apply one DSN for the message behind `token`; what was done, for the log."""
+        if normalize_address(mail_from):
+            log.info("bounce.ignored", reason="not a bounce: envelope sender is not null",
+                     queue_id=queue_id)
+            return "not a bounce"
         target = await find_by_token(self.db, token)
         if target is None:
             log.info("bounce.ignored", reason="unknown VERP token", queue_id=queue_id)
@@ -66,11 +78,12 @@ class BounceProcessor:
 
     @staticmethod
     def _attribute(result: DsnRecipient, known: set[str]) -> str | None:
-        """The delivery's recipient a DSN block is about (a forwarder may rename a single one)."""
-        address = normalize_address(result.address)
-        if address in known:
-            return address
-        return next(iter(known)) if len(known) == 1 else None
+        """The delivery's recipient a DSN block names (Final- or Original-Recipient), if any.
+
+        Never guessed: a block naming nobody we sent to is about someone else's mail.
+        """
+        return next((address for address in map(normalize_address, result.addresses)
+                     if address in known), None)
 
     async def receive_ses(self, body: bytes | str) -> SesEvent:
         """Apply one SES notification (bounce or complaint) to the message SES sent."""
@@ -83,7 +96,16 @@ class BounceProcessor:
                      reason="unknown message" if target is None else "not a bounce or complaint")
             return event
         async with self.db.acquire() as connection, connection.transaction():
-            for address in event.addresses:
+            sent_to = {row["address"] for row in await connection.fetch(
+                """SELECT address FROM delivery_recipients
+                   WHERE delivery_id = $1 AND workspace_id = $2""",
+                target.delivery_id, target.workspace_id)}
+            for address in dict.fromkeys(map(normalize_address, event.addresses)):
+                if address not in sent_to:
+                    log.info("bounce.ses_ignored", kind=event.kind, address=address,
+                             delivery_id=target.delivery_id, workspace_id=target.workspace_id,
+                             reason="not a recipient of this delivery")
+                    continue
                 if event.kind == "bounce" and event.permanent:
                     await record_bounce(connection, target, address, "5.0.0", event.detail)
                     await suppress(connection, target.workspace_id, address, "hard_bounce",

@@ -17,10 +17,17 @@ from typing import Any, Literal
 class DsnRecipient:
     """One per-recipient block of a message/delivery-status part (RFC 3464 2.3)."""
 
-    address: str
+    address: str  # Final-Recipient, else Original-Recipient
     action: str  # failed, delayed, delivered, relayed, expanded
     status: str  # RFC 3463 x.y.z
     diagnostic: str = ""
+    # Original-Recipient (2.3.1): the address as we gave it in RCPT, if the MTA kept it.
+    original: str = ""
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every address the block names for the recipient, most specific first."""
+        return tuple(a for a in dict.fromkeys((self.address, self.original)) if a)
 
     @property
     def permanent(self) -> bool:
@@ -54,11 +61,13 @@ def parse_dsn(raw: bytes) -> list[DsnRecipient]:
             final = block.get("Final-Recipient") or block.get("Original-Recipient")
             if not final:
                 continue  # the per-message block (Reporting-MTA, Arrival-Date, ...)
+            original = block.get("Original-Recipient")
             recipients.append(DsnRecipient(
                 address=_address(str(final)),
                 action=str(block.get("Action", "")).strip().lower(),
                 status=str(block.get("Status", "")).strip().split(" ")[0],
-                diagnostic=" ".join(str(block.get("Diagnostic-Code", "")).split())[:500]))
+                diagnostic=" ".join(str(block.get("Diagnostic-Code", "")).split())[:500],
+                original=_address(str(original)) if original else ""))
     return recipients
 
 

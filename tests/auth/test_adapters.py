@@ -10,12 +10,13 @@ import textwrap
 
 from smtpd_agent.auth import adapters
 from smtpd_agent.auth.runner import CheckRunner
-from smtpd_agent.auth.spf import check_spf
 from smtpd_agent.config import DnsSettings
 from smtpd_agent.dns import Resolver
 
 from tests.dnsserver import DnsTestServer
 from tests.support import TEST_DNS_TIMEOUT
+
+from .checks import check_spf
 
 
 def test_importing_every_module_patches_nothing_and_install_does():

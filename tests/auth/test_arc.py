@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dkim
 
-from smtpd_agent.auth.arc import verify_arc
 
+from .checks import verify_arc
 from .keys import message
 
 

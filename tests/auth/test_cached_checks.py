@@ -13,12 +13,14 @@ import threading
 
 import pytest
 
+from smtpd_agent.auth import dkim as dkim_module
 from smtpd_agent.auth.arc import arc_check
-from smtpd_agent.auth.dkim import dkim_check, verify_dkim
+from smtpd_agent.auth.dkim import dkim_check
 from smtpd_agent.auth.runner import INLINE_MAX, CheckRunner
-from smtpd_agent.auth.spf import check_spf, spf_check
+from smtpd_agent.auth.spf import spf_check
 from smtpd_agent.dns import CacheMiss
 
+from .checks import check_spf, verify_dkim
 from .keys import message, sign
 
 
@@ -51,13 +53,13 @@ async def test_dkim_of_a_large_message_runs_in_the_verify_pool(dns_server, resol
     assert not check.inline and check.pool == "verify"
     assert runner.now(resolver, check) is None
     threads = []
-    real_verify_all = verify_dkim.__globals__["verify_all"]
+    real_verify_all = dkim_module.verify_all
 
     def recording(*args, **kwargs):
         threads.append(threading.current_thread())
         return real_verify_all(*args, **kwargs)
 
-    monkeypatch.setitem(verify_dkim.__globals__, "verify_all", recording)
+    monkeypatch.setattr(dkim_module, "verify_all", recording)
     assert (await verify_dkim(resolver, raw, runner)).summary == "pass"
     assert threads and threads[0].name.startswith("auth-verify")
 

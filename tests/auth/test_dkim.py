@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from smtpd_agent.auth.dkim import verify_dkim
-
+from .checks import verify_dkim
 from .keys import message, rsa_key, sign
 
 

@@ -15,10 +15,10 @@ import pytest
 from dkim.canonicalization import CanonicalizationPolicy
 
 from smtpd_agent.auth import authenticate, decide
-from smtpd_agent.auth.dkim import verify_dkim
 from smtpd_agent.auth.runner import CheckRunner
 from smtpd_agent.config import AuthSettings
 
+from .checks import verify_dkim
 from .keys import message, sign
 from .test_authenticate import AUTHSERV, inbound
 

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 import yaml
 
-from smtpd_agent.auth.spf import check_spf
 from smtpd_agent.config import DnsSettings
 from smtpd_agent.dns import Resolver
+
+from .checks import check_spf
 
 SUITE = Path(__file__).parent / "data" / "rfc7208-tests.yml"
 

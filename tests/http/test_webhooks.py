@@ -9,25 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import hashlib
 import hmac
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import pytest
-from aiohttp import web
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from smtpd_agent.http.webhooks import sns_string_to_sign
 from smtpd_agent.store import directory
 from tests.http.test_api import deliver
+from tests.sns import TOPIC, Sns, now_stamp, serve_sns
 
 MAILGUN_KEY = "key-0123456789abcdef"
 POSTMARK_USER, POSTMARK_PASSWORD = "postmark", "s3cret-inbound"
@@ -39,7 +34,6 @@ def basic(user: str, password: str) -> dict[str, str]:
 
 
 POSTMARK_AUTH = basic(POSTMARK_USER, POSTMARK_PASSWORD)
-TOPIC = "arn:aws:sns:eu-west-1:123456789012:inbound-mail"
 RCPT = "support@acme.agents.test"
 
 
@@ -52,55 +46,11 @@ def reply_mime(subject: str, in_reply_to: str | None = None, tag: str | None = N
     return ("\r\n".join(lines) + "\r\n\r\nthanks, that helps\r\n").encode()
 
 
-@dataclass
-class Sns:
-    """A loopback stand-in for SNS's certificate host, with the signing key."""
-
-    base: str
-    key: rsa.RSAPrivateKey
-    hits: list[str] = field(default_factory=list)
-
-    @property
-    def cert_url(self) -> str:
-        return f"{self.base}/SimpleNotificationService-test.pem"
-
-    def sign(self, message: dict[str, str], version: str = "2") -> dict[str, str]:
-        algorithm = hashes.SHA256() if version == "2" else hashes.SHA1()
-        signature = self.key.sign(sns_string_to_sign(message), padding.PKCS1v15(), algorithm)
-        return {**message, "SignatureVersion": version, "SigningCertURL": self.cert_url,
-                "Signature": base64.b64encode(signature).decode()}
-
-
 @pytest.fixture
-async def sns() -> AsyncIterator[Sns]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sns.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    hits: list[str] = []
-
-    async def certificate(request: web.Request) -> web.Response:
-        hits.append(request.path)
-        return web.Response(body=pem)
-
-    async def subscribe(request: web.Request) -> web.Response:
-        hits.append(request.path_qs)
-        return web.Response(text="<ConfirmSubscriptionResponse/>")
-
-    app = web.Application()
-    app.router.add_get("/SimpleNotificationService-test.pem", certificate)
-    app.router.add_get("/confirm", subscribe)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    yield Sns(f"http://127.0.0.1:{port}", key, hits)
-    await runner.cleanup()
+async def sns(tmp_path) -> AsyncIterator[Sns]:
+    """SNS's side on loopback: a CA of ours, its certificate for sns.amazonaws.com."""
+    async for stand_in in serve_sns(tmp_path):
+        yield stand_in
 
 
 @pytest.fixture
@@ -118,8 +68,7 @@ async def hooks(start_server, db, sns, sendgrid_key):
         "http.sendgrid_public_key": base64.b64encode(public).decode(),
         "http.postmark_username": POSTMARK_USER,
         "http.postmark_password": POSTMARK_PASSWORD,
-        "http.ses_topic_arns": [TOPIC],
-        "http.sns_url_pattern": r"^http://127\.0\.0\.1:\d+/",
+        **sns.settings(),
     })
     await directory.add_workspace(db, "acme")
     await directory.add_workspace(db, "globex")
@@ -184,6 +133,38 @@ async def test_mailgun_signed_post_joins_the_thread_and_replays_are_refused(hook
     malformed = mailgun_form(b"")
     async with http.post(url, data=malformed) as response:
         assert response.status == 400
+    assert await count(db) == before
+
+
+def multipart(fields: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    """multipart/form-data in the given field order (Mailgun's forward posts)."""
+    boundary = "mg" + uuid.uuid4().hex
+    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n"
+                    .encode() + value + b"\r\n" for name, value in fields)
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+async def test_mailgun_multipart_post_is_streamed_and_joins_the_thread(hooks, db, http):
+    thread_id, first = await first_thread(hooks, db)
+    url = f"{hooks.http_url}/webhook/mailgun/mime"
+    form = mailgun_form(reply_mime("Re: order 1234", first))
+    # body-mime first, unknown fields dropped, the signature last
+    order = ["body-mime", "recipient", "sender", "stripped-text", "timestamp", "token",
+             "signature"]
+    form["stripped-text"] = "thanks"
+    body, content_type = multipart([(name, form[name].encode()) for name in order])
+    async with http.post(url, data=body, headers={"Content-Type": content_type}) as response:
+        result = await response.json()
+    assert response.status == 200, result
+    await assert_lands_in(db, result, thread_id)
+    before = await count(db)
+    forged = {**form, "signature": "0" * 64, "token": uuid.uuid4().hex}
+    body, content_type = multipart([(name, forged[name].encode()) for name in order])
+    async with http.post(url, data=body, headers={"Content-Type": content_type}) as response:
+        assert response.status == 401
+    async with http.post(url, data=b"--nope\r\n", headers={
+            "Content-Type": "multipart/form-data; boundary=x"}) as response:
+        assert response.status in (400, 401)
     assert await count(db) == before
 
 
@@ -296,7 +277,7 @@ def ses_notification(raw: bytes, recipients: list[str]) -> dict[str, str]:
     }
     return {"Type": "Notification", "MessageId": str(uuid.uuid4()), "TopicArn": TOPIC,
             "Subject": "Amazon SES Email Receipt Notification",
-            "Message": json.dumps(notification), "Timestamp": "2026-11-21T06:00:00.000Z"}
+            "Message": json.dumps(notification), "Timestamp": now_stamp()}
 
 
 async def test_ses_signed_notification_joins_the_thread(hooks, db, http, sns):
@@ -305,11 +286,11 @@ async def test_ses_signed_notification_joins_the_thread(hooks, db, http, sns):
     for version in ("1", "2"):
         signed = sns.sign(ses_notification(reply_mime("Re: order 1234", first), [RCPT]), version)
         async with http.post(url, data=json.dumps(signed),
-                             headers={"Content-Type": "text/plain"}) as response:
+                             headers=sns.headers(signed)) as response:
             result = await response.json()
         assert response.status == 200, result
         await assert_lands_in(db, result, thread_id)
-    assert sns.hits.count("/SimpleNotificationService-test.pem") == 1  # cached
+    assert sns.hits.count(sns.cert_url.removeprefix(sns.base)) == 1  # cached
     before = await count(db)
 
     good = sns.sign(ses_notification(reply_mime("Re: order 1234", first), [RCPT]))
@@ -318,11 +299,17 @@ async def test_ses_signed_notification_joins_the_thread(hooks, db, http, sns):
                             "TopicArn": "arn:aws:sns:eu-west-1:666:evil"})
     foreign_cert = {**good, "SigningCertURL": "https://evil.example/cert.pem"}
     for bad in (tampered, other_topic, foreign_cert):
-        async with http.post(url, data=json.dumps(bad)) as response:
+        async with http.post(url, data=json.dumps(bad), headers=sns.headers(bad)) as response:
             assert response.status == 403
+    # headers that say another topic than the signed message: refused before any fetch
+    lying = {**sns.headers(good), "x-amz-sns-topic-arn": "arn:aws:sns:eu-west-1:666:evil"}
+    async with http.post(url, data=json.dumps(good), headers=lying) as response:
+        assert response.status == 403
     for malformed in (b"{", b"[]", json.dumps({"Type": "Nonsense"}).encode()):
-        async with http.post(url, data=malformed) as response:
+        async with http.post(url, data=malformed, headers=sns.headers(good)) as response:
             assert response.status == 400
+    async with http.post(url, data=json.dumps(good)) as response:  # no SNS headers at all
+        assert response.status == 400
     assert await count(db) == before
     assert "/evil" not in " ".join(sns.hits)
 
@@ -331,15 +318,21 @@ async def test_ses_subscription_is_confirmed_only_from_an_allowed_url(hooks, htt
     url = f"{hooks.http_url}/webhook/ses"
     message = {"Type": "SubscriptionConfirmation", "MessageId": str(uuid.uuid4()),
                "Token": "tok123", "TopicArn": TOPIC, "Message": "You have chosen to subscribe",
-               "SubscribeURL": f"{sns.base}/confirm?Action=ConfirmSubscription&Token=tok123",
-               "Timestamp": "2026-11-21T06:00:00.000Z"}
-    async with http.post(url, data=json.dumps(sns.sign(message))) as response:
+               "SubscribeURL": f"{sns.base}/?Action=ConfirmSubscription&Token=tok123",
+               "Timestamp": now_stamp()}
+    signed = sns.sign(message)
+    async with http.post(url, data=json.dumps(signed), headers=sns.headers(signed)) as response:
         assert response.status == 200 and (await response.json())["status"] == "subscribed"
-    assert "/confirm?Action=ConfirmSubscription&Token=tok123" in sns.hits
-    elsewhere = sns.sign({**message, "SubscribeURL": "https://attacker.example/confirm"})
-    async with http.post(url, data=json.dumps(elsewhere)) as response:
-        assert response.status == 403
-    assert sum(hit.startswith("/confirm") for hit in sns.hits) == 1
+    assert "/?Action=ConfirmSubscription&Token=tok123" in sns.hits
+    for subscribe_url in ("https://attacker.example/?Action=ConfirmSubscription",
+                          f"{sns.base}/confirm?Action=ConfirmSubscription&Token=tok123",
+                          f"{sns.base}/?Action=Unsubscribe&Token=tok123"):
+        elsewhere = sns.sign({**message, "MessageId": str(uuid.uuid4()),
+                              "SubscribeURL": subscribe_url})
+        async with http.post(url, data=json.dumps(elsewhere),
+                             headers=sns.headers(elsewhere)) as response:
+            assert response.status == 403, subscribe_url
+    assert sum("Action=" in hit for hit in sns.hits) == 1
 
 
 async def test_unknown_recipient_is_rejected_without_retry_and_nothing_stored(hooks, db, http):

@@ -10,7 +10,8 @@ import aiohttp
 import pytest
 
 from smtpd_agent.outbound.queue import enqueue, is_suppressed
-from tests.http.test_webhooks import TOPIC, sns  # noqa: F401 - the signing SNS stand-in
+from tests.http.test_webhooks import sns  # noqa: F401 - the signing SNS stand-in
+from tests.sns import TOPIC, now_stamp
 
 from .conftest import make_agent, store_reply
 
@@ -29,7 +30,7 @@ def feedback(message_id: str, kind: str, address: str) -> dict[str, str]:
                 "complaint": {"complainedRecipients": [{"emailAddress": address}],
                               "complaintFeedbackType": "abuse"}}
     return {"Type": "Notification", "MessageId": str(uuid.uuid4()), "TopicArn": TOPIC,
-            "Message": json.dumps(body), "Timestamp": "2026-11-21T06:00:00.000Z"}
+            "Message": json.dumps(body), "Timestamp": now_stamp()}
 
 
 async def sent_via_ses(db, agent, to: str, provider_id: str) -> int:
@@ -44,9 +45,7 @@ async def sent_via_ses(db, agent, to: str, provider_id: str) -> int:
 
 
 async def test_ses_feedback_on_the_sns_webhook(start_server, db, sns):  # noqa: F811
-    server = start_server(**{"http.ses_topic_arns": [TOPIC],
-                             "http.sns_url_pattern": r"^http://127\.0\.0\.1:\d+/",
-                             "http.port": 0})
+    server = start_server(**{**sns.settings(), "http.port": 0})
     agent = await make_agent(db)
     bounced = await sent_via_ses(db, agent, "nobody@example.org", "ses-0001")
     await sent_via_ses(db, agent, "angry@example.org", "ses-0002")
@@ -54,11 +53,14 @@ async def test_ses_feedback_on_the_sns_webhook(start_server, db, sns):  # noqa: 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         for body in (feedback("ses-0001", "Bounce", "nobody@example.org"),
                      feedback("ses-0002", "Complaint", "angry@example.org")):
-            async with http.post(url, data=json.dumps(sns.sign(body))) as response:
+            signed = sns.sign(body)
+            async with http.post(url, data=json.dumps(signed),
+                                 headers=sns.headers(signed)) as response:
                 assert response.status == 200, await response.text()
         forged = feedback("ses-0002", "Bounce", "angry@example.org")
         tampered = {**sns.sign(forged), "Message": forged["Message"].replace("0002", "0001")}
-        async with http.post(url, data=json.dumps(tampered)) as response:
+        async with http.post(url, data=json.dumps(tampered),
+                             headers=sns.headers(tampered)) as response:
             assert response.status == 403
         async with http.get(f"{server.http_url}/metrics") as response:
             metrics = await response.text()

@@ -59,6 +59,10 @@ def test_environment_overrides_file(tmp_path):
     ({"SMTPD_AGENT_MTA_STS_TLSRPT_RUA": "tls@example.com"}, "mta_sts.tlsrpt_rua"),
     ({"SMTPD_AGENT_SMTP_TLS_CERT": "/nonexistent.pem", "SMTPD_AGENT_SMTP_TLS_KEY": "/x"},
      "smtp.tls_cert"),
+    ({"SMTPD_AGENT_HTTP_WEBHOOK_CONCURRENCY": "0"}, "http.webhook_concurrency"),
+    ({"SMTPD_AGENT_HTTP_WEBHOOK_MAX_BODY_SIZE": "-1"}, "http.webhook_max_body_size"),
+    ({"SMTPD_AGENT_HTTP_SNS_MAX_AGE": "0"}, "http.sns_max_age"),
+    ({"SMTPD_AGENT_HTTP_SNS_CA_FILE": "/nonexistent.pem"}, "http.sns_ca_file"),
 ])
 def test_invalid_values_name_the_key(tmp_path, env, key):
     empty = tmp_path / "empty.toml"

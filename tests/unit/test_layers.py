@@ -34,7 +34,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # One module per standard, pure, the resolver passed in; no SMTP session, no store.
     "standards": (
         "dns", "auth.adapters", "auth.arc", "auth.dkim", "auth.dmarc", "auth.results", "auth.runner", "auth.spf",
-        "outbound.dsn", "outbound.verp", "smtp.replies",
+        "outbound.dsn", "outbound.verp", "smtp.replies", "http.sns",
     ),
     # The inbound stages, the store they write to, and the runtime they form.
     "stages": (
@@ -46,9 +46,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     # Listeners and features: each receives the Runtime and calls stages and store.
     "features": (
-        "smtp", "smtp.handler", "smtp.server",
-        "http", "http.api", "http.health", "http.openapi", "http.responses", "http.server",
-        "http.webhooks",
+        "smtp", "smtp.handler", "smtp.limits", "smtp.server",
+        "http", "http.api", "http.health", "http.limits", "http.openapi", "http.responses",
+        "http.server", "http.webhooks",
         "agent", "agent.compose", "agent.jobs", "agent.llm", "agent.policy", "agent.prompt",
         "agent.worker",
         "outbound", "outbound.bounces", "outbound.decisions", "outbound.queue",
