@@ -33,8 +33,8 @@ import structlog
 from ..config import Settings, parse_listen
 from ..domains import open_key_store
 from ..domains.records import delegated_zone_records
-from ..store import domains as store
 from ..runtime import Runtime
+from ..store import domains as store
 from .zone import Zone, build_zone, find_origin, respond, soa_for, to_wire, udp_limit, zone_hash
 
 log = structlog.get_logger(__name__)

@@ -15,8 +15,8 @@ from aiohttp import web
 
 from ..domains.mta_sts import POLICY_PATH, mta_sts_route
 from ..routing import Router
-from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from ..runtime import Runtime
+from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from .api import InboxApi
 from .health import Health
 from .openapi import openapi_spec

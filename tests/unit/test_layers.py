@@ -33,7 +33,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     # One module per standard, pure, the resolver passed in; no SMTP session, no store.
     "standards": (
-        "dns", "auth.adapters", "auth.arc", "auth.dkim", "auth.dmarc", "auth.results", "auth.runner", "auth.spf",
+        "dns", "auth.adapters", "auth.arc", "auth.dkim", "auth.dmarc", "auth.results",
+        "auth.runner", "auth.spf",
         "outbound.dsn", "outbound.verp", "smtp.replies", "http.sns",
     ),
     # The inbound stages, the store they write to, and the runtime they form.
