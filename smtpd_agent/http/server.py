@@ -66,7 +66,8 @@ class HttpServer:
     def build(self) -> web.Application:
         runtime, settings = self.runtime, self.settings
         pipeline = runtime.pipeline
-        router = Router(runtime.pool, settings.server.default_domain, settings.routing.cache_ttl)
+        router = Router(runtime.pool, settings.server.default_domain, settings.routing.cache_ttl,
+                        changes=runtime.changes)
         health = Health(runtime.pool, settings, pipeline.scanner)
         api = InboxApi(runtime.pool)
         self.webhooks = hooks = Webhooks(settings.http, pipeline, router, runtime.pool,

@@ -40,7 +40,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # The inbound stages, the store they write to, and the runtime they form.
     "stages": (
         "auth", "routing", "scan", "pipeline",
-        "store", "store.apikeys", "store.database", "store.directory",
+        "store", "store.apikeys", "store.changes", "store.database", "store.directory",
         "store.deployment", "store.domains", "store.inbox", "store.lease", "store.messages",
         "store.rows", "store.acl",
         "runtime",
