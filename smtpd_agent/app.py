@@ -33,12 +33,11 @@ from .metrics import MetricsSpooler, spool_directory
 from .outbound.bounces import BounceProcessor
 from .outbound.worker import OutboundWorker
 from .pipeline import Pipeline
-from .routing import Router
 from .runtime import Runtime
 from .smtp.edge import Edge
 from .smtp.handler import SessionHandler
 from .smtp.limits import ClientRates, ConnectionLimits, CounterTable, DataBudget
-from .smtp.server import AgentSMTP, Sessions
+from .smtp.server import AgentSMTP, Sessions, delivering
 from .store import deployment
 from .systemd import Notifier
 
@@ -114,13 +113,7 @@ class MailServer:
         first process (table None) creates one with a row for each of smtp.processes."""
         self.runtime = runtime
         self.settings = settings = runtime.settings
-        self.router = Router(runtime.pool, settings.server.default_domain,
-                             settings.routing.cache_ttl,
-                             bounce_label=settings.domains.default_mail_from_label,
-                             custom_bounce_label=settings.domains.mail_from_label,
-                             verp_prefix=settings.outbound.verp_prefix,
-                             postmaster=settings.routing.postmaster,
-                             changes=runtime.changes)
+        self.router = runtime.router
         self.limits = ConnectionLimits(settings.smtp.max_connections,
                                        settings.smtp.max_connections_per_ip,
                                        table or CounterTable.create(settings.smtp.processes))
@@ -139,7 +132,8 @@ class MailServer:
         tls_context = build_tls_context(settings.smtp)
         pipeline = (self.runtime.pipeline if self._parts is None
                     else self.runtime.build_pipeline(settings))
-        handler = SessionHandler(self.router, settings.smtp.max_recipients, self.runtime.metrics)
+        handler = SessionHandler(self.router, settings.smtp.max_recipients, self.runtime.metrics,
+                                 acl=pipeline.acl)
         # Rates and bans live in the connection table, so a reload keeps them.
         edge = Edge(settings.edge, self.runtime.resolver,
                     ClientRates(self.limits.table, settings.edge), self.runtime.metrics)
@@ -159,7 +153,7 @@ class MailServer:
             assert parts is not None
             metrics.sessions.inc()
             return AgentSMTP(parts.handler, settings=parts.settings.smtp, limits=self.limits,
-                             deliver=parts.pipeline.receive,
+                             deliver=delivering(parts.pipeline.process, metrics),
                              hostname=parts.settings.server.hostname, sessions=self.sessions,
                              tls_context=parts.tls_context, loop=loop, metrics=metrics,
                              data_budget=self.data_budget, edge=parts.edge)
