@@ -28,7 +28,7 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 LAYERS: dict[str, tuple[str, ...]] = {
     # Typed values and settings: import nothing of ours from a later layer.
     "values": (
-        "smtpd_agent", "config", "logs", "message", "metrics", "record", "relay_url",
+        "smtpd_agent", "addresses", "config", "logs", "message", "metrics", "record", "relay_url",
         "systemd",
     ),
     # One module per standard, pure, the resolver passed in; no SMTP session, no store.
