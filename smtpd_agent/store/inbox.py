@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from .directory import Agent
+from .mailbox import deliveries
 
 DB = asyncpg.Pool | asyncpg.Connection
 
@@ -48,7 +49,7 @@ class Cursor:
 
 async def agents(db: DB, workspace_id: int) -> list[dict[str, Any]]:
     rows = await db.fetch(
-        """SELECT id, handle, display_name, auto_reply, enabled, created_at FROM agents
+        """SELECT id, handle, display_name, reply_mode, auto_reply, enabled, created_at FROM agents
            WHERE workspace_id = $1 ORDER BY handle""", workspace_id)
     return [dict(r) for r in rows]
 
@@ -90,10 +91,14 @@ async def thread_messages(db: DB, workspace_id: int,
     for attachment in attachments:
         item = dict(attachment)
         by_message.setdefault(item.pop("message_id"), []).append(item)
+    sent = await deliveries(db, workspace_id,
+                            [m["id"] for m in messages if m["direction"] == "outbound"])
     by_thread: dict[int, list[dict[str, Any]]] = {}
     for message in messages:
         item = dict(message)
         item["attachments"] = by_message.get(item["id"], [])
+        if item["direction"] == "outbound":
+            item["delivery"] = sent.get(item["id"])
         by_thread.setdefault(item.pop("thread_id"), []).append(item)
     return by_thread
 

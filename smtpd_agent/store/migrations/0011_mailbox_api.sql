@@ -1,0 +1,27 @@
+-- Programmable mailboxes (issue 18): scoped API keys, per-agent reply mode, and
+-- the Idempotency-Key record of messages sent over the API.
+
+-- read: the inbox; send: send and reply as the workspace's agents; admin: agents
+-- and keys. Keys made before scopes existed keep what they could do: read.
+ALTER TABLE api_keys ADD COLUMN scopes text[] NOT NULL DEFAULT '{read}'
+    CHECK (scopes <@ ARRAY['read', 'send', 'admin']::text[] AND cardinality(scopes) > 0);
+
+-- auto: the built-in agent answers (today); draft: it writes a draft for a person
+-- or program to send; off: it does not answer. auto_reply stays the switch the
+-- store reads when it creates the agent job (true unless reply_mode is 'off').
+ALTER TABLE agents ADD COLUMN reply_mode text NOT NULL DEFAULT 'auto'
+    CHECK (reply_mode IN ('auto', 'draft', 'off'));
+UPDATE agents SET reply_mode = 'off' WHERE NOT auto_reply;
+
+-- One sent message per (workspace, Idempotency-Key) for 24 hours; the request's
+-- hash tells a retry from a different request reusing the key.
+CREATE TABLE api_idempotency (
+    workspace_id    bigint NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    idempotency_key text NOT NULL,
+    request_sha256  bytea NOT NULL,
+    message_id      bigint NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace_id, idempotency_key),
+    FOREIGN KEY (message_id, workspace_id) REFERENCES messages (id, workspace_id) ON DELETE CASCADE
+);
+CREATE INDEX api_idempotency_created ON api_idempotency (created_at);
