@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 import structlog
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..agent.compose import OutgoingAttachment
 from ..mailbox.send import Mailboxes, Problem, SendError, SendRequest
@@ -265,8 +266,9 @@ class MailboxApi:
                     fields[part.name] = text
                 else:
                     raise HttpError(400, f"unknown field {part.name[:50]!r}")
-        except (ValueError, AssertionError, KeyError) as error:
-            raise HttpError(400, f"multipart: {error}"[:200]) from None
+        except (ValueError, AssertionError, KeyError, HttpProcessingError) as error:
+            # aiohttp's parser refuses malformed part headers with these
+            raise HttpError(400, f"multipart: {type(error).__name__}") from None
 
 
 def _json_attachment(item: Any, limit: int) -> OutgoingAttachment:

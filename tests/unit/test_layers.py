@@ -40,15 +40,16 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "stages": (
         "auth", "routing", "scan", "pipeline",
         "store", "store.apikeys", "store.database", "store.directory",
-        "store.deployment", "store.domains", "store.inbox", "store.lease", "store.messages",
-        "store.rows",
+        "store.deployment", "store.domains", "store.inbox", "store.lease", "store.mailbox",
+        "store.messages", "store.rows",
         "runtime",
     ),
     # Listeners and features: each receives the Runtime and calls stages and store.
     "features": (
         "smtp", "smtp.handler", "smtp.server",
         "http", "http.api", "http.health", "http.limits", "http.openapi", "http.responses",
-        "http.server", "http.webhooks",
+        "http.mailbox", "http.server", "http.webhooks",
+        "mailbox", "mailbox.send",
         "agent", "agent.compose", "agent.jobs", "agent.llm", "agent.policy", "agent.prompt",
         "agent.worker",
         "outbound", "outbound.bounces", "outbound.decisions", "outbound.queue",
