@@ -23,6 +23,7 @@ from .domains.cli import register_domains
 from .outbound.cli import register_outbound
 from .domains.keys import KeyStoreError
 from .http.cli import register_apikeys
+from .mailbox.cli import register_drafts
 from .logs import configure_logging
 from .routing import parse_address, workspace_of
 from .smtp.limits import CounterTable
@@ -339,4 +340,5 @@ COMMAND_GROUPS: list[Callable[[Any, Parents], None]] = [
     register_domains,
     register_apikeys,
     register_outbound,
+    register_drafts,
 ]

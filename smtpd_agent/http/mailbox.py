@@ -17,7 +17,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..agent.compose import OutgoingAttachment
-from ..mailbox.send import Mailboxes, Problem, SendError, SendRequest
+from ..mailbox.send import Mailboxes, Problem, SendError, SendRequest, draft_fields, send_draft
 from ..store import directory
 from ..store import mailbox as queries
 from ..store.apikeys import Scope, create_key, list_keys, parse_scopes, revoke_key
@@ -28,7 +28,8 @@ from .responses import HttpError, json_response
 log = structlog.get_logger(__name__)
 
 STATUS = {Problem.INVALID: 400, Problem.NOT_FOUND: 404, Problem.DISABLED: 409,
-          Problem.REFUSED: 422, Problem.KEY_REUSED: 422, Problem.TOO_LARGE: 413}
+          Problem.REFUSED: 422, Problem.KEY_REUSED: 422, Problem.TOO_LARGE: 413,
+          Problem.CONFLICT: 409}
 MAX_DISPLAY_NAME = 200
 MAX_PROMPT = 20_000
 MAX_KEY_NAME = 200
@@ -200,6 +201,108 @@ class MailboxApi:
         except SendError as error:
             raise _fail(error) from None
         return await self._sent(owner.workspace_id, sent)
+
+    # --- drafts -------------------------------------------------------------------------
+
+    async def drafts(self, request: web.Request) -> web.Response:
+        owner = await self.api.owner(request, Scope.READ)
+        agent_id = None
+        if "agent" in request.query:
+            handle = request.query["agent"]
+            found = (await queries.agent(self.db, owner.workspace_id, handle)
+                     if HANDLE.match(handle.lower()) else None)
+            if found is None:
+                raise HttpError(404, "no such agent")
+            agent_id = found["id"]
+        return json_response({"drafts": await queries.drafts(self.db, owner.workspace_id,
+                                                             agent_id)})
+
+    async def draft(self, request: web.Request) -> web.Response:
+        owner = await self.api.owner(request, Scope.READ)
+        found = await queries.draft(self.db, owner.workspace_id, row_id(request, "id"))
+        if found is None:
+            raise HttpError(404, "no such draft")
+        found.pop("agent_id")
+        return json_response(found)
+
+    async def create_draft(self, request: web.Request) -> web.Response:
+        owner = await self.api.owner(request, Scope.SEND)
+        handle = request.match_info["handle"]
+        found = (await queries.agent(self.db, owner.workspace_id, handle)
+                 if HANDLE.match(handle.lower()) else None)
+        if found is None:
+            raise HttpError(404, "no such agent")
+        body = await json_object(request, 2 * self.mailboxes.max_message_size)
+        thread_id = body.get("thread_id")
+        if thread_id is not None:
+            if not isinstance(thread_id, int) or isinstance(thread_id, bool) or \
+                    not 0 < thread_id < 2**63:
+                raise HttpError(400, "thread_id: a thread's id")
+            target = await queries.reply_target(self.db, owner.workspace_id, thread_id)
+            if target is None or target.agent_id != found["id"]:
+                raise HttpError(404, "no such thread for this agent")
+        try:
+            fields = draft_fields(self._fields(body))
+        except SendError as error:
+            raise _fail(error) from None
+        draft_id = await queries.add_draft(self.db, owner.workspace_id, found["id"], thread_id,
+                                           fields, "api")
+        log.info("api.draft_created", key_id=owner.key_id, draft=draft_id)
+        return await self._draft(owner.workspace_id, draft_id, 201)
+
+    async def update_draft(self, request: web.Request) -> web.Response:
+        owner = await self.api.owner(request, Scope.SEND)
+        draft_id = row_id(request, "id")
+        found = await queries.draft(self.db, owner.workspace_id, draft_id)
+        if found is None:
+            raise HttpError(404, "no such draft")
+        body = await json_object(request, 2 * self.mailboxes.max_message_size)
+        merged = {name: body[name] if name in body else found[name]
+                  for name in ADDRESS_FIELDS + TEXT_FIELDS}
+        try:
+            fields = draft_fields(self._fields(merged))
+        except SendError as error:
+            raise _fail(error) from None
+        if not await queries.update_draft(self.db, owner.workspace_id, draft_id, fields):
+            raise HttpError(409, f"the draft was {found['status']} already")
+        return await self._draft(owner.workspace_id, draft_id, 200)
+
+    async def send_draft(self, request: web.Request) -> web.Response:
+        owner = await self.api.owner(request, Scope.SEND)
+        draft_id = row_id(request, "id")
+        try:
+            sent = await send_draft(self.mailboxes, owner.workspace_id, owner.workspace_slug,
+                                    draft_id)
+        except SendError as error:
+            raise _fail(error) from None
+        log.info("api.draft_sent", key_id=owner.key_id, draft=draft_id,
+                 message=sent.message_id)
+        return await self._sent(owner.workspace_id, sent)
+
+    async def discard_draft(self, request: web.Request) -> web.Response:
+        owner = await self.api.owner(request, Scope.SEND)
+        draft_id = row_id(request, "id")
+        if not await queries.discard_draft(self.db, owner.workspace_id, draft_id):
+            found = await queries.draft(self.db, owner.workspace_id, draft_id)
+            if found is None:
+                raise HttpError(404, "no such draft")
+            raise HttpError(409, f"the draft was {found['status']} already")
+        log.info("api.draft_discarded", key_id=owner.key_id, draft=draft_id)
+        return web.Response(status=204)
+
+    async def _draft(self, workspace_id: int, draft_id: int, status: int) -> web.Response:
+        found = await queries.draft(self.db, workspace_id, draft_id)
+        assert found is not None
+        found.pop("agent_id")
+        return json_response(found, status)
+
+    def _fields(self, body: dict[str, Any]) -> SendRequest:
+        limit = self.mailboxes.max_message_size
+        return SendRequest(
+            to=tuple(_addresses(body.get("to"), "to")), cc=tuple(_addresses(body.get("cc"), "cc")),
+            bcc=tuple(_addresses(body.get("bcc"), "bcc")),
+            subject=_text(body, "subject", limit), text=_text(body, "text", limit),
+            html=_text(body, "html", limit))
 
     async def _sent(self, workspace_id: int, sent: Any) -> web.Response:
         found = await queries.sent_message(self.db, workspace_id, sent.message_id)

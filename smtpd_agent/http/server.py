@@ -117,6 +117,12 @@ class HttpServer:
         app.router.add_delete(f"{workspace}/keys/{ident}", mailbox.revoke_key)
         app.router.add_get(f"{workspace}/threads/{ident}", api.thread)
         app.router.add_post(f"{workspace}/threads/{ident}/reply", mailbox.reply)
+        app.router.add_get(f"{workspace}/drafts", mailbox.drafts)
+        app.router.add_post(f"{workspace}/agents/{{handle}}/drafts", mailbox.create_draft)
+        app.router.add_get(f"{workspace}/drafts/{ident}", mailbox.draft)
+        app.router.add_patch(f"{workspace}/drafts/{ident}", mailbox.update_draft)
+        app.router.add_delete(f"{workspace}/drafts/{ident}", mailbox.discard_draft)
+        app.router.add_post(f"{workspace}/drafts/{ident}/send", mailbox.send_draft)
         app.router.add_get(f"{workspace}/messages/{ident}/raw", api.raw)
         app.router.add_get(f"{workspace}/attachments/{ident}", api.attachment)
         # Webhooks read their own bodies within http.webhook_max_body_size (413 above,

@@ -59,6 +59,7 @@ class Problem(StrEnum):
     REFUSED = "refused"            # 422: a recipient is refused by a rule
     KEY_REUSED = "key_reused"      # 422: the Idempotency-Key was used for another request
     TOO_LARGE = "too_large"        # 413: the composed message exceeds smtp.max_message_size
+    CONFLICT = "conflict"          # 409: the draft was sent or discarded already
 
 
 class SendError(Exception):
@@ -154,7 +155,8 @@ class Mailboxes:
                                 rule="suppression")
 
     async def send(self, workspace_id: int, slug: str, handle: str, request: SendRequest,
-                   idempotency_key: str | None, fingerprint: bytes) -> Sent:
+                   idempotency_key: str | None, fingerprint: bytes,
+                   draft_id: int | None = None) -> Sent:
         request = check_request(request)
         key = check_idempotency_key(idempotency_key)
         found = await store.agent(self.db, workspace_id, handle)
@@ -167,10 +169,11 @@ class Mailboxes:
             to=request.to, cc=request.cc, subject=subject, text=request.text, html=request.html,
             attachments=request.attachments)
         return await self._store(workspace_id, found["id"], found["enabled"], None, outgoing,
-                                 request, key, fingerprint)
+                                 request, key, fingerprint, draft_id)
 
     async def reply(self, workspace_id: int, thread_id: int, request: SendRequest,
-                    idempotency_key: str | None, fingerprint: bytes) -> Sent:
+                    idempotency_key: str | None, fingerprint: bytes,
+                    draft_id: int | None = None) -> Sent:
         request = check_request(request, need_to=False)
         key = check_idempotency_key(idempotency_key)
         target = await store.reply_target(self.db, workspace_id, thread_id)
@@ -204,7 +207,7 @@ class Mailboxes:
             text=request.text, html=request.html, in_reply_to=in_reply_to,
             references=reply_references(original), attachments=request.attachments)
         return await self._store(workspace_id, target.agent_id, target.enabled, thread_id,
-                                 outgoing, request, key, fingerprint)
+                                 outgoing, request, key, fingerprint, draft_id)
 
     async def _reply_from(self, workspace_id: int, target: store.ReplyTarget) -> str:
         """The agent's address on the domain the correspondent wrote to, when it is the
@@ -223,7 +226,7 @@ class Mailboxes:
 
     async def _store(self, workspace_id: int, agent_id: int, enabled: bool,
                      thread_id: int | None, outgoing: Outgoing, request: SendRequest,
-                     key: str | None, fingerprint: bytes) -> Sent:
+                     key: str | None, fingerprint: bytes, draft_id: int | None) -> Sent:
         if not enabled:
             raise SendError(Problem.DISABLED, "the agent is disabled")
         composed = compose_message(outgoing, datetime.now(UTC))
@@ -253,6 +256,9 @@ class Mailboxes:
             message_id = await store_outbound(connection, self._row(
                 workspace_id, agent_id, thread_id, outgoing, composed, request))
             await enqueue(connection, message_id, workspace_id, bcc=request.bcc)
+            if draft_id is not None and not await store.mark_draft_sent(
+                    connection, workspace_id, draft_id, message_id):
+                raise SendError(Problem.CONFLICT, "the draft was sent or discarded already")
             if key is not None:
                 await store.remember(connection, workspace_id, key, fingerprint, message_id)
         log.info("mailbox.sent", workspace_id=workspace_id, agent_id=agent_id,
@@ -271,3 +277,34 @@ class Mailboxes:
             to_address=request.to[0], to_header=composed.to_header,
             cc_header=composed.cc_header, subject=composed.subject, headers=composed.headers,
             text_body=composed.text, html_body=composed.html, raw=composed.raw)
+
+
+def draft_fields(request: SendRequest) -> store.DraftFields:
+    """A draft may be incomplete (no recipient, no body yet); what it has must be valid."""
+    checked = SendRequest(
+        tuple(valid_address(a) for a in request.to), tuple(valid_address(a) for a in request.cc),
+        tuple(valid_address(a) for a in request.bcc), request.subject, request.text or "",
+        request.html)
+    check_request(checked, need_to=False)
+    if request.attachments:
+        raise SendError(Problem.INVALID, "drafts carry no attachments yet")
+    return store.DraftFields(checked.to, checked.cc, checked.bcc, request.subject, request.text,
+                             request.html)
+
+
+async def send_draft(mailboxes: Mailboxes, workspace_id: int, slug: str, draft_id: int) -> Sent:
+    """Send a draft the way a send or reply request would go, and mark it sent in the same
+    transaction (a second send, or a send after a discard, is a CONFLICT)."""
+    found = await store.draft(mailboxes.db, workspace_id, draft_id)
+    if found is None:
+        raise SendError(Problem.NOT_FOUND, "no such draft")
+    if found["status"] != "draft":
+        raise SendError(Problem.CONFLICT, f"the draft was {found['status']} already")
+    request = SendRequest(tuple(found["to"]), tuple(found["cc"]), tuple(found["bcc"]),
+                          found["subject"], found["text"], found["html"])
+    fingerprint = store.request_hash(f"draft:{draft_id}".encode())
+    if found["thread_id"] is not None:
+        return await mailboxes.reply(workspace_id, found["thread_id"], request, None,
+                                     fingerprint, draft_id)
+    return await mailboxes.send(workspace_id, slug, found["agent"], request, None, fingerprint,
+                                draft_id)

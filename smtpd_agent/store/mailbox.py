@@ -179,3 +179,78 @@ async def deliveries(db: DB, workspace_id: int,
     for item in found.values():
         item.pop("message_id")
     return found
+
+
+# --- drafts -------------------------------------------------------------------------------
+
+DRAFT_FIELDS = """d.id, a.handle AS agent, d.thread_id, d.status, d.origin,
+                  d.to_addresses AS "to", d.cc_addresses AS cc, d.bcc_addresses AS bcc,
+                  d.subject, d.text_body AS text, d.html_body AS html, d.sent_message_id,
+                  d.created_at, d.updated_at"""
+
+
+@dataclass(frozen=True)
+class DraftFields:
+    to: tuple[str, ...]
+    cc: tuple[str, ...]
+    bcc: tuple[str, ...]
+    subject: str | None
+    text: str | None
+    html: str | None
+
+
+async def add_draft(db: DB, workspace_id: int, agent_id: int, thread_id: int | None,
+                    fields: DraftFields, origin: str, job_id: int | None = None) -> int:
+    return await db.fetchval(
+        """INSERT INTO drafts (workspace_id, agent_id, thread_id, origin, to_addresses,
+                               cc_addresses, bcc_addresses, subject, text_body, html_body, job_id)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id""",
+        workspace_id, agent_id, thread_id, origin, list(fields.to), list(fields.cc),
+        list(fields.bcc), fields.subject, fields.text, fields.html, job_id)
+
+
+async def update_draft(db: DB, workspace_id: int, draft_id: int, fields: DraftFields) -> bool:
+    status = await db.execute(
+        """UPDATE drafts SET to_addresses = $3, cc_addresses = $4, bcc_addresses = $5,
+                             subject = $6, text_body = $7, html_body = $8, updated_at = now()
+            WHERE workspace_id = $1 AND id = $2 AND status = 'draft'""",
+        workspace_id, draft_id, list(fields.to), list(fields.cc), list(fields.bcc),
+        fields.subject, fields.text, fields.html)
+    return status.endswith(" 1")
+
+
+async def draft(db: DB, workspace_id: int, draft_id: int) -> dict[str, Any] | None:
+    row = await db.fetchrow(
+        f"""SELECT {DRAFT_FIELDS}, d.agent_id FROM drafts d
+              JOIN agents a ON a.id = d.agent_id AND a.workspace_id = d.workspace_id
+             WHERE d.workspace_id = $1 AND d.id = $2""", workspace_id, draft_id)
+    return dict(row) if row else None
+
+
+async def drafts(db: DB, workspace_id: int, agent_id: int | None = None,
+                 limit: int = 100) -> list[dict[str, Any]]:
+    """The workspace's drafts waiting for a decision, oldest first."""
+    rows = await db.fetch(
+        f"""SELECT {DRAFT_FIELDS} FROM drafts d
+              JOIN agents a ON a.id = d.agent_id AND a.workspace_id = d.workspace_id
+             WHERE d.workspace_id = $1 AND d.status = 'draft'
+               AND ($2::bigint IS NULL OR d.agent_id = $2)
+             ORDER BY d.created_at, d.id LIMIT $3""", workspace_id, agent_id, limit)
+    return [dict(r) for r in rows]
+
+
+async def discard_draft(db: DB, workspace_id: int, draft_id: int) -> bool:
+    status = await db.execute(
+        """UPDATE drafts SET status = 'discarded', updated_at = now()
+            WHERE workspace_id = $1 AND id = $2 AND status = 'draft'""", workspace_id, draft_id)
+    return status.endswith(" 1")
+
+
+async def mark_draft_sent(connection: asyncpg.Connection, workspace_id: int, draft_id: int,
+                          message_id: int) -> bool:
+    """In the transaction that stores the message: False if it was sent or discarded meanwhile."""
+    status = await connection.execute(
+        """UPDATE drafts SET status = 'sent', sent_message_id = $3, updated_at = now()
+            WHERE workspace_id = $1 AND id = $2 AND status = 'draft'""",
+        workspace_id, draft_id, message_id)
+    return status.endswith(" 1")

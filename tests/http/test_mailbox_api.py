@@ -25,12 +25,10 @@ pytestmark = pytest.mark.timeout(90)
 ALL = frozenset(Scope)
 
 
-@pytest.fixture
-async def mailbox(start_server, db, relay, database_url, dns_server):  # noqa: F811
-    """The server sending through the sink, acme (support, sales) and globex (support), and
-    keys: acme read / send / admin / all, globex all."""
-    sink, url = relay
-    server = start_server(**fast(url))
+async def open_mailbox(start_server, db, url, database_url, dns_server, **overrides):
+    """The server sending through the sink at `url`, acme (support, sales) and globex
+    (support), and keys: acme read / send / admin / all, globex all."""
+    server = start_server(**fast(url, **overrides))
     await directory.add_workspace(db, "acme", "Acme Inc")
     await directory.add_workspace(db, "globex", "Globex")
     await directory.add_agent(db, "acme", "support", display_name="Acme Support")
@@ -44,6 +42,13 @@ async def mailbox(start_server, db, relay, database_url, dns_server):  # noqa: F
         "all": (await create_key(db, "acme", scopes=ALL)).key,
         "globex": (await create_key(db, "globex", scopes=ALL)).key,
     }
+    return server, keys
+
+
+@pytest.fixture
+async def mailbox(start_server, db, relay, database_url, dns_server):  # noqa: F811
+    sink, url = relay
+    server, keys = await open_mailbox(start_server, db, url, database_url, dns_server)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         yield server, sink, keys, http
 

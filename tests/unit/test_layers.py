@@ -62,7 +62,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "app": ("app",),
     # The command: shared helpers, each group's subcommands, the composition.
     "cli": (
-        "cli_common", "agent.cli", "domains.cli", "http.cli", "outbound.cli", "cli",
+        "cli_common", "agent.cli", "domains.cli", "http.cli", "mailbox.cli", "outbound.cli",
+        "cli",
         "__main__",
     ),
 }

@@ -25,3 +25,31 @@ CREATE TABLE api_idempotency (
     FOREIGN KEY (message_id, workspace_id) REFERENCES messages (id, workspace_id) ON DELETE CASCADE
 );
 CREATE INDEX api_idempotency_created ON api_idempotency (created_at);
+
+-- Drafts: what an agent would send, waiting for a person or program to send or
+-- discard it. Written over the API, or by the built-in agent when its reply_mode
+-- is 'draft' (job_id: the agent job that wrote it). Sending composes and stores
+-- the message like any other send (then sent_message_id names it); nothing of a
+-- draft is queued before that.
+CREATE TABLE drafts (
+    id              bigserial PRIMARY KEY,
+    workspace_id    bigint NOT NULL,
+    agent_id        bigint NOT NULL,
+    thread_id       bigint,
+    status          text NOT NULL DEFAULT 'draft' CHECK (status IN ('draft', 'sent', 'discarded')),
+    origin          text NOT NULL CHECK (origin IN ('api', 'agent')),
+    to_addresses    text[] NOT NULL DEFAULT '{}',
+    cc_addresses    text[] NOT NULL DEFAULT '{}',
+    bcc_addresses   text[] NOT NULL DEFAULT '{}',
+    subject         text,
+    text_body       text,
+    html_body       text,
+    job_id          bigint,
+    sent_message_id bigint,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    FOREIGN KEY (agent_id, workspace_id) REFERENCES agents (id, workspace_id) ON DELETE CASCADE,
+    FOREIGN KEY (thread_id, workspace_id) REFERENCES threads (id, workspace_id) ON DELETE CASCADE,
+    UNIQUE (id, workspace_id)
+);
+CREATE INDEX drafts_pending ON drafts (workspace_id, created_at) WHERE status = 'draft';
