@@ -167,6 +167,55 @@ def mailbox_paths() -> dict[str, dict[str, Any]]:
                      "responses": {"201": _json("the key, shown once", key_created),
                                    "400": _error("bad scopes or name"), **FORBIDDEN,
                                    **API_ERRORS}}},
+        f"{workspace}/drafts": {"get": {
+            "summary": "drafts waiting to be sent or discarded, oldest first", "tags": ["drafts"],
+            "security": bearer,
+            "parameters": [SLUG, {"name": "agent", "in": "query", "required": False,
+                                  "schema": {"type": "string"}}],
+            "responses": {"200": _json("drafts", {"type": "object", "properties": {
+                "drafts": {"type": "array", "items": {"$ref": "#/components/schemas/Draft"}}}}),
+                **FORBIDDEN, **API_ERRORS}}},
+        f"{workspace}/agents/{{handle}}/drafts": {"post": {
+            "summary": "write a draft as the agent (thread_id: a reply in that thread)",
+            "tags": ["drafts"], "security": bearer, "parameters": [SLUG, HANDLE],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"type": "object", "properties": {
+                    **SEND_FIELDS, "thread_id": {"type": "integer", "minimum": 1,
+                                                 "format": "int64"}}},
+                "example": {"to": ["bob@example.org"], "subject": "Your quote",
+                            "text": "Here it is."}}}},
+            "responses": {"201": _json("the draft", {"$ref": "#/components/schemas/Draft"}),
+                          "400": _error("bad field"), **FORBIDDEN, **API_ERRORS}}},
+        f"{workspace}/drafts/{{id}}": {
+            "get": {"summary": "one draft", "tags": ["drafts"], "security": bearer,
+                    "parameters": [SLUG, _id("id")],
+                    "responses": {"200": _json("the draft",
+                                               {"$ref": "#/components/schemas/Draft"}),
+                                  **FORBIDDEN, **API_ERRORS}},
+            "patch": {"summary": "change a pending draft", "tags": ["drafts"],
+                      "security": bearer, "parameters": [SLUG, _id("id")],
+                      "requestBody": {"required": True, "content": {"application/json": {
+                          "schema": {"type": "object", "properties": SEND_FIELDS},
+                          "example": {"text": "Here it is, with the discount."}}}},
+                      "responses": {"200": _json("the draft",
+                                                 {"$ref": "#/components/schemas/Draft"}),
+                                    "400": _error("bad field"),
+                                    "409": _error("sent or discarded already"),
+                                    **FORBIDDEN, **API_ERRORS}},
+            "delete": {"summary": "discard a pending draft (nothing is queued)",
+                       "tags": ["drafts"], "security": bearer, "parameters": [SLUG, _id("id")],
+                       "responses": {"204": {"description": "discarded"},
+                                     "409": _error("sent or discarded already"),
+                                     **FORBIDDEN, **API_ERRORS}}},
+        f"{workspace}/drafts/{{id}}/send": {"post": {
+            "summary": "send a draft: the same checks, composition and queue as a send or reply",
+            "tags": ["drafts"], "security": bearer, "parameters": [SLUG, _id("id")],
+            "responses": {
+                "201": _json("stored and queued", {"$ref": "#/components/schemas/SentMessage"}),
+                "400": _error("the draft is incomplete (no recipient, no body)"),
+                "409": _error("sent or discarded already, or the agent is disabled"),
+                "422": _error("a recipient is refused (the rule is named)"),
+                **FORBIDDEN, **API_ERRORS}}},
         f"{workspace}/keys/{{id}}": {"delete": {
             "summary": "revoke a key (admin)", "tags": ["admin"], "security": bearer,
             "parameters": [SLUG, _id("id")],
@@ -313,6 +362,18 @@ def openapi_spec() -> dict[str, Any]:
                     "recipients": {"type": "array", "items": {"type": "object", "properties": {
                         "address": {"type": "string"}, "state": {"type": "string"},
                         "detail": {"type": "string", "nullable": True}}}}}},
+                "Draft": {"type": "object", "properties": {
+                    "id": {"type": "integer"}, "agent": {"type": "string"},
+                    "thread_id": {"type": "integer", "nullable": True},
+                    "status": {"type": "string", "enum": ["draft", "sent", "discarded"]},
+                    "origin": {"type": "string", "enum": ["api", "agent"]},
+                    "to": {"type": "array", "items": {"type": "string"}},
+                    "cc": {"type": "array", "items": {"type": "string"}},
+                    "bcc": {"type": "array", "items": {"type": "string"}},
+                    "subject": {"type": "string", "nullable": True},
+                    "text": {"type": "string", "nullable": True},
+                    "html": {"type": "string", "nullable": True},
+                    "sent_message_id": {"type": "integer", "nullable": True}}},
                 "SentMessage": {"type": "object", "properties": {
                     "id": {"type": "integer"}, "thread_id": {"type": "integer"},
                     "status": {"type": "string"}, "message_id": {"type": "string"},
