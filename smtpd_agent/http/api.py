@@ -20,6 +20,7 @@ from aiohttp import web
 
 from ..store import inbox as queries
 from ..store.inbox import Cursor
+from ..store.mailbox import LABEL
 from ..store.apikeys import KeyOwner, Scope, find_key
 from ..store.directory import HANDLE, SLUG
 from .responses import HttpError, json_response
@@ -108,8 +109,11 @@ class InboxApi:
                 after = decode_cursor(request.query["cursor"])
             except ValueError:
                 raise HttpError(400, "cursor: invalid") from None
+        label = request.query.get("label")
+        if label is not None and not LABEL.match(label):
+            raise HttpError(400, "label: a-z, 0-9 and _ . : / -, at most 63 characters")
         threads = await queries.threads_page(self.db, owner.workspace_id, agent, limit + 1,
-                                             after)
+                                             after, label)
         page, more = threads[:limit], len(threads) > limit
         last = page[-1] if page else None
         return json_response({

@@ -8,7 +8,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import html
 import json
+import math
 from typing import Any
 
 import asyncpg
@@ -22,7 +24,7 @@ from ..store import directory
 from ..store import mailbox as queries
 from ..store.apikeys import Scope, create_key, list_keys, parse_scopes, revoke_key
 from ..store.directory import HANDLE, ReplyMode
-from .api import InboxApi, row_id
+from .api import DEFAULT_PAGE, MAX_PAGE, InboxApi, row_id
 from .responses import HttpError, json_response
 
 log = structlog.get_logger(__name__)
@@ -304,6 +306,65 @@ class MailboxApi:
             subject=_text(body, "subject", limit), text=_text(body, "text", limit),
             html=_text(body, "html", limit))
 
+    # --- labels and search --------------------------------------------------------------
+
+    async def labels(self, request: web.Request) -> web.Response:
+        """PATCH a message's labels: {"add": [...], "remove": [...]} (mark read: remove
+        'unread')."""
+        owner = await self.api.owner(request, Scope.SEND)
+        message_id = row_id(request, "id")
+        body = await json_object(request, MAX_ADMIN_BODY)
+        changes = []
+        for name in ("add", "remove"):
+            values = body.get(name, [])
+            if not isinstance(values, list) or len(values) > queries.MAX_LABELS or not all(
+                    isinstance(v, str) and queries.LABEL.match(v) for v in values):
+                raise HttpError(400, f"{name}: a list of labels (a-z, 0-9 and _ . : / -, "
+                                     f"at most 63 characters, at most {queries.MAX_LABELS})")
+            changes.append(values)
+        try:
+            labels = await queries.change_labels(self.db, owner.workspace_id, message_id,
+                                                 *changes)
+        except asyncpg.CheckViolationError:
+            raise HttpError(400, f"at most {queries.MAX_LABELS} labels a message") from None
+        if labels is None:
+            raise HttpError(404, "no such message")
+        return json_response({"id": message_id, "labels": labels})
+
+    async def search(self, request: web.Request) -> web.Response:
+        owner = await self.api.owner(request, Scope.READ)
+        text = request.query.get("q", "").strip()
+        if not text or len(text) > 500 or "\x00" in text:
+            raise HttpError(400, "q: 1-500 characters")
+        try:
+            limit = int(request.query.get("limit", DEFAULT_PAGE))
+        except ValueError:
+            raise HttpError(400, "limit: expected an integer") from None
+        if not 1 <= limit <= MAX_PAGE:
+            raise HttpError(400, f"limit: must be 1-{MAX_PAGE}")
+        agent_id = None
+        if "agent" in request.query:
+            handle = request.query["agent"]
+            found = (await queries.agent(self.db, owner.workspace_id, handle)
+                     if HANDLE.match(handle.lower()) else None)
+            if found is None:
+                raise HttpError(404, "no such agent")
+            agent_id = found["id"]
+        after = None
+        if "cursor" in request.query:
+            after = _search_cursor(request.query["cursor"])
+        rows = await queries.search(self.db, owner.workspace_id, text, agent_id, limit + 1,
+                                    after)
+        page, more = rows[:limit], len(rows) > limit
+        for row in page:
+            row["snippet"] = (html.escape(row["snippet"] or "")
+                              .replace(queries.HIT_START, "<mark>")
+                              .replace(queries.HIT_STOP, "</mark>"))
+        last = page[-1] if page else None
+        cursor = (base64.urlsafe_b64encode(f"{last['rank']!r}|{last['id']}".encode())
+                  .decode().rstrip("=") if more and last else None)
+        return json_response({"results": page, "next_cursor": cursor})
+
     async def _sent(self, workspace_id: int, sent: Any) -> web.Response:
         found = await queries.sent_message(self.db, workspace_id, sent.message_id)
         headers = {"Idempotent-Replayed": "true"} if sent.replayed else None
@@ -372,6 +433,18 @@ class MailboxApi:
         except (ValueError, AssertionError, KeyError, HttpProcessingError) as error:
             # aiohttp's parser refuses malformed part headers with these
             raise HttpError(400, f"multipart: {type(error).__name__}") from None
+
+
+def _search_cursor(value: str) -> queries.SearchCursor:
+    try:
+        text = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
+        rank, _, ident = text.partition("|")
+        cursor = queries.SearchCursor(float(rank), int(ident))
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise HttpError(400, "cursor: invalid") from None
+    if not 0 < cursor.id < 2**63 or not math.isfinite(cursor.rank):
+        raise HttpError(400, "cursor: invalid")
+    return cursor
 
 
 def _json_attachment(item: Any, limit: int) -> OutgoingAttachment:

@@ -80,6 +80,7 @@ AGENT = {"type": "object", "properties": {
 AGENT_CHANGES = {"display_name": {"type": "string", "maxLength": 200, "nullable": True},
                  "system_prompt": {"type": "string", "maxLength": 20000, "nullable": True},
                  "reply_mode": {"type": "string", "enum": ["auto", "draft", "off"]}}
+LABEL = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_.:/-]{0,62}$"}
 SCOPES = {"type": "array", "minItems": 1,
           "items": {"type": "string", "enum": ["read", "send", "admin"]}}
 
@@ -167,6 +168,43 @@ def mailbox_paths() -> dict[str, dict[str, Any]]:
                      "responses": {"201": _json("the key, shown once", key_created),
                                    "400": _error("bad scopes or name"), **FORBIDDEN,
                                    **API_ERRORS}}},
+        f"{workspace}/messages/{{id}}": {"patch": {
+            "summary": "change a message's labels ('unread' is set on arrival)",
+            "tags": ["labels"], "security": bearer, "parameters": [SLUG, _id("id")],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"type": "object", "properties": {
+                    "add": {"type": "array", "maxItems": 50, "items": LABEL},
+                    "remove": {"type": "array", "maxItems": 50, "items": LABEL}}},
+                "example": {"add": ["needs-human"], "remove": ["unread"]}}}},
+            "responses": {"200": _json("the message's labels", {"type": "object", "properties": {
+                "id": {"type": "integer"},
+                "labels": {"type": "array", "items": {"type": "string"}}}}),
+                "400": _error("bad label"), **FORBIDDEN, **API_ERRORS}}},
+        f"{workspace}/search": {"get": {
+            "summary": "full-text search over subject, From and text, best first, with "
+                       "highlighted snippets (HTML-escaped, hits in <mark>)",
+            "tags": ["inbox"], "security": bearer,
+            "parameters": [SLUG,
+                           {"name": "q", "in": "query", "required": True,
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 500},
+                            "description": "web search syntax: words, \"a phrase\", -not, or",
+                            "example": "invoice -paid"},
+                           {"name": "agent", "in": "query", "required": False,
+                            "schema": {"type": "string"}},
+                           {"name": "limit", "in": "query", "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 100,
+                                       "default": 20}},
+                           {"name": "cursor", "in": "query", "required": False,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": _json("a page of hits", {"type": "object", "properties": {
+                "results": {"type": "array", "items": {"type": "object", "properties": {
+                    "id": {"type": "integer"}, "thread_id": {"type": "integer"},
+                    "agent": {"type": "string"}, "subject": {"type": "string", "nullable": True},
+                    "from_header": {"type": "string", "nullable": True},
+                    "labels": {"type": "array", "items": {"type": "string"}},
+                    "rank": {"type": "number"}, "snippet": {"type": "string"}}}},
+                "next_cursor": {"type": "string", "nullable": True}}}),
+                "400": _error("bad q, limit or cursor"), **API_ERRORS}}},
         f"{workspace}/drafts": {"get": {
             "summary": "drafts waiting to be sent or discarded, oldest first", "tags": ["drafts"],
             "security": bearer,
@@ -246,6 +284,7 @@ def openapi_spec() -> dict[str, Any]:
         "dmarc": {"type": "string", "nullable": True}, "arc": {"type": "string", "nullable": True},
         "quarantined": {"type": "boolean"},
         "scan_status": {"type": "string", "nullable": True},
+        "labels": {"type": "array", "items": {"type": "string"}},
         "status": {"type": "string", "description": "inbound: received; outbound: queued, "
                                                      "sending, sent, deferred, bounced, failed"},
         "delivery": {"allOf": [{"$ref": "#/components/schemas/Delivery"}], "nullable": True},
@@ -292,7 +331,10 @@ def openapi_spec() -> dict[str, Any]:
                                            "default": 20}},
                                {"name": "cursor", "in": "query", "required": False,
                                 "schema": {"type": "string"},
-                                "description": "next_cursor of the previous page"}],
+                                "description": "next_cursor of the previous page"},
+                               {"name": "label", "in": "query", "required": False,
+                                "schema": {"type": "string"},
+                                "description": "only threads with a message labelled so"}],
                 "responses": {
                     "200": _json("a page of threads", {"type": "object", "properties": {
                         "threads": {"type": "array", "items": thread_summary},

@@ -117,6 +117,8 @@ class HttpServer:
         app.router.add_delete(f"{workspace}/keys/{ident}", mailbox.revoke_key)
         app.router.add_get(f"{workspace}/threads/{ident}", api.thread)
         app.router.add_post(f"{workspace}/threads/{ident}/reply", mailbox.reply)
+        app.router.add_patch(f"{workspace}/messages/{ident}", mailbox.labels)
+        app.router.add_get(f"{workspace}/search", mailbox.search)
         app.router.add_get(f"{workspace}/drafts", mailbox.drafts)
         app.router.add_post(f"{workspace}/agents/{{handle}}/drafts", mailbox.create_draft)
         app.router.add_get(f"{workspace}/drafts/{ident}", mailbox.draft)

@@ -6,6 +6,7 @@ Idempotency-Key record. Every query names the caller's workspace.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -254,3 +255,60 @@ async def mark_draft_sent(connection: asyncpg.Connection, workspace_id: int, dra
             WHERE workspace_id = $1 AND id = $2 AND status = 'draft'""",
         workspace_id, draft_id, message_id)
     return status.endswith(" 1")
+
+
+# --- labels and search --------------------------------------------------------------------
+
+# A label: lower-case, short, no spaces ('unread', 'needs-human', 'crm:42').
+LABEL = re.compile(r"^[a-z0-9][a-z0-9_.:/-]{0,62}$")
+MAX_LABELS = 50
+
+
+async def change_labels(db: DB, workspace_id: int, message_id: int, add: list[str],
+                        remove: list[str]) -> list[str] | None:
+    """Add then remove labels (each once, sorted); the message's labels, None if not found."""
+    return await db.fetchval(
+        """UPDATE messages SET labels = ARRAY(
+               SELECT DISTINCT l FROM unnest(labels || $3::text[]) AS l
+                WHERE l <> ALL($4::text[]) ORDER BY l)
+            WHERE workspace_id = $1 AND id = $2 RETURNING labels""",
+        workspace_id, message_id, add, remove)
+
+
+@dataclass(frozen=True)
+class SearchCursor:
+    rank: float
+    id: int
+
+
+# Marks around each hit in a snippet; the snippet is HTML-escaped in Python, then the
+# marks become <mark> (the message text itself is never trusted as HTML).
+HIT_START, HIT_STOP = "\u27e6", "\u27e7"
+
+
+async def search(db: DB, workspace_id: int, query: str, agent_id: int | None, limit: int,
+                 after: SearchCursor | None = None) -> list[dict[str, Any]]:
+    """Messages of the workspace matching `query` (web search syntax), best first, each
+    with a snippet; `after`: the page after that (rank, id)."""
+    rows = await db.fetch(
+        f"""WITH q AS (SELECT websearch_to_tsquery('english', $2) AS query),
+                hits AS (
+                    SELECT m.id, m.thread_id, m.agent_id, m.direction, m.subject,
+                           m.from_header, m.received_at, m.labels, m.text_body,
+                           ts_rank(m.search, q.query)::real AS rank
+                      FROM messages m, q
+                     WHERE m.workspace_id = $1 AND m.search @@ q.query
+                       AND ($3::bigint IS NULL OR m.agent_id = $3))
+            SELECT h.id, h.thread_id, a.handle AS agent, h.direction, h.subject,
+                   h.from_header, h.received_at, h.labels, h.rank,
+                   ts_headline('english', left(coalesce(nullif(h.text_body, ''), h.subject, ''),
+                                               20000), q.query,
+                               'StartSel={HIT_START}, StopSel={HIT_STOP}, MaxWords=30, '
+                               'MinWords=10, MaxFragments=2') AS snippet
+              FROM hits h CROSS JOIN q
+              JOIN agents a ON a.id = h.agent_id AND a.workspace_id = $1
+             WHERE $4::real IS NULL OR (h.rank, h.id) < ($4::real, $5::bigint)
+             ORDER BY h.rank DESC, h.id DESC LIMIT $6""",
+        workspace_id, query, agent_id, after.rank if after else None,
+        after.id if after else 0, limit)
+    return [dict(r) for r in rows]

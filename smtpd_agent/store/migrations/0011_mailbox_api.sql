@@ -53,3 +53,18 @@ CREATE TABLE drafts (
     UNIQUE (id, workspace_id)
 );
 CREATE INDEX drafts_pending ON drafts (workspace_id, created_at) WHERE status = 'draft';
+
+-- Labels per message: 'unread' on every inbound message as it is stored
+-- (functions/store_message.sql), custom ones set over the API.
+ALTER TABLE messages ADD COLUMN labels text[] NOT NULL DEFAULT '{}'
+    CHECK (cardinality(labels) <= 50);
+CREATE INDEX messages_labels ON messages USING gin (labels);
+
+-- Full-text search over subject, From and the text body (bounded: to_tsvector of a
+-- huge body must never refuse a message), kept by Postgres itself.
+ALTER TABLE messages ADD COLUMN search tsvector GENERATED ALWAYS AS (
+    setweight(to_tsvector('english'::regconfig, left(coalesce(subject, ''), 1000)), 'A') ||
+    setweight(to_tsvector('english'::regconfig, left(coalesce(from_header, ''), 1000)), 'B') ||
+    setweight(to_tsvector('english'::regconfig, left(coalesce(text_body, ''), 100000)), 'C')
+) STORED;
+CREATE INDEX messages_search ON messages USING gin (search);
