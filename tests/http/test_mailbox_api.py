@@ -14,7 +14,7 @@ import pytest
 
 from smtpd_agent.outbound.queue import suppress
 from smtpd_agent.store import directory
-from smtpd_agent.store.apikeys import Scope, create_key
+from smtpd_agent.store.apikeys import KEY_PREFIX, Scope, create_key, hash_key
 from tests.http.test_api import bearer, deliver, message
 from tests.outbound.conftest import fast, relay  # noqa: F401
 from tests.outbound.test_relay import dkim_verify, publish_default_domain
@@ -324,3 +324,19 @@ async def test_admin_manages_agents_and_keys(mailbox, db):
         assert r.status == 204
     status, _, _ = await call(http, "GET", f"{base}/agents", created["key"])
     assert status == 401
+
+
+async def test_a_key_made_before_scopes_can_read_only(mailbox, db):
+    """Keys of before migration 0011 have no scopes written: the column's default, read."""
+    server, sink, keys, http = mailbox
+    old = KEY_PREFIX + "made-before-scopes-existed-0123456789"
+    await db.execute(
+        """INSERT INTO api_keys (workspace_id, prefix, key_hash)
+           VALUES ((SELECT id FROM workspaces WHERE slug = 'acme'), 'sak_ma', $1)""",
+        hash_key(old))
+    base = f"{server.http_url}/api/v1/workspaces/acme"
+    status, _, _ = await call(http, "GET", f"{base}/agents", old)
+    assert status == 200
+    status, _, _ = await call(http, "POST", f"{base}/agents/support/messages", old,
+                              json={"to": "b@example.org", "text": "x"})
+    assert status == 403
