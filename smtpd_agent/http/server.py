@@ -16,8 +16,8 @@ from aiohttp import web
 from ..domains.mta_sts import POLICY_PATH, mta_sts_route
 from ..mailbox.send import Mailboxes
 from ..routing import Router
-from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from ..runtime import Runtime
+from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from .api import InboxApi
 from .health import Health
 from .mailbox import MailboxApi
@@ -68,7 +68,8 @@ class HttpServer:
     def build(self) -> web.Application:
         runtime, settings = self.runtime, self.settings
         pipeline = runtime.pipeline
-        router = Router(runtime.pool, settings.server.default_domain, settings.routing.cache_ttl)
+        router = Router(runtime.pool, settings.server.default_domain, settings.routing.cache_ttl,
+                        changes=runtime.changes)
         health = Health(runtime.pool, settings, pipeline.scanner)
         api = InboxApi(runtime.pool)
         mailbox = MailboxApi(runtime.pool, api, Mailboxes(

@@ -327,7 +327,7 @@ async def test_admin_manages_agents_and_keys(mailbox, db):
 
 
 async def test_a_key_made_before_scopes_can_read_only(mailbox, db):
-    """Keys of before migration 0011 have no scopes written: the column's default, read."""
+    """Keys of before migration 0012 have no scopes written: the column's default, read."""
     server, sink, keys, http = mailbox
     old = KEY_PREFIX + "made-before-scopes-existed-0123456789"
     await db.execute(
