@@ -1,9 +1,11 @@
 """From received bytes to a stored message: parse, authenticate, scan, store.
 
-The listener hands over a `ReceivedContent`; this module freezes it into the
-typed record, runs the stages in order and returns the one reply for the
-client. 250 is returned only after the store's COMMIT; anything that fails
-before is a 4xx so the sender keeps the message and retries.
+Every way in (the SMTP listener, each provider webhook) hands over the same
+`ReceivedContent`, built by the shared steps of ingress.py; this module runs
+the stages in order and returns an `Outcome` whose verdict is a typed value.
+smtp/replies.py turns it into the reply (and the HTTP status) and counts it.
+The verdict is ACCEPTED only after the store's COMMIT; anything that fails
+before is a temporary verdict so the sender keeps the message and retries.
 """
 
 from __future__ import annotations
@@ -12,23 +14,21 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Protocol
-from email.utils import format_datetime
 
 import asyncpg
 import structlog
 
-from .auth import AuthResult, CheckRunner, authenticate, strip_our_results
+from .auth import AuthAction, AuthReason, AuthResult, CheckRunner, authenticate, strip_our_results
 from .auth import decide as decide_auth
 from .config import Settings
 from .dns import Resolver
 from .message import parse_message
 from .metrics import Metrics
-from .record import Envelope, InboundMessage, ReceivedContent
-from .scan import ScanResult, Scanner
+from .record import InboundMessage, ReceivedContent
+from .scan import ScanAction, Scanner, ScanReason, ScanResult
 from .scan import decide as decide_scan
-from .smtp import replies
-from .smtp.replies import Reply
 from .store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from .store.messages import GroupCommit, StoredMessage, StoreTooLarge, Verdicts
 
@@ -38,53 +38,50 @@ log = structlog.get_logger("smtpd_agent.pipeline")
 PARSE_IN_THREAD_ABOVE = 256 * 1024
 
 
-def received_header(content: ReceivedContent, hostname: str) -> str:
-    """RFC 5321 section 4.4 trace header, with the RFC 3848 protocol name."""
-    if content.transport != "smtp":
-        # Posted by a provider's webhook: the hop we saw was the provider, over HTTPS.
-        recipient = (f"\r\n\tfor <{content.recipients[0].address}>"
-                     if len(content.recipients) == 1 else "")
-        return (f"from {content.transport} webhook\r\n"
-                f"\tby {hostname} (smtpd-agent) with HTTP id {content.queue_id}{recipient};\r\n"
-                f"\t{format_datetime(content.received_at)}")
-    protocol = "UTF8SMTP" if content.smtputf8 else "ESMTP" if content.esmtp else "SMTP"
-    if content.tls and protocol != "SMTP":
-        protocol += "S"
-    elif content.tls:
-        protocol = "ESMTPS"
-    helo = "".join(ch for ch in content.helo if ch.isprintable() and ch not in "()\\")[:255]
-    recipient = (f"\r\n\tfor <{content.recipients[0].address}>"
-                 if len(content.recipients) == 1 else "")
-    tls = f" ({content.tls_version})" if content.tls_version else ""
-    return (f"from {helo or 'unknown'} ([{content.client_ip}])\r\n"
-            f"\tby {hostname} (smtpd-agent) with {protocol}{tls} id {content.queue_id}{recipient};\r\n"
-            f"\t{format_datetime(content.received_at)}")
+class MessageVerdict(Enum):
+    """How the pipeline ended for a message that no check refused."""
+
+    ACCEPTED = "accepted"  # committed
+    BOUNCE = "bounce"  # DSNs for VERP recipients only, handed to the bounce processor
+    STORE_TEMPFAIL = "store failed"
+    TOO_BIG_TO_STORE = "too big to store"  # the store's own bounds: the same every time
+    BOUNCE_TEMPFAIL = "bounce processing failed"
+
+
+# A message's verdict: its own, or the reason the stage that refused it gave.
+Verdict = MessageVerdict | AuthReason | ScanReason
 
 
 class Rejected(Exception):
-    """A stage refused the message; carries the one reply for the client."""
+    """A stage refused the message; carries its typed reason."""
 
-    def __init__(self, reply: Reply, reason: str, **fields: object) -> None:
-        super().__init__(reason)
-        self.reply = reply
-        self.reason = reason
+    def __init__(self, verdict: AuthReason | ScanReason, temporary: bool,
+                 **fields: object) -> None:
+        super().__init__(verdict.value)
+        self.verdict = verdict
+        self.temporary = temporary
         self.fields = fields
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What became of one message: the reply, why, and the rows stored (webhooks show them)."""
+    """What became of one message: the verdict, and the rows stored (webhooks show them)."""
 
-    reply: Reply
-    reason: str = "accepted"
+    verdict: Verdict
     stored: tuple[StoredMessage, ...] = field(default=())
+    signature: str | None = None  # of the virus found, for the reply
+
+    @property
+    def reason(self) -> str:
+        return self.verdict.value
 
 
 class DsnReceiver(Protocol):
     """Takes a DSN that reached a VERP address (outbound/bounces.py's BounceProcessor; the
     runtime passes it in, so this stage never imports the outbound feature)."""
 
-    async def receive_dsn(self, token: str, raw: bytes, queue_id: str = "") -> str: ...
+    async def receive_dsn(self, token: str, raw: bytes, queue_id: str = "",
+                          mail_from: str = "") -> str: ...
 
 
 class Pipeline:
@@ -117,15 +114,10 @@ class Pipeline:
                                     self.checks)
         self.metrics.auth_result(result.spf, result.dkim, result.dmarc, result.arc)
         decision = decide_auth(result, self.settings.auth)
-        if decision.action == "reject":
-            reply = (replies.DMARC_REJECT if decision.reason.startswith("dmarc")
-                     else replies.SPF_REJECT)
-            raise Rejected(reply, decision.reason, spf=result.spf, dkim=result.dkim,
-                           dmarc=result.dmarc)
-        if decision.action == "tempfail":
-            raise Rejected(replies.TEMP_AUTH_FAILURE, decision.reason, spf=result.spf,
-                           dkim=result.dkim, dmarc=result.dmarc)
-        return result, decision.action == "quarantine"
+        if decision.action in (AuthAction.REJECT, AuthAction.TEMPFAIL):
+            raise Rejected(decision.reason, decision.action is AuthAction.TEMPFAIL,
+                           spf=result.spf, dkim=result.dkim, dmarc=result.dmarc)
+        return result, decision.action is AuthAction.QUARANTINE
 
     async def scan(self, message: InboundMessage) -> ScanResult | None:
         """Run clamd over the message; raise Rejected for viruses, oversize and outages."""
@@ -134,71 +126,50 @@ class Pipeline:
         result = await self.scanner.scan_message(message)
         self.metrics.scans.labels(result.status).inc()
         decision = decide_scan(result, self.settings.scan)
-        if decision.action == "reject" and decision.reason == "virus":
-            raise Rejected(replies.VIRUS_FOUND.with_text(
-                f"Message rejected: virus found ({decision.signature})"), "virus",
-                signature=decision.signature)
-        if decision.action == "reject":
-            raise Rejected(replies.TOO_BIG_TO_SCAN, "too large to scan")
-        if decision.action == "tempfail":
-            raise Rejected(replies.TEMP_SCAN_FAILURE, decision.reason, problem=result.problem)
+        if decision.action is ScanAction.REJECT:
+            raise Rejected(decision.reason, False, signature=decision.signature)
+        if decision.action is ScanAction.TEMPFAIL:
+            raise Rejected(decision.reason, True, problem=result.problem)
         return result
 
-    async def receive_bounces(self, content: ReceivedContent) -> Reply | None:
-        """Hand a DSN to the bounce processor for each VERP recipient; a 4xx if that failed.
+    async def receive_bounces(self, content: ReceivedContent) -> bool:
+        """Hand a DSN to the bounce processor for each VERP recipient; False if that failed.
 
         No authentication or scan: the random VERP token is what makes a bounce ours,
         and nothing of it reaches an agent or its mailbox.
         """
+        envelope = content.envelope
         if self.bounces is None:  # a runtime wired without the bounce processor
             log.error("smtp.tempfail", reason="no bounce processor in this process",
-                      queue_id=content.queue_id, mail_from=content.mail_from)
-            return replies.TEMP_STORE_FAILURE.for_session(content.session_id)
+                      queue_id=envelope.queue_id, mail_from=envelope.mail_from)
+            return False
         try:
-            for token in content.bounce_tokens:
-                await self.bounces.receive_dsn(token, content.data, content.queue_id,
-                                               content.mail_from)
+            for token in envelope.bounce_tokens:
+                await self.bounces.receive_dsn(token, content.data, envelope.queue_id,
+                                               envelope.mail_from)
         except CONNECTION_ERRORS as error:
             log.error("smtp.tempfail", reason="bounce processing failed", error=str(error),
-                      queue_id=content.queue_id, mail_from=content.mail_from)
-            return replies.TEMP_STORE_FAILURE.for_session(content.session_id)
-        return None
-
-    async def receive(self, content: ReceivedContent) -> Reply:
-        """The reply for one received message; 250 only once it is committed."""
-        return (await self.process(content)).reply
+                      queue_id=envelope.queue_id, mail_from=envelope.mail_from)
+            return False
+        return True
 
     async def process(self, content: ReceivedContent) -> Outcome:
-        """Every stage in order, counted; the listener and the webhooks both come here."""
-        outcome = await self._process(content)
-        if outcome.reply.code < 300:
-            self.metrics.accepted.labels(content.transport).inc()
-        else:
-            self.metrics.rejected_reply(content.transport, "data", outcome.reason,
-                                        outcome.reply.code)
-        return outcome
-
-    async def _process(self, content: ReceivedContent) -> Outcome:
-        if content.bounce_tokens:
-            failed = await self.receive_bounces(content)
-            if failed is not None:
-                return Outcome(failed, reason="bounce processing failed")
-            if not content.recipients:
-                return Outcome(replies.queued(content.queue_id), reason="bounce")
-        envelope = Envelope(
-            session_id=content.session_id, client_ip=content.client_ip, helo=content.helo,
-            mail_from=content.mail_from, recipients=content.recipients, tls=content.tls,
-            tls_version=content.tls_version, smtputf8=content.smtputf8,
-            received_at=content.received_at)
+        """Every stage in order; the listener and the webhooks both come here."""
+        envelope = content.envelope
+        if envelope.bounce_tokens:
+            if not await self.receive_bounces(content):
+                return Outcome(MessageVerdict.BOUNCE_TEMPFAIL)
+            if not envelope.recipients:
+                return Outcome(MessageVerdict.BOUNCE)
         if len(content.data) > PARSE_IN_THREAD_ABOVE:
             parsed = await asyncio.to_thread(parse_message, content.data)
         else:
             parsed = parse_message(content.data)
         message = InboundMessage(envelope=envelope, raw=content.data, parsed=parsed)
-        rcpt = [r.address for r in content.recipients]
+        rcpt = [r.address for r in envelope.recipients]
         began = time.perf_counter()
         try:
-            if content.authenticable:
+            if envelope.authenticable:
                 auth, quarantined = await self.authenticate(message)
             else:
                 auth, quarantined = self.unauthenticated(), False
@@ -206,11 +177,13 @@ class Pipeline:
             scan = await self.scan(message)
             scanned = time.perf_counter()
         except Rejected as rejected:
-            log.info("smtp.rejected" if rejected.reply.code >= 500 else "smtp.tempfail",
-                     reason=rejected.reason, reply=str(rejected.reply), queue_id=content.queue_id,
-                     mail_from=content.mail_from, rcpt=rcpt, transport=content.transport,
+            log.info("smtp.tempfail" if rejected.temporary else "smtp.rejected",
+                     reason=rejected.verdict.value, queue_id=envelope.queue_id,
+                     mail_from=envelope.mail_from, rcpt=rcpt, transport=envelope.transport,
                      **rejected.fields)
-            return Outcome(rejected.reply, rejected.reason)
+            signature = rejected.fields.get("signature")
+            return Outcome(rejected.verdict,
+                           signature=signature if isinstance(signature, str) else None)
         verdicts = Verdicts(
             spf=auth.spf, dkim=auth.dkim, dmarc=auth.dmarc, arc=auth.arc,
             auth_results=auth.header_value, auth_detail=auth.to_dict(), quarantined=quarantined,
@@ -219,34 +192,33 @@ class Pipeline:
         message = dataclasses.replace(
             message, raw=strip_our_results(content.data, self.authserv_id),
             trace_headers=(("Authentication-Results", auth.header_value),
-                           ("Received", received_header(content, self.settings.server.hostname))))
+                           *content.trace_headers))
         try:
-            stored = await self.store.store(message, verdicts, content.queue_id)
+            stored = await self.store.store(message, verdicts, envelope.queue_id)
         except StoreTooLarge as error:
             # the same bytes fail the same way every time: permanent, for this message only
             log.warning("smtp.rejected", reason="too big to store", error=str(error),
-                        queue_id=content.queue_id, mail_from=content.mail_from, rcpt=rcpt,
-                        transport=content.transport)
-            return Outcome(replies.TOO_BIG_TO_STORE, "too big to store")
+                        queue_id=envelope.queue_id, mail_from=envelope.mail_from, rcpt=rcpt,
+                        transport=envelope.transport)
+            return Outcome(MessageVerdict.TOO_BIG_TO_STORE)
         except DatabaseUnavailable as error:
             log.error("smtp.tempfail", reason="store failed", error=str(error),
-                      queue_id=content.queue_id, mail_from=content.mail_from, rcpt=rcpt,
-                      transport=content.transport)
-            return Outcome(replies.TEMP_STORE_FAILURE.for_session(content.session_id),
-                           "store failed")
+                      queue_id=envelope.queue_id, mail_from=envelope.mail_from, rcpt=rcpt,
+                      transport=envelope.transport)
+            return Outcome(MessageVerdict.STORE_TEMPFAIL)
         stored_at = time.perf_counter()
         self.metrics.store_latency.observe(stored_at - scanned)
-        log.info("smtp.accepted", queue_id=content.queue_id, message_id=parsed.message_id,
-                 mail_from=content.mail_from, rcpt=rcpt, size=len(content.data),
+        log.info("smtp.accepted", queue_id=envelope.queue_id, message_id=parsed.message_id,
+                 mail_from=envelope.mail_from, rcpt=rcpt, size=len(content.data),
                  attachments=len(parsed.attachments), spf=auth.spf, dkim=auth.dkim,
                  dmarc=auth.dmarc, arc=auth.arc, quarantined=quarantined,
                  scan=verdicts.scan_status,
                  stored=[s.id for s in stored if not s.duplicate],
-                 duplicates=[s.id for s in stored if s.duplicate], transport=content.transport,
+                 duplicates=[s.id for s in stored if s.duplicate], transport=envelope.transport,
                  ms={"auth": round((authenticated - began) * 1000, 1),
                      "scan": round((scanned - authenticated) * 1000, 1),
                      "store": round((stored_at - scanned) * 1000, 1)})
-        return Outcome(replies.queued(content.queue_id), "accepted", tuple(stored))
+        return Outcome(MessageVerdict.ACCEPTED, tuple(stored))
 
 
 def scan_columns(scan: ScanResult | None, message: InboundMessage) -> dict[str, object]:

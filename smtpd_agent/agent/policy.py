@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from email.utils import getaddresses
 
+from ..addresses import domain_of, within
+
 # Local parts that are machines, not people (RFC 3834 section 2, RFC 2142, common practice).
 AUTOMATED_LOCAL = re.compile(
     r"^(mailer-daemon|postmaster|no-?reply|do-?not-?reply|nobody|bounces?|listserv|majordomo"
@@ -39,16 +41,11 @@ class MessageFacts:
         return next((value for key, value in self.headers if key.lower() == lowered), None)
 
 
-def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower().strip(".")
-
-
 def is_own_address(address: str, own_domain: str,
                    custom_domains: frozenset[str] = frozenset()) -> bool:
     """An address on our domain, a workspace's custom domain, or a subdomain of either."""
-    domain = _domain(address)
-    return any(domain == ours or domain.endswith("." + ours)
-               for ours in (own_domain, *custom_domains))
+    domain = domain_of(address)
+    return any(within(domain, ours) for ours in (own_domain, *custom_domains))
 
 
 def parent_domains(domain: str) -> list[str]:

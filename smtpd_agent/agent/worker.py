@@ -16,9 +16,9 @@ from datetime import UTC, datetime
 
 import structlog
 
+from ..addresses import OurDomains, parse_address
 from ..config import Settings
 from ..outbound.queue import is_suppressed
-from ..routing import parse_address, workspace_of
 from ..runtime import Runtime
 from ..store.lease import poll
 from . import jobs
@@ -35,13 +35,13 @@ NO_LLM = "no LLM configured"
 RELEASE_TIMEOUT = 2.0
 
 
-def agent_address(handle: str, slug: str, rcpt_domain: str | None, default_domain: str,
+def agent_address(handle: str, slug: str, rcpt_domain: str | None, ours: OurDomains,
                   custom_domain_ok: bool = False) -> str:
     """The agent's address on the domain the correspondent wrote to, if that domain is its own
     (its workspace's subdomain, or a custom domain of its workspace); else the default one."""
-    if rcpt_domain and (custom_domain_ok or workspace_of(rcpt_domain, default_domain) == slug):
+    if rcpt_domain and (custom_domain_ok or ours.workspace(rcpt_domain) == slug):
         return f"{handle}@{rcpt_domain}"
-    return f"{handle}@{slug}.{default_domain}"
+    return ours.agent_address(handle, slug)
 
 
 class AgentWorkers:
@@ -156,13 +156,12 @@ class AgentWorkers:
             bound.info("agent.skipped", reason=reason)
             return
 
-        default_domain = self.settings.server.default_domain
+        ours = OurDomains(self.settings.server.default_domain)
         rcpt = parse_address(inbound.rcpt_to or "")
         rcpt_domain = rcpt.domain if rcpt else None
-        custom_ok = (rcpt_domain is not None and workspace_of(rcpt_domain, default_domain) is None
+        custom_ok = (rcpt_domain is not None and not ours.is_ours(rcpt_domain)
                      and await jobs.receiving_domain_of(db, job, rcpt_domain))
-        address = agent_address(agent.handle, agent.workspace_slug, rcpt_domain, default_domain,
-                                custom_ok)
+        address = agent_address(agent.handle, agent.workspace_slug, rcpt_domain, ours, custom_ok)
         identity = f"{agent.display_name} <{address}>" if agent.display_name else address
         transcript = await jobs.load_transcript(db, job)
         prompt = build_prompt(identity, agent.system_prompt, transcript,

@@ -30,10 +30,10 @@ from ..agent.compose import (
     reply_references,
     reply_subject,
 )
+from ..addresses import OurDomains
 from ..agent.policy import reply_address
 from ..message import normalize_subject
 from ..outbound.queue import enqueue, normalize_address
-from ..routing import workspace_of
 from ..store import mailbox as store
 from ..store.messages import OutboundRow, store_outbound
 
@@ -165,7 +165,7 @@ class Mailboxes:
         subject = " ".join((request.subject or "").split())
         outgoing = Outgoing(
             from_name=found["display_name"],
-            from_address=f"{found['handle']}@{slug}.{self.default_domain}",
+            from_address=OurDomains(self.default_domain).agent_address(found["handle"], slug),
             to=request.to, cc=request.cc, subject=subject, text=request.text, html=request.html,
             attachments=request.attachments)
         return await self._store(workspace_id, found["id"], found["enabled"], None, outgoing,
@@ -211,18 +211,19 @@ class Mailboxes:
 
     async def _reply_from(self, workspace_id: int, target: store.ReplyTarget) -> str:
         """The agent's address on the domain the correspondent wrote to, when it is the
-        workspace's own (its subdomain, or a custom domain that receives); else the default."""
+        workspace's own (its subdomain, or a custom domain that receives); else the default
+        (the built-in agent's rule, agent/worker.py)."""
+        ours = OurDomains(self.default_domain)
         slug = await self.db.fetchval("SELECT slug FROM workspaces WHERE id = $1", workspace_id)
         domain = (target.rcpt_to or "").rpartition("@")[2].lower()
-        if domain and workspace_of(domain, self.default_domain) == slug:
+        if domain and ours.workspace(domain) == slug:
             return f"{target.handle}@{domain}"
-        if domain and workspace_of(domain, self.default_domain) is None and \
-                await self.db.fetchval(
-                    """SELECT EXISTS (SELECT 1 FROM domains WHERE name = $1 AND workspace_id = $2
-                                        AND state IN ('verified', 'degraded'))""",
-                    domain, workspace_id):
+        if domain and not ours.is_ours(domain) and await self.db.fetchval(
+                """SELECT EXISTS (SELECT 1 FROM domains WHERE name = $1 AND workspace_id = $2
+                                    AND state IN ('verified', 'degraded'))""",
+                domain, workspace_id):
             return f"{target.handle}@{domain}"
-        return f"{target.handle}@{slug}.{self.default_domain}"
+        return ours.agent_address(target.handle, slug)
 
     async def _store(self, workspace_id: int, agent_id: int, enabled: bool,
                      thread_id: int | None, outgoing: Outgoing, request: SendRequest,

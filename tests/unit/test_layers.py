@@ -28,18 +28,18 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 LAYERS: dict[str, tuple[str, ...]] = {
     # Typed values and settings: import nothing of ours from a later layer.
     "values": (
-        "smtpd_agent", "config", "logs", "message", "metrics", "record", "relay_url",
-        "systemd",
+        "smtpd_agent", "addresses", "config", "logs", "message", "metrics", "record",
+        "relay_url", "systemd",
     ),
     # One module per standard, pure, the resolver passed in; no SMTP session, no store.
     "standards": (
         "dns", "auth.adapters", "auth.arc", "auth.dkim", "auth.dmarc", "auth.results",
         "auth.runner", "auth.spf",
-        "outbound.dsn", "outbound.verp", "smtp.replies", "http.sns",
+        "outbound.dsn", "outbound.verp", "http.sns",
     ),
     # The inbound stages, the store they write to, and the runtime they form.
     "stages": (
-        "auth", "routing", "scan", "pipeline",
+        "auth", "routing", "ingress", "scan", "pipeline",
         "store", "store.apikeys", "store.changes", "store.database", "store.directory",
         "store.deployment", "store.domains", "store.inbox", "store.lease", "store.mailbox",
         "store.messages", "store.rows",
@@ -47,7 +47,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     # Listeners and features: each receives the Runtime and calls stages and store.
     "features": (
-        "smtp", "smtp.handler", "smtp.limits", "smtp.server",
+        "smtp", "smtp.handler", "smtp.limits", "smtp.replies", "smtp.server",
         "http", "http.api", "http.health", "http.limits", "http.openapi", "http.responses",
         "http.mailbox", "http.server", "http.webhooks",
         "mailbox", "mailbox.send",
