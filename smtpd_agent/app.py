@@ -130,7 +130,8 @@ class MailServer:
         tls_context = build_tls_context(settings.smtp)
         pipeline = (self.runtime.pipeline if self._parts is None
                     else self.runtime.build_pipeline(settings))
-        handler = SessionHandler(self.router, settings.smtp.max_recipients, self.runtime.metrics)
+        handler = SessionHandler(self.router, settings.smtp.max_recipients, self.runtime.metrics,
+                                 acl=pipeline.acl)
         return SessionParts(settings, handler, pipeline, tls_context)
 
     async def start(self) -> None:

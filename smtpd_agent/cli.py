@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .acl.cli import register_acl
 from .agent.cli import register_agent
 from .app import DNS_SERVICES, listener_services, serve
 from .cli_common import Parents, deployment_settings, emit, with_database
@@ -341,5 +342,6 @@ COMMAND_GROUPS: list[Callable[[Any, Parents], None]] = [
     register_domains,
     register_apikeys,
     register_outbound,
+    register_acl,
     register_drafts,
 ]

@@ -22,6 +22,7 @@ import structlog
 from .config import SmtpSettings
 from .record import Envelope, ReceivedContent, Recipient
 from .routing import RouteKind, Router
+from .store.acl import AclCache
 from .store.database import DatabaseUnavailable
 
 log = structlog.get_logger("smtpd_agent.smtp")
@@ -44,6 +45,7 @@ class RcptVerdict(Enum):
     RELAY_DENIED = "relay denied"
     TOO_MANY_RECIPIENTS = "too many recipients"
     TEMPFAIL = "routing lookup failed"
+    SENDER_REFUSED = "sender refused by acl"  # the mailbox's allow/block list refuses MAIL FROM
 
     @property
     def accepted(self) -> bool:
@@ -80,8 +82,10 @@ class Recipients:
 
 
 async def route_recipient(router: Router, address: str, *, accepted: int, max_recipients: int,
-                          mail_from: str, transport: str = "smtp") -> RcptDecision:
-    """Route one recipient of a transaction that has `accepted` recipients already."""
+                          mail_from: str, transport: str = "smtp",
+                          acl: AclCache | None = None) -> RcptDecision:
+    """Route one recipient of a transaction that has `accepted` recipients already; with
+    `acl`, a mailbox whose allow/block lists refuse the envelope sender refuses it here."""
     fields = {} if transport == "smtp" else {"transport": transport}
     if accepted >= max_recipients:
         log.info("smtp.rcpt_rejected", rcpt=address, reason="too many recipients", **fields)
@@ -103,6 +107,18 @@ async def route_recipient(router: Router, address: str, *, accepted: int, max_re
         log.info("smtp.rcpt_rejected", rcpt=address, mail_from=mail_from,
                  reason="unknown mailbox", **fields)
         return RcptDecision(RcptVerdict.UNKNOWN_MAILBOX, address)
+    mailbox = route.mailbox
+    if acl is not None and mail_from not in ("", "<>"):
+        try:
+            decision = await acl.receiving(mailbox.workspace_id, mailbox.agent_id, mail_from)
+        except DatabaseUnavailable as error:
+            log.error("smtp.rcpt_tempfail", rcpt=address, reason="acl lookup failed",
+                      error=str(error), **fields)
+            return RcptDecision(RcptVerdict.TEMPFAIL, address)
+        if decision.refused:
+            log.info("smtp.rcpt_rejected", rcpt=address, mail_from=mail_from,
+                     reason="sender refused by acl", acl=decision.reason, **fields)
+            return RcptDecision(RcptVerdict.SENDER_REFUSED, address)
     log.debug("smtp.rcpt_accepted", rcpt=address, workspace=route.mailbox.workspace_slug,
               agent=route.mailbox.handle, **fields)
     return RcptDecision(RcptVerdict.MAILBOX, address,

@@ -29,6 +29,7 @@ from .metrics import Metrics
 from .record import InboundMessage, ReceivedContent
 from .scan import ScanAction, Scanner, ScanReason, ScanResult
 from .scan import decide as decide_scan
+from .store.acl import AclCache
 from .store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from .store.messages import GroupCommit, StoredMessage, StoreTooLarge, Verdicts
 
@@ -46,6 +47,8 @@ class MessageVerdict(Enum):
     STORE_TEMPFAIL = "store failed"
     TOO_BIG_TO_STORE = "too big to store"  # the store's own bounds: the same every time
     BOUNCE_TEMPFAIL = "bounce processing failed"
+    SENDER_REFUSED = "sender refused by acl"  # every mailbox's allow/block list refused it
+    ACL_TEMPFAIL = "acl lookup failed"
 
 
 # A message's verdict: its own, or the reason the stage that refused it gave.
@@ -55,7 +58,7 @@ Verdict = MessageVerdict | AuthReason | ScanReason
 class Rejected(Exception):
     """A stage refused the message; carries its typed reason."""
 
-    def __init__(self, verdict: AuthReason | ScanReason, temporary: bool,
+    def __init__(self, verdict: AuthReason | ScanReason | MessageVerdict, temporary: bool,
                  **fields: object) -> None:
         super().__init__(verdict.value)
         self.verdict = verdict
@@ -98,6 +101,8 @@ class Pipeline:
         self.metrics = metrics or Metrics()
         self.authserv_id = settings.auth.authserv_id or settings.server.hostname
         self.bounces = bounces
+        # allow/block lists for receiving; the SMTP handler shares it for RCPT
+        self.acl = AclCache(db, settings.routing.cache_ttl)
         self.store = GroupCommit(db, settings.store.thread_window_days,
                                  settings.store.batch_max, settings.store.committers,
                                  settings.store.batch_max_bytes)
@@ -118,6 +123,35 @@ class Pipeline:
             raise Rejected(decision.reason, decision.action is AuthAction.TEMPFAIL,
                            spf=result.spf, dkim=result.dkim, dmarc=result.dmarc)
         return result, decision.action is AuthAction.QUARANTINE
+
+    async def apply_acl(self, message: InboundMessage) -> InboundMessage:
+        """Refuse a sender (MAIL FROM or From) the mailboxes' allow/block lists refuse.
+
+        Every recipient refusing it: Rejected (550 5.7.1). Only some: the message goes
+        on to the others, and the refusing mailboxes' share is dropped with a log line.
+        """
+        senders = [a for a in (message.envelope.mail_from, message.parsed.from_address)
+                   if a and a != "<>"]
+        kept, refused = [], []
+        for recipient in message.envelope.recipients:
+            mailbox = recipient.mailbox
+            try:
+                decisions = [await self.acl.receiving(mailbox.workspace_id, mailbox.agent_id,
+                                                      sender) for sender in senders]
+            except DatabaseUnavailable as error:
+                raise Rejected(MessageVerdict.ACL_TEMPFAIL, True, error=str(error)) from None
+            reasons = [d.reason for d in decisions if d.refused]
+            (refused if reasons else kept).append((recipient, reasons))
+        if not refused:
+            return message
+        if not kept:
+            raise Rejected(MessageVerdict.SENDER_REFUSED, False,
+                           acl=[r for _, reasons in refused for r in reasons])
+        log.info("smtp.acl_dropped", session=message.envelope.session_id,
+                 dropped=[r.address for r, _ in refused],
+                 acl=[r for _, reasons in refused for r in reasons])
+        return dataclasses.replace(message, envelope=dataclasses.replace(
+            message.envelope, recipients=tuple(r for r, _ in kept)))
 
     async def scan(self, message: InboundMessage) -> ScanResult | None:
         """Run clamd over the message; raise Rejected for viruses, oversize and outages."""
@@ -167,6 +201,14 @@ class Pipeline:
             parsed = parse_message(content.data)
         message = InboundMessage(envelope=envelope, raw=content.data, parsed=parsed)
         rcpt = [r.address for r in envelope.recipients]
+        try:
+            message = await self.apply_acl(message)
+        except Rejected as rejected:
+            log.info("smtp.tempfail" if rejected.temporary else "smtp.rejected",
+                     reason=rejected.verdict.value, queue_id=envelope.queue_id,
+                     mail_from=envelope.mail_from, rcpt=rcpt, transport=envelope.transport,
+                     **rejected.fields)
+            return Outcome(rejected.verdict)
         began = time.perf_counter()
         try:
             if envelope.authenticable:

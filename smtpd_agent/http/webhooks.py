@@ -686,7 +686,8 @@ class Webhooks:
         for address in post.recipients:
             decision = await route_recipient(self.router, address, accepted=len(accepted),
                                              max_recipients=settings.smtp.max_recipients,
-                                             mail_from=post.mail_from, transport=post.provider)
+                                             mail_from=post.mail_from, transport=post.provider,
+                                             acl=self.pipeline.acl)
             reply = replies.answer(decision.verdict, post.provider, self.metrics)
             verdicts.append({"address": address, "verdict": decision.verdict.value,
                              "reply": str(reply)})

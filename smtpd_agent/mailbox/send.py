@@ -30,10 +30,12 @@ from ..agent.compose import (
     reply_references,
     reply_subject,
 )
+from ..acl import AclDirection
 from ..addresses import OurDomains
 from ..agent.policy import reply_address
 from ..message import normalize_subject
 from ..outbound.queue import enqueue, normalize_address
+from ..store import acl
 from ..store import mailbox as store
 from ..store.messages import OutboundRow, store_outbound
 
@@ -153,6 +155,12 @@ class Mailboxes:
                 raise SendError(Problem.REFUSED, f"{address} is on the workspace's suppression "
                                 "list (a hard bounce, a complaint or a manual entry)",
                                 rule="suppression")
+            # the allow/block lists, as enqueue and the outbound worker apply them again
+            decision = await acl.check(connection, workspace_id, agent_id, AclDirection.SEND,
+                                       address)
+            if decision.refused:
+                raise SendError(Problem.REFUSED, f"{address} is refused by the allow/block "
+                                f"lists: {decision.reason}", rule="acl")
 
     async def send(self, workspace_id: int, slug: str, handle: str, request: SendRequest,
                    idempotency_key: str | None, fingerprint: bytes,

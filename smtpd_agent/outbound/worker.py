@@ -137,8 +137,13 @@ class OutboundWorker:
         else:
             signed, mail_from = delivery.signed, delivery.mail_from
         recipients = await queue.pending_recipients(self.db, delivery)
+        reason = "no recipient left to send to"
+        if recipients:
+            # where mail leaves: whoever queued it, the allow/block lists have the last word
+            recipients = await queue.block_refused(self.db, delivery, recipients)
+            reason = "every recipient is blocked by the allow/block lists"
         if not recipients:
-            await queue.fail(self.db, delivery, started, "no recipient left to send to")
+            await queue.fail(self.db, delivery, started, reason)
             return
         # SES writes its own MAIL FROM; it takes the sending identity (the From address).
         envelope_from = delivery.from_address if self.transport.name == "ses" else mail_from

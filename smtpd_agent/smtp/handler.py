@@ -9,6 +9,7 @@ import structlog
 from ..ingress import route_recipient
 from ..metrics import Metrics
 from ..routing import Router
+from ..store.acl import AclCache
 from . import replies
 
 log = structlog.get_logger("smtpd_agent.smtp")
@@ -18,10 +19,11 @@ class SessionHandler:
     """aiosmtpd handler hooks; one instance serves every session."""
 
     def __init__(self, router: Router, max_recipients: int,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, acl: AclCache | None = None) -> None:
         self.router = router
         self.max_recipients = max_recipients
         self.metrics = metrics
+        self.acl = acl
 
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
                           mail_options: list[str]) -> str:
@@ -34,7 +36,7 @@ class SessionHandler:
                           rcpt_options: list[str]) -> str:
         decision = await route_recipient(self.router, address, accepted=len(envelope.rcpt_tos),
                                          max_recipients=self.max_recipients,
-                                         mail_from=envelope.mail_from)
+                                         mail_from=envelope.mail_from, acl=self.acl)
         if decision.verdict.accepted:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)

@@ -113,6 +113,8 @@ DATA_BUDGET_EXHAUSTED = Reply(452, "3.1", "Insufficient system storage, try agai
 # 5xx: permanent
 MAILBOX_UNKNOWN = Reply(550, "1.1", "Mailbox unavailable")
 RELAY_DENIED = Reply(550, "7.1", "Relay access denied")
+# the mailbox's (or its workspace's) allow/block lists refuse the sender (acl/)
+SENDER_REFUSED = Reply(550, "7.1", "Sender not accepted by this mailbox")
 MESSAGE_TOO_BIG = Reply(552, "3.4", "Message size exceeds fixed maximum message size")
 HEADER_TOO_BIG = Reply(552, "3.4", "Message header exceeds fixed maximum size")
 TOO_BIG_TO_SCAN = Reply(552, "3.4", "Message too big to scan")
@@ -156,6 +158,7 @@ REPLIES: Mapping[Verdict, Reply] = {
     RcptVerdict.RELAY_DENIED: RELAY_DENIED,
     RcptVerdict.TOO_MANY_RECIPIENTS: TOO_MANY_RECIPIENTS,
     RcptVerdict.TEMPFAIL: TEMP_ROUTING_FAILURE,
+    RcptVerdict.SENDER_REFUSED: SENDER_REFUSED,
     ContentVerdict.TOO_BIG: MESSAGE_TOO_BIG,
     ContentVerdict.BARE_LF: BARE_LF,
     ContentVerdict.HEADER_TOO_BIG: HEADER_TOO_BIG,
@@ -176,6 +179,8 @@ REPLIES: Mapping[Verdict, Reply] = {
     SessionVerdict.DATA_BUDGET_EXHAUSTED: DATA_BUDGET_EXHAUSTED,
     SessionVerdict.DATA_TOO_SLOW: DATA_TOO_SLOW,
     MessageVerdict.BOUNCE_TEMPFAIL: TEMP_STORE_FAILURE,
+    MessageVerdict.SENDER_REFUSED: SENDER_REFUSED,
+    MessageVerdict.ACL_TEMPFAIL: TEMP_ROUTING_FAILURE,
 }
 # Decisions that are never a reply of their own: the stage went on to the next one.
 NO_REPLY: frozenset[Verdict] = frozenset({

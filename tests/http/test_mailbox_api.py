@@ -327,7 +327,7 @@ async def test_admin_manages_agents_and_keys(mailbox, db):
 
 
 async def test_a_key_made_before_scopes_can_read_only(mailbox, db):
-    """Keys of before migration 0012 have no scopes written: the column's default, read."""
+    """Keys of before migration 0013 have no scopes written: the column's default, read."""
     server, sink, keys, http = mailbox
     old = KEY_PREFIX + "made-before-scopes-existed-0123456789"
     await db.execute(
@@ -340,3 +340,16 @@ async def test_a_key_made_before_scopes_can_read_only(mailbox, db):
     status, _, _ = await call(http, "POST", f"{base}/agents/support/messages", old,
                               json={"to": "b@example.org", "text": "x"})
     assert status == 403
+
+
+async def test_a_blocked_recipient_is_a_422_naming_the_allow_block_rule(mailbox, db):
+    from smtpd_agent.acl import AclAction, AclDirection
+    from smtpd_agent.store.acl import add_entry
+    server, sink, keys, http = mailbox
+    workspace_id = await db.fetchval("SELECT id FROM workspaces WHERE slug = 'acme'")
+    await add_entry(db, workspace_id, None, AclAction.BLOCK, AclDirection.SEND, "@rival.example")
+    status, body, _ = await call(
+        http, "POST", f"{server.http_url}/api/v1/workspaces/acme/agents/support/messages",
+        keys["send"], json={"to": ["bob@example.org"], "cc": "ceo@rival.example", "text": "x"})
+    assert status == 422 and "allow/block" in body["error"] and "rival.example" in body["error"]
+    assert await db.fetchval("SELECT count(*) FROM messages") == 0

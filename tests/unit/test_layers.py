@@ -29,7 +29,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # Typed values and settings: import nothing of ours from a later layer.
     "values": (
         "smtpd_agent", "addresses", "config", "logs", "message", "metrics", "record",
-        "relay_url", "systemd",
+        "relay_url", "systemd", "acl",
     ),
     # One module per standard, pure, the resolver passed in; no SMTP session, no store.
     "standards": (
@@ -42,7 +42,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "auth", "routing", "ingress", "scan", "pipeline",
         "store", "store.apikeys", "store.changes", "store.database", "store.directory",
         "store.deployment", "store.domains", "store.inbox", "store.lease", "store.mailbox",
-        "store.messages", "store.rows",
+        "store.messages", "store.rows", "store.acl",
         "runtime",
     ),
     # Listeners and features: each receives the Runtime and calls stages and store.
@@ -63,8 +63,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "app": ("app",),
     # The command: shared helpers, each group's subcommands, the composition.
     "cli": (
-        "cli_common", "agent.cli", "domains.cli", "http.cli", "mailbox.cli", "outbound.cli",
-        "cli",
+        "cli_common", "agent.cli", "acl.cli", "domains.cli", "http.cli", "mailbox.cli",
+        "outbound.cli", "cli",
         "__main__",
     ),
 }

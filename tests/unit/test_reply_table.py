@@ -86,7 +86,7 @@ def test_no_two_decisions_share_a_key():
 def test_temporary_decisions_are_4xx_and_tell_providers_to_retry():
     temporary = {RcptVerdict.TEMPFAIL, RcptVerdict.TOO_MANY_RECIPIENTS, AuthReason.DNS_TEMPERROR,
                  ScanReason.SCANNER_ERROR, ScanReason.SCANNER_UNAVAILABLE,
-                 MessageVerdict.STORE_TEMPFAIL, MessageVerdict.BOUNCE_TEMPFAIL,
+                 MessageVerdict.STORE_TEMPFAIL, MessageVerdict.BOUNCE_TEMPFAIL, MessageVerdict.ACL_TEMPFAIL,
                  SessionVerdict.DATA_BUDGET_EXHAUSTED, SessionVerdict.DATA_TOO_SLOW}
     for decision, reply in REPLIES.items():
         assert reply.temporary == (decision in temporary), decision
