@@ -189,9 +189,8 @@ class Mailboxes:
             raise SendError(Problem.NOT_FOUND, "no such thread")
         to = request.to
         if not to:
-            # the built-in agent's rule: Reply-To only when DMARC passed, else From
-            found = reply_address(target.from_address, target.reply_to, target.mail_from,
-                                  target.dmarc) or target.correspondent
+            # the built-in agent's rule: From, or a Reply-To of the same organization
+            found = reply_address(target.from_address, target.reply_to) or target.correspondent
             if not found:
                 raise SendError(Problem.INVALID, "the thread has no correspondent: give to")
             to = (valid_address(found),)

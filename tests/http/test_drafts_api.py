@@ -13,6 +13,7 @@ import time
 import aiohttp
 import pytest
 
+from tests.agent.conftest import publish_spf
 from tests.http.test_api import deliver, message
 from tests.http.test_mailbox_api import call, open_mailbox, parse
 from tests.outbound.conftest import relay  # noqa: F401
@@ -26,6 +27,8 @@ CANNED = "Thanks for writing. We will look into it."
 async def drafting(start_server, db, relay, database_url, dns_server):  # noqa: F811
     """The mailbox server whose built-in agent answers with agent.offline_reply (no LLM)."""
     sink, url = relay
+    # the built-in agent answers only an authenticated sender: example.org passes SPF
+    publish_spf(dns_server, "example.org")
     server, keys = await open_mailbox(start_server, db, url, database_url, dns_server,
                                       **{"agent.offline_reply": CANNED,
                                          "agent.poll_interval": 0.05})
