@@ -6,16 +6,24 @@ registered (and, to receive, verified), which takes the database: that half is
 `routing.Router` (cached) and `store.domains`. Everything here is pure, so the
 listener, the webhooks, the agent, outbound mail, the DNS records and the CLI
 all ask the same question the same way.
+
+`client_key` is the unit of per-client limits: one host usually holds a whole
+IPv6 /64 and can pick a new address from it for each connection, so the SMTP
+connection limits (smtp/limits.py) and the DNS server's rate limiter and TCP
+slots (dnsserver/server.py) all count by an IPv4 address or an IPv6 /64.
 """
 
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass
+from typing import Final
 
 POSTMASTER = "postmaster"
 # A VERP token (outbound/verp.py makes them): lower-case letters and digits.
 VERP_TOKEN = re.compile(r"^[a-z0-9]{16,64}$")
+IPV4_MAPPED: Final = bytes(10) + b"\xff\xff"
 
 
 def normalize_domain(name: str) -> str:
@@ -95,3 +103,21 @@ class OurDomains:
 
     def agent_address(self, handle: str, slug: str) -> str:
         return f"{handle}@{self.workspace_domain(slug)}"
+
+
+def client_key(ip: str) -> str:
+    """The unit a per-client limit counts: an IPv4 address, or an IPv6 address's /64.
+
+    An IPv4-mapped IPv6 address counts as its IPv4 address; a zone (`%eth0`) is
+    dropped; anything else (a Unix socket peer) is its own key. Once per
+    connection or datagram: socket.inet_pton rather than the ipaddress module (~10x faster).
+    """
+    if ":" not in ip:
+        return ip
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])
+    except OSError:
+        return ip
+    if packed[:12] == IPV4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"

@@ -44,12 +44,15 @@ class Database:
     async def open(cls, settings: Settings, run_migrations: bool = True) -> Database:
         url, embedded = await asyncio.to_thread(
             resolve_database_url, settings.database, settings.server.state_dir)
+        pool: asyncpg.Pool | None = None
         try:
             pool = await create_pool(url, settings.database)
             if run_migrations:
                 async with pool.acquire() as connection:
                     await migrate(connection)
         except BaseException:
+            if pool is not None:  # a failed migration must not leave the pool's connections
+                await pool.close()
             if embedded:
                 embedded.release()
             raise

@@ -118,17 +118,21 @@ class ServerThread:
         return f"http://127.0.0.1:{self.http_port}"
 
     def _run(self) -> None:
+        """The loop is closed on every way out (a failed start, a stop that raised): an
+        unclosed loop's self-pipe (a Unix socket pair) would be left to the collector."""
         asyncio.set_event_loop(self.loop)
         try:
-            self.loop.run_until_complete(self.app.start())
-        except BaseException as error:  # reported to the starting thread
-            self._error = error
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(self.app.stop())
-        self.loop.close()
+            try:
+                self.loop.run_until_complete(self.app.start())
+            except BaseException as error:  # reported to the starting thread
+                self._error = error
+                return
+            finally:
+                self._ready.set()
+            self.loop.run_forever()
+            self.loop.run_until_complete(self.app.stop())
+        finally:
+            self.loop.close()
 
     def start(self) -> ServerThread:
         self._thread.start()
@@ -141,6 +145,8 @@ class ServerThread:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(30)
+        elif self._thread.ident is None:  # never started: its loop never ran to close itself
+            self.loop.close()
 
 
 OPEN_DIALOGUES: list[Dialogue] = []

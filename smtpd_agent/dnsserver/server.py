@@ -26,7 +26,6 @@ parent zone (domains/records.py), which we never serve.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import struct
 import time
 from collections import OrderedDict
@@ -42,6 +41,7 @@ import dns.name
 import dns.rcode
 import structlog
 
+from ..addresses import client_key
 from ..config import Settings, parse_listen
 from ..domains import open_key_store
 from ..domains.records import DnsRecord, delegated_zone_records
@@ -64,19 +64,6 @@ FAILURE_RECHECK = 5.0
 # What a delegated zone serves before it is verified: enough for `domain check`.
 UNVERIFIED_PURPOSES = frozenset({"delegation", "glue"})
 V = TypeVar("V")
-
-
-def source_key(address: str) -> str:
-    """The unit of per-source limits: an IPv4 address, or the /64 of an IPv6 address."""
-    try:
-        ip = ipaddress.ip_address(address.partition("%")[0])
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return f"{ipaddress.IPv6Network((ip, 64), strict=False).network_address}/64"
-    return str(ip)
 
 
 class RateLimiter:
@@ -289,7 +276,7 @@ class _Udp(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         server = self.server
-        if not server.limiter.allow(source_key(addr[0])):
+        if not server.limiter.allow(client_key(addr[0])):
             server.dropped += 1
             return
         if len(server.tasks) >= MAX_INFLIGHT:
@@ -410,7 +397,7 @@ class DnsServer:
         slots capped in total and per source (RFC 7766 6.2.2: no one client may hog them)."""
         config = self.settings.dns_server
         peer = writer.get_extra_info("peername")
-        source = source_key(peer[0] if isinstance(peer, tuple) and peer else "unknown")
+        source = client_key(peer[0] if isinstance(peer, tuple) and peer else "unknown")
         refused = self.slots.acquire(source)
         if refused is not None:
             self.tcp_refused += 1

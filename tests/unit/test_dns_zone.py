@@ -16,7 +16,7 @@ import dns.rdatatype
 import pytest
 
 from smtpd_agent.config import load_settings
-from smtpd_agent.dnsserver.server import ConnectionSlots, RateLimiter, served_records, source_key
+from smtpd_agent.dnsserver.server import ConnectionSlots, RateLimiter, served_records
 from smtpd_agent.dnsserver.zone import (
     build_zone,
     find_origin,
@@ -224,18 +224,6 @@ def test_a_stale_zone_keeps_its_records_at_a_short_ttl(zone) -> None:
         r.to_text() for r in ask(zone, ZONE, "MX").answer[0])
     assert ask(stale, ZONE, "SOA").answer[0][0].serial == 7
     assert ask(stale, f"nothing.{ZONE}", "A").authority[0].ttl == 30
-
-
-@pytest.mark.parametrize(("address", "key"), [
-    ("192.0.2.7", "192.0.2.7"),
-    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
-    ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
-    ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
-    ("::ffff:192.0.2.7", "192.0.2.7"),
-    ("fe80::1%eth0", "fe80::/64"),
-])
-def test_per_source_limits_key_ipv6_by_its_64(address: str, key: str) -> None:
-    assert source_key(address) == key
 
 
 def test_tcp_slots_are_capped_per_source_and_in_total() -> None:
