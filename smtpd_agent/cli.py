@@ -24,6 +24,7 @@ from .domains.cli import register_domains
 from .outbound.cli import register_outbound
 from .domains.keys import KeyStoreError
 from .http.cli import register_apikeys
+from .mailbox.cli import register_drafts
 from .logs import configure_logging
 from .addresses import OurDomains, parse_address
 from .smtp.limits import CounterTable
@@ -342,4 +343,5 @@ COMMAND_GROUPS: list[Callable[[Any, Parents], None]] = [
     register_apikeys,
     register_outbound,
     register_acl,
+    register_drafts,
 ]

@@ -80,34 +80,105 @@ def text_to_html(text: str) -> str:
     return f"<!DOCTYPE html>\n<html><body>\n{body}\n</body></html>\n"
 
 
-def compose_reply(original: Original, agent_name: str | None, agent_address: str,
-                  to_address: str, text: str, now: datetime) -> ComposedReply:
-    local, _, domain = agent_address.partition("@")
-    to_local, _, to_domain = to_address.partition("@")
+@dataclass(frozen=True)
+class OutgoingAttachment:
+    filename: str
+    content_type: str
+    content: bytes
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message an agent sends: every address and threading header from our records, the
+    body from the model or the API caller. Bcc never becomes a header (the queue gets it)."""
+
+    from_name: str | None
+    from_address: str
+    to: tuple[str, ...]
+    subject: str
+    text: str | None = None
+    html: str | None = None
+    cc: tuple[str, ...] = ()
+    in_reply_to: tuple[str, ...] = ()
+    references: tuple[str, ...] = ()
+    attachments: tuple[OutgoingAttachment, ...] = ()
+    auto_submitted: str | None = None
+
+
+@dataclass(frozen=True)
+class ComposedMessage:
+    message_id: str
+    from_header: str
+    to_header: str
+    cc_header: str | None
+    subject: str
+    text: str | None
+    html: str | None
+    headers: tuple[tuple[str, str], ...]
+    raw: bytes
+
+
+def _address(address: str) -> Address:
+    local, _, domain = address.rpartition("@")
+    return Address(username=local, domain=domain)
+
+
+def compose_message(outgoing: Outgoing, now: datetime) -> ComposedMessage:
+    """The one composition of every message we send: the built-in agent's replies and what
+    API callers send or reply. Text only, HTML only, or both as alternatives; attachments
+    after them (multipart/mixed)."""
+    local, _, domain = outgoing.from_address.rpartition("@")
     message = EmailMessage(policy=SMTP)
-    message["From"] = Address(display_name=agent_name or "", username=local, domain=domain)
-    message["To"] = Address(username=to_local, domain=to_domain)
-    subject = reply_subject(original.subject)
-    message["Subject"] = subject
+    message["From"] = Address(display_name=outgoing.from_name or "", username=local,
+                              domain=domain)
+    message["To"] = [_address(a) for a in outgoing.to]
+    if outgoing.cc:
+        message["Cc"] = [_address(a) for a in outgoing.cc]
+    message["Subject"] = " ".join(outgoing.subject.split())
     message["Date"] = format_datetime(now)
     message_id = new_message_id(domain)
     message["Message-ID"] = message_id
+    if outgoing.in_reply_to:
+        message["In-Reply-To"] = outgoing.in_reply_to[0]
+    if outgoing.references:
+        message["References"] = " ".join(outgoing.references)
+    if outgoing.auto_submitted:
+        # RFC 3834 section 5: mark it, so other responders do not answer us back.
+        message["Auto-Submitted"] = outgoing.auto_submitted
+        message["X-Auto-Response-Suppress"] = "All"
+    text = outgoing.text.strip() + "\n" if outgoing.text is not None else None
+    html_body = outgoing.html
+    if text is not None:
+        message.set_content(text)
+        if html_body is not None:
+            message.add_alternative(html_body, subtype="html")
+    else:
+        message.set_content(html_body or "", subtype="html")
+    for attachment in outgoing.attachments:
+        maintype, _, subtype = attachment.content_type.partition("/")
+        message.add_attachment(attachment.content, maintype=maintype, subtype=subtype,
+                               filename=attachment.filename)
+    raw = message.as_bytes(policy=SMTP)
+    return ComposedMessage(
+        message_id=message_id, from_header=str(message["From"]), to_header=str(message["To"]),
+        cc_header=str(message["Cc"]) if outgoing.cc else None, subject=str(message["Subject"]),
+        text=text, html=html_body,
+        headers=tuple((name, str(value)) for name, value in message.items()), raw=raw)
+
+
+def compose_reply(original: Original, agent_name: str | None, agent_address: str,
+                  to_address: str, text: str, now: datetime) -> ComposedReply:
+    """The built-in agent's answer: one recipient, `Re:` subject, marked auto-replied."""
+    subject = reply_subject(original.subject)
     references = reply_references(original)
     in_reply_to = (original.message_id,) if original.message_id else ()
-    if in_reply_to:
-        message["In-Reply-To"] = in_reply_to[0]
-    if references:
-        message["References"] = " ".join(references)
-    # RFC 3834 section 5: mark it, so other responders do not answer us back.
-    message["Auto-Submitted"] = "auto-replied"
-    message["X-Auto-Response-Suppress"] = "All"
     body = text.strip() + "\n"
-    message.set_content(body)
-    html_body = text_to_html(body)
-    message.add_alternative(html_body, subtype="html")
-    raw = message.as_bytes(policy=SMTP)
+    composed = compose_message(Outgoing(
+        from_name=agent_name, from_address=agent_address, to=(to_address,), subject=subject,
+        text=body, html=text_to_html(body), in_reply_to=in_reply_to, references=references,
+        auto_submitted="auto-replied"), now)
     return ComposedReply(
-        message_id=message_id, from_header=str(message["From"]), from_address=agent_address,
-        to_address=to_address, subject=subject, in_reply_to=in_reply_to, references=references,
-        text=body, html=html_body,
-        headers=tuple((name, str(value)) for name, value in message.items()), raw=raw)
+        message_id=composed.message_id, from_header=composed.from_header,
+        from_address=agent_address, to_address=to_address, subject=subject,
+        in_reply_to=in_reply_to, references=references, text=composed.text or body,
+        html=composed.html or "", headers=composed.headers, raw=composed.raw)

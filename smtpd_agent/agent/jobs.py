@@ -22,6 +22,7 @@ import asyncpg
 from ..outbound.queue import enqueue
 from ..store import lease as lease_queue
 from ..store.lease import NOW, Lease, LeaseQueue
+from ..store.mailbox import DraftFields, add_draft
 from ..store.messages import OutboundRow, store_outbound
 from .compose import ComposedReply
 from .llm import Completion
@@ -70,6 +71,7 @@ class AgentRecord:
     system_prompt: str | None
     auto_reply: bool
     enabled: bool
+    reply_mode: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ async def claim(db: asyncpg.Pool, worker: str, lease: float) -> Job | None:
 async def load_agent(db: asyncpg.Pool, job: Job) -> AgentRecord | None:
     row = await db.fetchrow(
         """SELECT a.handle, w.slug AS workspace_slug, a.display_name, a.system_prompt,
-                  a.auto_reply, a.enabled
+                  a.auto_reply, a.enabled, a.reply_mode
              FROM agents a JOIN workspaces w ON w.id = a.workspace_id
             WHERE a.id = $1 AND a.workspace_id = $2""", job.agent_id, job.workspace_id)
     return AgentRecord(**dict(row)) if row else None
@@ -246,6 +248,7 @@ class Finished:
     stored: bool
     reply_id: int | None = None
     reason: str | None = None
+    draft_id: int | None = None
 
 
 async def store_reply(db: asyncpg.Pool, job: Job, reply: ComposedReply, completion: Completion,
@@ -284,3 +287,20 @@ async def store_reply(db: asyncpg.Pool, job: Job, reply: ComposedReply, completi
         await enqueue(connection, reply_id, job.workspace_id)
         await _end(connection, job, "done", reply_message_id=reply_id, **usage)
     return Finished(True, reply_id=reply_id)
+
+
+async def store_draft(db: asyncpg.Pool, job: Job, reply: ComposedReply,
+                      completion: Completion) -> Finished:
+    """reply_mode 'draft': keep the reply as a draft of the thread (nothing is queued) and
+    close the job, in one transaction; a person or program sends or discards it."""
+    usage = {"model": completion.model, "input_tokens": completion.input_tokens,
+             "output_tokens": completion.output_tokens, "latency_ms": completion.latency_ms}
+    async with db.acquire() as connection, connection.transaction():
+        if not await lease_queue.hold(connection, AGENT_JOBS, job.lease):
+            return Finished(False, reason="lease lost")
+        draft_id = await add_draft(connection, job.workspace_id, job.agent_id, job.thread_id,
+                                   DraftFields(to=(reply.to_address,), cc=(), bcc=(),
+                                               subject=reply.subject, text=reply.text,
+                                               html=None), "agent", job.id)
+        await _end(connection, job, "done", **usage)
+    return Finished(True, draft_id=draft_id)

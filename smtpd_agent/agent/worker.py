@@ -204,6 +204,15 @@ class AgentWorkers:
                                        inbound.in_reply_to),
                               agent.display_name, address, to_address, completion.text,
                               datetime.now(UTC))
+        if agent.reply_mode == "draft":
+            finished = await jobs.store_draft(db, job, reply, completion)
+            if finished.stored:
+                bound.info("agent.drafted", draft=finished.draft_id, to=to_address,
+                           input_tokens=completion.input_tokens,
+                           output_tokens=completion.output_tokens)
+            else:
+                bound.warning("agent.draft_dropped", reason=finished.reason)
+            return
         finished = await jobs.store_reply(db, job, reply, completion, caps)
         if finished.stored:
             bound.info("agent.replied", reply=finished.reply_id, to=to_address,

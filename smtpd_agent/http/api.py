@@ -1,4 +1,4 @@
-"""The inbox API: /api/v1/workspaces/{slug}/..., read-only, behind Bearer keys.
+"""The inbox API: /api/v1/workspaces/{slug}/..., reading, behind Bearer keys with scopes.
 
 The key decides the workspace; the slug in the path must be that workspace's,
 and every query filters on the key's workspace_id. A key of another workspace
@@ -20,7 +20,8 @@ from aiohttp import web
 
 from ..store import inbox as queries
 from ..store.inbox import Cursor
-from ..store.apikeys import KeyOwner, find_key
+from ..store.mailbox import LABEL
+from ..store.apikeys import KeyOwner, Scope, find_key
 from ..store.directory import HANDLE, SLUG
 from .responses import HttpError, json_response
 
@@ -66,8 +67,9 @@ class InboxApi:
     def __init__(self, db: asyncpg.Pool) -> None:
         self.db = db
 
-    async def owner(self, request: web.Request) -> KeyOwner:
-        """The key's workspace, which must be the one the path names."""
+    async def owner(self, request: web.Request, scope: Scope = Scope.READ) -> KeyOwner:
+        """The key's workspace, which must be the one the path names, and a key holding
+        `scope` (403 without it; a key of another workspace learns only 404)."""
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise HttpError(401, "missing bearer token", UNAUTHORIZED)
@@ -79,6 +81,9 @@ class InboxApi:
         if not SLUG.match(slug) or slug != owner.workspace_slug:
             log.info("api.other_workspace", key_id=owner.key_id, workspace=owner.workspace_slug)
             raise HttpError(404, "not found")
+        if scope not in owner.scopes:
+            log.info("api.forbidden", key_id=owner.key_id, scope=scope.value)
+            raise HttpError(403, f"this key lacks the {scope.value!r} scope")
         return owner
 
     async def agents(self, request: web.Request) -> web.Response:
@@ -104,8 +109,11 @@ class InboxApi:
                 after = decode_cursor(request.query["cursor"])
             except ValueError:
                 raise HttpError(400, "cursor: invalid") from None
+        label = request.query.get("label")
+        if label is not None and not LABEL.match(label):
+            raise HttpError(400, "label: a-z, 0-9 and _ . : / -, at most 63 characters")
         threads = await queries.threads_page(self.db, owner.workspace_id, agent, limit + 1,
-                                             after)
+                                             after, label)
         page, more = threads[:limit], len(threads) > limit
         last = page[-1] if page else None
         return json_response({

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..cli_common import Parents
 from ..config import Settings
-from ..store.apikeys import create_key, list_keys, revoke_key
+from ..store.apikeys import Scope, create_key, list_keys, parse_scopes, revoke_key
 from ..store.directory import DirectoryError
 
 
@@ -20,6 +20,9 @@ def register_apikeys(commands: Any, parents: Parents) -> None:
                                 help="create a key for a workspace (printed once)")
     create.add_argument("--workspace", required=True, metavar="SLUG")
     create.add_argument("--name", help="what the key is for")
+    create.add_argument("--scope", action="append", metavar="SCOPE",
+                        choices=[s.value for s in Scope],
+                        help="read (default), send or admin; repeat for several")
     create.set_defaults(handler=cmd_apikey_create)
     listed = actions.add_parser("list", parents=[parents.common, parents.listing],
                                 help="a workspace's keys (prefixes only)")
@@ -32,11 +35,13 @@ def register_apikeys(commands: Any, parents: Parents) -> None:
 
 
 async def cmd_apikey_create(db: Any, settings: Settings, args: argparse.Namespace) -> int:
-    created = await create_key(db, args.workspace, args.name)
+    created = await create_key(db, args.workspace, args.name,
+                               parse_scopes(args.scope or ["read"]))
     # The key alone on stdout, so `KEY=$(smtpd-agent apikey create ...)` just works; the
     # note goes to stderr.
     print(created.key, flush=True)
-    print(f"key {created.prefix}... for workspace {created.workspace_slug}: shown once, "
+    scopes = ",".join(s.value for s in Scope if s in created.scopes)
+    print(f"key {created.prefix}... ({scopes}) for workspace {created.workspace_slug}: shown once, "
           "stored only as its SHA-256. Send it as 'Authorization: Bearer <key>'.",
           file=sys.stderr)
     return 0
@@ -50,7 +55,8 @@ async def cmd_apikey_list(db: Any, settings: Settings, args: argparse.Namespace)
     for key in keys:
         state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
         used = f"{key.last_used_at:%Y-%m-%d %H:%M}" if key.last_used_at else "never"
-        print(f"{key.id:<6} {key.prefix}...  {state:<18} last used {used:<16} {key.name or ''}")
+        print(f"{key.id:<6} {key.prefix}...  {state:<18} {','.join(key.scopes):<16} "
+              f"last used {used:<16} {key.name or ''}")
     if not keys:
         print("no keys")
     return 0

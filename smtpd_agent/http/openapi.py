@@ -50,6 +50,217 @@ def _webhook(summary: str, content_type: str, schema: dict[str, Any],
     return {"post": operation}
 
 
+HANDLE = {"name": "handle", "in": "path", "required": True,
+          "schema": {"type": "string", "pattern": "^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$"}}
+FORBIDDEN = {"403": _error("the key lacks the scope this route needs")}
+ADDRESSES = {"oneOf": [{"type": "string", "format": "email"},
+                       {"type": "array", "maxItems": 50,
+                        "items": {"type": "string", "format": "email"}}]}
+SEND_FIELDS = {
+    "to": ADDRESSES, "cc": ADDRESSES, "bcc": ADDRESSES,
+    "subject": {"type": "string", "maxLength": 998},
+    "text": {"type": "string"}, "html": {"type": "string"},
+}
+JSON_ATTACHMENT = {"type": "object", "required": ["filename", "content_type", "content_base64"],
+                   "properties": {"filename": {"type": "string", "maxLength": 255},
+                                  "content_type": {"type": "string"},
+                                  "content_base64": {"type": "string", "format": "byte"}}}
+IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
+               "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+               "description": "the same key within 24 hours answers with the message it "
+                              "sent first (200, Idempotent-Replayed: true), never a second one"}
+AGENT = {"type": "object", "properties": {
+    "id": {"type": "integer"}, "handle": {"type": "string"},
+    "display_name": {"type": "string", "nullable": True},
+    "system_prompt": {"type": "string", "nullable": True,
+                      "description": "shown to admin keys only"},
+    "reply_mode": {"type": "string", "enum": ["auto", "draft", "off"]},
+    "auto_reply": {"type": "boolean"}, "enabled": {"type": "boolean"},
+    "created_at": {"type": "string", "format": "date-time"}}}
+AGENT_CHANGES = {"display_name": {"type": "string", "maxLength": 200, "nullable": True},
+                 "system_prompt": {"type": "string", "maxLength": 20000, "nullable": True},
+                 "reply_mode": {"type": "string", "enum": ["auto", "draft", "off"]}}
+LABEL = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_.:/-]{0,62}$"}
+SCOPES = {"type": "array", "minItems": 1,
+          "items": {"type": "string", "enum": ["read", "send", "admin"]}}
+
+
+def _send_operation(summary: str, parameters: list[dict[str, Any]],
+                    example: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "summary": summary, "tags": ["send"], "security": [{"bearer": []}],
+        "parameters": [*parameters, IDEMPOTENCY],
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"type": "object", "properties": {
+                **SEND_FIELDS, "attachments": {"type": "array", "maxItems": 20,
+                                               "items": JSON_ATTACHMENT}}},
+                "example": example},
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                **SEND_FIELDS, "attachment": {"type": "array", "items": {
+                    "type": "string", "format": "binary"}}}}}}},
+        "responses": {
+            "201": _json("stored in its thread with status queued, and queued for delivery",
+                         {"$ref": "#/components/schemas/SentMessage"}),
+            "200": _json("the message this Idempotency-Key already sent",
+                         {"$ref": "#/components/schemas/SentMessage"}),
+            "400": _error("malformed request: addresses, fields, sizes"),
+            "409": _error("the agent is disabled"),
+            "413": _error("larger than smtp.max_message_size"),
+            "422": _error("a recipient is refused (the rule is named), or the "
+                          "Idempotency-Key was used for another request"),
+            **FORBIDDEN, **API_ERRORS}}
+
+
+def mailbox_paths() -> dict[str, dict[str, Any]]:
+    """The programmable-mailbox routes (http/mailbox.py): admin, send and reply."""
+    bearer = [{"bearer": []}]
+    workspace = "/api/v1/workspaces/{slug}"
+    key_created = {"type": "object", "properties": {
+        "id": {"type": "integer"}, "prefix": {"type": "string"},
+        "key": {"type": "string", "description": "shown once, stored only as its SHA-256"},
+        "scopes": SCOPES}}
+    return {
+        f"{workspace}/agents": {"post": {
+            "summary": "create an agent (admin)", "tags": ["admin"], "security": bearer,
+            "parameters": [SLUG],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"type": "object", "required": ["handle"], "properties": {
+                    "handle": {"type": "string", "maxLength": 64}, **AGENT_CHANGES}},
+                "example": {"handle": "billing", "display_name": "Acme Billing",
+                            "system_prompt": "Answer invoice questions briefly.",
+                            "reply_mode": "draft"}}}},
+            "responses": {"201": _json("the agent", AGENT), "400": _error("bad field"),
+                          "409": _error("the handle exists"), **FORBIDDEN, **API_ERRORS}}},
+        f"{workspace}/agents/{{handle}}": {
+            "get": {"summary": "one agent", "tags": ["inbox"], "security": bearer,
+                    "parameters": [SLUG, HANDLE],
+                    "responses": {"200": _json("the agent", AGENT), **FORBIDDEN,
+                                  **API_ERRORS}},
+            "patch": {
+                "summary": "change an agent's name, prompt, reply mode; enable or disable it "
+                           "(admin)", "tags": ["admin"], "security": bearer,
+                "parameters": [SLUG, HANDLE],
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"type": "object", "properties": {
+                        **AGENT_CHANGES, "enabled": {"type": "boolean"}}},
+                    "example": {"reply_mode": "off", "enabled": False}}}},
+                "responses": {"200": _json("the agent", AGENT), "400": _error("bad field"),
+                              **FORBIDDEN, **API_ERRORS}}},
+        f"{workspace}/agents/{{handle}}/messages": {"post": _send_operation(
+            "send a first message as the agent, in a new thread", [SLUG, HANDLE],
+            {"to": ["bob@example.org"], "cc": [], "subject": "Your order",
+             "text": "It ships today.", "html": "<p>It ships today.</p>"})},
+        f"{workspace}/threads/{{id}}/reply": {"post": _send_operation(
+            "reply in a thread: From, In-Reply-To, References, Re: subject and (unless given) "
+            "the recipient come from the thread", [SLUG, _id("id")], {"text": "On its way."})},
+        f"{workspace}/keys": {
+            "get": {"summary": "the workspace's keys, prefixes only (admin)", "tags": ["admin"],
+                    "security": bearer, "parameters": [SLUG],
+                    "responses": {"200": _json("keys", {"type": "object", "properties": {
+                        "keys": {"type": "array", "items": {"type": "object"}}}}),
+                        **FORBIDDEN, **API_ERRORS}},
+            "post": {"summary": "create a key with scopes (admin)", "tags": ["admin"],
+                     "security": bearer, "parameters": [SLUG],
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": {"type": "object", "properties": {
+                             "name": {"type": "string", "maxLength": 200}, "scopes": SCOPES}},
+                         "example": {"name": "support bot", "scopes": ["read", "send"]}}}},
+                     "responses": {"201": _json("the key, shown once", key_created),
+                                   "400": _error("bad scopes or name"), **FORBIDDEN,
+                                   **API_ERRORS}}},
+        f"{workspace}/messages/{{id}}": {"patch": {
+            "summary": "change a message's labels ('unread' is set on arrival)",
+            "tags": ["labels"], "security": bearer, "parameters": [SLUG, _id("id")],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"type": "object", "properties": {
+                    "add": {"type": "array", "maxItems": 50, "items": LABEL},
+                    "remove": {"type": "array", "maxItems": 50, "items": LABEL}}},
+                "example": {"add": ["needs-human"], "remove": ["unread"]}}}},
+            "responses": {"200": _json("the message's labels", {"type": "object", "properties": {
+                "id": {"type": "integer"},
+                "labels": {"type": "array", "items": {"type": "string"}}}}),
+                "400": _error("bad label"), **FORBIDDEN, **API_ERRORS}}},
+        f"{workspace}/search": {"get": {
+            "summary": "full-text search over subject, From and text, best first, with "
+                       "highlighted snippets (HTML-escaped, hits in <mark>)",
+            "tags": ["inbox"], "security": bearer,
+            "parameters": [SLUG,
+                           {"name": "q", "in": "query", "required": True,
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 500},
+                            "description": "web search syntax: words, \"a phrase\", -not, or",
+                            "example": "invoice -paid"},
+                           {"name": "agent", "in": "query", "required": False,
+                            "schema": {"type": "string"}},
+                           {"name": "limit", "in": "query", "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 100,
+                                       "default": 20}},
+                           {"name": "cursor", "in": "query", "required": False,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": _json("a page of hits", {"type": "object", "properties": {
+                "results": {"type": "array", "items": {"type": "object", "properties": {
+                    "id": {"type": "integer"}, "thread_id": {"type": "integer"},
+                    "agent": {"type": "string"}, "subject": {"type": "string", "nullable": True},
+                    "from_header": {"type": "string", "nullable": True},
+                    "labels": {"type": "array", "items": {"type": "string"}},
+                    "rank": {"type": "number"}, "snippet": {"type": "string"}}}},
+                "next_cursor": {"type": "string", "nullable": True}}}),
+                "400": _error("bad q, limit or cursor"), **API_ERRORS}}},
+        f"{workspace}/drafts": {"get": {
+            "summary": "drafts waiting to be sent or discarded, oldest first", "tags": ["drafts"],
+            "security": bearer,
+            "parameters": [SLUG, {"name": "agent", "in": "query", "required": False,
+                                  "schema": {"type": "string"}}],
+            "responses": {"200": _json("drafts", {"type": "object", "properties": {
+                "drafts": {"type": "array", "items": {"$ref": "#/components/schemas/Draft"}}}}),
+                **FORBIDDEN, **API_ERRORS}}},
+        f"{workspace}/agents/{{handle}}/drafts": {"post": {
+            "summary": "write a draft as the agent (thread_id: a reply in that thread)",
+            "tags": ["drafts"], "security": bearer, "parameters": [SLUG, HANDLE],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"type": "object", "properties": {
+                    **SEND_FIELDS, "thread_id": {"type": "integer", "minimum": 1,
+                                                 "format": "int64"}}},
+                "example": {"to": ["bob@example.org"], "subject": "Your quote",
+                            "text": "Here it is."}}}},
+            "responses": {"201": _json("the draft", {"$ref": "#/components/schemas/Draft"}),
+                          "400": _error("bad field"), **FORBIDDEN, **API_ERRORS}}},
+        f"{workspace}/drafts/{{id}}": {
+            "get": {"summary": "one draft", "tags": ["drafts"], "security": bearer,
+                    "parameters": [SLUG, _id("id")],
+                    "responses": {"200": _json("the draft",
+                                               {"$ref": "#/components/schemas/Draft"}),
+                                  **FORBIDDEN, **API_ERRORS}},
+            "patch": {"summary": "change a pending draft", "tags": ["drafts"],
+                      "security": bearer, "parameters": [SLUG, _id("id")],
+                      "requestBody": {"required": True, "content": {"application/json": {
+                          "schema": {"type": "object", "properties": SEND_FIELDS},
+                          "example": {"text": "Here it is, with the discount."}}}},
+                      "responses": {"200": _json("the draft",
+                                                 {"$ref": "#/components/schemas/Draft"}),
+                                    "400": _error("bad field"),
+                                    "409": _error("sent or discarded already"),
+                                    **FORBIDDEN, **API_ERRORS}},
+            "delete": {"summary": "discard a pending draft (nothing is queued)",
+                       "tags": ["drafts"], "security": bearer, "parameters": [SLUG, _id("id")],
+                       "responses": {"204": {"description": "discarded"},
+                                     "409": _error("sent or discarded already"),
+                                     **FORBIDDEN, **API_ERRORS}}},
+        f"{workspace}/drafts/{{id}}/send": {"post": {
+            "summary": "send a draft: the same checks, composition and queue as a send or reply",
+            "tags": ["drafts"], "security": bearer, "parameters": [SLUG, _id("id")],
+            "responses": {
+                "201": _json("stored and queued", {"$ref": "#/components/schemas/SentMessage"}),
+                "400": _error("the draft is incomplete (no recipient, no body)"),
+                "409": _error("sent or discarded already, or the agent is disabled"),
+                "422": _error("a recipient is refused (the rule is named)"),
+                **FORBIDDEN, **API_ERRORS}}},
+        f"{workspace}/keys/{{id}}": {"delete": {
+            "summary": "revoke a key (admin)", "tags": ["admin"], "security": bearer,
+            "parameters": [SLUG, _id("id")],
+            "responses": {"204": {"description": "revoked"}, **FORBIDDEN, **API_ERRORS}}},
+    }
+
+
 def openapi_spec() -> dict[str, Any]:
     thread_summary = {"type": "object", "properties": {
         "id": {"type": "integer"}, "subject": {"type": "string", "nullable": True},
@@ -73,9 +284,13 @@ def openapi_spec() -> dict[str, Any]:
         "dmarc": {"type": "string", "nullable": True}, "arc": {"type": "string", "nullable": True},
         "quarantined": {"type": "boolean"},
         "scan_status": {"type": "string", "nullable": True},
+        "labels": {"type": "array", "items": {"type": "string"}},
+        "status": {"type": "string", "description": "inbound: received; outbound: queued, "
+                                                     "sending, sent, deferred, bounced, failed"},
+        "delivery": {"allOf": [{"$ref": "#/components/schemas/Delivery"}], "nullable": True},
         "attachments": {"type": "array", "items": {"$ref": "#/components/schemas/Attachment"}}}}
     bearer = [{"bearer": []}]
-    return {
+    spec = {
         "openapi": "3.0.3",
         "info": {"title": "smtpd-agent", "version": __version__,
                  "description": "Health, metrics, the workspace inbox API and provider "
@@ -116,7 +331,10 @@ def openapi_spec() -> dict[str, Any]:
                                            "default": 20}},
                                {"name": "cursor", "in": "query", "required": False,
                                 "schema": {"type": "string"},
-                                "description": "next_cursor of the previous page"}],
+                                "description": "next_cursor of the previous page"},
+                               {"name": "label", "in": "query", "required": False,
+                                "schema": {"type": "string"},
+                                "description": "only threads with a message labelled so"}],
                 "responses": {
                     "200": _json("a page of threads", {"type": "object", "properties": {
                         "threads": {"type": "array", "items": thread_summary},
@@ -144,6 +362,8 @@ def openapi_spec() -> dict[str, Any]:
                                       "content": {"*/*": {"schema": {"type": "string",
                                                                      "format": "binary"}}}},
                               **API_ERRORS}}},
+            **{path: item for path, item in mailbox_paths().items()
+               if path != "/api/v1/workspaces/{slug}/agents"},
             "/webhook/ses": _webhook(
                 "Amazon SES receipt through SNS (signature checked against the signing "
                 "certificate; SubscriptionConfirmation handled)", "text/plain",
@@ -175,6 +395,32 @@ def openapi_spec() -> dict[str, Any]:
                           "properties": {"error": {"type": "string"}}},
                 "Attachment": attachment,
                 "Message": message,
+                "Delivery": {"type": "object", "properties": {
+                    "id": {"type": "integer"},
+                    "status": {"type": "string", "enum": ["queued", "sending", "sent",
+                                                          "deferred", "bounced", "failed"]},
+                    "attempts": {"type": "integer"},
+                    "last_error": {"type": "string", "nullable": True},
+                    "recipients": {"type": "array", "items": {"type": "object", "properties": {
+                        "address": {"type": "string"}, "state": {"type": "string"},
+                        "detail": {"type": "string", "nullable": True}}}}}},
+                "Draft": {"type": "object", "properties": {
+                    "id": {"type": "integer"}, "agent": {"type": "string"},
+                    "thread_id": {"type": "integer", "nullable": True},
+                    "status": {"type": "string", "enum": ["draft", "sent", "discarded"]},
+                    "origin": {"type": "string", "enum": ["api", "agent"]},
+                    "to": {"type": "array", "items": {"type": "string"}},
+                    "cc": {"type": "array", "items": {"type": "string"}},
+                    "bcc": {"type": "array", "items": {"type": "string"}},
+                    "subject": {"type": "string", "nullable": True},
+                    "text": {"type": "string", "nullable": True},
+                    "html": {"type": "string", "nullable": True},
+                    "sent_message_id": {"type": "integer", "nullable": True}}},
+                "SentMessage": {"type": "object", "properties": {
+                    "id": {"type": "integer"}, "thread_id": {"type": "integer"},
+                    "status": {"type": "string"}, "message_id": {"type": "string"},
+                    "subject": {"type": "string", "nullable": True},
+                    "delivery": {"$ref": "#/components/schemas/Delivery"}}},
                 "Readiness": {"type": "object", "required": ["ready", "checks"], "properties": {
                     "ready": {"type": "boolean"},
                     "checks": {"type": "object", "additionalProperties": {
@@ -193,3 +439,6 @@ def openapi_spec() -> dict[str, Any]:
             },
         },
     }
+    agents = spec["paths"]["/api/v1/workspaces/{slug}/agents"]
+    agents.update(mailbox_paths()["/api/v1/workspaces/{slug}/agents"])
+    return spec

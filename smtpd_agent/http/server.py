@@ -14,10 +14,12 @@ import structlog
 from aiohttp import web
 
 from ..domains.mta_sts import POLICY_PATH, mta_sts_route
+from ..mailbox.send import Mailboxes
 from ..runtime import Runtime
 from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from .api import InboxApi
 from .health import Health
+from .mailbox import MailboxApi
 from .openapi import openapi_spec
 from .responses import HttpError, error, json_response
 from .webhooks import Webhooks
@@ -68,6 +70,8 @@ class HttpServer:
         router = runtime.router
         health = Health(runtime.pool, settings, pipeline.scanner)
         api = InboxApi(runtime.pool)
+        mailbox = MailboxApi(runtime.pool, api, Mailboxes(
+            runtime.pool, settings.server.default_domain, settings.smtp.max_message_size))
         self.webhooks = hooks = Webhooks(settings.http, pipeline, router, runtime.pool,
                                          runtime.metrics)
         spec = openapi_spec()
@@ -102,8 +106,24 @@ class HttpServer:
         app.router.add_get("/openapi.json", openapi)
         app.router.add_get(POLICY_PATH, mta_sts)
         app.router.add_get(f"{workspace}/agents", api.agents)
+        app.router.add_post(f"{workspace}/agents", mailbox.create_agent)
+        app.router.add_get(f"{workspace}/agents/{{handle}}", mailbox.agent)
+        app.router.add_patch(f"{workspace}/agents/{{handle}}", mailbox.update_agent)
         app.router.add_get(f"{workspace}/agents/{{handle}}/inbox", api.inbox)
+        app.router.add_post(f"{workspace}/agents/{{handle}}/messages", mailbox.send)
+        app.router.add_get(f"{workspace}/keys", mailbox.keys)
+        app.router.add_post(f"{workspace}/keys", mailbox.create_key)
+        app.router.add_delete(f"{workspace}/keys/{ident}", mailbox.revoke_key)
         app.router.add_get(f"{workspace}/threads/{ident}", api.thread)
+        app.router.add_post(f"{workspace}/threads/{ident}/reply", mailbox.reply)
+        app.router.add_patch(f"{workspace}/messages/{ident}", mailbox.labels)
+        app.router.add_get(f"{workspace}/search", mailbox.search)
+        app.router.add_get(f"{workspace}/drafts", mailbox.drafts)
+        app.router.add_post(f"{workspace}/agents/{{handle}}/drafts", mailbox.create_draft)
+        app.router.add_get(f"{workspace}/drafts/{ident}", mailbox.draft)
+        app.router.add_patch(f"{workspace}/drafts/{ident}", mailbox.update_draft)
+        app.router.add_delete(f"{workspace}/drafts/{ident}", mailbox.discard_draft)
+        app.router.add_post(f"{workspace}/drafts/{ident}/send", mailbox.send_draft)
         app.router.add_get(f"{workspace}/messages/{ident}/raw", api.raw)
         app.router.add_get(f"{workspace}/attachments/{ident}", api.attachment)
         # Webhooks read their own bodies within http.webhook_max_body_size (413 above,

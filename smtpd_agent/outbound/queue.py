@@ -78,11 +78,12 @@ async def suppress(db: DbLike, workspace_id: int, address: str, reason: Suppress
 
 
 async def enqueue(connection: asyncpg.Connection, message_id: int,
-                  workspace_id: int | None = None) -> int | None:
+                  workspace_id: int | None = None, bcc: Sequence[str] = ()) -> int | None:
     """Queue the outbound message `message_id` for delivery; its delivery id (None if not one).
 
     Call it in the transaction that stores the message (direction 'outbound',
-    status 'queued'). Idempotent: a second call returns the same delivery.
+    status 'queued'). Idempotent: a second call returns the same delivery. `bcc`: envelope
+    recipients beyond the message's To and Cc (never in its headers).
     Suppressed recipients are recorded as skipped ('suppressed') and never sent
     to, and so are those the workspace's or the sending agent's allow/block lists
     refuse ('blocked'); with nobody left the delivery fails at once.
@@ -107,6 +108,8 @@ async def enqueue(connection: asyncpg.Connection, message_id: int,
             "SELECT id FROM deliveries WHERE message_id = $1 AND workspace_id = $2",
             message_id, workspace_id)
     recipients = recipients_of(bytes(message["raw"]))
+    recipients += [a for a in dict.fromkeys(map(normalize_address, bcc))
+                   if "@" in a and a not in recipients]
     suppressed = {row["address"] for row in await connection.fetch(
         "SELECT address FROM suppressions WHERE workspace_id = $1 AND address = ANY($2::text[])",
         workspace_id, recipients)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 
 import asyncpg
 
@@ -13,6 +14,14 @@ SLUG = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 # Mail-From subdomain, MTA-STS, mail client autoconfiguration): never a workspace.
 RESERVED_SLUGS = frozenset({"bounce", "mail", "mta-sts", "autoconfig", "autodiscover", "www"})
 HANDLE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$")
+
+
+class ReplyMode(StrEnum):
+    """What the built-in agent does with inbound mail: answer, write a draft, or nothing."""
+
+    AUTO = "auto"
+    DRAFT = "draft"
+    OFF = "off"
 
 
 class DirectoryError(ValueError):
@@ -38,6 +47,7 @@ class Agent:
     auto_reply: bool
     enabled: bool
     created_at: datetime
+    reply_mode: str = ReplyMode.AUTO.value
 
 
 # The operator workspace (migration 0003) owns the default domain's DKIM keys; it is no
@@ -45,7 +55,8 @@ class Agent:
 WORKSPACE_COLUMNS = "id, slug, name, created_at"
 
 AGENT_COLUMNS = """a.id, a.workspace_id, w.slug AS workspace_slug, a.handle, a.display_name,
-                   a.system_prompt, a.auto_reply, a.enabled, a.created_at"""
+                   a.system_prompt, a.auto_reply, a.enabled, a.created_at,
+                   a.reply_mode"""
 
 
 async def add_workspace(db: asyncpg.Pool | asyncpg.Connection, slug: str, name: str | None = None) -> Workspace:
@@ -80,16 +91,18 @@ async def get_workspace(db: asyncpg.Pool | asyncpg.Connection, slug: str) -> Wor
 
 async def add_agent(db: asyncpg.Pool | asyncpg.Connection, workspace_slug: str, handle: str, *,
                     display_name: str | None = None, system_prompt: str | None = None,
-                    auto_reply: bool = True) -> Agent:
+                    auto_reply: bool = True, reply_mode: ReplyMode | None = None) -> Agent:
     handle = handle.lower()
+    mode = reply_mode or (ReplyMode.AUTO if auto_reply else ReplyMode.OFF)
     if not HANDLE.match(handle) or "+" in handle:
         raise DirectoryError(f"invalid agent handle {handle!r}: use a-z, 0-9, '.', '_' and '-'")
     workspace = await get_workspace(db, workspace_slug)
     try:
         await db.execute(
-            """INSERT INTO agents (workspace_id, handle, display_name, system_prompt, auto_reply)
-               VALUES ($1, $2, $3, $4, $5)""",
-            workspace.id, handle, display_name, system_prompt, auto_reply)
+            """INSERT INTO agents (workspace_id, handle, display_name, system_prompt, auto_reply,
+                                   reply_mode)
+               VALUES ($1, $2, $3, $4, $5, $6)""",
+            workspace.id, handle, display_name, system_prompt, mode != ReplyMode.OFF, mode.value)
     except asyncpg.UniqueViolationError:
         raise DirectoryError(f"agent {handle!r} already exists in workspace {workspace.slug!r}") from None
     return await get_agent(db, workspace.slug, handle)
@@ -117,6 +130,33 @@ async def set_agent_enabled(db: asyncpg.Pool | asyncpg.Connection, workspace_slu
     agent = await get_agent(db, workspace_slug, handle)
     await db.execute("UPDATE agents SET enabled = $1 WHERE id = $2", enabled, agent.id)
     return await get_agent(db, workspace_slug, handle)
+
+
+UNSET = object()
+
+
+async def update_agent(db: asyncpg.Pool | asyncpg.Connection, workspace_id: int, handle: str, *,
+                       display_name: object = UNSET, system_prompt: object = UNSET,
+                       reply_mode: ReplyMode | None = None,
+                       enabled: bool | None = None) -> bool:
+    """Change what is given (UNSET/None: keep); False if the workspace has no such agent.
+
+    reply_mode 'off' also clears auto_reply, the switch the store reads when it
+    decides whether an inbound message gets an agent job.
+    """
+    status = await db.execute(
+        """UPDATE agents SET
+               display_name = CASE WHEN $3 THEN $4 ELSE display_name END,
+               system_prompt = CASE WHEN $5 THEN $6 ELSE system_prompt END,
+               reply_mode = coalesce($7, reply_mode),
+               auto_reply = coalesce($7, reply_mode) <> 'off',
+               enabled = coalesce($8, enabled)
+           WHERE workspace_id = $1 AND handle = $2""",
+        workspace_id, handle.lower(), display_name is not UNSET,
+        None if display_name is UNSET else display_name, system_prompt is not UNSET,
+        None if system_prompt is UNSET else system_prompt,
+        reply_mode.value if reply_mode else None, enabled)
+    return status.endswith(" 1")
 
 
 async def find_mailbox(db: asyncpg.Pool | asyncpg.Connection, workspace_slug: str, handle: str) -> Agent | None:

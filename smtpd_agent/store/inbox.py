@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from .directory import Agent
+from .mailbox import deliveries
 
 DB = asyncpg.Pool | asyncpg.Connection
 
@@ -35,7 +36,7 @@ _MESSAGE_COLUMNS = f"""m.id, m.thread_id, m.direction, m.status, m.message_id, m
         m.subject, m.sent_at, m.received_at, m.headers, m.text_body, m.html_body, m.size,
         m.mail_from, m.rcpt_to, host(m.client_ip) AS client_ip, m.helo, m.tls, m.spf, m.dkim,
         m.dmarc, m.arc, m.auth_results, m.quarantined, m.scan_status, m.scan_signature,
-        {_PREVIEW}"""
+        m.labels, {_PREVIEW}"""
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Cursor:
 
 async def agents(db: DB, workspace_id: int) -> list[dict[str, Any]]:
     rows = await db.fetch(
-        """SELECT id, handle, display_name, auto_reply, enabled, created_at FROM agents
+        """SELECT id, handle, display_name, reply_mode, auto_reply, enabled, created_at FROM agents
            WHERE workspace_id = $1 ORDER BY handle""", workspace_id)
     return [dict(r) for r in rows]
 
@@ -59,14 +60,19 @@ async def agent_id(db: DB, workspace_id: int, handle: str) -> int | None:
 
 
 async def threads_page(db: DB, workspace_id: int, agent: int, limit: int,
-                       after: Cursor | None = None) -> list[dict[str, Any]]:
+                       after: Cursor | None = None,
+                       label: str | None = None) -> list[dict[str, Any]]:
+    """`label`: only threads with a message carrying it (say 'unread')."""
     rows = await db.fetch(
         f"""SELECT {_THREAD_COLUMNS} FROM threads t
             WHERE t.workspace_id = $1 AND t.agent_id = $2
               AND ($3::timestamptz IS NULL OR (t.last_message_at, t.id) < ($3, $4))
+              AND ($6::text IS NULL OR EXISTS (
+                  SELECT 1 FROM messages m WHERE m.thread_id = t.id
+                     AND m.workspace_id = t.workspace_id AND m.labels @> ARRAY[$6::text]))
             ORDER BY t.last_message_at DESC, t.id DESC LIMIT $5""",
         workspace_id, agent, after.last_message_at if after else None,
-        after.id if after else 0, limit)
+        after.id if after else 0, limit, label)
     return [dict(r) for r in rows]
 
 
@@ -90,10 +96,14 @@ async def thread_messages(db: DB, workspace_id: int,
     for attachment in attachments:
         item = dict(attachment)
         by_message.setdefault(item.pop("message_id"), []).append(item)
+    sent = await deliveries(db, workspace_id,
+                            [m["id"] for m in messages if m["direction"] == "outbound"])
     by_thread: dict[int, list[dict[str, Any]]] = {}
     for message in messages:
         item = dict(message)
         item["attachments"] = by_message.get(item["id"], [])
+        if item["direction"] == "outbound":
+            item["delivery"] = sent.get(item["id"])
         by_thread.setdefault(item.pop("thread_id"), []).append(item)
     return by_thread
 

@@ -234,15 +234,21 @@ class OutboundRow:
     text_body: str | None
     html_body: str | None
     raw: bytes
+    cc_header: str | None = None
+    # what the message says it is addressed to, when more than the one recipient
+    to_header: str | None = None
+    status: str = "queued"
 
 
 async def store_outbound(connection: asyncpg.Connection, row: OutboundRow) -> int:
-    """Store an outbound message in its thread (status 'queued'); its id. Call it inside
-    the caller's transaction (the agent closes its job in the same one)."""
+    """Store an outbound message in its thread (status 'queued', or 'draft'); its id. Call
+    it inside the caller's transaction (the agent closes its job in the same one; the API
+    records its Idempotency-Key in the same one)."""
     content = MESSAGE_CONTENT.row(
         dedup_key=row.dedup_key, message_id=row.message_id, in_reply_to=list(row.in_reply_to),
         references=list(row.references), from_header=row.from_header,
-        from_address=row.from_address, to_header=row.to_address, cc_header=None,
+        from_address=row.from_address, to_header=row.to_header or row.to_address,
+        cc_header=row.cc_header,
         reply_to=None, subject=row.subject, normalized_subject=None,
         sent_at=datetime.now(UTC), headers=[[name, value] for name, value in row.headers],
         text_body=row.text_body, html_body=row.html_body,
@@ -252,9 +258,10 @@ async def store_outbound(connection: asyncpg.Connection, row: OutboundRow) -> in
         auth_detail=None, quarantined=None, scan_status=None, scan_signature=None,
         received_at=None, iprev=None)
     return await connection.fetchval(
-        """SELECT store_message($1, $2, $3, false, 'outbound', 'queued', $4,
+        """SELECT store_message($1, $2, $3, false, 'outbound', $6, $4,
                                 $5::message_content, '{}'::message_attachment[])""",
-        row.workspace_id, row.agent_id, row.thread_id, clean_text(row.to_address), content)
+        row.workspace_id, row.agent_id, row.thread_id, clean_text(row.to_address), content,
+        row.status)
 
 
 class GroupCommit:

@@ -69,7 +69,8 @@ def running(tmp_path_factory, dns_server_session):
 def test_every_command_has_help():
     for command in (["serve"], ["migrate"], ["workspace", "add"], ["workspace", "list"],
                     ["agent", "add"], ["agent", "list"], ["agent", "disable"], ["inbox"],
-                    ["apikey", "create"], ["apikey", "list"], ["apikey", "revoke"]):
+                    ["apikey", "create"], ["apikey", "list"], ["apikey", "revoke"],
+                    ["drafts", "list"], ["drafts", "send"], ["drafts", "discard"]):
         result = subprocess.run([sys.executable, "-m", "smtpd_agent", *command, "--help"],
                                 cwd=REPO, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and "usage: smtpd-agent" in result.stdout, command

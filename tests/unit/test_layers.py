@@ -41,15 +41,16 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "stages": (
         "auth", "routing", "ingress", "scan", "pipeline",
         "store", "store.apikeys", "store.changes", "store.database", "store.directory",
-        "store.deployment", "store.domains", "store.inbox", "store.lease", "store.messages",
-        "store.rows", "store.acl",
+        "store.deployment", "store.domains", "store.inbox", "store.lease", "store.mailbox",
+        "store.messages", "store.rows", "store.acl",
         "runtime",
     ),
     # Listeners and features: each receives the Runtime and calls stages and store.
     "features": (
         "smtp", "smtp.edge", "smtp.handler", "smtp.limits", "smtp.replies", "smtp.server",
         "http", "http.api", "http.health", "http.limits", "http.openapi", "http.responses",
-        "http.server", "http.webhooks",
+        "http.mailbox", "http.server", "http.webhooks",
+        "mailbox", "mailbox.send",
         "agent", "agent.compose", "agent.jobs", "agent.llm", "agent.policy", "agent.prompt",
         "agent.worker",
         "outbound", "outbound.bounces", "outbound.decisions", "outbound.queue",
@@ -62,7 +63,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "app": ("app",),
     # The command: shared helpers, each group's subcommands, the composition.
     "cli": (
-        "cli_common", "agent.cli", "acl.cli", "domains.cli", "http.cli", "outbound.cli", "cli",
+        "cli_common", "agent.cli", "acl.cli", "domains.cli", "http.cli", "mailbox.cli",
+        "outbound.cli", "cli",
         "__main__",
     ),
 }

@@ -1,4 +1,5 @@
--- Every message row is written here, inbound and outbound (the agent's replies):
+-- Every message row is written here, inbound and outbound (the agent's replies, and
+-- what the mailbox API sends); inbound mail arrives labelled 'unread':
 -- the raw bytes once per workspace (raw_messages), the row naming them, the
 -- attachments' content once per workspace (blobs) and their rows, and the
 -- thread's counters. A thread created for this message already counts it
@@ -22,7 +23,7 @@ BEGIN
         "references", from_header, from_address, to_header, cc_header, reply_to, subject, sent_at,
         headers, text_body, html_body, raw_sha256, size, mail_from, rcpt_to, client_ip, helo, tls,
         tls_version, session_id, queue_id, defects, spf, dkim, dmarc, arc, auth_results,
-        auth_detail, quarantined, scan_status, scan_signature, received_at, iprev)
+        auth_detail, quarantined, scan_status, scan_signature, received_at, iprev, labels)
     VALUES (
         p_workspace_id, p_agent_id, p_thread_id, p_direction, p_status, c.dedup_key, c.message_id,
         coalesce(c.in_reply_to, '{}'), coalesce(c."references", '{}'), c.from_header,
@@ -31,7 +32,8 @@ BEGIN
         c.mail_from, p_rcpt_to, c.client_ip, c.helo, coalesce(c.tls, false), c.tls_version,
         c.session_id, c.queue_id, coalesce(c.defects, '{}'), c.spf, c.dkim, c.dmarc, c.arc,
         c.auth_results, c.auth_detail, coalesce(c.quarantined, false), c.scan_status,
-        c.scan_signature, coalesce(c.received_at, now()), c.iprev)
+        c.scan_signature, coalesce(c.received_at, now()), c.iprev,
+        CASE WHEN p_direction = 'inbound' THEN ARRAY['unread'] ELSE '{}'::text[] END)
     RETURNING id INTO v_message_id;
 
     IF cardinality(p_attachments) > 0 THEN
