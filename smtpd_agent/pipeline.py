@@ -1,4 +1,4 @@
-"""From received bytes to a stored message: parse, authenticate, scan, store.
+"""From received bytes to a stored message: parse, authenticate, scan, score, store.
 
 The listener hands over a `ReceivedContent`; this module freezes it into the
 typed record, runs the stages in order and returns the one reply for the
@@ -28,9 +28,11 @@ from .record import Envelope, InboundMessage, ReceivedContent
 from .scan import ScanResult, Scanner
 from .scan import decide as decide_scan
 from .smtp import replies
+from .spam import Disposition, Reason, SpamDecision, SpamFilter, SpamResult
+from .spam import decide as decide_spam
 from .smtp.replies import Reply
 from .store.database import CONNECTION_ERRORS, DatabaseUnavailable
-from .store.messages import GroupCommit, StoredMessage, StoreTooLarge, Verdicts
+from .store.messages import GroupCommit, StoredMessage, StoreTooLarge, Verdicts, stored_bytes
 
 log = structlog.get_logger("smtpd_agent.pipeline")
 
@@ -91,13 +93,15 @@ class Pipeline:
     def __init__(self, db: asyncpg.Pool, settings: Settings, resolver: Resolver,
                  scanner: Scanner | None = None, metrics: Metrics | None = None, *,
                  bounces: DsnReceiver | None = None,
-                 checks: CheckRunner | None = None) -> None:
+                 checks: CheckRunner | None = None,
+                 spam_filter: SpamFilter | None = None) -> None:
         self.db = db
         self.settings = settings
         self.resolver = resolver
         self.checks = checks or CheckRunner(settings.auth.dns_workers,
                                             settings.auth.verify_workers)
         self.scanner = scanner
+        self.spam_filter = spam_filter
         self.metrics = metrics or Metrics()
         self.authserv_id = settings.auth.authserv_id or settings.server.hostname
         self.bounces = bounces
@@ -143,6 +147,27 @@ class Pipeline:
         if decision.action == "tempfail":
             raise Rejected(replies.TEMP_SCAN_FAILURE, decision.reason, problem=result.problem)
         return result
+
+    async def score(self, message: InboundMessage,
+                    queue_id: str) -> tuple[SpamResult | None, SpamDecision]:
+        """Ask rspamd about the message as it will be stored; raise Rejected for spam that is
+        refused (550), deferred (451) or unscored while required (451)."""
+        result = None
+        if self.spam_filter is not None:
+            result = await self.spam_filter.check(message, stored_bytes(message), queue_id)
+        decision = decide_spam(result, self.settings.spam)
+        if result is not None:
+            self.metrics.spam_checks.labels(str(result.action or result.status)).inc()
+        fields = dict(score=result.score if result else None,
+                      action=str(result.action) if result and result.action else None)
+        if decision.action == Disposition.REJECT:
+            raise Rejected(replies.SPAM_REJECT, "spam", **fields)
+        if decision.action == Disposition.TEMPFAIL:
+            reply = (replies.TEMP_SPAM_FAILURE if decision.reason == Reason.FILTER_UNAVAILABLE
+                     else replies.SPAM_DEFERRED)
+            raise Rejected(reply, f"spam {decision.reason}",
+                           problem=result.problem if result else None, **fields)
+        return result, decision
 
     async def receive_bounces(self, content: ReceivedContent) -> Reply | None:
         """Hand a DSN to the bounce processor for each VERP recipient; a 4xx if that failed.
@@ -205,6 +230,15 @@ class Pipeline:
             authenticated = time.perf_counter()
             scan = await self.scan(message)
             scanned = time.perf_counter()
+            # RFC 8601 section 5: results claiming our authserv-id can only be forged; ours
+            # go first. rspamd scores the message as it will be stored, our results included.
+            message = dataclasses.replace(
+                message, raw=strip_our_results(content.data, self.authserv_id),
+                trace_headers=(("Authentication-Results", auth.header_value),
+                               ("Received", received_header(content,
+                                                            self.settings.server.hostname))))
+            spam, spam_decision = await self.score(message, content.queue_id)
+            scored = time.perf_counter()
         except Rejected as rejected:
             log.info("smtp.rejected" if rejected.reply.code >= 500 else "smtp.tempfail",
                      reason=rejected.reason, reply=str(rejected.reply), queue_id=content.queue_id,
@@ -214,12 +248,7 @@ class Pipeline:
         verdicts = Verdicts(
             spf=auth.spf, dkim=auth.dkim, dmarc=auth.dmarc, arc=auth.arc,
             auth_results=auth.header_value, auth_detail=auth.to_dict(), quarantined=quarantined,
-            **scan_columns(scan, message))
-        # RFC 8601 section 5: results claiming our authserv-id can only be forged; ours go first.
-        message = dataclasses.replace(
-            message, raw=strip_our_results(content.data, self.authserv_id),
-            trace_headers=(("Authentication-Results", auth.header_value),
-                           ("Received", received_header(content, self.settings.server.hostname))))
+            **scan_columns(scan, message), **spam_columns(spam, spam_decision))
         try:
             stored = await self.store.store(message, verdicts, content.queue_id)
         except StoreTooLarge as error:
@@ -235,17 +264,19 @@ class Pipeline:
             return Outcome(replies.TEMP_STORE_FAILURE.for_session(content.session_id),
                            "store failed")
         stored_at = time.perf_counter()
-        self.metrics.store_latency.observe(stored_at - scanned)
+        self.metrics.store_latency.observe(stored_at - scored)
         log.info("smtp.accepted", queue_id=content.queue_id, message_id=parsed.message_id,
                  mail_from=content.mail_from, rcpt=rcpt, size=len(content.data),
                  attachments=len(parsed.attachments), spf=auth.spf, dkim=auth.dkim,
                  dmarc=auth.dmarc, arc=auth.arc, quarantined=quarantined,
-                 scan=verdicts.scan_status,
+                 scan=verdicts.scan_status, spam=verdicts.spam_action or verdicts.spam_status,
+                 spam_score=verdicts.spam_score, held_as_spam=verdicts.spam,
                  stored=[s.id for s in stored if not s.duplicate],
                  duplicates=[s.id for s in stored if s.duplicate], transport=content.transport,
                  ms={"auth": round((authenticated - began) * 1000, 1),
                      "scan": round((scanned - authenticated) * 1000, 1),
-                     "store": round((stored_at - scanned) * 1000, 1)})
+                     "spam": round((scored - scanned) * 1000, 1),
+                     "store": round((stored_at - scored) * 1000, 1)})
         return Outcome(replies.queued(content.queue_id), "accepted", tuple(stored))
 
 
@@ -257,3 +288,13 @@ def scan_columns(scan: ScanResult | None, message: InboundMessage) -> dict[str, 
                 "attachment_scans": tuple((status, None) for _ in message.parsed.attachments)}
     return {"scan_status": scan.status, "scan_signature": scan.signature,
             "attachment_scans": tuple((a.status, a.signature) for a in scan.attachments)}
+
+
+def spam_columns(spam: SpamResult | None, decision: SpamDecision) -> dict[str, object]:
+    """rspamd's verdict as stored; all None when no rspamd is configured."""
+    if spam is None:
+        return {}
+    return {"spam": decision.labelled, "spam_status": spam.status,
+            "spam_action": str(spam.action) if spam.action else None,
+            "spam_score": spam.score, "spam_required": spam.required_score,
+            "spam_symbols": spam.symbols_json()}

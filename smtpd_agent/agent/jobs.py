@@ -92,7 +92,8 @@ async def load_agent(db: asyncpg.Pool, job: Job) -> AgentRecord | None:
 
 async def load_inbound(db: asyncpg.Pool, job: Job) -> InboundRecord | None:
     row = await db.fetchrow(
-        """SELECT headers, mail_from, from_address, dmarc, quarantined, scan_status, message_id,
+        """SELECT headers, mail_from, from_address, dmarc, scan_status, message_id,
+                  (quarantined OR spam) AND released_at IS NULL AS quarantined,
                   "references", in_reply_to, subject, reply_to, rcpt_to
              FROM messages
             WHERE id = $1 AND workspace_id = $2 AND agent_id = $3 AND direction = 'inbound'""",
@@ -111,12 +112,14 @@ async def load_inbound(db: asyncpg.Pool, job: Job) -> InboundRecord | None:
 
 
 async def load_transcript(db: asyncpg.Pool, job: Job) -> list[TranscriptEntry]:
-    """The thread in order: our replies, and inbound mail up to the one being answered."""
+    """The thread in order: our replies, and inbound mail up to the one being answered;
+    held mail (spam, DMARC quarantine) stays out until an operator releases it."""
     rows = await db.fetch(
         """SELECT id, direction, from_header, to_header, subject, coalesce(sent_at, received_at)
                   AS date, text_body, html_body
              FROM messages
             WHERE thread_id = $1 AND workspace_id = $2 AND (direction = 'outbound' OR id <= $3)
+              AND NOT ((quarantined OR spam) AND released_at IS NULL)
             ORDER BY id""", job.thread_id, job.workspace_id, job.message_id)
     attachments: dict[int, list[AttachmentNote]] = {}
     for row in await db.fetch(

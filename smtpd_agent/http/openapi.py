@@ -72,6 +72,10 @@ def openapi_spec() -> dict[str, Any]:
         "spf": {"type": "string", "nullable": True}, "dkim": {"type": "string", "nullable": True},
         "dmarc": {"type": "string", "nullable": True}, "arc": {"type": "string", "nullable": True},
         "quarantined": {"type": "boolean"},
+        "spam": {"type": "boolean"},
+        "spam_status": {"type": "string", "nullable": True},
+        "spam_action": {"type": "string", "nullable": True},
+        "spam_score": {"type": "number", "nullable": True},
         "scan_status": {"type": "string", "nullable": True},
         "attachments": {"type": "array", "items": {"$ref": "#/components/schemas/Attachment"}}}}
     bearer = [{"bearer": []}]

@@ -38,9 +38,10 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     # The inbound stages, the store they write to, and the runtime they form.
     "stages": (
-        "auth", "routing", "scan", "pipeline",
+        "auth", "routing", "scan", "spam", "pipeline",
         "store", "store.apikeys", "store.database", "store.directory",
         "store.deployment", "store.domains", "store.inbox", "store.lease", "store.messages",
+        "store.quarantine",
         "store.rows",
         "runtime",
     ),
