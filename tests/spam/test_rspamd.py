@@ -123,3 +123,31 @@ async def test_rspamd_down(start_server, db, required):
         row = await db.fetchrow("SELECT * FROM messages")
         assert (row["spam"], row["spam_status"], row["spam_score"]) == (False, "unscored", None)
         assert await db.fetchval("SELECT count(*) FROM agent_jobs") == 1
+
+
+async def test_dmarc_quarantine_is_listed_and_release_requeues_its_job(
+        agent_server, db, database_url, dns_server, messages_api):
+    """Held by DMARC p=quarantine: listed with that reason; release makes the skipped job due
+    again, and the worker's own rules still apply (a DMARC failure is never answered)."""
+    dns_server.txt("_dmarc.shop.test", "v=DMARC1; p=quarantine")
+    deliver(agent_server.port, mail(sender="alice@shop.test"), mail_from="alice@elsewhere.test")
+    [job] = await wait_jobs(db)
+    assert (job["status"], job["skip_reason"]) == ("skipped", "quarantined")
+    [held] = json.loads(await asyncio.to_thread(cli, database_url, "quarantine", "list",
+                                                "--json"))
+    assert held["id"] == job["message_id"] and held["reason"] == "DMARC quarantine (dmarc=fail)"
+    await asyncio.to_thread(cli, database_url, "quarantine", "release", str(held["id"]))
+    deadline = asyncio.get_running_loop().time() + 15
+    while (await db.fetchval("SELECT skip_reason FROM agent_jobs")) == "quarantined":
+        assert asyncio.get_running_loop().time() < deadline, "job not run again"
+        await asyncio.sleep(0.05)
+    [job] = await wait_jobs(db)
+    assert (job["status"], job["skip_reason"]) == ("skipped", "DMARC fail")
+    assert messages_api.requests == []
+    assert await db.fetchval("SELECT released_at IS NOT NULL FROM messages") is True
+    result = subprocess.run(
+        [sys.executable, "-m", "smtpd_agent", "quarantine", "release", str(held["id"])],
+        env={**os.environ, "SMTPD_AGENT_DATABASE_URL": database_url,
+             "SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": DEFAULT_DOMAIN,
+             "SMTPD_AGENT_CONFIG": os.devnull}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and f"no held message {held['id']}" in result.stderr
