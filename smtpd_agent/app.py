@@ -36,7 +36,8 @@ from .pipeline import Pipeline
 from .routing import Router
 from .runtime import Runtime
 from .smtp.handler import SessionHandler
-from .smtp.server import AgentSMTP, ConnectionLimits, Sessions
+from .smtp.limits import ConnectionLimits, CounterTable, DataBudget
+from .smtp.server import AgentSMTP, Sessions
 from .store import deployment
 from .systemd import Notifier
 
@@ -106,7 +107,9 @@ class SessionParts:
 class MailServer:
     """The SMTP listener with everything it needs; `start()` binds, `stop()` drains."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, table: CounterTable | None = None) -> None:
+        """`table`: the connection counts shared with the other accepting processes; the
+        first process (table None) creates one with a row for each of smtp.processes."""
         self.runtime = runtime
         self.settings = settings = runtime.settings
         self.router = Router(runtime.pool, settings.server.default_domain,
@@ -116,7 +119,9 @@ class MailServer:
                              verp_prefix=settings.outbound.verp_prefix,
                              postmaster=settings.routing.postmaster)
         self.limits = ConnectionLimits(settings.smtp.max_connections,
-                                       settings.smtp.max_connections_per_ip)
+                                       settings.smtp.max_connections_per_ip,
+                                       table or CounterTable.create(settings.smtp.processes))
+        self.data_budget = DataBudget(settings.smtp.data_memory_budget)
         self.sessions = Sessions()
         self._server: asyncio.base_events.Server | None = None
         self._parts: SessionParts | None = None
@@ -149,7 +154,8 @@ class MailServer:
             return AgentSMTP(parts.handler, settings=parts.settings.smtp, limits=self.limits,
                              deliver=parts.pipeline.receive,
                              hostname=parts.settings.server.hostname, sessions=self.sessions,
-                             tls_context=parts.tls_context, loop=loop, metrics=metrics)
+                             tls_context=parts.tls_context, loop=loop, metrics=metrics,
+                             data_budget=self.data_budget)
 
         # With smtp.processes > 1 several processes accept on this port (SO_REUSEPORT).
         self._server = await loop.create_server(session, settings.smtp.host, settings.smtp.port,
@@ -167,6 +173,7 @@ class MailServer:
         parts = self._build_parts(settings)
         self.limits.total = settings.smtp.max_connections
         self.limits.per_ip = settings.smtp.max_connections_per_ip
+        self.data_budget.limit = settings.smtp.data_memory_budget
         self.settings = settings
         self._parts = parts
         log.info("server.reloaded", starttls=parts.tls_context is not None,
@@ -271,6 +278,11 @@ def metrics_spooler(runtime: Runtime) -> Service:
 LISTENER_SERVICES: list[Callable[[Runtime], Service]] = [MailServer, metrics_spooler]
 
 
+def listener_services(table: CounterTable | None) -> list[Callable[[Runtime], Service]]:
+    """LISTENER_SERVICES, the mail server counting connections in the parent's `table`."""
+    return [lambda runtime: MailServer(runtime, table), metrics_spooler]
+
+
 class ListenerProcesses:
     """The smtp.processes - 1 extra accepting processes beside this one.
 
@@ -284,10 +296,11 @@ class ListenerProcesses:
     """
 
     def __init__(self, settings: Settings, port: int | None,
-                 listener_args: Sequence[str] = ()) -> None:
+                 listener_args: Sequence[str] = (), table: CounterTable | None = None) -> None:
         self.settings = settings
         self.port = port
         self.listener_args = list(listener_args)
+        self.table = table  # shared connection counts: child k writes row k
         self.children: list[subprocess.Popen[bytes]] = []
 
     def command(self) -> list[str]:
@@ -299,8 +312,13 @@ class ListenerProcesses:
             stale.unlink(missing_ok=True)  # a previous run's processes
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)  # readiness is the parent's to report to systemd
-        for _ in range(self.settings.smtp.processes - 1):
-            self.children.append(subprocess.Popen(self.command(), env=env))
+        for slot in range(1, self.settings.smtp.processes):
+            command = self.command()
+            fds: tuple[int, ...] = ()
+            if self.table is not None and self.table.fd >= 0:
+                command.append(f"--connection-table={self.table.fd}:{slot}")
+                fds = (self.table.fd,)
+            self.children.append(subprocess.Popen(command, env=env, pass_fds=fds))
         log.info("server.listener_processes", pids=[c.pid for c in self.children])
 
     def signal(self, signum: signal.Signals) -> None:
@@ -329,7 +347,8 @@ async def serve(settings: Settings,
     notifier = notifier or Notifier()
     app = App(settings, factories)
     await app.start()
-    listeners = (ListenerProcesses(settings, app.service(MailServer).port, listener_args)
+    listeners = (ListenerProcesses(settings, app.service(MailServer).port, listener_args,
+                                   app.service(MailServer).limits.table)
                  if factories is None and settings.smtp.processes > 1 else None)
     if listeners:
         await listeners.start()

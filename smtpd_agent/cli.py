@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .agent.cli import register_agent
-from .app import DNS_SERVICES, LISTENER_SERVICES, serve
+from .app import DNS_SERVICES, listener_services, serve
 from .cli_common import Parents, deployment_settings, emit, with_database
 from .config import ConfigError, Settings, load_settings
 from .domains.cli import register_domains
@@ -25,6 +25,7 @@ from .domains.keys import KeyStoreError
 from .http.cli import register_apikeys
 from .logs import configure_logging
 from .routing import parse_address, workspace_of
+from .smtp.limits import CounterTable
 from .store import deployment, directory, inbox, quarantine
 from .store.database import migrate
 from .store.directory import DirectoryError
@@ -59,6 +60,8 @@ def register_core(commands: Any, parents: Parents) -> None:
     serve_cmd.add_argument("--http-host", help="HTTP bind address (http.host)")
     serve_cmd.add_argument("--http-port", type=int, help="HTTP bind port (http.port)")
     serve_cmd.add_argument("--listener-only", action="store_true", help=argparse.SUPPRESS)
+    # FD:SLOT of the parent's shared connection table (smtpd_agent/smtp/limits.py)
+    serve_cmd.add_argument("--connection-table", help=argparse.SUPPRESS)
     serve_cmd.set_defaults(run=run_serve)
     dns_cmd = commands.add_parser(
         "dns-serve", parents=[common],
@@ -166,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
 def run_serve(settings: Settings, args: argparse.Namespace) -> int:
     # SIGHUP re-reads the same file, environment and flags as start-up did.
     if args.listener_only:  # one of the smtp.processes extra listeners, started by serve
-        asyncio.run(serve(settings, LISTENER_SERVICES, reload=lambda: settings_from(args)))
+        table = None
+        if args.connection_table:
+            fd, _, slot = args.connection_table.partition(":")
+            table = CounterTable.attach(int(fd), int(slot))
+        asyncio.run(serve(settings, listener_services(table), reload=lambda: settings_from(args)))
         return 0
     asyncio.run(serve(settings, reload=lambda: settings_from(args),
                       listener_args=listener_args(args)))

@@ -92,6 +92,10 @@ class SmtpSettings:
     processes: int = 1
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    max_commands: int = 10_000
+    data_memory_budget: int = 268_435_456
+    min_data_rate: int = 500
+    data_rate_window: float = 30.0
     shutdown_grace: float = 30.0
     bare_lf: Literal["normalize", "reject"] = "normalize"
     tls_cert: str = ""
@@ -526,9 +530,14 @@ def _validate(settings: Settings) -> None:
     if not 0 <= smtp.port < 65536:
         raise ConfigError(f"smtp.port: must be 0-65535 (0 picks a free port), got {smtp.port}")
     for key in ("max_message_size", "max_recipients", "max_connections", "processes",
-                "max_connections_per_ip", "max_header_size"):
+                "max_connections_per_ip", "max_header_size", "max_commands"):
         if getattr(smtp, key) < 1:
             raise ConfigError(f"smtp.{key}: must be at least 1")
+    for key in ("data_memory_budget", "min_data_rate"):
+        if getattr(smtp, key) < 0:
+            raise ConfigError(f"smtp.{key}: must not be negative (0 turns it off)")
+    if smtp.data_rate_window <= 0:
+        raise ConfigError("smtp.data_rate_window: must be above 0")
     if bool(smtp.tls_cert) != bool(smtp.tls_key):
         raise ConfigError("smtp.tls_cert: tls_cert and tls_key must be set together")
     if smtp.require_starttls and not smtp.tls_cert:

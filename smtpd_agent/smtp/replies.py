@@ -86,6 +86,9 @@ TEMP_AUTH_FAILURE = Reply(451, "7.0", "DNS error during policy check, try again 
 TEMP_SCAN_FAILURE = Reply(451, "7.0", "Content scanner unavailable, try again later")
 TEMP_SPAM_FAILURE = Reply(451, "7.0", "Spam filter unavailable, try again later")
 SPAM_DEFERRED = Reply(451, "7.1", "Message deferred by the spam filter, try again later")
+TOO_MANY_COMMANDS = Reply(421, "7.0", "Too many commands, closing connection")
+DATA_TOO_SLOW = Reply(421, "4.2", "Data rate too low, closing connection")
+DATA_BUDGET_EXHAUSTED = Reply(452, "3.1", "Insufficient system storage, try again later")
 
 # 5xx: permanent
 MAILBOX_UNKNOWN = Reply(550, "1.1", "Mailbox unavailable")
@@ -101,6 +104,10 @@ VIRUS_FOUND = Reply(554, "7.1", "Message rejected: virus found")
 SPAM_REJECT = Reply(550, "7.1", "Message rejected as spam")
 BAD_SEQUENCE = Reply(503, "5.1", "Bad sequence of commands")
 SYNTAX_ERROR = Reply(501, "5.4", "Syntax error in parameters or arguments")
+HELO_CONTROL_CHARACTER = Reply(501, "5.4", "Control characters are not allowed in the hostname")
+SENDER_CONTROL_CHARACTER = Reply(553, "1.7", "Control characters are not allowed in the sender")
+RECIPIENT_CONTROL_CHARACTER = Reply(553, "1.3",
+                                    "Control characters are not allowed in the recipient")
 COMMAND_UNRECOGNIZED = Reply(500, "5.1", "Command not recognized")
 LINE_TOO_LONG = Reply(500, "5.6", "Line too long")
 NOT_IMPLEMENTED = Reply(502, "5.1", "Command not implemented")

@@ -10,7 +10,12 @@ aiosmtpd parses commands and their parameters well; what we replace:
 - Every reply gets an RFC 3463 enhanced code on its way out (`replies`).
 - An unexpected exception answers 451 4.3.0 with the session id instead of
   aiosmtpd's permanent 500 naming the exception.
-- Connection limits, global and per client IP, and a 421 on timeout.
+- Connection limits, global and per client (IPv4 address or IPv6 /64) across
+  every accepting process, and a 421 on timeout (`limits`).
+- Hostile-client bounds: C0/DEL control characters refused in HELO/EHLO, MAIL
+  and RCPT arguments; replies held for pipelining only up to HOLD_REPLIES bytes;
+  a command cap per session; a per-process budget of in-flight message bytes;
+  a minimum data rate.
 - Per-connection and per-command cost: aiosmtpd's method tables are built
   without introspecting every attribute (AgentSMTP), and a plain
   `<local@domain>` path is read without the email package's parser (_getaddr).
@@ -24,7 +29,6 @@ import re
 import secrets
 import ssl
 import time
-from collections import Counter
 from typing import Any, AnyStr, Awaitable, Callable, Iterable
 
 import structlog
@@ -34,6 +38,7 @@ from ..config import SmtpSettings
 from ..metrics import Metrics
 from ..record import ReceivedContent, Recipient
 from . import replies
+from .limits import ConnectionLimits, DataBudget
 from .replies import Reply
 
 log = structlog.get_logger("smtpd_agent.smtp")
@@ -48,6 +53,14 @@ BDAT_ARGS = re.compile(r"^(\d{1,10})(?:\s+(LAST))?$", re.IGNORECASE)
 ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 PLAIN_PATH = re.compile(
     rf"<(?P<local>(?!=\?){ATEXT}+(?:\.{ATEXT}+)*)@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*>")
+# C0 controls but HTAB, and DEL: NUL would make the row unstorable, a bare CR ends a header
+# line inside our Received header. (CR/LF that end the line are gone before this is seen.)
+CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Replies to pipelined commands are held (RFC 2920) only while fewer bytes than this wait.
+HOLD_REPLIES = 4096
+# The replies held while more input waits: those to the commands RFC 2920 lets a client
+# pipeline. Others (220 to STARTTLS above all: the handshake follows it) go out at once.
+HELD_CODES = (b"250", b"251", b"252")
 
 
 def new_session_id() -> str:
@@ -87,29 +100,6 @@ class _HookView:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.handler, name)
-
-
-class ConnectionLimits:
-    """Open sessions, globally and per client IP."""
-
-    def __init__(self, total: int, per_ip: int) -> None:
-        self.total = total
-        self.per_ip = per_ip
-        self.open: Counter[str] = Counter()
-        self.open_total = 0
-
-    def acquire(self, ip: str) -> bool:
-        if self.open_total >= self.total or self.open[ip] >= self.per_ip:
-            return False
-        self.open_total += 1
-        self.open[ip] += 1
-        return True
-
-    def release(self, ip: str) -> None:
-        self.open_total -= 1
-        self.open[ip] -= 1
-        if self.open[ip] <= 0:
-            del self.open[ip]
 
 
 class TransactionEnvelope(AioEnvelope):
@@ -166,7 +156,8 @@ class AgentSMTP(SMTP):
                  deliver: Deliver, hostname: str, sessions: Sessions,
                  tls_context: ssl.SSLContext | None = None,
                  loop: asyncio.AbstractEventLoop | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None,
+                 data_budget: DataBudget | None = None) -> None:
         view = _HookView(handler) if type(handler).__dir__ is object.__dir__ else handler
         self._hooks_only_dir = True
         try:
@@ -200,6 +191,11 @@ class AgentSMTP(SMTP):
         self.transactions = 0
         self.started = time.monotonic()
         self._bytes_in = 0
+        self.data_budget = data_budget
+        self._data_held = 0  # bytes reserved in data_budget by this session's transaction
+        self._replies = 0
+        self._rate_handle: asyncio.TimerHandle | None = None
+        self._window_bytes = 0
 
     def __dir__(self) -> Iterable[str]:
         if self.__dict__.get("_hooks_only_dir"):
@@ -229,14 +225,27 @@ class AgentSMTP(SMTP):
         finally:
             self.sessions.active.discard(self)
             self.limits.release(self.client_ip)
+            self._stop_rate_watch()
+            self._release_data()
             log.info("smtp.session_end", transactions=self.transactions,
                      seconds=round(time.monotonic() - self.started, 3))
 
     def close_with(self, reply: Reply) -> None:
+        """Write what is held and `reply`, close; input still buffered is not read."""
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(bytes(self._pending_replies) + str(reply).encode() + b"\r\n")
             self._pending_replies.clear()
+            self._reader._buffer.clear()  # type: ignore[attr-defined]
             self.transport.close()
+
+    def _set_post_data_state(self) -> None:
+        """Also on RSET and EHLO (aiosmtpd's _set_rset_state): a transaction abandoned
+        between BDAT chunks stops counting as receiving, for the data rate and a drain."""
+        if "_rate_handle" in self.__dict__:
+            self._stop_rate_watch()
+            self._release_data()
+            self.receiving = False
+        super()._set_post_data_state()
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """aiosmtpd's idle timeout without a new timer per command.
@@ -270,18 +279,34 @@ class AgentSMTP(SMTP):
         RFC 2920 lets a server hold replies while more commands are waiting in
         its input buffer (Postfix does); one write per pipelined group instead
         of one per command saves a syscall and a wake-up of the client each.
-        Only positive replies wait: aiosmtpd closes the connection only after a
-        negative reply or 221, so nothing held back is ever lost to a close.
+        Only 250/251/252 wait, and only up to HOLD_REPLIES bytes: aiosmtpd closes
+        the connection only after a negative reply or 221, so nothing held back
+        is lost to a close, and a client that keeps input waiting (writes that
+        end mid-line) still gets its replies, and its writes throttled by ours.
         """
+        if self.transport is None or self.transport.is_closing():
+            return
         line = status.encode("utf-8") if isinstance(status, str) else status
         if not self._greeted and line[:3] == b"220":
             self._greeted = True  # RFC 2034 section 3: the greeting carries no enhanced code
         else:
             line = replies.enhance(line)
+            if not self._count_reply():
+                return
         self._pending_replies += line + b"\r\n"
-        if self._reader._buffer and line[:1] == b"2" and line[:3] != b"221":  # type: ignore[attr-defined]
+        if (self._reader._buffer and line[:3] in HELD_CODES  # type: ignore[attr-defined]
+                and len(self._pending_replies) < HOLD_REPLIES):
             return
         await self.flush_replies()
+
+    def _count_reply(self) -> bool:
+        """Count one more command answered; past smtp.max_commands, 421 and close."""
+        self._replies += 1
+        if self._replies <= self.settings.max_commands:
+            return True
+        log.warning("smtp.command_limit", commands=self._replies - 1)
+        self.close_with(replies.TOO_MANY_COMMANDS)
+        return False
 
     async def flush_replies(self) -> None:
         if self._pending_replies:
@@ -320,6 +345,11 @@ class AgentSMTP(SMTP):
         if not hostname:
             await self.push(str(replies.SYNTAX_ERROR.with_text("Syntax: EHLO hostname")))
             return
+        if CONTROL.search(hostname):
+            await self.push(str(self._control_refused("ehlo", replies.HELO_CONTROL_CHARACTER)))
+            return
+        if not self._count_reply():
+            return
         self._set_rset_state()
         self.session.extended_smtp = True
         self.session.host_name = hostname
@@ -333,11 +363,38 @@ class AgentSMTP(SMTP):
         if not hostname:
             await self.push(str(replies.SYNTAX_ERROR.with_text("Syntax: HELO hostname")))
             return
+        if CONTROL.search(hostname):
+            await self.push(str(self._control_refused("helo", replies.HELO_CONTROL_CHARACTER)))
+            return
+        if not self._count_reply():
+            return
         self._set_rset_state()
         self.session.extended_smtp = False
         self.session.host_name = hostname
         self._pending_replies += f"250 {self.hostname}\r\n".encode()
         await self.flush_replies()
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if arg and CONTROL.search(arg):
+            await self.push(str(self._control_refused("mail", replies.SENDER_CONTROL_CHARACTER)))
+            return
+        await super().smtp_MAIL(arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if arg and CONTROL.search(arg):
+            await self.push(str(self._control_refused("rcpt",
+                                                      replies.RECIPIENT_CONTROL_CHARACTER)))
+            return
+        await super().smtp_RCPT(arg)
+
+    def _control_refused(self, command: str, reply: Reply) -> Reply:
+        """Log (without the argument: it is what carries the control character) and count."""
+        log.info("smtp.command_rejected", command=command, reason="control character")
+        if self.metrics is not None:
+            self.metrics.rejected_reply("smtp", command, "control character", reply.code)
+        return reply
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -354,9 +411,14 @@ class AgentSMTP(SMTP):
             return
         await self.push(replies.START_MAIL_INPUT)
         self.receiving = True
+        self._start_rate_watch()
         try:
-            data, too_big = await self._read_dot_terminated()
+            data, too_big, over_budget = await self._read_dot_terminated()
+            self._stop_rate_watch()
             self._reset_timeout()
+            if over_budget and not too_big:
+                await self.push(str(self._over_budget()))
+                return
             await self.push(str(await self._finish(data, too_big, dot_stuffed=True)))
         finally:
             self._set_post_data_state()
@@ -374,6 +436,7 @@ class AgentSMTP(SMTP):
         envelope: TransactionEnvelope = self.envelope
         limit = self.settings.max_message_size
         self.receiving = True
+        self._start_rate_watch()
         try:
             await self._bdat_chunk(envelope, size, last, limit)
         finally:
@@ -382,14 +445,77 @@ class AgentSMTP(SMTP):
 
     def _end_receiving(self) -> None:
         self.receiving = False
+        self._stop_rate_watch()
         if self.sessions.draining:
             self.close_with(replies.SHUTTING_DOWN)
 
+    # -- budgets: in-flight bytes and minimum data rate ---------------------------------
+
+    def _hold(self, size: int) -> bool:
+        """Reserve what a message of `size` bytes needs beyond the free share; False if
+        the process's budget cannot give it."""
+        budget = self.data_budget
+        if budget is None:
+            return True
+        need = size - budget.free
+        if need <= self._data_held:
+            return True
+        extra = max(need - self._data_held, READ_CHUNK * 4)
+        if not budget.reserve(extra):
+            return False
+        self._data_held += extra
+        return True
+
+    def _release_data(self) -> None:
+        if self._data_held and self.data_budget is not None:
+            self.data_budget.release(self._data_held)
+            self._data_held = 0
+
+    def _over_budget(self) -> Reply:
+        self.transactions += 1
+        log.warning("smtp.rejected", reason="data budget exhausted",
+                    budget=self.data_budget.limit if self.data_budget else None)
+        return self._refused("data budget exhausted", replies.DATA_BUDGET_EXHAUSTED)
+
+    def _start_rate_watch(self) -> None:
+        """Check smtp.min_data_rate at the end of every smtp.data_rate_window while a
+        transaction's content is being read: one timer per window, not per read."""
+        if self._rate_handle is None and self.settings.min_data_rate:
+            self._window_bytes = 0
+            self._rate_handle = self.loop.call_later(self.settings.data_rate_window,
+                                                     self._rate_due)
+
+    def _stop_rate_watch(self) -> None:
+        if self._rate_handle is not None:
+            self._rate_handle.cancel()
+            self._rate_handle = None
+
+    def _rate_due(self) -> None:
+        window = self.settings.data_rate_window
+        rate = self._window_bytes / window
+        if rate < self.settings.min_data_rate:
+            self._rate_handle = None
+            log.info("smtp.data_too_slow", bytes_per_second=round(rate, 1),
+                     minimum=self.settings.min_data_rate)
+            if self.metrics is not None:
+                self.metrics.rejected_reply("smtp", "data", "data rate too low",
+                                            replies.DATA_TOO_SLOW.code)
+            self.close_with(replies.DATA_TOO_SLOW)
+            return
+        self._window_bytes = 0
+        self._rate_handle = self.loop.call_later(window, self._rate_due)
+
     async def _bdat_chunk(self, envelope: TransactionEnvelope, size: int, last: bool,
                           limit: int) -> None:
-        keep = (not envelope.bdat_failed and envelope.rcpt_tos
-                and envelope.bdat_size + size <= limit)
-        chunk = await self._read_exactly(size, keep=bool(keep))
+        keep = bool(not envelope.bdat_failed and envelope.rcpt_tos
+                    and envelope.bdat_size + size <= limit)
+        if keep and not self._hold(envelope.bdat_size + size):
+            keep = False
+            envelope.bdat_failed = replies.DATA_BUDGET_EXHAUSTED
+            envelope.bdat_chunks.clear()
+        chunk = await self._read_exactly(size, keep=keep)
+        if last:
+            self._stop_rate_watch()
         self._reset_timeout()
         if not self.session.host_name:
             await self.push(str(replies.BAD_SEQUENCE.with_text("Send EHLO first")))
@@ -406,6 +532,9 @@ class AgentSMTP(SMTP):
             await self.push(str(envelope.bdat_failed or replies.bdat_chunk_ok(size)))
             return
         try:
+            if envelope.bdat_failed is replies.DATA_BUDGET_EXHAUSTED:
+                await self.push(str(self._over_budget()))
+                return
             if envelope.bdat_failed is not None:
                 log.info("smtp.rejected", reason="message too big", size=envelope.bdat_size)
                 await self.push(str(self._refused("message too big", envelope.bdat_failed)))
@@ -418,8 +547,9 @@ class AgentSMTP(SMTP):
 
     # -- reading message content -------------------------------------------------------
 
-    async def _read_dot_terminated(self) -> tuple[bytes, bool]:
-        """Read up to <CR><LF>.<CR><LF>; return the unstuffed content and whether it was too big.
+    async def _read_dot_terminated(self) -> tuple[bytes, bool, bool]:
+        """Read up to <CR><LF>.<CR><LF>; return the unstuffed content, whether it was too
+        big, and whether it outgrew the data budget (neither is kept, but read to its end).
 
         The CRLF that ended the DATA command line opens the first line, so an
         empty message (".<CR><LF>" straight away) is found by the same search.
@@ -427,7 +557,7 @@ class AgentSMTP(SMTP):
         reader = self._reader
         buffer = bytearray(b"\r\n")
         limit = self.settings.max_message_size + 2
-        too_big = False
+        too_big = over_budget = False
         search_from = 0
         while True:
             end = buffer.find(TERMINATOR, search_from)
@@ -435,12 +565,18 @@ class AgentSMTP(SMTP):
                 break
             if len(buffer) > limit:
                 too_big = True
+            elif not over_budget and not self._hold(len(buffer)):
+                over_budget = True
+                log.info("smtp.data_budget_exhausted", size=len(buffer))
+            if too_big or over_budget:
                 del buffer[2:-4]
+                self._release_data()
             search_from = max(0, len(buffer) - len(TERMINATOR) + 1)
             self._reset_timeout(self.settings.data_timeout)
             chunk = await reader.read(READ_CHUNK)
             if not chunk:
                 raise ConnectionResetError("connection closed in DATA")
+            self._window_bytes += len(chunk)
             buffer += chunk
         leftover = buffer[end + len(TERMINATOR):]
         if leftover:
@@ -448,20 +584,27 @@ class AgentSMTP(SMTP):
             # itself reaches into the reader's buffer for STARTTLS; we put them back in front.
             reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
         if too_big or end > limit:
-            return b"", True
+            return b"", True, over_budget
+        if over_budget:
+            return b"", False, True
         del buffer[end + 2:]
-        return bytes(buffer), False
+        return bytes(buffer), False, False
 
     async def _read_exactly(self, size: int, keep: bool) -> bytes:
-        """Read a BDAT chunk; when it will be refused anyway, drain it without keeping it."""
-        if keep:
-            self._reset_timeout(self.settings.data_timeout)
-            return await self._reader.readexactly(size)
+        """Read a BDAT chunk in pieces (each counts for the data rate); when it will be
+        refused anyway, drain it without keeping it."""
+        pieces: list[bytes] = []
         remaining = size
         while remaining:
             self._reset_timeout(self.settings.data_timeout)
-            remaining -= len(await self._reader.readexactly(min(remaining, READ_CHUNK)))
-        return b""
+            piece = await self._reader.read(min(remaining, READ_CHUNK))
+            if not piece:
+                raise asyncio.IncompleteReadError(b"".join(pieces), size)
+            remaining -= len(piece)
+            self._window_bytes += len(piece)
+            if keep:
+                pieces.append(piece)
+        return b"".join(pieces) if len(pieces) != 1 else pieces[0]
 
     def _refused(self, reason: str, reply: Reply) -> Reply:
         """Count a refusal the listener decided itself (the pipeline counts its own)."""

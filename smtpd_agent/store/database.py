@@ -1,5 +1,9 @@
 """Where Postgres is, the connection pool, and the migrations.
 
+Numbered files in migrations/ hold tables and data, applied once each; the
+composite types (rows.py) and the functions (one per file in functions/) are
+applied again whenever their text changes, after the numbered files.
+
 With `DATABASE_URL` set we use that server. Without it an embedded Postgres
 (the pgserver wheel) lives in `<state_dir>/pgdata`; pgserver keeps a list of
 the processes using it, so `smtpd-agent inbox` run beside a running `serve`
@@ -201,7 +205,8 @@ async def _apply_repeatables(connection: asyncpg.Connection) -> None:
 
     A changed type is dropped and created again; that drops the functions taking
     it (CASCADE), so then every function is applied again. A changed function
-    first loses every overload of its name, so a new signature leaves no stale one.
+    first loses every overload of its name, so a new signature leaves no stale one;
+    with CASCADE, so a trigger function's file creates its triggers as well.
     """
     await connection.execute(
         """CREATE TABLE IF NOT EXISTS schema_repeatables (
@@ -226,7 +231,7 @@ async def _apply_repeatables(connection: asyncpg.Connection) -> None:
                             WHERE p.proname = $1
                               AND p.pronamespace = current_schema()::regnamespace""",
                         item.name):
-                    await connection.execute(f"DROP FUNCTION {signature}")
+                    await connection.execute(f"DROP FUNCTION {signature} CASCADE")
             await connection.execute(item.sql)
             await connection.execute(
                 """INSERT INTO schema_repeatables (name, sha256) VALUES ($1, $2)

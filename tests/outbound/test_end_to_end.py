@@ -14,7 +14,7 @@ from tests.agent.helpers import deliver, mail, parse, wait_jobs
 from tests.messages_api import Step
 from tests.support import DEFAULT_DOMAIN
 
-from .conftest import fast
+from .conftest import fast, wait_state
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,6 +32,9 @@ async def test_agent_reply_leaves_through_the_relay(start_server, db, messages_a
     reply = parse(received.data)
     assert reply["In-Reply-To"] == "<q42@example.org>"
     assert len(reply.get_all("DKIM-Signature")) == 2
+    # the sink has the message a moment before the worker records the attempt
+    message_id = await db.fetchval("SELECT id FROM messages WHERE direction = 'outbound'")
+    await wait_state(db, message_id, {"sent"})
     row = await db.fetchrow("""SELECT m.status, d.status, d.attempts FROM messages m
                                JOIN deliveries d ON d.message_id = m.id
                                WHERE m.direction = 'outbound'""")

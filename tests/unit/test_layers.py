@@ -47,7 +47,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     # Listeners and features: each receives the Runtime and calls stages and store.
     "features": (
-        "smtp", "smtp.handler", "smtp.server",
+        "smtp", "smtp.handler", "smtp.limits", "smtp.server",
         "http", "http.api", "http.health", "http.limits", "http.openapi", "http.responses",
         "http.server", "http.webhooks",
         "agent", "agent.compose", "agent.jobs", "agent.llm", "agent.policy", "agent.prompt",

@@ -17,17 +17,23 @@ RETURNS TABLE (o_position integer, o_message_id bigint, o_thread_id bigint,
 LANGUAGE plpgsql AS $$
 DECLARE
     d inbound_delivery;
+    v_content integer;
+    c message_content;
+    v_attachments message_attachment[];
 BEGIN
     o_position := 0;
     FOREACH d IN ARRAY p_deliveries LOOP
         o_position := o_position + 1;
+        -- a message's deliveries come together: pick its content out once
+        IF v_content IS DISTINCT FROM d.content_position THEN
+            v_content := d.content_position;
+            c := p_contents[v_content];
+            v_attachments := ARRAY(SELECT a FROM unnest(p_attachments) AS a
+                                    WHERE a.content_position = v_content ORDER BY a.position);
+        END IF;
         SELECT s.o_message_id, s.o_thread_id, s.o_duplicate
           INTO o_message_id, o_thread_id, o_duplicate
-          FROM store_inbound_message(
-              d, p_contents[d.content_position],
-              ARRAY(SELECT a FROM unnest(p_attachments) AS a
-                     WHERE a.content_position = d.content_position ORDER BY a.position),
-              p_thread_window) AS s;
+          FROM store_inbound_message(d, c, v_attachments, p_thread_window) AS s;
         o_job_id := NULL;
         IF d.auto_reply AND NOT o_duplicate
            AND NOT coalesce(p_contents[d.content_position].spam, false) THEN
