@@ -36,7 +36,7 @@ BEGIN
           FROM store_inbound_message(d, c, v_attachments, p_thread_window) AS s;
         o_job_id := NULL;
         IF d.auto_reply AND NOT o_duplicate
-           AND NOT coalesce(p_contents[d.content_position].spam, false) THEN
+           AND NOT coalesce(c.spam, false) THEN
             INSERT INTO agent_jobs (workspace_id, agent_id, thread_id, message_id)
             VALUES (d.workspace_id, d.agent_id, o_thread_id, o_message_id)
             RETURNING id INTO o_job_id;
