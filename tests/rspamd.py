@@ -6,9 +6,11 @@ controller, proxy or fuzzy workers, and every module that would reach the
 network or needs Redis switched off (RBLs, SURBL, fuzzy, ASN, Bayes...).
 DNS goes to an address nobody answers on loopback, with a short timeout.
 
-One test rule of our own: the multimap symbol `SMTPD_AGENT_TEST_SPAM`
+Two test rules of our own: the multimap symbol `SMTPD_AGENT_TEST_SPAM`
 scores a Subject containing `SPAM_TOKEN` at 8, over the `add header`
-threshold (6) and under `reject` (15). GTUBE is rspamd's own (action reject).
+threshold (6) and under `reject` (15); a Subject containing
+`SOFT_REJECT_TOKEN` forces the action `soft reject`. GTUBE is rspamd's own
+(action reject).
 
 rspamd refuses to run as root, so as root it drops to `_rspamd`; the
 directory is then made writable for that user. Start-up compiles the public
@@ -35,6 +37,8 @@ STOCK_CONFIG = "/etc/rspamd/rspamd.conf"
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 SPAM_TOKEN = "SMTPDAGENT-SPAMTOKEN-7Q3"
 SPAM_SYMBOL = "SMTPD_AGENT_TEST_SPAM"
+# A Subject with this token gets rspamd's "soft reject" (a multimap rule forcing the action).
+SOFT_REJECT_TOKEN = "SMTPDAGENT-SOFTREJECT-4K8"
 
 DISABLED_MODULES = ("fuzzy_check", "rbl", "surbl", "asn", "emails", "phishing",
                     "url_redirector", "classifier-bayes", "greylist", "ratelimit", "replies",
@@ -98,8 +102,12 @@ class Rspamd:
             "multimap.conf": (
                 f"{SPAM_SYMBOL} {{\n  type = \"header\";\n  header = \"Subject\";\n"
                 "  regexp = true;\n  map = \"${LOCAL_CONFDIR}/local.d/test-spam.map\";\n"
-                "  score = 8.0;\n  description = \"smtpd-agent test token\";\n}\n"),
+                "  score = 8.0;\n  description = \"smtpd-agent test token\";\n}\n"
+                "SMTPD_AGENT_TEST_SOFT_REJECT {\n  type = \"header\";\n  header = \"Subject\";\n"
+                "  regexp = true;\n  map = \"${LOCAL_CONFDIR}/local.d/test-soft.map\";\n"
+                "  action = \"soft reject\";\n  message = \"try later\";\n}\n"),
             "test-spam.map": f"/{SPAM_TOKEN}/\n",
+            "test-soft.map": f"/{SOFT_REJECT_TOKEN}/\n",
         }
         files |= {f"{module}.conf": "enabled = false;\n" for module in DISABLED_MODULES}
         for name, text in files.items():

@@ -15,7 +15,7 @@ import pytest
 from tests.agent.conftest import add_acme, agent_overrides
 from tests.agent.helpers import RCPT, deliver, mail, wait_jobs
 from tests.messages_api import Step
-from tests.rspamd import GTUBE, SPAM_SYMBOL, SPAM_TOKEN, free_tcp_port
+from tests.rspamd import GTUBE, SOFT_REJECT_TOKEN, SPAM_SYMBOL, SPAM_TOKEN, free_tcp_port
 from tests.support import DEFAULT_DOMAIN, Dialogue
 
 # rspamd's own checks wait for DNS that never answers (0.5 s, bounded); still bounded here.
@@ -57,6 +57,14 @@ async def test_gtube_is_refused_with_550_by_a_real_rspamd(start_server, db, rspa
     metrics = server.app.runtime.metrics.registry
     assert metrics.get_sample_value("smtpd_agent_spam_results_total",
                                     {"result": "reject"}) == 1
+
+
+async def test_soft_reject_is_451(start_server, db, rspamd):
+    server = start_server(**{"spam.rspamd": rspamd.url})
+    await add_acme(db)
+    code, line = send(server.port, mail(subject=f"Hello {SOFT_REJECT_TOKEN}"))
+    assert line.startswith(b"451 4.7.1 "), line
+    assert await db.fetchval("SELECT count(*) FROM messages") == 0
 
 
 async def test_spam_is_held_from_the_llm_until_released(start_server, db, database_url,
