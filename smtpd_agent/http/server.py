@@ -67,7 +67,7 @@ class HttpServer:
         runtime, settings = self.runtime, self.settings
         pipeline = runtime.pipeline
         router = Router(runtime.pool, settings.server.default_domain, settings.routing.cache_ttl)
-        health = Health(runtime.pool, settings, pipeline.scanner)
+        health = Health(runtime.pool, settings, pipeline.scanner, pipeline.spam_filter)
         api = InboxApi(runtime.pool)
         self.webhooks = hooks = Webhooks(settings.http, pipeline, router, runtime.pool,
                                          runtime.metrics)

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import aiohttp
 import pytest
 
 from tests.agent.conftest import add_acme, agent_overrides
@@ -159,3 +160,14 @@ async def test_dmarc_quarantine_is_listed_and_release_requeues_its_job(
              "SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": DEFAULT_DOMAIN,
              "SMTPD_AGENT_CONFIG": os.devnull}, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and f"no held message {held['id']}" in result.stderr
+
+
+@pytest.mark.parametrize("up", [True, False])
+async def test_readiness_names_rspamd_when_required(start_server, rspamd, up):
+    url = rspamd.url if up else f"http://127.0.0.1:{free_tcp_port()}"
+    server = start_server(**{"spam.rspamd": url, "spam.required": True})
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"{server.http_url}/health/ready") as response:
+        body = await response.json()
+    assert response.status == (200 if up else 503), body
+    assert body["checks"]["rspamd"]["ok"] is up and body["checks"]["rspamd"]["required"]
