@@ -135,7 +135,7 @@ def clamd(clamd_session: Clamd) -> Iterator[Clamd]:
 
 
 @pytest.fixture(scope="session")
-def rspamd_session() -> Iterator[Rspamd]:
+def rspamd_session(dns_server_session: DnsTestServer) -> Iterator[Rspamd]:
     """A real rspamd with a config of its own, started once per session (tests/rspamd.py)."""
     binary = find_rspamd()
     if binary is None:
@@ -144,7 +144,7 @@ def rspamd_session() -> Iterator[Rspamd]:
             pytest.fail(f"{reason}; CI=true, so this is a failure, not a skip")
         pytest.skip(reason)
     root = Path(tempfile.mkdtemp(prefix="smtpd-agent-rspamd-"))
-    server = Rspamd(root=root, binary=binary)
+    server = Rspamd(root=root, binary=binary, nameserver=dns_server_session.nameserver)
     try:
         server.start()
     except Exception as error:
