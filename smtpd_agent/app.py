@@ -117,7 +117,8 @@ class MailServer:
                              bounce_label=settings.domains.default_mail_from_label,
                              custom_bounce_label=settings.domains.mail_from_label,
                              verp_prefix=settings.outbound.verp_prefix,
-                             postmaster=settings.routing.postmaster)
+                             postmaster=settings.routing.postmaster,
+                             changes=runtime.changes)
         self.limits = ConnectionLimits(settings.smtp.max_connections,
                                        settings.smtp.max_connections_per_ip,
                                        table or CounterTable.create(settings.smtp.processes))
@@ -144,6 +145,7 @@ class MailServer:
         check_greeting_name(settings)
         metrics = self.runtime.metrics
         self._parts = self._build_parts(settings)
+        await self.runtime.changes.start()  # routing changes reach us before the first RCPT
         loop = asyncio.get_running_loop()
         metrics.sessions_active.set_function(lambda: len(self.sessions.active))
 

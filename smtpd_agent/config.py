@@ -245,15 +245,22 @@ class DnsServerSettings:
     ttl: int = 300
     # Seconds a loaded zone is served from memory before it is re-read from Postgres.
     cache_ttl: float = 5.0
+    # Seconds past cache_ttl the last good copy of a zone is still served while
+    # Postgres fails (RFC 8767 serve-stale); 0: SERVFAIL at once.
+    max_stale: float = 86_400.0
+    # TTL of the records of such a stale answer (RFC 8767 4 recommends 30).
+    stale_ttl: int = 30
     # Per source address over UDP: queries per second and burst; beyond, dropped
     # (a spoofed source must not turn us into an amplifier). 0 disables.
     rate_limit: float = 50.0
     rate_burst: int = 100
     # Largest UDP answer with EDNS0 (RFC 6891; 1232 avoids fragmentation).
     udp_payload: int = 1232
-    # Seconds an idle TCP connection is kept, and how many may be open at once.
+    # Seconds an idle TCP connection is kept, and how many may be open at once: in
+    # total, and from one source (an IPv4 address or an IPv6 /64; 0: no per-source cap).
     tcp_timeout: float = 10.0
     max_tcp_connections: int = 256
+    max_tcp_connections_per_source: int = 8
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,13 @@ outbound mail: they route to the bounce processor (outbound/bounces.py).
 domain, at every domain we receive for) reaches the workspace's own agent
 named postmaster when there is one, else the mailbox `routing.postmaster`
 names (the operator's); without it, postmaster is an unknown mailbox.
-Lookups, of mailboxes and of custom domains, are cached, positive and
-negative, for a short TTL so RCPT does not cost a Postgres round trip every
-time; the cache is only a cache: it is safe to lose, and another host has its own.
+Lookups that find a mailbox or a receiving custom domain are cached for
+`routing.cache_ttl` so RCPT does not cost a Postgres round trip every time; a
+change to agents, workspaces or domains is pushed by Postgres (LISTEN/NOTIFY,
+store/changes.py, store/functions/notify_routing_change.sql) and drops the cache
+at once. A miss is never cached: a refusal (5xx) always comes from a fresh read,
+so a domain verified a moment ago is not bounced. The cache is only a cache: safe
+to lose, and another host has its own.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import asyncpg
 import structlog
@@ -32,6 +37,7 @@ from .outbound.verp import token_of
 from .record import Mailbox
 from .store import directory
 from .store import domains as domain_store
+from .store.changes import ROUTING_CHANNEL, ChangeFeed
 from .store.database import CONNECTION_ERRORS, DatabaseUnavailable
 
 log = structlog.get_logger(__name__)
@@ -46,6 +52,9 @@ class RouteKind(Enum):
     RELAY_DENIED = "relay_denied"
     # a VERP Return-Path of our outbound mail: DSNs go to the bounce processor
     BOUNCE = "bounce"
+
+
+REFUSALS = (RouteKind.UNKNOWN_MAILBOX, RouteKind.RELAY_DENIED)
 
 
 @dataclass(frozen=True)
@@ -92,7 +101,7 @@ class Router:
     def __init__(self, db: asyncpg.Pool, default_domain: str, cache_ttl: float,
                  clock: Callable[[], float] = time.monotonic, *, bounce_label: str = "bounce",
                  custom_bounce_label: str = "mail", verp_prefix: str = "b",
-                 postmaster: str = "") -> None:
+                 postmaster: str = "", changes: ChangeFeed | None = None) -> None:
         self._db = db
         self._postmaster = parse_address(postmaster) if postmaster else None
         self._bounce_domain = f"{bounce_label}.{default_domain}"
@@ -101,10 +110,29 @@ class Router:
         self._default_domain = default_domain
         self._ttl = cache_ttl
         self._clock = clock
-        self._cache: dict[tuple[str, str, str], tuple[float, Mailbox | None]] = {}
-        self._domains: dict[str, tuple[float, domain_store.Domain | None]] = {}
+        # only answers that accept: (expires, value)
+        self._cache: dict[tuple[str, str, str], tuple[float, Mailbox]] = {}
+        self._domains: dict[str, tuple[float, domain_store.Domain]] = {}
+        # bumped by every invalidation: a read that overlapped one is not cached
+        self._generation = 0
+        if changes is not None:
+            changes.subscribe(ROUTING_CHANNEL, self._changed, self.invalidate)
 
     async def route(self, address: str) -> Route:
+        route = await self._route_address(address)
+        if route.kind in REFUSALS and self._forget_domains(address):
+            # a refusal never rests on a cached domain (a move the push missed): ask again
+            route = await self._route_address(address)
+        return route
+
+    def _forget_domains(self, address: str) -> bool:
+        parsed = parse_address(address)
+        if parsed is None:
+            return False
+        names = (parsed.domain, parsed.domain.partition(".")[2])
+        return bool([n for n in names if self._domains.pop(n, None) is not None])
+
+    async def _route_address(self, address: str) -> Route:
         parsed = parse_address(address)
         if parsed is None:
             if address.strip().strip("<>").lower() == POSTMASTER:  # RCPT TO:<Postmaster>
@@ -168,39 +196,49 @@ class Router:
 
     async def _lookup(self, slug: str, handle: str, domain: str) -> Mailbox | None:
         key = (slug, handle, domain)
-        now = self._clock()
         cached = self._cache.get(key)
-        if cached and cached[0] > now:
+        if cached and cached[0] > self._clock():
             return cached[1]
+        generation = self._generation
         try:
             agent = await directory.find_mailbox(self._db, slug, handle)
         except CONNECTION_ERRORS as error:
             raise DatabaseUnavailable(str(error)) from error
-        mailbox = None
-        if agent is not None:
-            mailbox = Mailbox(workspace_id=agent.workspace_id, workspace_slug=agent.workspace_slug,
-                              agent_id=agent.id, handle=agent.handle, domain=domain,
-                              auto_reply=agent.auto_reply)
-        if len(self._cache) >= MAX_CACHE_ENTRIES:
-            self._cache.clear()
-        self._cache[key] = (now + self._ttl, mailbox)
+        if agent is None:
+            return None
+        mailbox = Mailbox(workspace_id=agent.workspace_id, workspace_slug=agent.workspace_slug,
+                          agent_id=agent.id, handle=agent.handle, domain=domain,
+                          auto_reply=agent.auto_reply)
+        self._remember(self._cache, key, mailbox, generation)
         return mailbox
 
     async def _custom_domain(self, name: str) -> domain_store.Domain | None:
-        """A registered custom domain (any state), cached like mailboxes."""
-        now = self._clock()
+        """A registered custom domain (any state); cached only while it receives mail."""
         cached = self._domains.get(name)
-        if cached and cached[0] > now:
+        if cached and cached[0] > self._clock():
             return cached[1]
+        generation = self._generation
         try:
             found = await domain_store.find_domain(self._db, name)
         except CONNECTION_ERRORS as error:
             raise DatabaseUnavailable(str(error)) from error
-        if len(self._domains) >= MAX_CACHE_ENTRIES:
-            self._domains.clear()
-        self._domains[name] = (now + self._ttl, found)
+        if found is not None and found.receives:
+            self._remember(self._domains, name, found, generation)
         return found
 
+    def _remember(self, cache: dict[Any, tuple[float, Any]], key: Any, value: Any,
+                  generation: int) -> None:
+        if generation != self._generation:
+            return  # a change was announced while we read: the row may predate it
+        if len(cache) >= MAX_CACHE_ENTRIES:
+            cache.clear()
+        cache[key] = (self._clock() + self._ttl, value)
+
+    def _changed(self, payload: str) -> None:
+        log.debug("routing.cache_dropped", changed=payload)
+        self.invalidate()
+
     def invalidate(self) -> None:
+        self._generation += 1
         self._cache.clear()
         self._domains.clear()

@@ -1,5 +1,5 @@
 """What every listener and feature of one process receives: settings, the database, the
-resolver, the metrics registry and the one pipeline.
+resolver, the metrics registry, the one pipeline and the change feed.
 
 Place: the top of the inbound-stage layer (see docs/architecture.md). Listeners and
 features take a `Runtime` and import this module; app.py opens it and hands it to each
@@ -22,6 +22,7 @@ from .metrics import Metrics
 from .pipeline import DsnReceiver, Pipeline
 from .scan import Scanner, limit_problems
 from .spam import SpamFilter
+from .store.changes import ChangeFeed
 from .store.database import EmbeddedPostgres, create_pool, migrate, resolve_database_url
 
 log = structlog.get_logger("smtpd_agent.runtime")
@@ -74,10 +75,19 @@ class Runtime:
     # The bounded thread pools of the SPF, DKIM and ARC checks (auth/runner.py).
     checks: CheckRunner = field(default_factory=CheckRunner)
     _pipeline: Pipeline | None = field(default=None, repr=False)
+    _changes: ChangeFeed | None = field(default=None, repr=False)
 
     @property
     def pool(self) -> asyncpg.Pool:
         return self.database.pool
+
+    @property
+    def changes(self) -> ChangeFeed:
+        """The process's one LISTEN connection (store/changes.py): the route and zone caches
+        subscribe to it; it connects on the first subscription."""
+        if self._changes is None:
+            self._changes = ChangeFeed(self.database.url, self.settings.database.connect_timeout)
+        return self._changes
 
     @property
     def scanner(self) -> Scanner | None:
@@ -122,6 +132,8 @@ class Runtime:
 
     async def close(self) -> None:
         self.checks.close()
+        if self._changes is not None:
+            await self._changes.close()
         await self.database.close()
 
 

@@ -1,26 +1,38 @@
-"""The DNS server's sockets, zone cache and rate limit: a Service of `serve` and `dns-serve`.
+"""The DNS server's sockets, zone cache and limits: a Service of `serve` and `dns-serve`.
 
 Safe on the open internet: authoritative only (REFUSED outside our zones, RA
 never set), answers bigger than the client's UDP size are truncated (TC) so
 the client retries over TCP, a per-source token bucket drops UDP floods (a
-spoofed source must not make us an amplifier), malformed packets and
-responses are dropped silently, and a database error is SERVFAIL, never a
-crash. Zones are read from Postgres on demand and cached; a change to a
-domain or a DKIM key is announced by Postgres (LISTEN/NOTIFY, migration 0007)
-and drops the cached zone at once, and `dns_server.cache_ttl` bounds the rest
-(settings such as the MX hosts, a lost listener). Each load recomputes the
-zone's hash and bumps the SOA serial when the content changed.
+spoofed source must not make us an amplifier), TCP connections are capped per
+source as well as in total (one host must not hold every slot), malformed
+packets and responses are dropped silently. A source is an IPv4 address or an
+IPv6 /64 (one host usually holds a whole /64).
+
+Zones are read from Postgres on demand and cached; a change to a domain or a
+DKIM key is announced by Postgres (LISTEN/NOTIFY on the runtime's ChangeFeed,
+migrations 0007 and 0011) and expires the cached zone at once, and
+`dns_server.cache_ttl` bounds the rest (settings such as the MX hosts, a lost
+listener). Each load recomputes the zone's hash and bumps the SOA serial when
+the content changed. While Postgres fails, the last good copy of a zone keeps
+being served (RFC 8767 serve-stale, `dns_server.max_stale`, with
+`dns_server.stale_ttl`); only a zone never loaded is SERVFAIL.
+
+A delegated zone not yet verified serves its SOA, NS and glue only: what
+`domain check` needs to see the delegation. Its MX, SPF and DKIM keys appear
+once the domain is verified, and verification needs the ownership record in the
+parent zone (domains/records.py), which we never serve.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import ipaddress
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
 
 import asyncpg
 import dns.exception
@@ -32,23 +44,43 @@ import structlog
 
 from ..config import Settings, parse_listen
 from ..domains import open_key_store
-from ..domains.records import delegated_zone_records
-from ..store import domains as store
+from ..domains.records import DnsRecord, delegated_zone_records
 from ..runtime import Runtime
+from ..store import domains as store
+from ..store.changes import ZONES_CHANNEL, ChangeFeed, Subscription
 from .zone import Zone, build_zone, find_origin, respond, soa_for, to_wire, udp_limit, zone_hash
 
 log = structlog.get_logger(__name__)
 
-NOTIFY_CHANNEL = "smtpd_agent_zones"  # migration 0007's triggers
-RELISTEN_DELAY = 5.0
 MAX_CACHED_ZONES = 10_000
 MAX_SOURCES = 65_536
 MAX_INFLIGHT = 1_000  # UDP queries being answered at once; beyond, dropped
 TCP_MAX_MESSAGE = 65_535
+# RFC 8767 5: answer from the stale copy when Postgres has not answered in this many
+# seconds (a resolver gives up after 2-3), and after a failed load do not ask again
+# for this long (every query would wait for the same dead database otherwise).
+STALE_ANSWER_AFTER = 1.5
+FAILURE_RECHECK = 5.0
+# What a delegated zone serves before it is verified: enough for `domain check`.
+UNVERIFIED_PURPOSES = frozenset({"delegation", "glue"})
+V = TypeVar("V")
+
+
+def source_key(address: str) -> str:
+    """The unit of per-source limits: an IPv4 address, or the /64 of an IPv6 address."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return f"{ipaddress.IPv6Network((ip, 64), strict=False).network_address}/64"
+    return str(ip)
 
 
 class RateLimiter:
-    """Token bucket per source address, in bounded memory (least recently seen evicted)."""
+    """Token bucket per source, in bounded memory (least recently seen evicted)."""
 
     def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
                  max_sources: int = MAX_SOURCES) -> None:
@@ -71,14 +103,48 @@ class RateLimiter:
         return allowed
 
 
+class ConnectionSlots:
+    """TCP connections open at once: at most `total`, at most `per_source` from one source."""
+
+    def __init__(self, total: int, per_source: int) -> None:
+        self.total = total
+        self.per_source = per_source
+        self.open: dict[str, int] = {}
+        self.count = 0
+
+    def acquire(self, source: str) -> str | None:
+        """None when taken, else why not ("total" or "per_source")."""
+        if self.count >= self.total:
+            return "total"
+        if self.per_source > 0 and self.open.get(source, 0) >= self.per_source:
+            return "per_source"
+        self.open[source] = self.open.get(source, 0) + 1
+        self.count += 1
+        return None
+
+    def release(self, source: str) -> None:
+        self.count -= 1
+        left = self.open.get(source, 1) - 1
+        if left > 0:
+            self.open[source] = left
+        else:
+            self.open.pop(source, None)
+
+
 @dataclass
-class _Cached:
-    value: object
-    expires: float
+class _Cached(Generic[V]):
+    value: V
+    fresh_until: float
+    # past fresh_until, servable while Postgres fails (serve-stale) until this
+    stale_until: float
+    # after a failed refresh: answer from the stale copy without asking again until this
+    retry_at: float = float("-inf")
+    stale_value: V | None = None
 
 
 class ZoneCatalog:
-    """Delegated zones from Postgres, cached `cache_ttl` seconds (0: read on every query)."""
+    """Delegated zones from Postgres, cached `cache_ttl` seconds (0: read on every query),
+    the last good copy served while Postgres fails."""
 
     def __init__(self, pool: asyncpg.Pool, settings: Settings,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -86,72 +152,131 @@ class ZoneCatalog:
         self.settings = settings
         self.keys = open_key_store(pool, settings)
         self.ttl = settings.dns_server.cache_ttl
+        self.max_stale = settings.dns_server.max_stale
+        self.stale_ttl = settings.dns_server.stale_ttl
         self.clock = clock
-        self._origins: _Cached | None = None
-        self._zones: OrderedDict[dns.name.Name, _Cached] = OrderedDict()
-        self._loading: dict[dns.name.Name, asyncio.Future[Zone | None]] = {}
+        self.stale_answers = 0
+        self._origins: _Cached[frozenset[dns.name.Name]] | None = None
+        self._zones: OrderedDict[dns.name.Name, _Cached[Zone | None]] = OrderedDict()
+        self._loading: dict[object, asyncio.Future[Any]] = {}
+        self._generation = 0
 
     def invalidate(self, name: str) -> None:
-        """Forget `name`'s zone and the zone list: the next query reads them again."""
+        """`name`'s zone and the zone list changed: read them again on the next query
+        (the old copies stay for serve-stale)."""
+        self._generation += 1
         try:
             origin = dns.name.from_text(name)
         except (dns.exception.DNSException, ValueError):
             origin = None
-        if origin is not None:
-            self._zones.pop(origin, None)
-        self._origins = None
+        if origin is not None and origin in self._zones:
+            self._zones[origin].fresh_until = float("-inf")
+        if self._origins is not None:
+            self._origins.fresh_until = float("-inf")
 
     def invalidate_all(self) -> None:
-        self._zones.clear()
-        self._origins = None
+        self._generation += 1
+        for cached in (self._origins, *self._zones.values()):
+            if cached is not None:
+                cached.fresh_until = float("-inf")
 
     async def origins(self) -> frozenset[dns.name.Name]:
-        now = self.clock()
-        if self._origins is None or self._origins.expires <= now:
+        async def load() -> frozenset[dns.name.Name]:
             names = await store.delegated_zone_names(self.pool)
-            self._origins = _Cached(frozenset(dns.name.from_text(n) for n in names),
-                                    now + self.ttl)
-        return self._origins.value  # type: ignore[return-value]
+            return frozenset(dns.name.from_text(n) for n in names)
+
+        def store_origins(cached: _Cached[frozenset[dns.name.Name]]) -> None:
+            self._origins = cached
+        return await self._cached("origins", self._origins, load, store_origins, "(zones)")
 
     async def zone_for(self, qname: dns.name.Name) -> Zone | None:
         origin = find_origin(qname, await self.origins())
         if origin is None:
             return None
-        cached = self._zones.get(origin)
-        if cached is not None and cached.expires > self.clock():
-            return cached.value  # type: ignore[return-value]
-        # one load per zone at a time: a burst of queries must not become a burst of SELECTs
-        loading = self._loading.get(origin)
-        if loading is not None:
-            return await asyncio.shield(loading)
-        future: asyncio.Future[Zone | None] = asyncio.get_running_loop().create_future()
-        self._loading[origin] = future
+
+        def store_zone(cached: _Cached[Zone | None]) -> None:
+            self._zones[origin] = cached
+            self._zones.move_to_end(origin)
+            while len(self._zones) > MAX_CACHED_ZONES:
+                self._zones.popitem(last=False)
+        return await self._cached(origin, self._zones.get(origin),
+                                  lambda: self.load(origin.to_text(omit_final_dot=True)),
+                                  store_zone, origin.to_text(omit_final_dot=True))
+
+    async def _cached(self, key: object, cached: _Cached[V] | None,
+                      load: Callable[[], Awaitable[V]], remember: Callable[[_Cached[V]], None],
+                      name: str) -> V:
+        """The fresh copy; else one load at a time per key (a burst of queries must not
+        become a burst of SELECTs); the stale copy when that load fails or is slow."""
+        now = self.clock()
+        if cached is not None and cached.fresh_until > now:
+            return cached.value
+        stale = cached is not None and cached.stale_until > now
+        if stale and cached is not None and cached.retry_at > now:
+            return self._stale(cached)
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._refresh(cached, load, remember, name))
+            self._loading[key] = task
+            task.add_done_callback(lambda done: (self._loading.pop(key, None),
+                                                 done.cancelled() or done.exception()))
+        if not stale or cached is None:
+            return cast(V, await asyncio.shield(task))
         try:
-            zone = await self.load(origin.to_text(omit_final_dot=True))
-            future.set_result(zone)
-        except BaseException as error:
-            future.set_exception(error)
-            future.exception()  # retrieved: the waiters get it, no "never retrieved" warning
+            return cast(V, await asyncio.wait_for(asyncio.shield(task), STALE_ANSWER_AFTER))
+        except Exception as error:  # noqa: BLE001 - the failure is logged by _refresh
+            if isinstance(error, TimeoutError):
+                log.warning("dns.serve_stale", zone=name, reason="postgres slow")
+            return self._stale(cached)
+
+    async def _refresh(self, cached: _Cached[V] | None,
+                       load: Callable[[], Awaitable[V]], remember: Callable[[_Cached[V]], None],
+                       name: str) -> V:
+        generation = self._generation
+        try:
+            value = await load()
+        except Exception as error:
+            now = self.clock()
+            serving = cached is not None and cached.stale_until > now
+            if cached is not None:
+                cached.retry_at = now + FAILURE_RECHECK
+            log.error("dns.load_failed", zone=name, error=str(error),
+                      error_type=type(error).__name__, serving_stale=serving)
             raise
-        finally:
-            del self._loading[origin]
-        self._zones[origin] = _Cached(zone, self.clock() + self.ttl)
-        self._zones.move_to_end(origin)
-        while len(self._zones) > MAX_CACHED_ZONES:
-            self._zones.popitem(last=False)
-        return zone
+        now = self.clock()
+        # a change announced while we read: the rows may predate it, keep it expired
+        fresh = now + self.ttl if generation == self._generation else now
+        remember(_Cached(value, fresh, fresh + self.max_stale))
+        return value
+
+    def _stale(self, cached: _Cached[V]) -> V:
+        self.stale_answers += 1
+        if cached.stale_value is None:
+            value: Any = cached.value
+            cached.stale_value = cast(V, value.capped(self.stale_ttl) if isinstance(value, Zone)
+                                      else value)
+        return cast(V, cached.stale_value)
 
     async def load(self, name: str) -> Zone | None:
         domain = await store.find_domain(self.pool, name)
         if domain is None or not domain.delegated:
             return None
-        keys = await self.keys.active_keys(domain.workspace_id, domain.name)
-        records = delegated_zone_records(self.settings, domain.name, keys)
+        keys = await self.keys.active_keys(domain.workspace_id, domain.name) \
+            if domain.receives else []
+        records = served_records(delegated_zone_records(self.settings, domain.name, keys),
+                                 verified=domain.receives)
         serial = await store.bump_zone_serial(self.pool, domain, zone_hash(records))
         if serial != domain.zone_serial:
             log.info("dns.zone_changed", zone=domain.name, serial=serial,
-                     workspace=domain.workspace_slug)
+                     workspace=domain.workspace_slug, verified=domain.receives)
         return build_zone(domain.name, records, soa_for(self.settings, serial))
+
+
+def served_records(records: tuple[DnsRecord, ...], verified: bool) -> tuple[DnsRecord, ...]:
+    """What we answer for a zone: all of it once verified, else only the delegation;
+    never an ownership record (that proof must come from the parent zone, not from us)."""
+    return tuple(r for r in records if r.purpose != "ownership"
+                 and (verified or r.purpose in UNVERIFIED_PURPOSES))
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -164,7 +289,7 @@ class _Udp(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         server = self.server
-        if not server.limiter.allow(addr[0]):
+        if not server.limiter.allow(source_key(addr[0])):
             server.dropped += 1
             return
         if len(server.tasks) >= MAX_INFLIGHT:
@@ -188,26 +313,31 @@ class DnsServer:
 
     def __init__(self, runtime: Runtime) -> None:
         self.settings = settings = runtime.settings
-        self.database_url = runtime.database.url
         self.catalog = ZoneCatalog(runtime.pool, settings)
-        self._listener: asyncpg.Connection | None = None
-        self._relisten: asyncio.Task[None] | None = None
+        self.changes: ChangeFeed = runtime.changes
+        self._subscription: Subscription | None = None
         config = settings.dns_server
         self.limiter = RateLimiter(config.rate_limit, config.rate_burst)
+        self.slots = ConnectionSlots(config.max_tcp_connections,
+                                     config.max_tcp_connections_per_source)
         self.payload = config.udp_payload
         self.tasks: set[asyncio.Future[None]] = set()
         self.dropped = 0
+        self.tcp_refused = 0
         self.port: int | None = None
         self.host: str | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.base_events.Server | None = None
-        self._tcp_connections = 0
 
     async def start(self) -> None:
         config = self.settings.dns_server
         if not config.listen:
             log.info("dns.disabled", reason="dns_server.listen is empty")
             return
+        # changes reach the cache from the first query on (ChangeFeed resets it on connect)
+        self._subscription = self.changes.subscribe(ZONES_CHANNEL, self.catalog.invalidate,
+                                                    self.catalog.invalidate_all)
+        await self.changes.start()
         host, port = parse_listen(config.listen)
         loop = asyncio.get_running_loop()
         # UDP first; with port 0 the TCP listener takes the port UDP was given
@@ -228,55 +358,13 @@ class DnsServer:
             break
         else:  # pragma: no cover - twenty ports taken for TCP in a row
             raise OSError("no port free for both UDP and TCP")
-        await self._listen()
         log.info("dns.listening", host=host, port=self.port,
                  zones=len(await self.catalog.origins()))
 
-    async def _listen(self) -> None:
-        """LISTEN for zone changes on a connection of its own (a pooled one would be reused).
-
-        Without it (Postgres restarting) the cache TTL still bounds staleness; the listener
-        is re-established in the background.
-        """
-        try:
-            connection = await asyncpg.connect(
-                self.database_url, timeout=self.settings.database.connect_timeout)
-            await connection.add_listener(NOTIFY_CHANNEL, self._notified)
-        except (OSError, asyncpg.PostgresError, TimeoutError) as error:
-            log.warning("dns.listen_failed", error=str(error), retry_in=RELISTEN_DELAY)
-            self._schedule_relisten()
-            return
-        connection.add_termination_listener(self._listener_lost)
-        self._listener = connection
-        self.catalog.invalidate_all()  # changes missed while not listening
-
-    def _notified(self, connection: object, pid: int, channel: str, payload: str) -> None:
-        self.catalog.invalidate(payload)
-
-    def _listener_lost(self, connection: object) -> None:
-        self._listener = None
-        log.warning("dns.listen_lost", retry_in=RELISTEN_DELAY)
-        self._schedule_relisten()
-
-    def _schedule_relisten(self) -> None:
-        async def again() -> None:
-            await asyncio.sleep(RELISTEN_DELAY)
-            self._relisten = None
-            await self._listen()
-        if self._relisten is None and (self._udp is not None or self._tcp is not None):
-            self._relisten = asyncio.ensure_future(again())
-
     async def stop(self) -> None:
-        if self._relisten is not None:
-            self._relisten.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._relisten
-            self._relisten = None
-        if self._listener is not None:
-            listener, self._listener = self._listener, None
-            listener.remove_termination_listener(self._listener_lost)
-            with contextlib.suppress(OSError, asyncpg.PostgresError):
-                await listener.close(timeout=5)
+        if self._subscription is not None:
+            self.changes.unsubscribe(self._subscription)
+            self._subscription = None
         if self._udp is not None:
             self._udp.close()
         if self._tcp is not None:
@@ -287,7 +375,8 @@ class DnsServer:
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
         if self._udp is not None or self._tcp is not None:
-            log.info("dns.stopped", dropped=self.dropped)
+            log.info("dns.stopped", dropped=self.dropped, tcp_refused=self.tcp_refused,
+                     stale_answers=self.catalog.stale_answers)
         self._udp = self._tcp = None
 
     async def answer(self, data: bytes, transport: str) -> bytes | None:
@@ -317,12 +406,17 @@ class DnsServer:
 
     async def _tcp_client(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
-        """RFC 7766: length-prefixed messages, several per connection, idle timeout."""
+        """RFC 7766: length-prefixed messages, several per connection, idle timeout;
+        slots capped in total and per source (RFC 7766 6.2.2: no one client may hog them)."""
         config = self.settings.dns_server
-        if self._tcp_connections >= config.max_tcp_connections:
+        peer = writer.get_extra_info("peername")
+        source = source_key(peer[0] if isinstance(peer, tuple) and peer else "unknown")
+        refused = self.slots.acquire(source)
+        if refused is not None:
+            self.tcp_refused += 1
+            log.debug("dns.tcp_refused", source=source, limit=refused)
             writer.close()
             return
-        self._tcp_connections += 1
         try:
             while True:
                 header = await asyncio.wait_for(reader.readexactly(2), config.tcp_timeout)
@@ -332,11 +426,15 @@ class DnsServer:
                 if wire is None:
                     break
                 writer.write(struct.pack("!H", len(wire)) + wire)
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), config.tcp_timeout)
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
         finally:
-            self._tcp_connections -= 1
+            self.slots.release(source)
             writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.wait_closed()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), config.tcp_timeout)
+            except TimeoutError:  # a peer that never reads what is left
+                writer.transport.abort()
+            except (ConnectionError, OSError):
+                pass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dns.exception
 import dns.flags
@@ -69,6 +69,16 @@ class Zone:
         # RFC 2308 3: a negative answer's SOA TTL is min(SOA TTL, SOA MINIMUM)
         ttl = min(self.soa.ttl, self.soa.minimum) if negative else self.soa.ttl
         return dns.rrset.from_rdata(self.origin, ttl, self.soa.rdata())
+
+    def capped(self, ttl: int) -> Zone:
+        """The same zone with no TTL above `ttl` (RFC 8767 4: a stale answer's TTL is short,
+        so resolvers come back soon for the fresh one)."""
+        soa = replace(self.soa, ttl=min(self.soa.ttl, ttl), minimum=min(self.soa.minimum, ttl))
+        rrsets = {key: dns.rrset.from_rdata_list(rrset.name, min(rrset.ttl, ttl), list(rrset))
+                  for key, rrset in self.rrsets.items()}
+        zone = Zone(self.origin, rrsets, self.names, soa)
+        rrsets[(self.origin, dns.rdatatype.SOA)] = zone.soa_rrset()
+        return zone
 
 
 def zone_hash(records: Iterable[DnsRecord]) -> str:

@@ -79,7 +79,8 @@ class Domains:
         """Register `name` as pending with an ownership token and fresh DKIM keys.
 
         delegate=True: the customer delegates the whole zone to our name servers; we serve
-        its records (dnsserver/) and print only the NS (and glue) for the parent zone.
+        its records (dnsserver/) and print only what the parent zone publishes: NS (and
+        glue), and the ownership TXT that proves the parent's owner asked for this.
         """
         name = store.normalize(name)
         if self._own_domain(name):
@@ -98,7 +99,7 @@ class Domains:
     async def record_set(self, domain: store.Domain) -> RecordSet:
         if domain.delegated:
             return delegated_domain_records(self.settings, domain.name, domain.workspace_slug,
-                                            domain.state)
+                                            domain.state, domain.ownership_token)
         keys = await self.keys.active_keys(domain.workspace_id, domain.name)
         return custom_domain_records(self.settings, domain.name, domain.workspace_slug,
                                      domain.state, domain.ownership_token, keys)

@@ -10,6 +10,12 @@ nameservers (never the system's when some are configured) and runs in a thread.
 
 A DNS timeout or SERVFAIL is `temperror`, never `fail`: an outage must not
 degrade a domain whose records are fine.
+
+A delegated domain is verified by the parent zone alone: the NS delegation and
+an ownership TXT next to it (`_smtpd-agent.<parent>`, records.py). A name we
+serve can never prove anything: our DNS server answers for every zone delegated
+to it, including a stale delegation or one a workspace merely claimed, and it
+serves no ownership records.
 """
 
 from __future__ import annotations
@@ -138,6 +144,9 @@ class DomainChecker:
         # operator-published records (hosted DKIM keys) are checked and shown too, but only
         # the customer's records decide verification: the customer cannot fix ours
         checks = await asyncio.gather(*(self._safe_check(r) for r in record_set.records))
+        if record_set.delegated:  # everything the owner publishes goes in the parent zone
+            checks = [replace(c, fix=f"{c.fix} in the parent zone")
+                      if c.record.purpose == "ownership" and c.fix else c for c in checks]
         report = CheckReport(record_set.domain, tuple(checks))
         for check in report.checks:
             if check.status != "pass":

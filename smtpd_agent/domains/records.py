@@ -163,6 +163,18 @@ def ownership_name(domain: str) -> str:
     return f"{OWNERSHIP_LABEL}.{domain}"
 
 
+def parent_ownership_name(domain: str) -> str:
+    """Where a delegated domain's ownership record lives: in its parent zone.
+
+    `_smtpd-agent.<domain>` lies below the zone cut, so resolvers would ask us for it;
+    the proof must come from whoever controls the parent (the one who delegates), or a
+    stale delegation left by a removed domain, or the first workspace to claim a name,
+    would verify itself. `mail.acme.com` -> `_smtpd-agent.acme.com` (one TXT per
+    delegated subdomain: each carries its own token).
+    """
+    return ownership_name(domain.partition(".")[2])
+
+
 def hosted_dkim_name(key: DkimKey, zone: str) -> str:
     """Where the operator serves a customer's key when it hosts them: under its own zone."""
     return f"{key.name}.{zone}"
@@ -291,7 +303,11 @@ def custom_domain_records(settings: Settings, domain: str, workspace: str, state
 
 
 def delegated_domain_records(settings: Settings, domain: str, workspace: str,
-                             state: str) -> RecordSet:
-    """`domain add --delegate`: only what the parent zone publishes; we serve the rest."""
-    return RecordSet(domain, "custom", tuple(delegation_records(settings, domain)),
-                     workspace=workspace, state=state, delegated=True)
+                             state: str, token: str) -> RecordSet:
+    """`domain add --delegate`: only what the parent zone publishes, the delegation and the
+    ownership record; we serve the rest (once verified: before, only SOA and NS)."""
+    records = [*delegation_records(settings, domain),
+               DnsRecord(parent_ownership_name(domain), "TXT", OWNERSHIP_PREFIX + token,
+                         "ownership")]
+    return RecordSet(domain, "custom", tuple(records), workspace=workspace, state=state,
+                     delegated=True)

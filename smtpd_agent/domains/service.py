@@ -15,8 +15,8 @@ import contextlib
 
 import structlog
 
-from ..store import domains as store
 from ..runtime import Runtime
+from ..store import domains as store
 from . import Domains
 
 log = structlog.get_logger(__name__)

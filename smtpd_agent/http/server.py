@@ -15,8 +15,8 @@ from aiohttp import web
 
 from ..domains.mta_sts import POLICY_PATH, mta_sts_route
 from ..routing import Router
-from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from ..runtime import Runtime
+from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from .api import InboxApi
 from .health import Health
 from .openapi import openapi_spec
@@ -66,7 +66,8 @@ class HttpServer:
     def build(self) -> web.Application:
         runtime, settings = self.runtime, self.settings
         pipeline = runtime.pipeline
-        router = Router(runtime.pool, settings.server.default_domain, settings.routing.cache_ttl)
+        router = Router(runtime.pool, settings.server.default_domain, settings.routing.cache_ttl,
+                        changes=runtime.changes)
         health = Health(runtime.pool, settings, pipeline.scanner, pipeline.spam_filter)
         api = InboxApi(runtime.pool)
         self.webhooks = hooks = Webhooks(settings.http, pipeline, router, runtime.pool,

@@ -17,8 +17,8 @@ import structlog
 from ..config import Settings
 from ..domains import Domains
 from ..domains.keys import KeyStoreError
-from ..store import domains as domain_store
 from ..runtime import Runtime
+from ..store import domains as domain_store
 from ..store.lease import poll
 from . import queue
 from .decisions import decide_delivery

@@ -77,6 +77,11 @@ async def add_domain(db: DbLike, workspace_slug: str, name: str, token: str,
             f"domain {name!r} is inside another workspace's delegated domain "
             f"{conflict['name']!r}" if name.endswith("." + conflict["name"]) else
             f"domain {name!r} contains another workspace's domain {conflict['name']!r}")
+    parent = name.partition(".")[2]
+    if delegated and "." not in parent:
+        # the ownership proof of a delegated domain is published in its parent zone
+        raise DirectoryError(f"{name!r} cannot be delegated: its parent {parent!r} is a "
+                             f"top-level domain; delegate a subdomain such as 'mail.{name}'")
     try:
         await db.execute(
             """INSERT INTO domains (workspace_id, name, ownership_token, mail_from, delegated)
@@ -147,7 +152,7 @@ async def remove_domain(db: DbLike, domain: Domain) -> None:
 
 async def delegated_zone_names(db: DbLike) -> set[str]:
     """Every zone the DNS server is authoritative for (any state: a pending delegated zone
-    must answer, or `domain check` could never see the delegation work)."""
+    answers its SOA and NS, or `domain check` could never see the delegation work)."""
     return {row["name"] for row in await db.fetch("SELECT name FROM domains WHERE delegated")}
 
 

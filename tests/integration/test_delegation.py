@@ -143,8 +143,10 @@ async def test_delegated_domain_end_to_end(
     added = await cli.json("domain", "add", ZONE, "--workspace", "acme", "--delegate")
     jsonschema.validate(added, SCHEMA)
     assert added["delegated"] is True
-    assert [(r["type"], r["value"]) for r in added["records"]] == [
-        ("NS", "ns1.agents.test"), ("NS", "ns2.agents.test")]
+    token = await db.fetchval("SELECT ownership_token FROM domains WHERE name = $1", ZONE)
+    assert [(r["name"], r["type"], r["value"]) for r in added["records"]] == [
+        (ZONE, "NS", "ns1.agents.test"), (ZONE, "NS", "ns2.agents.test"),
+        ("_smtpd-agent.acme.example", "TXT", f"smtpd-agent-verification={token}")]
 
     # not delegated yet: check names the NS record and what the parent must publish
     code, out = await cli("domain", "check", ZONE)
@@ -198,6 +200,64 @@ async def test_delegated_domain_end_to_end(
         assert ask(port, f"{selector}._domainkey.{ZONE}", "TXT").rcode() == dns.rcode.NXDOMAIN
     verify_all(sign(reply_message(3), await domains.signing_keys_for(acme, ZONE)), dns_server, 2)
     assert await domains.advance_rotations() == []  # nothing left to do
+
+
+def order(n: int) -> bytes:
+    return (b"From: alice@example.org\r\nTo: support@" + ZONE.encode() +
+            b"\r\nSubject: claim %d\r\nMessage-ID: <claim%d@example.org>\r\n\r\nhi\r\n"
+            % (n, n))
+
+
+async def test_a_stale_delegation_does_not_verify_whoever_claims_the_domain_next(
+        start_server: Callable[..., ServerThread], acme: int, db: asyncpg.Connection,
+        pool: asyncpg.Pool, database_url: str, tmp_path: Path, dns_server: DnsTestServer,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """acme delegates, verifies, then removes the domain; the parent zone still delegates
+    to us. globex claiming the name gets a pending zone that serves SOA and NS only: no MX
+    to take the mail, no DKIM key to sign as acme.example. It verifies only once the
+    parent's owner publishes globex's own ownership record (in the parent zone, not ours)."""
+    server = start_server(**overrides(tmp_path))
+    port = dns_port(server)
+    cli = Cli(settings_for(database_url, tmp_path / "cli", dns_server, **overrides(tmp_path)),
+              capsys)
+    await delegate(cli, dns_server, port)
+    assert (await cli("domain", "check", ZONE))[0] == 0
+    assert (await smtp_send(server.port, order(1), "alice@example.org",
+                            [f"support@{ZONE}"]))[0] == 250
+    await cli("domain", "remove", ZONE)  # the NS and acme's TXT stay in the parent zone
+
+    claimed = await cli.json("domain", "add", ZONE, "--workspace", "globex", "--delegate")
+    [ownership] = [r for r in claimed["records"] if r["purpose"] == "ownership"]
+    assert ownership["name"] == "_smtpd-agent.acme.example"
+    code, out = await cli("domain", "check", ZONE)
+    assert code == 1 and out.strip().endswith(f"{ZONE}: pending (1 record(s) to fix)"), out
+    assert f"PASS      NS    {ZONE}" in out and "FAIL      TXT   _smtpd-agent.acme.example" in out
+    assert "in the parent zone" in out.split("TXT   _smtpd-agent.acme.example")[1]
+    globex = int(await db.fetchval("SELECT id FROM workspaces WHERE slug = 'globex'"))
+    keys = await Domains.open(pool, cli.settings).keys.active_keys(globex, ZONE)
+    assert len(keys) == 2
+    resolver = dnsfunc(dns_server)  # as the internet sees it: through the parent's delegation
+    for key in keys:
+        assert resolver(key.name.encode()) == b""
+        assert ask(port, key.name, "TXT").rcode() == dns.rcode.NXDOMAIN
+    assert not ask(port, ZONE, "MX").answer and not ask(port, f"_dmarc.{ZONE}", "TXT").answer
+    assert await Domains.open(pool, cli.settings).signing_keys_for(globex, ZONE) == []
+    code, line = await smtp_send(server.port, order(2), "alice@example.org",
+                                 [f"support@{ZONE}"])
+    assert code == 550 and line.startswith(b"550 5.7.1"), line
+
+    publish(dns_server, {"records": [ownership]})  # the parent's owner agrees
+    code, out = await cli("domain", "check", ZONE)
+    assert code == 0 and out.strip().endswith(f"{ZONE}: verified (all required records pass)")
+    assert ask(port, ZONE, "MX").answer
+    for key in keys:
+        assert resolver(key.name.encode()) != b""
+    assert (await smtp_send(server.port, order(3), "alice@example.org",
+                            [f"support@{ZONE}"]))[0] == 250
+    owners = await db.fetch("""SELECT m.subject, w.slug FROM messages m
+                               JOIN workspaces w ON w.id = m.workspace_id ORDER BY m.id""")
+    assert [(r["subject"], r["slug"]) for r in owners] == [("claim 1", "acme"),
+                                                          ("claim 3", "globex")]
 
 
 async def test_self_managed_rotation_waits_until_the_key_is_published(

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from smtpd_agent.app import App
 from smtpd_agent.store.deployment import DeploymentMismatch
+from tests.support import make_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,7 +81,9 @@ def test_commands_use_the_default_domain_serve_recorded(serve_with_flag):
     listed = cli(env, "workspace", "list", "--json")
     assert [w["domain"] for w in json.loads(listed.stdout)] == ["acme.example.test"]
     shown = cli(env, "deployment", "show", "--json")
-    assert json.loads(shown.stdout)["default_domain"] == "example.test"
+    identity = json.loads(shown.stdout)
+    assert identity["default_domain"] == "example.test"
+    assert [host for host, _ in identity["hosts"]] == [socket.getfqdn()]  # serve's greeting name
 
 
 def test_a_different_default_domain_is_refused_naming_both(serve_with_flag):
@@ -95,11 +99,19 @@ def test_a_different_default_domain_is_refused_naming_both(serve_with_flag):
     assert migrate.returncode == 1 and "set-domain other.test" in migrate.stderr
 
 
+async def start_app(database_url: str, dns_server, tmp_path: Path, domain: str) -> None:
+    """Start (and stop) a whole server in this loop; it raises if refused."""
+    app = App(make_settings(database_url, tmp_path / f"app-{domain}", **{
+        "server.default_domain": domain, "dns.nameservers": [dns_server.nameserver]}))
+    await app.start()  # on failure it has stopped what it started
+    await app.stop()
+
+
 async def test_a_server_with_another_domain_refuses_until_the_change_is_made(
-        start_server, database_url, dns_server):
+        start_server, database_url, dns_server, tmp_path):
     start_server(**{"server.default_domain": "example.test"})
     with pytest.raises(DeploymentMismatch) as refused:
-        start_server(**{"server.default_domain": "other.test"})
+        await start_app(database_url, dns_server, tmp_path, "other.test")
     assert refused.value.recorded == "example.test" and refused.value.given == "other.test"
     assert "deployment set-domain other.test" in str(refused.value)
 
@@ -111,7 +123,7 @@ async def test_a_server_with_another_domain_refuses_until_the_change_is_made(
     added = cli(env, "workspace", "add", "acme")
     assert "<handle>@acme.other.test" in added.stdout
     with pytest.raises(DeploymentMismatch):
-        start_server(**{"server.default_domain": "example.test"})
+        await start_app(database_url, dns_server, tmp_path, "example.test")
 
 
 def test_migrate_records_the_identity(database_url, dns_server):

@@ -1,5 +1,6 @@
 """The authoritative DNS server on loopback: dig and dnspython over UDP and TCP, REFUSED
-outside our zones, truncation, rate limit, a fuzz run, changes served without a restart.
+outside our zones, truncation, rate limit, a fuzz run, changes served without a restart,
+TCP slots per source, serve-stale while Postgres is down, pending zones kept bare.
 
 The server runs in the test's event loop against a real Postgres; every query crosses a
 real socket (dnspython's async client, or the `dig` binary from dnsutils).
@@ -14,7 +15,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,9 @@ from smtpd_agent.dnsserver.server import DnsServer
 from smtpd_agent.domains import Domains
 from smtpd_agent.domains.mta_sts import policy_for, sts_txt
 from smtpd_agent.store import directory
-from tests.support import IN_CI, REPO, free_port, make_settings
+from smtpd_agent.store import domains as domain_store
+from tests.integration.test_postgres_outage import start_postgres, stop_postgres
+from tests.support import IN_CI, REPO, EmbeddedCluster, free_port, make_settings
 
 ZONE = "mail.acme.example"
 LONG_NS = [f"ns-with-a-rather-long-name-{i:02d}.agents.test" for i in range(14)]
@@ -68,11 +71,17 @@ async def start_dns(database_url: str, state: Path, **overrides: Any) -> Running
     return Running(server, runtime, Domains.open(runtime.pool, settings, runtime.resolver))
 
 
+async def verified(pool: asyncpg.Pool, name: str = ZONE) -> None:
+    """What a passing `domain check` stores (the check itself is test_delegation's)."""
+    await domain_store.record_check(pool, await domain_store.get_domain(pool, name), [])
+
+
 @pytest.fixture
 async def running(database_url: str, tmp_path: Path) -> AsyncIterator[Running]:
     running = await start_dns(database_url, tmp_path / "state")
     await directory.add_workspace(running.runtime.pool, "acme", "Acme")
     await running.domains.add(ZONE, "acme", delegate=True)
+    await verified(running.runtime.pool)
     yield running
     await running.server.stop()
     await running.runtime.close()
@@ -288,6 +297,7 @@ async def test_dns_serve_runs_the_dns_server_alone(database_url: str, tmp_path: 
         try:
             await directory.add_workspace(pool, "acme", "Acme")
             await Domains.open(pool, settings).add(ZONE, "acme", delegate=True)
+            await verified(pool)
         finally:
             await pool.close()
         query = dns.message.make_query(ZONE, "MX")
@@ -308,6 +318,7 @@ async def test_database_changes_are_pushed_past_a_long_cache(database_url: str,
     try:
         await directory.add_workspace(running.runtime.pool, "acme", "Acme")
         await running.domains.add(ZONE, "acme", delegate=True)
+        await verified(running.runtime.pool)
         await eventually(running, ZONE, "SOA", dns.rcode.NOERROR)
         serial = (await running.query(ZONE, "SOA")).answer[0][0].serial
         step = await running.domains.rotate_dkim(ZONE)
@@ -328,3 +339,121 @@ async def eventually(running: Running, name: str, rdtype: str, rcode: int) -> No
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{name} {rdtype}: never {dns.rcode.to_text(rcode)}")
+
+
+async def test_a_tcp_flood_from_one_source_does_not_block_another(running: Running) -> None:
+    """300 idle connections from 127.0.0.1 (more than all 256 slots): a query from 127.0.0.2
+    is still answered at once; the flood keeps its per-source share and no more."""
+    host, port = running.address
+    flood = [await asyncio.open_connection(host, port) for _ in range(300)]
+    try:
+        await asyncio.sleep(0.3)  # every connection accepted (and most closed) by the server
+        query = dns.message.make_query(ZONE, "MX")
+        response = await dns.asyncquery.tcp(query, host, port=port, source="127.0.0.2",
+                                            timeout=3)
+        assert answers(response) == ["10 mx1.agents.test.", "20 mx2.agents.test."]
+        config = running.runtime.settings.dns_server
+        per_source = config.max_tcp_connections_per_source
+        assert 0 < per_source < config.max_tcp_connections < 300
+        closed = 0
+        for reader, _ in flood:
+            try:
+                closed += await asyncio.wait_for(reader.read(1), 0.05) == b""
+            except TimeoutError:
+                pass  # still open: one of the flood's own slots
+        assert closed == 300 - per_source
+        # the flooding source itself gets nothing more over TCP (UDP is rate-limited apart)
+        with pytest.raises((ConnectionError, EOFError)):
+            await dns.asyncquery.tcp(query, host, port=port, source="127.0.0.1", timeout=3)
+    finally:
+        for _, writer in flood:
+            writer.close()
+    assert running.server.tcp_refused >= 300 - per_source
+
+
+async def test_a_pending_delegated_zone_serves_its_delegation_only(database_url: str,
+                                                                   tmp_path: Path) -> None:
+    """Until `domain check` verified it (ownership proven in the parent zone), a zone
+    serves SOA and NS: no MX that would take its mail, no DKIM key that would sign as it.
+    Verification shows the rest at once, past an hour of cache (NOTIFY)."""
+    running = await start_dns(database_url, tmp_path / "s", **{"dns_server.cache_ttl": 3600})
+    try:
+        await directory.add_workspace(running.runtime.pool, "acme", "Acme")
+        await running.domains.add(ZONE, "acme", delegate=True)
+        await eventually(running, ZONE, "SOA", dns.rcode.NOERROR)
+        assert answers(await running.query(ZONE, "NS")) == ["ns1.agents.test.",
+                                                            "ns2.agents.test."]
+        acme = await running.runtime.pool.fetchval("SELECT id FROM workspaces WHERE slug='acme'")
+        keys = await running.domains.keys.active_keys(acme, ZONE)
+        hidden = [(ZONE, "MX"), (ZONE, "TXT"), (f"mail.{ZONE}", "MX"), (f"_dmarc.{ZONE}", "TXT"),
+                  (f"_mta-sts.{ZONE}", "TXT"), (f"_smtpd-agent.{ZONE}", "TXT"),
+                  *[(key.name, "TXT") for key in keys]]
+        for name, rdtype in hidden:
+            response = await running.query(name, rdtype)
+            assert response.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN)
+            assert not response.answer, (name, rdtype, response.answer)
+
+        await verified(running.runtime.pool)
+        for _ in range(40):
+            if (await running.query(ZONE, "MX")).answer:
+                break
+            await asyncio.sleep(0.05)
+        assert answers(await running.query(ZONE, "MX")) == ["10 mx1.agents.test.",
+                                                            "20 mx2.agents.test."]
+        for key in keys:
+            [rdata] = (await running.query(key.name, "TXT")).answer[0]
+            assert b"".join(rdata.strings).decode() == key.txt
+        assert not (await running.query(f"_smtpd-agent.{ZONE}", "TXT")).answer
+    finally:
+        await running.server.stop()
+        await running.runtime.close()
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[EmbeddedCluster]:
+    """A Postgres of this test's own, so stopping it disturbs no other test."""
+    cluster = EmbeddedCluster(tmp_path / "pg")
+    yield cluster
+    cluster.stop()
+
+
+async def test_the_last_good_zone_is_served_while_postgres_is_down(
+        own_cluster: EmbeddedCluster, tmp_path: Path) -> None:
+    """cache_ttl 0 (every query reads Postgres): with Postgres stopped, the zone's records
+    are still answered, at the stale TTL, over UDP and TCP; a zone never loaded is SERVFAIL;
+    once Postgres is back, fresh answers return by themselves."""
+    url = await own_cluster.new_database()
+    running = await start_dns(url, tmp_path / "s", **{"database.connect_timeout": 2})
+    try:
+        await directory.add_workspace(running.runtime.pool, "acme", "Acme")
+        await directory.add_workspace(running.runtime.pool, "globex", "Globex")
+        await running.domains.add(ZONE, "acme", delegate=True)
+        await running.domains.add("mail.globex.example", "globex", delegate=True)
+        await verified(running.runtime.pool)
+        good = await running.query(ZONE, "MX")
+        assert answers(good) == ["10 mx1.agents.test.", "20 mx2.agents.test."]
+        assert good.answer[0].ttl == 300
+
+        await asyncio.to_thread(stop_postgres, own_cluster)
+        for tcp in (False, True, False):
+            stale = await running.query(ZONE, "MX", tcp=tcp)
+            assert stale.rcode() == dns.rcode.NOERROR and stale.flags & dns.flags.AA
+            assert answers(stale) == answers(good) and stale.answer[0].ttl == 30
+        assert (await running.query(ZONE, "SOA")).answer[0][0].serial == \
+            (await running.query(ZONE, "SOA")).answer[0][0].serial
+        never_loaded = await running.query("mail.globex.example", "MX")
+        assert never_loaded.rcode() == dns.rcode.SERVFAIL
+        assert (await running.query("example.com", "A")).rcode() == dns.rcode.REFUSED
+        assert running.server.catalog.stale_answers >= 3
+
+        await asyncio.to_thread(start_postgres, own_cluster)
+        for _ in range(100):
+            fresh = await running.query(ZONE, "MX")
+            if fresh.answer and fresh.answer[0].ttl == 300:
+                break
+            await asyncio.sleep(0.2)
+        assert fresh.answer[0].ttl == 300, fresh
+        assert (await running.query("mail.globex.example", "SOA")).rcode() == dns.rcode.NOERROR
+    finally:
+        await running.server.stop()
+        await running.runtime.close()

@@ -3,6 +3,7 @@ MTA-STS policy; tables of (query, expected answer)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import dns.rdatatype
 import pytest
 
 from smtpd_agent.config import load_settings
-from smtpd_agent.dnsserver.server import RateLimiter
+from smtpd_agent.dnsserver.server import ConnectionSlots, RateLimiter, served_records, source_key
 from smtpd_agent.dnsserver.zone import (
     build_zone,
     find_origin,
@@ -179,16 +180,71 @@ def test_mta_sts_policy_and_records_agree(tmp_path: Path) -> None:
     assert sts["mta-sts-host"].value == "mta-sts.agents.test"
 
 
-def test_delegated_add_prints_ns_and_glue_only_where_needed(tmp_path: Path) -> None:
-    plain = delegated_domain_records(settings(tmp_path), ZONE, "acme", "pending")
-    assert [(r.type, r.value) for r in plain.records] == [("NS", "ns1.agents.test"),
-                                                           ("NS", "ns2.agents.test")]
-    assert plain.zone_snippet().splitlines()[-1] == f"{ZONE}.\t3600\tIN\tNS\tns2.agents.test."
+def test_delegated_add_prints_ns_glue_and_the_parent_ownership_record(tmp_path: Path) -> None:
+    plain = delegated_domain_records(settings(tmp_path), ZONE, "acme", "pending", "tok")
+    assert [(r.name, r.type, r.value) for r in plain.records] == [
+        (ZONE, "NS", "ns1.agents.test"), (ZONE, "NS", "ns2.agents.test"),
+        ("_smtpd-agent.acme.example", "TXT", "smtpd-agent-verification=tok")]
+    assert plain.zone_snippet().splitlines()[-1] == \
+        '_smtpd-agent.acme.example.\t3600\tIN\tTXT\t"smtpd-agent-verification=tok"'
     inside = settings(tmp_path, **{"dns_server.nameservers": [f"ns1.{ZONE}", "ns2.agents.test"],
                                    "dns_server.glue": [f"ns1.{ZONE}=192.0.2.53"]})
-    records = delegated_domain_records(inside, ZONE, "acme", "pending").records
+    records = delegated_domain_records(inside, ZONE, "acme", "pending", "tok").records
     assert [(r.name, r.type, r.value) for r in records if r.purpose == "glue"] == [
         (f"ns1.{ZONE}", "A", "192.0.2.53")]
+
+
+def test_the_ownership_proof_of_a_delegated_domain_is_never_ours_to_serve(
+        tmp_path: Path) -> None:
+    """It lies outside the zone (resolvers ask the parent), and no zone we build holds one:
+    a pending zone serves its delegation only, a verified one everything but ownership."""
+    config = settings(tmp_path, **{"dns_server.nameservers": [f"ns1.{ZONE}", "ns2.agents.test"],
+                                   "dns_server.glue": [f"ns1.{ZONE}=192.0.2.53"]})
+    [ownership] = [r for r in delegated_domain_records(config, ZONE, "acme", "pending",
+                                                       "tok").records
+                   if r.purpose == "ownership"]
+    assert not dns.name.from_text(ownership.name).is_subdomain(dns.name.from_text(ZONE))
+    full = delegated_zone_records(config, ZONE, [key("sa-1-rsa")])
+    pending = served_records(full, verified=False)
+    assert {(r.purpose, r.type) for r in pending} == {("delegation", "NS"), ("glue", "A")}
+    forged = (*full, replace(ownership, name=f"_smtpd-agent.{ZONE}"))
+    assert served_records(forged, verified=True) == full
+    zone = build_zone(ZONE, pending, soa_for(config, 1))
+    for name, rdtype in ((ZONE, "MX"), (ZONE, "TXT"), (f"sa-1-rsa._domainkey.{ZONE}", "TXT"),
+                         (f"_dmarc.{ZONE}", "TXT"), (f"mail.{ZONE}", "MX")):
+        response = ask(zone, name, rdtype)
+        assert not response.answer, (name, rdtype)
+    assert ask(zone, ZONE, "NS").answer and ask(zone, f"ns1.{ZONE}", "A").answer
+
+
+def test_a_stale_zone_keeps_its_records_at_a_short_ttl(zone) -> None:
+    stale = zone.capped(30)
+    assert ask(stale, ZONE, "MX").answer[0].ttl == 30 and ask(zone, ZONE, "MX").answer[0].ttl == 300
+    assert sorted(r.to_text() for r in ask(stale, ZONE, "MX").answer[0]) == sorted(
+        r.to_text() for r in ask(zone, ZONE, "MX").answer[0])
+    assert ask(stale, ZONE, "SOA").answer[0][0].serial == 7
+    assert ask(stale, f"nothing.{ZONE}", "A").authority[0].ttl == 30
+
+
+@pytest.mark.parametrize(("address", "key"), [
+    ("192.0.2.7", "192.0.2.7"),
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+    ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+    ("::ffff:192.0.2.7", "192.0.2.7"),
+    ("fe80::1%eth0", "fe80::/64"),
+])
+def test_per_source_limits_key_ipv6_by_its_64(address: str, key: str) -> None:
+    assert source_key(address) == key
+
+
+def test_tcp_slots_are_capped_per_source_and_in_total() -> None:
+    slots = ConnectionSlots(total=5, per_source=2)
+    assert [slots.acquire("a") for _ in range(3)] == [None, None, "per_source"]
+    assert [slots.acquire("b") for _ in range(2)] == [None, None]
+    assert slots.acquire("c") is None and slots.acquire("d") == "total"
+    slots.release("a")
+    assert slots.acquire("a") is None and slots.open == {"a": 2, "b": 2, "c": 1}
 
 
 def test_rate_limiter_token_bucket() -> None:

@@ -33,13 +33,14 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     # One module per standard, pure, the resolver passed in; no SMTP session, no store.
     "standards": (
-        "dns", "auth.adapters", "auth.arc", "auth.dkim", "auth.dmarc", "auth.results", "auth.runner", "auth.spf",
+        "dns", "auth.adapters", "auth.arc", "auth.dkim", "auth.dmarc", "auth.results",
+        "auth.runner", "auth.spf",
         "outbound.dsn", "outbound.verp", "smtp.replies", "http.sns",
     ),
     # The inbound stages, the store they write to, and the runtime they form.
     "stages": (
         "auth", "routing", "scan", "spam", "pipeline",
-        "store", "store.apikeys", "store.database", "store.directory",
+        "store", "store.apikeys", "store.changes", "store.database", "store.directory",
         "store.deployment", "store.domains", "store.inbox", "store.lease", "store.messages",
         "store.quarantine",
         "store.rows",
