@@ -33,11 +33,10 @@ from .metrics import MetricsSpooler, spool_directory
 from .outbound.bounces import BounceProcessor
 from .outbound.worker import OutboundWorker
 from .pipeline import Pipeline
-from .routing import Router
 from .runtime import Runtime
 from .smtp.handler import SessionHandler
 from .smtp.limits import ConnectionLimits, CounterTable, DataBudget
-from .smtp.server import AgentSMTP, Sessions
+from .smtp.server import AgentSMTP, Sessions, delivering
 from .store import deployment
 from .systemd import Notifier
 
@@ -112,13 +111,7 @@ class MailServer:
         first process (table None) creates one with a row for each of smtp.processes."""
         self.runtime = runtime
         self.settings = settings = runtime.settings
-        self.router = Router(runtime.pool, settings.server.default_domain,
-                             settings.routing.cache_ttl,
-                             bounce_label=settings.domains.default_mail_from_label,
-                             custom_bounce_label=settings.domains.mail_from_label,
-                             verp_prefix=settings.outbound.verp_prefix,
-                             postmaster=settings.routing.postmaster,
-                             changes=runtime.changes)
+        self.router = runtime.router
         self.limits = ConnectionLimits(settings.smtp.max_connections,
                                        settings.smtp.max_connections_per_ip,
                                        table or CounterTable.create(settings.smtp.processes))
@@ -137,7 +130,8 @@ class MailServer:
         tls_context = build_tls_context(settings.smtp)
         pipeline = (self.runtime.pipeline if self._parts is None
                     else self.runtime.build_pipeline(settings))
-        handler = SessionHandler(self.router, settings.smtp.max_recipients, self.runtime.metrics)
+        handler = SessionHandler(self.router, settings.smtp.max_recipients, self.runtime.metrics,
+                                 acl=pipeline.acl)
         return SessionParts(settings, handler, pipeline, tls_context)
 
     async def start(self) -> None:
@@ -154,7 +148,7 @@ class MailServer:
             assert parts is not None
             metrics.sessions.inc()
             return AgentSMTP(parts.handler, settings=parts.settings.smtp, limits=self.limits,
-                             deliver=parts.pipeline.receive,
+                             deliver=delivering(parts.pipeline.process, metrics),
                              hostname=parts.settings.server.hostname, sessions=self.sessions,
                              tls_context=parts.tls_context, loop=loop, metrics=metrics,
                              data_budget=self.data_budget)

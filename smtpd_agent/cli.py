@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .acl.cli import register_acl
 from .agent.cli import register_agent
 from .app import DNS_SERVICES, listener_services, serve
 from .cli_common import Parents, deployment_settings, emit, with_database
@@ -24,7 +25,7 @@ from .outbound.cli import register_outbound
 from .domains.keys import KeyStoreError
 from .http.cli import register_apikeys
 from .logs import configure_logging
-from .routing import parse_address, workspace_of
+from .addresses import OurDomains, parse_address
 from .smtp.limits import CounterTable
 from .store import deployment, directory, inbox, quarantine
 from .store.database import migrate
@@ -209,8 +210,8 @@ def mailbox_of(address: str, settings: Settings) -> tuple[str, str]:
     parsed = parse_address(address)
     if parsed is None:
         raise DirectoryError(f"{address!r} is not an email address")
-    slug = workspace_of(parsed.domain, settings.server.default_domain)
-    if not isinstance(slug, str):
+    slug = OurDomains(settings.server.default_domain).workspace(parsed.domain)
+    if slug is None:
         raise DirectoryError(f"{address!r} is not <handle>@<workspace>."
                              f"{settings.server.default_domain}")
     if parsed.tag is not None:
@@ -261,13 +262,14 @@ async def cmd_deployment_set_domain(db: Any, settings: Settings,
 
 async def cmd_workspace_add(db: Any, settings: Settings, args: argparse.Namespace) -> int:
     workspace = await directory.add_workspace(db, args.slug, args.name)
-    print(f"workspace {workspace.slug} created: agents are <handle>@{workspace.slug}."
-          f"{settings.server.default_domain}")
+    domain = OurDomains(settings.server.default_domain).workspace_domain(workspace.slug)
+    print(f"workspace {workspace.slug} created: agents are <handle>@{domain}")
     return 0
 
 
 async def cmd_workspace_list(db: Any, settings: Settings, args: argparse.Namespace) -> int:
-    workspaces = [dict(vars(w), domain=f"{w.slug}.{settings.server.default_domain}")
+    ours = OurDomains(settings.server.default_domain)
+    workspaces = [dict(vars(w), domain=ours.workspace_domain(w.slug))
                   for w in await directory.list_workspaces(db)]
     emit(workspaces, args.json, lambda rows: [f"{w['slug']:<24} {w['domain']:<40} {w['name']}"
                                               for w in rows] or ["no workspaces"])
@@ -275,8 +277,8 @@ async def cmd_workspace_list(db: Any, settings: Settings, args: argparse.Namespa
 
 
 def _agent_view(agent: directory.Agent, settings: Settings) -> dict[str, Any]:
-    return dict(vars(agent), address=f"{agent.handle}@{agent.workspace_slug}."
-                                     f"{settings.server.default_domain}")
+    ours = OurDomains(settings.server.default_domain)
+    return dict(vars(agent), address=ours.agent_address(agent.handle, agent.workspace_slug))
 
 
 async def cmd_agent_add(db: Any, settings: Settings, args: argparse.Namespace) -> int:
@@ -381,4 +383,5 @@ COMMAND_GROUPS: list[Callable[[Any, Parents], None]] = [
     register_domains,
     register_apikeys,
     register_outbound,
+    register_acl,
 ]

@@ -181,6 +181,11 @@ class AgentSettings:
     backoff_max: float = 900.0
     correspondent_replies_per_hour: int = 5
     agent_replies_per_hour: int = 200
+    # Caps over all agents of one workspace (any outbound message counts), and on the
+    # addresses one agent writes to for the first time in a day.
+    workspace_replies_per_hour: int = 500
+    workspace_replies_per_day: int = 2000
+    new_recipients_per_day: int = 100
     # Characters of one message's body put in the prompt (the rest is cut, and says so).
     max_body_chars: int = 20_000
     # Without an API key: "" records jobs as skipped; any text is sent as a canned reply.

@@ -2,9 +2,10 @@
 
 One `Metrics` per App, each with its own CollectorRegistry (never the
 process-global one), so two servers in one test process count apart. The
-listener counts sessions and RCPT refusals, the pipeline counts verdicts,
-scan results, store latency and the final accept/reject with its reply code;
-gauges of rows in Postgres (agent jobs, outbound queue) are read at scrape
+listener counts sessions; smtp/replies.answer() counts every refusal (of a
+recipient or a message, SMTP or webhook) and every accepted message, in one
+place; the pipeline counts authentication verdicts, scan results and store
+latency; gauges of rows in Postgres (agent jobs, outbound queue) are read at scrape
 time, because they are state that lives in the database, not in a process.
 
 With smtp.processes above 1, each extra accepting process writes its counters

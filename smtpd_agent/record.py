@@ -1,14 +1,16 @@
 """The typed record that flows through the pipeline.
 
-The listener freezes aiosmtpd's mutable session and envelope into these at
-the DATA boundary; each stage (authenticate, scan, store) reads them and
-returns its own result; nothing downstream touches aiosmtpd objects.
+Every way in builds the same record: the SMTP listener freezes aiosmtpd's
+mutable session and envelope into an `Envelope` at the DATA boundary, a
+provider webhook builds one from the verified post (ingress.py has the steps
+both share). Each stage (authenticate, scan, store) reads it and returns its
+own result; nothing downstream touches aiosmtpd or aiohttp objects.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 
 from .message import ParsedMessage
 
@@ -40,21 +42,36 @@ class Recipient:
 
 @dataclass(frozen=True)
 class Envelope:
-    """What the SMTP session knows about one transaction."""
+    """What the way in knows about one transaction, whichever way it was."""
 
     session_id: str
     client_ip: str
     helo: str
-    mail_from: str
+    mail_from: str  # "" for the null sender
     recipients: tuple[Recipient, ...]
     tls: bool = False
     tls_version: str | None = None
     smtputf8: bool = False
     received_at: datetime | None = None
+    queue_id: str = ""
+    esmtp: bool = True
+    # "smtp", or the provider whose webhook posted the message ("ses", "sendgrid", ...).
+    transport: str = "smtp"
+    # False when a provider gave us only parsed fields, not the message as sent: there
+    # is no signature left to verify, so authentication records "none" instead of "fail".
+    authenticable: bool = True
+    # VERP tokens of recipients routed to the bounce processor (outbound/bounces.py)
+    bounce_tokens: tuple[str, ...] = ()
 
-    @property
-    def null_sender(self) -> bool:
-        return self.mail_from in ("", "<>")
+
+@dataclass(frozen=True)
+class ReceivedContent:
+    """One received message as every way in hands it to the pipeline: the envelope, the
+    bytes after the content step (line endings, header size), and our trace header."""
+
+    envelope: Envelope
+    data: bytes
+    trace_headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -65,28 +82,3 @@ class InboundMessage:
     raw: bytes
     parsed: ParsedMessage
     trace_headers: tuple[tuple[str, str], ...] = field(default=())
-
-
-@dataclass(frozen=True)
-class ReceivedContent:
-    """The message bytes of one transaction, after transparency and line-ending rules."""
-
-    data: bytes
-    session_id: str
-    queue_id: str
-    client_ip: str
-    helo: str
-    mail_from: str
-    recipients: tuple[Recipient, ...]
-    tls: bool
-    tls_version: str | None
-    smtputf8: bool
-    esmtp: bool
-    received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-    # "smtp", or the provider whose webhook posted the message ("ses", "sendgrid", ...).
-    transport: str = "smtp"
-    # False when a provider gave us only parsed fields, not the message as sent: there
-    # is no signature left to verify, so authentication records "none" instead of "fail".
-    authenticable: bool = True
-    # VERP tokens of RCPTs routed to the bounce processor (outbound/bounces.py)
-    bounce_tokens: tuple[str, ...] = ()

@@ -33,7 +33,8 @@ from typing import Any
 import asyncpg
 import structlog
 
-from .outbound.verp import token_of
+from .addresses import POSTMASTER, Address, OurDomains, parse_address, token_of
+from .config import Settings
 from .record import Mailbox
 from .store import directory
 from .store import domains as domain_store
@@ -43,7 +44,6 @@ from .store.database import CONNECTION_ERRORS, DatabaseUnavailable
 log = structlog.get_logger(__name__)
 
 MAX_CACHE_ENTRIES = 100_000
-POSTMASTER = "postmaster"
 
 
 class RouteKind(Enum):
@@ -68,35 +68,6 @@ class Route:
     verp_token: str | None = None
 
 
-@dataclass(frozen=True)
-class ParsedAddress:
-    local: str
-    tag: str | None
-    domain: str
-
-
-def parse_address(address: str) -> ParsedAddress | None:
-    """Split `handle+tag@domain`, lower-cased; None if it is not an address at all."""
-    local, at, domain = address.strip().strip("<>").rpartition("@")
-    if not at or not local or not domain:
-        return None
-    local = local.lower()
-    domain = domain.lower().rstrip(".")
-    handle, plus, tag = local.partition("+")
-    return ParsedAddress(local=handle, tag=tag if plus else None, domain=domain)
-
-
-def workspace_of(domain: str, default_domain: str) -> str | None | bool:
-    """The workspace slug for a domain under ours; True for ours without a workspace; None if foreign."""
-    if domain == default_domain:
-        return True
-    suffix = "." + default_domain
-    if not domain.endswith(suffix):
-        return None
-    label = domain[: -len(suffix)]
-    return label if "." not in label else True
-
-
 class Router:
     def __init__(self, db: asyncpg.Pool, default_domain: str, cache_ttl: float,
                  clock: Callable[[], float] = time.monotonic, *, bounce_label: str = "bounce",
@@ -107,7 +78,7 @@ class Router:
         self._bounce_domain = f"{bounce_label}.{default_domain}"
         self._custom_bounce_label = custom_bounce_label
         self._verp_prefix = verp_prefix
-        self._default_domain = default_domain
+        self._ours = OurDomains(default_domain)
         self._ttl = cache_ttl
         self._clock = clock
         # only answers that accept: (expires, value)
@@ -117,6 +88,16 @@ class Router:
         self._generation = 0
         if changes is not None:
             changes.subscribe(ROUTING_CHANNEL, self._changed, self.invalidate)
+
+    @classmethod
+    def from_settings(cls, db: asyncpg.Pool, settings: Settings,
+                      changes: ChangeFeed | None = None) -> Router:
+        """The runtime's one router: SMTP and every provider webhook route through it."""
+        return cls(db, settings.server.default_domain, settings.routing.cache_ttl,
+                   bounce_label=settings.domains.default_mail_from_label,
+                   custom_bounce_label=settings.domains.mail_from_label,
+                   verp_prefix=settings.outbound.verp_prefix,
+                   postmaster=settings.routing.postmaster, changes=changes)
 
     async def route(self, address: str) -> Route:
         route = await self._route_address(address)
@@ -155,12 +136,12 @@ class Router:
             return Route(RouteKind.UNKNOWN_MAILBOX)
         return Route(RouteKind.MAILBOX, mailbox=route.mailbox, tag=tag)
 
-    async def _route(self, parsed: ParsedAddress) -> Route:
+    async def _route(self, parsed: Address) -> Route:
         bounce = await self._bounce_route(parsed)
         if bounce is not None:
             return bounce
-        found = workspace_of(parsed.domain, self._default_domain)
-        if found is None:
+        slug = self._ours.workspace(parsed.domain)
+        if slug is None and not self._ours.is_ours(parsed.domain):
             custom = await self._custom_domain(parsed.domain)
             if custom is None:
                 return Route(RouteKind.RELAY_DENIED)
@@ -169,16 +150,15 @@ class Router:
                              hint=f"{custom.name} (workspace {custom.workspace_slug}) is "
                                   f"{custom.state}: publish its records and run "
                                   f"`smtpd-agent domain check {custom.name}`")
-            found = custom.workspace_slug
-        if not isinstance(found, str):
+            slug = custom.workspace_slug
+        if slug is None:
             return Route(RouteKind.UNKNOWN_MAILBOX)
-        slug = found
         mailbox = await self._lookup(slug, parsed.local, parsed.domain)
         if mailbox is None:
             return Route(RouteKind.UNKNOWN_MAILBOX)
         return Route(RouteKind.MAILBOX, mailbox=mailbox, tag=parsed.tag)
 
-    async def _bounce_route(self, parsed: ParsedAddress) -> Route | None:
+    async def _bounce_route(self, parsed: Address) -> Route | None:
         """BOUNCE for a VERP address at one of our bounce domains, UNKNOWN for others there."""
         label, _, parent = parsed.domain.partition(".")
         if parsed.domain == self._bounce_domain:

@@ -1,5 +1,5 @@
 """What every listener and feature of one process receives: settings, the database, the
-resolver, the metrics registry, the one pipeline and the change feed.
+resolver, the metrics registry, the one router, the one pipeline and the change feed.
 
 Place: the top of the inbound-stage layer (see docs/architecture.md). Listeners and
 features take a `Runtime` and import this module; app.py opens it and hands it to each
@@ -20,6 +20,7 @@ from .config import Settings
 from .dns import Resolver
 from .metrics import Metrics
 from .pipeline import DsnReceiver, Pipeline
+from .routing import Router
 from .scan import Scanner, limit_problems
 from .spam import SpamFilter
 from .store.changes import ChangeFeed
@@ -76,6 +77,7 @@ class Runtime:
     checks: CheckRunner = field(default_factory=CheckRunner)
     _pipeline: Pipeline | None = field(default=None, repr=False)
     _changes: ChangeFeed | None = field(default=None, repr=False)
+    _router: Router | None = field(default=None, repr=False)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -92,6 +94,13 @@ class Runtime:
     @property
     def scanner(self) -> Scanner | None:
         return self.pipeline.scanner
+
+    @property
+    def router(self) -> Router:
+        """The one router every way in (SMTP, provider webhooks) routes recipients with."""
+        if self._router is None:
+            self._router = Router.from_settings(self.pool, self.settings, changes=self.changes)
+        return self._router
 
     @property
     def pipeline(self) -> Pipeline:

@@ -1,10 +1,11 @@
 """Stage 4 of the pipeline: virus scanning with clamd, between authenticate and store.
 
-The listener calls `Scanner.scan_message()` once per message at end of DATA,
-then the pure `decide()` turns the `ScanResult` into a `ScanDecision`; the
-listener maps that decision to its SMTP reply in one place and stores the
-result's status and signature per message and per attachment. This module
-writes no SMTP replies and never imports the listener.
+The pipeline calls `Scanner.scan_message()` once per message after
+authentication, then the pure `decide()` turns the `ScanResult` into a
+`ScanDecision`; smtp/replies.py maps a refusal's reason to its reply (SMTP, or
+HTTP for a webhook), and the store keeps the result's status and signature per
+message and per attachment. This module writes no replies and never imports a
+listener.
 
 Shaped like haraka-plugin-clamd: `instream()` and `command()` do the I/O and
 return an outcome kind (connect_failed, timeout, io_error, done + clamd's
@@ -49,6 +50,7 @@ import struct
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Literal
 
 import structlog
@@ -81,9 +83,24 @@ OutcomeKind = Literal["connect_failed", "timeout", "io_error", "done"]
 ScanStatus = Literal["clean", "infected", "unscanned", "error", "skipped"]
 # Why a part was not found clean (None when it was).
 Problem = Literal["connect_failed", "timeout", "io_error", "too_large", "clamd_error", "bad_reply"]
-Action = Literal["accept", "reject", "tempfail", "accept_unscanned"]
-Reason = Literal["clean", "not_scanned", "virus", "too_large", "scanner_unavailable",
-                 "scanner_error"]
+
+
+class ScanAction(StrEnum):
+    ACCEPT = "accept"
+    REJECT = "reject"
+    TEMPFAIL = "tempfail"
+    ACCEPT_UNSCANNED = "accept_unscanned"
+
+
+class ScanReason(StrEnum):
+    """Why; for a refusal, the key of its reply in smtp/replies.py."""
+
+    CLEAN = "clean"
+    NOT_SCANNED = "not_scanned"
+    VIRUS = "virus"
+    TOO_LARGE = "too_large"
+    SCANNER_UNAVAILABLE = "scanner_unavailable"
+    SCANNER_ERROR = "scanner_error"
 
 
 # --- addresses ---------------------------------------------------------------------------------
@@ -343,25 +360,27 @@ class ScanResult:
 
 @dataclass(frozen=True)
 class ScanDecision:
-    """What the listener should do; it owns the reply text (554 5.7.1, 451 4.7.0, ...)."""
+    """What the pipeline should do with the message; the reply is smtp/replies.py's."""
 
-    action: Action
-    reason: Reason
+    action: ScanAction
+    reason: ScanReason
     signature: str | None = None
 
 
 def decide(result: ScanResult, settings: ScanSettings) -> ScanDecision:
     """Pure: reject viruses and unscannable sizes, fail closed on outages unless not required."""
     if result.status == "skipped":
-        return ScanDecision("accept", "not_scanned")
+        return ScanDecision(ScanAction.ACCEPT, ScanReason.NOT_SCANNED)
     if result.status == "clean":
-        return ScanDecision("accept", "clean")
+        return ScanDecision(ScanAction.ACCEPT, ScanReason.CLEAN)
     if result.status == "infected":
-        return ScanDecision("reject", "virus", result.signature)
+        return ScanDecision(ScanAction.REJECT, ScanReason.VIRUS, result.signature)
     if result.problem == "too_large":
-        return ScanDecision("reject", "too_large")
-    reason: Reason = "scanner_error" if result.status == "error" else "scanner_unavailable"
-    return ScanDecision("tempfail" if settings.required else "accept_unscanned", reason)
+        return ScanDecision(ScanAction.REJECT, ScanReason.TOO_LARGE)
+    reason = (ScanReason.SCANNER_ERROR if result.status == "error"
+              else ScanReason.SCANNER_UNAVAILABLE)
+    return ScanDecision(ScanAction.TEMPFAIL if settings.required
+                        else ScanAction.ACCEPT_UNSCANNED, reason)
 
 
 @dataclass(frozen=True)

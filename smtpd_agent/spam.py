@@ -84,7 +84,7 @@ class Disposition(enum.StrEnum):
     ACCEPT_UNSCORED = "accept_unscored"
 
 
-class Reason(enum.StrEnum):
+class SpamReason(enum.StrEnum):
     NOT_SPAM = "not_spam"
     SPAM = "spam"
     SOFT_REJECT = "soft_reject"
@@ -253,7 +253,7 @@ def classify(outcome: RspamdOutcome, elapsed: float = 0.0) -> SpamResult:
 @dataclass(frozen=True)
 class SpamDecision:
     action: Disposition
-    reason: Reason
+    reason: SpamReason
 
     @property
     def labelled(self) -> bool:
@@ -261,26 +261,26 @@ class SpamDecision:
 
 
 _BY_ACTION: dict[RspamdAction, SpamDecision] = {
-    RspamdAction.NO_ACTION: SpamDecision(Disposition.ACCEPT, Reason.NOT_SPAM),
-    RspamdAction.ADD_HEADER: SpamDecision(Disposition.LABEL, Reason.SPAM),
-    RspamdAction.REWRITE_SUBJECT: SpamDecision(Disposition.LABEL, Reason.SPAM),
-    RspamdAction.SOFT_REJECT: SpamDecision(Disposition.TEMPFAIL, Reason.SOFT_REJECT),
-    RspamdAction.REJECT: SpamDecision(Disposition.REJECT, Reason.SPAM),
+    RspamdAction.NO_ACTION: SpamDecision(Disposition.ACCEPT, SpamReason.NOT_SPAM),
+    RspamdAction.ADD_HEADER: SpamDecision(Disposition.LABEL, SpamReason.SPAM),
+    RspamdAction.REWRITE_SUBJECT: SpamDecision(Disposition.LABEL, SpamReason.SPAM),
+    RspamdAction.SOFT_REJECT: SpamDecision(Disposition.TEMPFAIL, SpamReason.SOFT_REJECT),
+    RspamdAction.REJECT: SpamDecision(Disposition.REJECT, SpamReason.SPAM),
 }
 _GREYLIST: dict[str, SpamDecision] = {
-    "ignore": SpamDecision(Disposition.ACCEPT, Reason.GREYLIST),
-    "label": SpamDecision(Disposition.LABEL, Reason.GREYLIST),
-    "tempfail": SpamDecision(Disposition.TEMPFAIL, Reason.GREYLIST),
+    "ignore": SpamDecision(Disposition.ACCEPT, SpamReason.GREYLIST),
+    "label": SpamDecision(Disposition.LABEL, SpamReason.GREYLIST),
+    "tempfail": SpamDecision(Disposition.TEMPFAIL, SpamReason.GREYLIST),
 }
 
 
 def decide(result: SpamResult | None, settings: SpamSettings) -> SpamDecision:
     """Pure: rspamd's action decides; an outage fails open unless `spam.required`."""
     if result is None:
-        return SpamDecision(Disposition.ACCEPT_UNSCORED, Reason.NOT_SPAM)
+        return SpamDecision(Disposition.ACCEPT_UNSCORED, SpamReason.NOT_SPAM)
     if result.status == "unscored" or result.action is None:
         return SpamDecision(Disposition.TEMPFAIL if settings.required
-                            else Disposition.ACCEPT_UNSCORED, Reason.FILTER_UNAVAILABLE)
+                            else Disposition.ACCEPT_UNSCORED, SpamReason.FILTER_UNAVAILABLE)
     if result.action == RspamdAction.GREYLIST:
         return _GREYLIST[settings.greylist]
     return _BY_ACTION[result.action]

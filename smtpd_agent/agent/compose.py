@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import html
 import re
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime
 
 # Only reply prefixes are folded: "Re: Re: Aw: x" -> "Re: x" (RFC 5322 section 3.6.5).
 REPLY_PREFIX = re.compile(r"^\s*((re|aw|sv|antw|vs|rif|r)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
 # A long References chain is trimmed to the first and the last ones (RFC 5322 allows it).
 MAX_REFERENCES = 20
+# Bytes of randomness in a reply's Message-ID (192 bits, base64url: RFC 5322 atext).
+MESSAGE_ID_BYTES = 24
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,12 @@ def reply_references(original: Original) -> tuple[str, ...]:
     return tuple(chain)
 
 
+def new_message_id(domain: str) -> str:
+    """An unguessable Message-ID: knowing one of ours must not let anyone predict the next
+    (make_msgid is time, pid and a non-cryptographic random number)."""
+    return f"<{secrets.token_urlsafe(MESSAGE_ID_BYTES)}@{domain}>"
+
+
 def text_to_html(text: str) -> str:
     paragraphs = [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
     body = "\n".join("<p>" + html.escape(p).replace("\n", "<br>\n") + "</p>" for p in paragraphs)
@@ -81,7 +90,7 @@ def compose_reply(original: Original, agent_name: str | None, agent_address: str
     subject = reply_subject(original.subject)
     message["Subject"] = subject
     message["Date"] = format_datetime(now)
-    message_id = make_msgid(domain=domain)
+    message_id = new_message_id(domain)
     message["Message-ID"] = message_id
     references = reply_references(original)
     in_reply_to = (original.message_id,) if original.message_id else ()

@@ -25,11 +25,23 @@ from ..store.lease import NOW, Lease, LeaseQueue
 from ..store.messages import OutboundRow, store_outbound
 from .compose import ComposedReply
 from .llm import Completion
-from .policy import MessageFacts, rate_limit_reason
+from .policy import MessageFacts, cap_reason, rate_limit_reason
 from .prompt import AttachmentNote, TranscriptEntry, body_text
 
-# One-hour window of the rate limits.
+# One-hour window of the rate limits; the day of the workspace and first-recipient caps.
 RATE_WINDOW = timedelta(hours=1)
+DAY = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class Caps:
+    """agent.* limits that store_reply checks again under its lock."""
+
+    per_correspondent: int
+    per_agent: int
+    workspace_per_hour: int
+    workspace_per_day: int
+    new_recipients_per_day: int
 
 # A claimed job is 'running' until its lease runs out (then it is claimable again).
 AGENT_JOBS = LeaseQueue("agent_jobs", claimable=("pending", "running"), leased="running")
@@ -94,16 +106,16 @@ async def load_inbound(db: asyncpg.Pool, job: Job) -> InboundRecord | None:
     row = await db.fetchrow(
         """SELECT headers, mail_from, from_address, dmarc, scan_status, message_id,
                   (quarantined OR spam) AND released_at IS NULL AS quarantined,
-                  "references", in_reply_to, subject, reply_to, rcpt_to
+                  "references", in_reply_to, subject, reply_to, rcpt_to, auth_detail
              FROM messages
             WHERE id = $1 AND workspace_id = $2 AND agent_id = $3 AND direction = 'inbound'""",
         job.message_id, job.workspace_id, job.agent_id)
     if row is None:
         return None
-    facts = MessageFacts(headers=tuple((str(k), str(v)) for k, v in row["headers"]),
-                         mail_from=row["mail_from"], from_address=row["from_address"],
-                         dmarc=row["dmarc"], quarantined=row["quarantined"],
-                         scan_status=row["scan_status"])
+    facts = MessageFacts.with_auth_detail(
+        row["auth_detail"], headers=tuple((str(k), str(v)) for k, v in row["headers"]),
+        mail_from=row["mail_from"], from_address=row["from_address"], dmarc=row["dmarc"],
+        quarantined=row["quarantined"], scan_status=row["scan_status"])
     return InboundRecord(facts=facts, message_id=row["message_id"],
                          references=tuple(row["references"]),
                          in_reply_to=tuple(row["in_reply_to"]), subject=row["subject"],
@@ -111,16 +123,24 @@ async def load_inbound(db: asyncpg.Pool, job: Job) -> InboundRecord | None:
                          rcpt_to=row["rcpt_to"])
 
 
-async def load_transcript(db: asyncpg.Pool, job: Job) -> list[TranscriptEntry]:
-    """The thread in order: our replies, and inbound mail up to the one being answered;
-    held mail (spam, DMARC quarantine) stays out until an operator releases it."""
+async def load_transcript(db: asyncpg.Pool, job: Job, correspondent: str,
+                          reply_to: str) -> list[TranscriptEntry]:
+    """The thread in order, one correspondent's part of it only: their mail up to the one
+    being answered, and our replies to them (`correspondent` is the From address being
+    answered, `reply_to` where this reply goes). Whatever the thread holds besides (a
+    thread stored before threads were kept per correspondent) never reaches the prompt;
+    nor does held mail (spam, DMARC quarantine) until an operator releases it."""
     rows = await db.fetch(
         """SELECT id, direction, from_header, to_header, subject, coalesce(sent_at, received_at)
-                  AS date, text_body, html_body
+                  AS date, text_body, html_body,
+                  CASE direction WHEN 'inbound' THEN from_address ELSE rcpt_to END AS address
              FROM messages
-            WHERE thread_id = $1 AND workspace_id = $2 AND (direction = 'outbound' OR id <= $3)
-              AND NOT ((quarantined OR spam) AND released_at IS NULL)
-            ORDER BY id""", job.thread_id, job.workspace_id, job.message_id)
+            WHERE thread_id = $1 AND workspace_id = $2 AND agent_id = $3
+              AND ((direction = 'inbound' AND id <= $4 AND lower(from_address) = lower($5)
+                    AND NOT ((quarantined OR spam) AND released_at IS NULL))
+                   OR (direction = 'outbound' AND lower(rcpt_to) IN (lower($5), lower($6))))
+            ORDER BY id""", job.thread_id, job.workspace_id, job.agent_id, job.message_id,
+        correspondent, reply_to)
     attachments: dict[int, list[AttachmentNote]] = {}
     for row in await db.fetch(
             """SELECT message_id, filename, content_type, size FROM attachments
@@ -132,7 +152,8 @@ async def load_transcript(db: asyncpg.Pool, job: Job) -> list[TranscriptEntry]:
     return [TranscriptEntry(direction=r["direction"], from_header=r["from_header"],
                             to_header=r["to_header"], subject=r["subject"], date=r["date"],
                             text=body_text(r["text_body"], r["html_body"]),
-                            attachments=tuple(attachments.get(r["id"], ())))
+                            attachments=tuple(attachments.get(r["id"], ())),
+                            address=r["address"])
             for r in rows]
 
 
@@ -166,6 +187,34 @@ async def recent_replies(db: asyncpg.Pool | asyncpg.Connection, job: Job,
               AND received_at > now() - $4::interval""",
         job.agent_id, job.workspace_id, correspondent, RATE_WINDOW)
     return row["to_correspondent"], row["from_agent"]
+
+
+async def cap_counts(db: asyncpg.Pool | asyncpg.Connection, job: Job,
+                     recipient: str) -> tuple[int, int, bool, int]:
+    """(workspace's outbound messages in the last hour, in the last day, whether the agent
+    never wrote to `recipient`, first-time recipients of the agent in the last day)."""
+    row = await db.fetchrow(
+        """SELECT (SELECT count(*) FROM messages
+                    WHERE workspace_id = $1 AND direction = 'outbound'
+                      AND received_at > now() - $4::interval) AS hour,
+                  (SELECT count(*) FROM messages
+                    WHERE workspace_id = $1 AND direction = 'outbound'
+                      AND received_at > now() - $5::interval) AS day,
+                  NOT EXISTS (SELECT 1 FROM agent_recipients
+                               WHERE agent_id = $2 AND address = lower($3)) AS new,
+                  (SELECT count(*) FROM agent_recipients
+                    WHERE agent_id = $2 AND workspace_id = $1
+                      AND first_sent_at > now() - $5::interval) AS new_today""",
+        job.workspace_id, job.agent_id, recipient, RATE_WINDOW, DAY)
+    return row["hour"], row["day"], row["new"], row["new_today"]
+
+
+def limit_reason(rates: tuple[int, int], caps_counts: tuple[int, int, bool, int],
+                 caps: Caps) -> str | None:
+    return (rate_limit_reason(*rates, caps.per_correspondent, caps.per_agent)
+            or cap_reason(caps_counts[0], caps_counts[1], caps.workspace_per_hour,
+                          caps.workspace_per_day, caps_counts[2], caps_counts[3],
+                          caps.new_recipients_per_day))
 
 
 async def _end(db: asyncpg.Pool | asyncpg.Connection, job: Job, state: str,
@@ -203,20 +252,22 @@ class Finished:
 
 
 async def store_reply(db: asyncpg.Pool, job: Job, reply: ComposedReply, completion: Completion,
-                      per_correspondent: int, per_agent: int) -> Finished:
+                      caps: Caps) -> Finished:
     """Store the reply in the thread and close the job, in one transaction, or nothing.
 
-    The rate limits are checked again here under a per-agent lock, since workers on
-    other machines may have replied since the first check.
+    The rate limits and caps are checked again here under a per-workspace lock (the
+    caps span the workspace's agents), since workers on other machines may have
+    replied since the first check.
     """
     usage = {"model": completion.model, "input_tokens": completion.input_tokens,
              "output_tokens": completion.output_tokens, "latency_ms": completion.latency_ms}
     async with db.acquire() as connection, connection.transaction():
         if not await lease_queue.hold(connection, AGENT_JOBS, job.lease):
             return Finished(False, reason="lease lost")
-        await connection.execute("SELECT pg_advisory_xact_lock($1, $2)", 0x6167, job.agent_id)
-        counts = await recent_replies(connection, job, reply.to_address)
-        reason = rate_limit_reason(*counts, per_correspondent, per_agent)
+        await connection.execute("SELECT pg_advisory_xact_lock($1, $2)", 0x6177,
+                                 job.workspace_id)
+        reason = limit_reason(await recent_replies(connection, job, reply.to_address),
+                              await cap_counts(connection, job, reply.to_address), caps)
         if reason:
             await _end(connection, job, "skipped", skip_reason=reason, **usage)
             return Finished(False, reason=reason)
@@ -227,6 +278,11 @@ async def store_reply(db: asyncpg.Pool, job: Job, reply: ComposedReply, completi
             from_header=reply.from_header, from_address=reply.from_address,
             to_address=reply.to_address, subject=reply.subject, headers=tuple(reply.headers),
             text_body=reply.text, html_body=reply.html, raw=reply.raw))
+        await connection.execute(
+            """INSERT INTO agent_recipients (workspace_id, agent_id, address)
+               VALUES ($1, $2, lower($3))
+               ON CONFLICT (agent_id, address) DO UPDATE SET last_sent_at = now()""",
+            job.workspace_id, job.agent_id, reply.to_address)
         # into the outbound queue in the same transaction (signed and sent by OutboundWorker)
         await enqueue(connection, reply_id, job.workspace_id)
         await _end(connection, job, "done", reply_message_id=reply_id, **usage)

@@ -1,9 +1,11 @@
-"""Pure decisions of the reply worker: may we answer, and when to retry.
+"""Pure decisions of the reply worker: may we answer, whom, and when to retry.
 
 Stage 6 of the pipeline, before any API call. RFC 3834 section 2 says an
 automatic responder must not answer auto-submitted mail, mailing lists, bounces
-or itself; beyond that we refuse mail we could not authenticate or scan, since a
-reply to forged mail is backscatter. Each function is table-tested.
+or itself; beyond that we answer only a correspondent whose From we could
+authenticate (a reply to forged mail is backscatter, and DKIM-signed by us it
+is worse), only mail that was scanned, only within the caps, and a Reply-To
+only inside the From's organizational domain. Each function is table-tested.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from email.utils import getaddresses
+from typing import Any
+
+from ..addresses import domain_of, within
+from ..auth.dmarc import organizational_domain
 
 # Local parts that are machines, not people (RFC 3834 section 2, RFC 2142, common practice).
 AUTOMATED_LOCAL = re.compile(
@@ -33,22 +39,33 @@ class MessageFacts:
     dmarc: str | None
     quarantined: bool
     scan_status: str | None
+    # SPF's verdict and the domain it is for; the domains of passing DKIM signatures
+    spf: str | None = None
+    spf_domain: str = ""
+    dkim_pass_domains: tuple[str, ...] = ()
+
+    @classmethod
+    def with_auth_detail(cls, detail: dict[str, Any] | None, **fields: Any) -> MessageFacts:
+        """Facts with the SPF and DKIM identities of the stored `auth_detail` (AuthResult)."""
+        detail = detail if isinstance(detail, dict) else {}
+        spf = detail.get("spf_detail") if isinstance(detail.get("spf_detail"), dict) else {}
+        signatures = detail.get("dkim_signatures")
+        passing = tuple(str(s.get("domain") or "") for s in
+                        (signatures if isinstance(signatures, list) else [])
+                        if isinstance(s, dict) and s.get("result") == "pass" and s.get("domain"))
+        return cls(spf=str(spf.get("result") or "") or None, spf_domain=str(spf.get("domain") or ""),
+                   dkim_pass_domains=passing, **fields)
 
     def header(self, name: str) -> str | None:
         lowered = name.lower()
         return next((value for key, value in self.headers if key.lower() == lowered), None)
 
 
-def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower().strip(".")
-
-
 def is_own_address(address: str, own_domain: str,
                    custom_domains: frozenset[str] = frozenset()) -> bool:
     """An address on our domain, a workspace's custom domain, or a subdomain of either."""
-    domain = _domain(address)
-    return any(domain == ours or domain.endswith("." + ours)
-               for ours in (own_domain, *custom_domains))
+    domain = domain_of(address)
+    return any(within(domain, ours) for ours in (own_domain, *custom_domains))
 
 
 def parent_domains(domain: str) -> list[str]:
@@ -85,11 +102,38 @@ def loop_skip_reason(facts: MessageFacts, own_domain: str,
             return f"automated sender ({address})"
     if facts.quarantined:
         return "quarantined"
-    if facts.dmarc == "fail":
-        return "DMARC fail"
     if facts.scan_status not in SCANNED_OK:
         return f"scan status {facts.scan_status}"
-    return None
+    return unauthenticated_reason(facts)
+
+
+def same_organization(a: str, b: str) -> bool:
+    """RFC 7489 relaxed alignment: the same organizational domain (Public Suffix List)."""
+    a, b = a.lower().strip().rstrip("."), b.lower().strip().rstrip(".")
+    return bool(a and b) and organizational_domain(a) == organizational_domain(b)
+
+
+def unauthenticated_reason(facts: MessageFacts) -> str | None:
+    """Why the From address is not authenticated, or None: then we may answer it.
+
+    DMARC pass is enough. Where the From domain publishes no DMARC record (DMARC
+    none), an SPF or DKIM pass for a domain aligned with it (relaxed, as DMARC
+    would) stands in. Anything else (fail, temperror, permerror, no verdict) is
+    forgeable: no reply.
+    """
+    from_domain = domain_of(facts.from_address) if facts.from_address else ""
+    if facts.dmarc == "pass":
+        return None
+    if facts.dmarc != "none":
+        return f"sender not authenticated: DMARC {facts.dmarc or 'not evaluated'}"
+    if not from_domain:
+        return "sender not authenticated: no From address"
+    if facts.spf == "pass" and same_organization(facts.spf_domain, from_domain):
+        return None
+    if any(same_organization(domain, from_domain) for domain in facts.dkim_pass_domains):
+        return None
+    return (f"sender not authenticated: {from_domain} has no DMARC record and neither SPF "
+            "nor DKIM passed for it")
 
 
 def rate_limit_reason(to_correspondent: int, from_agent: int, per_correspondent: int,
@@ -110,21 +154,34 @@ def retry_delay(attempt: int, base: float, cap: float, retry_after: float | None
     return delay
 
 
-def reply_address(from_address: str | None, reply_to: str | None, mail_from: str | None,
-                  dmarc: str | None) -> str | None:
-    """Whom the reply goes to: Reply-To only when DMARC passed (else it is forgeable).
-
-    Exactly one address, never several: an agent answers its correspondent, no one else.
-    """
-    if reply_to and dmarc == "pass":
-        candidate = _single_address(reply_to)
-        if candidate:
-            return candidate
-    for value in (from_address, mail_from):
-        candidate = _single_address(value or "")
-        if candidate:
-            return candidate
+def cap_reason(workspace_hour: int, workspace_day: int, per_hour: int, per_day: int,
+               new_recipient: bool, new_today: int, new_per_day: int) -> str | None:
+    """The workspace-wide caps (replies in the last hour and day, all its agents together)
+    and the agent's cap on first-time recipients in the last day; 0 allows none."""
+    if workspace_hour >= per_hour:
+        return f"cap: {per_hour} replies per hour from this workspace"
+    if workspace_day >= per_day:
+        return f"cap: {per_day} replies per day from this workspace"
+    if new_recipient and new_today >= new_per_day:
+        return f"cap: {new_per_day} first-time recipients per day for this agent"
     return None
+
+
+def reply_address(from_address: str | None, reply_to: str | None) -> str | None:
+    """Whom the reply goes to: the From address, or a Reply-To in the same organization.
+
+    The caller has authenticated the From domain (unauthenticated_reason); a
+    Reply-To elsewhere could be anyone's address (the victim of a relay attack),
+    so it is ignored and the From answered. Exactly one address, never several.
+    """
+    sender = _single_address(from_address or "")
+    if sender is None:
+        return None
+    if reply_to:
+        candidate = _single_address(reply_to)
+        if candidate and same_organization(domain_of(candidate), domain_of(sender)):
+            return candidate
+    return sender
 
 
 def _single_address(value: str) -> str | None:

@@ -47,6 +47,8 @@ class TranscriptEntry:
     date: datetime | None
     text: str
     attachments: tuple[AttachmentNote, ...] = field(default=())
+    # the correspondent: From of an inbound message, the recipient of one of ours
+    address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,21 @@ def untrusted_block(entry: TranscriptEntry, nonce: str, max_body_chars: int) -> 
         lines.append(f"Attachments (named only, content not included): {named}")
     lines += ["", text, f"</{tag}>"]
     return "\n".join(lines)
+
+
+def one_correspondent(entries: list[TranscriptEntry], correspondent: str,
+                      reply_to: str | None = None) -> list[TranscriptEntry]:
+    """Only the correspondent's mail and our replies to them (or to their Reply-To).
+
+    The store keeps threads per correspondent and loads them so; this says it again
+    where the prompt is built, because another correspondent's mail in the prompt is
+    a leak the reply would carry to the attacker.
+    """
+    inbound = correspondent.strip().lower()
+    outbound = {inbound, (reply_to or correspondent).strip().lower()}
+    return [entry for entry in entries
+            if (entry.address or "").strip().lower()
+            in (outbound if entry.direction == "outbound" else {inbound})]
 
 
 def build_prompt(identity: str, system_prompt: str | None, entries: list[TranscriptEntry],

@@ -16,17 +16,19 @@ from datetime import UTC, datetime
 
 import structlog
 
+from ..acl import AclDirection
+from ..addresses import OurDomains, parse_address
 from ..config import Settings
 from ..outbound.queue import is_suppressed
-from ..routing import parse_address, workspace_of
 from ..runtime import Runtime
+from ..store import acl
 from ..store.lease import poll
 from . import jobs
 from .compose import Original, compose_reply
-from .jobs import Job
+from .jobs import Caps, Job
 from .llm import LLM, Completion, classify_error, deprecation_of
-from .policy import loop_skip_reason, parent_domains, rate_limit_reason, reply_address, retry_delay
-from .prompt import build_prompt
+from .policy import loop_skip_reason, parent_domains, reply_address, retry_delay
+from .prompt import build_prompt, one_correspondent
 
 log = structlog.get_logger("smtpd_agent.agent")
 
@@ -35,13 +37,13 @@ NO_LLM = "no LLM configured"
 RELEASE_TIMEOUT = 2.0
 
 
-def agent_address(handle: str, slug: str, rcpt_domain: str | None, default_domain: str,
+def agent_address(handle: str, slug: str, rcpt_domain: str | None, ours: OurDomains,
                   custom_domain_ok: bool = False) -> str:
     """The agent's address on the domain the correspondent wrote to, if that domain is its own
     (its workspace's subdomain, or a custom domain of its workspace); else the default one."""
-    if rcpt_domain and (custom_domain_ok or workspace_of(rcpt_domain, default_domain) == slug):
+    if rcpt_domain and (custom_domain_ok or ours.workspace(rcpt_domain) == slug):
         return f"{handle}@{rcpt_domain}"
-    return f"{handle}@{slug}.{default_domain}"
+    return ours.agent_address(handle, slug)
 
 
 class AgentWorkers:
@@ -111,6 +113,12 @@ class AgentWorkers:
 
         await poll(step, interval=agent.poll_interval, stopping=self._stopping, name=worker)
 
+    def caps(self) -> Caps:
+        agent = self.settings.agent
+        return Caps(agent.correspondent_replies_per_hour, agent.agent_replies_per_hour,
+                    agent.workspace_replies_per_hour, agent.workspace_replies_per_day,
+                    agent.new_recipients_per_day)
+
     async def process(self, job: Job, worker: str) -> None:
         """One claimed job to a final state (done, skipped, failed) or back to pending."""
         db = self.runtime.pool
@@ -137,8 +145,7 @@ class AgentWorkers:
             db, [d for a in senders for d in parent_domains(a.rpartition("@")[2])])
         reason = reason or loop_skip_reason(inbound.facts, self.settings.server.default_domain,
                                             custom)
-        to_address = reply_address(inbound.from_address, inbound.reply_to,
-                                   inbound.facts.mail_from, inbound.facts.dmarc)
+        to_address = reply_address(inbound.from_address, inbound.reply_to)
         if reason is None and to_address is None:
             reason = "no usable correspondent address"
         if reason is None and to_address is not None and await is_suppressed(
@@ -146,9 +153,15 @@ class AgentWorkers:
             # a hard bounce or a complaint: never write to it again (outbound/queue.py)
             reason = "correspondent suppressed"
         if reason is None and to_address is not None:
-            counts = await jobs.recent_replies(db, job, to_address)
-            reason = rate_limit_reason(*counts, settings.correspondent_replies_per_hour,
-                                       settings.agent_replies_per_hour)
+            # the outbound queue enforces the lists whoever sends; asking here saves the call
+            decision = await acl.check(db, job.workspace_id, job.agent_id, AclDirection.SEND,
+                                       to_address)
+            if decision.refused:
+                reason = f"recipient refused by the allow/block lists ({decision.reason})"
+        caps = self.caps()
+        if reason is None and to_address is not None:
+            reason = jobs.limit_reason(await jobs.recent_replies(db, job, to_address),
+                                       await jobs.cap_counts(db, job, to_address), caps)
         if reason is None and self.llm is None and not settings.offline_reply:
             reason = NO_LLM
         if reason is not None or to_address is None:
@@ -156,15 +169,17 @@ class AgentWorkers:
             bound.info("agent.skipped", reason=reason)
             return
 
-        default_domain = self.settings.server.default_domain
+        ours = OurDomains(self.settings.server.default_domain)
         rcpt = parse_address(inbound.rcpt_to or "")
         rcpt_domain = rcpt.domain if rcpt else None
-        custom_ok = (rcpt_domain is not None and workspace_of(rcpt_domain, default_domain) is None
+        custom_ok = (rcpt_domain is not None and not ours.is_ours(rcpt_domain)
                      and await jobs.receiving_domain_of(db, job, rcpt_domain))
-        address = agent_address(agent.handle, agent.workspace_slug, rcpt_domain, default_domain,
-                                custom_ok)
+        address = agent_address(agent.handle, agent.workspace_slug, rcpt_domain, ours, custom_ok)
         identity = f"{agent.display_name} <{address}>" if agent.display_name else address
-        transcript = await jobs.load_transcript(db, job)
+        correspondent = inbound.from_address or to_address
+        transcript = one_correspondent(
+            await jobs.load_transcript(db, job, correspondent, to_address), correspondent,
+            to_address)
         prompt = build_prompt(identity, agent.system_prompt, transcript,
                               nonce=secrets.token_hex(8), max_body_chars=settings.max_body_chars)
         try:
@@ -189,9 +204,7 @@ class AgentWorkers:
                                        inbound.in_reply_to),
                               agent.display_name, address, to_address, completion.text,
                               datetime.now(UTC))
-        finished = await jobs.store_reply(db, job, reply, completion,
-                                          settings.correspondent_replies_per_hour,
-                                          settings.agent_replies_per_hour)
+        finished = await jobs.store_reply(db, job, reply, completion, caps)
         if finished.stored:
             bound.info("agent.replied", reply=finished.reply_id, to=to_address,
                        message_id=reply.message_id, input_tokens=completion.input_tokens,

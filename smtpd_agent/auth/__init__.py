@@ -6,8 +6,9 @@ each under its own deadline; a missed deadline is temperror, never fail); DMARC 
 combines SPF and DKIM. It returns an `AuthResult` holding the values to store
 (columns spf, dkim, dmarc, arc, auth_results) and the Authentication-Results
 header value. `decide()` is pure: it maps a result and the operator's policy
-to accept / quarantine / reject / tempfail; the listener owns the SMTP reply
-(reject -> 550 5.7.1, tempfail -> 451 4.7.x).
+to an action and a reason (typed); for a refusal, smtp/replies.py's table maps
+the reason to the reply, SMTP or HTTP (dmarc policy reject -> 550 5.7.1, spf fail
+-> 550 5.7.23, dns temperror -> 451 4.7.0).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from enum import StrEnum
+from typing import Any, TypeVar
 
 import structlog
 
@@ -31,14 +33,33 @@ from .runner import CheckRunner, own_runner
 from .spf import SpfResult, spf_identity
 
 __all__ = [
-    "AuthDecision", "AuthResult", "CheckRunner", "authenticate", "decide", "prepend_results",
+    "AuthAction", "AuthDecision", "AuthReason", "AuthResult", "CheckRunner", "authenticate",
+    "decide", "prepend_results",
     "strip_our_results",
 ]
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-Action = Literal["accept", "quarantine", "reject", "tempfail"]
+
+
+class AuthAction(StrEnum):
+    ACCEPT = "accept"
+    QUARANTINE = "quarantine"
+    REJECT = "reject"
+    TEMPFAIL = "tempfail"
+
+
+class AuthReason(StrEnum):
+    """Short and log-safe; for a refusal, the key of its reply in smtp/replies.py."""
+
+    NONE = ""
+    DMARC_REJECT = "dmarc policy reject"
+    DMARC_QUARANTINE = "dmarc policy quarantine"
+    DMARC_TEMPERROR_QUARANTINE = "dmarc temperror under p=quarantine"
+    DMARC_TEMPERROR_REJECT = "dmarc temperror under p=reject"
+    SPF_FAIL = "spf fail"
+    DNS_TEMPERROR = "dns temperror"
 
 
 @dataclass(frozen=True)
@@ -84,8 +105,8 @@ class AuthResult:
 
 @dataclass(frozen=True)
 class AuthDecision:
-    action: Action
-    reason: str = ""  # short and log-safe: "dmarc policy reject", "spf fail", "dns temperror"
+    action: AuthAction
+    reason: AuthReason = AuthReason.NONE
 
 
 async def _deadline(check: Awaitable[T], seconds: float) -> T | None:
@@ -171,26 +192,28 @@ def decide(result: AuthResult, settings: AuthSettings) -> AuthDecision:
     # 1. The domain owner asked for rejection and the operator honours it (auth.dmarc_reject).
     if dmarc_fail and result.dmarc_disposition == "reject":
         if settings.dmarc_reject:
-            return AuthDecision("reject", "dmarc policy reject")
-        return AuthDecision("quarantine", "dmarc policy reject")
+            return AuthDecision(AuthAction.REJECT, AuthReason.DMARC_REJECT)
+        return AuthDecision(AuthAction.QUARANTINE, AuthReason.DMARC_REJECT)
     # 2. A check could not complete: retry later if configured, else accept (marked in A-R).
     temperror = "temperror" in (result.spf, result.dmarc) or result.dkim == "temperror"
     if temperror and settings.temperror == "tempfail":
-        return AuthDecision("tempfail", "dns temperror")
+        return AuthDecision(AuthAction.TEMPFAIL, AuthReason.DNS_TEMPERROR)
     # 3. SPF fail on its own, when the operator wants it rejected. A DMARC pass (an
     #    aligned DKIM signature) outranks it: forwarding breaks SPF (RFC 7489 10.1).
     if result.spf == "fail" and settings.spf_fail == "reject" and result.dmarc != "pass":
-        return AuthDecision("reject", "spf fail")
+        return AuthDecision(AuthAction.REJECT, AuthReason.SPF_FAIL)
     # 3b. DMARC could not decide because an *aligned* identifier had a temperror, and the
     #     owner asked for quarantine or reject: never accept such mail unflagged (a forger
     #     who stalls our checks must not get past p=reject).
     if result.dmarc == "temperror" and result.dmarc_policy in ("quarantine", "reject"):
-        return AuthDecision("quarantine", f"dmarc temperror under p={result.dmarc_policy}")
+        return AuthDecision(AuthAction.QUARANTINE,
+                            AuthReason.DMARC_TEMPERROR_REJECT if result.dmarc_policy == "reject"
+                            else AuthReason.DMARC_TEMPERROR_QUARANTINE)
     # 4. The domain owner asked for quarantine.
     if dmarc_fail and result.dmarc_disposition == "quarantine":
-        return AuthDecision("quarantine", "dmarc policy quarantine")
+        return AuthDecision(AuthAction.QUARANTINE, AuthReason.DMARC_QUARANTINE)
     if temperror:
-        return AuthDecision("accept", "dns temperror")
+        return AuthDecision(AuthAction.ACCEPT, AuthReason.DNS_TEMPERROR)
     if result.spf == "fail":
-        return AuthDecision("accept", "spf fail")
-    return AuthDecision("accept")
+        return AuthDecision(AuthAction.ACCEPT, AuthReason.SPF_FAIL)
+    return AuthDecision(AuthAction.ACCEPT)

@@ -16,6 +16,7 @@ from pathlib import Path
 import asyncpg
 import structlog
 
+from ..addresses import OurDomains
 from ..config import Settings
 from ..dns import Resolver
 from ..store import domains as store
@@ -72,8 +73,7 @@ class Domains:
         return cls(db, settings, open_key_store(db, settings), resolver or Resolver(settings.dns))
 
     def _own_domain(self, name: str) -> bool:
-        default = self.settings.server.default_domain
-        return name == default or name.endswith("." + default)
+        return OurDomains(self.settings.server.default_domain).is_ours(name)
 
     async def add(self, name: str, workspace_slug: str, delegate: bool = False) -> RecordSet:
         """Register `name` as pending with an ownership token and fresh DKIM keys.

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from ..addresses import OurDomains
 from ..config import Settings
 from ..store import domains as store
 from .hosts import mx_hosts
@@ -90,8 +91,7 @@ async def mta_sts_route(db: asyncpg.Pool | asyncpg.Connection, settings: Setting
     if path != POLICY_PATH or not name.startswith(POLICY_LABEL + "."):
         return NOT_FOUND
     domain = name.removeprefix(POLICY_LABEL + ".").rstrip(".")
-    default = settings.server.default_domain
-    if not (domain == default or domain.endswith("." + default)):
+    if not OurDomains(settings.server.default_domain).is_ours(domain):
         found = await store.find_domain(db, domain)
         if found is None or not found.receives:
             return NOT_FOUND

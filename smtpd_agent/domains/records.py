@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
+from ..addresses import within
 from ..config import Settings
 from .hosts import mx_hosts
 from .keys import DkimKey
@@ -194,17 +195,13 @@ def glue_addresses(settings: Settings) -> dict[str, list[str]]:
     return addresses
 
 
-def _in_zone(name: str, zone: str) -> bool:
-    return name == zone or name.endswith("." + zone)
-
-
 def delegation_records(settings: Settings, domain: str) -> list[DnsRecord]:
     """What the parent zone publishes: NS to our servers, and glue for in-zone server names
     (RFC 1034 4.2.1: without it a resolver could not reach them)."""
     records = [DnsRecord(domain, "NS", ns, "delegation") for ns in nameservers(settings)]
     glue = glue_addresses(settings)
     for ns in nameservers(settings):
-        if _in_zone(ns, domain):
+        if within(ns, domain):
             for address in glue.get(ns, []):
                 records.append(DnsRecord(ns, "AAAA" if ":" in address else "A", address, "glue"))
     return records
@@ -235,7 +232,7 @@ def delegated_zone_records(settings: Settings, domain: str,
     served = [
         *[DnsRecord(domain, "NS", ns, "delegation") for ns in nameservers(settings)],
         *[DnsRecord(ns, "AAAA" if ":" in a else "A", a, "glue")
-          for ns in nameservers(settings) if _in_zone(ns, domain) for a in glue.get(ns, [])],
+          for ns in nameservers(settings) if within(ns, domain) for a in glue.get(ns, [])],
         *_mx(domain, settings, "mx"),
         DnsRecord(domain, "TXT", spf_record(settings), "spf"),
         *_mx(mail_from, settings, "mail-from-mx"),

@@ -189,7 +189,11 @@ def openapi_spec() -> dict[str, Any]:
                     "status": {"type": "string", "enum": ["accepted", "rejected", "tempfail"]},
                     "reason": {"type": "string"}, "reply": {"type": "string"},
                     "queue_id": {"type": "string"},
-                    "stored": {"type": "array", "items": {"type": "object"}}}},
+                    "stored": {"type": "array", "items": {"type": "object"}},
+                    # each posted recipient's verdict and the RCPT reply SMTP would give it
+                    "recipients": {"type": "array", "items": {"type": "object", "properties": {
+                        "address": {"type": "string"}, "verdict": {"type": "string"},
+                        "reply": {"type": "string"}}}}}},
             },
         },
     }

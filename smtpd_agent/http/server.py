@@ -1,9 +1,9 @@
 """The HTTP service: an aiohttp application in the server's own event loop.
 
 A `Service` of the App like the SMTP listener (start binds, stop closes),
-built from the shared Runtime: the same pool, the same Pipeline (so webhook
-mail is routed, authenticated, scanned and stored as SMTP mail is) and the
-same Metrics registry that the listener counts into.
+built from the shared Runtime: the same pool, the same Router and Pipeline (so
+webhook mail is routed, authenticated, scanned and stored as SMTP mail is) and
+the same Metrics registry that the listener counts into.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import structlog
 from aiohttp import web
 
 from ..domains.mta_sts import POLICY_PATH, mta_sts_route
-from ..routing import Router
 from ..runtime import Runtime
 from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from .api import InboxApi
@@ -66,8 +65,7 @@ class HttpServer:
     def build(self) -> web.Application:
         runtime, settings = self.runtime, self.settings
         pipeline = runtime.pipeline
-        router = Router(runtime.pool, settings.server.default_domain, settings.routing.cache_ttl,
-                        changes=runtime.changes)
+        router = runtime.router
         health = Health(runtime.pool, settings, pipeline.scanner, pipeline.spam_filter)
         api = InboxApi(runtime.pool)
         self.webhooks = hooks = Webhooks(settings.http, pipeline, router, runtime.pool,

@@ -1,12 +1,15 @@
 """Provider inbound webhooks: another way into the pipeline, beside the SMTP listener.
 
 Each provider's post is verified first (nothing is parsed into the pipeline
-before the signature holds), then turned into the same `ReceivedContent` the
-listener builds: recipients routed by the same `Router`, the raw message
-authenticated where the provider hands it over as sent (SES, SendGrid raw
-mode, Mailgun's MIME route, Postmark with RawEmail), then scanned and stored
-by the same `Pipeline`. The client IP of the remote MTA is the provider's to
-know, so SPF is "none" and DMARC rests on DKIM.
+before the signature holds), then goes through the steps the SMTP listener
+uses (ingress.py): each recipient through the recipient step on the runtime's
+one `Router`, the bytes through the content step (line endings, header size,
+trace header), into the same record; the raw message is authenticated where
+the provider hands it over as sent (SES, SendGrid raw mode, Mailgun's MIME
+route, Postmark with RawEmail), then scanned and stored by the same
+`Pipeline`, and the verdict answered from the same table (smtp/replies.py).
+The client IP of the remote MTA is the provider's to know, so SPF is "none"
+and DMARC rests on DKIM.
 
 Bounded before anything else (limits.py): a body over `http.webhook_max_body_size`
 (SES: 1 MiB) is refused from its Content-Length, a slow one after
@@ -34,10 +37,13 @@ Verification (pure functions, tested on their own):
 
 Answers: bad credentials 401 (403 for SNS, whose signature names no caller),
 malformed 400, too large 413, too slow 408, too many at once 503 with Retry-After,
-accepted 200. A permanent refusal by the pipeline (virus, DMARC reject, no such
-mailbox) is answered so that the provider stops retrying (200 with status
-"rejected"; Mailgun 406 and Postmark 403, their documented "do not retry"); a
-temporary one is 503 so it retries.
+accepted 200. A permanent refusal (virus, DMARC reject, no such mailbox) is
+answered so that the provider stops retrying (200 with status "rejected";
+Mailgun 406 and Postmark 403, their documented "do not retry"); a temporary
+one is 503 so it retries (replies.http_answer). One recipient that could not
+be routed for now (a database outage) makes the whole post a 503: a provider
+cannot retry part of a post, and a message seen twice for one mailbox is
+stored once.
 """
 
 from __future__ import annotations
@@ -71,14 +77,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from ..config import ConfigError, HttpSettings
+from ..ingress import Recipients, RcptVerdict, accept_content, new_session_id, route_recipient
 from ..metrics import Metrics
-from ..pipeline import Pipeline
-from ..record import ReceivedContent, Recipient
-from ..routing import RouteKind, Router
-from ..smtp import replies
 from ..outbound.bounces import BounceProcessor
 from ..outbound.dsn import is_ses_feedback
-from ..smtp.server import new_session_id
+from ..pipeline import Pipeline
+from ..record import Envelope
+from ..routing import Router
+from ..smtp import replies
 from ..store.database import CONNECTION_ERRORS
 from . import sns
 from .limits import CappedStream, Gate, LimitExceeded, check_length, read_body, within
@@ -106,8 +112,6 @@ MAX_FORM_PARTS = 256
 # Parsing a body larger than this (JSON, MIME) runs in a thread, off the event loop.
 PARSE_IN_THREAD_ABOVE = 1024 * 1024
 RETRY_AFTER = 10
-# What the provider should do after a permanent refusal: stop retrying.
-PERMANENT_STATUS = {"ses": 200, "sendgrid": 200, "mailgun": 406, "postmark": 403}
 
 T = TypeVar("T")
 
@@ -662,57 +666,72 @@ class Webhooks:
         except CONNECTION_ERRORS:
             pass
 
-
     async def _deliver(self, post: InboundPost, replay_token: str | None = None) -> web.Response:
-        session_id = new_session_id()
-        queue_id = f"{post.provider}-{session_id}"
-        recipients = []
         try:
-            for address in post.recipients:
-                route = await self.router.route(address)
-                if route.kind is RouteKind.MAILBOX and route.mailbox is not None:
-                    recipients.append(Recipient(address, route.mailbox, route.tag))
-                else:
-                    log.info("webhook.rcpt_rejected", provider=post.provider, rcpt=address,
-                             reason=route.kind.value)
-        # DatabaseUnavailable and friends: a 503, and the provider retries.
-        except Exception as error:  # noqa: BLE001
-            log.error("webhook.tempfail", provider=post.provider, reason="routing failed",
-                      error=type(error).__name__)
+            return await self._ingest(post, replay_token)
+        except BaseException:
+            # 500 (or cancelled): the provider retries, and the retry must not look replayed
             if replay_token:
                 await self._forget(post.provider, replay_token)
-            raise HttpError(503, "temporary failure, retry later") from None
-        if not recipients:
-            self.metrics.rejected_reply(post.provider, "rcpt", "unknown mailbox",
-                                        replies.MAILBOX_UNKNOWN.code)
-            return self._answer(post, replies.MAILBOX_UNKNOWN, "no such mailbox", queue_id)
-        content = ReceivedContent(
-            data=post.raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"),
+            raise
+
+    async def _ingest(self, post: InboundPost, replay_token: str | None) -> web.Response:
+        """The recipient and content steps the listener uses, then the pipeline."""
+        session_id = new_session_id()
+        queue_id = f"{post.provider}-{session_id}"
+        settings = self.pipeline.settings
+        accepted = Recipients.empty()
+        verdicts: list[dict[str, str]] = []
+        refusals: list[RcptVerdict] = []
+        for address in post.recipients:
+            decision = await route_recipient(self.router, address, accepted=len(accepted),
+                                             max_recipients=settings.smtp.max_recipients,
+                                             mail_from=post.mail_from, transport=post.provider,
+                                             acl=self.pipeline.acl)
+            reply = replies.answer(decision.verdict, post.provider, self.metrics)
+            verdicts.append({"address": address, "verdict": decision.verdict.value,
+                             "reply": str(reply)})
+            accepted.add(decision)
+            if not decision.verdict.accepted:
+                refusals.append(decision.verdict)
+        if RcptVerdict.TEMPFAIL in refusals:
+            return await self._answer(post, replies.reply_for(RcptVerdict.TEMPFAIL),
+                                      RcptVerdict.TEMPFAIL.value, queue_id, replay_token,
+                                      recipients=verdicts)
+        if not len(accepted):
+            # as SMTP's DATA would be refused after every RCPT was: the first refusal answers
+            return await self._answer(post, replies.reply_for(refusals[0]), refusals[0].value,
+                                      queue_id, replay_token, recipients=verdicts)
+        envelope = Envelope(
             session_id=session_id, queue_id=queue_id, client_ip="", helo="",
-            mail_from=post.mail_from, recipients=tuple(recipients), tls=False, tls_version=None,
-            smtputf8=False, esmtp=True, transport=post.provider,
+            mail_from=post.mail_from, recipients=tuple(accepted.mailboxes),
+            bounce_tokens=tuple(accepted.bounce_tokens), transport=post.provider,
             authenticable=post.authenticable)
-        outcome = await self.pipeline.process(content)
-        if outcome.reply.temporary and replay_token:
-            await self._forget(post.provider, replay_token)
-        return self._answer(post, outcome.reply, outcome.reason, queue_id, [
+        content = accept_content(envelope, post.raw, settings.smtp, settings.server.hostname)
+        if content.content is None:
+            reply = replies.answer(content.verdict, post.provider, self.metrics)
+            return await self._answer(post, reply, content.verdict.value, queue_id,
+                                      replay_token, recipients=verdicts)
+        outcome = await self.pipeline.process(content.content)
+        reply = replies.answer(outcome.verdict, post.provider, self.metrics, queue_id=queue_id,
+                               session_id=session_id, signature=outcome.signature)
+        return await self._answer(post, reply, outcome.reason, queue_id, replay_token, [
             {"message_id": s.id, "thread_id": s.thread_id, "agent": s.mailbox.handle,
              "workspace": s.mailbox.workspace_slug, "duplicate": s.duplicate}
-            for s in outcome.stored])
+            for s in outcome.stored], recipients=verdicts)
 
-    def _answer(self, post: InboundPost, reply: replies.Reply, reason: str, queue_id: str,
-                stored: list[dict[str, Any]] | None = None) -> web.Response:
-        if reply.code < 300:
-            outcome, status = "accepted", 200
-        elif reply.temporary:
-            outcome, status = "tempfail", 503
-        else:
-            outcome, status = "rejected", PERMANENT_STATUS[post.provider]
+    async def _answer(self, post: InboundPost, reply: replies.Reply, reason: str, queue_id: str,
+                      replay_token: str | None, stored: list[dict[str, Any]] | None = None, *,
+                      recipients: list[dict[str, str]]) -> web.Response:
+        outcome, status = replies.http_answer(reply, post.provider)
+        if reply.temporary and replay_token:
+            await self._forget(post.provider, replay_token)
         self.metrics.webhooks.labels(post.provider, outcome).inc()
         log.info("webhook.delivered", provider=post.provider, outcome=outcome, reason=reason,
                  queue_id=queue_id, reply=str(reply))
         return json_response({"status": outcome, "reason": reason, "reply": str(reply),
-                              "queue_id": queue_id, "stored": stored or []}, status=status)
+                              "queue_id": queue_id, "stored": stored or [],
+                              "recipients": recipients}, status=status)
 
 
 async def _read_part(part: BodyPartReader, limit: int) -> bytes:

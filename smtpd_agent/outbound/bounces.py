@@ -1,8 +1,9 @@
 """Bounce processing: DSNs that reached a VERP address, and SES bounce/complaint notifications.
 
-Place: the listener routes RCPT <prefix>-<token>@<bounce domain> here instead of
-to a mailbox (routing.RouteKind.BOUNCE); the pipeline hands the bytes and the
-token to `receive_dsn`. SES notifications (SNS HTTP subscription or a queue
+Place: the recipient step (ingress.py, for SMTP and the provider webhooks alike)
+routes <prefix>-<token>@<bounce domain> here instead of to a mailbox
+(routing.RouteKind.BOUNCE); the pipeline hands the bytes and the token to
+`receive_dsn`. SES notifications (SNS HTTP subscription or a queue
 consumer) go to `receive_ses`. A permanent failure marks the recipient (and,
 once nobody is left, the message) bounced; a hard bounce about the address and
 every complaint put it on the workspace's suppression list. The token is the

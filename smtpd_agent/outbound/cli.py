@@ -19,7 +19,7 @@ from ..app import serve
 from ..cli_common import Parents
 from ..config import Settings
 from ..domains import Domains
-from ..routing import parse_address, workspace_of
+from ..addresses import OurDomains, parse_address
 from ..store import directory
 from ..store import domains as domain_store
 from ..store.directory import DirectoryError
@@ -62,15 +62,15 @@ async def cmd_send_test(db: Any, settings: Settings, args: argparse.Namespace) -
     parsed = parse_address(args.sender)
     if parsed is None or parse_address(args.recipient) is None:
         raise DirectoryError("--from and --to must be email addresses")
-    default = settings.server.default_domain
-    slug = workspace_of(parsed.domain, default)
+    ours = OurDomains(settings.server.default_domain)
+    slug = ours.workspace(parsed.domain)
     custom = None
-    if isinstance(slug, str):
+    if slug is not None:
         workspace_id = (await directory.get_workspace(db, slug)).id
     else:
         custom = await domain_store.find_domain(db, parsed.domain)
         if custom is None:
-            raise DirectoryError(f"{parsed.domain} is neither <workspace>.{default} nor a "
+            raise DirectoryError(f"{parsed.domain} is neither <workspace>.{ours.default} nor a "
                                  "custom domain: we have no keys to sign for it")
         workspace_id = custom.workspace_id
     transport = build_transport(settings.outbound, settings.server.hostname)
@@ -78,7 +78,7 @@ async def cmd_send_test(db: Any, settings: Settings, args: argparse.Namespace) -
         raise DirectoryError("no transport: set outbound.relay (or outbound.transport = \"ses\")")
     domains = Domains.open(db, settings)
     keys = await domains.signing_keys_for(workspace_id, parsed.domain)
-    if not keys and isinstance(slug, str):
+    if not keys and slug is not None:
         await domains.default_record_set()
         keys = await domains.signing_keys_for(workspace_id, parsed.domain)
     raw = compose_test_message(args.sender, args.recipient, args.subject, parsed.domain)
@@ -88,7 +88,7 @@ async def cmd_send_test(db: Any, settings: Settings, args: argparse.Namespace) -
         raise DirectoryError(f"not sent: {error}") from None
     mail_from = (args.sender if transport.name == "ses" else verp_address(
         settings.outbound.verp_prefix, new_token(),
-        bounce_domain(parsed.domain, default, settings.domains.default_mail_from_label,
+        bounce_domain(parsed.domain, ours.default, settings.domains.default_mail_from_label,
                       custom.mail_from if custom else None)))
     await transport.start()
     try:

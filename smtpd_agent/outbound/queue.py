@@ -23,6 +23,8 @@ from typing import Literal, TypeAlias
 import asyncpg
 import structlog
 
+from ..acl import AclDirection
+from ..store import acl
 from ..store import lease as lease_queue
 from ..store.lease import NOW, Lease, LeaseQueue
 from .decisions import Next, RecipientResult
@@ -82,7 +84,8 @@ async def enqueue(connection: asyncpg.Connection, message_id: int,
     Call it in the transaction that stores the message (direction 'outbound',
     status 'queued'). Idempotent: a second call returns the same delivery.
     Suppressed recipients are recorded as skipped ('suppressed') and never sent
-    to; with nobody left the delivery fails at once.
+    to, and so are those the workspace's or the sending agent's allow/block lists
+    refuse ('blocked'); with nobody left the delivery fails at once.
     """
     if workspace_id is None:
         workspace_id = await connection.fetchval(
@@ -90,7 +93,7 @@ async def enqueue(connection: asyncpg.Connection, message_id: int,
         if workspace_id is None:
             return None
     message = await connection.fetchrow(
-        """SELECT m.id, m.raw FROM messages m
+        """SELECT m.id, m.raw, m.agent_id FROM messages m
             WHERE m.id = $1 AND m.workspace_id = $2 AND m.direction = 'outbound'""",
         message_id, workspace_id)
     if message is None:
@@ -107,18 +110,35 @@ async def enqueue(connection: asyncpg.Connection, message_id: int,
     suppressed = {row["address"] for row in await connection.fetch(
         "SELECT address FROM suppressions WHERE workspace_id = $1 AND address = ANY($2::text[])",
         workspace_id, recipients)}
+    blocked: dict[str, str] = {}
+    for address in recipients:
+        if address not in suppressed:
+            decision = await acl.check(connection, workspace_id, message["agent_id"],
+                                       AclDirection.SEND, address)
+            if decision.refused:
+                blocked[address] = decision.reason
+
+    def state_of(address: str) -> tuple[str, str | None]:
+        if address in suppressed:
+            return "suppressed", "on the workspace's suppression list"
+        if address in blocked:
+            return "blocked", f"allow/block list: {blocked[address]}"
+        return "queued", None
+
     await connection.executemany(
         """INSERT INTO delivery_recipients (delivery_id, workspace_id, address, state, detail)
            VALUES ($1, $2, $3, $4, $5)""",
-        [(delivery_id, workspace_id, address,
-          "suppressed" if address in suppressed else "queued",
-          "on the workspace's suppression list" if address in suppressed else None)
-         for address in recipients])
-    for address in suppressed:
-        log.info("outbound.recipient_skipped", workspace_id=workspace_id, delivery_id=delivery_id,
-                 message_id=message_id, address=address, reason="suppressed")
-    if len(suppressed) == len(recipients):
-        reason = "every recipient is suppressed" if recipients else "no recipients"
+        [(delivery_id, workspace_id, address, *state_of(address)) for address in recipients])
+    for address in recipients:
+        state, detail = state_of(address)
+        if state != "queued":
+            log.info("outbound.recipient_skipped", workspace_id=workspace_id,
+                     delivery_id=delivery_id, message_id=message_id, address=address,
+                     reason=state, detail=detail)
+    skipped = len(suppressed) + len(blocked)
+    if skipped == len(recipients):
+        reason = ("no recipients" if not recipients else "every recipient is suppressed"
+                  if not blocked else "every recipient is suppressed or blocked")
         await connection.execute(
             """UPDATE deliveries SET status = 'failed', last_error = $3, finished_at = now()
                WHERE id = $1 AND workspace_id = $2""", delivery_id, workspace_id, reason)
@@ -127,7 +147,7 @@ async def enqueue(connection: asyncpg.Connection, message_id: int,
                  message_id=message_id, reason=reason)
     else:
         log.info("outbound.queued", workspace_id=workspace_id, delivery_id=delivery_id,
-                 message_id=message_id, recipients=len(recipients) - len(suppressed))
+                 message_id=message_id, recipients=len(recipients) - skipped)
     return int(delivery_id)
 
 
@@ -159,6 +179,7 @@ class Delivery:
     raw: bytes
     mail_from: str | None
     signed: bytes | None
+    agent_id: int | None = None
     lease_token: uuid.UUID | None = None
 
     @property
@@ -181,7 +202,7 @@ async def claim(db: asyncpg.Pool, limit: int, lease: float) -> list[Delivery]:
     if not rows:
         return []
     messages = {r["id"]: r for r in await db.fetch(
-        """SELECT m.id, m.from_address, m.raw
+        """SELECT m.id, m.from_address, m.raw, m.agent_id
              FROM unnest($1::bigint[], $2::bigint[]) AS d(message_id, workspace_id)
              JOIN messages m ON m.id = d.message_id AND m.workspace_id = d.workspace_id""",
         [r["message_id"] for r in rows], [r["workspace_id"] for r in rows])}
@@ -196,7 +217,7 @@ async def claim(db: asyncpg.Pool, limit: int, lease: float) -> list[Delivery]:
             from_address=message["from_address"] or "", raw=bytes(message["raw"]),
             mail_from=r["mail_from"],
             signed=bytes(r["signed"]) if r["signed"] is not None else None,
-            lease_token=r["lease_token"]))
+            lease_token=r["lease_token"], agent_id=message["agent_id"]))
     for delivery in claimed:
         await _set_message_status(db, delivery.workspace_id, delivery.message_id, "sending")
     return claimed
@@ -216,6 +237,32 @@ async def pending_recipients(db: DbLike, delivery: Delivery) -> list[str]:
            WHERE delivery_id = $1 AND workspace_id = $2 AND state IN ('queued', 'deferred')
            ORDER BY address""", delivery.id, delivery.workspace_id)
     return [row["address"] for row in rows]
+
+
+async def block_refused(db: asyncpg.Pool, delivery: Delivery, recipients: list[str]) -> list[str]:
+    """Mark 'blocked' the pending recipients the allow/block lists refuse now; the rest.
+
+    Asked again right before each attempt, in one transaction holding the delivery:
+    an entry added after the message was queued still stops it.
+    """
+    allowed = []
+    async with db.acquire() as connection, connection.transaction():
+        await _still_ours(connection, delivery)
+        for address in recipients:
+            decision = await acl.check(connection, delivery.workspace_id, delivery.agent_id,
+                                       AclDirection.SEND, address)
+            if not decision.refused:
+                allowed.append(address)
+                continue
+            await connection.execute(
+                """UPDATE delivery_recipients SET state = 'blocked', detail = $4, updated_at = now()
+                    WHERE delivery_id = $1 AND workspace_id = $2 AND address = $3""",
+                delivery.id, delivery.workspace_id, address,
+                f"allow/block list: {decision.reason}")
+            log.info("outbound.recipient_skipped", workspace_id=delivery.workspace_id,
+                     delivery_id=delivery.id, message_id=delivery.message_id, address=address,
+                     reason="blocked", detail=decision.reason)
+    return allowed
 
 
 RECIPIENT_STATE = {"sent": "sent", "retry": "deferred", "bounce": "bounced", "fail": "failed"}
@@ -330,7 +377,7 @@ async def record_bounce(connection: asyncpg.Connection, target: BounceTarget, ad
     remaining = await connection.fetchval(
         """SELECT count(*) FROM delivery_recipients
            WHERE delivery_id = $1 AND workspace_id = $2 AND state NOT IN ('bounced', 'suppressed',
-                                                                          'failed')""",
+                                                                          'failed', 'blocked')""",
         target.delivery_id, target.workspace_id)
     if remaining:
         return None

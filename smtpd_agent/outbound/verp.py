@@ -3,15 +3,16 @@
 The token is random (not derived from ids), so a DSN can only name a message
 that we sent; it is stored with the delivery and looked up when a bounce
 arrives. Lower-case letters and digits only: routing lower-cases addresses and
-treats `+` as a tag separator.
+treats `+` as a tag separator. Reading a token back out of an address is
+addresses.token_of's (routing needs it, and must not import outbound mail).
 """
 
 from __future__ import annotations
 
-import re
 import secrets
 
-TOKEN = re.compile(r"^[a-z0-9]{16,64}$")
+from ..addresses import within
+
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
@@ -24,14 +25,6 @@ def verp_address(prefix: str, token: str, bounce_domain: str) -> str:
     return f"{prefix}-{token}@{bounce_domain}"
 
 
-def token_of(local_part: str, prefix: str) -> str | None:
-    """The token of a VERP local part, or None if it is not one of ours."""
-    head, dash, token = local_part.lower().partition("-")
-    if not dash or head != prefix or not TOKEN.match(token):
-        return None
-    return token
-
-
 def bounce_domain(from_domain: str, default_domain: str, default_label: str,
                   custom_mail_from: str | None) -> str:
     """Where bounces for mail From `from_domain` go: bounce.<default> or the custom Mail-From.
@@ -40,7 +33,7 @@ def bounce_domain(from_domain: str, default_domain: str, default_label: str,
     records publish MX and SPF there once); a custom domain has its own
     Mail-From subdomain (`domains.mail_from`), so SPF aligns with its From.
     """
-    if from_domain == default_domain or from_domain.endswith("." + default_domain):
+    if within(from_domain, default_domain):
         return f"{default_label}.{default_domain}"
     if custom_mail_from:
         return custom_mail_from

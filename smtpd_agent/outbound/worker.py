@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import asyncpg
 import structlog
 
+from ..addresses import OurDomains, domain_of
 from ..config import Settings
 from ..domains import Domains
 from ..domains.keys import KeyStoreError
@@ -136,8 +137,13 @@ class OutboundWorker:
         else:
             signed, mail_from = delivery.signed, delivery.mail_from
         recipients = await queue.pending_recipients(self.db, delivery)
+        reason = "no recipient left to send to"
+        if recipients:
+            # where mail leaves: whoever queued it, the allow/block lists have the last word
+            recipients = await queue.block_refused(self.db, delivery, recipients)
+            reason = "every recipient is blocked by the allow/block lists"
         if not recipients:
-            await queue.fail(self.db, delivery, started, "no recipient left to send to")
+            await queue.fail(self.db, delivery, started, reason)
             return
         # SES writes its own MAIL FROM; it takes the sending identity (the From address).
         envelope_from = delivery.from_address if self.transport.name == "ses" else mail_from
@@ -160,12 +166,12 @@ class OutboundWorker:
 
     async def prepare(self, delivery: queue.Delivery) -> Prepared:
         """Sign with the From domain's keys and choose the VERP Return-Path; done once."""
-        from_domain = delivery.from_address.rpartition("@")[2].lower()
+        from_domain = domain_of(delivery.from_address)
         if not from_domain:
             raise SigningError("the message has no From address")
         keys = await self.domains.signing_keys_for(delivery.workspace_id, from_domain)
         default = self.settings.server.default_domain
-        own = from_domain == default or from_domain.endswith("." + default)
+        own = OurDomains(default).is_ours(from_domain)
         if not keys and own:
             # the default domain's keys are made on first use (as `dns-records` would)
             await self.domains.default_record_set()

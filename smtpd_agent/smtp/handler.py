@@ -1,4 +1,4 @@
-"""MAIL and RCPT decisions for aiosmtpd: sender bookkeeping, routing, recipient limits."""
+"""MAIL and RCPT for aiosmtpd: sender bookkeeping, and RCPT through the shared recipient step."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from typing import Any
 
 import structlog
 
+from ..ingress import route_recipient
 from ..metrics import Metrics
-from ..record import Recipient
-from ..routing import RouteKind, Router
-from ..store.database import DatabaseUnavailable
+from ..routing import Router
+from ..store.acl import AclCache
 from . import replies
 
 log = structlog.get_logger("smtpd_agent.smtp")
@@ -19,15 +19,11 @@ class SessionHandler:
     """aiosmtpd handler hooks; one instance serves every session."""
 
     def __init__(self, router: Router, max_recipients: int,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, acl: AclCache | None = None) -> None:
         self.router = router
         self.max_recipients = max_recipients
         self.metrics = metrics
-
-    def _refused(self, reason: str, reply: replies.Reply) -> str:
-        if self.metrics is not None:
-            self.metrics.rejected_reply("smtp", "rcpt", reason, reply.code)
-        return str(reply)
+        self.acl = acl
 
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
                           mail_options: list[str]) -> str:
@@ -38,35 +34,14 @@ class SessionHandler:
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           rcpt_options: list[str]) -> str:
-        if len(envelope.rcpt_tos) >= self.max_recipients:
-            log.info("smtp.rcpt_rejected", rcpt=address, reason="too many recipients")
-            return self._refused("too many recipients", replies.TOO_MANY_RECIPIENTS)
-        try:
-            route = await self.router.route(address)
-        except DatabaseUnavailable as error:
-            log.error("smtp.rcpt_tempfail", rcpt=address, reason="routing lookup failed",
-                      error=str(error))
-            return self._refused("routing lookup failed", replies.TEMP_ROUTING_FAILURE)
-        if route.kind is RouteKind.RELAY_DENIED:
-            log.info("smtp.rcpt_rejected", rcpt=address, mail_from=envelope.mail_from,
-                     reason=route.reason, **({"hint": route.hint} if route.hint else {}))
-            return self._refused(route.reason or "relay denied", replies.RELAY_DENIED)
-        if route.kind is RouteKind.BOUNCE and route.verp_token is not None:
+        decision = await route_recipient(self.router, address, accepted=len(envelope.rcpt_tos),
+                                         max_recipients=self.max_recipients,
+                                         mail_from=envelope.mail_from, acl=self.acl)
+        if decision.verdict.accepted:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
-            envelope.bounce_tokens.append(route.verp_token)
-            log.debug("smtp.rcpt_accepted", rcpt=address, route="bounce")
-            return str(replies.RCPT_OK)
-        if route.kind is RouteKind.UNKNOWN_MAILBOX or route.mailbox is None:
-            log.info("smtp.rcpt_rejected", rcpt=address, mail_from=envelope.mail_from,
-                     reason="unknown mailbox")
-            return self._refused("unknown mailbox", replies.MAILBOX_UNKNOWN)
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(rcpt_options)
-        envelope.recipients.append(Recipient(address=address, mailbox=route.mailbox, tag=route.tag))
-        log.debug("smtp.rcpt_accepted", rcpt=address, workspace=route.mailbox.workspace_slug,
-                 agent=route.mailbox.handle)
-        return str(replies.RCPT_OK)
+            envelope.accepted.add(decision)
+        return str(replies.answer(decision.verdict, "smtp", self.metrics))
 
     async def handle_VRFY(self, server: Any, session: Any, envelope: Any, address: str) -> str:
         return str(replies.VRFY_CANNOT)

@@ -4,10 +4,11 @@ aiosmtpd parses commands and their parameters well; what we replace:
 
 - DATA is read in chunks and ends only at <CR><LF>.<CR><LF>, found with
   bytes.find; <LF>.<LF>, <LF>.<CR><LF> and <CR>.<CR> are content (SMTP
-  smuggling), and bare LF is normalized or refused (`smtp.bare_lf`), as
-  Postfix's smtpd_forbid_bare_newline does.
+  smuggling); the content step then normalizes or refuses bare LF
+  (`smtp.bare_lf`), as Postfix's smtpd_forbid_bare_newline does.
 - BDAT (CHUNKING, RFC 3030), which aiosmtpd lacks.
-- Every reply gets an RFC 3463 enhanced code on its way out (`replies`).
+- Every reply gets an RFC 3463 enhanced code on its way out: aiosmtpd's own
+  texts from the explicit table replies.BUILTIN_DETAILS.
 - An unexpected exception answers 451 4.3.0 with the session id instead of
   aiosmtpd's permanent 500 naming the exception.
 - Connection limits, global and per client (IPv4 address or IPv6 /64) across
@@ -19,6 +20,22 @@ aiosmtpd parses commands and their parameters well; what we replace:
 - Per-connection and per-command cost: aiosmtpd's method tables are built
   without introspecting every attribute (AgentSMTP), and a plain
   `<local@domain>` path is read without the email package's parser (_getaddr).
+
+What a session decides is not decided here: RCPT goes through the shared
+recipient step and the message bytes through the shared content step
+(ingress.py), and every decision becomes its reply in smtp/replies.py.
+
+aiosmtpd internals this relies on (1.4.x; pyproject.toml bounds the version,
+and tests/unit/test_smtp_session.py, test_smtp_address.py and test_replies.py
+break when they change): SMTP.__init__ collecting `smtp_*`/`auth_*`/`handle_*`
+through dir() (HOOK_PREFIXES); the overridden `_handle_client`,
+`_create_envelope`, `_getaddr`, `_reset_timeout`/`_timeout_cb` (with
+`_timeout_handle`, `_timeout_duration`) and `push`; the attributes `_reader`
+(and its StreamReader's `_buffer`, as aiosmtpd's STARTTLS also reaches into),
+`_writer`, `_tls_protocol`, `_handler_coroutine`, `command_size_limit(s)`,
+`local_part_limit`; the helpers `_set_rset_state`, `_set_post_data_state`,
+`check_helo_needed` and the `syntax` decorator; and the texts of its built-in
+replies (replies.BUILTIN_DETAILS).
 """
 
 from __future__ import annotations
@@ -26,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
-import secrets
 import ssl
 import time
 from typing import Any, AnyStr, Awaitable, Callable, Iterable
@@ -35,17 +51,18 @@ import structlog
 from aiosmtpd.smtp import SMTP, Envelope as AioEnvelope, syntax
 
 from ..config import SmtpSettings
+from ..ingress import ContentVerdict, Recipients, accept_content, new_session_id
 from ..metrics import Metrics
-from ..record import ReceivedContent, Recipient
+from ..pipeline import Outcome
+from ..record import Envelope, ReceivedContent
 from . import replies
 from .limits import ConnectionLimits, DataBudget
-from .replies import Reply
+from .replies import Reply, SessionVerdict
 
 log = structlog.get_logger("smtpd_agent.smtp")
 
 READ_CHUNK = 65_536
 TERMINATOR = b"\r\n.\r\n"
-BARE_LF = re.compile(rb"(?<!\r)\n")
 BDAT_ARGS = re.compile(r"^(\d{1,10})(?:\s+(LAST))?$", re.IGNORECASE)
 # The usual MAIL FROM / RCPT TO path: "<" dot-atom "@" LDH labels ">" (RFC 5321 section 4.1.2),
 # ASCII only. The email package would read a local part opening with "=?" as an RFC 2047
@@ -61,10 +78,6 @@ HOLD_REPLIES = 4096
 # The replies held while more input waits: those to the commands RFC 2920 lets a client
 # pipeline. Others (220 to STARTTLS above all: the handshake follows it) go out at once.
 HELD_CODES = (b"250", b"251", b"252")
-
-
-def new_session_id() -> str:
-    return secrets.token_hex(6)
 
 
 # The attribute prefixes SMTP.__init__ collects into its method and hook tables.
@@ -107,15 +120,24 @@ class TransactionEnvelope(AioEnvelope):
 
     def __init__(self) -> None:
         super().__init__()
-        self.recipients: list[Recipient] = []
-        # VERP tokens of accepted bounce addresses (RCPT routed to the bounce processor)
-        self.bounce_tokens: list[str] = []
+        self.accepted = Recipients.empty()
         self.bdat_chunks: list[bytes] = []
         self.bdat_size = 0
         self.bdat_failed: Reply | None = None
 
 
 Deliver = Callable[[ReceivedContent], Awaitable[Reply]]
+
+
+def delivering(process: Callable[[ReceivedContent], Awaitable[Outcome]],
+               metrics: Metrics | None) -> Deliver:
+    """What a session hands its message to: the pipeline, its verdict made a reply."""
+    async def deliver(content: ReceivedContent) -> Reply:
+        outcome = await process(content)
+        envelope = content.envelope
+        return replies.answer(outcome.verdict, "smtp", metrics, queue_id=envelope.queue_id,
+                              session_id=envelope.session_id, signature=outcome.signature)
+    return deliver
 
 
 class Sessions:
@@ -190,7 +212,6 @@ class AgentSMTP(SMTP):
         self.client_ip = ""
         self.transactions = 0
         self.started = time.monotonic()
-        self._bytes_in = 0
         self.data_budget = data_budget
         self._data_held = 0  # bytes reserved in data_budget by this session's transaction
         self._replies = 0
@@ -346,7 +367,8 @@ class AgentSMTP(SMTP):
             await self.push(str(replies.SYNTAX_ERROR.with_text("Syntax: EHLO hostname")))
             return
         if CONTROL.search(hostname):
-            await self.push(str(self._control_refused("ehlo", replies.HELO_CONTROL_CHARACTER)))
+            await self.push(str(self._control_refused(
+                "ehlo", SessionVerdict.HELO_CONTROL_CHARACTER)))
             return
         if not self._count_reply():
             return
@@ -364,20 +386,22 @@ class AgentSMTP(SMTP):
             await self.push(str(replies.SYNTAX_ERROR.with_text("Syntax: HELO hostname")))
             return
         if CONTROL.search(hostname):
-            await self.push(str(self._control_refused("helo", replies.HELO_CONTROL_CHARACTER)))
+            await self.push(str(self._control_refused(
+                "helo", SessionVerdict.HELO_CONTROL_CHARACTER)))
             return
         if not self._count_reply():
             return
         self._set_rset_state()
         self.session.extended_smtp = False
         self.session.host_name = hostname
-        self._pending_replies += f"250 {self.hostname}\r\n".encode()
+        self._pending_replies += replies.helo(self.hostname)
         await self.flush_replies()
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         if arg and CONTROL.search(arg):
-            await self.push(str(self._control_refused("mail", replies.SENDER_CONTROL_CHARACTER)))
+            await self.push(str(self._control_refused(
+                "mail", SessionVerdict.SENDER_CONTROL_CHARACTER)))
             return
         await super().smtp_MAIL(arg)
 
@@ -385,16 +409,15 @@ class AgentSMTP(SMTP):
     async def smtp_RCPT(self, arg: str | None) -> None:
         if arg and CONTROL.search(arg):
             await self.push(str(self._control_refused("rcpt",
-                                                      replies.RECIPIENT_CONTROL_CHARACTER)))
+                                                      SessionVerdict.RECIPIENT_CONTROL_CHARACTER)))
             return
         await super().smtp_RCPT(arg)
 
-    def _control_refused(self, command: str, reply: Reply) -> Reply:
-        """Log (without the argument: it is what carries the control character) and count."""
+    def _control_refused(self, command: str, verdict: SessionVerdict) -> Reply:
+        """Log (without the argument: it is what carries the control character); the reply
+        and its count from the table."""
         log.info("smtp.command_rejected", command=command, reason="control character")
-        if self.metrics is not None:
-            self.metrics.rejected_reply("smtp", command, "control character", reply.code)
-        return reply
+        return replies.answer(verdict, "smtp", self.metrics, stage=command)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -475,7 +498,7 @@ class AgentSMTP(SMTP):
         self.transactions += 1
         log.warning("smtp.rejected", reason="data budget exhausted",
                     budget=self.data_budget.limit if self.data_budget else None)
-        return self._refused("data budget exhausted", replies.DATA_BUDGET_EXHAUSTED)
+        return replies.answer(SessionVerdict.DATA_BUDGET_EXHAUSTED, "smtp", self.metrics)
 
     def _start_rate_watch(self) -> None:
         """Check smtp.min_data_rate at the end of every smtp.data_rate_window while a
@@ -497,10 +520,7 @@ class AgentSMTP(SMTP):
             self._rate_handle = None
             log.info("smtp.data_too_slow", bytes_per_second=round(rate, 1),
                      minimum=self.settings.min_data_rate)
-            if self.metrics is not None:
-                self.metrics.rejected_reply("smtp", "data", "data rate too low",
-                                            replies.DATA_TOO_SLOW.code)
-            self.close_with(replies.DATA_TOO_SLOW)
+            self.close_with(replies.answer(SessionVerdict.DATA_TOO_SLOW, "smtp", self.metrics))
             return
         self._window_bytes = 0
         self._rate_handle = self.loop.call_later(window, self._rate_due)
@@ -525,7 +545,7 @@ class AgentSMTP(SMTP):
             return
         envelope.bdat_size += size
         if envelope.bdat_failed is None and envelope.bdat_size > limit:
-            envelope.bdat_failed = replies.MESSAGE_TOO_BIG
+            envelope.bdat_failed = replies.reply_for(ContentVerdict.TOO_BIG)
         if envelope.bdat_failed is None:
             envelope.bdat_chunks.append(chunk)
         if not last:
@@ -535,24 +555,22 @@ class AgentSMTP(SMTP):
             if envelope.bdat_failed is replies.DATA_BUDGET_EXHAUSTED:
                 await self.push(str(self._over_budget()))
                 return
-            if envelope.bdat_failed is not None:
-                log.info("smtp.rejected", reason="message too big", size=envelope.bdat_size)
-                await self.push(str(self._refused("message too big", envelope.bdat_failed)))
-                return
             data = b"".join(envelope.bdat_chunks)
             envelope.bdat_chunks.clear()
-            await self.push(str(await self._finish(data, too_big=False, dot_stuffed=False)))
+            await self.push(str(await self._finish(data, too_big=envelope.bdat_failed is not None,
+                                                   dot_stuffed=False)))
         finally:
             self._set_post_data_state()
 
     # -- reading message content -------------------------------------------------------
 
     async def _read_dot_terminated(self) -> tuple[bytes, bool, bool]:
-        """Read up to <CR><LF>.<CR><LF>; return the unstuffed content, whether it was too
-        big, and whether it outgrew the data budget (neither is kept, but read to its end).
+        """Read up to <CR><LF>.<CR><LF>; return the content (still dot-stuffed), whether it
+        was too big, and whether it outgrew the data budget (neither is kept, but read to
+        its end).
 
-        The CRLF that ended the DATA command line opens the first line, so an
-        empty message (".<CR><LF>" straight away) is found by the same search.
+        The CRLF that ended the DATA command line opens the buffer, so an empty
+        message (".<CR><LF>" straight away) is found by the same search.
         """
         reader = self._reader
         buffer = bytearray(b"\r\n")
@@ -587,8 +605,8 @@ class AgentSMTP(SMTP):
             return b"", True, over_budget
         if over_budget:
             return b"", False, True
-        del buffer[end + 2:]
-        return bytes(buffer), False, False
+        with memoryview(buffer) as view:
+            return bytes(view[2:end + 2]), False, False
 
     async def _read_exactly(self, size: int, keep: bool) -> bytes:
         """Read a BDAT chunk in pieces (each counts for the data rate); when it will be
@@ -606,47 +624,26 @@ class AgentSMTP(SMTP):
                 pieces.append(piece)
         return b"".join(pieces) if len(pieces) != 1 else pieces[0]
 
-    def _refused(self, reason: str, reply: Reply) -> Reply:
-        """Count a refusal the listener decided itself (the pipeline counts its own)."""
-        if self.metrics is not None:
-            self.metrics.rejected_reply("smtp", "data", reason, reply.code)
-        return reply
-
     async def _finish(self, data: bytes, too_big: bool, dot_stuffed: bool) -> Reply:
-        """Apply size, header and line-ending rules, then hand the message to the pipeline."""
+        """The shared content step (ingress.py), then the pipeline; the reply from the table."""
         self.transactions += 1
         envelope: TransactionEnvelope = self.envelope
-        if too_big:
-            log.info("smtp.rejected", reason="message too big", mail_from=envelope.mail_from,
-                     rcpt=list(envelope.rcpt_tos))
-            return self._refused("message too big", replies.MESSAGE_TOO_BIG)
-        if b"\n" in data and data.count(b"\n") != data.count(b"\r\n"):
-            if self.settings.bare_lf == "reject":
-                log.info("smtp.rejected", reason="bare LF", mail_from=envelope.mail_from,
-                         rcpt=list(envelope.rcpt_tos))
-                return self._refused("bare LF", replies.BARE_LF)
-            data = BARE_LF.sub(b"\r\n", data)
-        if dot_stuffed:
-            data = data.replace(b"\r\n.", b"\r\n")[2:]
-        header_end = data.find(b"\r\n\r\n")
-        header_size = header_end if header_end >= 0 else len(data)
-        if header_size > self.settings.max_header_size:
-            log.info("smtp.rejected", reason="header too big", header_size=header_size,
-                     mail_from=envelope.mail_from, rcpt=list(envelope.rcpt_tos))
-            return self._refused("header too big", replies.HEADER_TOO_BIG)
         ssl_object = self.transport.get_extra_info("ssl_object") if self._tls_protocol else None
-        content = ReceivedContent(
-            data=data,
+        record = Envelope(
             session_id=self.session_id,
             queue_id=f"{self.session_id}.{self.transactions}",
             client_ip=self.client_ip,
             helo=self.session.host_name or "",
             mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",
-            recipients=tuple(envelope.recipients),
+            recipients=tuple(envelope.accepted.mailboxes),
             tls=self._tls_protocol is not None,
             tls_version=ssl_object.version() if ssl_object else None,
             smtputf8=envelope.smtp_utf8,
             esmtp=self.session.extended_smtp,
-            bounce_tokens=tuple(envelope.bounce_tokens),
+            bounce_tokens=tuple(envelope.accepted.bounce_tokens),
         )
-        return await self.deliver(content)
+        decision = accept_content(record, data, self.settings, self.hostname, too_big=too_big,
+                                  dot_stuffed=dot_stuffed)
+        if decision.content is None:
+            return replies.answer(decision.verdict, "smtp", self.metrics)
+        return await self.deliver(decision.content)

@@ -9,10 +9,24 @@ import asyncpg
 import pytest
 
 from smtpd_agent.store import directory
+from tests.dnsserver import DnsTestServer
 from tests.messages_api import API_KEY, MessagesAPI
 from tests.support import ServerThread
 
 SYSTEM_PROMPT = "You are the support agent of Acme Inc. Be brief."
+
+
+def publish_spf(dns: DnsTestServer, *domains: str) -> None:
+    """SPF for mail from the tests' loopback client: without a DMARC record, an aligned SPF
+    pass is what lets the agent answer such a sender at all (agent/policy.py)."""
+    for domain in domains:
+        dns.txt(domain, "v=spf1 ip4:127.0.0.1 -all")
+
+
+@pytest.fixture(autouse=True)
+def authenticated_senders(dns_server: DnsTestServer) -> None:
+    """example.org, the helpers' default sender, authenticates by SPF (no DMARC record)."""
+    publish_spf(dns_server, "example.org")
 
 
 @pytest.fixture

@@ -101,7 +101,8 @@ async def test_mail_in_reply_out_in_the_same_thread(start_server, db, messages_a
     assert sent["References"] == f"{reply['message_id']} {followup['message_id']}"
 
 
-async def test_reply_to_is_honoured_only_when_dmarc_passed(agent_server, db, dns_server):
+async def test_reply_to_is_honoured_only_within_the_from_organization(agent_server, db,
+                                                                        dns_server):
     dns_server.txt("good.test", "v=spf1 ip4:127.0.0.1 -all")
     dns_server.txt("_dmarc.good.test", "v=DMARC1; p=none")
     deliver(agent_server.port, mail("one", sender="alice@good.test",

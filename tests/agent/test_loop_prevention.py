@@ -61,7 +61,7 @@ async def test_dmarc_fail_is_not_answered(agent_server, db, dns_server, messages
     dns_server.txt("bank.test", "v=spf1 ip4:192.0.2.1 -all")
     deliver(agent_server.port, mail(sender="alice@bank.test"), mail_from="alice@bank.test")
     [job] = await wait_jobs(db)
-    assert (job["status"], job["skip_reason"]) == ("skipped", "DMARC fail")
+    assert (job["status"], job["skip_reason"]) == ("skipped", "sender not authenticated: DMARC fail")
     assert messages_api.requests == []
 
 

@@ -19,6 +19,8 @@ from tests.messages_api import Step
 # Every wait in here is bounded; a hang fails this test, not the run.
 pytestmark = pytest.mark.timeout(60)
 
+CAPS = jobs.Caps(5, 200, 500, 2000, 100)
+
 
 async def test_a_worker_that_lost_its_lease_cannot_store_a_reply(start_server, db, database_url,
                                                                  messages_api):
@@ -37,10 +39,10 @@ async def test_a_worker_that_lost_its_lease_cannot_store_a_reply(start_server, d
                               "support@acme.agents.test", "alice@example.org", "hi",
                               datetime.now(UTC))
         usage = Completion("hi", "m", 1, 1, 1)
-        lost = await jobs.store_reply(pool, slow, reply, usage, 5, 200)
+        lost = await jobs.store_reply(pool, slow, reply, usage, CAPS)
         assert (lost.stored, lost.reason) == (False, "lease lost")
         assert not await jobs.fail(pool, slow, "too late")
-        won = await jobs.store_reply(pool, fast, reply, usage, 5, 200)
+        won = await jobs.store_reply(pool, fast, reply, usage, CAPS)
         assert won.stored
     finally:
         await pool.close()

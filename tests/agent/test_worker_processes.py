@@ -116,7 +116,7 @@ async def store_many(database_url: str, count: int) -> None:
             envelope = Envelope("s", "127.0.0.1", "client.test", sender,
                                 (Recipient(mailbox.address, mailbox),))
             message = InboundMessage(envelope, raw, parse_message(raw))
-            await store_inbound(pool, message, Verdicts(dmarc="none", scan_status="skipped"),
+            await store_inbound(pool, message, Verdicts(dmarc="pass", scan_status="skipped"),
                                 30, f"q{index}")
     finally:
         await pool.close()
@@ -126,7 +126,8 @@ async def test_two_workers_race_over_200_jobs_each_answered_once(start_server, d
                                                                  messages_api, spawn_worker):
     start_server(**agent_overrides(messages_api, **{"agent.workers": 0}))
     await add_acme(db)
-    workers = [spawn_worker(concurrency=4, agent_replies_per_hour="1000") for _ in range(2)]
+    workers = [spawn_worker(concurrency=4, agent_replies_per_hour="1000",
+                            new_recipients_per_day="1000") for _ in range(2)]
     for worker in workers:
         wait_started(worker)
     started = time.monotonic()

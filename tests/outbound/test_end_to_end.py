@@ -9,14 +9,19 @@ import asyncio
 import pytest
 
 from smtpd_agent.outbound.queue import suppress
-from tests.agent.conftest import add_acme, agent_overrides, messages_api  # noqa: F401
+from tests.agent.conftest import (  # noqa: F401
+    add_acme,
+    agent_overrides,
+    authenticated_senders,
+    messages_api,
+)
 from tests.agent.helpers import deliver, mail, parse, wait_jobs
 from tests.messages_api import Step
 from tests.support import DEFAULT_DOMAIN
 
 from .conftest import fast, wait_state
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("authenticated_senders")]
 
 
 async def test_agent_reply_leaves_through_the_relay(start_server, db, messages_api,  # noqa: F811

@@ -17,11 +17,13 @@ from smtpd_agent.agent.prompt import Prompt
 from smtpd_agent.logs import route_warnings_to_log
 from smtpd_agent.agent.policy import (
     MessageFacts,
+    cap_reason,
     loop_skip_reason,
     parent_domains,
     rate_limit_reason,
     reply_address,
     retry_delay,
+    unauthenticated_reason,
 )
 from smtpd_agent.config import AgentSettings, ConfigError, load_settings
 from tests.messages_api import API_KEY, MessagesAPI
@@ -30,10 +32,13 @@ OWN = "agents.test"
 
 
 def facts(*headers: tuple[str, str], mail_from: str = "alice@example.org",
-          from_address: str | None = "alice@example.org", dmarc: str | None = "none",
-          quarantined: bool = False, scan_status: str | None = "skipped") -> MessageFacts:
+          from_address: str | None = "alice@example.org", dmarc: str | None = "pass",
+          quarantined: bool = False, scan_status: str | None = "skipped",
+          spf: str | None = None, spf_domain: str = "",
+          dkim_pass_domains: tuple[str, ...] = ()) -> MessageFacts:
     return MessageFacts(headers=headers, mail_from=mail_from, from_address=from_address,
-                        dmarc=dmarc, quarantined=quarantined, scan_status=scan_status)
+                        dmarc=dmarc, quarantined=quarantined, scan_status=scan_status,
+                        spf=spf, spf_domain=spf_domain, dkim_pass_domains=dkim_pass_domains)
 
 
 @pytest.mark.parametrize("message, reason", [
@@ -67,14 +72,17 @@ def facts(*headers: tuple[str, str], mail_from: str = "alice@example.org",
     (facts(from_address="support@ACME.agents.test"),
      "from our own agents (support@ACME.agents.test)"),
     (facts(from_address="x@agents.test.evil.example"), None),
-    (facts(dmarc="fail"), "DMARC fail"),
+    (facts(dmarc="fail"), "sender not authenticated: DMARC fail"),
     (facts(dmarc="fail", quarantined=True), "quarantined"),
-    (facts(dmarc="temperror"), None),
+    (facts(dmarc="temperror"), "sender not authenticated: DMARC temperror"),
     (facts(scan_status="infected"), "scan status infected"),
     (facts(scan_status="unscanned"), "scan status unscanned"),
     (facts(scan_status="error"), "scan status error"),
     (facts(scan_status="clean"), None),
     (facts(scan_status=None), None),
+    (facts(dmarc="none"), ("sender not authenticated: example.org has no DMARC record and "
+                           "neither SPF nor DKIM passed for it")),
+    (facts(dmarc="none", spf="pass", spf_domain="example.org"), None),
 ])
 def test_loop_skip_reason(message, reason):
     assert loop_skip_reason(message, OWN) == reason
@@ -119,20 +127,82 @@ def test_retry_delay_doubles_up_to_the_cap(attempt, retry_after, delay):
     assert retry_delay(attempt, 10.0, 900.0, retry_after) == delay
 
 
-@pytest.mark.parametrize("from_address, reply_to, mail_from, dmarc, expected", [
-    ("alice@example.org", None, "alice@example.org", "pass", "alice@example.org"),
-    ("alice@example.org", "desk@example.org", "a@example.org", "pass", "desk@example.org"),
-    ("alice@example.org", "Desk <desk@example.org>", "a@x.org", "pass", "desk@example.org"),
-    ("alice@example.org", "desk@example.org", "a@example.org", "none", "alice@example.org"),
-    ("alice@example.org", "desk@example.org", "a@example.org", "fail", "alice@example.org"),
-    ("alice@example.org", "attacker@evil.test, x@y.z", "a@example.org", "pass",
-     "alice@example.org"),
-    (None, None, "bounce@example.org", "none", "bounce@example.org"),
-    ("not an address", None, "", "none", None),
-    ("alice@example.org\r\nBcc: attacker@evil.test", None, "", "none", None),
+NO_RECORD = ("sender not authenticated: example.org has no DMARC record and neither SPF nor "
+             "DKIM passed for it")
+
+
+@pytest.mark.parametrize("message, reason", [
+    (facts(dmarc="pass"), None),
+    (facts(dmarc="fail", spf="pass", spf_domain="example.org"),
+     "sender not authenticated: DMARC fail"),
+    (facts(dmarc="temperror"), "sender not authenticated: DMARC temperror"),
+    (facts(dmarc="permerror", spf="pass", spf_domain="example.org"),
+     "sender not authenticated: DMARC permerror"),
+    (facts(dmarc=None), "sender not authenticated: DMARC not evaluated"),
+    (facts(dmarc="none"), NO_RECORD),
+    # no DMARC record: an aligned (relaxed) SPF or DKIM pass stands in
+    (facts(dmarc="none", spf="pass", spf_domain="example.org"), None),
+    (facts(dmarc="none", spf="pass", spf_domain="bounces.example.org"), None),
+    (facts(dmarc="none", spf="pass", spf_domain="mailer.test"), NO_RECORD),
+    (facts(dmarc="none", spf="softfail", spf_domain="example.org"), NO_RECORD),
+    (facts(dmarc="none", dkim_pass_domains=("example.org",)), None),
+    (facts(dmarc="none", dkim_pass_domains=("esp.test", "mail.example.org")), None),
+    (facts(dmarc="none", dkim_pass_domains=("esp.test",)), NO_RECORD),
+    # the Public Suffix List: two customers of one public suffix are not one organization
+    (facts(dmarc="none", from_address="alice@a.co.uk", spf="pass", spf_domain="b.co.uk"),
+     ("sender not authenticated: a.co.uk has no DMARC record and neither SPF nor DKIM passed "
+      "for it")),
+    (facts(dmarc="none", from_address=None, spf="pass", spf_domain="example.org"),
+     "sender not authenticated: no From address"),
 ])
-def test_reply_address(from_address, reply_to, mail_from, dmarc, expected):
-    assert reply_address(from_address, reply_to, mail_from, dmarc) == expected
+def test_unauthenticated_reason(message, reason):
+    assert unauthenticated_reason(message) == reason
+
+
+def test_facts_read_the_stored_auth_detail():
+    detail = {"spf_detail": {"result": "pass", "domain": "example.org"},
+              "dkim_signatures": [{"result": "fail", "domain": "example.org"},
+                                  {"result": "pass", "domain": "esp.test"}, "junk"]}
+    built = MessageFacts.with_auth_detail(detail, headers=(), mail_from="a@example.org",
+                                          from_address="a@example.org", dmarc="none",
+                                          quarantined=False, scan_status="clean")
+    assert (built.spf, built.spf_domain, built.dkim_pass_domains) == ("pass", "example.org",
+                                                                      ("esp.test",))
+    empty = MessageFacts.with_auth_detail(None, headers=(), mail_from="", from_address=None,
+                                          dmarc=None, quarantined=False, scan_status=None)
+    assert (empty.spf, empty.spf_domain, empty.dkim_pass_domains) == (None, "", ())
+
+
+@pytest.mark.parametrize("from_address, reply_to, expected", [
+    ("alice@example.org", None, "alice@example.org"),
+    ("alice@example.org", "desk@example.org", "desk@example.org"),
+    ("alice@example.org", "Desk <desk@example.org>", "desk@example.org"),
+    ("alice@example.org", "desk@support.example.org", "desk@support.example.org"),
+    ("alice@mail.example.org", "desk@example.org", "desk@example.org"),
+    # another organization: ignored, whatever authenticated the From
+    ("alice@example.org", "victim@elsewhere.test", "alice@example.org"),
+    ("alice@example.org", "victim@example.org.evil.test", "alice@example.org"),
+    ("alice@a.co.uk", "victim@b.co.uk", "alice@a.co.uk"),
+    ("alice@example.org", "attacker@evil.test, x@y.z", "alice@example.org"),
+    ("alice@example.org", "desk@example.org, x@example.org", "alice@example.org"),
+    (None, "desk@example.org", None),
+    ("not an address", None, None),
+    ("alice@example.org\r\nBcc: attacker@evil.test", None, None),
+])
+def test_reply_address(from_address, reply_to, expected):
+    assert reply_address(from_address, reply_to) == expected
+
+
+@pytest.mark.parametrize("hour, day, new, new_today, reason", [
+    (0, 0, True, 0, None),
+    (99, 999, True, 9, None),
+    (100, 0, False, 0, "cap: 100 replies per hour from this workspace"),
+    (0, 1000, False, 0, "cap: 1000 replies per day from this workspace"),
+    (0, 0, True, 10, "cap: 10 first-time recipients per day for this agent"),
+    (0, 0, False, 10, None),  # someone it wrote to before does not count
+])
+def test_cap_reason(hour, day, new, new_today, reason):
+    assert cap_reason(hour, day, 100, 1000, new, new_today, 10) == reason
 
 
 def test_default_model_is_one_the_sdk_accepts_and_we_do_not_ship_it_deprecated():

@@ -8,7 +8,13 @@ from email import message_from_bytes, policy
 import pytest
 
 from smtpd_agent.agent.compose import Original, compose_reply, reply_references, reply_subject
-from smtpd_agent.agent.prompt import AttachmentNote, TranscriptEntry, body_text, build_prompt
+from smtpd_agent.agent.prompt import (
+    AttachmentNote,
+    TranscriptEntry,
+    body_text,
+    build_prompt,
+    one_correspondent,
+)
 
 NOW = datetime(2026, 11, 21, 6, 0, tzinfo=UTC)
 
@@ -98,3 +104,34 @@ def test_composed_reply_headers_and_alternatives():
     assert plain == "Hi <Alice> & co,\n\nDone.\n"
     assert "<p>Hi &lt;Alice&gt; &amp; co,</p>" in message.get_body(("html",)).get_content()
     assert b"\r\n" in reply.raw and b"\n" not in reply.raw.replace(b"\r\n", b"")
+
+
+def test_reply_message_ids_are_random_not_derived_from_time_or_pid(monkeypatch):
+    """192 bits from the secrets module: the same clock and pid still give different ids."""
+    import email.utils
+
+    monkeypatch.setattr(email.utils, "make_msgid", lambda *a, **k: pytest.fail("make_msgid"))
+    ids = {compose_reply(Original("<m1@example.org>", (), "x"), None, "support@acme.agents.test",
+                         "alice@example.org", "hi", NOW).message_id for _ in range(200)}
+    assert len(ids) == 200
+    for value in ids:
+        local, _, domain = value.strip("<>").partition("@")
+        assert domain == "acme.agents.test" and len(local) == 32
+        assert set(local) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def test_one_correspondent_keeps_their_mail_and_our_replies_to_them():
+    def at(direction: str, text: str, address: str | None) -> TranscriptEntry:
+        return TranscriptEntry(direction, None, None, None, None, text, address=address)
+
+    entries = [at("inbound", "alice 1", "Alice@Example.org"),
+               at("outbound", "to alice", "alice@example.org"),
+               at("inbound", "mallory", "mallory@evil.test"),
+               at("outbound", "to mallory", "mallory@evil.test"),
+               at("outbound", "to desk", "desk@example.org"),
+               at("inbound", "no address", None),
+               at("inbound", "alice 2", "alice@example.org")]
+    kept = one_correspondent(entries, "alice@example.org", "desk@example.org")
+    assert [e.text for e in kept] == ["alice 1", "to alice", "to desk", "alice 2"]
+    assert [e.text for e in one_correspondent(entries, "mallory@evil.test")] == ["mallory",
+                                                                                "to mallory"]

@@ -28,27 +28,26 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 LAYERS: dict[str, tuple[str, ...]] = {
     # Typed values and settings: import nothing of ours from a later layer.
     "values": (
-        "smtpd_agent", "config", "logs", "message", "metrics", "record", "relay_url",
-        "systemd",
+        "smtpd_agent", "addresses", "config", "logs", "message", "metrics", "record",
+        "relay_url", "systemd", "acl",
     ),
     # One module per standard, pure, the resolver passed in; no SMTP session, no store.
     "standards": (
         "dns", "auth.adapters", "auth.arc", "auth.dkim", "auth.dmarc", "auth.results",
         "auth.runner", "auth.spf",
-        "outbound.dsn", "outbound.verp", "smtp.replies", "http.sns",
+        "outbound.dsn", "outbound.verp", "http.sns",
     ),
     # The inbound stages, the store they write to, and the runtime they form.
     "stages": (
-        "auth", "routing", "scan", "spam", "pipeline",
+        "auth", "routing", "ingress", "scan", "spam", "pipeline",
         "store", "store.apikeys", "store.changes", "store.database", "store.directory",
         "store.deployment", "store.domains", "store.inbox", "store.lease", "store.messages",
-        "store.quarantine",
-        "store.rows",
+        "store.rows", "store.acl", "store.quarantine",
         "runtime",
     ),
     # Listeners and features: each receives the Runtime and calls stages and store.
     "features": (
-        "smtp", "smtp.handler", "smtp.limits", "smtp.server",
+        "smtp", "smtp.handler", "smtp.limits", "smtp.replies", "smtp.server",
         "http", "http.api", "http.health", "http.limits", "http.openapi", "http.responses",
         "http.server", "http.webhooks",
         "agent", "agent.compose", "agent.jobs", "agent.llm", "agent.policy", "agent.prompt",
@@ -63,7 +62,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "app": ("app",),
     # The command: shared helpers, each group's subcommands, the composition.
     "cli": (
-        "cli_common", "agent.cli", "domains.cli", "http.cli", "outbound.cli", "cli",
+        "cli_common", "agent.cli", "acl.cli", "domains.cli", "http.cli", "outbound.cli", "cli",
         "__main__",
     ),
 }

@@ -16,7 +16,8 @@ from smtpd_agent.outbound.dsn import parse_dsn, parse_ses_notification
 from smtpd_agent.outbound.queue import recipients_of
 from smtpd_agent.relay_url import RelayUrlError, parse_relay_url
 from smtpd_agent.outbound.signing import SigningError, sign_message
-from smtpd_agent.outbound.verp import bounce_domain, new_token, token_of, verp_address
+from smtpd_agent.addresses import token_of
+from smtpd_agent.outbound.verp import bounce_domain, new_token, verp_address
 
 
 @pytest.mark.parametrize("code, enhanced, stage, expected", [

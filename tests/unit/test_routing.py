@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from smtpd_agent.routing import parse_address, workspace_of
+from smtpd_agent.addresses import parse_address, workspace_of
 
 
 def test_parse_address_lowercases_and_splits_the_tag():

@@ -9,7 +9,7 @@ import pytest
 from smtpd_agent.config import SpamSettings
 from smtpd_agent.message import parse_message
 from smtpd_agent.record import Envelope, InboundMessage, Mailbox, Recipient
-from smtpd_agent.spam import (Disposition, Reason, RspamdAction, RspamdOutcome, SpamResult,
+from smtpd_agent.spam import (Disposition, SpamReason, RspamdAction, RspamdOutcome, SpamResult,
                               classify, decide, parse_reply, request_headers)
 
 MAILBOX = Mailbox(workspace_id=1, workspace_slug="acme", agent_id=1, handle="support",
@@ -59,28 +59,28 @@ def scored(action: RspamdAction) -> SpamResult:
 
 
 @pytest.mark.parametrize(("result", "settings", "action", "reason"), [
-    (None, SpamSettings(), Disposition.ACCEPT_UNSCORED, Reason.NOT_SPAM),
-    (scored(RspamdAction.NO_ACTION), SpamSettings(), Disposition.ACCEPT, Reason.NOT_SPAM),
-    (scored(RspamdAction.ADD_HEADER), SpamSettings(), Disposition.LABEL, Reason.SPAM),
-    (scored(RspamdAction.REWRITE_SUBJECT), SpamSettings(), Disposition.LABEL, Reason.SPAM),
-    (scored(RspamdAction.REJECT), SpamSettings(), Disposition.REJECT, Reason.SPAM),
+    (None, SpamSettings(), Disposition.ACCEPT_UNSCORED, SpamReason.NOT_SPAM),
+    (scored(RspamdAction.NO_ACTION), SpamSettings(), Disposition.ACCEPT, SpamReason.NOT_SPAM),
+    (scored(RspamdAction.ADD_HEADER), SpamSettings(), Disposition.LABEL, SpamReason.SPAM),
+    (scored(RspamdAction.REWRITE_SUBJECT), SpamSettings(), Disposition.LABEL, SpamReason.SPAM),
+    (scored(RspamdAction.REJECT), SpamSettings(), Disposition.REJECT, SpamReason.SPAM),
     (scored(RspamdAction.SOFT_REJECT), SpamSettings(), Disposition.TEMPFAIL,
-     Reason.SOFT_REJECT),
-    (scored(RspamdAction.GREYLIST), SpamSettings(), Disposition.ACCEPT, Reason.GREYLIST),
+     SpamReason.SOFT_REJECT),
+    (scored(RspamdAction.GREYLIST), SpamSettings(), Disposition.ACCEPT, SpamReason.GREYLIST),
     (scored(RspamdAction.GREYLIST), SpamSettings(greylist="label"), Disposition.LABEL,
-     Reason.GREYLIST),
+     SpamReason.GREYLIST),
     (scored(RspamdAction.GREYLIST), SpamSettings(greylist="tempfail"), Disposition.TEMPFAIL,
-     Reason.GREYLIST),
+     SpamReason.GREYLIST),
     (SpamResult("unscored", problem="timeout"), SpamSettings(), Disposition.ACCEPT_UNSCORED,
-     Reason.FILTER_UNAVAILABLE),
+     SpamReason.FILTER_UNAVAILABLE),
     (SpamResult("unscored", problem="timeout"), SpamSettings(required=True),
-     Disposition.TEMPFAIL, Reason.FILTER_UNAVAILABLE),
+     Disposition.TEMPFAIL, SpamReason.FILTER_UNAVAILABLE),
     # required changes nothing once rspamd has answered
     (scored(RspamdAction.NO_ACTION), SpamSettings(required=True), Disposition.ACCEPT,
-     Reason.NOT_SPAM),
+     SpamReason.NOT_SPAM),
 ])
 def test_decide(result: SpamResult | None, settings: SpamSettings, action: Disposition,
-                reason: Reason) -> None:
+                reason: SpamReason) -> None:
     decision = decide(result, settings)
     assert (decision.action, decision.reason) == (action, reason)
 

@@ -17,12 +17,17 @@ BEGIN
     END IF;
     o_duplicate := false;
 
-    -- 1. a stored message this one refers to (In-Reply-To, References)
+    -- 1. a stored message this one refers to (In-Reply-To, References), in a thread
+    --    of the same correspondent (threads.correspondent, the From that began it):
+    --    naming someone else's Message-ID never joins, and so never reads, their
+    --    conversation (issue 17)
     v_references := coalesce(c.in_reply_to, '{}') || coalesce(c."references", '{}');
-    IF cardinality(v_references) > 0 THEN
+    IF cardinality(v_references) > 0 AND c.from_address IS NOT NULL THEN
         SELECT m.thread_id INTO o_thread_id FROM messages m
+          JOIN threads t ON t.id = m.thread_id AND t.workspace_id = m.workspace_id
          WHERE m.agent_id = d.agent_id AND m.workspace_id = d.workspace_id
            AND m.message_id = ANY (v_references)
+           AND lower(t.correspondent) = lower(c.from_address)
          ORDER BY m.received_at DESC LIMIT 1;
     END IF;
     -- 2. the same normalized subject from the same correspondent, recently
