@@ -151,7 +151,7 @@ async def test_dmarc_quarantine_is_listed_and_release_requeues_its_job(
         assert asyncio.get_running_loop().time() < deadline, "job not run again"
         await asyncio.sleep(0.05)
     [job] = await wait_jobs(db)
-    assert (job["status"], job["skip_reason"]) == ("skipped", "DMARC fail")
+    assert job["status"] == "skipped" and "DMARC fail" in job["skip_reason"], job["skip_reason"]
     assert messages_api.requests == []
     assert await db.fetchval("SELECT released_at IS NOT NULL FROM messages") is True
     result = subprocess.run(
