@@ -1,4 +1,4 @@
-"""The `smtpd-agent` command: serve, migrate, workspaces, agents, inbox.
+"""The `smtpd-agent` command: serve, migrate, workspaces, agents, inbox, quarantine.
 
 Every command that touches the database takes the same --config and
 --state-dir (or DATABASE_URL), so with the embedded Postgres it attaches to the
@@ -28,9 +28,10 @@ from .mailbox.cli import register_drafts
 from .logs import configure_logging
 from .addresses import OurDomains, parse_address
 from .smtp.limits import CounterTable
-from .store import deployment, directory, inbox
+from .store import deployment, directory, inbox, quarantine
 from .store.database import migrate
 from .store.directory import DirectoryError
+from .store.quarantine import QuarantineError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +120,21 @@ def register_core(commands: Any, parents: Parents) -> None:
     inbox_cmd.add_argument("--limit", type=int, default=50, help="threads to show")
     inbox_cmd.set_defaults(handler=cmd_inbox)
 
+    held = commands.add_parser("quarantine",
+                               help="mail held from the agents (spam, DMARC quarantine)")
+    held_cmds = held.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listed = held_cmds.add_parser("list", parents=[common, listing],
+                                  help="held messages, newest first, with why each is held")
+    listed.add_argument("--workspace", metavar="SLUG")
+    listed.add_argument("--limit", type=int, default=100, help="messages to show")
+    listed.set_defaults(handler=cmd_quarantine_list)
+    released = held_cmds.add_parser(
+        "release", parents=[common],
+        help="make a held message visible to its agent and queue the agent's job")
+    released.add_argument("message_id", type=int, help="the message id (from the list)")
+    released.add_argument("--workspace", metavar="SLUG", help="only if it is in this workspace")
+    released.set_defaults(handler=cmd_quarantine_release)
+
 
 def settings_from(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
@@ -145,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "run"):
             return args.run(settings, args)
         return asyncio.run(with_database(settings, args.handler, args))
-    except (DirectoryError, ConfigError, KeyStoreError) as error:
+    except (DirectoryError, ConfigError, KeyStoreError, QuarantineError) as error:
         print(f"smtpd-agent: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -318,8 +334,13 @@ def _inbox_lines(threads: list[dict[str, Any]]) -> list[str]:
         for message in thread["messages"]:
             when = message["sent_at"] or message["received_at"]
             verdicts = " ".join(f"{key}={message[key]}" for key in
-                                ("spf", "dkim", "dmarc", "arc", "scan_status") if message[key])
-            flags = " QUARANTINED" if message["quarantined"] else ""
+                                ("spf", "dkim", "dmarc", "arc", "scan_status", "spam_status")
+                                if message[key])
+            if message["spam_score"] is not None:
+                verdicts += f" spam={message['spam_score']:.2f} ({message['spam_action']})"
+            flags = (" QUARANTINED" if message["quarantined"] else "") + \
+                (" SPAM" if message["spam"] else "") + \
+                (" (released)" if message["released_at"] else "")
             lines.append(f"  {message['direction']:<8} #{message['id']} {when:%Y-%m-%d %H:%M} "
                          f"from {message['from_header'] or message['mail_from'] or '<>'}")
             lines.append(f"           subject: {message['subject'] or '(no subject)'}  "
@@ -328,10 +349,31 @@ def _inbox_lines(threads: list[dict[str, Any]]) -> list[str]:
                 lines.append(f"           preview: {message['preview']}")
             if verdicts:
                 lines.append(f"           verdicts: {verdicts}")
+            if message["spam_symbols"]:
+                lines.append("           symbols: " + ", ".join(
+                    f"{name}({score:g})" for name, score in message["spam_symbols"].items()))
             for attachment in message["attachments"]:
                 lines.append(f"           attachment: {attachment['filename'] or '(unnamed)'} "
                              f"({attachment['content_type']}, {attachment['size']} bytes)")
     return lines
+
+
+async def cmd_quarantine_list(db: Any, settings: Settings, args: argparse.Namespace) -> int:
+    rows = await quarantine.held(db, args.workspace, args.limit)
+    emit(rows, args.json, lambda held: [
+        f"#{m['id']:<8} {m['received_at']:%Y-%m-%d %H:%M} {m['workspace']}/{m['agent']:<16} "
+        f"from {m['mail_from'] or '<>'}  subject: {m['subject'] or '(no subject)'}\n"
+        f"          held: {m['reason']}" for m in held] or ["nothing held"])
+    return 0
+
+
+async def cmd_quarantine_release(db: Any, settings: Settings, args: argparse.Namespace) -> int:
+    released = await quarantine.release(db, args.message_id, args.workspace)
+    job = (f"agent job {released.job_id} queued" if released.job_id is not None
+           else "no agent job (auto-reply off, or its job already ran)")
+    print(f"message {released.message_id} released to {released.workspace}/{released.agent} "
+          f"(was held: {released.reason}); {job}")
+    return 0
 
 
 # Each group adds its subcommands to the parser; a command sets `handler` (run with an open

@@ -155,6 +155,14 @@ class ScanSettings:
 
 
 @dataclass(frozen=True)
+class SpamSettings:
+    rspamd: str = ""
+    required: bool = False
+    timeout: float = 15.0
+    greylist: Literal["ignore", "label", "tempfail"] = "ignore"
+
+
+@dataclass(frozen=True)
 class AgentSettings:
     api_key: str = ""
     base_url: str = ""
@@ -382,6 +390,7 @@ class Settings:
     dns: DnsSettings = field(default_factory=DnsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     scan: ScanSettings = field(default_factory=ScanSettings)
+    spam: SpamSettings = field(default_factory=SpamSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
     domains: DomainSettings = field(default_factory=DomainSettings)
     dns_server: DnsServerSettings = field(default_factory=DnsServerSettings)
@@ -400,7 +409,7 @@ class Settings:
 # (bind address, database, DNS, routing, agent, logging, anything a later section adds)
 # needs a restart. Logging is not live: loggers cache their level on first use (logs.py).
 # Prefixes end with ".", other entries are exact keys.
-LIVE_KEYS = ("smtp.", "auth.", "scan.", "store.", "edge.")
+LIVE_KEYS = ("smtp.", "auth.", "scan.", "spam.", "store.", "edge.")
 RESTART_ONLY_KEYS = ("smtp.host", "smtp.port", "auth.verify_workers", "auth.dns_workers")
 
 
@@ -649,6 +658,11 @@ def _validate(settings: Settings) -> None:
     clamd = settings.scan.clamd
     if clamd and not clamd.startswith(("unix:", "tcp:")):
         raise ConfigError(f"scan.clamd: expected unix:/path or tcp:host:port, got {clamd!r}")
+    rspamd = settings.spam.rspamd
+    if rspamd and not rspamd.startswith(("http://", "https://")):
+        raise ConfigError(f"spam.rspamd: expected an http:// URL, got {rspamd!r}")
+    if settings.spam.timeout <= 0:
+        raise ConfigError("spam.timeout: must be above 0")
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -59,6 +59,9 @@ class Metrics:
                             ["check", "result"], registry=r)
         self.scans = Counter("smtpd_agent_scan_results", "clamd scan results", ["status"],
                              registry=r)
+        self.spam_checks = Counter("smtpd_agent_spam_results",
+                                   "rspamd results: its action, or 'unscored'", ["result"],
+                                   registry=r)
         self.store_latency = Histogram(
             "smtpd_agent_store_seconds", "Seconds to store one accepted message (to COMMIT)",
             registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,

@@ -1,4 +1,4 @@
-"""From received bytes to a stored message: parse, authenticate, scan, store.
+"""From received bytes to a stored message: parse, authenticate, scan, score, store.
 
 Every way in (the SMTP listener, each provider webhook) hands over the same
 `ReceivedContent`, built by the shared steps of ingress.py; this module runs
@@ -29,9 +29,11 @@ from .metrics import Metrics
 from .record import InboundMessage, ReceivedContent
 from .scan import ScanAction, Scanner, ScanReason, ScanResult
 from .scan import decide as decide_scan
+from .spam import Disposition, SpamDecision, SpamFilter, SpamReason, SpamResult
+from .spam import decide as decide_spam
 from .store.acl import AclCache
 from .store.database import CONNECTION_ERRORS, DatabaseUnavailable
-from .store.messages import GroupCommit, StoredMessage, StoreTooLarge, Verdicts
+from .store.messages import GroupCommit, StoredMessage, StoreTooLarge, Verdicts, stored_bytes
 
 log = structlog.get_logger("smtpd_agent.pipeline")
 
@@ -52,13 +54,14 @@ class MessageVerdict(Enum):
 
 
 # A message's verdict: its own, or the reason the stage that refused it gave.
-Verdict = MessageVerdict | AuthReason | ScanReason
+Verdict = MessageVerdict | AuthReason | ScanReason | SpamReason
 
 
 class Rejected(Exception):
     """A stage refused the message; carries its typed reason."""
 
-    def __init__(self, verdict: AuthReason | ScanReason | MessageVerdict, temporary: bool,
+    def __init__(self, verdict: AuthReason | ScanReason | SpamReason | MessageVerdict,
+                 temporary: bool,
                  **fields: object) -> None:
         super().__init__(verdict.value)
         self.verdict = verdict
@@ -91,13 +94,15 @@ class Pipeline:
     def __init__(self, db: asyncpg.Pool, settings: Settings, resolver: Resolver,
                  scanner: Scanner | None = None, metrics: Metrics | None = None, *,
                  bounces: DsnReceiver | None = None,
-                 checks: CheckRunner | None = None) -> None:
+                 checks: CheckRunner | None = None,
+                 spam_filter: SpamFilter | None = None) -> None:
         self.db = db
         self.settings = settings
         self.resolver = resolver
         self.checks = checks or CheckRunner(settings.auth.dns_workers,
                                             settings.auth.verify_workers)
         self.scanner = scanner
+        self.spam_filter = spam_filter
         self.metrics = metrics or Metrics()
         self.authserv_id = settings.auth.authserv_id or settings.server.hostname
         self.bounces = bounces
@@ -166,6 +171,24 @@ class Pipeline:
             raise Rejected(decision.reason, True, problem=result.problem)
         return result
 
+    async def score(self, message: InboundMessage,
+                    queue_id: str) -> tuple[SpamResult | None, SpamDecision]:
+        """Ask rspamd about the message as it will be stored; raise Rejected for spam that is
+        refused, deferred (soft reject, greylist as configured) or unscored while required."""
+        result = None
+        if self.spam_filter is not None:
+            result = await self.spam_filter.check(message, stored_bytes(message), queue_id)
+            self.metrics.spam_checks.labels(str(result.action or result.status)).inc()
+        decision = decide_spam(result, self.settings.spam)
+        fields = dict(score=result.score if result else None,
+                      action=str(result.action) if result and result.action else None)
+        if decision.action is Disposition.REJECT:
+            raise Rejected(decision.reason, False, **fields)
+        if decision.action is Disposition.TEMPFAIL:
+            raise Rejected(decision.reason, True, problem=result.problem if result else None,
+                           **fields)
+        return result, decision
+
     async def receive_bounces(self, content: ReceivedContent) -> bool:
         """Hand a DSN to the bounce processor for each VERP recipient; False if that failed.
 
@@ -218,6 +241,14 @@ class Pipeline:
             authenticated = time.perf_counter()
             scan = await self.scan(message)
             scanned = time.perf_counter()
+            # RFC 8601 section 5: results claiming our authserv-id can only be forged; ours
+            # go first. rspamd scores the message as it will be stored, our results included.
+            message = dataclasses.replace(
+                message, raw=strip_our_results(content.data, self.authserv_id),
+                trace_headers=(("Authentication-Results", auth.header_value),
+                               *content.trace_headers))
+            spam, spam_decision = await self.score(message, envelope.queue_id)
+            scored = time.perf_counter()
         except Rejected as rejected:
             log.info("smtp.tempfail" if rejected.temporary else "smtp.rejected",
                      reason=rejected.verdict.value, queue_id=envelope.queue_id,
@@ -230,12 +261,7 @@ class Pipeline:
             spf=auth.spf, dkim=auth.dkim, dmarc=auth.dmarc, arc=auth.arc,
             auth_results=auth.header_value, auth_detail=auth_detail(auth, envelope),
             quarantined=quarantined, iprev=auth.iprev or None,
-            **scan_columns(scan, message))
-        # RFC 8601 section 5: results claiming our authserv-id can only be forged; ours go first.
-        message = dataclasses.replace(
-            message, raw=strip_our_results(content.data, self.authserv_id),
-            trace_headers=(("Authentication-Results", auth.header_value),
-                           *content.trace_headers))
+            **scan_columns(scan, message), **spam_columns(spam, spam_decision))
         try:
             stored = await self.store.store(message, verdicts, envelope.queue_id)
         except StoreTooLarge as error:
@@ -250,17 +276,19 @@ class Pipeline:
                       transport=envelope.transport)
             return Outcome(MessageVerdict.STORE_TEMPFAIL)
         stored_at = time.perf_counter()
-        self.metrics.store_latency.observe(stored_at - scanned)
+        self.metrics.store_latency.observe(stored_at - scored)
         log.info("smtp.accepted", queue_id=envelope.queue_id, message_id=parsed.message_id,
                  mail_from=envelope.mail_from, rcpt=rcpt, size=len(content.data),
                  attachments=len(parsed.attachments), spf=auth.spf, dkim=auth.dkim,
                  dmarc=auth.dmarc, arc=auth.arc, quarantined=quarantined,
-                 scan=verdicts.scan_status,
+                 scan=verdicts.scan_status, spam=verdicts.spam_action or verdicts.spam_status,
+                 spam_score=verdicts.spam_score, held_as_spam=verdicts.spam,
                  stored=[s.id for s in stored if not s.duplicate],
                  duplicates=[s.id for s in stored if s.duplicate], transport=envelope.transport,
                  ms={"auth": round((authenticated - began) * 1000, 1),
                      "scan": round((scanned - authenticated) * 1000, 1),
-                     "store": round((stored_at - scanned) * 1000, 1)})
+                     "spam": round((scored - scanned) * 1000, 1),
+                     "store": round((stored_at - scored) * 1000, 1)})
         return Outcome(MessageVerdict.ACCEPTED, tuple(stored))
 
 
@@ -281,3 +309,13 @@ def scan_columns(scan: ScanResult | None, message: InboundMessage) -> dict[str, 
                 "attachment_scans": tuple((status, None) for _ in message.parsed.attachments)}
     return {"scan_status": scan.status, "scan_signature": scan.signature,
             "attachment_scans": tuple((a.status, a.signature) for a in scan.attachments)}
+
+
+def spam_columns(spam: SpamResult | None, decision: SpamDecision) -> dict[str, object]:
+    """rspamd's verdict as stored; all None when no rspamd is configured."""
+    if spam is None:
+        return {}
+    return {"spam": decision.labelled, "spam_status": spam.status,
+            "spam_action": str(spam.action) if spam.action else None,
+            "spam_score": spam.score, "spam_required": spam.required_score,
+            "spam_symbols": spam.symbols_json()}

@@ -22,6 +22,7 @@ from .metrics import Metrics
 from .pipeline import DsnReceiver, Pipeline
 from .routing import Router
 from .scan import Scanner, limit_problems
+from .spam import SpamFilter
 from .store.changes import ChangeFeed
 from .store.database import EmbeddedPostgres, create_pool, migrate, resolve_database_url
 
@@ -124,8 +125,14 @@ class Runtime:
                             "stored with scan status 'unscanned'")
             for problem in limit_problems(settings):
                 log.warning("scan.limits", problem=problem)
+        if current is not None and current.settings.spam == settings.spam and \
+                current.settings.server.hostname == settings.server.hostname:
+            spam_filter = current.spam_filter
+        else:
+            spam_filter = (SpamFilter(settings.spam, settings.server.hostname)
+                           if settings.spam.rspamd else None)
         return Pipeline(self.pool, settings, self.resolver, scanner, self.metrics,
-                        bounces=self.bounces, checks=self.checks)
+                        bounces=self.bounces, checks=self.checks, spam_filter=spam_filter)
 
     @classmethod
     async def open(cls, settings: Settings, bounces: BounceFactory | None = None) -> Runtime:

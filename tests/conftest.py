@@ -16,6 +16,8 @@ from smtpd_agent.auth import adapters
 from smtpd_agent.store import directory
 from tests.clamd import APT_PACKAGES, Clamd, find_clamd
 from tests.dnsserver import DnsTestServer
+from tests.rspamd import APT_PACKAGES as RSPAMD_PACKAGES
+from tests.rspamd import Rspamd, find_rspamd
 from tests.support import (DEFAULT_DOMAIN, OPEN_DIALOGUES, EmbeddedCluster, ServerThread,
                            make_settings)
 
@@ -130,6 +132,36 @@ def clamd(clamd_session: Clamd) -> Iterator[Clamd]:
         clamd_session.resume()
     else:
         clamd_session.start()
+
+
+@pytest.fixture(scope="session")
+def rspamd_session(dns_server_session: DnsTestServer) -> Iterator[Rspamd]:
+    """A real rspamd with a config of its own, started once per session (tests/rspamd.py)."""
+    binary = find_rspamd()
+    if binary is None:
+        reason = f"rspamd not installed (apt-get install -y {' '.join(RSPAMD_PACKAGES)})"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}; CI=true, so this is a failure, not a skip")
+        pytest.skip(reason)
+    root = Path(tempfile.mkdtemp(prefix="smtpd-agent-rspamd-"))
+    server = Rspamd(root=root, binary=binary, nameserver=dns_server_session.nameserver)
+    try:
+        server.start()
+    except Exception as error:
+        server.stop()
+        pytest.fail(f"cannot start rspamd: {error}")
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def rspamd(rspamd_session: Rspamd) -> Rspamd:
+    """The session's rspamd, running."""
+    assert rspamd_session.running, rspamd_session.output_tail()
+    return rspamd_session
 
 
 @pytest.fixture

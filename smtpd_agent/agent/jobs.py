@@ -106,7 +106,8 @@ async def load_agent(db: asyncpg.Pool, job: Job) -> AgentRecord | None:
 
 async def load_inbound(db: asyncpg.Pool, job: Job) -> InboundRecord | None:
     row = await db.fetchrow(
-        """SELECT headers, mail_from, from_address, dmarc, quarantined, scan_status, message_id,
+        """SELECT headers, mail_from, from_address, dmarc, scan_status, message_id,
+                  (quarantined OR spam) AND released_at IS NULL AS quarantined,
                   "references", in_reply_to, subject, reply_to, rcpt_to, auth_detail
              FROM messages
             WHERE id = $1 AND workspace_id = $2 AND agent_id = $3 AND direction = 'inbound'""",
@@ -129,14 +130,16 @@ async def load_transcript(db: asyncpg.Pool, job: Job, correspondent: str,
     """The thread in order, one correspondent's part of it only: their mail up to the one
     being answered, and our replies to them (`correspondent` is the From address being
     answered, `reply_to` where this reply goes). Whatever the thread holds besides (a
-    thread stored before threads were kept per correspondent) never reaches the prompt."""
+    thread stored before threads were kept per correspondent) never reaches the prompt;
+    nor does held mail (spam, DMARC quarantine) until an operator releases it."""
     rows = await db.fetch(
         """SELECT id, direction, from_header, to_header, subject, coalesce(sent_at, received_at)
                   AS date, text_body, html_body,
                   CASE direction WHEN 'inbound' THEN from_address ELSE rcpt_to END AS address
              FROM messages
             WHERE thread_id = $1 AND workspace_id = $2 AND agent_id = $3
-              AND ((direction = 'inbound' AND id <= $4 AND lower(from_address) = lower($5))
+              AND ((direction = 'inbound' AND id <= $4 AND lower(from_address) = lower($5)
+                    AND NOT ((quarantined OR spam) AND released_at IS NULL))
                    OR (direction = 'outbound' AND lower(rcpt_to) IN (lower($5), lower($6))))
             ORDER BY id""", job.thread_id, job.workspace_id, job.agent_id, job.message_id,
         correspondent, reply_to)

@@ -3,7 +3,8 @@
 `/health` answers while the event loop runs. `/health/ready` names each check:
 Postgres reachable, migrations current, and clamd answering PING when
 scanning is configured and required (when not required, clamd is reported
-but does not make the process unready: mail is then stored 'unscanned').
+but does not make the process unready: mail is then stored 'unscanned');
+rspamd answering /ping likewise, by `spam.required`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from ..config import Settings
 from ..scan import Scanner
+from ..spam import SpamFilter
 from ..store.database import pending_migrations, pending_repeatables
 from .responses import json_response
 
@@ -34,17 +36,21 @@ class Check:
 
 
 class Health:
-    def __init__(self, db: asyncpg.Pool, settings: Settings, scanner: Scanner | None) -> None:
+    def __init__(self, db: asyncpg.Pool, settings: Settings, scanner: Scanner | None,
+                 spam_filter: SpamFilter | None = None) -> None:
         self.db = db
         self.settings = settings
         self.scanner = scanner
+        self.spam_filter = spam_filter
 
     async def live(self, request: web.Request) -> web.Response:
         return json_response({"status": "ok"})
 
     async def ready(self, request: web.Request) -> web.Response:
-        (postgres, migrations), clamd = await asyncio.gather(self._database(), self._clamd())
-        checks = {"postgres": postgres, "migrations": migrations, "clamd": clamd}
+        (postgres, migrations), clamd, rspamd = await asyncio.gather(
+            self._database(), self._clamd(), self._rspamd())
+        checks = {"postgres": postgres, "migrations": migrations, "clamd": clamd,
+                  "rspamd": rspamd}
         ready = all(c.ok for c in checks.values() if c.required)
         if not ready:
             log.warning("http.not_ready", failing=[n for n, c in checks.items()
@@ -76,3 +82,11 @@ class Health:
         if health.ready:
             return Check(True, required=required)
         return Check(False, required=required, detail=f"{health.problem}: {health.detail}")
+
+    async def _rspamd(self) -> Check:
+        if self.spam_filter is None:
+            return Check(True, required=False, detail="spam scoring not configured")
+        required = self.settings.spam.required
+        if await self.spam_filter.health(CHECK_TIMEOUT):
+            return Check(True, required=required)
+        return Check(False, required=required, detail="no answer to /ping")

@@ -283,6 +283,10 @@ def openapi_spec() -> dict[str, Any]:
         "spf": {"type": "string", "nullable": True}, "dkim": {"type": "string", "nullable": True},
         "dmarc": {"type": "string", "nullable": True}, "arc": {"type": "string", "nullable": True},
         "quarantined": {"type": "boolean"},
+        "spam": {"type": "boolean"},
+        "spam_status": {"type": "string", "nullable": True},
+        "spam_action": {"type": "string", "nullable": True},
+        "spam_score": {"type": "number", "nullable": True},
         "scan_status": {"type": "string", "nullable": True},
         "labels": {"type": "array", "items": {"type": "string"}},
         "status": {"type": "string", "description": "inbound: received; outbound: queued, "

@@ -68,7 +68,7 @@ class HttpServer:
         runtime, settings = self.runtime, self.settings
         pipeline = runtime.pipeline
         router = runtime.router
-        health = Health(runtime.pool, settings, pipeline.scanner)
+        health = Health(runtime.pool, settings, pipeline.scanner, pipeline.spam_filter)
         api = InboxApi(runtime.pool)
         mailbox = MailboxApi(runtime.pool, api, Mailboxes(
             runtime.pool, settings.server.default_domain, settings.smtp.max_message_size))

@@ -26,6 +26,7 @@ from ..ingress import ContentVerdict, RcptVerdict
 from ..metrics import Metrics
 from ..pipeline import MessageVerdict
 from ..scan import ScanReason
+from ..spam import SpamReason
 
 log = structlog.get_logger("smtpd_agent.smtp")
 
@@ -109,6 +110,8 @@ TIMEOUT = Reply(421, "4.2", "Timeout, closing connection")
 SHUTTING_DOWN = Reply(421, "3.2", "Service shutting down, try again later")
 TEMP_AUTH_FAILURE = Reply(451, "7.0", "DNS error during policy check, try again later")
 TEMP_SCAN_FAILURE = Reply(451, "7.0", "Content scanner unavailable, try again later")
+TEMP_SPAM_FAILURE = Reply(451, "7.0", "Spam filter unavailable, try again later")
+SPAM_DEFERRED = Reply(451, "7.1", "Message deferred by the spam filter, try again later")
 TOO_MANY_COMMANDS = Reply(421, "7.0", "Too many commands, closing connection")
 DATA_TOO_SLOW = Reply(421, "4.2", "Data rate too low, closing connection")
 DATA_BUDGET_EXHAUSTED = Reply(452, "3.1", "Insufficient system storage, try again later")
@@ -126,6 +129,7 @@ BARE_LF = Reply(550, "5.2", "Bare <LF> received, lines must end with <CR><LF>")
 DMARC_REJECT = Reply(550, "7.1", "Message rejected: DMARC policy of the sender's domain")
 SPF_REJECT = Reply(550, "7.23", "Message rejected: SPF check failed")
 VIRUS_FOUND = Reply(554, "7.1", "Message rejected: virus found")
+SPAM_REJECT = Reply(550, "7.1", "Message rejected as spam")
 
 
 def client_listed(ip: str, zones: tuple[str, ...]) -> Reply:
@@ -157,7 +161,8 @@ class SessionVerdict(Enum):
 
 
 # Every decision a stage returns, whichever way the message came (SMTP or a webhook).
-Verdict = RcptVerdict | ContentVerdict | AuthReason | ScanReason | MessageVerdict | SessionVerdict
+Verdict = (RcptVerdict | ContentVerdict | AuthReason | ScanReason | SpamReason | MessageVerdict
+           | SessionVerdict)
 
 # The one table. A stage's reason is looked up only when the stage refused: "spf fail"
 # is 550 when auth.spf_fail rejects it, and only noted in the A-R header otherwise.
@@ -179,6 +184,10 @@ REPLIES: Mapping[Verdict, Reply] = {
     ScanReason.TOO_LARGE: TOO_BIG_TO_SCAN,
     ScanReason.SCANNER_UNAVAILABLE: TEMP_SCAN_FAILURE,
     ScanReason.SCANNER_ERROR: TEMP_SCAN_FAILURE,
+    SpamReason.SPAM: SPAM_REJECT,
+    SpamReason.SOFT_REJECT: SPAM_DEFERRED,
+    SpamReason.GREYLIST: SPAM_DEFERRED,
+    SpamReason.FILTER_UNAVAILABLE: TEMP_SPAM_FAILURE,
     MessageVerdict.ACCEPTED: QUEUED,
     MessageVerdict.BOUNCE: QUEUED,
     MessageVerdict.STORE_TEMPFAIL: TEMP_STORE_FAILURE,
@@ -196,7 +205,7 @@ REPLIES: Mapping[Verdict, Reply] = {
 NO_REPLY: frozenset[Verdict] = frozenset({
     ContentVerdict.ACCEPTED, AuthReason.NONE, AuthReason.DMARC_QUARANTINE,
     AuthReason.DMARC_TEMPERROR_QUARANTINE, AuthReason.DMARC_TEMPERROR_REJECT,
-    ScanReason.CLEAN, ScanReason.NOT_SCANNED,
+    ScanReason.CLEAN, ScanReason.NOT_SCANNED, SpamReason.NOT_SPAM,
 })
 # What a provider should do after a permanent refusal: stop retrying (Mailgun's and
 # Postmark's documented "do not retry"; SES and SendGrid retry anything but 2xx).

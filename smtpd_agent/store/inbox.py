@@ -36,7 +36,8 @@ _MESSAGE_COLUMNS = f"""m.id, m.thread_id, m.direction, m.status, m.message_id, m
         m.subject, m.sent_at, m.received_at, m.headers, m.text_body, m.html_body, m.size,
         m.mail_from, m.rcpt_to, host(m.client_ip) AS client_ip, m.helo, m.tls, m.spf, m.dkim,
         m.dmarc, m.arc, m.auth_results, m.quarantined, m.scan_status, m.scan_signature,
-        m.labels, {_PREVIEW}"""
+        m.labels, m.spam, m.spam_status, m.spam_action, m.spam_score, m.spam_symbols,
+        m.released_at, {_PREVIEW}"""
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,13 @@ class Verdicts:
     scan_status: str | None = None
     scan_signature: str | None = None
     iprev: str | None = None
+    # spam.py: the label holds the message from the agent; status None = no rspamd configured.
+    spam: bool = False
+    spam_status: str | None = None
+    spam_action: str | None = None
+    spam_score: float | None = None
+    spam_required: float | None = None
+    spam_symbols: dict[str, float] | None = None
     attachment_scans: tuple[tuple[str | None, str | None], ...] = field(default=())
 
 
@@ -183,7 +190,10 @@ def _content(submission: Submission) -> tuple[Any, ...]:
         dkim=verdicts.dkim, dmarc=verdicts.dmarc, arc=verdicts.arc,
         auth_results=verdicts.auth_results, auth_detail=verdicts.auth_detail,
         quarantined=verdicts.quarantined, scan_status=verdicts.scan_status,
-        scan_signature=verdicts.scan_signature, received_at=envelope.received_at,
+        scan_signature=verdicts.scan_signature, spam=verdicts.spam,
+        spam_status=verdicts.spam_status, spam_action=verdicts.spam_action,
+        spam_score=verdicts.spam_score, spam_required=verdicts.spam_required,
+        spam_symbols=verdicts.spam_symbols, received_at=envelope.received_at,
         iprev=verdicts.iprev)
 
 
@@ -255,8 +265,9 @@ async def store_outbound(connection: asyncpg.Connection, row: OutboundRow) -> in
         raw_sha256=hashlib.sha256(row.raw).digest(), raw=row.raw, mail_from=row.from_address,
         client_ip=None, helo=None, tls=None, tls_version=None, session_id=None, queue_id=None,
         defects=None, spf=None, dkim=None, dmarc=None, arc=None, auth_results=None,
-        auth_detail=None, quarantined=None, scan_status=None, scan_signature=None,
-        received_at=None, iprev=None)
+        auth_detail=None, quarantined=None, scan_status=None, scan_signature=None, spam=None,
+        spam_status=None, spam_action=None, spam_score=None, spam_required=None,
+        spam_symbols=None, received_at=None, iprev=None)
     return await connection.fetchval(
         """SELECT store_message($1, $2, $3, false, 'outbound', $6, $4,
                                 $5::message_content, '{}'::message_attachment[])""",

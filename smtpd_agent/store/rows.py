@@ -62,7 +62,10 @@ MESSAGE_CONTENT = RowType("message_content", (
     ("defects", "text[]"), ("spf", "text"), ("dkim", "text"), ("dmarc", "text"),
     ("arc", "text"), ("auth_results", "text"), ("auth_detail", "jsonb"),
     ("quarantined", "boolean"), ("scan_status", "text"), ("scan_signature", "text"),
-    ("received_at", "timestamptz"), ("iprev", "text"),
+    ("spam", "boolean"), ("spam_status", "text"), ("spam_action", "text"),
+    ("spam_score", "double precision"), ("spam_required", "double precision"),
+    ("spam_symbols", "jsonb"), ("received_at", "timestamptz"),
+    ("iprev", "text"),
 ))
 
 # One attachment of the message_content at `content_position` (1-based).

@@ -39,6 +39,8 @@ async def test_liveness_and_readiness_name_each_check(server, http):
     assert body["checks"]["postgres"]["ok"] and body["checks"]["migrations"]["ok"]
     assert body["checks"]["clamd"] == {"ok": True, "required": False,
                                        "detail": "scanning not configured"}
+    assert body["checks"]["rspamd"] == {"ok": True, "required": False,
+                                        "detail": "spam scoring not configured"}
 
 
 @pytest.fixture

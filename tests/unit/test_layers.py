@@ -39,10 +39,10 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     # The inbound stages, the store they write to, and the runtime they form.
     "stages": (
-        "auth", "routing", "ingress", "scan", "pipeline",
+        "auth", "routing", "ingress", "scan", "spam", "pipeline",
         "store", "store.apikeys", "store.changes", "store.database", "store.directory",
         "store.deployment", "store.domains", "store.inbox", "store.lease", "store.mailbox",
-        "store.messages", "store.rows", "store.acl",
+        "store.messages", "store.rows", "store.acl", "store.quarantine",
         "runtime",
     ),
     # Listeners and features: each receives the Runtime and calls stages and store.

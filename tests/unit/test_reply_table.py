@@ -14,6 +14,7 @@ from smtpd_agent.ingress import ContentVerdict, RcptVerdict
 from smtpd_agent.metrics import Metrics
 from smtpd_agent.pipeline import MessageVerdict
 from smtpd_agent.scan import ScanReason
+from smtpd_agent.spam import SpamReason
 from smtpd_agent.smtp import replies
 from smtpd_agent.smtp.replies import (
     BUILTIN_DETAILS,
@@ -86,6 +87,7 @@ def test_no_two_decisions_share_a_key():
 def test_temporary_decisions_are_4xx_and_tell_providers_to_retry():
     temporary = {RcptVerdict.TEMPFAIL, RcptVerdict.TOO_MANY_RECIPIENTS, AuthReason.DNS_TEMPERROR,
                  ScanReason.SCANNER_ERROR, ScanReason.SCANNER_UNAVAILABLE,
+                 SpamReason.SOFT_REJECT, SpamReason.GREYLIST, SpamReason.FILTER_UNAVAILABLE,
                  MessageVerdict.STORE_TEMPFAIL, MessageVerdict.BOUNCE_TEMPFAIL, MessageVerdict.ACL_TEMPFAIL,
                  SessionVerdict.DATA_BUDGET_EXHAUSTED, SessionVerdict.DATA_TOO_SLOW}
     for decision, reply in REPLIES.items():

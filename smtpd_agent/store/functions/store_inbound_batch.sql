@@ -6,7 +6,9 @@
 -- mailboxes it is for; each delivery names its content by position (1-based).
 -- A row per delivery, in order: its position, the stored (or already stored)
 -- message, its thread, and the agent job made. The job commits with the
--- message or not at all; whether to answer is the worker's decision.
+-- message or not at all; whether to answer is the worker's decision. Mail
+-- labelled spam gets no job: it is held from the agent until released
+-- (store/quarantine.py queues the job then).
 CREATE FUNCTION store_inbound_batch(
     p_contents message_content[], p_attachments message_attachment[],
     p_deliveries inbound_delivery[], p_thread_window interval)
@@ -33,7 +35,8 @@ BEGIN
           INTO o_message_id, o_thread_id, o_duplicate
           FROM store_inbound_message(d, c, v_attachments, p_thread_window) AS s;
         o_job_id := NULL;
-        IF d.auto_reply AND NOT o_duplicate THEN
+        IF d.auto_reply AND NOT o_duplicate
+           AND NOT coalesce(c.spam, false) THEN
             INSERT INTO agent_jobs (workspace_id, agent_id, thread_id, message_id)
             VALUES (d.workspace_id, d.agent_id, o_thread_id, o_message_id)
             RETURNING id INTO o_job_id;

@@ -23,7 +23,8 @@ BEGIN
         "references", from_header, from_address, to_header, cc_header, reply_to, subject, sent_at,
         headers, text_body, html_body, raw_sha256, size, mail_from, rcpt_to, client_ip, helo, tls,
         tls_version, session_id, queue_id, defects, spf, dkim, dmarc, arc, auth_results,
-        auth_detail, quarantined, scan_status, scan_signature, received_at, iprev, labels)
+        auth_detail, quarantined, scan_status, scan_signature, spam, spam_status, spam_action,
+        spam_score, spam_required, spam_symbols, received_at, iprev, labels)
     VALUES (
         p_workspace_id, p_agent_id, p_thread_id, p_direction, p_status, c.dedup_key, c.message_id,
         coalesce(c.in_reply_to, '{}'), coalesce(c."references", '{}'), c.from_header,
@@ -32,7 +33,8 @@ BEGIN
         c.mail_from, p_rcpt_to, c.client_ip, c.helo, coalesce(c.tls, false), c.tls_version,
         c.session_id, c.queue_id, coalesce(c.defects, '{}'), c.spf, c.dkim, c.dmarc, c.arc,
         c.auth_results, c.auth_detail, coalesce(c.quarantined, false), c.scan_status,
-        c.scan_signature, coalesce(c.received_at, now()), c.iprev,
+        c.scan_signature, coalesce(c.spam, false), c.spam_status, c.spam_action, c.spam_score,
+        c.spam_required, c.spam_symbols, coalesce(c.received_at, now()), c.iprev,
         CASE WHEN p_direction = 'inbound' THEN ARRAY['unread'] ELSE '{}'::text[] END)
     RETURNING id INTO v_message_id;
 
