@@ -27,6 +27,7 @@ import asyncpg
 from smtpd_agent.app import App, MailServer
 from smtpd_agent.http import HttpServer
 from smtpd_agent.config import Settings, load_settings
+from smtpd_agent.store import directory
 
 DEFAULT_DOMAIN = "agents.test"
 # Short enough that DNS timeout tests stay fast, long enough for a loaded CI box.
@@ -328,3 +329,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def start_with_acme_support(url: str, settings: Settings) -> ServerThread:
+    """A running server whose database has the workspace acme and its agent support (no
+    auto-reply): what the hostile-client suites deliver to alongside their attacks."""
+    server = ServerThread(settings).start()
+
+    async def prepare() -> None:
+        connection = await asyncpg.connect(url)
+        try:
+            await directory.add_workspace(connection, "acme")
+            await directory.add_agent(connection, "acme", "support", auto_reply=False)
+        finally:
+            await connection.close()
+
+    asyncio.run(prepare())
+    return server

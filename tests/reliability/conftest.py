@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
-import asyncpg
 import pytest
 
-from smtpd_agent.store import directory
-from tests.support import ServerThread, make_settings
+from tests.support import make_settings, ServerThread, start_with_acme_support
 
 
 @pytest.fixture(scope="module")
@@ -17,14 +15,6 @@ def fuzz_server(cluster, dns_server_session, tmp_path_factory) -> Iterator[Serve
     url = asyncio.run(cluster.new_database())
     settings = make_settings(url, tmp_path_factory.mktemp("fuzz"), **{
         "dns.nameservers": [dns_server_session.nameserver], "smtp.command_timeout": 5})
-    server = ServerThread(settings).start()
-
-    async def prepare() -> None:
-        connection = await asyncpg.connect(url)
-        await directory.add_workspace(connection, "acme")
-        await directory.add_agent(connection, "acme", "support", auto_reply=False)
-        await connection.close()
-
-    asyncio.run(prepare())
+    server = start_with_acme_support(url, settings)
     yield server
     server.stop()

@@ -20,9 +20,9 @@ import psutil
 import pytest
 
 from smtpd_agent.smtp import replies
-from smtpd_agent.store import directory
 from tests.reliability.test_hostile_smtp import alongside
-from tests.support import DEFAULT_DOMAIN, ServeProcess, ServerThread, enhanced, make_settings
+from tests.support import (
+    DEFAULT_DOMAIN, enhanced, make_settings, ServeProcess, ServerThread, start_with_acme_support)
 
 RCPT = f"support@acme.{DEFAULT_DOMAIN}"
 ZONE = "bl.edge.test"
@@ -41,15 +41,7 @@ def edge_server(cluster, dns_server_session, tmp_path_factory) -> Iterator[Serve
         "edge.dnsbl": [ZONE, REFUSING_ZONE], "edge.dnsbl_timeout": DNSBL_TIMEOUT,
         "edge.failed_rcpt_rate": FAILED_RCPT_RATE, "edge.ban_seconds": BAN_SECONDS,
         "edge.connection_rate": 1000, "edge.message_rate": 1000})
-    server = ServerThread(settings).start()
-
-    async def prepare() -> None:
-        connection = await asyncpg.connect(url)
-        await directory.add_workspace(connection, "acme")
-        await directory.add_agent(connection, "acme", "support", auto_reply=False)
-        await connection.close()
-
-    asyncio.run(prepare())
+    server = start_with_acme_support(url, settings)
     yield server
     server.stop()
 
@@ -345,15 +337,7 @@ def marking_server(cluster, dns_server, tmp_path) -> Iterator[ServerThread]:
         "edge.dnsbl": [ZONE], "edge.dnsbl_action": "mark",
         "edge.connection_rate": CONNECTION_RATE, "edge.message_rate": MESSAGE_RATE,
         "edge.ban_seconds": 60})
-    server = ServerThread(settings).start()
-
-    async def prepare() -> None:
-        connection = await asyncpg.connect(url)
-        await directory.add_workspace(connection, "acme")
-        await directory.add_agent(connection, "acme", "support", auto_reply=False)
-        await connection.close()
-
-    asyncio.run(prepare())
+    server = start_with_acme_support(url, settings)
     yield server
     server.stop()
 

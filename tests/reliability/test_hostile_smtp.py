@@ -19,15 +19,14 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import asyncpg
 import psutil
 import pytest
 
 from smtpd_agent.smtp import replies
 from smtpd_agent.smtp.limits import LIVENESS_TTL
-from smtpd_agent.store import directory
-from tests.support import (DEFAULT_DOMAIN, Dialogue, ServeProcess, ServerThread, enhanced,
-                           make_settings, smtp_send)
+from tests.support import (
+    DEFAULT_DOMAIN, Dialogue, enhanced, make_settings, ServeProcess, ServerThread, smtp_send,
+    start_with_acme_support)
 from tests.tls import client_context, write_self_signed
 
 RCPT = f"support@acme.{DEFAULT_DOMAIN}"
@@ -122,15 +121,7 @@ def hostile_server(cluster, dns_server_session, tmp_path_factory) -> Iterator[Se
         "smtp.max_commands": MAX_COMMANDS, "smtp.min_data_rate": MIN_DATA_RATE,
         "smtp.data_rate_window": 1.0, "smtp.data_memory_budget": DATA_BUDGET,
         "smtp.tls_cert": str(cert), "smtp.tls_key": str(key)})
-    server = ServerThread(settings).start()
-
-    async def prepare() -> None:
-        connection = await asyncpg.connect(url)
-        await directory.add_workspace(connection, "acme")
-        await directory.add_agent(connection, "acme", "support", auto_reply=False)
-        await connection.close()
-
-    asyncio.run(prepare())
+    server = start_with_acme_support(url, settings)
     yield server
     server.stop()
 
