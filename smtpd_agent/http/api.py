@@ -56,6 +56,17 @@ def decode_cursor(value: str) -> Cursor:
     return Cursor(moment, number)
 
 
+def page_limit(request: web.Request) -> int:
+    """The `limit` query parameter of a listing: 1 to MAX_PAGE, DEFAULT_PAGE when absent."""
+    try:
+        limit = int(request.query.get("limit", DEFAULT_PAGE))
+    except ValueError:
+        raise HttpError(400, "limit: expected an integer") from None
+    if not 1 <= limit <= MAX_PAGE:
+        raise HttpError(400, f"limit: must be 1-{MAX_PAGE}")
+    return limit
+
+
 def row_id(request: web.Request, name: str) -> int:
     number = int(request.match_info[name])  # the route admits digits only
     if not 0 < number <= BIGINT_MAX:
@@ -97,12 +108,7 @@ class InboxApi:
                  if HANDLE.match(handle.lower()) else None)
         if agent is None:
             raise HttpError(404, "no such agent")
-        try:
-            limit = int(request.query.get("limit", DEFAULT_PAGE))
-        except ValueError:
-            raise HttpError(400, "limit: expected an integer") from None
-        if not 1 <= limit <= MAX_PAGE:
-            raise HttpError(400, f"limit: must be 1-{MAX_PAGE}")
+        limit = page_limit(request)
         after = None
         if "cursor" in request.query:
             try:

@@ -24,7 +24,7 @@ from ..store import directory
 from ..store import mailbox as queries
 from ..store.apikeys import Scope, create_key, list_keys, parse_scopes, revoke_key
 from ..store.directory import HANDLE, ReplyMode
-from .api import DEFAULT_PAGE, MAX_PAGE, InboxApi, row_id
+from .api import InboxApi, page_limit, row_id
 from .responses import HttpError, json_response
 
 log = structlog.get_logger(__name__)
@@ -204,18 +204,23 @@ class MailboxApi:
             raise _fail(error) from None
         return await self._sent(owner.workspace_id, sent)
 
+    async def _agent_filter(self, request: web.Request, workspace_id: int) -> int | None:
+        """The `agent` query parameter (a handle of this workspace) as an agent id, if given."""
+        if "agent" not in request.query:
+            return None
+        handle = request.query["agent"]
+        found = (await queries.agent(self.db, workspace_id, handle)
+                 if HANDLE.match(handle.lower()) else None)
+        if found is None:
+            raise HttpError(404, "no such agent")
+        agent_id: int = found["id"]
+        return agent_id
+
     # --- drafts -------------------------------------------------------------------------
 
     async def drafts(self, request: web.Request) -> web.Response:
         owner = await self.api.owner(request, Scope.READ)
-        agent_id = None
-        if "agent" in request.query:
-            handle = request.query["agent"]
-            found = (await queries.agent(self.db, owner.workspace_id, handle)
-                     if HANDLE.match(handle.lower()) else None)
-            if found is None:
-                raise HttpError(404, "no such agent")
-            agent_id = found["id"]
+        agent_id = await self._agent_filter(request, owner.workspace_id)
         return json_response({"drafts": await queries.drafts(self.db, owner.workspace_id,
                                                              agent_id)})
 
@@ -336,20 +341,8 @@ class MailboxApi:
         text = request.query.get("q", "").strip()
         if not text or len(text) > 500 or "\x00" in text:
             raise HttpError(400, "q: 1-500 characters")
-        try:
-            limit = int(request.query.get("limit", DEFAULT_PAGE))
-        except ValueError:
-            raise HttpError(400, "limit: expected an integer") from None
-        if not 1 <= limit <= MAX_PAGE:
-            raise HttpError(400, f"limit: must be 1-{MAX_PAGE}")
-        agent_id = None
-        if "agent" in request.query:
-            handle = request.query["agent"]
-            found = (await queries.agent(self.db, owner.workspace_id, handle)
-                     if HANDLE.match(handle.lower()) else None)
-            if found is None:
-                raise HttpError(404, "no such agent")
-            agent_id = found["id"]
+        limit = page_limit(request)
+        agent_id = await self._agent_filter(request, owner.workspace_id)
         after = None
         if "cursor" in request.query:
             after = _search_cursor(request.query["cursor"])
