@@ -20,7 +20,7 @@ import ssl
 import warnings
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -55,31 +55,31 @@ def string_to_sign(message: dict[str, Any]) -> bytes:
     return "".join(parts).encode()
 
 
-def certificate_url_allowed(url: str, origin: re.Pattern[str]) -> bool:
-    """SigningCertURL: the configured origin, then exactly Amazon's certificate path."""
+def _amazon_url(url: str, origin: re.Pattern[str]) -> SplitResult | None:
+    """The URL split, if it starts with the configured origin and carries no user info,
+    no fragment and is well formed; else None."""
     if not origin.match(url):
-        return False
+        return None
     try:
         parts = urlsplit(url)
         userinfo = parts.username is not None or parts.password is not None
     except ValueError:
-        return False
-    return (not userinfo and not parts.query and not parts.fragment
+        return None
+    return None if userinfo or parts.fragment else parts
+
+
+def certificate_url_allowed(url: str, origin: re.Pattern[str]) -> bool:
+    """SigningCertURL: the configured origin, then exactly Amazon's certificate path."""
+    parts = _amazon_url(url, origin)
+    return (parts is not None and not parts.query
             and CERTIFICATE_PATH.fullmatch(parts.path) is not None)
 
 
 def subscribe_url_allowed(url: str, origin: re.Pattern[str]) -> bool:
     """SubscribeURL: the configured origin, path `/`, Action=ConfirmSubscription."""
-    if not origin.match(url):
-        return False
-    try:
-        parts = urlsplit(url)
-        userinfo = parts.username is not None or parts.password is not None
-    except ValueError:
-        return False
-    action = parse_qs(parts.query).get("Action")
-    return (not userinfo and not parts.fragment and parts.path == "/"
-            and action == ["ConfirmSubscription"])
+    parts = _amazon_url(url, origin)
+    return (parts is not None and parts.path == "/"
+            and parse_qs(parts.query).get("Action") == ["ConfirmSubscription"])
 
 
 def check_timestamp(message: dict[str, Any], now: datetime.datetime, max_age: float) -> None:
