@@ -14,8 +14,8 @@ What rspamd is told. The message as it will be stored (our
 Authentication-Results and Received headers first, so rspamd's rules see
 our SPF/DKIM/DMARC verdicts) and, as protocol headers, the client IP, the
 HELO name, the envelope sender, one `Rcpt` per recipient, our queue id and
-our host name (`MTA-Name`). The client's reverse DNS (`Hostname`) is not
-sent: it is the edge's to establish (iprev), not guessed here.
+our host name (`MTA-Name`), and the client's name (`Hostname`) only when the
+edge's iprev confirmed it forward (rspamd reads a missing one as unresolved).
 
 Its action decides (rspamd's names): `reject` -> reject (550 5.7.1);
 `soft reject` -> tempfail (451); `add header` / `rewrite subject` -> label
@@ -166,6 +166,8 @@ def request_headers(message: InboundMessage, hostname: str, queue_id: str) -> CI
     if queue_id:
         headers["Queue-Id"] = _header_value(queue_id)
     headers["MTA-Name"] = _header_value(hostname)
+    if envelope.iprev is not None and envelope.iprev.confirmed_name:
+        headers["Hostname"] = _header_value(envelope.iprev.confirmed_name)
     return headers
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from smtpd_agent.config import SpamSettings
 from smtpd_agent.message import parse_message
-from smtpd_agent.record import Envelope, InboundMessage, Mailbox, Recipient
+from smtpd_agent.record import Envelope, InboundMessage, Iprev, Mailbox, Recipient
 from smtpd_agent.spam import (Disposition, SpamReason, RspamdAction, RspamdOutcome, SpamResult,
                               classify, decide, parse_reply, request_headers)
 
@@ -96,3 +96,16 @@ def test_request_headers_one_rcpt_per_recipient_and_nothing_unsafe() -> None:
     assert (headers["IP"], headers["From"], headers["Queue-Id"], headers["MTA-Name"]) == (
         "192.0.2.7", "alice@example.org", "Q1", "mx.example")
     assert headers["Helo"] == "mail.exampleX-Evil: 1"
+    assert "Hostname" not in headers  # no iprev: rspamd must not be told a name we never checked
+
+
+@pytest.mark.parametrize("iprev,hostname", [
+    (Iprev("pass", "192.0.2.7", "mail.example.org"), "mail.example.org"),
+    (Iprev("fail", "192.0.2.7", "forged.example.org"), None),
+    (Iprev("permerror", "192.0.2.7"), None),
+])
+def test_hostname_is_sent_only_when_iprev_confirmed_it(iprev, hostname) -> None:
+    envelope = Envelope(session_id="s", client_ip="192.0.2.7", mail_from="a@example.org",
+                        recipients=(Recipient("a@acme.example", MAILBOX),), iprev=iprev)
+    message = InboundMessage(envelope=envelope, raw=b"", parsed=parse_message(b"\r\n"))
+    assert request_headers(message, "mx.example", "Q1").get("Hostname") == hostname
