@@ -105,7 +105,7 @@ def test_request_headers_one_rcpt_per_recipient_and_nothing_unsafe() -> None:
     (Iprev("permerror", "192.0.2.7"), None),
 ])
 def test_hostname_is_sent_only_when_iprev_confirmed_it(iprev, hostname) -> None:
-    envelope = Envelope(session_id="s", client_ip="192.0.2.7", mail_from="a@example.org",
-                        recipients=(Recipient("a@acme.example", MAILBOX),), iprev=iprev)
+    envelope = Envelope(session_id="s", client_ip="192.0.2.7", helo="client.example",
+                        mail_from="a@example.org", recipients=(Recipient("a@acme.example", MAILBOX),), iprev=iprev)
     message = InboundMessage(envelope=envelope, raw=b"", parsed=parse_message(b"\r\n"))
     assert request_headers(message, "mx.example", "Q1").get("Hostname") == hostname
