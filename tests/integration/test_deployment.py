@@ -53,7 +53,7 @@ def serve_with_flag(database_url, dns_server, tmp_path):
         process = subprocess.Popen(
             [sys.executable, "-m", "smtpd_agent", "serve", "--default-domain", "example.test",
              "--state-dir", str(tmp_path / "state"), "--port", str(port),
-             "--http-port", str(free_port())],
+             "--http-port", "0"],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
