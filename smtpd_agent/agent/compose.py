@@ -18,6 +18,8 @@ from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime
 
+from ..message import Attachment
+
 # Only reply prefixes are folded: "Re: Re: Aw: x" -> "Re: x" (RFC 5322 section 3.6.5).
 REPLY_PREFIX = re.compile(r"^\s*((re|aw|sv|antw|vs|rif|r)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
 # A long References chain is trimmed to the first and the last ones (RFC 5322 allows it).
@@ -81,13 +83,6 @@ def text_to_html(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class OutgoingAttachment:
-    filename: str
-    content_type: str
-    content: bytes
-
-
-@dataclass(frozen=True)
 class Outgoing:
     """A message an agent sends: every address and threading header from our records, the
     body from the model or the API caller. Bcc never becomes a header (the queue gets it)."""
@@ -101,7 +96,7 @@ class Outgoing:
     cc: tuple[str, ...] = ()
     in_reply_to: tuple[str, ...] = ()
     references: tuple[str, ...] = ()
-    attachments: tuple[OutgoingAttachment, ...] = ()
+    attachments: tuple[Attachment, ...] = ()
     auto_submitted: str | None = None
 
 

@@ -23,9 +23,11 @@ from ..outbound.queue import is_suppressed
 from ..runtime import Runtime
 from ..store import acl
 from ..store.lease import poll
+from . import caps as limits
 from . import jobs
+from .caps import Caps
 from .compose import Original, compose_reply
-from .jobs import Caps, Job
+from .jobs import Job
 from .llm import LLM, Completion, classify_error, deprecation_of
 from .policy import loop_skip_reason, parent_domains, reply_address, retry_delay
 from .prompt import build_prompt, one_correspondent
@@ -114,10 +116,7 @@ class AgentWorkers:
         await poll(step, interval=agent.poll_interval, stopping=self._stopping, name=worker)
 
     def caps(self) -> Caps:
-        agent = self.settings.agent
-        return Caps(agent.correspondent_replies_per_hour, agent.agent_replies_per_hour,
-                    agent.workspace_replies_per_hour, agent.workspace_replies_per_day,
-                    agent.new_recipients_per_day)
+        return Caps.of(self.settings.agent)
 
     async def process(self, job: Job, worker: str) -> None:
         """One claimed job to a final state (done, skipped, failed) or back to pending."""
@@ -160,8 +159,10 @@ class AgentWorkers:
                 reason = f"recipient refused by the allow/block lists ({decision.reason})"
         caps = self.caps()
         if reason is None and to_address is not None:
-            reason = jobs.limit_reason(await jobs.recent_replies(db, job, to_address),
-                                       await jobs.cap_counts(db, job, to_address), caps)
+            # checked again under the workspace's lock when the reply is stored
+            refused = await limits.check(db, job.workspace_id, job.agent_id, (to_address,),
+                                         caps)
+            reason = refused.reason if refused else None
         if reason is None and self.llm is None and not settings.offline_reply:
             reason = NO_LLM
         if reason is not None or to_address is None:

@@ -37,7 +37,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except HttpError as failure:
-        return error(failure.status, failure.message, failure.headers)
+        return error(failure.status, failure.message, failure.headers, failure.rule)
     except web.HTTPException as failure:
         if failure.status >= 400:
             # Keep what the status needs (Allow on 405); the body and its type are ours.
@@ -70,8 +70,7 @@ class HttpServer:
         router = runtime.router
         health = Health(runtime.pool, settings, pipeline.scanner, pipeline.spam_filter)
         api = InboxApi(runtime.pool)
-        mailbox = MailboxApi(runtime.pool, api, Mailboxes(
-            runtime.pool, settings.server.default_domain, settings.smtp.max_message_size))
+        mailbox = MailboxApi(runtime.pool, api, Mailboxes(runtime.pool, settings))
         self.webhooks = hooks = Webhooks(settings.http, pipeline, router, runtime.pool,
                                          runtime.metrics)
         spec = openapi_spec()
@@ -116,6 +115,7 @@ class HttpServer:
         app.router.add_delete(f"{workspace}/keys/{ident}", mailbox.revoke_key)
         app.router.add_get(f"{workspace}/threads/{ident}", api.thread)
         app.router.add_post(f"{workspace}/threads/{ident}/reply", mailbox.reply)
+        app.router.add_get(f"{workspace}/messages/{ident}", mailbox.message)
         app.router.add_patch(f"{workspace}/messages/{ident}", mailbox.labels)
         app.router.add_get(f"{workspace}/search", mailbox.search)
         app.router.add_get(f"{workspace}/drafts", mailbox.drafts)
