@@ -19,6 +19,7 @@ from email.policy import SMTP
 from email.utils import format_datetime
 
 from ..message import Attachment
+from ..record import StoredInbound
 
 # Only reply prefixes are folded: "Re: Re: Aw: x" -> "Re: x" (RFC 5322 section 3.6.5).
 REPLY_PREFIX = re.compile(r"^\s*((re|aw|sv|antw|vs|rif|r)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
@@ -36,6 +37,11 @@ class Original:
     references: tuple[str, ...]
     subject: str | None
     in_reply_to: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, inbound: StoredInbound) -> Original:
+        return cls(inbound.message_id, inbound.references, inbound.subject,
+                   inbound.in_reply_to)
 
 
 @dataclass(frozen=True)

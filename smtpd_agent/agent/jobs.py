@@ -21,7 +21,8 @@ import asyncpg
 from ..outbound.queue import enqueue
 from ..store import lease as lease_queue
 from ..store.lease import NOW, Lease, LeaseQueue
-from ..store.mailbox import DraftFields, add_draft
+from ..record import StoredInbound
+from ..store.mailbox import STORED_INBOUND, DraftFields, add_draft, stored_inbound
 from ..store.messages import OutboundRow, store_outbound
 from .compose import ComposedReply
 from .llm import Completion
@@ -62,14 +63,10 @@ class AgentRecord:
 
 @dataclass(frozen=True)
 class InboundRecord:
+    """The message a job answers: what the decision reads, and what the reply answers."""
+
     facts: MessageFacts
-    message_id: str | None
-    references: tuple[str, ...]
-    in_reply_to: tuple[str, ...]
-    subject: str | None
-    from_address: str | None
-    reply_to: str | None
-    rcpt_to: str | None
+    message: StoredInbound
 
 
 async def claim(db: asyncpg.Pool, worker: str, lease: float) -> Job | None:
@@ -92,11 +89,12 @@ async def load_agent(db: asyncpg.Pool, job: Job) -> AgentRecord | None:
 
 async def load_inbound(db: asyncpg.Pool, job: Job) -> InboundRecord | None:
     row = await db.fetchrow(
-        """SELECT headers, mail_from, from_address, dmarc, scan_status, message_id,
-                  (quarantined OR spam) AND released_at IS NULL AS quarantined,
-                  "references", in_reply_to, subject, reply_to, rcpt_to, auth_detail
-             FROM messages
-            WHERE id = $1 AND workspace_id = $2 AND agent_id = $3 AND direction = 'inbound'""",
+        f"""SELECT m.headers, m.mail_from, m.dmarc, m.scan_status, m.auth_detail,
+                   (m.quarantined OR m.spam) AND m.released_at IS NULL AS quarantined,
+                   {STORED_INBOUND}
+              FROM messages m
+             WHERE m.id = $1 AND m.workspace_id = $2 AND m.agent_id = $3
+               AND m.direction = 'inbound'""",
         job.message_id, job.workspace_id, job.agent_id)
     if row is None:
         return None
@@ -104,11 +102,7 @@ async def load_inbound(db: asyncpg.Pool, job: Job) -> InboundRecord | None:
         row["auth_detail"], headers=tuple((str(k), str(v)) for k, v in row["headers"]),
         mail_from=row["mail_from"], from_address=row["from_address"], dmarc=row["dmarc"],
         quarantined=row["quarantined"], scan_status=row["scan_status"])
-    return InboundRecord(facts=facts, message_id=row["message_id"],
-                         references=tuple(row["references"]),
-                         in_reply_to=tuple(row["in_reply_to"]), subject=row["subject"],
-                         from_address=row["from_address"], reply_to=row["reply_to"],
-                         rcpt_to=row["rcpt_to"])
+    return InboundRecord(facts, stored_inbound(row))
 
 
 async def load_transcript(db: asyncpg.Pool, job: Job, correspondent: str,
@@ -155,13 +149,6 @@ async def custom_domains_among(db: asyncpg.Pool, names: list[str]) -> frozenset[
         return frozenset()
     rows = await db.fetch("SELECT name FROM domains WHERE name = ANY($1::text[])", names)
     return frozenset(r["name"] for r in rows)
-
-
-async def receiving_domain_of(db: asyncpg.Pool, job: Job, name: str) -> bool:
-    """True when `name` is a custom domain of the job's workspace that receives mail."""
-    return bool(await db.fetchval(
-        """SELECT EXISTS (SELECT 1 FROM domains WHERE name = $1 AND workspace_id = $2
-                            AND state IN ('verified', 'degraded'))""", name, job.workspace_id))
 
 
 async def _end(db: asyncpg.Pool | asyncpg.Connection, job: Job, state: str,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from email.utils import getaddresses
 from typing import Any
 
-from ..addresses import domain_of, within
+from ..addresses import OurDomains, domain_of, within
 from ..auth.dmarc import organizational_domain
 
 # Local parts that are machines, not people (RFC 3834 section 2, RFC 2142, common practice).
@@ -173,3 +173,14 @@ def _single_address(value: str) -> str | None:
             or not address.partition("@")[0] or "." not in address.partition("@")[2]):
         return None
     return address
+
+
+def agent_address(handle: str, slug: str, rcpt_domain: str | None, ours: OurDomains,
+                  custom_domain_ok: bool = False) -> str:
+    """The agent's address on the domain the correspondent wrote to, if that domain is its own
+    (its workspace's subdomain, or a custom domain of its workspace that receives: the
+    caller looks that up); else the default one. Replies of the built-in agent and over
+    the API alike."""
+    if rcpt_domain and (custom_domain_ok or ours.workspace(rcpt_domain) == slug):
+        return f"{handle}@{rcpt_domain}"
+    return ours.agent_address(handle, slug)

@@ -22,7 +22,7 @@ import asyncpg
 import structlog
 
 from ..acl import AclDirection
-from ..addresses import OurDomains
+from ..addresses import OurDomains, parse_address
 from ..agent import caps as limits
 from ..agent.caps import Caps
 from ..agent.compose import (
@@ -33,11 +33,12 @@ from ..agent.compose import (
     reply_references,
     reply_subject,
 )
-from ..agent.policy import reply_address
+from ..agent.policy import agent_address, reply_address
 from ..config import Settings
 from ..message import Attachment, normalize_subject
 from ..outbound.queue import enqueue, normalize_address
 from ..store import acl
+from ..store import domains as domain_store
 from ..store import mailbox as store
 from ..store.messages import OutboundRow, store_outbound
 
@@ -209,22 +210,23 @@ class Mailboxes:
         target = await store.reply_target(self.db, workspace_id, thread_id)
         if target is None:
             raise SendError(Problem.NOT_FOUND, "no such thread")
+        inbound = target.inbound
         to = request.to
         if not to:
             # the built-in agent's rule: From, or a Reply-To of the same organization
-            found = reply_address(target.from_address, target.reply_to) or target.correspondent
+            found = (reply_address(inbound.from_address, inbound.reply_to) if inbound else None
+                     ) or target.correspondent
             if not found:
                 raise SendError(Problem.INVALID, "the thread has no correspondent: give to")
             to = (valid_address(found),)
-        if target.message_id is None and target.from_address is None:
+        if inbound is None:
             # no inbound mail yet: answer our own newest message in the thread
             last = await store.last_message_of(self.db, workspace_id, thread_id)
             original = Original(last["message_id"] if last else None,
                                 tuple(last["references"]) if last else (),
                                 last["subject"] if last else target.thread_subject)
         else:
-            original = Original(target.message_id, target.references, target.subject,
-                                target.in_reply_to)
+            original = Original.of(inbound)
         in_reply_to = (original.message_id,) if original.message_id else ()
         request = SendRequest(to, request.cc, request.bcc, request.subject, request.text,
                               request.html, request.attachments)
@@ -239,20 +241,15 @@ class Mailboxes:
                                  outgoing, request, key, fingerprint, draft_id)
 
     async def _reply_from(self, workspace_id: int, target: store.ReplyTarget) -> str:
-        """The agent's address on the domain the correspondent wrote to, when it is the
-        workspace's own (its subdomain, or a custom domain that receives); else the default
-        (the built-in agent's rule, agent/worker.py)."""
+        """The built-in agent's rule (agent/policy.agent_address): the agent's address on the
+        domain the correspondent wrote to when it is the workspace's own."""
         ours = OurDomains(self.default_domain)
         slug = await self.db.fetchval("SELECT slug FROM workspaces WHERE id = $1", workspace_id)
-        domain = (target.rcpt_to or "").rpartition("@")[2].lower()
-        if domain and ours.workspace(domain) == slug:
-            return f"{target.handle}@{domain}"
-        if domain and not ours.is_ours(domain) and await self.db.fetchval(
-                """SELECT EXISTS (SELECT 1 FROM domains WHERE name = $1 AND workspace_id = $2
-                                    AND state IN ('verified', 'degraded'))""",
-                domain, workspace_id):
-            return f"{target.handle}@{domain}"
-        return ours.agent_address(target.handle, slug)
+        rcpt = parse_address(target.inbound.rcpt_to or "") if target.inbound else None
+        domain = rcpt.domain if rcpt else None
+        custom_ok = (domain is not None and not ours.is_ours(domain)
+                     and await domain_store.receives_for(self.db, workspace_id, domain))
+        return agent_address(target.handle, slug, domain, ours, custom_ok)
 
     async def _store(self, workspace_id: int, agent_id: int, enabled: bool,
                      thread_id: int | None, outgoing: Outgoing, request: SendRequest,

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from ..message import Attachment
+from ..record import StoredInbound
 
 DB = asyncpg.Pool | asyncpg.Connection
 
@@ -36,9 +37,22 @@ async def agent(db: DB, workspace_id: int, handle: str) -> dict[str, Any] | None
     return dict(row) if row else None
 
 
+# The columns of a stored inbound message `m` that make a StoredInbound (stored_inbound()).
+STORED_INBOUND = """m.message_id, coalesce(m."references", '{}') AS "references",
+                    coalesce(m.in_reply_to, '{}') AS in_reply_to, m.subject, m.from_address,
+                    m.reply_to, m.rcpt_to"""
+
+
+def stored_inbound(row: Any) -> StoredInbound:
+    return StoredInbound(row["message_id"], tuple(row["references"]),
+                         tuple(row["in_reply_to"]), row["subject"], row["from_address"],
+                         row["reply_to"], row["rcpt_to"])
+
+
 @dataclass(frozen=True)
 class ReplyTarget:
-    """A thread of the workspace and the newest inbound message in it (what a reply answers)."""
+    """A thread of the workspace, its agent, and the newest inbound message in it (what a
+    reply answers; None before anyone wrote in)."""
 
     thread_id: int
     agent_id: int
@@ -47,38 +61,27 @@ class ReplyTarget:
     enabled: bool
     thread_subject: str | None
     correspondent: str | None
-    message_id: str | None
-    references: tuple[str, ...]
-    in_reply_to: tuple[str, ...]
-    subject: str | None
-    from_address: str | None
-    reply_to: str | None
-    mail_from: str | None
-    dmarc: str | None
-    rcpt_to: str | None
+    inbound: StoredInbound | None
 
 
 async def reply_target(db: DB, workspace_id: int, thread_id: int) -> ReplyTarget | None:
     row = await db.fetchrow(
-        """SELECT t.id AS thread_id, t.agent_id, a.handle, a.display_name, a.enabled,
-                  t.subject AS thread_subject, t.correspondent, m.message_id,
-                  coalesce(m."references", '{}') AS "references",
-                  coalesce(m.in_reply_to, '{}') AS in_reply_to, m.subject, m.from_address,
-                  m.reply_to, m.mail_from, m.dmarc, m.rcpt_to
-             FROM threads t
-             JOIN agents a ON a.id = t.agent_id AND a.workspace_id = t.workspace_id
-             LEFT JOIN LATERAL (
-                 SELECT * FROM messages m
-                  WHERE m.thread_id = t.id AND m.workspace_id = t.workspace_id
-                    AND m.direction = 'inbound'
-                  ORDER BY m.received_at DESC, m.id DESC LIMIT 1) m ON true
-            WHERE t.workspace_id = $1 AND t.id = $2""", workspace_id, thread_id)
+        f"""SELECT t.id AS thread_id, t.agent_id, a.handle, a.display_name, a.enabled,
+                   t.subject AS thread_subject, t.correspondent, m.id AS inbound_id,
+                   {STORED_INBOUND}
+              FROM threads t
+              JOIN agents a ON a.id = t.agent_id AND a.workspace_id = t.workspace_id
+              LEFT JOIN LATERAL (
+                  SELECT * FROM messages m
+                   WHERE m.thread_id = t.id AND m.workspace_id = t.workspace_id
+                     AND m.direction = 'inbound'
+                   ORDER BY m.received_at DESC, m.id DESC LIMIT 1) m ON true
+             WHERE t.workspace_id = $1 AND t.id = $2""", workspace_id, thread_id)
     if row is None:
         return None
-    values = dict(row)
-    values["references"] = tuple(values["references"])
-    values["in_reply_to"] = tuple(values["in_reply_to"])
-    return ReplyTarget(**values)
+    return ReplyTarget(row["thread_id"], row["agent_id"], row["handle"], row["display_name"],
+                       row["enabled"], row["thread_subject"], row["correspondent"],
+                       stored_inbound(row) if row["inbound_id"] is not None else None)
 
 
 async def last_message_of(db: DB, workspace_id: int, thread_id: int) -> dict[str, Any] | None:
