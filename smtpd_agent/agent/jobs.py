@@ -19,15 +19,15 @@ from typing import Any
 import asyncpg
 
 from ..outbound.queue import enqueue
+from ..record import StoredInbound
 from ..store import lease as lease_queue
 from ..store.lease import NOW, Lease, LeaseQueue
-from ..record import StoredInbound
 from ..store.mailbox import STORED_INBOUND, DraftFields, add_draft, stored_inbound
 from ..store.messages import OutboundRow, store_outbound
-from .compose import ComposedReply
-from .llm import Completion
 from . import caps as limits
 from .caps import Caps
+from .compose import ComposedReply
+from .llm import Completion
 from .policy import MessageFacts
 from .prompt import AttachmentNote, TranscriptEntry, body_text
 
