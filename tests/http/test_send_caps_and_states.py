@@ -29,6 +29,7 @@ async def http_sessions():
     yield sessions
     for session in sessions:
         await session.close()
+    await asyncio.sleep(0.05)  # the connector's transports finish closing on this loop
 
 
 async def started(start_server, db, relay, database_url, dns_server,  # noqa: F811
