@@ -3,8 +3,9 @@
 Place: a feature beside the agent; the HTTP API calls it. Whatever the caller
 asks, From is the agent's own address and the threading headers come from the
 stored thread. Every recipient is checked before anything is stored (the
-suppression list; the allow/block lists where they exist) and a refusal names
-its rule. The message is composed once (agent/compose.py), stored in its thread
+suppression list; the allow/block lists where they exist), and so are the caps
+the built-in agent's replies obey (agent/caps.py, under the same workspace
+lock); a refusal names its rule. The message is composed once (agent/compose.py), stored in its thread
 with status 'queued' (store_outbound, the one writer) and queued for delivery
 (outbound/queue.py, which signs and sends it) in one transaction, together with
 its Idempotency-Key.
@@ -128,9 +129,9 @@ def check_request(request: SendRequest, bounds: AttachmentLimits,
     if len(request.attachments) > bounds.count:
         raise SendError(Problem.INVALID, f"at most {bounds.count} attachments "
                         "(http.api_max_attachments)", rule="http.api_max_attachments")
-    for attachment in request.attachments:
+    for number, attachment in enumerate(request.attachments, 1):
         if attachment.size > bounds.size:
-            raise SendError(Problem.TOO_LARGE, f"attachment {attachment.filename!r}: at most "
+            raise SendError(Problem.TOO_LARGE, f"attachment {number}: at most "
                             f"{bounds.size} bytes (http.api_max_attachment_size)",
                             rule="http.api_max_attachment_size")
         if not CONTENT_TYPE.match(attachment.content_type):
