@@ -112,15 +112,18 @@ class Node(ServeProcess):
         assert done.returncode == 0, (argv, done.stdout, done.stderr)
         return done.stdout
 
-    async def command(self, *argv: str) -> str:
+    async def command(self, *argv: str, attempts: int = 1) -> str:
         """The same command's handler run here (no interpreter start-up), with this node's
-        configuration file; its output."""
+        configuration file; its output. `attempts`: as an operator retries `domain check`
+        after "DNS errors, try again later"."""
         args = build_parser().parse_args([*argv, "--config", str(self.config)])
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), capture_logs():
-            code = await with_database(settings_from(args), args.handler, args)
-        assert code == 0, (argv, out.getvalue())
-        return out.getvalue()
+        for _ in range(attempts):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), capture_logs():
+                code = await with_database(settings_from(args), args.handler, args)
+            if code == 0:
+                return out.getvalue()
+        raise AssertionError((argv, out.getvalue()))
 
 
 @pytest.fixture
@@ -135,8 +138,9 @@ def two_nodes(database_url: str, tmp_path: Path, dns_server: DnsTestServer,
         _, relay_url = relay
         common = {
             **agent_overrides(messages_api, **{"agent.lease": 4.0, "agent.timeout": 3.0}),
-            **fast(relay_url, **{"outbound.lease": 4.0, "outbound.timeout": 10.0}),
+            **fast(relay_url, **{"outbound.lease": 4.0, "outbound.timeout": 12.0}),
             "database.pool_max": 6, "domains.key_file": str(tmp_path / "dkim.secret"),
+            "dns.timeout": 3.0,
             # Long: a change seen at once on the other node came through the change feed.
             "routing.cache_ttl": 300.0, **settings}
         a = Node(tmp_path / "a", "127.0.0.2", "mx1.test.local", database_url,
@@ -216,7 +220,7 @@ async def test_each_message_answered_once_and_a_killed_node_loses_nothing(
 
     # B is paused (SIGSTOP) while A takes work, so every lease held at the kill is A's.
     b.signal(signal.SIGSTOP)
-    sink.rcpt_delay = 5.0  # A's deliveries stay in flight at the relay ...
+    sink.rcpt_delay = 8.0  # A's deliveries stay in flight at the relay ...
     for index in range(2):
         a.send(f"d{index}@example.org", f"<delivery-{index}@example.org>")
 
@@ -230,7 +234,7 @@ async def test_each_message_answered_once_and_a_killed_node_loses_nothing(
 
     def load() -> None:
         """Messages to A until it dies: every 250 is written down."""
-        for index in range(40):
+        for index in range(500):
             message_id = f"<load-{index}@example.org>"
             try:
                 a.send(f"l{index}@example.org", message_id)
@@ -244,12 +248,14 @@ async def test_each_message_answered_once_and_a_killed_node_loses_nothing(
 
     async def a_working() -> bool:
         running = await db.fetchval("SELECT count(*) FROM agent_jobs WHERE status = 'running'")
-        return running > 0 and len(accepted) >= 3
+        return running > 0 and len(accepted) >= 1
     await wait_until(a_working, "A leased an agent job", timeout=15)
-    jobs = await db.fetch("SELECT id, lease_token FROM agent_jobs WHERE status = 'running'")
-    deliveries = await db.fetch("SELECT id FROM deliveries WHERE status = 'sending'")
     a.process.kill()  # SIGKILL: no drain, no cleanup, leases left behind
     a.process.wait(10)
+    # With B paused, every lease still held is one the dead A left behind.
+    jobs = await db.fetch("SELECT id FROM agent_jobs WHERE status = 'running'")
+    deliveries = await db.fetch("SELECT id FROM deliveries WHERE status = 'sending'")
+    assert jobs and deliveries, (jobs, deliveries)
     await asyncio.to_thread(loader.join, 30)
     assert refused, "the load to A should have failed once A was killed"
 
@@ -268,11 +274,11 @@ async def test_each_message_answered_once_and_a_killed_node_loses_nothing(
     taken_over = await db.fetch(
         "SELECT status, attempts FROM agent_jobs WHERE id = ANY($1::bigint[])",
         [row["id"] for row in jobs])
-    assert taken_over and all(row["status"] == "done" and row["attempts"] >= 2
+    assert all(row["status"] == "done" and row["attempts"] >= 2
                               for row in taken_over), taken_over
     resent = await db.fetch("SELECT status, attempts FROM deliveries WHERE id = ANY($1::bigint[])",
                             [row["id"] for row in deliveries])
-    assert resent and all(row["status"] == "sent" and row["attempts"] >= 2
+    assert all(row["status"] == "sent" and row["attempts"] >= 2
                           for row in resent), resent
     assert b.process.poll() is None, b.log()
 
@@ -325,7 +331,7 @@ async def test_routing_limits_and_metrics_across_nodes(
     publish(dns_server, json.loads(await a.command("domain", "add", CUSTOM,
                                                    "--workspace", "acme", "--json")))
     assert a.rcpt(f"support@{CUSTOM}") == 550
-    await b.command("domain", "check", CUSTOM)
+    await b.command("domain", "check", CUSTOM, attempts=3)
     assert await wait_code(a, f"support@{CUSTOM}", 250)
     a.send("erin@example.org", "<custom-1@example.org>", rcpt=f"support@{CUSTOM}")
     sent["a"] += 1
