@@ -54,6 +54,7 @@ from smtpd_agent.auth import adapters  # noqa: E402
 from tests.auth.keys import rsa_key, sign  # noqa: E402
 from tests.clamd import Clamd, find_clamd  # noqa: E402
 from tests.dnsserver import DnsTestServer  # noqa: E402
+from tests.ports import DAEMON_PORT_ATTEMPTS, port_owner, probe_port  # noqa: E402
 
 DOMAIN = "bench.test"
 SENDER_DOMAIN = "sender.bench.test"
@@ -257,20 +258,22 @@ class Postfix(Target):
         self.instance: PrivatePostfix | None = None
 
     def start(self) -> None:
-        self.port = free_port()
-        self.instance = PrivatePostfix(self.root, self.port, DOMAIN, self.binary)
-        self.instance.start()
-        self.pid = self.instance.pid
-        process = psutil.Process(self.pid)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
+        # Postfix takes a port number, not 0: probe one, and check that its master got it.
+        for _ in range(DAEMON_PORT_ATTEMPTS):
+            self.port = probe_port()
+            self.instance = PrivatePostfix(self.root, self.port, DOMAIN, self.binary)
+            self.instance.start()
+            self.pid = self.instance.pid
+            deadline = time.monotonic() + 30
+            owner = None
+            while owner is None and time.monotonic() < deadline and psutil.pid_exists(self.pid):
+                owner = port_owner(self.pid, self.port)
                 time.sleep(0.1)
-        raise RuntimeError(f"Postfix ({process.name()}) not listening on {self.port}: "
-                           f"{self.instance.log()}")
+            if owner:
+                return
+            log = self.instance.log()
+            self.stop()
+        raise RuntimeError(f"Postfix did not get a port: {log}")
 
     def stored(self) -> int:
         return self.instance.held() if self.instance else 0

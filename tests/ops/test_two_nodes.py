@@ -18,8 +18,6 @@ import io
 import json
 import signal
 import smtplib
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -43,7 +41,7 @@ from tests.agent.conftest import (  # noqa: F401 - fixtures
 from tests.agent.helpers import mail, parse
 from tests.dnsserver import DnsTestServer
 from tests.messages_api import MessagesAPI, Step
-from tests.ops.serve_process import REPO, ServeProcess, free_port
+from tests.ops.serve_process import ServeProcess
 from tests.outbound.conftest import RelaySink, fast, relay  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.timeout(150), pytest.mark.usefixtures("authenticated_senders")]
@@ -63,9 +61,24 @@ class Node(ServeProcess):
                  nameserver: str, **settings: Any) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.host = host
+        self._port: int | None = None
+        self._http_port: int | None = None
         super().__init__(workdir, database_url, nameserver,
-                         **{"smtp.host": host, "http.host": host, "http.port": free_port(),
-                            "server.hostname": name, **settings})
+                         **{"smtp.host": host, "http.host": host, "server.hostname": name,
+                            **settings})
+
+    @property
+    def port(self) -> int:
+        """The SMTP port from `server.ready`, read once (the log only grows)."""
+        if self._port is None:
+            self._port = self.ready()["smtp_port"]
+        return self._port
+
+    @property
+    def http_port(self) -> int:
+        if self._http_port is None:
+            self._http_port = self.ready()["http_port"]
+        return self._http_port
 
     def send(self, sender: str, message_id: str, rcpt: str = SUPPORT,
              source: str | None = None, subject: str = "Where is my order?") -> None:
@@ -86,7 +99,7 @@ class Node(ServeProcess):
 
     def scrape(self) -> dict[str, float]:
         """/metrics as {"name{labels}": value}."""
-        url = f"http://{self.host}:{self.settings['http.port']}/metrics"
+        url = f"http://{self.host}:{self.http_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
         samples = {}
@@ -98,23 +111,15 @@ class Node(ServeProcess):
 
     def api(self, method: str, path: str, key: str, body: dict[str, Any]) -> int:
         request = urllib.request.Request(
-            f"http://{self.host}:{self.settings['http.port']}{path}", method=method,
+            f"http://{self.host}:{self.http_port}{path}", method=method,
             data=json.dumps(body).encode(),
             headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=10) as response:
             return int(response.status)
 
-    def cli(self, *argv: str) -> str:
-        """`smtpd-agent ARGV` with this node's configuration file, as an operator on it runs it."""
-        done = subprocess.run([sys.executable, "-m", "smtpd_agent", *argv,
-                               "--config", str(self.config)],
-                              cwd=REPO, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, (argv, done.stdout, done.stderr)
-        return done.stdout
-
     async def command(self, *argv: str, attempts: int = 1) -> str:
-        """The same command's handler run here (no interpreter start-up), with this node's
-        configuration file; its output. `attempts`: as an operator retries `domain check`
+        """`smtpd-agent ARGV --config <this node's file>`, as an operator on this host runs it:
+        the command's own handler, run here (no interpreter start-up); its output. `attempts`: as an operator retries `domain check`
         after "DNS errors, try again later"."""
         args = build_parser().parse_args([*argv, "--config", str(self.config)])
         for _ in range(attempts):
@@ -316,7 +321,7 @@ async def test_routing_limits_and_metrics_across_nodes(
     assert b.api("PATCH", "/api/v1/workspaces/acme/agents/sales", key, {"enabled": False}) == 200
     assert await wait_code(a, SALES, 550)
     assert b.rcpt(SALES) == 550
-    a.cli("agent", "enable", SALES)
+    await a.command("agent", "enable", SALES)
     assert await wait_code(b, SALES, 250)
     # An agent created through A's API receives on B.
     assert a.api("POST", "/api/v1/workspaces/acme/agents", key, {"handle": "billing"}) == 201
