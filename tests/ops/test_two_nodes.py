@@ -176,6 +176,13 @@ async def inbound_ids(db: asyncpg.Connection) -> set[str]:
     return {row["message_id"] for row in rows}
 
 
+async def queues_idle(db: asyncpg.Connection) -> bool:
+    busy = await db.fetchval(
+        """SELECT (SELECT count(*) FROM agent_jobs WHERE status IN ('pending', 'running'))
+                + (SELECT count(*) FROM deliveries WHERE status <> 'sent')""")
+    return busy == 0
+
+
 async def wait_until(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -216,12 +223,7 @@ async def test_each_message_answered_once_and_a_killed_node_loses_nothing(
     first = await wait_answered_once(db, sink)
     assert len(first) == 8
 
-    async def idle() -> bool:
-        busy = await db.fetchval(
-            """SELECT (SELECT count(*) FROM agent_jobs WHERE status IN ('pending', 'running'))
-                    + (SELECT count(*) FROM deliveries WHERE status <> 'sent')""")
-        return busy == 0
-    await wait_until(idle, "both queues drained")
+    await wait_until(lambda: queues_idle(db), "both queues drained")
 
     # B is paused (SIGSTOP) while A takes work, so every lease held at the kill is A's.
     b.signal(signal.SIGSTOP)
@@ -359,6 +361,7 @@ async def test_routing_limits_and_metrics_across_nodes(
     sent["b"] += 1
 
     # /metrics: each node counts what it accepted; the queue gauges are the shared tables'.
+    await wait_until(lambda: queues_idle(db), "both queues settled")
     scraped = {"a": a.scrape(), "b": b.scrape()}
     for name, samples in scraped.items():
         assert samples['smtpd_agent_messages_accepted_total{transport="smtp"}'] == sent[name]
