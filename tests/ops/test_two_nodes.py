@@ -370,6 +370,9 @@ async def test_routing_limits_and_metrics_across_nodes(
     assert queues[0] and queues[0] == queues[1]
     assert scraped["a"]['smtpd_agent_edge_rate_exceeded_total{kind="message"}'] == 1
     assert scraped["b"].get('smtpd_agent_edge_rate_exceeded_total{kind="message"}', 0) == 0
+    # One deployment, two hosts on record (`deployment show`).
+    hosts = {row["hostname"] for row in await db.fetch("SELECT hostname FROM deployment_hosts")}
+    assert hosts == {"mx1.test.local", "mx2.test.local"}
 
 
 async def wait_code(node: Node, rcpt: str, code: int, timeout: float = 3.0) -> bool:
