@@ -36,6 +36,11 @@ TEST_DNS_TIMEOUT = 0.5
 UNREACHABLE_DNS = "127.0.0.1:9"
 REPLY_LINE = re.compile(rb"^(\d{3})([ -])(.*)$")
 IN_CI = os.environ.get("CI", "").lower() == "true"
+# The SMTP session layers (smtp.session). The protocol suites run under both; the rest of
+# the suite under SMTPD_AGENT_TEST_SESSION (default aiosmtpd), so that the whole suite can
+# be run against the native layer: SMTPD_AGENT_TEST_SESSION=native ./scripts/test tests
+SESSION_LAYERS = ("aiosmtpd", "native")
+TEST_SESSION = os.environ.get("SMTPD_AGENT_TEST_SESSION", "aiosmtpd")
 
 
 class EmbeddedCluster:
@@ -83,6 +88,7 @@ def make_settings(database_url: str, state_dir: Path, **overrides: Any) -> Setti
         "dns.nameservers": [UNREACHABLE_DNS],
         "dns.timeout": TEST_DNS_TIMEOUT,
         "auth.timeout": 3,
+        "smtp.session": TEST_SESSION,
     }
     values.update(overrides)
     state_dir.mkdir(parents=True, exist_ok=True)
