@@ -4,8 +4,8 @@ that parses commands, pipelined groups, DATA and BDAT straight from its buffer.
 aiosmtpd (smtp/server.py) runs a task per connection that awaits a StreamReader line
 by line and drains the writer after every reply. Here `data_received` appends to a
 buffer and answers every complete command it holds at once; only a step that has to
-wait (a recipient lookup that misses the cache, the pipeline at the end of a message,
-the TLS handshake, DNSBLs at connect) runs as a task, and the buffer is read on when
+wait (a recipient lookup, the pipeline at the end of a message, the TLS handshake,
+DNSBLs at connect) runs as a task, and the buffer is read on when
 it ends. Replies to a pipelined group are written once, at its end (RFC 2920).
 
 The dialogue is aiosmtpd's, reply for reply: the same command parser (lines end at
@@ -424,8 +424,9 @@ class NativeSession(asyncio.Protocol):
         """Run `step`; `then(result)` once it is done, then read on.
 
         `eager`: start it here and now, outside a task, so that a step that needs no
-        waiting (a recipient in the routing cache) costs no task; only for steps that
-        use nothing that needs the current task (asyncio.timeout does).
+        waiting (MAIL's hook) costs no task, and one that must begin at once does (the
+        TLS handshake takes the transport before anything more is read). Only for steps
+        that never use what needs the current task (asyncio.timeout does).
         """
         if eager:
             try:
@@ -801,8 +802,10 @@ class NativeSession(asyncio.Protocol):
                 def routed(status: str) -> None:
                     self._push(status)
                     self._rcpt_done(accepted, envelope)
+                # A task: a lookup that misses the cache may open a database connection,
+                # which needs one (asyncio.timeout).
                 self._run(self.handler.handle_RCPT(self, self, envelope, address, rcpt_options),
-                          routed, eager=True)
+                          routed)
                 return
         self._rcpt_done(accepted)
 
