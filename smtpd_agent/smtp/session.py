@@ -214,7 +214,7 @@ class NativeSession(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if isinstance(peer, tuple) else str(peer or "")
-        self._context.run(self._connected)
+        self._enter(self._connected)
 
     def data_received(self, data: bytes) -> None:
         if self._mode is Mode.CLOSED:
@@ -227,7 +227,7 @@ class NativeSession(asyncio.Protocol):
         self._buffer += data
         if self._mode in (Mode.DATA, Mode.BDAT) or (
                 self._busy is None and self._mode is Mode.COMMAND):
-            self._context.run(self._process)
+            self._enter(self._process)
         elif len(self._buffer) > MAX_PENDING_INPUT:
             self._pause()
 
@@ -237,7 +237,7 @@ class NativeSession(asyncio.Protocol):
                 and not self._closing()):
             self._eof = True
             if self._busy is None and self._mode is Mode.COMMAND:
-                self._context.run(self._process)
+                self._enter(self._process)
             return True
         return False
 
@@ -246,12 +246,27 @@ class NativeSession(asyncio.Protocol):
         self._pause()
 
     def resume_writing(self) -> None:
+        """The client reads its replies again: answer what waited for that."""
         self._write_paused = False
-        self._maybe_resume()
+        if self._busy is None and not self._processing and self._mode in (
+                Mode.COMMAND, Mode.DATA, Mode.BDAT):
+            self._enter(self._process)
+        else:
+            self._maybe_resume()
+
+    def _enter(self, function: Callable[[], None]) -> None:
+        """Run `function` in this connection's context (its log fields); a TLS transport
+        may call back while that context is already entered."""
+        try:
+            self._context.run(function)
+        except RuntimeError as error:
+            if "cannot enter context" not in str(error):
+                raise
+            function()
 
     def connection_lost(self, error: Exception | None) -> None:
         self._mode = Mode.CLOSED
-        self._context.run(self._cleanup)
+        self._enter(self._cleanup)
 
     # -- life of a session ---------------------------------------------------------------
 
@@ -472,7 +487,9 @@ class NativeSession(asyncio.Protocol):
             return
         self._processing = True
         try:
-            while self._busy is None and not self._closing():
+            # Not while the client leaves our replies unread (the transport's buffer is
+            # full): its input waits, and reading pauses below.
+            while self._busy is None and not self._write_paused and not self._closing():
                 mode = self._mode
                 if mode is Mode.COMMAND:
                     if not self._next_command():
@@ -487,10 +504,11 @@ class NativeSession(asyncio.Protocol):
                     break
             if self._busy is None:
                 self._flush()
-                if self._eof and self._mode is Mode.COMMAND and not self._closing():
+                if (self._eof and self._mode is Mode.COMMAND and not self._write_paused
+                        and not self._closing()):
                     self._close()
                     return
-            if len(self._buffer) > MAX_PENDING_INPUT:
+            if len(self._buffer) > MAX_PENDING_INPUT or self._write_paused:
                 self._pause()
             else:
                 self._maybe_resume()
