@@ -340,7 +340,8 @@ class ServeProcess:
     kill, names a port; another process could take it in between, never on a first start)."""
 
     def __init__(self, env: dict[str, str], state_dir: Path) -> None:
-        self.env = {**os.environ, "SMTPD_AGENT_LOG_FORMAT": "json", **env}
+        self.env = {**os.environ, "SMTPD_AGENT_LOG_FORMAT": "json",
+                    "SMTPD_AGENT_SMTP_SESSION": TEST_SESSION, **env}
         self.env.pop("DATABASE_URL", None) if "DATABASE_URL" not in env else None
         level = self.env.get("SMTPD_AGENT_LOG_LEVEL", "info").lower()
         assert level in ("debug", "info"), "the ports are read from the info line server.ready"
