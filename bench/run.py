@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.run [--messages 2000] [--rounds 3] [--sessions 20]
                                   [--size 5000] [--attachment] [--processes N]
                                   [--json FILE] [--profile DIR] [--baseline REV]
+                                  [--session-layer aiosmtpd|native|both]
 
 Starts everything the server needs (embedded Postgres unless DATABASE_URL is
 given, the loopback DNS test server publishing SPF, DKIM and DMARC for the
@@ -60,6 +61,7 @@ DOMAIN = "bench.test"
 SENDER_DOMAIN = "sender.bench.test"
 RCPT = f"inbox@load.{DOMAIN}"
 MAIL_FROM = f"load@{SENDER_DOMAIN}"
+NATIVE = "smtpd-agent (native)"  # the label of the native session layer with --session-layer both
 
 
 @dataclass
@@ -384,6 +386,10 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     parser.add_argument("--baseline", metavar="REV",
                         help="also measure git revision REV (e.g. before an optimization)")
+    parser.add_argument("--session-layer", choices=["aiosmtpd", "native", "both"],
+                        help="smtp.session of the server (default: the configured one); "
+                             "both: measure the two layers in the same rounds, the native "
+                             "one as \"smtpd-agent (native)\"")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="smtpd-agent-bench-"))
@@ -418,7 +424,14 @@ def main() -> int:
             first = 100 + index * args.messages
             write_payloads(payloads[first:first + args.messages], measured[-1])
 
-        servers: list[Target] = [Server("smtpd-agent", REPO, env, work / "state", args.profile)]
+        layer = args.session_layer
+        server_env = {**env, "SMTPD_AGENT_SMTP_SESSION": "aiosmtpd" if layer == "both" else layer
+                      } if layer else env
+        servers: list[Target] = [Server("smtpd-agent", REPO, server_env, work / "state",
+                                        args.profile)]
+        if layer == "both":
+            servers.append(Server(NATIVE, REPO, {**env, "SMTPD_AGENT_SMTP_SESSION": "native"},
+                                  work / "state-native", None))
         if args.baseline:
             baseline = baseline_tree(args.baseline, work)
             servers.insert(0, Server(f"smtpd-agent @ {args.baseline}", baseline, env,
@@ -457,7 +470,7 @@ def main() -> int:
                         "cpu_speed_ms_per_round": speeds},
             "load": {"messages": args.messages, "rounds": args.rounds,
                      "sessions": args.sessions, "size": args.size,
-                     "processes": args.processes,
+                     "processes": args.processes, "session_layer": args.session_layer,
                      "attachment": args.attachment, "dkim_signed": True,
                      "pipeline": ["spf", "dkim", "arc", "dmarc"] + (["clamd"] if scanning else [])
                      + ["postgres commit"]},
@@ -480,6 +493,13 @@ def main() -> int:
                                                       / row.messages_per_second, 3)
         if held:
             report["postfix_held"] = held
+        if NATIVE in rounds:
+            # The native session layer against aiosmtpd's, paired per round.
+            per_round = [round(ours.messages_per_second / theirs.messages_per_second, 3)
+                         for ours, theirs in zip(rounds[NATIVE], rounds["smtpd-agent"])
+                         if theirs.messages_per_second]
+            report["native_to_aiosmtpd_per_round"] = per_round
+            report["native_to_aiosmtpd"] = round(statistics.median(per_round), 3) if per_round else 0
         report["dns_queries"] = len(dns.queries)
         print_table(report)
         print(f"DNS queries that reached the test server: {len(dns.queries)} "
@@ -534,6 +554,10 @@ def print_table(report: dict) -> None:
             per_round = ", ".join(f"{r:.1%}" for r in report[f"ratio_to_{key}_per_round"])
             print(f"ratio to {name}: {report[f'ratio_to_{key}']:.1%} (median of the rounds "
                   f"{per_round}; ratio of the medians {report[f'ratio_of_medians_{key}']:.1%})")
+    if "native_to_aiosmtpd" in report:
+        per_round = ", ".join(f"{r:.2f}" for r in report["native_to_aiosmtpd_per_round"])
+        print(f"native session layer / aiosmtpd: {report['native_to_aiosmtpd']:.2f} "
+              f"(median of the rounds {per_round})")
     print(f"medians of {load['rounds']} alternating rounds; machine speed per round (ms for a "
           f"fixed loop, lower is faster): {report['machine']['cpu_speed_ms_per_round']}")
     for label, count in report.get("postfix_held", {}).items():
