@@ -6,6 +6,8 @@ import asyncio
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smtpd_agent.extract.attachment import (
     AttachmentText,
@@ -116,3 +118,36 @@ async def test_busy_extraction_answers_busy_within_the_deadline():
         await texts.extract("application/pdf", b"%PDF-1.4")
     assert busy.value.failure is Failure.BUSY
     assert asyncio.get_running_loop().time() - began < 1
+
+
+def test_every_unwrap_pattern_needs_a_marker():
+    """The shortcut in new_text is exact only while each of quotequail's patterns can match
+    nothing without one of UNWRAP_MARKERS; a quotequail upgrade that adds one without it
+    fails here instead of silently keeping quoted history."""
+    import quotequail._patterns as patterns
+
+    from smtpd_agent.extract.reply import UNWRAP_MARKERS
+
+    for regex in [*patterns.COMPILED_PATTERNS, patterns.HEADER_RE]:
+        source = regex.pattern.replace("(?:", "(")
+        assert any(marker in source for marker in UNWRAP_MARKERS), regex.pattern
+
+
+LINES = ["Thanks, sounds good.", "On Mon, Nov 30, 2026 Alice wrote:", "> quoted", ">> deeper",
+         "From: Alice", "Sent: Monday", "To: Bob", "Subject: plans", "", "--", "-- ",
+         "-----Original Message-----", "_" * 32, "2026/11/30 Alice <alice@example.com>",
+         "Begin forwarded message:", "see https://example.com/x", "a - b", "x_y", "Bob"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(LINES), max_size=30))
+def test_the_marker_shortcut_changes_no_result(lines):
+    import smtpd_agent.extract.reply as reply
+
+    text = "\n".join(lines)
+    shortcut = new_text(text, **BOUNDS)
+    markers, reply.UNWRAP_MARKERS = reply.UNWRAP_MARKERS, ("",)  # "" is in every text
+    try:
+        assert new_text(text, **BOUNDS) == shortcut
+    finally:
+        reply.UNWRAP_MARKERS = markers
