@@ -9,7 +9,7 @@ Two kinds of adaptation:
   resolver view it is built with (pyspf reads `spf.DNSLookup` from its module
   namespace; overriding `query.dns` keeps that hook untouched), `make_dnsfunc`
   gives dkimpy the same resolver, and `Verifier` / `ArcVerifier` hash each body
-  variant once and stop at the next signature once their caller has gone.
+  variant once (per message, across both, with a shared `BodyHashes`) and stop at the next signature once their caller has gone.
 - Process-wide, once at start-up: `install()` routes dkimpy's RSA PKCS#1 v1.5
   sign and verify through OpenSSL. dkimpy calls them by their names in its module
   namespace from inside `DKIM.sign`/`verify_sig_process`, so there is no per-call
@@ -129,18 +129,30 @@ def make_dnsfunc(view: SyncResolver) -> Callable[..., bytes | None]:
     return dnsfunc
 
 
+class BodyHashes:
+    """One message's canonicalized bodies and body digests, shared by its DKIM and ARC
+    verifiers (an ARC-Message-Signature usually covers the body as the DKIM signature
+    does). Filled from two verify threads at most; a key computed twice gets the same
+    value, so a plain dict is enough."""
+
+    def __init__(self) -> None:
+        self.cache: dict[Any, bytes] = {}
+
+
 class _OneBodyHash:
     """dkimpy re-canonicalizes and re-hashes the body for every signature (~40 ms per MB
     each). Here each canonicalized body is made once and each (canonicalization, l=,
-    algorithm) hashed once per message; `checkpoint` runs before each signature so work
-    whose caller has gone stops there (ARC verifies its sets inside one dkimpy call)."""
+    algorithm) hashed once per message, across DKIM and ARC when they share `body_hashes`;
+    `checkpoint` runs before each signature so work whose caller has gone stops there
+    (ARC verifies its sets inside one dkimpy call)."""
 
     body: bytes
     tlsrpt: Any
     checkpoint: Callable[[], None]
+    body_hashes: BodyHashes
 
     def _body_digest(self, canon: Any, length: int | None, algorithm: bytes) -> bytes:
-        cache: dict[Any, Any] = self.__dict__.setdefault("_body_cache", {})
+        cache = self.body_hashes.cache
         body_canon = canon.body_algorithm  # the class Simple or Relaxed
         key = (body_canon, length, algorithm)
         digest = cache.get(key)
@@ -190,18 +202,22 @@ class Verifier(_OneBodyHash, dkim.DKIM):
     """dkimpy's DKIM verifier, one body hash per variant, stoppable between signatures."""
 
     def __init__(self, message: bytes, *, minkey: int,
-                 checkpoint: Callable[[], None] = _no_checkpoint) -> None:
+                 checkpoint: Callable[[], None] = _no_checkpoint,
+                 body_hashes: BodyHashes | None = None) -> None:
         super().__init__(message, minkey=minkey)
         self.checkpoint = checkpoint
+        self.body_hashes = body_hashes if body_hashes is not None else BodyHashes()
 
 
 class ArcVerifier(_OneBodyHash, dkim.ARC):
     """dkimpy's ARC verifier, with the same body hashing and checkpoints."""
 
     def __init__(self, message: bytes, *, minkey: int,
-                 checkpoint: Callable[[], None] = _no_checkpoint) -> None:
+                 checkpoint: Callable[[], None] = _no_checkpoint,
+                 body_hashes: BodyHashes | None = None) -> None:
         super().__init__(message, minkey=minkey)
         self.checkpoint = checkpoint
+        self.body_hashes = body_hashes if body_hashes is not None else BodyHashes()
 
 
 # -- pyspf, per query ----------------------------------------------------------------------

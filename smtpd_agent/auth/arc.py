@@ -20,7 +20,7 @@ import dkim
 import structlog
 
 from ..dns import DnsTempError, SyncResolver
-from .adapters import ArcVerifier, make_dnsfunc
+from .adapters import ArcVerifier, BodyHashes, make_dnsfunc
 from .dkim import MIN_RSA_BITS, header_section
 from .runner import INLINE_MAX, SyncCheck
 
@@ -48,10 +48,12 @@ def _text(value: object) -> object:
 
 
 def verify_chain(message: bytes, dnsfunc: Any,
-                 checkpoint: Callable[[], None] = lambda: None) -> ArcResult:
+                 checkpoint: Callable[[], None] = lambda: None,
+                 body_hashes: BodyHashes | None = None) -> ArcResult:
     """Blocking ARC validation (RFC 8617 section 5.2)."""
     try:
-        arc = ArcVerifier(message, minkey=MIN_RSA_BITS, checkpoint=checkpoint)
+        arc = ArcVerifier(message, minkey=MIN_RSA_BITS, checkpoint=checkpoint,
+                          body_hashes=body_hashes)
         cv, sets, reason = arc.verify(dnsfunc=dnsfunc)
     except DnsTempError as error:
         return ArcResult("temperror", reason=f"key lookup: {error}")
@@ -77,23 +79,26 @@ ARC_SEAL = re.compile(rb"(?im)^arc-seal\s*:")
 MAX_ARC_SETS = 50
 
 
-def _verify(view: SyncResolver, message: bytes) -> ArcResult:
+def _verify(view: SyncResolver, message: bytes,
+            body_hashes: BodyHashes | None = None) -> ArcResult:
     header = header_section(message)
     if not HAS_ARC.search(header):
         return ArcResult("none")
     seals = sum(1 for _ in zip(range(MAX_ARC_SETS + 1), ARC_SEAL.finditer(header)))
     if seals > MAX_ARC_SETS:
         return ArcResult("fail", reason=f"more than {MAX_ARC_SETS} ARC sets (RFC 8617 4.2.1)")
-    result = verify_chain(message, make_dnsfunc(view), view.checkpoint)
+    result = verify_chain(message, make_dnsfunc(view), view.checkpoint, body_hashes)
     log.debug("arc.checked", result=result.result, instances=result.instances,
               reason=result.reason)
     return result
 
 
-def arc_check(message: bytes) -> SyncCheck[ArcResult]:
-    """ARC as a check for auth/runner.py: CPU-bound like DKIM, in the "verify" pool."""
+def arc_check(message: bytes, body_hashes: BodyHashes | None = None) -> SyncCheck[ArcResult]:
+    """ARC as a check for auth/runner.py: CPU-bound like DKIM, in the "verify" pool;
+    `body_hashes` is shared with the message's DKIM check."""
     inline = len(message) <= INLINE_MAX or not HAS_ARC.search(header_section(message))
-    return SyncCheck(functools.partial(_verify, message=message), pool="verify", inline=inline)
+    return SyncCheck(functools.partial(_verify, message=message, body_hashes=body_hashes),
+                     pool="verify", inline=inline)
 
 
 def timed_out() -> ArcResult:

@@ -29,7 +29,7 @@ import structlog
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from ..dns import DnsTempError, SyncResolver
-from .adapters import Verifier, make_dnsfunc, parse_key_record
+from .adapters import BodyHashes, Verifier, make_dnsfunc, parse_key_record
 from .runner import INLINE_MAX, SyncCheck
 
 log = structlog.get_logger(__name__)
@@ -180,10 +180,12 @@ def _never(domain: str) -> bool:
 
 def verify_all(message: bytes, dnsfunc: Any, *, first: Callable[[str], bool] = _never,
                limit: int = DEFAULT_MAX_SIGNATURES,
-               checkpoint: Callable[[], None] = lambda: None) -> DkimResult:
+               checkpoint: Callable[[], None] = lambda: None,
+               body_hashes: BodyHashes | None = None) -> DkimResult:
     """The chosen signatures, one after the other, on one parse of the message."""
     try:
-        verifier = Verifier(message, minkey=MIN_RSA_BITS, checkpoint=checkpoint)
+        verifier = Verifier(message, minkey=MIN_RSA_BITS, checkpoint=checkpoint,
+                            body_hashes=body_hashes)
     except dkim.DKIMException as error:  # unparseable header section
         return DkimResult((DkimSignatureResult("permerror", "", "", "",
                                                f"message format: {error}"),))
@@ -197,11 +199,11 @@ def verify_all(message: bytes, dnsfunc: Any, *, first: Callable[[str], bool] = _
 
 
 def _verify(view: SyncResolver, message: bytes, first: Callable[[str], bool],
-            limit: int) -> DkimResult:
+            limit: int, body_hashes: BodyHashes | None = None) -> DkimResult:
     if not HAS_SIGNATURE.search(header_section(message)):
         return DkimResult(())
     result = verify_all(message, make_dnsfunc(view), first=first, limit=limit,
-                        checkpoint=view.checkpoint)
+                        checkpoint=view.checkpoint, body_hashes=body_hashes)
     for r in result.signatures:
         log.debug("dkim.checked", result=r.result, d=r.domain, s=r.selector, a=r.algorithm,
                   reason=r.reason)
@@ -211,10 +213,13 @@ def _verify(view: SyncResolver, message: bytes, first: Callable[[str], bool],
 
 
 def dkim_check(message: bytes, *, first: Callable[[str], bool] = _never,
-               limit: int = DEFAULT_MAX_SIGNATURES) -> SyncCheck[DkimResult]:
-    """DKIM as a check for auth/runner.py: `first` says which d= to verify first."""
+               limit: int = DEFAULT_MAX_SIGNATURES,
+               body_hashes: BodyHashes | None = None) -> SyncCheck[DkimResult]:
+    """DKIM as a check for auth/runner.py: `first` says which d= to verify first;
+    `body_hashes` is shared with the message's ARC check."""
     inline = len(message) <= INLINE_MAX or not HAS_SIGNATURE.search(header_section(message))
-    return SyncCheck(functools.partial(_verify, message=message, first=first, limit=limit),
+    return SyncCheck(functools.partial(_verify, message=message, first=first, limit=limit,
+                                       body_hashes=body_hashes),
                      pool="verify", inline=inline)
 
 

@@ -160,3 +160,34 @@ async def test_closing_the_runner_abandons_running_verification(dns_server, reso
     assert [s.result for s in result.signatures] == ["temperror", "temperror"]
     await asyncio.sleep(1.5)  # longer than the DNS timeout
     assert "sel._domainkey.c.example" not in key_queries(dns_server)
+
+
+async def test_dkim_and_arc_share_one_body_canonicalization(dns_server, resolver, rsa2048,
+                                                            runner, monkeypatch):
+    """A list's ARC-Message-Signature covers the body as the author's DKIM signature does
+    (relaxed body, sha256): authenticate() canonicalizes and hashes that body once, not once
+    for DKIM and again for ARC."""
+    import dkim
+
+    from .test_arc import arc_sealed
+
+    raw = message(body="Hello Bob.\r\n" * 1000)
+    raw = dkim.sign(raw, b"sel", b"example.com", rsa2048.private,
+                    canonicalize=(b"relaxed", b"relaxed"),
+                    include_headers=[b"from", b"to", b"subject", b"date"]) + raw
+    raw = arc_sealed(raw, rsa2048)
+    dns_server.txt("sel._domainkey.example.com", rsa2048.record)
+    dns_server.txt("arc._domainkey.lists.example.org", rsa2048.record)
+    calls = []
+    real = CanonicalizationPolicy.canonicalize_body
+
+    def counting(self, body):
+        calls.append(len(body))
+        return real(self, body)
+
+    monkeypatch.setattr(CanonicalizationPolicy, "canonicalize_body", counting)
+    settings = AuthSettings(authserv_id=AUTHSERV, timeout=5)
+    result = await authenticate(inbound(raw, "a@example.com"), resolver, settings, AUTHSERV,
+                                runner)
+    assert (result.dkim, result.arc) == ("pass", "pass")
+    assert len(calls) == 1  # each verifier on its own: twice
