@@ -30,11 +30,12 @@ from .html_text import html_to_text
 LINE_PROBE = 998
 # RFC 3676 4.3; some clients or relays drop the trailing space.
 SIGNATURE_SEPARATORS = ("-- ", "--")
-# Every text quotequail unwraps holds one of these: each of its reply, forward and header
-# patterns has a ":", "@" (the dated Gmail intro), a "---" run or the "____" line, and a
-# quote starts with ">". Text with none of them is left as it is without asking it, which
-# spares ~50 us of its regular expressions per line (tests/unit/test_extract.py holds
-# quotequail's patterns to this).
+# Where quotequail's unwrapping can start holds one of these: each of its reply, forward and
+# header patterns has a ":", "@" (the dated Gmail intro), a "---" run or the "____" line,
+# matched on a line or a line joined with the next, and a quote starts with ">". It tries
+# ~40 regular expressions on each line (~50 us) and only looks forward from a line, so the
+# lines before the one ahead of the first marker are not handed to it at all
+# (tests/unit/test_extract.py holds quotequail's patterns to this).
 UNWRAP_MARKERS = (":", ">", "@", "---", "__")
 
 
@@ -53,15 +54,16 @@ def new_text(text: str, max_input: int, max_lines: int, max_chars: int) -> Reply
     lines = text[:max_input].replace("\r\n", "\n").replace("\r", "\n").split("\n")
     window = lines[:max_lines]
     probe = [line[:LINE_PROBE] for line in window]
-    window_text = "\n".join(probe)
-    found = (quotequail.unwrap(window_text)
-             if any(marker in window_text for marker in UNWRAP_MARKERS) else None)
+    skip = _unwrap_skip(probe)
+    found = None if skip is None else quotequail.unwrap("\n".join(probe[skip:]))
     kept, quoted = lines, False
     if found is not None:
         top, bottom = found.get("text_top"), found.get("text_bottom")
-        kept = []
-        if top:
-            kept = lines[:_leading_blank(probe) + top.count("\n") + 1]
+        if top:  # quotequail's top, from the line `skip` on; lines before it are top too
+            top_end = skip + _leading_blank(probe[skip:]) + top.count("\n") + 1
+        else:  # everything from `skip` to the quote is blank
+            top_end = skip - _leading_blank(probe[skip - 1::-1]) if skip else 0
+        kept = lines[:top_end]
         if bottom:
             start = len(probe) - _leading_blank(probe[::-1]) - bottom.count("\n") - 1
             kept += ([""] if kept else []) + lines[start:]
@@ -83,6 +85,14 @@ def message_text(text_body: str | None, html_body: str | None, max_input: int, m
         return new_text(html_to_text(html_body[:html_max_input], drop_quotes=True),
                         max_input, max_lines, max_chars)
     return ReplyText("", False, False, False)
+
+
+def _unwrap_skip(probe: list[str]) -> int | None:
+    """How many leading lines cannot start quoted history; None when no line can."""
+    for index, line in enumerate(probe):
+        if any(marker in line for marker in UNWRAP_MARKERS):
+            return max(0, index - 1)  # quotequail joins a line with the next
+    return None
 
 
 def _leading_blank(lines: list[str]) -> int:

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from smtpd_agent.extract.attachment import (
@@ -136,12 +136,16 @@ def test_every_unwrap_pattern_needs_a_marker():
 LINES = ["Thanks, sounds good.", "On Mon, Nov 30, 2026 Alice wrote:", "> quoted", ">> deeper",
          "From: Alice", "Sent: Monday", "To: Bob", "Subject: plans", "", "--", "-- ",
          "-----Original Message-----", "_" * 32, "2026/11/30 Alice <alice@example.com>",
-         "Begin forwarded message:", "see https://example.com/x", "a - b", "x_y", "Bob"]
+         "Begin forwarded message:", "see https://example.com/x", "a - b", "x_y", "Bob",
+         "   ", "Best,", "On Mon, Nov 30, 2026 Alice", "wrote:"]
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(LINES), max_size=30))
+@example(["Thanks.", "On Mon, Nov 30, 2026 Alice", "wrote:", "old"])  # intro over two lines
 def test_the_marker_shortcut_changes_no_result(lines):
+    """Skipping marker-free text, and the lines before the first marker, gives what
+    quotequail on the whole window gives."""
     import smtpd_agent.extract.reply as reply
 
     text = "\n".join(lines)
