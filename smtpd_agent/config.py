@@ -375,6 +375,23 @@ class EdgeSettings:
 
 
 @dataclass(frozen=True)
+class McpSettings:
+    """The MCP server: `smtpd-agent mcp` (stdio) and /mcp on the HTTP surface; see
+    smtpd_agent/mcpserver."""
+
+    # Serve streamable HTTP at /mcp on http.host:http.port.
+    http: bool = True
+    # Largest /mcp request body in bytes (413 above, before any tool runs).
+    max_request_size: int = 1_048_576
+    # /mcp requests served at once per process; more get 503 with Retry-After.
+    concurrency: int = 16
+    # Seconds one tool call may take (then a tool error saying so).
+    tool_timeout: float = 30.0
+    # Characters of text a tool returns at most per message body or attachment.
+    max_text_chars: int = 20_000
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -398,6 +415,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     outbound: OutboundSettings = field(default_factory=OutboundSettings)
     edge: EdgeSettings = field(default_factory=EdgeSettings)
+    mcp: McpSettings = field(default_factory=McpSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def replace(self, overrides: Mapping[str, Any]) -> Settings:
@@ -639,6 +657,9 @@ def _validate(settings: Settings) -> None:
                 "sns_max_age", "webhook_max_age"):
         if not getattr(http, key) > 0:
             raise ConfigError(f"http.{key}: must be positive, got {getattr(http, key)}")
+    for key in ("max_request_size", "concurrency", "tool_timeout", "max_text_chars"):
+        if not getattr(settings.mcp, key) > 0:
+            raise ConfigError(f"mcp.{key}: must be positive, got {getattr(settings.mcp, key)}")
     if http.sns_ca_file and not Path(http.sns_ca_file).is_file():
         raise ConfigError(f"http.sns_ca_file: no such file {http.sns_ca_file}")
     outbound = settings.outbound

@@ -15,6 +15,9 @@ from aiohttp import web
 
 from ..domains.mta_sts import POLICY_PATH, mta_sts_route
 from ..mailbox.send import Mailboxes
+from ..mcpserver.http import McpHttp, owner_of
+from ..mcpserver.server import build_server
+from ..mcpserver.tools import MailboxTools
 from ..runtime import Runtime
 from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from .api import InboxApi
@@ -54,8 +57,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 class HttpServer:
-    """Health, metrics, inbox API, webhooks, the MTA-STS policy, /openapi.json on
-    http.host:http.port."""
+    """Health, metrics, inbox API, webhooks, the MTA-STS policy, /openapi.json and the
+    MCP server (/mcp) on http.host:http.port."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -63,6 +66,7 @@ class HttpServer:
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self.webhooks: Webhooks | None = None
+        self.mcp: McpHttp | None = None
 
     def build(self) -> web.Application:
         runtime, settings = self.runtime, self.settings
@@ -70,8 +74,9 @@ class HttpServer:
         router = runtime.router
         health = Health(runtime.pool, settings, pipeline.scanner, pipeline.spam_filter)
         api = InboxApi(runtime.pool)
-        mailbox = MailboxApi(runtime.pool, api, Mailboxes(
-            runtime.pool, settings.server.default_domain, settings.smtp.max_message_size))
+        mailboxes = Mailboxes(runtime.pool, settings.server.default_domain,
+                              settings.smtp.max_message_size)
+        mailbox = MailboxApi(runtime.pool, api, mailboxes)
         self.webhooks = hooks = Webhooks(settings.http, pipeline, router, runtime.pool,
                                          runtime.metrics)
         spec = openapi_spec()
@@ -126,6 +131,12 @@ class HttpServer:
         app.router.add_post(f"{workspace}/drafts/{ident}/send", mailbox.send_draft)
         app.router.add_get(f"{workspace}/messages/{ident}/raw", api.raw)
         app.router.add_get(f"{workspace}/attachments/{ident}", api.attachment)
+        if settings.mcp.http:
+            self.mcp = McpHttp(runtime.pool, build_server(MailboxTools(
+                runtime.pool, mailboxes, settings.mcp, settings.server.default_domain),
+                owner_of), settings.mcp)
+            for method in ("POST", "GET", "DELETE"):
+                app.router.add_route(method, "/mcp", self.mcp.handle)
         # Webhooks read their own bodies within http.webhook_max_body_size (413 above,
         # before 100 Continue when the client asks for one).
         app.router.add_post("/webhook/ses", hooks.ses, expect_handler=hooks.expect)
@@ -140,6 +151,8 @@ class HttpServer:
         app = self.build()
         assert self.webhooks is not None
         await self.webhooks.start()
+        if self.mcp is not None:
+            await self.mcp.start()
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.http.host, self.settings.http.port,
@@ -153,4 +166,6 @@ class HttpServer:
             await self._runner.cleanup()
         if self.webhooks is not None:
             await self.webhooks.stop()
+        if self.mcp is not None:
+            await self.mcp.stop()
         log.info("http.stopped")

@@ -58,13 +58,14 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "domains", "domains.check", "domains.hosts", "domains.keys", "domains.mta_sts",
         "domains.records", "domains.service",
         "dnsserver", "dnsserver.server", "dnsserver.zone",
+        "mcpserver", "mcpserver.tools", "mcpserver.server", "mcpserver.http",
     ),
     # Wiring: builds the runtime and every service once, runs them.
     "app": ("app",),
     # The command: shared helpers, each group's subcommands, the composition.
     "cli": (
         "cli_common", "agent.cli", "acl.cli", "domains.cli", "http.cli", "mailbox.cli",
-        "outbound.cli", "cli",
+        "mcpserver.cli", "outbound.cli", "cli",
         "__main__",
     ),
 }
