@@ -135,8 +135,9 @@ class HttpServer:
             self.mcp = McpHttp(runtime.pool, build_server(MailboxTools(
                 runtime.pool, mailboxes, settings.mcp, settings.server.default_domain),
                 owner_of), settings.mcp)
-            for method in ("POST", "GET", "DELETE"):
-                app.router.add_route(method, "/mcp", self.mcp.handle)
+            # Stateless: no GET stream (it would hold a slot open) and no session to DELETE
+            # (405 with Allow: POST).
+            app.router.add_post("/mcp", self.mcp.handle)
         # Webhooks read their own bodies within http.webhook_max_body_size (413 above,
         # before 100 Continue when the client asks for one).
         app.router.add_post("/webhook/ses", hooks.ses, expect_handler=hooks.expect)

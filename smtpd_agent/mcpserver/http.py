@@ -6,7 +6,8 @@ valid one), takes a slot of mcp.concurrency (503 with Retry-After when none is f
 reads the body within mcp.max_request_size (413 above, from Content-Length before any
 byte is read), and only then hands the request to the SDK, with the key's owner in the
 ASGI scope for the tools to read. Stateless mode: each POST is a complete exchange and
-no session outlives it, so nothing accumulates per client; JSON responses, not SSE.
+no session outlives it, so nothing accumulates per client; JSON responses, not SSE, and
+no GET stream (only POST is routed), so every request ends within its time bound.
 """
 
 from __future__ import annotations
@@ -156,7 +157,13 @@ class McpHttp:
                 finished.set()
 
         try:
-            await self.manager.handle_request(scope, receive, send)
+            # the tool is stopped at tool_timeout; this bounds whatever else could hang
+            async with asyncio.timeout(self.settings.tool_timeout + READ_TIMEOUT):
+                await self.manager.handle_request(scope, receive, send)
+        except TimeoutError:
+            log.error("mcp.request_timeout", key_id=owner.key_id)
+            if response is None:
+                raise HttpError(504, "the MCP request took too long") from None
         finally:
             finished.set()
         if response is None:
