@@ -24,6 +24,7 @@ from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 from ..config import McpSettings
+from ..http.limits import read_body
 from ..http.responses import HttpError
 from ..store.apikeys import KeyOwner, find_key
 
@@ -94,23 +95,9 @@ class McpHttp:
             log.warning("mcp.busy", key_id=owner.key_id)
             raise HttpError(503, "busy, retry shortly", {"Retry-After": "1"})
         async with self._slots:
-            body = await self._body(request)
+            # 413 / 408 / 400 as the webhooks answer them
+            body = await read_body(request, self.settings.max_request_size, READ_TIMEOUT)
             return await self._bridge(request, body, owner)
-
-    async def _body(self, request: web.Request) -> bytes:
-        limit = self.settings.max_request_size
-        if request.content_length is not None and request.content_length > limit:
-            raise HttpError(413, f"body: at most {limit} bytes")
-        data = bytearray()
-        try:
-            async with asyncio.timeout(READ_TIMEOUT):
-                while chunk := await request.content.readany():
-                    data += chunk
-                    if len(data) > limit:
-                        raise HttpError(413, f"body: at most {limit} bytes")
-        except TimeoutError:
-            raise HttpError(408, "the request body took too long") from None
-        return bytes(data)
 
     async def _bridge(self, request: web.Request, body: bytes,
                       owner: KeyOwner) -> web.StreamResponse:

@@ -25,6 +25,7 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
 from smtpd_agent.outbound.queue import suppress
+from smtpd_agent.store.apikeys import hash_key
 from tests.http.test_api import bearer, deliver
 from tests.http.test_mailbox_api import open_mailbox
 from tests.outbound.conftest import relay  # noqa: F401
@@ -225,6 +226,11 @@ async def test_a_read_key_sees_every_tool_but_cannot_send(mailbox, db, database_
             assert error and "'send' scope" in text, (name, text)
         error, thread = await call(session, "get_thread", thread_id=thread_id)
         assert not error and thread["id"] == thread_id
+        # the key is looked up on every call: revoking it stops a running process at once
+        await db.execute("UPDATE api_keys SET revoked_at = now() WHERE key_hash = $1",
+                         hash_key(keys["read"]))
+        error, text = await call(session, "get_thread", thread_id=thread_id)
+        assert error and "not valid any more" in text
     assert await db.fetchval("SELECT count(*) FROM messages") == before
     assert await db.fetchval("SELECT count(*) FROM drafts") == 0
     assert sink.received == []
@@ -298,3 +304,33 @@ async def test_http_needs_a_valid_key_and_bounds_the_body(mailbox):
             async with http.request(method, url, headers=bearer(keys["all"])) as response:
                 assert response.status == 405, (method, response.status)
                 assert response.headers["Allow"] == "POST"
+
+
+async def test_requests_beyond_mcp_concurrency_get_503(start_server, db, relay,  # noqa: F811
+                                                       database_url, dns_server):
+    sink, url = relay
+    server, keys = await open_mailbox(start_server, db, url, database_url, dns_server,
+                                      **{"mcp.concurrency": 1})
+    # a client that sends half its body holds the one slot while it is read
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+    writer.write(f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+                 f"{keys['all']}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: 100\r\n\r\n{{\"jsonrpc\": ".encode())
+    await writer.drain()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            for _ in range(100):
+                async with http.post(f"{server.http_url}/mcp", headers=bearer(keys["all"]),
+                                     json={"jsonrpc": "2.0", "id": 1, "method": "ping"}) as r:
+                    if r.status == 503:
+                        assert r.headers["Retry-After"] == "1"
+                        break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("a second request was served while the slot was held")
+    finally:
+        writer.close()
+    # the slot is free again once that client is gone
+    async with over_http(server, keys["all"]) as session:
+        error, inboxes = await call(session, "list_inboxes")
+        assert not error and len(inboxes["inboxes"]) == 2
