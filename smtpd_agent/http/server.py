@@ -9,15 +9,13 @@ the same Metrics registry that the listener counts into.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
 
 from ..domains.mta_sts import POLICY_PATH, mta_sts_route
 from ..mailbox.send import Mailboxes
-from ..mcpserver.http import McpHttp, owner_of
-from ..mcpserver.server import build_server
-from ..mcpserver.tools import MailboxTools
 from ..runtime import Runtime
 from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from .api import InboxApi
@@ -26,6 +24,9 @@ from .mailbox import MailboxApi
 from .openapi import openapi_spec
 from .responses import HttpError, error, json_response
 from .webhooks import Webhooks
+
+if TYPE_CHECKING:
+    from ..mcpserver.http import McpHttp
 
 log = structlog.get_logger(__name__)
 
@@ -132,6 +133,12 @@ class HttpServer:
         app.router.add_get(f"{workspace}/messages/{ident}/raw", api.raw)
         app.router.add_get(f"{workspace}/attachments/{ident}", api.attachment)
         if settings.mcp.http:
+            # The MCP SDK costs about 1.5 s of CPU to import: only a server that serves
+            # /mcp pays it, never every CLI command that imports the app.
+            from ..mcpserver.http import McpHttp, owner_of
+            from ..mcpserver.server import build_server
+            from ..mcpserver.tools import MailboxTools
+
             self.mcp = McpHttp(runtime.pool, build_server(MailboxTools(
                 runtime.pool, mailboxes, settings.mcp, settings.server.default_domain),
                 owner_of), settings.mcp)

@@ -17,13 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from mcp.server.stdio import stdio_server
 
 from ..cli_common import Parents
 from ..config import Settings
 from ..mailbox.send import Mailboxes
 from ..store.apikeys import KeyOwner, find_key
-from .server import build_server
 from .tools import MailboxTools
 
 log = structlog.get_logger(__name__)
@@ -67,6 +65,11 @@ async def cmd_mcp(db: Any, settings: Settings, args: argparse.Namespace) -> int:
     if owner is None:
         print("smtpd-agent: the API key is not valid (unknown or revoked)", file=sys.stderr)
         return 2
+
+    # the SDK only for this command (cli.py imports every group for every command)
+    from mcp.server.stdio import stdio_server
+
+    from .server import build_server
 
     async def current_owner(ctx: Any) -> KeyOwner | None:
         return await find_key(db, key)
