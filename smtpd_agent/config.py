@@ -101,6 +101,7 @@ class SmtpSettings:
     tls_cert: str = ""
     tls_key: str = ""
     require_starttls: bool = False
+    session: Literal["aiosmtpd", "native"] = "aiosmtpd"
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,23 @@ class StoreSettings:
     batch_max: int = 32
     committers: int = 2
     batch_max_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ContentSettings:
+    """Bounds of the text an LLM is given (extract/): extracted_text, attachment text."""
+
+    extract_max_input: int = 65_536
+    extract_max_lines: int = 500
+    extract_max_chars: int = 20_000
+    html_max_input: int = 131_072
+    extract_timeout: float = 2.0
+    attachment_max_bytes: int = 10_485_760
+    attachment_max_chars: int = 100_000
+    pdf_max_pages: int = 50
+    pdf_timeout: float = 10.0
+    pdf_memory_mb: int = 512
+    pdf_workers: int = 2
 
 
 @dataclass(frozen=True)
@@ -317,6 +335,10 @@ class HttpSettings:
     # Postmark inbound: the basic-auth credentials put in the webhook URL.
     postmark_username: str = ""
     postmark_password: str = ""
+    # Attachments one message sent, replied or drafted over the API may carry, and the
+    # bytes of each (the whole message stays within smtp.max_message_size).
+    api_max_attachments: int = 20
+    api_max_attachment_size: int = 10_485_760
 
 
 @dataclass(frozen=True)
@@ -404,6 +426,7 @@ class Settings:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
+    content: ContentSettings = field(default_factory=ContentSettings)
     dns: DnsSettings = field(default_factory=DnsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     scan: ScanSettings = field(default_factory=ScanSettings)
@@ -617,6 +640,16 @@ def _validate(settings: Settings) -> None:
         if getattr(settings.store, key) < 1:
             raise ConfigError(f"store.{key}: must be at least 1")
     _validate_edge(settings)
+    content = settings.content
+    for key in ("extract_max_input", "extract_max_lines", "extract_max_chars", "html_max_input",
+                "attachment_max_bytes", "attachment_max_chars", "pdf_max_pages", "pdf_workers"):
+        if getattr(content, key) < 1:
+            raise ConfigError(f"content.{key}: must be at least 1")
+    for key in ("extract_timeout", "pdf_timeout"):
+        if getattr(content, key) <= 0:
+            raise ConfigError(f"content.{key}: must be above 0")
+    if content.pdf_memory_mb < 64:
+        raise ConfigError("content.pdf_memory_mb: must be at least 64 (the interpreter needs it)")
     if settings.store.committers >= settings.database.pool_max:
         raise ConfigError("store.committers: must be less than database.pool_max "
                           "(routing, agents and the API need connections too)")
@@ -654,9 +687,11 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"http.sns_url_pattern: not a regular expression: {error}") from None
     http = settings.http
     for key in ("webhook_max_body_size", "webhook_read_timeout", "webhook_concurrency",
-                "sns_max_age", "webhook_max_age"):
+                "sns_max_age", "webhook_max_age", "api_max_attachment_size"):
         if not getattr(http, key) > 0:
             raise ConfigError(f"http.{key}: must be positive, got {getattr(http, key)}")
+    if http.api_max_attachments < 0:
+        raise ConfigError("http.api_max_attachments: must not be negative (0: none)")
     for key in ("max_request_size", "concurrency", "tool_timeout", "max_text_chars"):
         if not getattr(settings.mcp, key) > 0:
             raise ConfigError(f"mcp.{key}: must be positive, got {getattr(settings.mcp, key)}")

@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 
 from ..domains.mta_sts import POLICY_PATH, mta_sts_route
+from ..extract.attachment import AttachmentText, Limits
 from ..mailbox.send import Mailboxes
 from ..runtime import Runtime
 from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
@@ -41,7 +42,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except HttpError as failure:
-        return error(failure.status, failure.message, failure.headers)
+        return error(failure.status, failure.message, failure.headers, failure.rule)
     except web.HTTPException as failure:
         if failure.status >= 400:
             # Keep what the status needs (Allow on 405); the body and its type are ours.
@@ -74,9 +75,12 @@ class HttpServer:
         pipeline = runtime.pipeline
         router = runtime.router
         health = Health(runtime.pool, settings, pipeline.scanner, pipeline.spam_filter)
-        api = InboxApi(runtime.pool)
-        mailboxes = Mailboxes(runtime.pool, settings.server.default_domain,
-                              settings.smtp.max_message_size)
+        content = settings.content
+        api = InboxApi(runtime.pool, AttachmentText(Limits(
+            max_bytes=content.attachment_max_bytes, max_chars=content.attachment_max_chars,
+            pdf_max_pages=content.pdf_max_pages, pdf_timeout=content.pdf_timeout,
+            pdf_memory_mb=content.pdf_memory_mb), content.pdf_workers))
+        mailboxes = Mailboxes(runtime.pool, settings)
         mailbox = MailboxApi(runtime.pool, api, mailboxes)
         self.webhooks = hooks = Webhooks(settings.http, pipeline, router, runtime.pool,
                                          runtime.metrics)
@@ -122,6 +126,7 @@ class HttpServer:
         app.router.add_delete(f"{workspace}/keys/{ident}", mailbox.revoke_key)
         app.router.add_get(f"{workspace}/threads/{ident}", api.thread)
         app.router.add_post(f"{workspace}/threads/{ident}/reply", mailbox.reply)
+        app.router.add_get(f"{workspace}/messages/{ident}", mailbox.message)
         app.router.add_patch(f"{workspace}/messages/{ident}", mailbox.labels)
         app.router.add_get(f"{workspace}/search", mailbox.search)
         app.router.add_get(f"{workspace}/drafts", mailbox.drafts)
@@ -132,6 +137,7 @@ class HttpServer:
         app.router.add_post(f"{workspace}/drafts/{ident}/send", mailbox.send_draft)
         app.router.add_get(f"{workspace}/messages/{ident}/raw", api.raw)
         app.router.add_get(f"{workspace}/attachments/{ident}", api.attachment)
+        app.router.add_get(f"{workspace}/attachments/{ident}/text", api.attachment_text)
         if settings.mcp.http:
             # The MCP SDK costs about 1.5 s of CPU to import: only a server that serves
             # /mcp pays it, never every CLI command that imports the app.

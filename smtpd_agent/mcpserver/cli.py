@@ -74,9 +74,8 @@ async def cmd_mcp(db: Any, settings: Settings, args: argparse.Namespace) -> int:
     async def current_owner(ctx: Any) -> KeyOwner | None:
         return await find_key(db, key)
 
-    tools = MailboxTools(db, Mailboxes(db, settings.server.default_domain,
-                                       settings.smtp.max_message_size),
-                         settings.mcp, settings.server.default_domain)
+    tools = MailboxTools(db, Mailboxes(db, settings), settings.mcp,
+                         settings.server.default_domain)
     server = build_server(tools, current_owner)
     log.info("mcp.stdio_started", key_id=owner.key_id, workspace=owner.workspace_slug)
     async with stdio_server() as (read, write):

@@ -423,13 +423,13 @@ class MailboxTools:
     # --- writing ------------------------------------------------------------------------
 
     async def _sent(self, owner: KeyOwner, sent: Any) -> dict[str, Any]:
-        found = await queries.sent_message(self.db, owner.workspace_id, sent.message_id)
+        found = await queries.message(self.db, owner.workspace_id, sent.message_id)
         assert found is not None
         return {"message_id": found["id"], "thread_id": found["thread_id"],
                 "status": found["status"], "from": found["from_header"],
                 "to": found["to_header"], "cc": found["cc_header"],
                 "subject": found["subject"], "replayed": sent.replayed,
-                "delivery": (found["delivery"] or {}).get("status")}
+                "delivery": (found.get("delivery") or {}).get("status")}
 
     @staticmethod
     def _fingerprint(route: str, args: dict[str, Any]) -> bytes:
@@ -468,7 +468,7 @@ class MailboxTools:
                                 "workspace")
         fields = draft_fields(SendRequest(
             tuple(args.get("to", ())), tuple(args.get("cc", ())), tuple(args.get("bcc", ())),
-            args.get("subject"), args.get("text"), args.get("html")))
+            args.get("subject"), args.get("text"), args.get("html")), self.mailboxes.bounds)
         draft_id = await queries.add_draft(self.db, owner.workspace_id, agent, thread_id,
                                            fields, "api")
         log.info("mcp.draft_created", key_id=owner.key_id, draft=draft_id)

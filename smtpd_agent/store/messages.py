@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from ..message import Attachment
 from ..record import InboundMessage, Mailbox
 from .database import CONNECTION_ERRORS, DatabaseUnavailable
 from .rows import INBOUND_DELIVERY, MESSAGE_ATTACHMENT, MESSAGE_CONTENT, clean_text
@@ -102,7 +103,8 @@ class Submission:
         number of mailboxes."""
         parsed = self.message.parsed
         return (len(self.message.raw) + sum(len(a.content) for a in parsed.attachments)
-                + 2 * (len(parsed.text_body or "") + len(parsed.html_body or "")))
+                + 2 * (len(parsed.text_body or "") + len(parsed.html_body or ""))
+                + 2 * len(self.message.extracted_text or ""))
 
 
 # One statement for a whole batch: its own transaction, one round trip
@@ -194,7 +196,7 @@ def _content(submission: Submission) -> tuple[Any, ...]:
         spam_status=verdicts.spam_status, spam_action=verdicts.spam_action,
         spam_score=verdicts.spam_score, spam_required=verdicts.spam_required,
         spam_symbols=verdicts.spam_symbols, received_at=envelope.received_at,
-        iprev=verdicts.iprev)
+        iprev=verdicts.iprev, extracted_text=message.extracted_text)
 
 
 def _attachments(submission: Submission, position: int) -> list[tuple[Any, ...]]:
@@ -248,6 +250,8 @@ class OutboundRow:
     # what the message says it is addressed to, when more than the one recipient
     to_header: str | None = None
     status: str = "queued"
+    # stored as attachment rows (content once per workspace in blobs), like inbound ones
+    attachments: tuple[Attachment, ...] = ()
 
 
 async def store_outbound(connection: asyncpg.Connection, row: OutboundRow) -> int:
@@ -267,12 +271,18 @@ async def store_outbound(connection: asyncpg.Connection, row: OutboundRow) -> in
         defects=None, spf=None, dkim=None, dmarc=None, arc=None, auth_results=None,
         auth_detail=None, quarantined=None, scan_status=None, scan_signature=None, spam=None,
         spam_status=None, spam_action=None, spam_score=None, spam_required=None,
-        spam_symbols=None, received_at=None, iprev=None)
+        spam_symbols=None, received_at=None, iprev=None, extracted_text=None)
+    attachments = [MESSAGE_ATTACHMENT.row(
+        content_position=1, position=index, filename=clean_text(attachment.filename),
+        content_type=attachment.content_type, disposition=attachment.disposition or "attachment",
+        content_id=attachment.content_id, sha256=attachment.sha256,
+        content=attachment.content, scan_status=None, scan_signature=None)
+        for index, attachment in enumerate(row.attachments)]
     return await connection.fetchval(
         """SELECT store_message($1, $2, $3, false, 'outbound', $6, $4,
-                                $5::message_content, '{}'::message_attachment[])""",
+                                $5::message_content, $7::message_attachment[])""",
         row.workspace_id, row.agent_id, row.thread_id, clean_text(row.to_address), content,
-        row.status)
+        row.status, attachments)
 
 
 class GroupCommit:

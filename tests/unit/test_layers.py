@@ -36,6 +36,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "dns", "auth.adapters", "auth.arc", "auth.dkim", "auth.dmarc", "auth.dnsbl", "auth.iprev",
         "auth.results", "auth.runner", "auth.spf",
         "outbound.dsn", "outbound.verp", "http.sns",
+        "extract", "extract.attachment", "extract.html_text", "extract.pdf", "extract.reply",
     ),
     # The inbound stages, the store they write to, and the runtime they form.
     "stages": (
@@ -48,10 +49,11 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # Listeners and features: each receives the Runtime and calls stages and store.
     "features": (
         "smtp", "smtp.edge", "smtp.handler", "smtp.limits", "smtp.replies", "smtp.server",
+        "smtp.session",
         "http", "http.api", "http.health", "http.limits", "http.openapi", "http.responses",
         "http.mailbox", "http.server", "http.webhooks",
         "mailbox", "mailbox.send",
-        "agent", "agent.compose", "agent.jobs", "agent.llm", "agent.policy", "agent.prompt",
+        "agent", "agent.caps", "agent.compose", "agent.jobs", "agent.llm", "agent.policy", "agent.prompt",
         "agent.worker",
         "outbound", "outbound.bounces", "outbound.decisions", "outbound.queue",
         "outbound.signing", "outbound.transports", "outbound.worker",
