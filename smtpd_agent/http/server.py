@@ -146,7 +146,8 @@ class HttpServer:
             from ..mcpserver.tools import MailboxTools
 
             self.mcp = McpHttp(runtime.pool, build_server(MailboxTools(
-                runtime.pool, mailboxes, settings.mcp, settings.server.default_domain),
+                runtime.pool, mailboxes, api.texts, settings.mcp,
+                settings.server.default_domain),
                 owner_of), settings.mcp)
             # Stateless: no GET stream (it would hold a slot open) and no session to DELETE
             # (405 with Allow: POST).

@@ -20,6 +20,7 @@ import structlog
 
 from ..cli_common import Parents
 from ..config import Settings
+from ..extract.attachment import AttachmentText, Limits
 from ..mailbox.send import Mailboxes
 from ..store.apikeys import KeyOwner, find_key
 from .tools import MailboxTools
@@ -74,7 +75,12 @@ async def cmd_mcp(db: Any, settings: Settings, args: argparse.Namespace) -> int:
     async def current_owner(ctx: Any) -> KeyOwner | None:
         return await find_key(db, key)
 
-    tools = MailboxTools(db, Mailboxes(db, settings), settings.mcp,
+    content = settings.content
+    texts = AttachmentText(Limits(
+        max_bytes=content.attachment_max_bytes, max_chars=content.attachment_max_chars,
+        pdf_max_pages=content.pdf_max_pages, pdf_timeout=content.pdf_timeout,
+        pdf_memory_mb=content.pdf_memory_mb), content.pdf_workers)
+    tools = MailboxTools(db, Mailboxes(db, settings), texts, settings.mcp,
                          settings.server.default_domain)
     server = build_server(tools, current_owner)
     log.info("mcp.stdio_started", key_id=owner.key_id, workspace=owner.workspace_slug)
