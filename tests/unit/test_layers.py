@@ -58,6 +58,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "domains", "domains.check", "domains.hosts", "domains.keys", "domains.mta_sts",
         "domains.records", "domains.service",
         "dnsserver", "dnsserver.server", "dnsserver.zone",
+        "events", "events.stream",
     ),
     # Wiring: builds the runtime and every service once, runs them.
     "app": ("app",),
