@@ -86,7 +86,11 @@ class Metrics:
                                        "Events sent on event streams", registry=r)
         self.event_streams_refused = Counter(
             "smtpd_agent_event_streams_refused",
-            "Event streams refused or cut off, by reason", ["reason"], registry=r)
+            "Event streams refused (over a cap), by cap", ["reason"], registry=r)
+        self.event_streams_ended = Counter(
+            "smtpd_agent_event_streams_ended",
+            "Event streams ended: reader gone, reader stalled (cut off), server closing, "
+            "database unavailable", ["reason"], registry=r)
         self.events_last_id = Gauge(
             "smtpd_agent_events_last_id",
             "Newest id in the event outbox, read at scrape time (its rate: events per second)",

@@ -111,12 +111,13 @@ class EventStreams:
                 self.metrics.event_streams.inc()
                 log.info("events.stream_opened", key_id=owner.key_id,
                          workspace=owner.workspace_slug, after=after, types=types)
-                reason = "closed"
+                reason = "gone"
                 try:
                     reason, after = await self._pump(response, owner, after, types)
                 finally:
                     self._open.discard(response)
                     self.metrics.event_streams.dec()
+                    self.metrics.event_streams_ended.labels(reason).inc()
                     log.info("events.stream_closed", key_id=owner.key_id,
                              workspace=owner.workspace_slug, last_id=after, reason=reason)
             return response
@@ -149,8 +150,8 @@ class EventStreams:
 
     async def _pump(self, response: EventSourceResponse, owner: KeyOwner, after: int,
                     types: list[str] | None) -> tuple[str, int]:
-        """Send pages of events until the reader goes, stalls, or we close; why, and the
-        last id sent."""
+        """Send pages of events until the reader goes, stalls, or we close; why (gone,
+        stalled, closing, database), and the last id sent."""
         # a comment first: the headers and this reach the client at once
         await response.write(f": stream after {after}\r\nretry: {RECONNECT_MS}\r\n\r\n".encode())
         closing = asyncio.ensure_future(self._closing.wait())
@@ -165,16 +166,17 @@ class EventStreams:
                     except CONNECTION_ERRORS as error:
                         log.warning("events.stream_database_unavailable",
                                     error=type(error).__name__)
-                        return "database unavailable", after
+                        return "database", after
                     for event in page:
                         try:
                             await response.send(json.dumps(event.body()), id=str(event.id),
                                                 event=event.type)
                         except TimeoutError:
-                            self.metrics.event_streams_refused.labels("stalled").inc()
-                            return "reader stalled", after
+                            return "stalled", after
                         except (ConnectionResetError, RuntimeError):
-                            return "reader gone", after
+                            # also how a reader that stopped reading ends when the
+                            # kernel's TCP_USER_TIMEOUT (same send_timeout) fires first
+                            return "gone", after
                         after = event.id
                         self.metrics.events_streamed.inc()
                     if len(page) == PAGE:
@@ -186,7 +188,7 @@ class EventStreams:
                                            return_when=asyncio.FIRST_COMPLETED)
                     finally:
                         woken.cancel()
-            return ("server closing" if self._closing.is_set() else "reader gone"), after
+            return ("closing" if self._closing.is_set() else "gone"), after
         finally:
             closing.cancel()
             gone.cancel()
