@@ -337,6 +337,18 @@ class ListenerProcesses:
                 child.kill()
 
 
+def bound_ports(app: App) -> dict[str, int]:
+    """The port each listener of `app` bound, by name: a configured port 0 binds a free one,
+    so this line is where an operator (or a test) learns where to connect."""
+    ports: dict[str, int] = {}
+    for name, kind in (("smtp_port", MailServer), ("http_port", HttpServer),
+                       ("dns_port", DnsServer)):
+        for service in app.services:
+            if isinstance(service, kind) and service.port is not None:
+                ports[name] = service.port
+    return ports
+
+
 async def serve(settings: Settings,
                 factories: list[Callable[[Runtime], Service]] | None = None, *,
                 reload: Callable[[], Settings] | None = None,
@@ -355,11 +367,14 @@ async def serve(settings: Settings,
         await listeners.start()
         if app.runtime is not None:
             app.runtime.metrics.spool = spool_directory(settings.server.state_dir)
-    notifier.ready(status="accepting mail")
+    # Handlers before READY=1 and the ready line: a reload asked for the moment systemd
+    # (or a test) hears we are ready must be queued, not take the default action (exit).
     signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, signals.put_nowait, signum)
+    log.info("server.ready", **bound_ports(app))
+    notifier.ready(status="accepting mail")
     try:
         while (signum := await signals.get()) == signal.SIGHUP:
             notifier.reloading()
