@@ -15,6 +15,7 @@ from aiohttp import web
 
 from ..domains.mta_sts import POLICY_PATH, mta_sts_route
 from ..events.stream import EventStreams
+from ..extract.attachment import AttachmentText, Limits
 from ..mailbox.send import Mailboxes
 from ..runtime import Runtime
 from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
@@ -71,7 +72,11 @@ class HttpServer:
         pipeline = runtime.pipeline
         router = runtime.router
         health = Health(runtime.pool, settings, pipeline.scanner, pipeline.spam_filter)
-        api = InboxApi(runtime.pool)
+        content = settings.content
+        api = InboxApi(runtime.pool, AttachmentText(Limits(
+            max_bytes=content.attachment_max_bytes, max_chars=content.attachment_max_chars,
+            pdf_max_pages=content.pdf_max_pages, pdf_timeout=content.pdf_timeout,
+            pdf_memory_mb=content.pdf_memory_mb), content.pdf_workers))
         mailbox = MailboxApi(runtime.pool, api, Mailboxes(
             runtime.pool, settings.server.default_domain, settings.smtp.max_message_size))
         self.webhooks = hooks = Webhooks(settings.http, pipeline, router, runtime.pool,
@@ -131,6 +136,7 @@ class HttpServer:
         app.router.add_post(f"{workspace}/drafts/{ident}/send", mailbox.send_draft)
         app.router.add_get(f"{workspace}/messages/{ident}/raw", api.raw)
         app.router.add_get(f"{workspace}/attachments/{ident}", api.attachment)
+        app.router.add_get(f"{workspace}/attachments/{ident}/text", api.attachment_text)
         # Webhooks read their own bodies within http.webhook_max_body_size (413 above,
         # before 100 Continue when the client asks for one).
         app.router.add_post("/webhook/ses", hooks.ses, expect_handler=hooks.expect)
