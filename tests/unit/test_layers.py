@@ -43,7 +43,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "auth", "routing", "ingress", "scan", "spam", "pipeline",
         "store", "store.apikeys", "store.changes", "store.database", "store.directory",
         "store.deployment", "store.domains", "store.inbox", "store.lease", "store.mailbox",
-        "store.messages", "store.rows", "store.acl", "store.quarantine",
+        "store.messages", "store.rows", "store.acl", "store.quarantine", "store.events",
         "runtime",
     ),
     # Listeners and features: each receives the Runtime and calls stages and store.
@@ -61,6 +61,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "domains.records", "domains.service",
         "dnsserver", "dnsserver.server", "dnsserver.zone",
         "mcpserver", "mcpserver.tools", "mcpserver.server", "mcpserver.http",
+        "events", "events.stream",
     ),
     # Wiring: builds the runtime and every service once, runs them.
     "app": ("app",),
