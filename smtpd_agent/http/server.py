@@ -14,10 +14,12 @@ import structlog
 from aiohttp import web
 
 from ..domains.mta_sts import POLICY_PATH, mta_sts_route
+from ..hooks.service import Endpoints
 from ..mailbox.send import Mailboxes
 from ..runtime import Runtime
 from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from .api import InboxApi
+from .endpoints import EndpointsApi
 from .health import Health
 from .mailbox import MailboxApi
 from .openapi import openapi_spec
@@ -72,6 +74,7 @@ class HttpServer:
         api = InboxApi(runtime.pool)
         mailbox = MailboxApi(runtime.pool, api, Mailboxes(
             runtime.pool, settings.server.default_domain, settings.smtp.max_message_size))
+        endpoints = EndpointsApi(runtime.pool, api, Endpoints(runtime.pool, settings))
         self.webhooks = hooks = Webhooks(settings.http, pipeline, router, runtime.pool,
                                          runtime.metrics)
         spec = openapi_spec()
@@ -126,6 +129,17 @@ class HttpServer:
         app.router.add_post(f"{workspace}/drafts/{ident}/send", mailbox.send_draft)
         app.router.add_get(f"{workspace}/messages/{ident}/raw", api.raw)
         app.router.add_get(f"{workspace}/attachments/{ident}", api.attachment)
+        # Outgoing webhooks (admin): the endpoints events are POSTed to, and their log.
+        app.router.add_get(f"{workspace}/webhooks", endpoints.list)
+        app.router.add_post(f"{workspace}/webhooks", endpoints.create)
+        app.router.add_get(f"{workspace}/webhooks/{ident}", endpoints.get)
+        app.router.add_patch(f"{workspace}/webhooks/{ident}", endpoints.update)
+        app.router.add_delete(f"{workspace}/webhooks/{ident}", endpoints.delete)
+        app.router.add_post(f"{workspace}/webhooks/{ident}/rotate-secret", endpoints.rotate)
+        app.router.add_get(f"{workspace}/webhooks/{ident}/deliveries", endpoints.deliveries)
+        app.router.add_post(f"{workspace}/webhooks/{ident}/deliveries/{{delivery:\\d{{1,19}}}}"
+                            "/replay", endpoints.replay_delivery)
+        app.router.add_post(f"{workspace}/webhooks/{ident}/replay", endpoints.replay_event)
         # Webhooks read their own bodies within http.webhook_max_body_size (413 above,
         # before 100 Continue when the client asks for one).
         app.router.add_post("/webhook/ses", hooks.ses, expect_handler=hooks.expect)

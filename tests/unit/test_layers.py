@@ -42,7 +42,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "auth", "routing", "ingress", "scan", "spam", "pipeline",
         "store", "store.apikeys", "store.changes", "store.database", "store.directory",
         "store.deployment", "store.domains", "store.inbox", "store.lease", "store.mailbox",
-        "store.messages", "store.rows", "store.acl", "store.quarantine",
+        "store.messages", "store.rows", "store.acl", "store.quarantine", "store.hooks",
         "runtime",
     ),
     # Listeners and features: each receives the Runtime and calls stages and store.
@@ -58,6 +58,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "domains", "domains.check", "domains.hosts", "domains.keys", "domains.mta_sts",
         "domains.records", "domains.service",
         "dnsserver", "dnsserver.server", "dnsserver.zone",
+        "hooks", "hooks.decisions", "hooks.payloads", "hooks.service", "hooks.signing",
+        "hooks.targets", "hooks.worker", "http.endpoints",
     ),
     # Wiring: builds the runtime and every service once, runs them.
     "app": ("app",),
