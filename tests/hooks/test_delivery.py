@@ -1,0 +1,263 @@
+"""Outgoing webhooks end to end: real SMTP in, real Postgres, an aiohttp receiver on
+loopback that checks every signature with the specification's algorithm."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from email.message import EmailMessage
+from email.policy import SMTP
+from typing import Any
+
+import pytest
+from standardwebhooks.webhooks import Webhook
+from structlog.testing import capture_logs
+
+from smtpd_agent.hooks.signing import new_secret
+from tests.hooks.receiver import Received, Receiver, spec_verify
+from tests.http.test_api import deliver
+
+
+def mail(subject: str, message_id: str, in_reply_to: str | None = None,
+         to: str = "support@acme.agents.test") -> bytes:
+    message = EmailMessage()
+    message["From"] = "Alice <alice@example.org>"
+    message["To"] = to
+    message["Subject"] = subject
+    message["Message-ID"] = f"<{message_id}>"
+    if in_reply_to:
+        message["In-Reply-To"] = f"<{in_reply_to}>"
+        message["References"] = f"<{in_reply_to}>"
+    message.set_content(f"body of {subject}\n")
+    return message.as_bytes(policy=SMTP)
+
+
+async def send(port: int, raw: bytes, rcpt: str = "support@acme.agents.test") -> None:
+    assert await asyncio.to_thread(deliver, port, raw, rcpt) == 250
+
+
+def message_of(received: Received) -> dict[str, Any]:
+    """The stored message an event is about (ids as the API shows them)."""
+    data: dict[str, Any] = received.json["data"]
+    return data
+
+
+def received_of_type(receiver: Receiver, path: str, kind: str) -> list[Received]:
+    return [r for r in receiver.at(path) if r.type == kind]
+
+
+async def test_mail_over_smtp_reaches_the_receiver_signed(hooks_server, receiver, db):
+    hooks = await hooks_server()
+    created = await hooks.acme.create(receiver.url("/acme"), event_types=["message.received"])
+    secret = created["secret"]
+    assert secret.startswith("whsec_")
+    # shown once: no listing, no single read, no column in the clear
+    listed = await hooks.acme.call("GET", "/webhooks", expect=200)
+    one = await hooks.acme.call("GET", f"/webhooks/{created['id']}", expect=200)
+    assert secret not in json.dumps([listed, one]) and "secret" not in one
+    sealed = bytes(await db.fetchval("SELECT secret FROM webhook_endpoints"))
+    assert secret.encode() not in sealed and secret.removeprefix("whsec_").encode() not in sealed
+
+    await send(hooks.server.port, mail("hello hooks", "hello@example.org"))
+    [got] = await receiver.wait(lambda r: len(r) >= 1)
+    assert got.type == "message.received"
+    assert got.headers["content-type"] == "application/json"
+    assert spec_verify(secret, got)
+    assert not spec_verify(new_secret(), got)
+    assert Webhook(secret).verify(got.body, got.headers)["type"] == "message.received"
+    stored = await db.fetchrow("SELECT id, thread_id FROM messages WHERE subject = 'hello hooks'")
+    data = message_of(got)
+    assert data["message"]["id"] == stored["id"]
+    assert data["thread"]["id"] == stored["thread_id"]
+    assert secret not in got.body.decode()
+
+    [delivery] = await hooks.acme.deliveries(created["id"])
+    assert delivery["status"] == "delivered" and delivery["attempts"] == 1
+    assert got.id == f"evt_{delivery['event_id']}" or got.id == str(delivery["event_id"])
+    [attempt] = delivery["attempt_log"]
+    assert attempt["status_code"] == 200 and attempt["outcome"] == "delivered"
+    assert attempt["duration_ms"] >= 0 and attempt["error"] is None
+
+
+async def test_a_500_is_retried_on_the_stored_schedule_and_a_thread_keeps_its_order(
+        hooks_server, receiver, db):
+    base = 3.0
+    hooks = await hooks_server(**{"webhooks.retry_base": base})
+    created = await hooks.acme.create(receiver.url("/acme"), event_types=["message.received"])
+    receiver.plan["/acme"] = [500]
+    await send(hooks.server.port, mail("order", "a@example.org"))
+    await send(hooks.server.port, mail("Re: order", "b@example.org", "a@example.org"))
+    await send(hooks.server.port, mail("Re: order", "c@example.org", "b@example.org"))
+    await receiver.wait(lambda r: sum(x.status == 200 for x in r) >= 3)
+
+    first = receiver.received[0]
+    assert first.status == 500
+    delivered = [r for r in receiver.received if r.status == 200]
+    assert delivered[0].id == first.id  # the retry: the same webhook-id
+    stored = await db.fetch("SELECT id, thread_id FROM messages WHERE direction = 'inbound' "
+                            "ORDER BY id")
+    assert len({row["thread_id"] for row in stored}) == 1  # one thread
+    assert [message_of(r)["message"]["id"] for r in delivered] == [row["id"] for row in stored]
+    assert len(receiver.received) == 4
+
+    deliveries = sorted(await hooks.acme.deliveries(created["id"]), key=lambda d: d["id"])
+    log = deliveries[0]["attempt_log"]
+    assert [(a["status_code"], a["outcome"]) for a in log] == [(500, "failed"),
+                                                               (200, "delivered")]
+    assert log[0]["error"] == "HTTP 500"
+    started, retry_at = (_time(log[0]["started_at"]), _time(log[0]["retry_at"]))
+    gap = (retry_at - started).total_seconds()
+    assert base <= gap <= base + log[0]["duration_ms"] / 1000 + 1.0
+    assert _time(log[1]["started_at"]) >= retry_at
+    # the later events of the thread existed before the retry, and waited for it
+    later = [_time(a["started_at"]) for d in deliveries[1:] for a in d["attempt_log"]]
+    created_at = [_time(d["created_at"]) for d in deliveries[1:]]
+    assert max(created_at) < retry_at, "the test needs the later mail stored before the retry"
+    assert min(later) >= _time(log[1]["started_at"])
+    assert [len(d["attempt_log"]) for d in deliveries] == [2, 1, 1]
+
+
+def _time(text: str) -> Any:
+    from datetime import datetime
+    return datetime.fromisoformat(text)
+
+
+async def test_a_workspace_never_gets_another_workspaces_events(hooks_server, receiver, db):
+    hooks = await hooks_server()
+    acme = await hooks.acme.create(receiver.url("/acme"))
+    globex = await hooks.globex.create(receiver.url("/globex"))
+    for n in range(2):
+        await send(hooks.server.port, mail(f"acme {n}", f"acme{n}@example.org"))
+        await send(hooks.server.port,
+                   mail(f"globex {n}", f"globex{n}@example.org", to="support@globex.agents.test"),
+                   rcpt="support@globex.agents.test")
+    await receiver.wait(lambda r: len([x for x in r if x.type == "message.received"]) >= 4)
+    owned = {row["id"]: row["slug"] for row in await db.fetch(
+        "SELECT m.id, w.slug FROM messages m JOIN workspaces w ON w.id = m.workspace_id")}
+    for path, slug in (("/acme", "acme"), ("/globex", "globex")):
+        got = received_of_type(receiver, path, "message.received")
+        assert len(got) == 2
+        assert {owned[message_of(r)["message"]["id"]] for r in got} == {slug}
+    assert spec_verify(acme["secret"], receiver.at("/acme")[0])
+    assert not spec_verify(globex["secret"], receiver.at("/acme")[0])
+    # over the API a key sees only its own workspace's endpoints, log and events
+    [acme_delivery, *_] = await hooks.acme.deliveries(acme["id"])
+    for method, path, body in (
+            ("GET", f"/webhooks/{acme['id']}", None),
+            ("PATCH", f"/webhooks/{acme['id']}", {"enabled": False}),
+            ("GET", f"/webhooks/{acme['id']}/deliveries", None),
+            ("POST", f"/webhooks/{acme['id']}/rotate-secret", None),
+            ("POST", f"/webhooks/{acme['id']}/deliveries/{acme_delivery['id']}/replay", None),
+            ("POST", f"/webhooks/{globex['id']}/replay", {"event_id": acme_delivery["event_id"]}),
+            ("DELETE", f"/webhooks/{acme['id']}", None)):
+        await hooks.globex.call(method, path, body, expect=404)
+    assert [e["id"] for e in (await hooks.globex.call("GET", "/webhooks"))["endpoints"]] == \
+        [globex["id"]]
+    other = hooks.acme.base.replace("/acme", "/globex")
+    async with hooks.acme.http.get(f"{other}/webhooks", headers=hooks.acme.headers) as response:
+        assert response.status == 404
+    assert (await hooks.acme.call("GET", f"/webhooks/{acme['id']}"))["enabled"] is True
+
+
+async def test_repeated_failure_disables_the_endpoint_and_says_so(hooks_server, receiver):
+    hooks = await hooks_server(**{"webhooks.retry_base": 0.2,
+                                  "webhooks.disable_after_failures": 3,
+                                  "webhooks.disable_after_seconds": 0})
+    failing = await hooks.acme.create(receiver.url("/down"), event_types=["message.received"])
+    watcher = await hooks.acme.create(receiver.url("/watch"), event_types=["webhook.disabled"])
+    receiver.answer = lambda path: 500 if path == "/down" else 200
+    with capture_logs() as logs:
+        await send(hooks.server.port, mail("down", "down@example.org"))
+        await receiver.wait(lambda r: any(x.path == "/watch" for x in r))
+    assert [r.status for r in receiver.at("/down")] == [500, 500, 500]
+    [notice] = receiver.at("/watch")
+    assert notice.type == "webhook.disabled" and spec_verify(watcher["secret"], notice)
+    assert notice.json["data"]["endpoint"]["id"] == failing["id"]
+    [line] = [e for e in logs if e["event"] == "webhooks.endpoint_disabled"]
+    assert line["endpoint_id"] == failing["id"] and line["failures"] == 3
+    assert line["log_level"] == "warning"
+
+    endpoint = await hooks.acme.call("GET", f"/webhooks/{failing['id']}", expect=200)
+    assert endpoint["enabled"] is False and endpoint["disabled_at"]
+    assert endpoint["disabled_reason"].startswith("3 failed attempts in a row")
+    [delivery] = await hooks.acme.deliveries(failing["id"])
+    assert delivery["status"] == "failed" and len(delivery["attempt_log"]) == 3
+    # a disabled endpoint gets nothing new
+    await send(hooks.server.port, mail("while down", "down2@example.org"))
+    await asyncio.sleep(1.0)
+    assert len(receiver.at("/down")) == 3
+    assert len(await hooks.acme.deliveries(failing["id"])) == 1
+
+    # enabled again, its failure count starts afresh, and a replay delivers the first event
+    receiver.answer = None
+    enabled = await hooks.acme.call("PATCH", f"/webhooks/{failing['id']}", {"enabled": True},
+                                    expect=200)
+    assert enabled["enabled"] and enabled["consecutive_failures"] == 0
+    replay = await hooks.acme.call(
+        "POST", f"/webhooks/{failing['id']}/deliveries/{delivery['id']}/replay", expect=202)
+    await receiver.wait(lambda r: any(x.path == "/down" and x.status == 200 for x in r))
+    assert receiver.at("/down")[-1].id == receiver.at("/down")[0].id
+    log = await hooks.acme.deliveries(failing["id"])
+    assert [d["id"] for d in log if d["replay_of"] == delivery["id"]] == [replay["delivery_id"]]
+
+
+class Counter:
+    """A TCP listener that only counts connections: a refused address never reaches it."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> int:
+        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            writer.close()
+        self.server = await asyncio.start_server(accepted, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+
+async def test_ssrf_private_addresses_are_refused_at_create_and_at_connect(
+        hooks_server, dns_server, db):
+    hooks = await hooks_server(**{"webhooks.allow_loopback": False,
+                                  "webhooks.retry_base": 60.0})
+    for url in ("http://127.0.0.1:9/x", "https://127.0.0.1/", "https://localhost/",
+                "https://10.0.0.5/", "https://192.168.1.1/", "https://169.254.169.254/latest",
+                "https://[::ffff:a9fe:a9fe]/", "https://[fd00:ec2::254]/", "https://[::1]/",
+                "http://hooks.example.com/", "https://user:pw@hooks.example.com/"):
+        refused = await hooks.acme.call("POST", "/webhooks", {"url": url}, expect=422)
+        assert refused["error"].startswith("url:")
+    counter = Counter()
+    port = await counter.start()
+    dns_server.a("metadata.hooks.test", "169.254.169.254")
+    dns_server.a("loop.hooks.test", "127.0.0.1")
+    dns_server.a("inside.hooks.test", "10.1.2.3", "fd12::1")
+    names = {"metadata": "169.254.169.254 is a link-local address",
+             "loop": "127.0.0.1 is a loopback address",
+             "inside": "10.1.2.3 is a private address"}
+    made = {name: await hooks.acme.create(f"https://{name}.hooks.test:{port}/in")
+            for name in names}
+    await send(hooks.server.port, mail("ssrf", "ssrf@example.org"))
+    for name, why in names.items():
+        for _ in range(100):
+            log = await hooks.acme.deliveries(made[name]["id"])
+            attempts = [a for d in log for a in d["attempt_log"]]
+            if attempts:
+                break
+            await asyncio.sleep(0.1)
+        assert attempts, name
+        assert attempts[0]["outcome"] == "refused" and attempts[0]["status_code"] is None
+        assert why in attempts[0]["error"]
+    assert counter.connections == 0
+    assert counter.server is not None
+    counter.server.close()
+
+
+@pytest.mark.parametrize("field", ["url", "event_types", "enabled", "description"])
+async def test_bad_fields_are_400_or_422(hooks_server, field):
+    hooks = await hooks_server()
+    bad = {"url": 5, "event_types": ["no.such_type"], "enabled": "yes",
+           "description": "x" * 501}[field]
+    body = {"url": "https://hooks.example.com/in", field: bad}
+    answer = await hooks.acme.call("POST", "/webhooks", body)
+    assert answer["error"].startswith(f"{field}:")
