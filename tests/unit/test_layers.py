@@ -42,7 +42,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "auth", "routing", "ingress", "scan", "spam", "pipeline",
         "store", "store.apikeys", "store.changes", "store.database", "store.directory",
         "store.deployment", "store.domains", "store.inbox", "store.lease", "store.mailbox",
-        "store.messages", "store.rows", "store.acl", "store.quarantine", "store.hooks",
+        "store.messages", "store.rows", "store.acl", "store.quarantine", "store.events",
+        "store.hooks",
         "runtime",
     ),
     # Listeners and features: each receives the Runtime and calls stages and store.
