@@ -1,34 +1,60 @@
-"""What a webhook carries: the outbox event as the Standard Webhooks body.
+"""What a webhook carries: an outbox event (store/events.py) as the Standard Webhooks body.
 
-Provisional until the outbox (store/events.py) lands: the body is
-{"type", "timestamp", "data"} (the specification's recommended shape) with the event's
-payload as data, and webhook-id "evt_<id>", the same for every attempt and replay.
+The body is the specification's recommended shape, {"type", "timestamp", "data"}, plus
+"id": the event's public id, which is also the webhook-id of every attempt and replay
+(receivers deduplicate on it). "data" is the event's payload as the outbox stored it:
+ids, envelope, subject, snippet, bounded text and links; never secrets. The one event
+this feature writes itself, webhook.disabled, is made here too.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
-DISABLED_EVENT = "webhook.disabled"
-EVENT_TYPES = frozenset({
-    "message.received", "message.quarantined", "message.sent", "message.delivered",
-    "message.deferred", "message.bounced", "message.complained", "draft.created",
-    "domain.verified", "domain.degraded", DISABLED_EVENT})
+from ..store import events
+
+DISABLED_EVENT = events.EventType.WEBHOOK_DISABLED
+EVENT_TYPES = frozenset(str(kind) for kind in events.EventType)
 
 
 @dataclass(frozen=True)
 class Body:
+    """The webhook-id and the exact bytes signed and sent."""
+
     message_id: str
     content: bytes
 
 
+def encode(event_id: str, kind: str, timestamp: str, data: Any) -> bytes:
+    return json.dumps({"id": event_id, "type": kind, "timestamp": timestamp, "data": data},
+                      ensure_ascii=False, separators=(",", ":")).encode()
+
+
 async def event_body(db: asyncpg.Pool | asyncpg.Connection, workspace_id: int,
                      event_id: int) -> Body | None:
-    raise NotImplementedError
+    """The body of event `event_id` of `workspace_id`; None if there is no such event."""
+    row = await db.fetchrow(
+        """SELECT event_id, type, payload::text AS data, created_at FROM events
+            WHERE id = $1 AND workspace_id = $2""", event_id, workspace_id)
+    if row is None:
+        return None
+    return Body(row["event_id"], encode(row["event_id"], row["type"],
+                                        row["created_at"].isoformat(),
+                                        json.loads(row["data"])))
 
 
 async def record_disabled(connection: asyncpg.Connection, workspace_id: int, endpoint_id: int,
-                          reason: str, deliveries_failed: int) -> None:
-    raise NotImplementedError
+                          url: str, reason: str, deliveries_failed: int) -> int:
+    """The workspace's event saying its endpoint was disabled, in the caller's transaction
+    (the one that disabled it); the event's id."""
+    slug = await connection.fetchval("SELECT slug FROM workspaces WHERE id = $1",
+                                     workspace_id)
+    base = f"/api/v1/workspaces/{slug}/webhooks/{endpoint_id}"
+    return await events.append(connection, workspace_id, DISABLED_EVENT, {
+        "workspace": slug, "endpoint": {"id": endpoint_id, "url": url},
+        "reason": reason, "deliveries_failed": deliveries_failed,
+        "links": {"endpoint": base, "deliveries": f"{base}/deliveries"}})

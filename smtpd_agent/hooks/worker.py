@@ -54,7 +54,6 @@ class DeliveryWorker:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._subscription: object | None = None
 
     async def start(self) -> None:
         if self.hooks.concurrency < 1:
@@ -68,7 +67,6 @@ class DeliveryWorker:
             auto_decompress=False, headers={"User-Agent": USER_AGENT},
             timeout=aiohttp.ClientTimeout(total=self.hooks.timeout,
                                           sock_connect=self.hooks.connect_timeout))
-        self._subscription = subscribe_wake(self.runtime, self.wake)
         self._task = asyncio.create_task(self._run(), name="webhook-worker")
         log.info("webhooks.worker_started", worker=self.name,
                  concurrency=self.hooks.concurrency, allow_loopback=self.hooks.allow_loopback)
@@ -87,8 +85,6 @@ class DeliveryWorker:
             except TimeoutError:
                 self._task.cancel()
             self._task = None
-        if self._subscription is not None:
-            self.runtime.changes.unsubscribe(self._subscription)  # type: ignore[arg-type]
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -98,8 +94,21 @@ class DeliveryWorker:
         async def step() -> bool:
             return await self.run_once() >= self.hooks.batch_size
 
-        await poll(step, interval=self.hooks.poll_interval, stopping=self._stopping,
-                   wake=self._wake, name="webhooks")
+        # any workspace's new event (the outbox's NOTIFY at COMMIT) wakes the worker
+        await self.runtime.changes.start()
+        with self.runtime.event_wakeups.watch(None) as signal:
+            relay = asyncio.create_task(self._relay(signal))
+            try:
+                await poll(step, interval=self.hooks.poll_interval, stopping=self._stopping,
+                           wake=self._wake, name="webhooks")
+            finally:
+                relay.cancel()
+
+    async def _relay(self, signal: asyncio.Event) -> None:
+        while True:
+            await signal.wait()
+            signal.clear()
+            self._wake.set()
 
     async def run_once(self) -> int:
         """Claim one batch and attempt each delivery in it; how many were claimed."""
@@ -178,7 +187,7 @@ class DeliveryWorker:
         if outcome is not Outcome.DELIVERED and count.enabled and should_disable(
                 count.consecutive_failures, count.failing_since, datetime.now(UTC),
                 self.hooks):
-            await self.disable(delivery, count, error or "")
+            await self.disable(delivery, target.url if target else "", count, error or "")
 
     async def post(self, url: str, content: bytes,
                    headers: dict[str, str]) -> tuple[int, str]:
@@ -190,7 +199,7 @@ class DeliveryWorker:
             head = await reply.content.read(self.hooks.max_response_bytes)
             return reply.status, head.decode("utf-8", "replace")[:RESPONSE_KEPT]
 
-    async def disable(self, delivery: store.Delivery, count: store.FailureCount,
+    async def disable(self, delivery: store.Delivery, url: str, count: store.FailureCount,
                       last_error: str) -> None:
         reason = (f"{count.consecutive_failures} failed attempts in a row since "
                   f"{count.failing_since.isoformat() if count.failing_since else '?'}; "
@@ -201,14 +210,10 @@ class DeliveryWorker:
             if failed < 0:
                 return  # another worker disabled it first
             await record_disabled(connection, delivery.workspace_id, delivery.endpoint_id,
-                                  reason, failed)
+                                  url, reason, failed)
         self.metrics.webhook_endpoints_disabled.inc()
         log.warning("webhooks.endpoint_disabled", workspace_id=delivery.workspace_id,
                     endpoint_id=delivery.endpoint_id, reason=reason,
                     failures=count.consecutive_failures, deliveries_failed=failed,
                     event_type=DISABLED_EVENT)
 
-
-def subscribe_wake(runtime: Runtime, wake: object) -> object | None:
-    """Wake on the outbox's NOTIFY (store/events.py) — placeholder until merged."""
-    return None

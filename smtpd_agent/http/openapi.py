@@ -542,6 +542,7 @@ def openapi_spec() -> dict[str, Any]:
                     "attempts": {"type": "integer"},
                     "next_attempt_at": {"type": "string", "format": "date-time",
                                         "nullable": True},
+                    "replay": {"type": "boolean"},
                     "replay_of": {"type": "integer", "nullable": True},
                     "last_status": {"type": "integer", "nullable": True},
                     "last_error": {"type": "string", "nullable": True},

@@ -301,7 +301,8 @@ async def deliveries(db: DbLike, workspace_id: int, endpoint_id: int, limit: int
     """The endpoint's deliveries, newest first, each with its attempts (oldest first)."""
     rows = await db.fetch(
         """SELECT d.id, d.event_id, d.event_type, d.thread_id, d.status, d.attempts,
-                  d.run_at AS next_attempt_at, d.replay_of, d.last_status, d.last_error,
+                  d.run_at AS next_attempt_at, d.replay, d.replay_of, d.last_status,
+                  d.last_error,
                   d.created_at, d.finished_at,
                   coalesce((SELECT json_agg(json_build_object(
                                 'attempt', a.attempt, 'started_at', a.started_at,
@@ -340,9 +341,25 @@ async def replay_delivery(db: DbLike, workspace_id: int, endpoint_id: int,
     """A new delivery of that delivery's event to its endpoint, due now; its id."""
     replay: int | None = await db.fetchval(
         """INSERT INTO webhook_deliveries (workspace_id, endpoint_id, event_id, event_type,
-                                           thread_id, replay_of)
-           SELECT workspace_id, endpoint_id, event_id, event_type, thread_id, id
+                                           thread_id, replay, replay_of)
+           SELECT workspace_id, endpoint_id, event_id, event_type, thread_id, true, id
              FROM webhook_deliveries
             WHERE id = $1 AND workspace_id = $2 AND endpoint_id = $3
         RETURNING id""", delivery_id, workspace_id, endpoint_id)
+    return replay
+
+
+async def replay_event(db: DbLike, workspace_id: int, endpoint_id: int,
+                       event_id: int) -> int | None:
+    """A new delivery of the workspace's event `event_id` to the endpoint, due now; its id
+    (None when either is not the workspace's). Also for an event the endpoint never had."""
+    replay: int | None = await db.fetchval(
+        """INSERT INTO webhook_deliveries (workspace_id, endpoint_id, event_id, event_type,
+                                           thread_id, replay, replay_of)
+           SELECT ev.workspace_id, ep.id, ev.id, ev.type, ev.thread_id, true,
+                  (SELECT d.id FROM webhook_deliveries d
+                    WHERE d.endpoint_id = ep.id AND d.event_id = ev.id AND NOT d.replay)
+             FROM events ev JOIN webhook_endpoints ep ON ep.workspace_id = ev.workspace_id
+            WHERE ev.id = $3 AND ev.workspace_id = $1 AND ep.id = $2
+        RETURNING id""", workspace_id, endpoint_id, event_id)
     return replay

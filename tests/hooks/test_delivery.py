@@ -14,6 +14,7 @@ from standardwebhooks.webhooks import Webhook
 from structlog.testing import capture_logs
 
 from smtpd_agent.hooks.signing import new_secret
+from smtpd_agent.store import events
 from tests.hooks.receiver import Received, Receiver, spec_verify
 from tests.http.test_api import deliver
 
@@ -68,12 +69,15 @@ async def test_mail_over_smtp_reaches_the_receiver_signed(hooks_server, receiver
     stored = await db.fetchrow("SELECT id, thread_id FROM messages WHERE subject = 'hello hooks'")
     data = message_of(got)
     assert data["message"]["id"] == stored["id"]
-    assert data["thread"]["id"] == stored["thread_id"]
+    assert data["message"]["thread_id"] == stored["thread_id"]
+    assert data["workspace"] == "acme" and data["snippet"] == "body of hello hooks"
     assert secret not in got.body.decode()
 
     [delivery] = await hooks.acme.deliveries(created["id"])
     assert delivery["status"] == "delivered" and delivery["attempts"] == 1
-    assert got.id == f"evt_{delivery['event_id']}" or got.id == str(delivery["event_id"])
+    assert got.id == got.json["id"] == await db.fetchval(
+        "SELECT event_id FROM events WHERE id = $1", delivery["event_id"])
+    assert got.id.startswith("evt_")
     [attempt] = delivery["attempt_log"]
     assert attempt["status_code"] == 200 and attempt["outcome"] == "delivered"
     assert attempt["duration_ms"] >= 0 and attempt["error"] is None
@@ -261,3 +265,30 @@ async def test_bad_fields_are_400_or_422(hooks_server, field):
     body = {"url": "https://hooks.example.com/in", field: bad}
     answer = await hooks.acme.call("POST", "/webhooks", body)
     assert answer["error"].startswith(f"{field}:")
+
+
+class Rollback(Exception):
+    pass
+
+
+async def test_an_event_is_delivered_when_its_cause_commits_and_never_after_a_rollback(
+        hooks_server, receiver, db):
+    hooks = await hooks_server()
+    created = await hooks.acme.create(receiver.url("/acme"))
+    await db.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads,
+                            schema="pg_catalog")
+    workspace_id = await db.fetchval("SELECT id FROM workspaces WHERE slug = 'acme'")
+    with pytest.raises(Rollback):
+        async with db.transaction():
+            await events.append(db, workspace_id, events.EventType.DOMAIN_VERIFIED,
+                                {"domain": "rolled.example"})
+            raise Rollback
+    async with db.transaction():
+        await events.append(db, workspace_id, events.EventType.DOMAIN_VERIFIED,
+                            {"domain": "kept.example"})
+    [got] = await receiver.wait(lambda r: len(r) >= 1)
+    assert got.type == "domain.verified" and got.json["data"] == {"domain": "kept.example"}
+    assert spec_verify(created["secret"], got)
+    await asyncio.sleep(1.0)  # a second poll and more: still nothing of the rolled-back one
+    assert len(receiver.received) == 1
+    assert await db.fetchval("SELECT count(*) FROM webhook_deliveries") == 1

@@ -1,5 +1,6 @@
 -- Signed outgoing webhooks (issue 19): each workspace's endpoints, one delivery per
--- (endpoint, event) of the outbox (0018), and every attempt of a delivery.
+-- (endpoint, event) of the outbox (0018; made by functions/fan_out_webhooks.sql), and
+-- every attempt of a delivery.
 --
 -- The secret is the `whsec_` string sealed with Fernet under the at-rest secret
 -- (domains.key_file, as the DKIM private keys): a dump alone does not give it, and
@@ -30,8 +31,9 @@ CREATE INDEX webhook_endpoints_workspace ON webhook_endpoints (workspace_id) WHE
 
 -- A lease queue (store/lease.py: status, run_at, attempts, lease_token). thread_id
 -- orders deliveries: one of a thread waits while an earlier one of the same thread
--- and endpoint is pending or sending. replay_of: a delivery made by the API's
--- replay; the fan-out makes at most one original per (endpoint, event).
+-- and endpoint is pending or sending. replay: made by the API's replay (replay_of: the
+-- delivery replayed, if there was one); the fan-out makes at most one original per
+-- (endpoint, event).
 CREATE TABLE webhook_deliveries (
     id            bigserial PRIMARY KEY,
     workspace_id  bigint NOT NULL,
@@ -44,6 +46,7 @@ CREATE TABLE webhook_deliveries (
     run_at        timestamptz NOT NULL DEFAULT now(),
     attempts      integer NOT NULL DEFAULT 0,
     lease_token   uuid,
+    replay        boolean NOT NULL DEFAULT false,
     replay_of     bigint,
     last_status   integer,
     last_error    text,
@@ -51,10 +54,11 @@ CREATE TABLE webhook_deliveries (
     finished_at   timestamptz,
     FOREIGN KEY (endpoint_id, workspace_id)
         REFERENCES webhook_endpoints (id, workspace_id) ON DELETE CASCADE,
+    FOREIGN KEY (event_id) REFERENCES events (id) ON DELETE CASCADE,
     UNIQUE (id, workspace_id)
 );
 CREATE UNIQUE INDEX webhook_deliveries_once ON webhook_deliveries (endpoint_id, event_id)
-    WHERE replay_of IS NULL;
+    WHERE NOT replay;
 CREATE INDEX webhook_deliveries_due ON webhook_deliveries (run_at)
     WHERE status IN ('pending', 'sending');
 CREATE INDEX webhook_deliveries_thread ON webhook_deliveries (endpoint_id, thread_id, id)
