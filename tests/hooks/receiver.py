@@ -61,12 +61,22 @@ class Receiver:
         self.received: list[Received] = []
         self.plan: dict[str, list[int]] = {}
         self.answer: Callable[[str], int] | None = None
+        # requests to these paths wait until the event is set (a receiver that hangs)
+        self.hold: dict[str, asyncio.Event] = {}
         self._runner: web.AppRunner | None = None
         self.port = 0
         self.arrived = asyncio.Event()
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
+        held = self.hold.pop(request.path, None)
+        if held is not None:
+            self.received.append(Received(request.path, {k.lower(): v for k, v in
+                                                          request.headers.items()},
+                                          body, 0, time.time()))
+            self.arrived.set()
+            await held.wait()
+            return web.Response(status=200)
         planned = self.plan.get(request.path)
         if planned:
             status = planned.pop(0)

@@ -14,7 +14,9 @@ from standardwebhooks.webhooks import Webhook
 from structlog.testing import capture_logs
 
 from smtpd_agent.hooks.signing import new_secret
-from smtpd_agent.store import events
+from smtpd_agent.store import directory, events
+from smtpd_agent.store.apikeys import Scope, create_key
+from tests.hooks.conftest import FAST, Api
 from tests.hooks.receiver import Received, Receiver, spec_verify
 from tests.http.test_api import deliver
 
@@ -292,3 +294,32 @@ async def test_an_event_is_delivered_when_its_cause_commits_and_never_after_a_ro
     await asyncio.sleep(1.0)  # a second poll and more: still nothing of the rolled-back one
     assert len(receiver.received) == 1
     assert await db.fetchval("SELECT count(*) FROM webhook_deliveries") == 1
+
+
+async def test_two_servers_on_one_database_deliver_each_event_once(
+        start_server, receiver, db, tmp_path, http):
+    # Two processes' worth of workers (each a whole App) share the queue; small batches
+    # and fast polls make them contend for the same rows.
+    shared = {**FAST, "domains.key_file": str(tmp_path / "at-rest.secret"),
+              "webhooks.batch_size": 2, "webhooks.poll_interval": 0.05}
+    one = start_server(**shared)
+    start_server(**shared)
+    await directory.add_workspace(db, "acme")
+    key = (await create_key(db, "acme", scopes=frozenset({Scope.ADMIN}))).key
+    api = Api(http, f"{one.http_url}/api/v1/workspaces/acme", key)
+    created = await api.create(receiver.url("/in"))
+    await db.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads,
+                            schema="pg_catalog")
+    workspace_id = await db.fetchval("SELECT id FROM workspaces WHERE slug = 'acme'")
+    for n in range(30):
+        async with db.transaction():
+            await events.append(db, workspace_id, events.EventType.DOMAIN_VERIFIED,
+                                {"n": n})
+    await receiver.wait(lambda r: len(r) >= 30)
+    await asyncio.sleep(1.0)
+    ids = [r.id for r in receiver.received]
+    assert len(ids) == len(set(ids)) == 30
+    assert sorted(r.json["data"]["n"] for r in receiver.received) == list(range(30))
+    assert all(spec_verify(created["secret"], r) for r in receiver.received)
+    attempts = await db.fetch("SELECT attempts, status FROM webhook_deliveries")
+    assert {(a["attempts"], a["status"]) for a in attempts} == {(1, "delivered")}
