@@ -19,6 +19,7 @@ from smtpd_agent.store.apikeys import Scope, create_key
 from tests.hooks.conftest import FAST, Api
 from tests.hooks.receiver import Received, Receiver, spec_verify
 from tests.http.test_api import deliver
+from tests.http.test_health_metrics import metric
 
 
 def mail(subject: str, message_id: str, in_reply_to: str | None = None,
@@ -83,6 +84,15 @@ async def test_mail_over_smtp_reaches_the_receiver_signed(hooks_server, receiver
     [attempt] = delivery["attempt_log"]
     assert attempt["status_code"] == 200 and attempt["outcome"] == "delivered"
     assert attempt["duration_ms"] >= 0 and attempt["error"] is None
+
+    async with hooks.acme.http.get(f"{hooks.server.http_url}/metrics") as response:
+        text = await response.text()
+    assert metric(text, "smtpd_agent_webhook_attempts_total", outcome="delivered") == 1
+    assert metric(text, "smtpd_agent_webhook_attempts_total", outcome="failed") == 0
+    assert metric(text, "smtpd_agent_queue_depth", queue="webhook_deliveries",
+                  state="delivered") == 1
+    assert metric(text, "smtpd_agent_queue_depth", queue="webhook_deliveries",
+                  state="pending") == 0
 
 
 async def test_a_500_is_retried_on_the_stored_schedule_and_a_thread_keeps_its_order(
