@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.helpers import is_ip_address
 
 from ..dns import DnsTempError, Resolver
 
@@ -96,6 +97,19 @@ def _is_loopback_host(host: str) -> bool:
         return False
 
 
+def _legacy_ipv4(host: str) -> bool:
+    """2130706433, 0177.0.0.1, 127.1, 0x7f.1, 127.0.0.1.: no name, but spellings that
+    the HTTP client and getaddrinfo still read as an address (inet_aton), bypassing
+    the resolver's check. Refused outright."""
+    if is_ip_address(host) or is_ip_address(host.rstrip(".")):
+        return True
+    try:
+        socket.inet_aton(host.rstrip("."))
+    except OSError:
+        return False
+    return True
+
+
 def check_url(url: str, policy: Policy) -> str:
     """The URL as we store it, or Refused with the reason (what the API answers)."""
     parts = _split(url)
@@ -119,6 +133,8 @@ def check_url(url: str, policy: Policy) -> str:
     try:
         ipaddress.ip_address(literal.split("%", 1)[0])
     except ValueError:
+        if _legacy_ipv4(literal):
+            raise Refused("url: not a canonical IP address (write a.b.c.d in decimal)") from None
         if "%" in host or not all(label for label in host.rstrip(".").split(".")):
             raise Refused("url: not a valid host name") from None
     else:

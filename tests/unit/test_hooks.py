@@ -92,6 +92,12 @@ def test_public_https_urls_are_taken(url):
     ("https://224.0.0.1/", "multicast"),
     ("https://100.64.0.1/", "private|not a global"),
     ("https://" + "a" * 2100 + ".com/", "characters"),
+    # spellings getaddrinfo reads as 127.0.0.1 though ipaddress does not
+    ("https://2130706433/", "canonical"),
+    ("https://127.1/", "canonical"),
+    ("https://0177.0.0.1/", "canonical"),
+    ("https://0x7f.0.0.1/", "canonical"),
+    ("https://127.0.0.1./", "canonical"),
 ])
 def test_hostile_urls_are_refused(url, why):
     with pytest.raises(Refused, match=why):
