@@ -3,6 +3,7 @@ fast (short retries), admin keys of two workspaces, and an API client."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,19 @@ class Api:
         page = await self.call("GET", f"/webhooks/{endpoint_id}/deliveries?limit=100",
                                expect=200)
         return list(page["deliveries"])
+
+    async def settled(self, endpoint_id: int, count: int,
+                      timeout: float = 20) -> list[dict[str, Any]]:
+        """The endpoint's `count` deliveries once each is delivered or failed (the
+        receiver sees a request before the worker records its answer), oldest first."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            found = await self.deliveries(endpoint_id)
+            if len(found) >= count and all(d["status"] in ("delivered", "failed")
+                                           for d in found):
+                return sorted(found, key=lambda d: d["id"])
+            assert asyncio.get_running_loop().time() < deadline, found
+            await asyncio.sleep(0.1)
 
 
 @dataclass
