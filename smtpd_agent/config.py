@@ -317,6 +317,13 @@ class HttpSettings:
     # Postmark inbound: the basic-auth credentials put in the webhook URL.
     postmark_username: str = ""
     postmark_password: str = ""
+    # The event stream (GET /api/v1/workspaces/<slug>/events, events/stream.py): seconds
+    # between heartbeat comments; seconds a reader may leave a write unread before it is
+    # cut off; streams open at once per API key and per workspace (per process).
+    events_heartbeat: float = 15.0
+    events_send_timeout: float = 60.0
+    events_streams_per_key: int = 4
+    events_streams_per_workspace: int = 16
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """What a webhook carries: an outbox event (store/events.py) as the Standard Webhooks body.
 
-The body is the specification's recommended shape, {"type", "timestamp", "data"}, plus
-"id": the event's public id, which is also the webhook-id of every attempt and replay
+The body is Event.body() (the stream's data too): the specification's recommended shape,
+{"type", "timestamp", "data"}, plus "id": the event's public id, which is also the webhook-id of every attempt and replay
 (receivers deduplicate on it). "data" is the event's payload as the outbox stored it:
 ids, envelope, subject, snippet, bounded text and links; never secrets. The one event
 this feature writes itself, webhook.disabled, is made here too.
@@ -29,22 +29,21 @@ class Body:
     content: bytes
 
 
-def encode(event_id: str, kind: str, timestamp: str, data: Any) -> bytes:
-    return json.dumps({"id": event_id, "type": kind, "timestamp": timestamp, "data": data},
-                      ensure_ascii=False, separators=(",", ":")).encode()
+def encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 async def event_body(db: asyncpg.Pool | asyncpg.Connection, workspace_id: int,
                      event_id: int) -> Body | None:
-    """The body of event `event_id` of `workspace_id`; None if there is no such event."""
+    """The body of event `event_id` of `workspace_id` (Event.body(), what the stream sends
+    as data too); None if there is no such event."""
     row = await db.fetchrow(
-        """SELECT event_id, type, payload::text AS data, created_at FROM events
-            WHERE id = $1 AND workspace_id = $2""", event_id, workspace_id)
+        f"""SELECT {events.COLUMNS} FROM events e WHERE e.id = $1 AND e.workspace_id = $2""",
+        event_id, workspace_id)
     if row is None:
         return None
-    return Body(row["event_id"], encode(row["event_id"], row["type"],
-                                        row["created_at"].isoformat(),
-                                        json.loads(row["data"])))
+    event = events.Event.from_row(row)
+    return Body(event.event_id, encode(event.body()))
 
 
 async def record_disabled(connection: asyncpg.Connection, workspace_id: int, endpoint_id: int,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import __version__
+from ..store.events import EVENT_TYPES
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -410,6 +411,33 @@ def openapi_spec() -> dict[str, Any]:
                 "parameters": [SLUG], "responses": {
                     "200": _json("agents", {"type": "object", "properties": {
                         "agents": {"type": "array", "items": {"type": "object"}}}}),
+                    **API_ERRORS}}},
+            "/api/v1/workspaces/{slug}/events": {"get": {
+                "summary": "the workspace's events as Server-Sent Events (a live stream)",
+                "description": (
+                    "One SSE message per event: `id` (the outbox id; resume after it), "
+                    "`event` (the type), `data` (JSON: id, type, timestamp, data). "
+                    "Reconnect with Last-Event-ID (or ?after=) to continue with no gap and "
+                    "no repeat; without either the stream starts at the newest event, "
+                    "?after=0 from the first. Heartbeat comments keep it open; a reader "
+                    "that stops reading is cut off and may resume."),
+                "tags": ["events"], "security": bearer,
+                "parameters": [
+                    SLUG,
+                    {"name": "Last-Event-ID", "in": "header", "required": False,
+                     "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"}},
+                    {"name": "after", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 0},
+                     "description": "resume after this event id (Last-Event-ID wins)"},
+                    {"name": "types", "in": "query", "required": False,
+                     "schema": {"type": "string"},
+                     "description": "comma-separated event types to keep: "
+                                    + ", ".join(sorted(EVENT_TYPES))}],
+                "responses": {
+                    "200": {"description": "the stream", "content": {"text/event-stream": {
+                        "schema": {"type": "string"}}}},
+                    "400": _error("bad Last-Event-ID, after or types"),
+                    "429": _error("too many streams open for this key or workspace"),
                     **API_ERRORS}}},
             "/api/v1/workspaces/{slug}/agents/{handle}/inbox": {"get": {
                 "summary": "an agent's threads, newest first, by cursor", "tags": ["inbox"],

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from ..domains.mta_sts import POLICY_PATH, mta_sts_route
 from ..hooks.service import Endpoints
+from ..events.stream import EventStreams
 from ..mailbox.send import Mailboxes
 from ..runtime import Runtime
 from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
@@ -65,6 +66,7 @@ class HttpServer:
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self.webhooks: Webhooks | None = None
+        self.streams: EventStreams | None = None
 
     def build(self) -> web.Application:
         runtime, settings = self.runtime, self.settings
@@ -77,6 +79,8 @@ class HttpServer:
         endpoints = EndpointsApi(runtime.pool, api, Endpoints(runtime.pool, settings))
         self.webhooks = hooks = Webhooks(settings.http, pipeline, router, runtime.pool,
                                          runtime.metrics)
+        self.streams = streams = EventStreams(api, runtime.pool, runtime.event_wakeups,
+                                              settings.http, runtime.metrics)
         spec = openapi_spec()
         app = web.Application(middlewares=[errors],
                               client_max_size=2 * settings.smtp.max_message_size
@@ -109,6 +113,7 @@ class HttpServer:
         app.router.add_get("/openapi.json", openapi)
         app.router.add_get(POLICY_PATH, mta_sts)
         app.router.add_get(f"{workspace}/agents", api.agents)
+        app.router.add_get(f"{workspace}/events", streams.handle)
         app.router.add_post(f"{workspace}/agents", mailbox.create_agent)
         app.router.add_get(f"{workspace}/agents/{{handle}}", mailbox.agent)
         app.router.add_patch(f"{workspace}/agents/{{handle}}", mailbox.update_agent)
@@ -163,6 +168,8 @@ class HttpServer:
         log.info("http.listening", host=self.settings.http.host, port=self.port)
 
     async def stop(self) -> None:
+        if self.streams is not None:  # before the runner waits for every open request
+            await self.streams.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.webhooks is not None:

@@ -6,8 +6,10 @@ The contract the SSE stream (events/stream.py) and the webhook worker rely on:
   caller's transaction, the one that makes the change it reports (store_message.sql
   calls the same SQL function for every stored message). The event then exists exactly
   when its cause committed: never lost on a crash, never seen for a rollback. It returns
-  the row's `id`. Payloads come from events/payloads.py: ids, envelope, subject, a
-  snippet, text up to a bound and API links; never secrets, never whole bodies.
+  the row's `id`. A message's payload is built by functions/message_event.sql
+  (`message_event()` here), a draft's and a domain's where they are stored: ids, the
+  workspace's slug, envelope, subject, a snippet, text up to TEXT_CHARS and API links;
+  never secrets, never whole bodies. `Event.body()` is the JSON every consumer sends.
 - `after(db, workspace_id, last_id, limit, types=None)` pages the committed events
   after the event `last_id` (0: from the beginning), oldest first, at most `limit`;
   `workspace_id=None` reads every workspace (the webhook worker). Feeding back the last
@@ -29,7 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator, Sequence
+import json
+import re
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -58,6 +62,10 @@ class EventType(StrEnum):
 
 
 EVENT_TYPES = frozenset(EventType)
+# The bounds of a payload's text, the same as functions/message_event.sql's.
+TEXT_CHARS = 8000
+SNIPPET_CHARS = 200
+API = "/api/v1/workspaces/"
 
 
 @dataclass(frozen=True)
@@ -70,10 +78,16 @@ class Event:
     payload: dict[str, Any]
     created_at: datetime
 
+    def body(self) -> dict[str, Any]:
+        """What a consumer sends (the stream's data, a webhook's body): the public id,
+        the type, when, and the payload."""
+        return {"id": self.event_id, "type": self.type,
+                "timestamp": self.created_at.isoformat(), "data": self.payload}
+
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Event:
         return cls(row["id"], row["event_id"], row["workspace_id"], row["type"],
-                   row["thread_id"], row["payload"], row["created_at"])
+                   row["thread_id"], json.loads(row["payload"]), row["created_at"])
 
 
 @dataclass(frozen=True)
@@ -99,11 +113,13 @@ async def append(connection: asyncpg.Connection, workspace_id: int, type: EventT
     if not connection.is_in_transaction():
         raise RuntimeError("events.append outside a transaction: the event must commit "
                            "with its cause")
-    return await connection.fetchval("SELECT append_event($1, $2, $3, $4)", workspace_id,
-                                     str(type), thread_id, payload)
+    return await connection.fetchval("SELECT append_event($1, $2, $3, $4::text::jsonb)",
+                                     workspace_id, str(type), thread_id, json.dumps(payload))
 
 
-COLUMNS = "e.id, e.event_id, e.workspace_id, e.type, e.thread_id, e.payload, e.created_at"
+# payload as text: decoded here, whatever codecs the caller's connection has
+COLUMNS = ("e.id, e.event_id, e.workspace_id, e.type, e.thread_id, e.payload::text AS payload, "
+           "e.created_at")
 
 
 async def after(db: DB, workspace_id: int | None, last_id: int, limit: int,
@@ -190,3 +206,35 @@ class Wakeups:
                 signals.discard(signal)
                 if not signals:
                     del self._signals[workspace_id]
+
+
+async def message_event(connection: asyncpg.Connection, workspace_id: int, message_id: int,
+                        type: EventType, extra: dict[str, Any] | None = None) -> int:
+    """An event about one stored message, its payload built by functions/message_event.sql
+    (ids, envelope, subject, snippet, bounded text, links) plus `extra`; in the caller's
+    transaction, like `append`."""
+    if not connection.is_in_transaction():
+        raise RuntimeError("events.message_event outside a transaction: the event must "
+                           "commit with its cause")
+    return await connection.fetchval("SELECT message_event($1, $2, $3, $4::text::jsonb)",
+                                     workspace_id, message_id, str(type),
+                                     json.dumps(extra or {}))
+
+
+def text_fields(text: str | None) -> dict[str, Any]:
+    """A payload's snippet and text, bounded as message_event.sql bounds a message's."""
+    text = text or ""
+    snippet = re.sub(r"\s+", " ", text[:1000]).strip()[:SNIPPET_CHARS]
+    return {"snippet": snippet, "text": text[:TEXT_CHARS],
+            "text_truncated": len(text) > TEXT_CHARS}
+
+
+@contextlib.asynccontextmanager
+async def transaction(db: DB) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction on `db`: a pool's connection, or a savepoint inside the caller's."""
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as connection, connection.transaction():
+            yield connection
+    else:
+        async with db.transaction():
+            yield db

@@ -13,6 +13,9 @@ from typing import Any
 
 import asyncpg
 
+from . import events
+from .events import EventType
+
 DB = asyncpg.Pool | asyncpg.Connection
 
 # How long an Idempotency-Key answers with the message it first sent.
@@ -202,12 +205,33 @@ class DraftFields:
 
 async def add_draft(db: DB, workspace_id: int, agent_id: int, thread_id: int | None,
                     fields: DraftFields, origin: str, job_id: int | None = None) -> int:
-    return await db.fetchval(
-        """INSERT INTO drafts (workspace_id, agent_id, thread_id, origin, to_addresses,
-                               cc_addresses, bcc_addresses, subject, text_body, html_body, job_id)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id""",
-        workspace_id, agent_id, thread_id, origin, list(fields.to), list(fields.cc),
-        list(fields.bcc), fields.subject, fields.text, fields.html, job_id)
+    """A new draft, announced as draft.created in the same transaction (the caller's, when
+    `db` is a connection in one)."""
+    async with events.transaction(db) as connection:
+        row = await connection.fetchrow(
+            """WITH d AS (
+                   INSERT INTO drafts (workspace_id, agent_id, thread_id, origin, to_addresses,
+                                       cc_addresses, bcc_addresses, subject, text_body,
+                                       html_body, job_id)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                   RETURNING id, created_at)
+               SELECT d.id, d.created_at, w.slug, a.handle
+                 FROM d, workspaces w JOIN agents a ON a.workspace_id = w.id
+                WHERE w.id = $1 AND a.id = $2""",
+            workspace_id, agent_id, thread_id, origin, list(fields.to), list(fields.cc),
+            list(fields.bcc), fields.subject, fields.text, fields.html, job_id)
+        base = f"{events.API}{row['slug']}"
+        links = {"draft": f"{base}/drafts/{row['id']}"}
+        if thread_id is not None:
+            links["thread"] = f"{base}/threads/{thread_id}"
+        # bcc stays out: it is the sender's private choice, readable over the API
+        await events.append(connection, workspace_id, EventType.DRAFT_CREATED, {
+            "workspace": row["slug"], "agent": row["handle"],
+            "draft": {"id": row["id"], "thread_id": thread_id, "origin": origin,
+                      "to": list(fields.to), "cc": list(fields.cc), "subject": fields.subject,
+                      "created_at": row["created_at"].isoformat()},
+            **events.text_fields(fields.text), "links": links}, thread_id=thread_id)
+        return int(row["id"])
 
 
 async def update_draft(db: DB, workspace_id: int, draft_id: int, fields: DraftFields) -> bool:

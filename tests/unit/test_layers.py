@@ -61,6 +61,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "dnsserver", "dnsserver.server", "dnsserver.zone",
         "hooks", "hooks.decisions", "hooks.payloads", "hooks.service", "hooks.signing",
         "hooks.targets", "hooks.worker", "http.endpoints",
+        "events", "events.stream",
     ),
     # Wiring: builds the runtime and every service once, runs them.
     "app": ("app",),
