@@ -63,6 +63,8 @@ class Receiver:
         self.answer: Callable[[str], int] | None = None
         # requests to these paths wait until the event is set (a receiver that hangs)
         self.hold: dict[str, asyncio.Event] = {}
+        # answer with a megabyte of text
+        self.long_answer = False
         self._runner: web.AppRunner | None = None
         self.port = 0
         self.arrived = asyncio.Event()
@@ -88,6 +90,8 @@ class Receiver:
                                                       request.headers.items()},
                                       body, status, time.time()))
         self.arrived.set()
+        if self.long_answer:
+            return web.Response(status=status, text="x" * (1 << 20))
         return web.Response(status=status, text="ok" if status < 300 else "no")
 
     async def start(self) -> Receiver:

@@ -333,3 +333,80 @@ async def test_two_servers_on_one_database_deliver_each_event_once(
     assert all(spec_verify(created["secret"], r) for r in receiver.received)
     attempts = await db.fetch("SELECT attempts, status FROM webhook_deliveries")
     assert {(a["attempts"], a["status"]) for a in attempts} == {(1, "delivered")}
+
+
+async def append_event(db, slug: str, data: dict[str, Any]) -> int:
+    """An event of workspace `slug` committed straight into the outbox; its id."""
+    await db.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads,
+                            schema="pg_catalog")
+    workspace_id = await db.fetchval("SELECT id FROM workspaces WHERE slug = $1", slug)
+    async with db.transaction():
+        event_id: int = await events.append(db, workspace_id,
+                                             events.EventType.DOMAIN_VERIFIED, data)
+    return event_id
+
+
+async def test_a_rotated_secret_signs_beside_the_new_one_for_the_grace(
+        hooks_server, receiver, db):
+    hooks = await hooks_server()
+    created = await hooks.acme.create(receiver.url("/in"))
+    rotated = await hooks.acme.call("POST", f"/webhooks/{created['id']}/rotate-secret",
+                                    expect=200)
+    assert rotated["secret"] != created["secret"] and rotated["rotating_secret_until"]
+    await append_event(db, "acme", {"n": 1})
+    [got] = await receiver.wait(lambda r: len(r) >= 1)
+    assert len(got.headers["webhook-signature"].split(" ")) == 2
+    assert spec_verify(rotated["secret"], got) and spec_verify(created["secret"], got)
+    # the grace over (as if it had passed), only the new secret signs
+    await db.execute("UPDATE webhook_endpoints SET previous_secret_until = now()")
+    await append_event(db, "acme", {"n": 2})
+    await receiver.wait(lambda r: len(r) >= 2)
+    latest = receiver.received[-1]
+    assert len(latest.headers["webhook-signature"].split(" ")) == 1
+    assert spec_verify(rotated["secret"], latest) and not spec_verify(created["secret"], latest)
+
+
+async def test_replay_of_an_event_the_endpoint_never_had_and_paging_of_the_log(
+        hooks_server, receiver, db):
+    hooks = await hooks_server()
+    early = await append_event(db, "acme", {"n": 0})  # before the endpoint existed
+    created = await hooks.acme.create(receiver.url("/in"))
+    for n in range(1, 4):
+        await append_event(db, "acme", {"n": n})
+    await hooks.acme.settled(created["id"], 3)
+    replay = await hooks.acme.call("POST", f"/webhooks/{created['id']}/replay",
+                                   {"event_id": early}, expect=202)
+    await receiver.wait(lambda r: len(r) >= 4)
+    assert receiver.received[-1].json["data"] == {"n": 0}
+    assert spec_verify(created["secret"], receiver.received[-1])
+    await hooks.acme.call("POST", f"/webhooks/{created['id']}/replay", {"event_id": 10**12},
+                          expect=404)
+    await hooks.acme.call("POST", f"/webhooks/{created['id']}/replay", {"event_id": "1"},
+                          expect=400)
+    first = await hooks.acme.call("GET", f"/webhooks/{created['id']}/deliveries?limit=3",
+                                  expect=200)
+    assert first["deliveries"][0]["id"] == replay["delivery_id"]
+    assert first["deliveries"][0]["replay"] is True
+    assert first["deliveries"][0]["replay_of"] is None  # it had no original
+    rest = await hooks.acme.call(
+        "GET", f"/webhooks/{created['id']}/deliveries?limit=3&before={first['next_before']}",
+        expect=200)
+    ids = [d["id"] for d in first["deliveries"] + rest["deliveries"]]
+    assert len(ids) == len(set(ids)) == 4 and ids == sorted(ids, reverse=True)
+    assert rest["next_before"] is None
+
+
+async def test_a_slow_endpoint_times_out_and_a_long_answer_is_cut(hooks_server, receiver, db):
+    hooks = await hooks_server(**{"webhooks.timeout": 1.0, "webhooks.retry_base": 0.5})
+    created = await hooks.acme.create(receiver.url("/in"))
+    receiver.hold["/in"] = never = asyncio.Event()
+    receiver.answer = lambda path: 500
+    receiver.long_answer = True
+    await append_event(db, "acme", {"n": 1})
+    await receiver.wait(lambda r: len(r) >= 3)
+    never.set()
+    log = (await hooks.acme.deliveries(created["id"]))[0]["attempt_log"]
+    assert log[0]["outcome"] == "failed" and log[0]["status_code"] is None
+    assert log[0]["error"].startswith("TimeoutError")
+    assert 1000 <= log[0]["duration_ms"] < 5000
+    assert log[1]["status_code"] == 500 and len(log[1]["response"]) == 500
