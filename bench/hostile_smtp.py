@@ -160,7 +160,9 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="smtpd-agent-hostile-"))
     env = {**os.environ, "SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": "bench.test",
-           "SMTPD_AGENT_AGENT_WORKERS": "0", "SMTPD_AGENT_LOG_LEVEL": "warning",
+           "SMTPD_AGENT_AGENT_WORKERS": "0",
+           # info: run.Server reads the port serve bound from the server.listening line
+           "SMTPD_AGENT_LOG_LEVEL": "info",
            "SMTPD_AGENT_SCAN_CLAMD": "", "SMTPD_AGENT_DNS_NAMESERVERS": "127.0.0.1:9",
            "SMTPD_AGENT_DNS_TIMEOUT": "0.5", "SMTPD_AGENT_AUTH_TIMEOUT": "1"}
     if args.max_commands:  # an older tree ignores the variable (unknown keys are not read)

@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 import asyncpg
-from aiosmtpd.controller import Controller
 
 from smtpd_agent.domains.keys import SigningKey, generate
 from smtpd_agent.outbound.signing import sign_message
 from tests.outbound.conftest import RelaySink, make_agent, reply_bytes, store_reply
-from tests.support import EmbeddedCluster, ServerThread, free_port, make_settings
+from tests.support import EmbeddedCluster, LoopbackController, ServerThread, make_settings
 
 
 def bench_signing(count: int = 200) -> float:
@@ -36,9 +35,9 @@ def bench_signing(count: int = 200) -> float:
 async def bench_drain(root: Path, count: int, workers: int) -> tuple[float, int]:
     cluster = EmbeddedCluster(root / "pg")
     sink = RelaySink()
-    port = free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=port)
+    controller = LoopbackController(sink)
     controller.start()
+    port = controller.port
     url = await cluster.new_database()
     servers = []
     try:

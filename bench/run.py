@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -70,23 +69,24 @@ class Figures:
     failures: dict = field(default_factory=dict)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen, seconds: float = 90) -> None:
+def wait_for_listening(log_path: Path, process: subprocess.Popen, event: str,
+                       seconds: float = 90) -> int:
+    """The port in the JSON log line `event` (`server.listening`, `sink.listening`): servers
+    bind port 0 and name the port they got, so no port is probed free and lost before use."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if process.poll() is not None:
+        exited = process.poll() is not None
+        for line in log_path.read_text(errors="replace").splitlines():
+            try:
+                logged = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(logged, dict) and logged.get("event") == event:
+                return int(logged["port"])
+        if exited:
             raise RuntimeError(f"process exited with {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listening on {port}")
+        time.sleep(0.1)
+    raise RuntimeError(f"no {event} in {log_path} within {seconds}s")
 
 
 def make_payloads(count: int, size: int, attachment: bool, key) -> list[bytes]:
@@ -230,10 +230,11 @@ class Target:
 
 class Sink(Target):
     def start(self) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen([sys.executable, str(REPO / "bench" / "sink.py"),
-                                         "--port", str(self.port)], cwd=REPO)
-        wait_for_port(self.port, self.process)
+        log_path = Path(tempfile.mkdtemp(prefix="smtpd-agent-sink-")) / "sink.log"
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen([sys.executable, str(REPO / "bench" / "sink.py")],
+                                            cwd=REPO, stdout=log)
+        self.port = wait_for_listening(log_path, self.process, "sink.listening")
         self.pid = self.process.pid
 
 
@@ -245,15 +246,14 @@ class Server(Target):
         super().__init__(label)
         self.code, self.state, self.profile = code, state, profile
         self.env = {**env, "SMTPD_AGENT_SERVER_STATE_DIR": str(state), "PYTHONPATH": str(code),
-                    "SMTPD_AGENT_HTTP_PORT": str(free_port())}
+                    "SMTPD_AGENT_HTTP_PORT": "0"}
         self.cli = [sys.executable, "-m", "smtpd_agent"]
 
     def start(self) -> None:
         for command in (["workspace", "add", "load"], ["agent", "add", RCPT, "--no-auto-reply"]):
             subprocess.run(self.cli + command, env=self.env, cwd=self.code, check=True,
                            capture_output=True)
-        self.port = free_port()
-        serve = [*self.cli, "serve", "--port", str(self.port)]
+        serve = [*self.cli, "serve", "--port", "0"]
         if self.profile:
             self.profile.mkdir(parents=True, exist_ok=True)
             py_spy = shutil.which("py-spy",
@@ -266,7 +266,9 @@ class Server(Target):
         with open(self.state / "serve.log", "w") as log:
             self.process = subprocess.Popen(serve, env=self.env, cwd=self.code, stdout=log,
                                             stderr=subprocess.STDOUT)
-        wait_for_port(self.port, self.process)
+        # server.listening (not the newer server.ready): a --baseline tree logs it too
+        self.port = wait_for_listening(self.state / "serve.log", self.process,
+                                       "server.listening")
         self.pid = self.process.pid
         if self.profile:
             children = psutil.Process(self.pid).children()
@@ -323,7 +325,9 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=5000, help="approximate message bytes")
     parser.add_argument("--attachment", action="store_true", help="add a base64 attachment")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info"],
+                        help="the server's; its port is read from the info line "
+                             "server.listening")
     parser.add_argument("--profile", type=Path,
                         help="record the server with py-spy into this directory (needs py-spy)")
     parser.add_argument("--no-sink", action="store_true", help="skip the bare-sink reference")

@@ -340,6 +340,18 @@ class ListenerProcesses:
                 child.kill()
 
 
+def bound_ports(app: App) -> dict[str, int]:
+    """The port each listener of `app` bound, by name: a configured port 0 binds a free one,
+    so this line is where an operator (or a test) learns where to connect."""
+    ports: dict[str, int] = {}
+    for name, kind in (("smtp_port", MailServer), ("http_port", HttpServer),
+                       ("dns_port", DnsServer)):
+        for service in app.services:
+            if isinstance(service, kind) and service.port is not None:
+                ports[name] = service.port
+    return ports
+
+
 async def serve(settings: Settings,
                 factories: list[Callable[[Runtime], Service]] | None = None, *,
                 reload: Callable[[], Settings] | None = None,
@@ -358,6 +370,7 @@ async def serve(settings: Settings,
         await listeners.start()
         if app.runtime is not None:
             app.runtime.metrics.spool = spool_directory(settings.server.state_dir)
+    log.info("server.ready", **bound_ports(app))
     notifier.ready(status="accepting mail")
     signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
     loop = asyncio.get_running_loop()

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.ports import DAEMON_PORT_ATTEMPTS, PortTaken, port_owner, probe_port
+
 CLAMD_BINARY = "/usr/sbin/clamd"
 # Debian packages that provide it; the test script installs them when missing.
 APT_PACKAGES = ("clamav-daemon",)
@@ -51,12 +53,6 @@ def find_clamd() -> str | None:
     return shutil.which("clamd")
 
 
-def _free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class ClamdError(RuntimeError):
     """clamd did not come up (its log tail is in the message)."""
 
@@ -68,7 +64,7 @@ class Clamd:
     root: Path
     binary: str = CLAMD_BINARY
     stream_max_length: int = STREAM_MAX_LENGTH
-    tcp_port: int = field(default_factory=_free_tcp_port)
+    tcp_port: int = field(default_factory=probe_port)
     process: subprocess.Popen[bytes] | None = None
     start_seconds: float = 0.0
 
@@ -128,9 +124,22 @@ class Clamd:
         return config
 
     def start(self, timeout: float = 30.0) -> None:
-        """Start clamd and return once it answers PING."""
+        """Start clamd and return once it answers PING and listens on `tcp_port`.
+
+        clamd takes its TCP port from the config (it does not bind port 0) and, when the
+        port is taken, only logs it and serves the Unix socket: then stop, probe another
+        port and start again."""
         if self.running:
             return
+        for _attempt in range(DAEMON_PORT_ATTEMPTS - 1):
+            try:
+                return self._start_once(timeout)
+            except PortTaken:
+                self.stop()
+                self.tcp_port = probe_port()
+        self._start_once(timeout)
+
+    def _start_once(self, timeout: float) -> None:
         config = self.write_config()
         self.socket_path.unlink(missing_ok=True)
         began = time.monotonic()
@@ -143,11 +152,16 @@ class Clamd:
             if self.process.poll() is not None:
                 raise ClamdError(f"clamd exited with {self.process.returncode}:\n{self.log_tail()}")
             if self.ping():
-                self.start_seconds = time.monotonic() - began
-                return
+                owner = port_owner(self.process.pid, self.tcp_port)
+                if owner is False:
+                    raise PortTaken(self.tcp_port)
+                if owner:
+                    self.start_seconds = time.monotonic() - began
+                    return
             time.sleep(0.02)
         self.stop()
-        raise ClamdError(f"clamd did not answer PING within {timeout}s:\n{self.log_tail()}")
+        raise ClamdError(f"clamd did not answer PING and listen on {self.tcp_port} "
+                         f"within {timeout}s:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL; clamd removes its socket on a clean exit."""
@@ -214,7 +228,7 @@ def start_clamd(root: Path | None = None) -> Clamd:
     return clamd
 
 
-if __name__ == "__main__":  # pragma: no cover - manual use: python tests/clamd.py
+if __name__ == "__main__":  # pragma: no cover - manual use: python -m tests.clamd
     running = start_clamd()
     print(f"clamd up in {running.start_seconds:.2f}s at {running.unix_address} "
           f"and {running.tcp_address}; Ctrl-C stops it")

@@ -16,6 +16,7 @@ from smtpd_agent.auth import adapters
 from smtpd_agent.store import directory
 from tests.clamd import APT_PACKAGES, Clamd, find_clamd
 from tests.dnsserver import DnsTestServer
+from tests.ports import held_closed_port
 from tests.rspamd import APT_PACKAGES as RSPAMD_PACKAGES
 from tests.rspamd import Rspamd, find_rspamd
 from tests.support import (DEFAULT_DOMAIN, OPEN_DIALOGUES, EmbeddedCluster, ServerThread,
@@ -162,6 +163,13 @@ def rspamd(rspamd_session: Rspamd) -> Rspamd:
     """The session's rspamd, running."""
     assert rspamd_session.running, rspamd_session.output_tail()
     return rspamd_session
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test (an unreachable peer)."""
+    with held_closed_port() as port:
+        yield port
 
 
 @pytest.fixture

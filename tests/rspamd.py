@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.ports import DAEMON_PORT_ATTEMPTS, PortTaken, port_owner, probe_port
 
 RSPAMD_BINARY = "/usr/bin/rspamd"
 APT_PACKAGES = ("rspamd",)
@@ -61,12 +62,6 @@ def find_rspamd() -> str | None:
     return shutil.which("rspamd")
 
 
-def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class RspamdError(RuntimeError):
     """rspamd did not come up (its output tail is in the message)."""
 
@@ -77,7 +72,7 @@ class Rspamd:
 
     root: Path
     binary: str = RSPAMD_BINARY
-    port: int = field(default_factory=free_tcp_port)
+    port: int = field(default_factory=probe_port)
     nameserver: str = "127.0.0.1:9"  # the discard port: nothing answers
     process: subprocess.Popen[bytes] | None = None
     start_seconds: float = 0.0
@@ -127,22 +122,41 @@ class Rspamd:
                 "--var", f"RUNDIR={self.root / 'run'}", "--var", f"LOGDIR={self.root / 'log'}"]
 
     def start(self, timeout: float = 180.0) -> None:
-        """Start rspamd and return once /ping answers."""
+        """Start rspamd and return once /ping answers from the worker it started.
+
+        rspamd takes its port from the config (it does not bind port 0); when another
+        process got the probed port first, stop, probe another port and start again."""
         if self.running:
             return
+        for _attempt in range(DAEMON_PORT_ATTEMPTS - 1):
+            try:
+                return self._start_once(timeout)
+            except PortTaken:
+                self.stop()
+                self.port = probe_port()
+        self._start_once(timeout)
+
+    def _start_once(self, timeout: float) -> None:
         self.write_config()
         began = time.monotonic()
         with open(self.root / "rspamd.out", "ab") as output:
             self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
                                             stdout=output, stderr=subprocess.STDOUT,
                                             start_new_session=True)
+        checked = began
         while time.monotonic() < began + timeout:
             if self.process.poll() is not None:
                 raise RspamdError(f"rspamd exited with {self.process.returncode}:\n"
                                   f"{self.output_tail()}")
-            if self.ping():
-                self.start_seconds = time.monotonic() - began
-                return
+            answered = self.ping()
+            if answered or time.monotonic() - checked > 1:  # scanning sockets costs: 1/s
+                checked = time.monotonic()
+                owner = port_owner(self.process.pid, self.port)
+                if owner is False:
+                    raise PortTaken(self.port)
+                if answered and owner:
+                    self.start_seconds = time.monotonic() - began
+                    return
             time.sleep(0.1)
         self.stop()
         raise RspamdError(f"rspamd did not answer /ping within {timeout}s:\n{self.output_tail()}")

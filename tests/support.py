@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import re
 import signal
@@ -18,11 +19,13 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+from aiosmtpd.controller import Controller
 
 from smtpd_agent.app import App, MailServer
 from smtpd_agent.http import HttpServer
@@ -274,38 +277,92 @@ async def smtp_send(port: int, payload: bytes, mail_from: str, rcpts: list[str],
 REPO = Path(__file__).resolve().parents[1]
 
 
-class ServeProcess:
-    """`smtpd-agent serve` as a real subprocess, for tests that kill or signal it."""
+def serve_events(log_path: Path, offset: int = 0) -> list[dict[str, Any]]:
+    """The JSON log events `serve` wrote to `log_path` from byte `offset` on."""
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(offset)
+            text = log.read().decode(errors="replace")
+    except OSError:
+        return []
+    events = []
+    for line in text.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events
 
-    def __init__(self, env: dict[str, str], state_dir: Path, port: int | None = None) -> None:
+
+def wait_for_ready(process: subprocess.Popen, log_path: Path, offset: int = 0,
+                   timeout: float = 90) -> dict[str, Any]:
+    """The `server.ready` event of a `serve` started with log.format json and log.level info
+    or debug: every service is up, and it names the ports bound. Tests start serve with
+    port 0 and read the port here, so no port is probed free, closed, and taken by another
+    process before serve binds it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        exited = process.poll() is not None
+        for event in serve_events(log_path, offset):
+            if event.get("event") == "server.ready":
+                return event
+        if exited:
+            raise RuntimeError(f"serve exited {process.returncode}: "
+                               + log_tail(log_path, offset))
+        time.sleep(0.1)
+    raise RuntimeError(f"serve not ready within {timeout}s: " + log_tail(log_path, offset))
+
+
+def log_tail(log_path: Path, offset: int = 0, lines: int = 30) -> str:
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(offset)
+            text = log.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class ServeProcess:
+    """`smtpd-agent serve` as a real subprocess, for tests that kill or signal it.
+
+    The first start binds port 0 (SMTP and HTTP) and learns the ports from serve's
+    `server.ready` line. A restart binds the SMTP port it had, as a restarted MTA does, so
+    clients that were cut off reconnect to the same address (only that rebind, after a
+    kill, names a port; another process could take it in between, never on a first start)."""
+
+    def __init__(self, env: dict[str, str], state_dir: Path) -> None:
         self.env = {**os.environ, "SMTPD_AGENT_LOG_FORMAT": "json", **env}
         self.env.pop("DATABASE_URL", None) if "DATABASE_URL" not in env else None
+        level = self.env.get("SMTPD_AGENT_LOG_LEVEL", "info").lower()
+        assert level in ("debug", "info"), "the ports are read from the info line server.ready"
         self.state_dir = state_dir
-        self.port = port or free_port()
-        # Never the default 8001: two of these (or a developer's serve) must not collide.
-        self.http_port = free_port()
+        self.port = 0
+        self.http_port = 0
         self.process: subprocess.Popen | None = None
         self.log_path = state_dir / "serve.log"
 
     def start(self, timeout: float = 90) -> ServeProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
+        # --http-port 0, never the default 8001: two of these (or a developer's serve)
+        # must not collide.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "smtpd_agent", "serve", "--state-dir", str(self.state_dir),
-             "--port", str(self.port), "--http-port", str(self.http_port)], cwd=REPO,
+             "--port", str(self.port), "--http-port", "0"], cwd=REPO,
             env=self.env, stdout=log,
             stderr=subprocess.STDOUT)
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"serve exited {self.process.returncode}: {self.log_tail()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"serve did not listen: {self.log_tail()}")
+        try:
+            ready = wait_for_ready(self.process, self.log_path, offset, timeout)
+        except BaseException:
+            self.kill()  # the caller never gets a handle to stop it with
+            raise
+        self.port, self.http_port = ready["smtp_port"], ready["http_port"]
+        return self
 
     def kill(self) -> None:
         assert self.process is not None
@@ -319,16 +376,23 @@ class ServeProcess:
         return self.process.wait(60)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, 0, lines)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+class LoopbackController(Controller):
+    """aiosmtpd's threaded Controller on 127.0.0.1, bound to port 0: `port` is read from the
+    bound socket before the controller's start-up self-connection uses it. (Controller asks
+    for a port number up front; a probed free one can be taken before it binds.)"""
+
+    def __init__(self, handler: Any, **kwargs: Any) -> None:
+        super().__init__(handler, hostname="127.0.0.1", port=0, **kwargs)
+
+    def _create_server(self) -> Awaitable[asyncio.AbstractServer]:
+        async def bind() -> asyncio.AbstractServer:
+            server = await super(LoopbackController, self)._create_server()
+            self.port = server.sockets[0].getsockname()[1]
+            return server
+        return bind()
 
 
 def start_with_acme_support(url: str, settings: Settings) -> ServerThread:

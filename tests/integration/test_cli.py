@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,21 +15,16 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
+from tests.support import wait_for_ready
+
 REPO = Path(__file__).resolve().parents[2]
 DOMAIN = "agents.test"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory, dns_server_session):
     """`smtpd-agent serve` in a subprocess, its own embedded Postgres in a state dir."""
     state = tmp_path_factory.mktemp("cli-state")
-    port = free_port()
     env = {**os.environ, "SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": DOMAIN,
            "SMTPD_AGENT_ROUTING_CACHE_TTL": "0.2", "SMTPD_AGENT_LOG_FORMAT": "json",
            "SMTPD_AGENT_DNS_NAMESERVERS": dns_server_session.nameserver,
@@ -39,18 +33,14 @@ def running(tmp_path_factory, dns_server_session):
     log = open(state / "serve.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "smtpd_agent", "serve", "--state-dir", str(state),
-         "--port", str(port), "--http-port", str(free_port())], cwd=REPO, env=env, stdout=log,
+         "--port", "0", "--http-port", "0"], cwd=REPO, env=env, stdout=log,
         stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert process.poll() is None, (state / "serve.log").read_text()
-            time.sleep(0.2)
-    else:
-        pytest.fail("serve did not start: " + (state / "serve.log").read_text())
+    try:
+        port = wait_for_ready(process, state / "serve.log")["smtp_port"]
+    except RuntimeError as error:
+        process.kill()
+        process.wait(30)
+        pytest.fail(str(error))
 
     def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run([sys.executable, "-m", "smtpd_agent", *args,

@@ -10,22 +10,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from smtpd_agent.app import App
 from smtpd_agent.store.deployment import DeploymentMismatch
-from tests.support import make_settings
+from tests.support import make_settings, wait_for_ready
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def command_env(database_url: str, dns_server) -> dict[str, str]:
@@ -47,24 +40,18 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 def serve_with_flag(database_url, dns_server, tmp_path):
     """`smtpd-agent serve --default-domain example.test`, a real subprocess."""
     env = command_env(database_url, dns_server)
-    port = free_port()
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "smtpd_agent", "serve", "--default-domain", "example.test",
-             "--state-dir", str(tmp_path / "state"), "--port", str(port),
-             "--http-port", "0"],
+             "--state-dir", str(tmp_path / "state"), "--port", "0", "--http-port", "0"],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert process.poll() is None, log_path.read_text()
-            time.sleep(0.2)
-    else:
-        pytest.fail("serve did not start: " + log_path.read_text())
+    try:
+        wait_for_ready(process, log_path)
+    except RuntimeError as error:
+        process.kill()
+        process.wait(30)
+        pytest.fail(str(error))
     yield env
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 0

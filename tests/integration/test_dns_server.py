@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from smtpd_agent.domains.mta_sts import policy_for, sts_txt
 from smtpd_agent.store import directory
 from smtpd_agent.store import domains as domain_store
 from tests.integration.test_postgres_outage import start_postgres, stop_postgres
-from tests.support import IN_CI, REPO, EmbeddedCluster, free_port, make_settings
+from tests.support import IN_CI, REPO, EmbeddedCluster, make_settings, wait_for_ready
 
 ZONE = "mail.acme.example"
 LONG_NS = [f"ns-with-a-rather-long-name-{i:02d}.agents.test" for i in range(14)]
@@ -274,24 +275,21 @@ async def test_changes_are_served_at_once_and_bump_the_serial(running: Running) 
 
 async def test_dns_serve_runs_the_dns_server_alone(database_url: str, tmp_path: Path,
                                                    db: Any) -> None:
-    """`smtpd-agent dns-serve` as a real process: answers from Postgres, stops cleanly."""
-    port = free_port()
+    """`smtpd-agent dns-serve` as a real process: answers from Postgres, stops cleanly.
+    It binds port 0 for UDP and TCP and names the port in its `server.ready` line."""
     env = {**os.environ, "DATABASE_URL": database_url, "SMTPD_AGENT_LOG_FORMAT": "json",
            "SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": "agents.test",
            "SMTPD_AGENT_DNS_SERVER_CACHE_TTL": "0", "SMTPD_AGENT_DNS_NAMESERVERS": "127.0.0.1:9"}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "smtpd_agent", "dns-serve", "--listen", f"127.0.0.1:{port}",
-        "--state-dir", str(tmp_path / "state"), cwd=REPO, env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    log_path = tmp_path / "dns-serve.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "smtpd_agent", "dns-serve", "--listen", "127.0.0.1:0",
+             "--state-dir", str(tmp_path / "state")], cwd=REPO, env=env,
+            stdout=subprocess.DEVNULL, stderr=log)
     try:
-        for _ in range(300):
-            try:
-                writer = (await asyncio.open_connection("127.0.0.1", port))[1]
-                writer.close()
-                break
-            except OSError:
-                assert process.returncode is None
-                await asyncio.sleep(0.1)
+        ready = await asyncio.to_thread(wait_for_ready, process, log_path)
+        assert set(ready) >= {"dns_port"} and "smtp_port" not in ready, ready
+        port = ready["dns_port"]
         settings = make_settings(database_url, tmp_path / "cli")
         pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
         try:
@@ -305,10 +303,10 @@ async def test_dns_serve_runs_the_dns_server_alone(database_url: str, tmp_path: 
             response = await ask(query, "127.0.0.1", port=port, timeout=3)
             assert answers(response) == ["10 mx1.agents.test.", "20 mx2.agents.test."]
     finally:
-        if process.returncode is None:
+        if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(process.wait(), 30)
-    assert code == 0, (await process.stderr.read()).decode()[-2000:]  # type: ignore[union-attr]
+        code = await asyncio.to_thread(process.wait, 30)
+    assert code == 0, log_path.read_text()[-2000:]
 
 
 async def test_database_changes_are_pushed_past_a_long_cache(database_url: str,

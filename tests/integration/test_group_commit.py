@@ -5,7 +5,6 @@ mailboxes is stored for both or neither."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -112,14 +111,11 @@ async def test_a_sender_that_goes_away_does_not_stop_the_commit(pool):
     assert await pool.fetchval("SELECT count(*) FROM messages") == 10
 
 
-async def test_an_outage_fails_the_batch_without_trying_each_message(pool):
+async def test_an_outage_fails_the_batch_without_trying_each_message(pool, closed_port):
     """Unreachable Postgres fails every waiting sender alike (4xx, they retry); storing
     them one by one would only make each wait for its own failed connection attempts."""
     support = await mailbox(pool, "support")
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    unreachable = await create_pool(f"postgresql://postgres@127.0.0.1:{port}/x",
+    unreachable = await create_pool(f"postgresql://postgres@127.0.0.1:{closed_port}/x",
                                     DatabaseSettings(pool_min=0, pool_max=4))
     store = GroupCommit(unreachable, 30, batch_max=32, committers=1)
     try:

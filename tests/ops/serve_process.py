@@ -17,12 +17,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -48,14 +42,12 @@ class ServeProcess:
     def __init__(self, workdir: Path, database_url: str, nameserver: str,
                  **settings: Any) -> None:
         self.workdir = workdir
-        self.port = free_port()
-        self.http_port = free_port()
         self.config = workdir / "smtpd-agent.toml"
         self.settings = {
             "server.default_domain": "agents.test", "server.hostname": "mx.test.local",
             "server.state_dir": str(workdir / "state"), "database.url": database_url,
-            "database.pool_max": 4, "smtp.host": "127.0.0.1", "smtp.port": self.port,
-            "http.host": "127.0.0.1", "http.port": self.http_port,
+            "database.pool_max": 4, "smtp.host": "127.0.0.1", "smtp.port": 0,
+            "http.host": "127.0.0.1", "http.port": 0,
             "dns.nameservers": [nameserver], "dns.timeout": 0.5, "auth.timeout": 3,
             "routing.cache_ttl": 0.2, "log.format": "json", **settings}
         write_config(self.config, self.settings)
@@ -88,6 +80,21 @@ class ServeProcess:
             if state in datagram.splitlines():
                 return datagram
         raise AssertionError(f"no {state} within {timeout}s; got {self.received}: {self.log()}")
+
+    @property
+    def port(self) -> int:
+        """The SMTP port serve bound (it was given 0), from its `server.ready` line."""
+        return self.ready()["smtp_port"]
+
+    @property
+    def http_port(self) -> int:
+        return self.ready()["http_port"]
+
+    def ready(self) -> dict[str, Any]:
+        """serve's `server.ready` event; logged before READY=1 is sent, so wait for that first."""
+        events = self.events("server.ready")
+        assert events, f"serve has not logged server.ready: {self.log()}"
+        return events[0]
 
     def signal(self, signum: signal.Signals) -> None:
         self.process.send_signal(signum)

@@ -18,7 +18,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -28,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from smtpd_agent.store import directory
 from smtpd_agent.store.database import init_connection
 from smtpd_agent.store.messages import OutboundRow, store_outbound
-from tests.support import DEFAULT_DOMAIN, free_port
+from tests.support import DEFAULT_DOMAIN, LoopbackController
 
 AGENT = f"support@acme.{DEFAULT_DOMAIN}"
 
@@ -97,10 +96,9 @@ class RelaySink:
 def relay() -> Iterator[tuple[RelaySink, str]]:
     """The sink, and the outbound.relay URL that reaches it."""
     sink = RelaySink()
-    port = free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=port, ready_timeout=10)
+    controller = LoopbackController(sink, ready_timeout=10)
     controller.start()
-    yield sink, f"smtp://127.0.0.1:{port}?tls=none"
+    yield sink, f"smtp://127.0.0.1:{controller.port}?tls=none"
     controller.stop()
 
 
@@ -208,15 +206,15 @@ def secure_relay(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sec
         return AuthResult(success=ok)
 
     sink = RelaySink()
-    port = free_port()
     tls = {"tls_context": context, "require_starttls": True} \
         if request.param == "starttls" else {"ssl_context": context}
-    controller = Controller(sink, hostname="127.0.0.1", port=port, ready_timeout=10,
-                            authenticator=authenticator, auth_required=True,
-                            # aiosmtpd does not count implicit TLS as TLS for AUTH: ask it only of STARTTLS
-                            auth_require_tls=request.param == "starttls", **tls)
+    controller = LoopbackController(sink, ready_timeout=10,
+                                    authenticator=authenticator, auth_required=True,
+                                    # aiosmtpd does not count implicit TLS as TLS for AUTH:
+                                    # ask it only of STARTTLS
+                                    auth_require_tls=request.param == "starttls", **tls)
     controller.start()
-    yield SecureRelay(sink, f"smtp://agent%40relay:s3cret%3Apw@127.0.0.1:{port}"
+    yield SecureRelay(sink, f"smtp://agent%40relay:s3cret%3Apw@127.0.0.1:{controller.port}"
                             f"?tls={request.param}", cert, logins)
     controller.stop()
     gc.collect()  # the implicit-TLS sink's leaked socket goes now, under its warning filter

@@ -34,8 +34,7 @@ async def test_kill_9_loses_no_queued_reply_and_sends_none_twice(
            "SMTPD_AGENT_DNS_NAMESERVERS": dns_server.nameserver, "SMTPD_AGENT_DNS_TIMEOUT": "0.5",
            "SMTPD_AGENT_OUTBOUND_RELAY": url, "SMTPD_AGENT_OUTBOUND_POLL_INTERVAL": "0.05",
            "SMTPD_AGENT_OUTBOUND_RETRY_BASE": "0.2", "SMTPD_AGENT_OUTBOUND_RETRY_MAX": "0.4",
-           "SMTPD_AGENT_OUTBOUND_LEASE": "1.5", "SMTPD_AGENT_OUTBOUND_TIMEOUT": "5",
-           "SMTPD_AGENT_LOG_LEVEL": "warning"}
+           "SMTPD_AGENT_OUTBOUND_LEASE": "1.5", "SMTPD_AGENT_OUTBOUND_TIMEOUT": "5"}
     server = ServeProcess(env, tmp_path / "state").start()
     try:
         agent = await make_agent(db)

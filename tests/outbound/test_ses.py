@@ -18,7 +18,7 @@ from moto.ses.models import ses_backends
 
 from smtpd_agent.outbound.bounces import BounceProcessor
 from smtpd_agent.outbound.queue import is_suppressed
-from tests.support import DEFAULT_DOMAIN, free_port
+from tests.support import DEFAULT_DOMAIN
 
 from .conftest import make_agent, store_reply, wait_state
 
@@ -35,9 +35,9 @@ def ses_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
                         ("AWS_DEFAULT_REGION", REGION)):
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    _host, port = server.get_host_and_port()
     # moto's backends live in this process and outlive a server: start from nothing
     urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset",
                                                   method="POST"), timeout=10).close()

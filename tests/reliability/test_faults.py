@@ -104,7 +104,7 @@ def server_env(url: str, dns_server, **extra: str) -> dict[str, str]:
     return {"DATABASE_URL": url, "SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": "agents.test",
             "SMTPD_AGENT_DNS_NAMESERVERS": dns_server.nameserver, "SMTPD_AGENT_DNS_TIMEOUT": "0.5",
             "SMTPD_AGENT_ROUTING_CACHE_TTL": "60", "SMTPD_AGENT_SMTP_MAX_CONNECTIONS_PER_IP": "200",
-            "SMTPD_AGENT_LOG_LEVEL": "warning", **extra}
+            **extra}
 
 
 def assert_every_250_stored_once(senders: Senders, stored: Counter[str]) -> None:

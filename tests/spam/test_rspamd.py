@@ -16,7 +16,7 @@ import pytest
 from tests.agent.conftest import add_acme, agent_overrides
 from tests.agent.helpers import RCPT, deliver, mail, wait_jobs
 from tests.messages_api import Step
-from tests.rspamd import GTUBE, SOFT_REJECT_TOKEN, SPAM_SYMBOL, SPAM_TOKEN, free_tcp_port
+from tests.rspamd import GTUBE, SOFT_REJECT_TOKEN, SPAM_SYMBOL, SPAM_TOKEN
 from tests.support import DEFAULT_DOMAIN, Dialogue
 
 # rspamd's own checks wait for DNS that never answers (0.5 s, bounded); still bounded here.
@@ -118,9 +118,9 @@ async def test_spam_is_held_from_the_llm_until_released(start_server, db, databa
 
 
 @pytest.mark.parametrize("required", [False, True])
-async def test_rspamd_down(start_server, db, required):
+async def test_rspamd_down(start_server, db, required, closed_port):
     """Nothing listens on the port: stored unscored (and answered), or 451 when required."""
-    server = start_server(**{"spam.rspamd": f"http://127.0.0.1:{free_tcp_port()}",
+    server = start_server(**{"spam.rspamd": f"http://127.0.0.1:{closed_port}",
                              "spam.required": required})
     await add_acme(db)
     code, line = send(server.port, mail())
@@ -163,8 +163,8 @@ async def test_dmarc_quarantine_is_listed_and_release_requeues_its_job(
 
 
 @pytest.mark.parametrize("up", [True, False])
-async def test_readiness_names_rspamd_when_required(start_server, rspamd, up):
-    url = rspamd.url if up else f"http://127.0.0.1:{free_tcp_port()}"
+async def test_readiness_names_rspamd_when_required(start_server, rspamd, up, closed_port):
+    url = rspamd.url if up else f"http://127.0.0.1:{closed_port}"
     server = start_server(**{"spam.rspamd": url, "spam.required": True})
     async with aiohttp.ClientSession() as http, \
             http.get(f"{server.http_url}/health/ready") as response:
