@@ -43,22 +43,14 @@ def kill_9(serve: ServeProcess) -> None:
 
 async def started(workdir: Path, database_url: str, nameserver: str,
                   **values: Any) -> ServeProcess:
-    """serve, ready; started again on new ports when one probed free was taken meanwhile
-    (other suites run beside this one)."""
-    for attempt in range(3):
-        serve = ServeProcess(workdir, database_url, nameserver, **{**SETTINGS, **values})
-        try:
-            await asyncio.to_thread(serve.wait_for_state, "READY=1")
-        except AssertionError as error:
-            serve.close()
-            if "address already in use" not in str(error) or attempt == 2:
-                raise
-            continue
-        except BaseException:
-            serve.close()
-            raise
-        return serve
-    raise AssertionError("unreachable")
+    """serve, ready (it binds port 0 and names its ports in server.ready)."""
+    serve = ServeProcess(workdir, database_url, nameserver, **{**SETTINGS, **values})
+    try:
+        await asyncio.to_thread(serve.wait_for_state, "READY=1")
+    except BaseException:
+        serve.close()
+        raise
+    return serve
 
 
 async def test_kill_9_between_commit_and_delivery_delivers_after_restart_once(
