@@ -163,7 +163,7 @@ class EventStreams:
                     try:
                         page = await events.after(self.db, owner.workspace_id, after, PAGE,
                                                   types)
-                    except CONNECTION_ERRORS as error:
+                    except (*CONNECTION_ERRORS, asyncpg.PostgresError) as error:
                         log.warning("events.stream_database_unavailable",
                                     error=type(error).__name__)
                         return "database", after

@@ -249,6 +249,8 @@ async def test_a_reader_that_stops_reading_is_bounded_and_cut_off(start_server, 
                               f'smtpd_agent_event_streams_ended_total{{reason="{reason}"}}')
                  for reason in ("stalled", "gone")]
         assert sum(ended) == 1, ended
+        assert await metric(http, server, "smtpd_agent_events_last_id") == \
+            await db.fetchval("SELECT max(id) FROM events")
     finally:
         done.set()
         client.join(10)
