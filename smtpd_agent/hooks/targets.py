@@ -8,7 +8,8 @@ from inside the operator's network. So:
 - the address connected to must be global unicast: never loopback (unless allowed),
   private (RFC 1918, ULA), link-local (169.254/16, the cloud metadata services),
   shared (100.64/10), multicast, reserved or unspecified; an IPv4-mapped IPv6 address
-  is judged as its IPv4 address. webhooks.allowed_networks admits chosen networks.
+  is judged as its IPv4 address, and one that carries an IPv4 address to a translator
+  or tunnel (NAT64, 6to4, Teredo) by that address too. webhooks.allowed_networks admits chosen networks.
 
 The check applies to the addresses the connection is made to: `GuardedResolver` is the
 resolver of the delivery client's connector, so a name is resolved once, filtered, and
@@ -57,8 +58,14 @@ class Policy:
             address: Address = ipaddress.ip_address(text.split("%", 1)[0])
         except ValueError:
             return f"{text!r} is not an IP address"
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
+        if isinstance(address, ipaddress.IPv6Address):
+            embedded = _embedded_ipv4(address)
+            if address.ipv4_mapped is not None:
+                address = address.ipv4_mapped
+            elif embedded is not None:
+                problem = self.address_problem(str(embedded))
+                if problem:
+                    return f"{address} carries {embedded}: {problem}"
         if any(address in network for network in self.allowed_networks):
             return None
         if address.is_loopback:
@@ -73,6 +80,21 @@ class Policy:
         if not address.is_global:
             return f"{address} is not a global address"
         return None
+
+
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a translator or tunnel would reach for `address`: NAT64's
+    well-known prefix, 6to4 (RFC 3056), Teredo's client (RFC 4380)."""
+    if address in NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    return None
 
 
 def _split(url: str) -> SplitResult:

@@ -92,6 +92,9 @@ def test_public_https_urls_are_taken(url):
     ("https://224.0.0.1/", "multicast"),
     ("https://100.64.0.1/", "private|not a global"),
     ("https://" + "a" * 2100 + ".com/", "characters"),
+    # IPv6 that a NAT64 gateway, a 6to4 relay or Teredo turns into a private address
+    ("https://[64:ff9b::a9fe:a9fe]/", "carries 169.254.169.254"),
+    ("https://[2002:a00:1::1]/", "carries 10.0.0.1"),
     # spellings getaddrinfo reads as 127.0.0.1 though ipaddress does not
     ("https://2130706433/", "canonical"),
     ("https://127.1/", "canonical"),
@@ -111,6 +114,12 @@ def test_loopback_only_with_the_flag_and_http_only_to_loopback():
         check_url("http://hooks.example.com/", LOOPBACK)
     with pytest.raises(Refused, match="private"):
         check_url("https://10.0.0.1/", LOOPBACK)  # the flag admits loopback only
+
+
+def test_nat64_admitted_by_network_still_judges_the_embedded_address():
+    policy = Policy.of(False, ["64:ff9b::/96"])
+    assert policy.address_problem("64:ff9b::5db8:d70e") is None
+    assert "carries 10.0.0.1" in (policy.address_problem("64:ff9b::a00:1") or "")
 
 
 def test_allowed_networks_admit_chosen_private_ranges():
