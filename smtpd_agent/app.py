@@ -370,12 +370,14 @@ async def serve(settings: Settings,
         await listeners.start()
         if app.runtime is not None:
             app.runtime.metrics.spool = spool_directory(settings.server.state_dir)
-    log.info("server.ready", **bound_ports(app))
-    notifier.ready(status="accepting mail")
+    # Handlers before READY=1 and the ready line: a reload asked for the moment systemd
+    # (or a test) hears we are ready must be queued, not take the default action (exit).
     signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, signals.put_nowait, signum)
+    log.info("server.ready", **bound_ports(app))
+    notifier.ready(status="accepting mail")
     try:
         while (signum := await signals.get()) == signal.SIGHUP:
             notifier.reloading()
