@@ -125,28 +125,38 @@ COLUMNS = ("e.id, e.event_id, e.workspace_id, e.type, e.thread_id, e.payload::te
 async def after(db: DB, workspace_id: int | None, last_id: int, limit: int,
                 types: Sequence[str] | None = None) -> Page:
     """Committed events after event `last_id`, in the readers' order (module docstring)."""
-    types = list(types) if types else None
+    # Conditions are left out rather than written `$n IS NULL OR ...`: a prepared
+    # statement's generic plan could then not use the (workspace_id, txid, id) index.
+    where: list[str] = []
+    arguments: list[Any] = []
+
+    def argument(value: Any) -> str:
+        arguments.append(value)
+        return f"${len(arguments)}"
+
+    if workspace_id is not None:
+        where.append(f"e.workspace_id = {argument(workspace_id)}::bigint")
     cursor = None
     if last_id > 0:
         cursor = await db.fetchrow(
-            "SELECT txid, id FROM events WHERE id = $1"
-            " AND ($2::bigint IS NULL OR workspace_id = $2)", last_id, workspace_id)
+            "SELECT txid, id FROM events e WHERE e.id = $1::bigint"
+            + (" AND e.workspace_id = $2::bigint" if workspace_id is not None else ""),
+            last_id, *([workspace_id] if workspace_id is not None else []))
     if cursor is not None:
-        position = "(e.txid, e.id) > ($3::xid8, $4::bigint)"
-        arguments: tuple[Any, ...] = (cursor["txid"], cursor["id"])
+        where.append(f"(e.txid, e.id) > ({argument(cursor['txid'])}::xid8, "
+                     f"{argument(cursor['id'])}::bigint)")
     else:
         # from the start, or an id this reader may not see (another workspace's, or
         # pruned): every later id of its own; nothing of another workspace either way
-        position = "e.id > $4::bigint AND $3::xid8 IS NULL"
-        arguments = (None, max(last_id, 0))
+        where.append(f"e.id > {argument(max(last_id, 0))}::bigint")
+    if types:
+        where.append(f"e.type = ANY({argument(list(types))}::text[])")
     rows = await db.fetch(
         f"""SELECT {COLUMNS}, e.txid < pg_snapshot_xmin(pg_current_snapshot()) AS settled
               FROM events e
-             WHERE ($1::bigint IS NULL OR e.workspace_id = $1)
-               AND ($2::text[] IS NULL OR e.type = ANY($2))
-               AND {position}
+             WHERE {' AND '.join(where)}
              ORDER BY e.txid, e.id
-             LIMIT $5""", workspace_id, types, *arguments, limit + 1)
+             LIMIT {argument(limit + 1)}""", *arguments)
     settled = [Event.from_row(row) for row in rows if row["settled"]][:limit]
     held = any(not row["settled"] for row in rows)
     return Page(settled, held)
