@@ -118,6 +118,23 @@ class StoreSettings:
 
 
 @dataclass(frozen=True)
+class ContentSettings:
+    """Bounds of the text an LLM is given (extract/): extracted_text, attachment text."""
+
+    extract_max_input: int = 65_536
+    extract_max_lines: int = 500
+    extract_max_chars: int = 20_000
+    html_max_input: int = 131_072
+    extract_timeout: float = 2.0
+    attachment_max_bytes: int = 10_485_760
+    attachment_max_chars: int = 100_000
+    pdf_max_pages: int = 50
+    pdf_timeout: float = 10.0
+    pdf_memory_mb: int = 512
+    pdf_workers: int = 2
+
+
+@dataclass(frozen=True)
 class DnsSettings:
     nameservers: list[str] = field(default_factory=list)
     timeout: float = 5.0
@@ -433,6 +450,7 @@ class Settings:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
+    content: ContentSettings = field(default_factory=ContentSettings)
     dns: DnsSettings = field(default_factory=DnsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     scan: ScanSettings = field(default_factory=ScanSettings)
@@ -664,6 +682,16 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"store.{key}: must be at least 1")
     _validate_edge(settings)
     _validate_webhooks(settings.webhooks)
+    content = settings.content
+    for key in ("extract_max_input", "extract_max_lines", "extract_max_chars", "html_max_input",
+                "attachment_max_bytes", "attachment_max_chars", "pdf_max_pages", "pdf_workers"):
+        if getattr(content, key) < 1:
+            raise ConfigError(f"content.{key}: must be at least 1")
+    for key in ("extract_timeout", "pdf_timeout"):
+        if getattr(content, key) <= 0:
+            raise ConfigError(f"content.{key}: must be above 0")
+    if content.pdf_memory_mb < 64:
+        raise ConfigError("content.pdf_memory_mb: must be at least 64 (the interpreter needs it)")
     if settings.store.committers >= settings.database.pool_max:
         raise ConfigError("store.committers: must be less than database.pool_max "
                           "(routing, agents and the API need connections too)")

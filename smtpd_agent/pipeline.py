@@ -24,6 +24,8 @@ from .auth import AuthAction, AuthReason, AuthResult, CheckRunner, authenticate,
 from .auth import decide as decide_auth
 from .config import Settings
 from .dns import Resolver
+from .extract.html_text import strip_tags
+from .extract.reply import ReplyText, message_text
 from .message import parse_message
 from .metrics import Metrics
 from .record import InboundMessage, ReceivedContent
@@ -39,6 +41,8 @@ log = structlog.get_logger("smtpd_agent.pipeline")
 
 # Above this size parsing takes long enough to stall other sessions; do it in a thread.
 PARSE_IN_THREAD_ABOVE = 256 * 1024
+# Bodies above this many characters get their new text found in a thread, under a deadline.
+EXTRACT_IN_THREAD_ABOVE = 2 * 1024
 
 
 class MessageVerdict(Enum):
@@ -189,6 +193,39 @@ class Pipeline:
                            **fields)
         return result, decision
 
+    async def extract_text(self, message: InboundMessage) -> str:
+        """The message's new text (extract/reply.py), for the extracted_text column.
+
+        Never fails a delivery: past content.extract_timeout, or on any error, the plain
+        body text (bounded) is stored instead and a log line says so. A large body is
+        worked on in a thread; one that times out runs on to its end there, which the
+        input bounds keep short.
+        """
+        content = self.settings.content
+        parsed = message.parsed
+
+        def extract() -> ReplyText:
+            return message_text(parsed.text_body, parsed.html_body, content.extract_max_input,
+                                content.extract_max_lines, content.extract_max_chars,
+                                content.html_max_input)
+
+        size = len(parsed.text_body or "") or len(parsed.html_body or "")
+        try:
+            if size > EXTRACT_IN_THREAD_ABOVE:
+                async with asyncio.timeout(content.extract_timeout):
+                    result = await asyncio.to_thread(extract)
+            else:
+                result = extract()
+        except Exception as error:  # noqa: BLE001 - any failure: the body is stored as it is
+            reason = "timeout" if isinstance(error, TimeoutError) else type(error).__name__
+            log.warning("content.extract_failed", reason=reason,
+                        queue_id=message.envelope.queue_id, size=size)
+            if parsed.text_body and parsed.text_body.strip():
+                return parsed.text_body[:content.extract_max_chars]
+            return strip_tags((parsed.html_body or "")[:content.html_max_input])[
+                :content.extract_max_chars]
+        return result.text
+
     async def receive_bounces(self, content: ReceivedContent) -> bool:
         """Hand a DSN to the bounce processor for each VERP recipient; False if that failed.
 
@@ -257,6 +294,7 @@ class Pipeline:
             signature = rejected.fields.get("signature")
             return Outcome(rejected.verdict,
                            signature=signature if isinstance(signature, str) else None)
+        message = dataclasses.replace(message, extracted_text=await self.extract_text(message))
         verdicts = Verdicts(
             spf=auth.spf, dkim=auth.dkim, dmarc=auth.dmarc, arc=auth.arc,
             auth_results=auth.header_value, auth_detail=auth_detail(auth, envelope),

@@ -101,3 +101,6 @@ class InboundMessage:
     raw: bytes
     parsed: ParsedMessage
     trace_headers: tuple[tuple[str, str], ...] = field(default=())
+    # the new text without quoted history and signature (extract/reply.py), set by the
+    # pipeline's content step before the store; None only before that step
+    extracted_text: str | None = None

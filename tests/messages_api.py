@@ -138,7 +138,7 @@ class MessagesAPI:
         with self._lock:
             self.script.extend(steps)
 
-    def wait_for_requests(self, count: int, timeout: float = 10.0) -> list[Recorded]:
+    def wait_for_requests(self, count: int, timeout: float = 60.0) -> list[Recorded]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if len(self.requests) >= count:

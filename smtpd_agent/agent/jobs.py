@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 
+from ..extract.html_text import body_text
 from ..outbound.queue import enqueue
 from ..store import lease as lease_queue
 from ..store.lease import NOW, Lease, LeaseQueue
@@ -27,7 +28,7 @@ from ..store.messages import OutboundRow, store_outbound
 from .compose import ComposedReply
 from .llm import Completion
 from .policy import MessageFacts, cap_reason, rate_limit_reason
-from .prompt import AttachmentNote, TranscriptEntry, body_text
+from .prompt import AttachmentNote, TranscriptEntry
 
 # One-hour window of the rate limits; the day of the workspace and first-recipient caps.
 RATE_WINDOW = timedelta(hours=1)
@@ -134,7 +135,7 @@ async def load_transcript(db: asyncpg.Pool, job: Job, correspondent: str,
     nor does held mail (spam, DMARC quarantine) until an operator releases it."""
     rows = await db.fetch(
         """SELECT id, direction, from_header, to_header, subject, coalesce(sent_at, received_at)
-                  AS date, text_body, html_body,
+                  AS date, text_body, html_body, extracted_text,
                   CASE direction WHEN 'inbound' THEN from_address ELSE rcpt_to END AS address
              FROM messages
             WHERE thread_id = $1 AND workspace_id = $2 AND agent_id = $3
@@ -153,7 +154,9 @@ async def load_transcript(db: asyncpg.Pool, job: Job, correspondent: str,
             AttachmentNote(row["filename"], row["content_type"], row["size"]))
     return [TranscriptEntry(direction=r["direction"], from_header=r["from_header"],
                             to_header=r["to_header"], subject=r["subject"], date=r["date"],
-                            text=body_text(r["text_body"], r["html_body"]),
+                            text=r["extracted_text"] if r["extracted_text"] is not None
+                            and r["direction"] == "inbound"
+                            else body_text(r["text_body"], r["html_body"]),
                             attachments=tuple(attachments.get(r["id"], ())),
                             address=r["address"])
             for r in rows]

@@ -9,10 +9,8 @@ to is decided by `compose`, never by model output.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from html.parser import HTMLParser
 from typing import Any
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful, concise assistant answering email."
@@ -55,38 +53,6 @@ class TranscriptEntry:
 class Prompt:
     system: str
     messages: list[dict[str, Any]]
-
-
-class _TextOfHtml(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self._skip = 0
-
-    def handle_starttag(self, tag: str, attrs: Any) -> None:
-        if tag in ("script", "style"):
-            self._skip += 1
-        elif tag in ("br", "p", "div", "li", "tr"):
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("script", "style") and self._skip:
-            self._skip -= 1
-
-    def handle_data(self, data: str) -> None:
-        if not self._skip:
-            self.parts.append(data)
-
-
-def body_text(text_body: str | None, html_body: str | None) -> str:
-    """The text part, else the HTML part reduced to its text."""
-    if text_body and text_body.strip():
-        return text_body
-    if html_body:
-        parser = _TextOfHtml()
-        parser.feed(html_body)
-        return re.sub(r"\n\s*\n+", "\n\n", "".join(parser.parts)).strip()
-    return ""
 
 
 def untrusted_block(entry: TranscriptEntry, nonce: str, max_body_chars: int) -> str:

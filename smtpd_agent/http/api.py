@@ -18,6 +18,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from ..extract.attachment import AttachmentText, ExtractionError, Failure
 from ..store import inbox as queries
 from ..store.inbox import Cursor
 from ..store.mailbox import LABEL
@@ -33,6 +34,9 @@ BIGINT_MAX = 2**63 - 1
 # Content types we pass through as given; anything else is served as octet-stream.
 SAFE_CONTENT_TYPE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*$")
 UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="smtpd-agent"'}
+# An attachment without text to give, by why.
+EXTRACTION_STATUS = {Failure.UNSUPPORTED: 415, Failure.TOO_LARGE: 422, Failure.UNREADABLE: 422,
+                     Failure.TIMEOUT: 422, Failure.BUSY: 503}
 
 
 def encode_cursor(last_message_at: datetime, thread_id: int) -> str:
@@ -75,8 +79,9 @@ def row_id(request: web.Request, name: str) -> int:
 
 
 class InboxApi:
-    def __init__(self, db: asyncpg.Pool) -> None:
+    def __init__(self, db: asyncpg.Pool, texts: AttachmentText) -> None:
         self.db = db
+        self.texts = texts
 
     async def owner(self, request: web.Request, scope: Scope = Scope.READ) -> KeyOwner:
         """The key's workspace, which must be the one the path names, and a key holding
@@ -155,6 +160,26 @@ class InboxApi:
             "Content-Security-Policy": "sandbox"})
         response.headers["Content-Disposition"] = _disposition(found["filename"])
         return response
+
+    async def attachment_text(self, request: web.Request) -> web.Response:
+        """The attachment's text (extract/attachment.py): text/* and PDFs, bounded."""
+        owner = await self.owner(request)
+        found = await queries.attachment(self.db, owner.workspace_id, row_id(request, "id"))
+        if found is None:
+            raise HttpError(404, "no such attachment")
+        content_type = (found["content_type"] or "").lower()
+        try:
+            extracted = await self.texts.extract(content_type, bytes(found["content"]))
+        except ExtractionError as error:
+            log.info("api.attachment_text_refused", key_id=owner.key_id,
+                     attachment=found["id"], content_type=content_type,
+                     reason=error.failure.value)
+            headers = {"Retry-After": "5"} if error.failure is Failure.BUSY else None
+            raise HttpError(EXTRACTION_STATUS[error.failure], error.detail, headers) from None
+        return json_response({
+            "id": found["id"], "filename": found["filename"], "content_type": content_type,
+            "size": found["size"], "text": extracted.text, "truncated": extracted.truncated,
+            "pages": extracted.pages, "page_count": extracted.page_count})
 
 
 def _disposition(filename: str | None) -> str:

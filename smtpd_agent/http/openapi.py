@@ -368,6 +368,14 @@ def openapi_spec() -> dict[str, Any]:
         "headers": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}},
         "text_body": {"type": "string", "nullable": True},
         "html_body": {"type": "string", "nullable": True},
+        "extracted_text": {
+            "type": "string", "nullable": True,
+            "description": "inbound: the new text of the message, without the quoted "
+                           "history and the signature (HTML-only mail converted to text "
+                           "first), at most content.extract_max_chars characters; the "
+                           "whole text when nothing new is left. null for outbound "
+                           "messages and mail stored before it existed",
+            "example": "Thanks, Thursday works for me."},
         "spf": {"type": "string", "nullable": True}, "dkim": {"type": "string", "nullable": True},
         "dmarc": {"type": "string", "nullable": True}, "arc": {"type": "string", "nullable": True},
         "quarantined": {"type": "boolean"},
@@ -481,6 +489,26 @@ def openapi_spec() -> dict[str, Any]:
                                       "content": {"*/*": {"schema": {"type": "string",
                                                                      "format": "binary"}}}},
                               **API_ERRORS}}},
+            "/api/v1/workspaces/{slug}/attachments/{id}/text": {"get": {
+                "summary": "an attachment's text: text/* decoded (HTML as text), PDFs read "
+                           "in a child process under a deadline; bounded",
+                "tags": ["inbox"], "security": bearer, "parameters": [SLUG, _id("id")],
+                "responses": {
+                    "200": {"description": "the text, at most content.attachment_max_chars "
+                                           "characters (truncated says whether it was cut)",
+                            "content": {"application/json": {
+                                "schema": {"$ref": "#/components/schemas/AttachmentText"},
+                                "example": {"id": 7, "filename": "invoice.pdf",
+                                            "content_type": "application/pdf", "size": 48213,
+                                            "text": "Invoice 2026-114\nTotal: 120.00 EUR",
+                                            "truncated": False, "pages": 1,
+                                            "page_count": 1}}}},
+                    "415": _error("no text extraction for this content type (only text/* "
+                                  "and application/pdf)"),
+                    "422": _error("the attachment has no text to give: an unreadable, "
+                                  "encrypted or too large PDF, or one that took too long"),
+                    "503": _error("every PDF extraction process is busy; retry (Retry-After)"),
+                    **FORBIDDEN, **API_ERRORS}}},
             **{path: item for path, item in mailbox_paths().items()
                if path != "/api/v1/workspaces/{slug}/agents"},
             **webhook_endpoint_paths(),
@@ -514,6 +542,15 @@ def openapi_spec() -> dict[str, Any]:
                 "Error": {"type": "object", "required": ["error"],
                           "properties": {"error": {"type": "string"}}},
                 "Attachment": attachment,
+                "AttachmentText": {"type": "object", "required": ["id", "text", "truncated"],
+                                   "properties": {
+                    "id": {"type": "integer"}, "filename": {"type": "string", "nullable": True},
+                    "content_type": {"type": "string"}, "size": {"type": "integer"},
+                    "text": {"type": "string"}, "truncated": {"type": "boolean"},
+                    "pages": {"type": "integer", "nullable": True,
+                              "description": "PDFs: pages read (at most content.pdf_max_pages)"},
+                    "page_count": {"type": "integer", "nullable": True,
+                                   "description": "PDFs: pages in the file"}}},
                 "Message": message,
                 "Delivery": {"type": "object", "properties": {
                     "id": {"type": "integer"},

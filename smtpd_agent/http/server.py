@@ -16,6 +16,7 @@ from aiohttp import web
 from ..domains.mta_sts import POLICY_PATH, mta_sts_route
 from ..hooks.service import Endpoints
 from ..events.stream import EventStreams
+from ..extract.attachment import AttachmentText, Limits
 from ..mailbox.send import Mailboxes
 from ..runtime import Runtime
 from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
@@ -73,7 +74,11 @@ class HttpServer:
         pipeline = runtime.pipeline
         router = runtime.router
         health = Health(runtime.pool, settings, pipeline.scanner, pipeline.spam_filter)
-        api = InboxApi(runtime.pool)
+        content = settings.content
+        api = InboxApi(runtime.pool, AttachmentText(Limits(
+            max_bytes=content.attachment_max_bytes, max_chars=content.attachment_max_chars,
+            pdf_max_pages=content.pdf_max_pages, pdf_timeout=content.pdf_timeout,
+            pdf_memory_mb=content.pdf_memory_mb), content.pdf_workers))
         mailbox = MailboxApi(runtime.pool, api, Mailboxes(
             runtime.pool, settings.server.default_domain, settings.smtp.max_message_size))
         endpoints = EndpointsApi(runtime.pool, api, Endpoints(runtime.pool, settings))
@@ -134,6 +139,7 @@ class HttpServer:
         app.router.add_post(f"{workspace}/drafts/{ident}/send", mailbox.send_draft)
         app.router.add_get(f"{workspace}/messages/{ident}/raw", api.raw)
         app.router.add_get(f"{workspace}/attachments/{ident}", api.attachment)
+        app.router.add_get(f"{workspace}/attachments/{ident}/text", api.attachment_text)
         # Outgoing webhooks (admin): the endpoints events are POSTed to, and their log.
         app.router.add_get(f"{workspace}/webhooks", endpoints.list)
         app.router.add_post(f"{workspace}/webhooks", endpoints.create)

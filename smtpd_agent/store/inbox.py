@@ -33,7 +33,8 @@ _PREVIEW = f"""left(btrim(regexp_replace(
 
 _MESSAGE_COLUMNS = f"""m.id, m.thread_id, m.direction, m.status, m.message_id, m.in_reply_to,
         m."references", m.from_header, m.from_address, m.to_header, m.cc_header, m.reply_to,
-        m.subject, m.sent_at, m.received_at, m.headers, m.text_body, m.html_body, m.size,
+        m.subject, m.sent_at, m.received_at, m.headers, m.text_body, m.html_body,
+        m.extracted_text, m.size,
         m.mail_from, m.rcpt_to, host(m.client_ip) AS client_ip, m.helo, m.tls, m.spf, m.dkim,
         m.dmarc, m.arc, m.auth_results, m.quarantined, m.scan_status, m.scan_signature,
         m.labels, m.spam, m.spam_status, m.spam_action, m.spam_score, m.spam_symbols,
@@ -134,7 +135,7 @@ async def raw_message(db: DB, workspace_id: int, message_id: int) -> bytes | Non
 
 async def attachment(db: DB, workspace_id: int, attachment_id: int) -> dict[str, Any] | None:
     row = await db.fetchrow(
-        """SELECT a.filename, a.content_type, b.content
+        """SELECT a.id, a.filename, a.content_type, a.size, b.content
            FROM attachments a JOIN blobs b ON b.workspace_id = a.workspace_id
                                           AND b.sha256 = a.sha256
            WHERE a.workspace_id = $1 AND a.id = $2""", workspace_id, attachment_id)

@@ -102,7 +102,8 @@ class Submission:
         number of mailboxes."""
         parsed = self.message.parsed
         return (len(self.message.raw) + sum(len(a.content) for a in parsed.attachments)
-                + 2 * (len(parsed.text_body or "") + len(parsed.html_body or "")))
+                + 2 * (len(parsed.text_body or "") + len(parsed.html_body or ""))
+                + 2 * len(self.message.extracted_text or ""))
 
 
 # One statement for a whole batch: its own transaction, one round trip
@@ -194,7 +195,7 @@ def _content(submission: Submission) -> tuple[Any, ...]:
         spam_status=verdicts.spam_status, spam_action=verdicts.spam_action,
         spam_score=verdicts.spam_score, spam_required=verdicts.spam_required,
         spam_symbols=verdicts.spam_symbols, received_at=envelope.received_at,
-        iprev=verdicts.iprev)
+        iprev=verdicts.iprev, extracted_text=message.extracted_text)
 
 
 def _attachments(submission: Submission, position: int) -> list[tuple[Any, ...]]:
@@ -267,7 +268,7 @@ async def store_outbound(connection: asyncpg.Connection, row: OutboundRow) -> in
         defects=None, spf=None, dkim=None, dmarc=None, arc=None, auth_results=None,
         auth_detail=None, quarantined=None, scan_status=None, scan_signature=None, spam=None,
         spam_status=None, spam_action=None, spam_score=None, spam_required=None,
-        spam_symbols=None, received_at=None, iprev=None)
+        spam_symbols=None, received_at=None, iprev=None, extracted_text=None)
     return await connection.fetchval(
         """SELECT store_message($1, $2, $3, false, 'outbound', $6, $4,
                                 $5::message_content, '{}'::message_attachment[])""",

@@ -65,7 +65,7 @@ MESSAGE_CONTENT = RowType("message_content", (
     ("spam", "boolean"), ("spam_status", "text"), ("spam_action", "text"),
     ("spam_score", "double precision"), ("spam_required", "double precision"),
     ("spam_symbols", "jsonb"), ("received_at", "timestamptz"),
-    ("iprev", "text"),
+    ("iprev", "text"), ("extracted_text", "text"),
 ))
 
 # One attachment of the message_content at `content_position` (1-based).

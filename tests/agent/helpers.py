@@ -40,7 +40,7 @@ def deliver(port: int, raw: bytes, mail_from: str = "alice@example.org",
     return code
 
 
-async def wait_jobs(db: asyncpg.Connection, count: int = 1, timeout: float = 15.0,
+async def wait_jobs(db: asyncpg.Connection, count: int = 1, timeout: float = 60.0,
                     statuses: tuple[str, ...] = FINAL) -> list[asyncpg.Record]:
     """The jobs, once `count` of them have reached one of `statuses`."""
     deadline = time.monotonic() + timeout

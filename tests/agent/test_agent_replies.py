@@ -284,3 +284,32 @@ async def test_custom_domain_reply_comes_from_it_and_its_agents_are_ours(agent_s
     sent = parse(bytes(await db.fetchval("SELECT messages.raw FROM messages WHERE direction = 'outbound'")))
     assert sent["From"] == f"Acme Support <{custom}>"
     assert sent["Message-ID"].endswith("@mail.acme.test>")
+
+
+async def test_the_prompt_has_the_new_text_without_quoted_history(agent_server, db,
+                                                                   messages_api):
+    """extracted_text, not the whole body: the quoted history and the signature a client
+    appends to every reply never reach the prompt (the thread is there already)."""
+    messages_api.queue(Step(text="Hello Alice, order 42 ships tomorrow."),
+                       Step(text="Order 43 ships on Friday."))
+    deliver(agent_server.port, mail("Where is my order?", body="Where is order 42?",
+                                    message_id="<q1@example.org>"))
+    await wait_jobs(db)
+    ours = await db.fetchval("SELECT message_id FROM messages WHERE direction = 'outbound'")
+    followup = ("Thanks! And order 43?\r\n\r\n-- \r\nAlice, SIGNATURE-LINE\r\n\r\n"
+                "On Sat, Nov 21, 2026 at 5:01 AM Acme Support <support@acme.agents.test> "
+                "wrote:\r\n> Hello Alice, order 42 ships tomorrow. PURPLE ELEPHANT\r\n>\r\n"
+                "> On Sat, Nov 21, 2026 Alice <alice@example.org> wrote:\r\n"
+                ">> Where is order 42? PURPLE ELEPHANT\r\n")
+    deliver(agent_server.port, mail("Re: Where is my order?", body=followup,
+                                    extra=f"In-Reply-To: {ours}\r\nReferences: {ours}\r\n"))
+    await wait_jobs(db, count=2)
+    turns = messages_api.requests[1].body["messages"]
+    assert [t["role"] for t in turns] == ["user", "assistant", "user"]
+    assert "Where is order 42?" in turns[0]["content"]
+    assert "Thanks! And order 43?" in turns[2]["content"]
+    prompt = "\n".join(t["content"] for t in turns)
+    assert "PURPLE ELEPHANT" not in prompt and "SIGNATURE-LINE" not in prompt
+    stored = await db.fetchval("SELECT text_body FROM messages WHERE direction = 'inbound' "
+                               "ORDER BY id DESC LIMIT 1")
+    assert "PURPLE ELEPHANT" in stored  # the body itself is kept whole

@@ -67,7 +67,7 @@ def spawn_worker(database_url: str, messages_api: MessagesAPI,
                 process.wait(5)
 
 
-def wait_started(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+def wait_started(process: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         output = Path(process.log_path).read_text()  # type: ignore[attr-defined]
@@ -96,7 +96,7 @@ async def test_killed_worker_job_is_retaken_after_its_lease(start_server, db, me
     killed_at = time.monotonic()
     victim.wait(5)
 
-    [job] = await wait_jobs(db, timeout=15)
+    [job] = await wait_jobs(db, timeout=60)
     assert job["status"] == "done" and job["attempts"] == 2
     assert job["worker"].split(":")[1] != str(victim.pid)
     _, second = messages_api.requests
@@ -132,7 +132,7 @@ async def test_two_workers_race_over_200_jobs_each_answered_once(start_server, d
         wait_started(worker)
     started = time.monotonic()
     await store_many(database_url, 200)
-    jobs = await wait_jobs(db, count=200, timeout=60)
+    jobs = await wait_jobs(db, count=200, timeout=180)
     elapsed = time.monotonic() - started
     assert {j["status"] for j in jobs} == {"done"}, {j["last_error"] for j in jobs}
     assert all(j["attempts"] == 1 for j in jobs)

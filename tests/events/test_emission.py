@@ -62,7 +62,8 @@ async def test_mail_over_smtp_is_announced_in_its_own_commit(server, db):
     assert await asyncio.to_thread(deliver, server.port, raw) == 250
     [event] = await events_of(db, "acme")
     assert event["type"] == "message.received"
-    stored = await db.fetchrow("SELECT id, thread_id, xmin::text AS xmin FROM messages")
+    stored = await db.fetchrow("SELECT id, thread_id, extracted_text, xmin::text AS xmin "
+                               "FROM messages")
     # the event row was written by the transaction that wrote the message
     assert int(event["txid"]) % 2**32 == int(stored["xmin"])
     data = payload(event)
@@ -72,6 +73,7 @@ async def test_mail_over_smtp_is_announced_in_its_own_commit(server, db):
     assert data["envelope"] == {"mail_from": "alice@example.org",
                                 "rcpt_to": "support@acme.agents.test"}
     assert data["snippet"] == "body of where is my order" and not data["text_truncated"]
+    assert stored["extracted_text"] and data["text"] == stored["extracted_text"]
     assert data["links"]["thread"] == f"/api/v1/workspaces/acme/threads/{stored['thread_id']}"
     assert data["links"]["raw"] == f"/api/v1/workspaces/acme/messages/{stored['id']}/raw"
     assert "html_body" not in json.dumps(data) and "raw" not in data["message"]

@@ -37,7 +37,7 @@ async def drafting(start_server, db, relay, database_url, dns_server):  # noqa: 
 
 
 async def jobs_done(db, count: int) -> None:
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if await db.fetchval("SELECT count(*) FROM agent_jobs WHERE status = 'done'") >= count:
             return

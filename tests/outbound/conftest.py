@@ -83,7 +83,7 @@ class RelaySink:
             number = len(self.received)
         return f"250 2.0.0 Ok: queued as SINK{number:04d}"
 
-    def wait_for(self, count: int, timeout: float = 15.0) -> list[Received]:
+    def wait_for(self, count: int, timeout: float = 60.0) -> list[Received]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if len(self.received) >= count:
@@ -146,7 +146,7 @@ async def store_reply(db: asyncpg.Connection, agent: Any, to: str, **kwargs: Any
 
 
 async def wait_state(db: asyncpg.Connection, message_id: int, states: set[str],
-                     timeout: float = 15.0) -> asyncpg.Record:
+                     timeout: float = 60.0) -> asyncpg.Record:
     deadline = time.monotonic() + timeout
     row = None
     while time.monotonic() < deadline:

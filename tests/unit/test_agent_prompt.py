@@ -11,10 +11,10 @@ from smtpd_agent.agent.compose import Original, compose_reply, reply_references,
 from smtpd_agent.agent.prompt import (
     AttachmentNote,
     TranscriptEntry,
-    body_text,
     build_prompt,
     one_correspondent,
 )
+from smtpd_agent.extract.html_text import body_text
 
 NOW = datetime(2026, 11, 21, 6, 0, tzinfo=UTC)
 

@@ -36,6 +36,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "dns", "auth.adapters", "auth.arc", "auth.dkim", "auth.dmarc", "auth.dnsbl", "auth.iprev",
         "auth.results", "auth.runner", "auth.spf",
         "outbound.dsn", "outbound.verp", "http.sns",
+        "extract", "extract.attachment", "extract.html_text", "extract.pdf", "extract.reply",
     ),
     # The inbound stages, the store they write to, and the runtime they form.
     "stages": (

@@ -2,7 +2,7 @@
 -- inbound message, Python code (outbound worker, bounces, quarantine release) for the
 -- rest, always in the transaction of the change it reports. The payload: ids, the
 -- workspace's slug and the agent's handle, envelope, headers a reader sorts by, a
--- snippet, the message's text up to 8000 characters and API paths to fetch the rest.
+-- snippet, the message's extracted text up to 8000 characters and API paths to fetch the rest.
 -- Never the raw message, the HTML body or anything secret. `p_extra` adds what the
 -- cause knows (a bounce's diagnostic, a delivery's relay reply).
 CREATE FUNCTION message_event(p_workspace_id bigint, p_message_id bigint, p_type text,
@@ -16,9 +16,10 @@ DECLARE
     v_base text;
 BEGIN
     SELECT m.thread_id,
-           -- THE one place the text comes from: switch to m.extracted_text (migration
-           -- 0016, the text of the message and its attachments) once that has landed
-           m.text_body,
+           -- the text: an inbound message's new text without quoted history and
+           -- signature (extracted_text, migration 0016), else (outbound, older mail)
+           -- the plain body
+           coalesce(m.extracted_text, m.text_body),
            '/api/v1/workspaces/' || w.slug,
            jsonb_build_object(
                'workspace', w.slug,

@@ -26,7 +26,7 @@ BEGIN
         headers, text_body, html_body, raw_sha256, size, mail_from, rcpt_to, client_ip, helo, tls,
         tls_version, session_id, queue_id, defects, spf, dkim, dmarc, arc, auth_results,
         auth_detail, quarantined, scan_status, scan_signature, spam, spam_status, spam_action,
-        spam_score, spam_required, spam_symbols, received_at, iprev, labels)
+        spam_score, spam_required, spam_symbols, received_at, iprev, labels, extracted_text)
     VALUES (
         p_workspace_id, p_agent_id, p_thread_id, p_direction, p_status, c.dedup_key, c.message_id,
         coalesce(c.in_reply_to, '{}'), coalesce(c."references", '{}'), c.from_header,
@@ -37,7 +37,8 @@ BEGIN
         c.auth_results, c.auth_detail, coalesce(c.quarantined, false), c.scan_status,
         c.scan_signature, coalesce(c.spam, false), c.spam_status, c.spam_action, c.spam_score,
         c.spam_required, c.spam_symbols, coalesce(c.received_at, now()), c.iprev,
-        CASE WHEN p_direction = 'inbound' THEN ARRAY['unread'] ELSE '{}'::text[] END)
+        CASE WHEN p_direction = 'inbound' THEN ARRAY['unread'] ELSE '{}'::text[] END,
+        c.extracted_text)
     RETURNING id INTO v_message_id;
 
     IF cardinality(p_attachments) > 0 THEN
