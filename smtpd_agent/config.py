@@ -341,6 +341,10 @@ class HttpSettings:
     events_send_timeout: float = 60.0
     events_streams_per_key: int = 4
     events_streams_per_workspace: int = 16
+    # Attachments one message sent, replied or drafted over the API may carry, and the
+    # bytes of each (the whole message stays within smtp.max_message_size).
+    api_max_attachments: int = 20
+    api_max_attachment_size: int = 10_485_760
 
 
 @dataclass(frozen=True)
@@ -729,9 +733,11 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"http.sns_url_pattern: not a regular expression: {error}") from None
     http = settings.http
     for key in ("webhook_max_body_size", "webhook_read_timeout", "webhook_concurrency",
-                "sns_max_age", "webhook_max_age"):
+                "sns_max_age", "webhook_max_age", "api_max_attachment_size"):
         if not getattr(http, key) > 0:
             raise ConfigError(f"http.{key}: must be positive, got {getattr(http, key)}")
+    if http.api_max_attachments < 0:
+        raise ConfigError("http.api_max_attachments: must not be negative (0: none)")
     if http.sns_ca_file and not Path(http.sns_ca_file).is_file():
         raise ConfigError(f"http.sns_ca_file: no such file {http.sns_ca_file}")
     outbound = settings.outbound

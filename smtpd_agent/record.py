@@ -104,3 +104,19 @@ class InboundMessage:
     # the new text without quoted history and signature (extract/reply.py), set by the
     # pipeline's content step before the store; None only before that step
     extracted_text: str | None = None
+
+
+@dataclass(frozen=True)
+class StoredInbound:
+    """A stored inbound message as an answer to it needs it: its threading headers, whom
+    it came from and which of our addresses it was for. The built-in agent's reply
+    (agent/jobs.load_inbound) and a reply over the API (store/mailbox.reply_target) read
+    the same columns into it (store/mailbox.STORED_INBOUND)."""
+
+    message_id: str | None
+    references: tuple[str, ...]
+    in_reply_to: tuple[str, ...]
+    subject: str | None
+    from_address: str | None
+    reply_to: str | None
+    rcpt_to: str | None

@@ -18,6 +18,9 @@ from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime
 
+from ..message import Attachment
+from ..record import StoredInbound
+
 # Only reply prefixes are folded: "Re: Re: Aw: x" -> "Re: x" (RFC 5322 section 3.6.5).
 REPLY_PREFIX = re.compile(r"^\s*((re|aw|sv|antw|vs|rif|r)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
 # A long References chain is trimmed to the first and the last ones (RFC 5322 allows it).
@@ -34,6 +37,11 @@ class Original:
     references: tuple[str, ...]
     subject: str | None
     in_reply_to: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, inbound: StoredInbound) -> Original:
+        return cls(inbound.message_id, inbound.references, inbound.subject,
+                   inbound.in_reply_to)
 
 
 @dataclass(frozen=True)
@@ -81,13 +89,6 @@ def text_to_html(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class OutgoingAttachment:
-    filename: str
-    content_type: str
-    content: bytes
-
-
-@dataclass(frozen=True)
 class Outgoing:
     """A message an agent sends: every address and threading header from our records, the
     body from the model or the API caller. Bcc never becomes a header (the queue gets it)."""
@@ -101,7 +102,7 @@ class Outgoing:
     cc: tuple[str, ...] = ()
     in_reply_to: tuple[str, ...] = ()
     references: tuple[str, ...] = ()
-    attachments: tuple[OutgoingAttachment, ...] = ()
+    attachments: tuple[Attachment, ...] = ()
     auto_submitted: str | None = None
 
 

@@ -14,36 +14,23 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import asyncpg
 
 from ..extract.html_text import body_text
 from ..outbound.queue import enqueue
+from ..record import StoredInbound
 from ..store import lease as lease_queue
 from ..store.lease import NOW, Lease, LeaseQueue
-from ..store.mailbox import DraftFields, add_draft
+from ..store.mailbox import STORED_INBOUND, DraftFields, add_draft, stored_inbound
 from ..store.messages import OutboundRow, store_outbound
+from . import caps as limits
+from .caps import Caps
 from .compose import ComposedReply
 from .llm import Completion
-from .policy import MessageFacts, cap_reason, rate_limit_reason
+from .policy import MessageFacts
 from .prompt import AttachmentNote, TranscriptEntry
-
-# One-hour window of the rate limits; the day of the workspace and first-recipient caps.
-RATE_WINDOW = timedelta(hours=1)
-DAY = timedelta(days=1)
-
-
-@dataclass(frozen=True)
-class Caps:
-    """agent.* limits that store_reply checks again under its lock."""
-
-    per_correspondent: int
-    per_agent: int
-    workspace_per_hour: int
-    workspace_per_day: int
-    new_recipients_per_day: int
 
 # A claimed job is 'running' until its lease runs out (then it is claimable again).
 AGENT_JOBS = LeaseQueue("agent_jobs", claimable=("pending", "running"), leased="running")
@@ -77,14 +64,10 @@ class AgentRecord:
 
 @dataclass(frozen=True)
 class InboundRecord:
+    """The message a job answers: what the decision reads, and what the reply answers."""
+
     facts: MessageFacts
-    message_id: str | None
-    references: tuple[str, ...]
-    in_reply_to: tuple[str, ...]
-    subject: str | None
-    from_address: str | None
-    reply_to: str | None
-    rcpt_to: str | None
+    message: StoredInbound
 
 
 async def claim(db: asyncpg.Pool, worker: str, lease: float) -> Job | None:
@@ -107,11 +90,12 @@ async def load_agent(db: asyncpg.Pool, job: Job) -> AgentRecord | None:
 
 async def load_inbound(db: asyncpg.Pool, job: Job) -> InboundRecord | None:
     row = await db.fetchrow(
-        """SELECT headers, mail_from, from_address, dmarc, scan_status, message_id,
-                  (quarantined OR spam) AND released_at IS NULL AS quarantined,
-                  "references", in_reply_to, subject, reply_to, rcpt_to, auth_detail
-             FROM messages
-            WHERE id = $1 AND workspace_id = $2 AND agent_id = $3 AND direction = 'inbound'""",
+        f"""SELECT m.headers, m.mail_from, m.dmarc, m.scan_status, m.auth_detail,
+                   (m.quarantined OR m.spam) AND m.released_at IS NULL AS quarantined,
+                   {STORED_INBOUND}
+              FROM messages m
+             WHERE m.id = $1 AND m.workspace_id = $2 AND m.agent_id = $3
+               AND m.direction = 'inbound'""",
         job.message_id, job.workspace_id, job.agent_id)
     if row is None:
         return None
@@ -119,11 +103,7 @@ async def load_inbound(db: asyncpg.Pool, job: Job) -> InboundRecord | None:
         row["auth_detail"], headers=tuple((str(k), str(v)) for k, v in row["headers"]),
         mail_from=row["mail_from"], from_address=row["from_address"], dmarc=row["dmarc"],
         quarantined=row["quarantined"], scan_status=row["scan_status"])
-    return InboundRecord(facts=facts, message_id=row["message_id"],
-                         references=tuple(row["references"]),
-                         in_reply_to=tuple(row["in_reply_to"]), subject=row["subject"],
-                         from_address=row["from_address"], reply_to=row["reply_to"],
-                         rcpt_to=row["rcpt_to"])
+    return InboundRecord(facts, stored_inbound(row))
 
 
 async def load_transcript(db: asyncpg.Pool, job: Job, correspondent: str,
@@ -174,54 +154,6 @@ async def custom_domains_among(db: asyncpg.Pool, names: list[str]) -> frozenset[
     return frozenset(r["name"] for r in rows)
 
 
-async def receiving_domain_of(db: asyncpg.Pool, job: Job, name: str) -> bool:
-    """True when `name` is a custom domain of the job's workspace that receives mail."""
-    return bool(await db.fetchval(
-        """SELECT EXISTS (SELECT 1 FROM domains WHERE name = $1 AND workspace_id = $2
-                            AND state IN ('verified', 'degraded'))""", name, job.workspace_id))
-
-
-async def recent_replies(db: asyncpg.Pool | asyncpg.Connection, job: Job,
-                         correspondent: str) -> tuple[int, int]:
-    """(replies to this correspondent, replies in total) by the agent in the last hour."""
-    row = await db.fetchrow(
-        """SELECT count(*) FILTER (WHERE lower(rcpt_to) = lower($3)) AS to_correspondent,
-                  count(*) AS from_agent
-             FROM messages
-            WHERE agent_id = $1 AND workspace_id = $2 AND direction = 'outbound'
-              AND received_at > now() - $4::interval""",
-        job.agent_id, job.workspace_id, correspondent, RATE_WINDOW)
-    return row["to_correspondent"], row["from_agent"]
-
-
-async def cap_counts(db: asyncpg.Pool | asyncpg.Connection, job: Job,
-                     recipient: str) -> tuple[int, int, bool, int]:
-    """(workspace's outbound messages in the last hour, in the last day, whether the agent
-    never wrote to `recipient`, first-time recipients of the agent in the last day)."""
-    row = await db.fetchrow(
-        """SELECT (SELECT count(*) FROM messages
-                    WHERE workspace_id = $1 AND direction = 'outbound'
-                      AND received_at > now() - $4::interval) AS hour,
-                  (SELECT count(*) FROM messages
-                    WHERE workspace_id = $1 AND direction = 'outbound'
-                      AND received_at > now() - $5::interval) AS day,
-                  NOT EXISTS (SELECT 1 FROM agent_recipients
-                               WHERE agent_id = $2 AND address = lower($3)) AS new,
-                  (SELECT count(*) FROM agent_recipients
-                    WHERE agent_id = $2 AND workspace_id = $1
-                      AND first_sent_at > now() - $5::interval) AS new_today""",
-        job.workspace_id, job.agent_id, recipient, RATE_WINDOW, DAY)
-    return row["hour"], row["day"], row["new"], row["new_today"]
-
-
-def limit_reason(rates: tuple[int, int], caps_counts: tuple[int, int, bool, int],
-                 caps: Caps) -> str | None:
-    return (rate_limit_reason(*rates, caps.per_correspondent, caps.per_agent)
-            or cap_reason(caps_counts[0], caps_counts[1], caps.workspace_per_hour,
-                          caps.workspace_per_day, caps_counts[2], caps_counts[3],
-                          caps.new_recipients_per_day))
-
-
 async def _end(db: asyncpg.Pool | asyncpg.Connection, job: Job, state: str,
                **columns: Any) -> bool:
     """Set a final state, if we still hold the lease. False: someone else has it."""
@@ -270,13 +202,12 @@ async def store_reply(db: asyncpg.Pool, job: Job, reply: ComposedReply, completi
     async with db.acquire() as connection, connection.transaction():
         if not await lease_queue.hold(connection, AGENT_JOBS, job.lease):
             return Finished(False, reason="lease lost")
-        await connection.execute("SELECT pg_advisory_xact_lock($1, $2)", 0x6177,
-                                 job.workspace_id)
-        reason = limit_reason(await recent_replies(connection, job, reply.to_address),
-                              await cap_counts(connection, job, reply.to_address), caps)
-        if reason:
-            await _end(connection, job, "skipped", skip_reason=reason, **usage)
-            return Finished(False, reason=reason)
+        await limits.lock(connection, job.workspace_id)
+        refused = await limits.check(connection, job.workspace_id, job.agent_id,
+                                     (reply.to_address,), caps)
+        if refused:
+            await _end(connection, job, "skipped", skip_reason=refused.reason, **usage)
+            return Finished(False, reason=refused.reason)
         reply_id = await store_outbound(connection, OutboundRow(
             workspace_id=job.workspace_id, agent_id=job.agent_id, thread_id=job.thread_id,
             dedup_key=f"reply:{job.message_id}", message_id=reply.message_id,
@@ -284,11 +215,8 @@ async def store_reply(db: asyncpg.Pool, job: Job, reply: ComposedReply, completi
             from_header=reply.from_header, from_address=reply.from_address,
             to_address=reply.to_address, subject=reply.subject, headers=tuple(reply.headers),
             text_body=reply.text, html_body=reply.html, raw=reply.raw))
-        await connection.execute(
-            """INSERT INTO agent_recipients (workspace_id, agent_id, address)
-               VALUES ($1, $2, lower($3))
-               ON CONFLICT (agent_id, address) DO UPDATE SET last_sent_at = now()""",
-            job.workspace_id, job.agent_id, reply.to_address)
+        await limits.remember_recipients(connection, job.workspace_id, job.agent_id,
+                                         (reply.to_address,))
         # into the outbound queue in the same transaction (signed and sent by OutboundWorker)
         await enqueue(connection, reply_id, job.workspace_id)
         await _end(connection, job, "done", reply_message_id=reply_id, **usage)

@@ -4,7 +4,7 @@ Stage 6 of the pipeline, before any API call. RFC 3834 section 2 says an
 automatic responder must not answer auto-submitted mail, mailing lists, bounces
 or itself; beyond that we answer only a correspondent whose From we could
 authenticate (a reply to forged mail is backscatter, and DKIM-signed by us it
-is worse), only mail that was scanned, only within the caps, and a Reply-To
+is worse), only mail that was scanned, only within the caps (agent/caps.py), and a Reply-To
 only inside the From's organizational domain. Each function is table-tested.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from email.utils import getaddresses
 from typing import Any
 
-from ..addresses import domain_of, within
+from ..addresses import OurDomains, domain_of, within
 from ..auth.dmarc import organizational_domain
 
 # Local parts that are machines, not people (RFC 3834 section 2, RFC 2142, common practice).
@@ -136,35 +136,12 @@ def unauthenticated_reason(facts: MessageFacts) -> str | None:
             "nor DKIM passed for it")
 
 
-def rate_limit_reason(to_correspondent: int, from_agent: int, per_correspondent: int,
-                      per_agent: int) -> str | None:
-    """Counts are replies in the last hour; a limit of 0 means none allowed."""
-    if to_correspondent >= per_correspondent:
-        return f"rate limit: {per_correspondent} replies per hour to this correspondent"
-    if from_agent >= per_agent:
-        return f"rate limit: {per_agent} replies per hour from this agent"
-    return None
-
-
 def retry_delay(attempt: int, base: float, cap: float, retry_after: float | None = None) -> float:
     """Exponential backoff after the `attempt`-th failed try; a longer Retry-After wins."""
     delay = min(cap, base * 2 ** max(attempt - 1, 0))
     if retry_after is not None and retry_after > delay:
         delay = min(retry_after, cap)
     return delay
-
-
-def cap_reason(workspace_hour: int, workspace_day: int, per_hour: int, per_day: int,
-               new_recipient: bool, new_today: int, new_per_day: int) -> str | None:
-    """The workspace-wide caps (replies in the last hour and day, all its agents together)
-    and the agent's cap on first-time recipients in the last day; 0 allows none."""
-    if workspace_hour >= per_hour:
-        return f"cap: {per_hour} replies per hour from this workspace"
-    if workspace_day >= per_day:
-        return f"cap: {per_day} replies per day from this workspace"
-    if new_recipient and new_today >= new_per_day:
-        return f"cap: {new_per_day} first-time recipients per day for this agent"
-    return None
 
 
 def reply_address(from_address: str | None, reply_to: str | None) -> str | None:
@@ -196,3 +173,14 @@ def _single_address(value: str) -> str | None:
             or not address.partition("@")[0] or "." not in address.partition("@")[2]):
         return None
     return address
+
+
+def agent_address(handle: str, slug: str, rcpt_domain: str | None, ours: OurDomains,
+                  custom_domain_ok: bool = False) -> str:
+    """The agent's address on the domain the correspondent wrote to, if that domain is its own
+    (its workspace's subdomain, or a custom domain of its workspace that receives: the
+    caller looks that up); else the default one. Replies of the built-in agent and over
+    the API alike."""
+    if rcpt_domain and (custom_domain_ok or ours.workspace(rcpt_domain) == slug):
+        return f"{handle}@{rcpt_domain}"
+    return ours.agent_address(handle, slug)

@@ -22,12 +22,21 @@ from ..config import Settings
 from ..outbound.queue import is_suppressed
 from ..runtime import Runtime
 from ..store import acl
+from ..store import domains as domain_store
 from ..store.lease import poll
+from . import caps as limits
 from . import jobs
+from .caps import Caps
 from .compose import Original, compose_reply
-from .jobs import Caps, Job
+from .jobs import Job
 from .llm import LLM, Completion, classify_error, deprecation_of
-from .policy import loop_skip_reason, parent_domains, reply_address, retry_delay
+from .policy import (
+    agent_address,
+    loop_skip_reason,
+    parent_domains,
+    reply_address,
+    retry_delay,
+)
 from .prompt import build_prompt, one_correspondent
 
 log = structlog.get_logger("smtpd_agent.agent")
@@ -35,15 +44,6 @@ log = structlog.get_logger("smtpd_agent.agent")
 NO_LLM = "no LLM configured"
 # Seconds a stopping worker gives back its claimed job in (then the lease takes over).
 RELEASE_TIMEOUT = 2.0
-
-
-def agent_address(handle: str, slug: str, rcpt_domain: str | None, ours: OurDomains,
-                  custom_domain_ok: bool = False) -> str:
-    """The agent's address on the domain the correspondent wrote to, if that domain is its own
-    (its workspace's subdomain, or a custom domain of its workspace); else the default one."""
-    if rcpt_domain and (custom_domain_ok or ours.workspace(rcpt_domain) == slug):
-        return f"{handle}@{rcpt_domain}"
-    return ours.agent_address(handle, slug)
 
 
 class AgentWorkers:
@@ -114,10 +114,7 @@ class AgentWorkers:
         await poll(step, interval=agent.poll_interval, stopping=self._stopping, name=worker)
 
     def caps(self) -> Caps:
-        agent = self.settings.agent
-        return Caps(agent.correspondent_replies_per_hour, agent.agent_replies_per_hour,
-                    agent.workspace_replies_per_hour, agent.workspace_replies_per_day,
-                    agent.new_recipients_per_day)
+        return Caps.of(self.settings.agent)
 
     async def process(self, job: Job, worker: str) -> None:
         """One claimed job to a final state (done, skipped, failed) or back to pending."""
@@ -140,12 +137,13 @@ class AgentWorkers:
         reason = None
         if not agent.enabled or not agent.auto_reply:
             reason = "agent disabled" if not agent.enabled else "auto-reply off"
-        senders = [a for a in (inbound.facts.mail_from, inbound.from_address) if a and "@" in a]
+        senders = [a for a in (inbound.facts.mail_from, inbound.message.from_address)
+                   if a and "@" in a]
         custom = await jobs.custom_domains_among(
             db, [d for a in senders for d in parent_domains(a.rpartition("@")[2])])
         reason = reason or loop_skip_reason(inbound.facts, self.settings.server.default_domain,
                                             custom)
-        to_address = reply_address(inbound.from_address, inbound.reply_to)
+        to_address = reply_address(inbound.message.from_address, inbound.message.reply_to)
         if reason is None and to_address is None:
             reason = "no usable correspondent address"
         if reason is None and to_address is not None and await is_suppressed(
@@ -160,8 +158,10 @@ class AgentWorkers:
                 reason = f"recipient refused by the allow/block lists ({decision.reason})"
         caps = self.caps()
         if reason is None and to_address is not None:
-            reason = jobs.limit_reason(await jobs.recent_replies(db, job, to_address),
-                                       await jobs.cap_counts(db, job, to_address), caps)
+            # checked again under the workspace's lock when the reply is stored
+            refused = await limits.check(db, job.workspace_id, job.agent_id, (to_address,),
+                                         caps)
+            reason = refused.reason if refused else None
         if reason is None and self.llm is None and not settings.offline_reply:
             reason = NO_LLM
         if reason is not None or to_address is None:
@@ -170,13 +170,13 @@ class AgentWorkers:
             return
 
         ours = OurDomains(self.settings.server.default_domain)
-        rcpt = parse_address(inbound.rcpt_to or "")
+        rcpt = parse_address(inbound.message.rcpt_to or "")
         rcpt_domain = rcpt.domain if rcpt else None
         custom_ok = (rcpt_domain is not None and not ours.is_ours(rcpt_domain)
-                     and await jobs.receiving_domain_of(db, job, rcpt_domain))
+                     and await domain_store.receives_for(db, job.workspace_id, rcpt_domain))
         address = agent_address(agent.handle, agent.workspace_slug, rcpt_domain, ours, custom_ok)
         identity = f"{agent.display_name} <{address}>" if agent.display_name else address
-        correspondent = inbound.from_address or to_address
+        correspondent = inbound.message.from_address or to_address
         transcript = one_correspondent(
             await jobs.load_transcript(db, job, correspondent, to_address), correspondent,
             to_address)
@@ -200,8 +200,7 @@ class AgentWorkers:
             await jobs.fail(db, job, "the model returned no text")
             bound.error("agent.failed", error="empty completion")
             return
-        reply = compose_reply(Original(inbound.message_id, inbound.references, inbound.subject,
-                                       inbound.in_reply_to),
+        reply = compose_reply(Original.of(inbound.message),
                               agent.display_name, address, to_address, completion.text,
                               datetime.now(UTC))
         if agent.reply_mode == "draft":

@@ -11,6 +11,7 @@ import hashlib
 import html
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -18,8 +19,8 @@ import structlog
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from ..agent.compose import OutgoingAttachment
 from ..mailbox.send import Mailboxes, Problem, SendError, SendRequest, draft_fields, send_draft
+from ..message import Attachment
 from ..store import directory
 from ..store import mailbox as queries
 from ..store.apikeys import Scope, create_key, list_keys, parse_scopes, revoke_key
@@ -30,8 +31,8 @@ from .responses import HttpError, json_response
 log = structlog.get_logger(__name__)
 
 STATUS = {Problem.INVALID: 400, Problem.NOT_FOUND: 404, Problem.DISABLED: 409,
-          Problem.REFUSED: 422, Problem.KEY_REUSED: 422, Problem.TOO_LARGE: 413,
-          Problem.CONFLICT: 409}
+          Problem.REFUSED: 422, Problem.CAPPED: 422, Problem.RATE_LIMITED: 429,
+          Problem.KEY_REUSED: 422, Problem.TOO_LARGE: 413, Problem.CONFLICT: 409}
 MAX_DISPLAY_NAME = 200
 MAX_PROMPT = 20_000
 MAX_KEY_NAME = 200
@@ -42,7 +43,26 @@ TEXT_FIELDS = ("subject", "text", "html")
 
 
 def _fail(error: SendError) -> HttpError:
-    return HttpError(STATUS[error.problem], error.message)
+    """The refusal with the rule that made it; a cap that frees up says when (Retry-After)."""
+    headers = ({"Retry-After": str(math.ceil(error.retry_after))}
+               if error.retry_after is not None else None)
+    return HttpError(STATUS[error.problem], error.message, headers, error.rule)
+
+
+@dataclass
+class Body:
+    """A send, reply or draft request as given: only the fields it names (an update keeps
+    the others); `attachments` None when it names none."""
+
+    values: dict[str, Any]
+    attachments: list[Attachment] | None
+
+    def request(self) -> SendRequest:
+        return SendRequest(
+            to=tuple(self.values.get("to", ())), cc=tuple(self.values.get("cc", ())),
+            bcc=tuple(self.values.get("bcc", ())), subject=self.values.get("subject"),
+            text=self.values.get("text"), html=self.values.get("html"),
+            attachments=tuple(self.attachments or ()))
 
 
 async def json_object(request: web.Request, limit: int) -> dict[str, Any]:
@@ -239,35 +259,36 @@ class MailboxApi:
                  if HANDLE.match(handle.lower()) else None)
         if found is None:
             raise HttpError(404, "no such agent")
-        body = await json_object(request, 2 * self.mailboxes.max_message_size)
-        thread_id = body.get("thread_id")
+        body = await self._body(request, extra=("thread_id",))
+        thread_id = _thread_id(body.values.get("thread_id"))
         if thread_id is not None:
-            if not isinstance(thread_id, int) or isinstance(thread_id, bool) or \
-                    not 0 < thread_id < 2**63:
-                raise HttpError(400, "thread_id: a thread's id")
             target = await queries.reply_target(self.db, owner.workspace_id, thread_id)
             if target is None or target.agent_id != found["id"]:
                 raise HttpError(404, "no such thread for this agent")
         try:
-            fields = draft_fields(self._fields(body))
+            fields = draft_fields(body.request(), self.mailboxes.bounds)
         except SendError as error:
             raise _fail(error) from None
         draft_id = await queries.add_draft(self.db, owner.workspace_id, found["id"], thread_id,
                                            fields, "api")
-        log.info("api.draft_created", key_id=owner.key_id, draft=draft_id)
+        log.info("api.draft_created", key_id=owner.key_id, draft=draft_id,
+                 attachments=len(fields.attachments or ()))
         return await self._draft(owner.workspace_id, draft_id, 201)
 
     async def update_draft(self, request: web.Request) -> web.Response:
+        """Fields named replace the draft's; attachments given replace all of its own
+        (JSON "attachments": [] removes them), none given keeps them."""
         owner = await self.api.owner(request, Scope.SEND)
         draft_id = row_id(request, "id")
         found = await queries.draft(self.db, owner.workspace_id, draft_id)
         if found is None:
             raise HttpError(404, "no such draft")
-        body = await json_object(request, 2 * self.mailboxes.max_message_size)
-        merged = {name: body[name] if name in body else found[name]
-                  for name in ADDRESS_FIELDS + TEXT_FIELDS}
+        body = await self._body(request)
+        merged = Body({name: body.values[name] if name in body.values else found[name]
+                       for name in ADDRESS_FIELDS + TEXT_FIELDS}, body.attachments)
         try:
-            fields = draft_fields(self._fields(merged))
+            fields = draft_fields(merged.request(), self.mailboxes.bounds,
+                                  keep_attachments=body.attachments is None)
         except SendError as error:
             raise _fail(error) from None
         if not await queries.update_draft(self.db, owner.workspace_id, draft_id, fields):
@@ -302,14 +323,6 @@ class MailboxApi:
         assert found is not None
         found.pop("agent_id")
         return json_response(found, status)
-
-    def _fields(self, body: dict[str, Any]) -> SendRequest:
-        limit = self.mailboxes.max_message_size
-        return SendRequest(
-            to=tuple(_addresses(body.get("to"), "to")), cc=tuple(_addresses(body.get("cc"), "cc")),
-            bcc=tuple(_addresses(body.get("bcc"), "bcc")),
-            subject=_text(body, "subject", limit), text=_text(body, "text", limit),
-            html=_text(body, "html", limit))
 
     # --- labels and search --------------------------------------------------------------
 
@@ -358,74 +371,115 @@ class MailboxApi:
                   .decode().rstrip("=") if more and last else None)
         return json_response({"results": page, "next_cursor": cursor})
 
+    async def message(self, request: web.Request) -> web.Response:
+        """One message with its attachments and, if we sent it, its delivery state."""
+        owner = await self.api.owner(request, Scope.READ)
+        found = await queries.message(self.db, owner.workspace_id, row_id(request, "id"))
+        if found is None:
+            raise HttpError(404, "no such message")
+        return json_response(found)
+
     async def _sent(self, workspace_id: int, sent: Any) -> web.Response:
-        found = await queries.sent_message(self.db, workspace_id, sent.message_id)
+        found = await queries.message(self.db, workspace_id, sent.message_id)
         headers = {"Idempotent-Replayed": "true"} if sent.replayed else None
         return json_response(found, 200 if sent.replayed else 201, headers=headers)
 
     async def _read(self, request: web.Request, route: str) -> tuple[SendRequest, bytes]:
-        """The request as JSON (attachments base64) or multipart/form-data (attachments as
-        file parts), within smtp.max_message_size; and its fingerprint for Idempotency-Key."""
-        limit = self.mailboxes.max_message_size
-        fields: dict[str, Any] = {name: [] for name in ADDRESS_FIELDS}
-        attachments: list[OutgoingAttachment] = []
-        if request.content_type == "multipart/form-data":
-            await self._multipart(request, limit, fields, attachments)
-        else:
-            body = await json_object(request, 2 * limit)
-            for name in ADDRESS_FIELDS:
-                fields[name] = _addresses(body.get(name), name)
-            for name in TEXT_FIELDS:
-                fields[name] = _text(body, name, limit)
-            listed = body.get("attachments") or []
-            if not isinstance(listed, list):
-                raise HttpError(400, "attachments: a list")
-            for item in listed:
-                attachments.append(_json_attachment(item, limit))
-        outgoing = SendRequest(
-            to=tuple(fields["to"]), cc=tuple(fields["cc"]), bcc=tuple(fields["bcc"]),
-            subject=fields.get("subject"), text=fields.get("text"), html=fields.get("html"),
-            attachments=tuple(attachments))
+        """The send or reply request, and its fingerprint for Idempotency-Key."""
+        body = await self._body(request)
+        outgoing = body.request()
         canonical = json.dumps({
-            "route": route, **{n: fields.get(n) for n in ADDRESS_FIELDS + TEXT_FIELDS},
+            "route": route, **{n: body.values.get(n, [] if n in ADDRESS_FIELDS else None)
+                               for n in ADDRESS_FIELDS + TEXT_FIELDS},
             "attachments": [[a.filename, a.content_type, hashlib.sha256(a.content).hexdigest()]
-                            for a in attachments]}, sort_keys=True)
+                            for a in outgoing.attachments]}, sort_keys=True)
         return outgoing, queries.request_hash(canonical.encode("utf-8", "surrogatepass"))
 
-    @staticmethod
-    async def _multipart(request: web.Request, limit: int, fields: dict[str, Any],
-                         attachments: list[OutgoingAttachment]) -> None:
+    async def _body(self, request: web.Request, extra: tuple[str, ...] = ()) -> Body:
+        """The request as JSON (attachments base64) or multipart/form-data (attachments as
+        file parts), within smtp.max_message_size; `extra`: more fields this route takes."""
+        limit = self.mailboxes.max_message_size
+        if request.content_type == "multipart/form-data":
+            return await self._multipart(request, limit, extra)
+        body = await json_object(request, 2 * limit)
+        values: dict[str, Any] = {}
+        for name in ADDRESS_FIELDS:
+            if name in body:
+                values[name] = _addresses(body[name], name)
+        for name in TEXT_FIELDS:
+            if name in body:
+                values[name] = _text(body, name, limit)
+        for name in extra:
+            if name in body:
+                values[name] = body[name]
+        attachments = None
+        if "attachments" in body:
+            listed = body["attachments"] if body["attachments"] is not None else []
+            if not isinstance(listed, list):
+                raise HttpError(400, "attachments: a list")
+            if len(listed) > self.mailboxes.bounds.count:
+                raise HttpError(400, f"at most {self.mailboxes.bounds.count} attachments "
+                                "(http.api_max_attachments)", rule="http.api_max_attachments")
+            attachments = [_json_attachment(item, limit) for item in listed]
+        return Body(values, attachments)
+
+    async def _multipart(self, request: web.Request, limit: int, extra: tuple[str, ...]) -> Body:
+        values: dict[str, Any] = {}
+        attachments: list[Attachment] = []
+        bounds = self.mailboxes.bounds
         try:
             reader = await request.multipart()
             total = 0
             while (part := await reader.next()) is not None:
                 if not isinstance(part, BodyPartReader) or part.name is None:
                     raise HttpError(400, "multipart: named form fields only")
+                is_file = part.filename is not None or part.name in ("attachment",
+                                                                     "attachments")
+                if is_file and len(attachments) >= bounds.count:
+                    raise HttpError(400, f"at most {bounds.count} attachments "
+                                    "(http.api_max_attachments)",
+                                    rule="http.api_max_attachments")
                 data = bytearray()
                 while chunk := await part.read_chunk():
                     data += chunk
                     total += len(chunk)
                     if total > limit:
                         raise HttpError(413, f"body: at most {limit} bytes")
-                if part.filename is not None or part.name in ("attachment", "attachments"):
+                    if is_file and len(data) > bounds.size:
+                        raise HttpError(413, f"attachment: at most {bounds.size} bytes "
+                                        "(http.api_max_attachment_size)",
+                                        rule="http.api_max_attachment_size")
+                if is_file:
                     content_type = (part.headers.get("Content-Type") or
                                     "application/octet-stream").split(";")[0].strip().lower()
-                    attachments.append(OutgoingAttachment(
-                        part.filename or "attachment", content_type, bytes(data)))
+                    attachments.append(Attachment(part.filename or "attachment", content_type,
+                                                  bytes(data), disposition="attachment"))
                     continue
                 try:
                     text = data.decode("utf-8")
                 except UnicodeDecodeError:
                     raise HttpError(400, f"{part.name}: not UTF-8") from None
                 if part.name in ADDRESS_FIELDS:
-                    fields[part.name] += _addresses(text, part.name)
-                elif part.name in TEXT_FIELDS:
-                    fields[part.name] = text
+                    values[part.name] = values.get(part.name, []) + _addresses(text, part.name)
+                elif part.name in TEXT_FIELDS or part.name in extra:
+                    values[part.name] = text
                 else:
                     raise HttpError(400, f"unknown field {part.name[:50]!r}")
         except (ValueError, AssertionError, KeyError, HttpProcessingError) as error:
             # aiohttp's parser refuses malformed part headers with these
             raise HttpError(400, f"multipart: {type(error).__name__}") from None
+        return Body(values, attachments or None)
+
+
+def _thread_id(value: Any) -> int | None:
+    """A draft's thread: an id in JSON, or its digits in a form field."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isdigit() and len(value) <= 19:
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**63:
+        raise HttpError(400, "thread_id: a thread's id")
+    return value
 
 
 def _search_cursor(value: str) -> queries.SearchCursor:
@@ -440,7 +494,7 @@ def _search_cursor(value: str) -> queries.SearchCursor:
     return cursor
 
 
-def _json_attachment(item: Any, limit: int) -> OutgoingAttachment:
+def _json_attachment(item: Any, limit: int) -> Attachment:
     if not isinstance(item, dict):
         raise HttpError(400, "attachments: objects with filename, content_type, content_base64")
     filename, content_type, content = (item.get("filename"), item.get("content_type"),
@@ -455,4 +509,4 @@ def _json_attachment(item: Any, limit: int) -> OutgoingAttachment:
         raise HttpError(400, "attachments: content_base64 is not base64") from None
     if len(data) > limit:
         raise HttpError(413, f"attachment: at most {limit} bytes")
-    return OutgoingAttachment(filename, content_type.lower(), data)
+    return Attachment(filename, content_type.lower(), data, disposition="attachment")

@@ -21,6 +21,49 @@ def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _refusal(description: str, examples: dict[str, dict[str, str]],
+             retry_after: bool = False) -> dict[str, Any]:
+    """An error naming the rule that refused the request, with examples of its body."""
+    response: dict[str, Any] = {"description": description, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/Error"},
+        "examples": {name: {"value": value} for name, value in examples.items()}}}}
+    if retry_after:
+        response["headers"] = {"Retry-After": {
+            "description": "seconds until the oldest message the cap counts leaves its window",
+            "schema": {"type": "integer", "minimum": 1}}}
+    return response
+
+
+CAPPED = _refusal(
+    "a cap of the workspace or agent (the built-in agent's, issue 17) is reached; it frees "
+    "up with time: Retry-After says when. Nothing was stored or queued.",
+    {"workspace_hour": {"error": "cap: 500 replies per hour from this workspace "
+                                 "(agent.workspace_replies_per_hour)",
+                        "rule": "agent.workspace_replies_per_hour"},
+     "correspondent": {"error": "rate limit: 5 replies per hour to this correspondent "
+                                "(agent.correspondent_replies_per_hour)",
+                       "rule": "agent.correspondent_replies_per_hour"}},
+    retry_after=True)
+REFUSED = _refusal(
+    "refused by a rule that waiting does not change: a suppressed or allow/block-listed "
+    "recipient, more first-time recipients than the day's cap, a cap of 0, or an "
+    "Idempotency-Key used for another request. Nothing was stored or queued.",
+    {"suppression": {"error": "gone@example.org is on the workspace's suppression list (a "
+                              "hard bounce, a complaint or a manual entry)",
+                     "rule": "suppression"},
+     "acl": {"error": "ceo@rival.example is refused by the allow/block lists: blocked by "
+                      "workspace entry @rival.example", "rule": "acl"},
+     "new_recipients": {"error": "cap: 100 first-time recipients per day for this agent "
+                                 "(agent.new_recipients_per_day)",
+                        "rule": "agent.new_recipients_per_day"}})
+TOO_LARGE = _refusal(
+    "larger than smtp.max_message_size, or an attachment larger than "
+    "http.api_max_attachment_size",
+    {"attachment": {"error": "attachment: at most 10485760 bytes "
+                             "(http.api_max_attachment_size)",
+                    "rule": "http.api_max_attachment_size"}})
+
+
 SLUG = {"name": "slug", "in": "path", "required": True,
         "schema": {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"}}
 API_ERRORS = {"401": _error("no key, or a key we do not know"),
@@ -62,6 +105,19 @@ SEND_FIELDS = {
     "subject": {"type": "string", "maxLength": 998},
     "text": {"type": "string"}, "html": {"type": "string"},
 }
+# Form fields of multipart/form-data: each address field may repeat; every file part is
+# an attachment (at most http.api_max_attachments, each within http.api_max_attachment_size).
+FORM_FIELDS = {
+    "to": {"type": "string"}, "cc": {"type": "string"}, "bcc": {"type": "string"},
+    "subject": {"type": "string", "maxLength": 998},
+    "text": {"type": "string"}, "html": {"type": "string"},
+    "attachment": {"type": "array", "items": {"type": "string", "format": "binary"},
+                   "description": "file parts, each with its filename and Content-Type"},
+}
+MULTIPART_CURL = (
+    "curl -H 'Authorization: Bearer sak_...' -F to=bob@example.org -F subject=Invoice "
+    "-F text='Attached.' -F 'attachment=@invoice.pdf;type=application/pdf' "
+    "https://mail.example.com/api/v1/workspaces/acme/agents/support/messages")
 JSON_ATTACHMENT = {"type": "object", "required": ["filename", "content_type", "content_base64"],
                    "properties": {"filename": {"type": "string", "maxLength": 255},
                                   "content_type": {"type": "string"},
@@ -81,6 +137,23 @@ AGENT = {"type": "object", "properties": {
 AGENT_CHANGES = {"display_name": {"type": "string", "maxLength": 200, "nullable": True},
                  "system_prompt": {"type": "string", "maxLength": 20000, "nullable": True},
                  "reply_mode": {"type": "string", "enum": ["auto", "draft", "off"]}}
+ATTACHMENT_ROW = {"type": "object", "properties": {
+    "id": {"type": "integer"}, "filename": {"type": "string", "nullable": True},
+    "content_type": {"type": "string"}, "size": {"type": "integer"},
+    "sha256": {"type": "string"}}}
+SENT_EXAMPLE = {
+    "id": 42, "thread_id": 7, "direction": "outbound", "status": "deferred",
+    "message_id": "<Yc3v0y8Q2c4QfT0d1mJ8k9Zs3a6Hc2bW@acme.aexy.email>",
+    "subject": "Invoice", "labels": [],
+    "attachments": [{"id": 9, "filename": "invoice.pdf", "content_type": "application/pdf",
+                     "size": 48213, "sha256": "9f2c..."}],
+    "delivery": {"id": 40, "status": "deferred", "attempts": 1,
+                 "last_error": "bob@example.org: 451 4.3.0 try again later",
+                 "last_attempt_at": "2026-12-02T01:00:00+00:00",
+                 "next_attempt_at": "2026-12-02T01:01:00+00:00", "finished_at": None,
+                 "recipients": [{"address": "bob@example.org", "state": "deferred",
+                                 "code": 451, "enhanced": "4.3.0",
+                                 "detail": "try again later"}]}}
 LABEL = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_.:/-]{0,62}$"}
 SCOPES = {"type": "array", "minItems": 1,
           "items": {"type": "string", "enum": ["read", "send", "admin"]}}
@@ -91,24 +164,33 @@ def _send_operation(summary: str, parameters: list[dict[str, Any]],
     return {
         "summary": summary, "tags": ["send"], "security": [{"bearer": []}],
         "parameters": [*parameters, IDEMPOTENCY],
-        "requestBody": {"required": True, "content": {
+        "requestBody": {"required": True, "description": "JSON, or multipart/form-data with "
+                        "the files as parts: " + MULTIPART_CURL, "content": {
             "application/json": {"schema": {"type": "object", "properties": {
                 **SEND_FIELDS, "attachments": {"type": "array", "maxItems": 20,
                                                "items": JSON_ATTACHMENT}}},
                 "example": example},
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                **SEND_FIELDS, "attachment": {"type": "array", "items": {
-                    "type": "string", "format": "binary"}}}}}}},
+            "multipart/form-data": {"schema": {"type": "object", "properties": FORM_FIELDS},
+                                    "example": {"to": "bob@example.org", "subject": "Invoice",
+                                                "text": "Attached."}}}},
         "responses": {
-            "201": _json("stored in its thread with status queued, and queued for delivery",
-                         {"$ref": "#/components/schemas/SentMessage"}),
+            "201": {"description": "stored in its thread with status queued (its attachments "
+                                   "as attachment rows), and queued for delivery",
+                    "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/SentMessage"},
+                        "example": {**SENT_EXAMPLE, "status": "queued", "delivery": {
+                            **SENT_EXAMPLE["delivery"], "status": "queued", "attempts": 0,
+                            "last_error": None, "last_attempt_at": None,
+                            "next_attempt_at": "2026-12-02T01:00:00+00:00",
+                            "recipients": [{"address": "bob@example.org", "state": "queued",
+                                            "code": None, "enhanced": None,
+                                            "detail": None}]}}}}},
             "200": _json("the message this Idempotency-Key already sent",
                          {"$ref": "#/components/schemas/SentMessage"}),
-            "400": _error("malformed request: addresses, fields, sizes"),
+            "400": _error("malformed request: addresses, fields, more attachments than "
+                          "http.api_max_attachments"),
             "409": _error("the agent is disabled"),
-            "413": _error("larger than smtp.max_message_size"),
-            "422": _error("a recipient is refused (the rule is named), or the "
-                          "Idempotency-Key was used for another request"),
+            "413": TOO_LARGE, "422": REFUSED, "429": CAPPED,
             **FORBIDDEN, **API_ERRORS}}
 
 
@@ -169,7 +251,15 @@ def mailbox_paths() -> dict[str, dict[str, Any]]:
                      "responses": {"201": _json("the key, shown once", key_created),
                                    "400": _error("bad scopes or name"), **FORBIDDEN,
                                    **API_ERRORS}}},
-        f"{workspace}/messages/{{id}}": {"patch": {
+        f"{workspace}/messages/{{id}}": {"get": {
+            "summary": "one message with its attachments and, if we sent it, its delivery: "
+                       "status queued, sending, sent, deferred (next_attempt_at says when), "
+                       "bounced or failed, and each recipient's state and reply code",
+            "tags": ["inbox"], "security": bearer, "parameters": [SLUG, _id("id")],
+            "responses": {"200": {"description": "the message", "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/SentMessage"},
+                                     "example": SENT_EXAMPLE}}},
+                          **FORBIDDEN, **API_ERRORS}}, "patch": {
             "summary": "change a message's labels ('unread' is set on arrival)",
             "tags": ["labels"], "security": bearer, "parameters": [SLUG, _id("id")],
             "requestBody": {"required": True, "content": {"application/json": {
@@ -217,31 +307,49 @@ def mailbox_paths() -> dict[str, dict[str, Any]]:
         f"{workspace}/agents/{{handle}}/drafts": {"post": {
             "summary": "write a draft as the agent (thread_id: a reply in that thread)",
             "tags": ["drafts"], "security": bearer, "parameters": [SLUG, HANDLE],
-            "requestBody": {"required": True, "content": {"application/json": {
-                "schema": {"type": "object", "properties": {
-                    **SEND_FIELDS, "thread_id": {"type": "integer", "minimum": 1,
-                                                 "format": "int64"}}},
-                "example": {"to": ["bob@example.org"], "subject": "Your quote",
-                            "text": "Here it is."}}}},
-            "responses": {"201": _json("the draft", {"$ref": "#/components/schemas/Draft"}),
-                          "400": _error("bad field"), **FORBIDDEN, **API_ERRORS}}},
+            "requestBody": {"required": True, "content": {
+                "application/json": {
+                    "schema": {"type": "object", "properties": {
+                        **SEND_FIELDS, "thread_id": {"type": "integer", "minimum": 1,
+                                                     "format": "int64"},
+                        "attachments": {"type": "array", "items": JSON_ATTACHMENT}}},
+                    "example": {"to": ["bob@example.org"], "subject": "Your quote",
+                                "text": "Here it is."}},
+                "multipart/form-data": {
+                    "schema": {"type": "object", "properties": {
+                        **FORM_FIELDS, "thread_id": {"type": "string",
+                                                     "pattern": "^[0-9]{1,19}$"}}},
+                    "example": {"to": "bob@example.org", "subject": "Your quote",
+                                "text": "Here it is."}}}},
+            "responses": {"201": _json("the draft, with its attachments",
+                                       {"$ref": "#/components/schemas/Draft"}),
+                          "400": _error("bad field"), "413": TOO_LARGE,
+                          **FORBIDDEN, **API_ERRORS}}},
         f"{workspace}/drafts/{{id}}": {
             "get": {"summary": "one draft", "tags": ["drafts"], "security": bearer,
                     "parameters": [SLUG, _id("id")],
                     "responses": {"200": _json("the draft",
                                                {"$ref": "#/components/schemas/Draft"}),
                                   **FORBIDDEN, **API_ERRORS}},
-            "patch": {"summary": "change a pending draft", "tags": ["drafts"],
-                      "security": bearer, "parameters": [SLUG, _id("id")],
-                      "requestBody": {"required": True, "content": {"application/json": {
-                          "schema": {"type": "object", "properties": SEND_FIELDS},
-                          "example": {"text": "Here it is, with the discount."}}}},
+            "patch": {"summary": "change a pending draft: the fields given replace its own; "
+                                 "attachments given (file parts, or JSON attachments, [] for "
+                                 "none) replace all of its attachments, none given keeps them",
+                      "tags": ["drafts"], "security": bearer, "parameters": [SLUG, _id("id")],
+                      "requestBody": {"required": True, "content": {
+                          "application/json": {
+                              "schema": {"type": "object", "properties": {
+                                  **SEND_FIELDS,
+                                  "attachments": {"type": "array", "items": JSON_ATTACHMENT}}},
+                              "example": {"text": "Here it is, with the discount."}},
+                          "multipart/form-data": {
+                              "schema": {"type": "object", "properties": FORM_FIELDS}}}},
                       "responses": {"200": _json("the draft",
                                                  {"$ref": "#/components/schemas/Draft"}),
-                                    "400": _error("bad field"),
+                                    "400": _error("bad field"), "413": TOO_LARGE,
                                     "409": _error("sent or discarded already"),
                                     **FORBIDDEN, **API_ERRORS}},
-            "delete": {"summary": "discard a pending draft (nothing is queued)",
+            "delete": {"summary": "discard a pending draft and its attachments (nothing is "
+                                  "queued)",
                        "tags": ["drafts"], "security": bearer, "parameters": [SLUG, _id("id")],
                        "responses": {"204": {"description": "discarded"},
                                      "409": _error("sent or discarded already"),
@@ -250,10 +358,11 @@ def mailbox_paths() -> dict[str, dict[str, Any]]:
             "summary": "send a draft: the same checks, composition and queue as a send or reply",
             "tags": ["drafts"], "security": bearer, "parameters": [SLUG, _id("id")],
             "responses": {
-                "201": _json("stored and queued", {"$ref": "#/components/schemas/SentMessage"}),
+                "201": _json("stored with its attachments and queued",
+                             {"$ref": "#/components/schemas/SentMessage"}),
                 "400": _error("the draft is incomplete (no recipient, no body)"),
                 "409": _error("sent or discarded already, or the agent is disabled"),
-                "422": _error("a recipient is refused (the rule is named)"),
+                "413": TOO_LARGE, "422": REFUSED, "429": CAPPED,
                 **FORBIDDEN, **API_ERRORS}}},
         f"{workspace}/keys/{{id}}": {"delete": {
             "summary": "revoke a key (admin)", "tags": ["admin"], "security": bearer,
@@ -540,7 +649,10 @@ def openapi_spec() -> dict[str, Any]:
                                 "basic": {"type": "http", "scheme": "basic"}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error"],
-                          "properties": {"error": {"type": "string"}}},
+                          "properties": {"error": {"type": "string"},
+                                         "rule": {"type": "string", "description":
+                                                  "the rule or config key that refused "
+                                                  "the request, when one did"}}},
                 "Attachment": attachment,
                 "AttachmentText": {"type": "object", "required": ["id", "text", "truncated"],
                                    "properties": {
@@ -558,8 +670,20 @@ def openapi_spec() -> dict[str, Any]:
                                                           "deferred", "bounced", "failed"]},
                     "attempts": {"type": "integer"},
                     "last_error": {"type": "string", "nullable": True},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "last_attempt_at": {"type": "string", "format": "date-time",
+                                        "nullable": True},
+                    "next_attempt_at": {"type": "string", "format": "date-time",
+                                        "nullable": True,
+                                        "description": "queued or deferred: when it is tried"},
+                    "finished_at": {"type": "string", "format": "date-time", "nullable": True},
                     "recipients": {"type": "array", "items": {"type": "object", "properties": {
-                        "address": {"type": "string"}, "state": {"type": "string"},
+                        "address": {"type": "string"},
+                        "state": {"type": "string", "enum": [
+                            "queued", "deferred", "sent", "bounced", "failed", "suppressed",
+                            "blocked"]},
+                        "code": {"type": "integer", "nullable": True},
+                        "enhanced": {"type": "string", "nullable": True},
                         "detail": {"type": "string", "nullable": True}}}}}},
                 "Draft": {"type": "object", "properties": {
                     "id": {"type": "integer"}, "agent": {"type": "string"},
@@ -572,11 +696,18 @@ def openapi_spec() -> dict[str, Any]:
                     "subject": {"type": "string", "nullable": True},
                     "text": {"type": "string", "nullable": True},
                     "html": {"type": "string", "nullable": True},
-                    "sent_message_id": {"type": "integer", "nullable": True}}},
+                    "sent_message_id": {"type": "integer", "nullable": True},
+                    "attachments": {"type": "array", "items": ATTACHMENT_ROW}}},
                 "SentMessage": {"type": "object", "properties": {
                     "id": {"type": "integer"}, "thread_id": {"type": "integer"},
-                    "status": {"type": "string"}, "message_id": {"type": "string"},
+                    "direction": {"type": "string", "enum": ["inbound", "outbound"]},
+                    "status": {"type": "string", "nullable": True},
+                    "message_id": {"type": "string", "nullable": True},
                     "subject": {"type": "string", "nullable": True},
+                    "labels": {"type": "array", "items": {"type": "string"}},
+                    "attachments": {"type": "array", "items": ATTACHMENT_ROW,
+                                    "description": "download each from "
+                                                   "/attachments/{id}"},
                     "delivery": {"$ref": "#/components/schemas/Delivery"}}},
                 "Readiness": {"type": "object", "required": ["ready", "checks"], "properties": {
                     "ready": {"type": "boolean"},

@@ -41,7 +41,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except HttpError as failure:
-        return error(failure.status, failure.message, failure.headers)
+        return error(failure.status, failure.message, failure.headers, failure.rule)
     except web.HTTPException as failure:
         if failure.status >= 400:
             # Keep what the status needs (Allow on 405); the body and its type are ours.
@@ -79,8 +79,7 @@ class HttpServer:
             max_bytes=content.attachment_max_bytes, max_chars=content.attachment_max_chars,
             pdf_max_pages=content.pdf_max_pages, pdf_timeout=content.pdf_timeout,
             pdf_memory_mb=content.pdf_memory_mb), content.pdf_workers))
-        mailbox = MailboxApi(runtime.pool, api, Mailboxes(
-            runtime.pool, settings.server.default_domain, settings.smtp.max_message_size))
+        mailbox = MailboxApi(runtime.pool, api, Mailboxes(runtime.pool, settings))
         endpoints = EndpointsApi(runtime.pool, api, Endpoints(runtime.pool, settings))
         self.webhooks = hooks = Webhooks(settings.http, pipeline, router, runtime.pool,
                                          runtime.metrics)
@@ -129,6 +128,7 @@ class HttpServer:
         app.router.add_delete(f"{workspace}/keys/{ident}", mailbox.revoke_key)
         app.router.add_get(f"{workspace}/threads/{ident}", api.thread)
         app.router.add_post(f"{workspace}/threads/{ident}/reply", mailbox.reply)
+        app.router.add_get(f"{workspace}/messages/{ident}", mailbox.message)
         app.router.add_patch(f"{workspace}/messages/{ident}", mailbox.labels)
         app.router.add_get(f"{workspace}/search", mailbox.search)
         app.router.add_get(f"{workspace}/drafts", mailbox.drafts)

@@ -51,7 +51,7 @@ async def cmd_drafts_list(db: Any, settings: Settings, args: argparse.Namespace)
 
 async def cmd_drafts_send(db: Any, settings: Settings, args: argparse.Namespace) -> int:
     workspace = await get_workspace(db, args.workspace)
-    mailboxes = Mailboxes(db, settings.server.default_domain, settings.smtp.max_message_size)
+    mailboxes = Mailboxes(db, settings)
     try:
         sent = await send_draft(mailboxes, workspace.id, workspace.slug, args.id)
     except SendError as error:

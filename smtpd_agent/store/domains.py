@@ -118,6 +118,14 @@ async def list_domains(db: DbLike, workspace_slug: str | None = None) -> list[Do
     return [Domain(**dict(row)) for row in rows]
 
 
+async def receives_for(db: DbLike, workspace_id: int, name: str) -> bool:
+    """True when `name` is a custom domain of the workspace that receives mail (an agent
+    may answer from its address there)."""
+    return bool(await db.fetchval(
+        """SELECT EXISTS (SELECT 1 FROM domains WHERE name = $1 AND workspace_id = $2
+                            AND state IN ('verified', 'degraded'))""", name, workspace_id))
+
+
 async def verified_domains(db: DbLike) -> list[Domain]:
     """Domains the periodic re-check watches: those that receive mail."""
     rows = await db.fetch(

@@ -13,6 +13,8 @@ from typing import Any
 
 import asyncpg
 
+from ..message import Attachment
+from ..record import StoredInbound
 from . import events
 from .events import EventType
 
@@ -37,9 +39,22 @@ async def agent(db: DB, workspace_id: int, handle: str) -> dict[str, Any] | None
     return dict(row) if row else None
 
 
+# The columns of a stored inbound message `m` that make a StoredInbound (stored_inbound()).
+STORED_INBOUND = """m.message_id, coalesce(m."references", '{}') AS "references",
+                    coalesce(m.in_reply_to, '{}') AS in_reply_to, m.subject, m.from_address,
+                    m.reply_to, m.rcpt_to"""
+
+
+def stored_inbound(row: Any) -> StoredInbound:
+    return StoredInbound(row["message_id"], tuple(row["references"]),
+                         tuple(row["in_reply_to"]), row["subject"], row["from_address"],
+                         row["reply_to"], row["rcpt_to"])
+
+
 @dataclass(frozen=True)
 class ReplyTarget:
-    """A thread of the workspace and the newest inbound message in it (what a reply answers)."""
+    """A thread of the workspace, its agent, and the newest inbound message in it (what a
+    reply answers; None before anyone wrote in)."""
 
     thread_id: int
     agent_id: int
@@ -48,38 +63,27 @@ class ReplyTarget:
     enabled: bool
     thread_subject: str | None
     correspondent: str | None
-    message_id: str | None
-    references: tuple[str, ...]
-    in_reply_to: tuple[str, ...]
-    subject: str | None
-    from_address: str | None
-    reply_to: str | None
-    mail_from: str | None
-    dmarc: str | None
-    rcpt_to: str | None
+    inbound: StoredInbound | None
 
 
 async def reply_target(db: DB, workspace_id: int, thread_id: int) -> ReplyTarget | None:
     row = await db.fetchrow(
-        """SELECT t.id AS thread_id, t.agent_id, a.handle, a.display_name, a.enabled,
-                  t.subject AS thread_subject, t.correspondent, m.message_id,
-                  coalesce(m."references", '{}') AS "references",
-                  coalesce(m.in_reply_to, '{}') AS in_reply_to, m.subject, m.from_address,
-                  m.reply_to, m.mail_from, m.dmarc, m.rcpt_to
-             FROM threads t
-             JOIN agents a ON a.id = t.agent_id AND a.workspace_id = t.workspace_id
-             LEFT JOIN LATERAL (
-                 SELECT * FROM messages m
-                  WHERE m.thread_id = t.id AND m.workspace_id = t.workspace_id
-                    AND m.direction = 'inbound'
-                  ORDER BY m.received_at DESC, m.id DESC LIMIT 1) m ON true
-            WHERE t.workspace_id = $1 AND t.id = $2""", workspace_id, thread_id)
+        f"""SELECT t.id AS thread_id, t.agent_id, a.handle, a.display_name, a.enabled,
+                   t.subject AS thread_subject, t.correspondent, m.id AS inbound_id,
+                   {STORED_INBOUND}
+              FROM threads t
+              JOIN agents a ON a.id = t.agent_id AND a.workspace_id = t.workspace_id
+              LEFT JOIN LATERAL (
+                  SELECT * FROM messages m
+                   WHERE m.thread_id = t.id AND m.workspace_id = t.workspace_id
+                     AND m.direction = 'inbound'
+                   ORDER BY m.received_at DESC, m.id DESC LIMIT 1) m ON true
+             WHERE t.workspace_id = $1 AND t.id = $2""", workspace_id, thread_id)
     if row is None:
         return None
-    values = dict(row)
-    values["references"] = tuple(values["references"])
-    values["in_reply_to"] = tuple(values["in_reply_to"])
-    return ReplyTarget(**values)
+    return ReplyTarget(row["thread_id"], row["agent_id"], row["handle"], row["display_name"],
+                       row["enabled"], row["thread_subject"], row["correspondent"],
+                       stored_inbound(row) if row["inbound_id"] is not None else None)
 
 
 async def last_message_of(db: DB, workspace_id: int, thread_id: int) -> dict[str, Any] | None:
@@ -147,39 +151,52 @@ async def remember(connection: asyncpg.Connection, workspace_id: int, key: str,
                 LIMIT 100))""", IDEMPOTENCY_WINDOW)
 
 
-async def sent_message(db: DB, workspace_id: int, message_id: int) -> dict[str, Any] | None:
-    """An outbound message as the API shows it right after sending: with its delivery."""
+async def message(db: DB, workspace_id: int, message_id: int) -> dict[str, Any] | None:
+    """A message as the API shows it after sending it, or on its own: with its attachments
+    and, outbound, its delivery (status, next attempt, every recipient's state)."""
     row = await db.fetchrow(
         """SELECT m.id, m.thread_id, m.direction, m.status, m.message_id, m.from_header,
                   m.to_header, m.cc_header, m.subject, m.in_reply_to, m."references",
-                  m.received_at AS created_at
+                  m.labels, m.received_at AS created_at
              FROM messages m WHERE m.workspace_id = $1 AND m.id = $2""",
         workspace_id, message_id)
     if row is None:
         return None
     found = dict(row)
-    found["delivery"] = (await deliveries(db, workspace_id, [message_id])).get(message_id)
+    found["attachments"] = [dict(r) for r in await db.fetch(
+        """SELECT id, filename, content_type, size, encode(sha256, 'hex') AS sha256
+             FROM attachments WHERE workspace_id = $1 AND message_id = $2
+            ORDER BY position""", workspace_id, message_id)]
+    if found["direction"] == "outbound":
+        found["delivery"] = (await deliveries(db, workspace_id, [message_id])).get(message_id)
     return found
 
 
 async def deliveries(db: DB, workspace_id: int,
                      message_ids: list[int]) -> dict[int, dict[str, Any]]:
-    """Each outbound message's delivery: its status, attempts and every recipient's state."""
+    """Each outbound message's delivery: its status (queued, sending, sent, deferred,
+    bounced, failed), attempts, when the next one is due (queued or deferred) and every
+    recipient's state with the code its server gave."""
     if not message_ids:
         return {}
     rows = await db.fetch(
         """SELECT d.id, d.message_id, d.status, d.attempts, d.last_error, d.created_at,
+                  d.last_attempt_at,
+                  CASE WHEN d.status IN ('queued', 'deferred') THEN d.run_at END
+                      AS next_attempt_at,
                   d.finished_at
              FROM deliveries d WHERE d.workspace_id = $1 AND d.message_id = ANY($2::bigint[])""",
         workspace_id, message_ids)
     found = {r["message_id"]: {**dict(r), "recipients": []} for r in rows}
     by_delivery = {r["id"]: found[r["message_id"]] for r in rows}
     for r in await db.fetch(
-            """SELECT delivery_id, address, state, detail FROM delivery_recipients
+            """SELECT delivery_id, address, state, code, enhanced, detail
+                 FROM delivery_recipients
                 WHERE workspace_id = $1 AND delivery_id = ANY($2::bigint[])
                 ORDER BY delivery_id, address""", workspace_id, list(by_delivery)):
         by_delivery[r["delivery_id"]]["recipients"].append(
-            {"address": r["address"], "state": r["state"], "detail": r["detail"]})
+            {"address": r["address"], "state": r["state"], "code": r["code"],
+             "enhanced": r["enhanced"], "detail": r["detail"]})
     for item in found.values():
         item.pop("message_id")
     return found
@@ -201,12 +218,14 @@ class DraftFields:
     subject: str | None
     text: str | None
     html: str | None
+    # None: an update leaves the draft's attachments as they are; () removes them
+    attachments: tuple[Attachment, ...] | None = ()
 
 
 async def add_draft(db: DB, workspace_id: int, agent_id: int, thread_id: int | None,
                     fields: DraftFields, origin: str, job_id: int | None = None) -> int:
-    """A new draft, announced as draft.created in the same transaction (the caller's, when
-    `db` is a connection in one)."""
+    """A new draft with its attachments, announced as draft.created in the same transaction
+    (the caller's, when `db` is a connection in one)."""
     async with events.transaction(db) as connection:
         row = await connection.fetchrow(
             """WITH d AS (
@@ -220,6 +239,8 @@ async def add_draft(db: DB, workspace_id: int, agent_id: int, thread_id: int | N
                 WHERE w.id = $1 AND a.id = $2""",
             workspace_id, agent_id, thread_id, origin, list(fields.to), list(fields.cc),
             list(fields.bcc), fields.subject, fields.text, fields.html, job_id)
+        await _set_draft_attachments(connection, workspace_id, row["id"],
+                                     fields.attachments or ())
         base = f"{events.API}{row['slug']}"
         links = {"draft": f"{base}/drafts/{row['id']}"}
         if thread_id is not None:
@@ -234,14 +255,79 @@ async def add_draft(db: DB, workspace_id: int, agent_id: int, thread_id: int | N
         return int(row["id"])
 
 
-async def update_draft(db: DB, workspace_id: int, draft_id: int, fields: DraftFields) -> bool:
-    status = await db.execute(
-        """UPDATE drafts SET to_addresses = $3, cc_addresses = $4, bcc_addresses = $5,
-                             subject = $6, text_body = $7, html_body = $8, updated_at = now()
-            WHERE workspace_id = $1 AND id = $2 AND status = 'draft'""",
-        workspace_id, draft_id, list(fields.to), list(fields.cc), list(fields.bcc),
-        fields.subject, fields.text, fields.html)
-    return status.endswith(" 1")
+async def update_draft(db: asyncpg.Pool, workspace_id: int, draft_id: int,
+                       fields: DraftFields) -> bool:
+    async with db.acquire() as connection, connection.transaction():
+        status = await connection.execute(
+            """UPDATE drafts SET to_addresses = $3, cc_addresses = $4, bcc_addresses = $5,
+                                 subject = $6, text_body = $7, html_body = $8, updated_at = now()
+                WHERE workspace_id = $1 AND id = $2 AND status = 'draft'""",
+            workspace_id, draft_id, list(fields.to), list(fields.cc), list(fields.bcc),
+            fields.subject, fields.text, fields.html)
+        if not status.endswith(" 1"):
+            return False
+        if fields.attachments is not None:
+            await _set_draft_attachments(connection, workspace_id, draft_id, fields.attachments)
+    return True
+
+
+async def _set_draft_attachments(connection: asyncpg.Connection, workspace_id: int,
+                                 draft_id: int, attachments: tuple[Attachment, ...]) -> None:
+    """The draft's attachments become `attachments` (content once per workspace in blobs)."""
+    await _drop_draft_attachments(connection, workspace_id, draft_id)
+    if not attachments:
+        return
+    await connection.executemany(
+        """INSERT INTO blobs (workspace_id, sha256, size, content) VALUES ($1, $2, $3, $4)
+           ON CONFLICT (workspace_id, sha256) DO NOTHING""",
+        [(workspace_id, a.sha256, a.size, a.content) for a in attachments])
+    await connection.executemany(
+        """INSERT INTO draft_attachments (workspace_id, draft_id, position, filename,
+                                          content_type, size, sha256)
+           VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+        [(workspace_id, draft_id, index, a.filename, a.content_type, a.size, a.sha256)
+         for index, a in enumerate(attachments)])
+
+
+async def _drop_draft_attachments(connection: asyncpg.Connection, workspace_id: int,
+                                  draft_id: int) -> None:
+    """Remove the draft's attachment rows, and their content where nothing else names it."""
+    await connection.execute(
+        """WITH gone AS (
+               DELETE FROM draft_attachments WHERE workspace_id = $1 AND draft_id = $2
+               RETURNING sha256)
+           DELETE FROM blobs b
+            WHERE b.workspace_id = $1 AND b.sha256 IN (SELECT sha256 FROM gone)
+              AND NOT EXISTS (SELECT 1 FROM attachments a
+                               WHERE a.workspace_id = $1 AND a.sha256 = b.sha256)
+              AND NOT EXISTS (SELECT 1 FROM draft_attachments d
+                               WHERE d.workspace_id = $1 AND d.sha256 = b.sha256
+                                 AND d.draft_id <> $2)""", workspace_id, draft_id)
+
+
+async def draft_attachments(db: DB, workspace_id: int,
+                            draft_ids: list[int]) -> dict[int, list[dict[str, Any]]]:
+    """Each draft's attachments as the API lists them (no content)."""
+    rows = await db.fetch(
+        """SELECT draft_id, id, filename, content_type, size, encode(sha256, 'hex') AS sha256
+             FROM draft_attachments WHERE workspace_id = $1 AND draft_id = ANY($2::bigint[])
+            ORDER BY draft_id, position""", workspace_id, draft_ids)
+    found: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        item = dict(row)
+        found.setdefault(item.pop("draft_id"), []).append(item)
+    return found
+
+
+async def draft_attachment_contents(db: DB, workspace_id: int,
+                                    draft_id: int) -> tuple[Attachment, ...]:
+    rows = await db.fetch(
+        """SELECT d.filename, d.content_type, b.content FROM draft_attachments d
+             JOIN blobs b ON b.workspace_id = d.workspace_id AND b.sha256 = d.sha256
+            WHERE d.workspace_id = $1 AND d.draft_id = $2 ORDER BY d.position""",
+        workspace_id, draft_id)
+    return tuple(Attachment(r["filename"], r["content_type"], bytes(r["content"]),
+                            disposition="attachment") for r in rows)
 
 
 async def draft(db: DB, workspace_id: int, draft_id: int) -> dict[str, Any] | None:
@@ -249,7 +335,12 @@ async def draft(db: DB, workspace_id: int, draft_id: int) -> dict[str, Any] | No
         f"""SELECT {DRAFT_FIELDS}, d.agent_id FROM drafts d
               JOIN agents a ON a.id = d.agent_id AND a.workspace_id = d.workspace_id
              WHERE d.workspace_id = $1 AND d.id = $2""", workspace_id, draft_id)
-    return dict(row) if row else None
+    if row is None:
+        return None
+    found = dict(row)
+    found["attachments"] = (await draft_attachments(db, workspace_id, [draft_id])).get(
+        draft_id, [])
+    return found
 
 
 async def drafts(db: DB, workspace_id: int, agent_id: int | None = None,
@@ -261,14 +352,21 @@ async def drafts(db: DB, workspace_id: int, agent_id: int | None = None,
              WHERE d.workspace_id = $1 AND d.status = 'draft'
                AND ($2::bigint IS NULL OR d.agent_id = $2)
              ORDER BY d.created_at, d.id LIMIT $3""", workspace_id, agent_id, limit)
-    return [dict(r) for r in rows]
+    attached = await draft_attachments(db, workspace_id, [r["id"] for r in rows])
+    return [{**dict(r), "attachments": attached.get(r["id"], [])} for r in rows]
 
 
-async def discard_draft(db: DB, workspace_id: int, draft_id: int) -> bool:
-    status = await db.execute(
-        """UPDATE drafts SET status = 'discarded', updated_at = now()
-            WHERE workspace_id = $1 AND id = $2 AND status = 'draft'""", workspace_id, draft_id)
-    return status.endswith(" 1")
+async def discard_draft(db: asyncpg.Pool, workspace_id: int, draft_id: int) -> bool:
+    """Discard a pending draft and remove its attachments."""
+    async with db.acquire() as connection, connection.transaction():
+        status = await connection.execute(
+            """UPDATE drafts SET status = 'discarded', updated_at = now()
+                WHERE workspace_id = $1 AND id = $2 AND status = 'draft'""",
+            workspace_id, draft_id)
+        if not status.endswith(" 1"):
+            return False
+        await _drop_draft_attachments(connection, workspace_id, draft_id)
+    return True
 
 
 async def mark_draft_sent(connection: asyncpg.Connection, workspace_id: int, draft_id: int,

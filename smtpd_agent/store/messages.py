@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from ..message import Attachment
 from ..record import InboundMessage, Mailbox
 from .database import CONNECTION_ERRORS, DatabaseUnavailable
 from .rows import INBOUND_DELIVERY, MESSAGE_ATTACHMENT, MESSAGE_CONTENT, clean_text
@@ -249,6 +250,8 @@ class OutboundRow:
     # what the message says it is addressed to, when more than the one recipient
     to_header: str | None = None
     status: str = "queued"
+    # stored as attachment rows (content once per workspace in blobs), like inbound ones
+    attachments: tuple[Attachment, ...] = ()
 
 
 async def store_outbound(connection: asyncpg.Connection, row: OutboundRow) -> int:
@@ -269,11 +272,17 @@ async def store_outbound(connection: asyncpg.Connection, row: OutboundRow) -> in
         auth_detail=None, quarantined=None, scan_status=None, scan_signature=None, spam=None,
         spam_status=None, spam_action=None, spam_score=None, spam_required=None,
         spam_symbols=None, received_at=None, iprev=None, extracted_text=None)
+    attachments = [MESSAGE_ATTACHMENT.row(
+        content_position=1, position=index, filename=clean_text(attachment.filename),
+        content_type=attachment.content_type, disposition=attachment.disposition or "attachment",
+        content_id=attachment.content_id, sha256=attachment.sha256,
+        content=attachment.content, scan_status=None, scan_signature=None)
+        for index, attachment in enumerate(row.attachments)]
     return await connection.fetchval(
         """SELECT store_message($1, $2, $3, false, 'outbound', $6, $4,
-                                $5::message_content, '{}'::message_attachment[])""",
+                                $5::message_content, $7::message_attachment[])""",
         row.workspace_id, row.agent_id, row.thread_id, clean_text(row.to_address), content,
-        row.status)
+        row.status, attachments)
 
 
 class GroupCommit:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from smtpd_agent.agent import jobs
+from smtpd_agent.agent.caps import Caps
 from smtpd_agent.agent.compose import Original, compose_reply
 from smtpd_agent.agent.llm import Completion
 from smtpd_agent.config import DatabaseSettings
@@ -19,7 +20,7 @@ from tests.messages_api import Step
 # Every wait in here is bounded; a hang fails this test, not the run.
 pytestmark = pytest.mark.timeout(60)
 
-CAPS = jobs.Caps(5, 200, 500, 2000, 100)
+CAPS = Caps(5, 200, 500, 2000, 100)
 
 
 async def test_a_worker_that_lost_its_lease_cannot_store_a_reply(start_server, db, database_url,

@@ -106,10 +106,12 @@ async def test_reply_mode_off_writes_nothing(drafting, db):
     await call(http, "PATCH", f"{base}/agents/support", keys["admin"], json={"reply_mode": "off"})
     await asyncio.sleep(0.3)  # the router's mailbox cache (routing.cache_ttl) takes it up
     assert await asyncio.to_thread(deliver, server.port, message("hello there")) == 250
-    await asyncio.sleep(1.0)
+    # the message is stored, and no job was made for it in the same transaction (a job that
+    # merely had not run yet would also leave nothing sent)
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE direction = 'inbound'") == 1
+    assert await db.fetchval("SELECT count(*) FROM agent_jobs") == 0
+    await asyncio.sleep(0.5)
     assert await db.fetchval("SELECT count(*) FROM drafts") == 0
-    assert await db.fetchval(
-        "SELECT count(*) FROM agent_jobs WHERE status = 'done'") == 0
     assert sink.received == []
 
 
@@ -124,9 +126,11 @@ async def test_api_drafts_create_update_send_and_isolation(drafting, db):
                                   json={"subject": "Your quote", "cc": ["ann@example.org"]})
     assert status == 200 and (draft["subject"], draft["cc"], draft["text"]) == (
         "Your quote", ["ann@example.org"], "Draft one.")
-    status, _, _ = await call(http, "PATCH", f"{base}/drafts/{draft['id']}", keys["send"],
-                              json={"to": "not-an-address"})
-    assert status == 400
+    status, answer, _ = await call(http, "PATCH", f"{base}/drafts/{draft['id']}", keys["send"],
+                                   json={"to": "not-an-address", "text": "changed?"})
+    assert status == 400 and "not an email address" in answer["error"]
+    _, unchanged, _ = await call(http, "GET", f"{base}/drafts/{draft['id']}", keys["read"])
+    assert (unchanged["to"], unchanged["text"]) == (["bob@example.org"], "Draft one.")
     # another workspace: 404 on every drafts route; a read key: 403 on writes
     globex = f"{server.http_url}/api/v1/workspaces/globex"
     for method, url, body in [("GET", f"{base}/drafts", None),
@@ -143,10 +147,22 @@ async def test_api_drafts_create_update_send_and_isolation(drafting, db):
                               ("POST", f"{base}/agents/sales/drafts", {"text": "x"})]:
         status, _, _ = await call(http, method, url, keys["read"], json=body)
         assert status == 403
-    # a globex thread id is not a thread for an acme draft
-    status, _, _ = await call(http, "POST", f"{base}/agents/sales/drafts", keys["send"],
-                              json={"text": "x", "thread_id": 999})
-    assert status == 404
+    _, unchanged, _ = await call(http, "GET", f"{base}/drafts/{draft['id']}", keys["read"])
+    assert (unchanged["status"], unchanged["text"]) == ("draft", "Draft one.")
+    assert await db.fetchval("SELECT count(*) FROM drafts") == 1
+    # a globex thread is not a thread for an acme draft, nor is a thread of another agent
+    # (threads made directly: mail in would make the built-in agent answer)
+    globex_thread, support_thread = [await db.fetchval(
+        """INSERT INTO threads (workspace_id, agent_id, subject, correspondent)
+           SELECT a.workspace_id, a.id, 'elsewhere', 'bob@example.org'
+             FROM agents a JOIN workspaces w ON w.id = a.workspace_id
+            WHERE w.slug = $1 AND a.handle = 'support' RETURNING id""", slug)
+        for slug in ("globex", "acme")]
+    for thread_id in (globex_thread, support_thread):
+        status, answer, _ = await call(http, "POST", f"{base}/agents/sales/drafts",
+                                       keys["send"], json={"text": "x", "thread_id": thread_id})
+        assert status == 404 and "no such thread" in answer["error"], answer
+    assert await db.fetchval("SELECT count(*) FROM drafts WHERE origin = 'api'") == 1
     status, sent, _ = await call(http, "POST", f"{base}/drafts/{draft['id']}/send",
                                  keys["send"])
     assert status == 201

@@ -197,22 +197,34 @@ async def test_suppressed_recipient_is_a_422_naming_the_rule(mailbox, db):
         http, "POST", f"{server.http_url}/api/v1/workspaces/acme/agents/support/messages",
         keys["send"], json={"to": ["bob@example.org"], "bcc": "gone@example.org", "text": "x"})
     assert status == 422 and "suppression list" in body["error"]
-    assert "gone@example.org" in body["error"]
+    assert "gone@example.org" in body["error"] and body["rule"] == "suppression"
     assert await db.fetchval("SELECT count(*) FROM messages") == 0
     assert await db.fetchval("SELECT count(*) FROM threads") == 0
+    assert await db.fetchval("SELECT count(*) FROM deliveries") == 0
 
 
 async def test_bad_requests_are_400_and_store_nothing(mailbox, db):
     server, sink, keys, http = mailbox
     url = f"{server.http_url}/api/v1/workspaces/acme/agents/support/messages"
-    for body in ({"to": "bob@example.org"}, {"text": "x"}, {"to": "not an address", "text": "x"},
-                 {"to": "a@b.org\r\nBcc: x@y.org", "text": "x"}, {"to": 5, "text": "x"},
-                 {"to": [f"u{i}@example.org" for i in range(51)], "text": "x"}, [1, 2]):
+    # each refusal says what is wrong with the request
+    for body, says in (
+            ({"to": "bob@example.org"}, "text or html"), ({"text": "x"}, "to: at least one"),
+            ({"to": "not an address", "text": "x"}, "not an email address"),
+            ({"to": "a@b.org\r\nBcc: x@y.org", "text": "x"}, "not an email address"),
+            ({"to": 5, "text": "x"}, "to: a string or a list"),
+            ({"to": [f"u{i}@example.org" for i in range(51)], "text": "x"},
+             "at most 50 recipients"),
+            ({"to": "bob@example.org", "text": "x", "subject": "a" * 999}, "subject: at most"),
+            ({"to": "bob@example.org", "text": "x\x00"}, "text: a string"),
+            ({"to": "bob@example.org", "text": "x", "attachments": [
+                {"filename": "a", "content_type": "text/plain", "content_base64": "!!"}]},
+             "not base64"),
+            ([1, 2], "expected a JSON object")):
         status, answer, _ = await call(http, "POST", url, keys["send"], json=body)
-        assert status == 400, (body, answer)
-    status, _, _ = await call(http, "POST", url, keys["send"], data=b"{", headers={
+        assert status == 400 and says in answer["error"], (body, answer)
+    status, answer, _ = await call(http, "POST", url, keys["send"], data=b"{", headers={
         "Content-Type": "application/json"})
-    assert status == 400
+    assert status == 400 and "expected a JSON object" in answer["error"]
     assert await db.fetchval("SELECT count(*) FROM messages") == 0
 
 
@@ -280,15 +292,20 @@ async def test_admin_manages_agents_and_keys(mailbox, db):
     assert status == 201, agent
     assert (agent["handle"], agent["reply_mode"], agent["system_prompt"]) == (
         "billing", "draft", "Be brief.")
-    status, _, _ = await call(http, "POST", f"{base}/agents", keys["admin"],
-                              json={"handle": "billing"})
-    assert status == 409
-    status, _, _ = await call(http, "POST", f"{base}/agents", keys["admin"],
-                              json={"handle": "bad handle!"})
-    assert status == 400
-    status, _, _ = await call(http, "POST", f"{base}/agents", keys["admin"],
-                              json={"handle": "x", "reply_mode": "sometimes"})
-    assert status == 400
+    status, answer, _ = await call(http, "POST", f"{base}/agents", keys["admin"],
+                                   json={"handle": "billing", "system_prompt": "Overwrite?"})
+    assert status == 409 and "already exists" in answer["error"]
+    status, answer, _ = await call(http, "POST", f"{base}/agents", keys["admin"],
+                                   json={"handle": "bad handle!"})
+    assert status == 400 and "handle" in answer["error"]
+    status, answer, _ = await call(http, "POST", f"{base}/agents", keys["admin"],
+                                   json={"handle": "x", "reply_mode": "sometimes"})
+    assert status == 400 and "reply_mode" in answer["error"]
+    # none of the refused ones changed or added an agent
+    assert [(r["handle"], r["system_prompt"]) for r in await db.fetch(
+        """SELECT handle, system_prompt FROM agents WHERE workspace_id =
+               (SELECT id FROM workspaces WHERE slug = 'acme') ORDER BY handle""")] == [
+        ("billing", "Be brief."), ("sales", None), ("support", None)]
     # the read key sees it, without its prompt
     _, listed, _ = await call(http, "GET", f"{base}/agents", keys["read"])
     assert "billing" in [a["handle"] for a in listed["agents"]]
@@ -317,9 +334,11 @@ async def test_admin_manages_agents_and_keys(mailbox, db):
     status, _, _ = await call(http, "POST", f"{base}/agents/support/messages", created["key"],
                               json={"to": "b@example.org", "text": "x"})
     assert status == 201
-    status, _, _ = await call(http, "POST", f"{base}/keys", keys["admin"],
-                              json={"scopes": ["root"]})
-    assert status == 400
+    keys_before = await db.fetchval("SELECT count(*) FROM api_keys")
+    status, answer, _ = await call(http, "POST", f"{base}/keys", keys["admin"],
+                                   json={"scopes": ["root"]})
+    assert status == 400 and "scopes" in answer["error"]
+    assert await db.fetchval("SELECT count(*) FROM api_keys") == keys_before
     async with http.delete(f"{base}/keys/{created['id']}", headers=bearer(keys["admin"])) as r:
         assert r.status == 204
     status, _, _ = await call(http, "GET", f"{base}/agents", created["key"])
@@ -337,9 +356,10 @@ async def test_a_key_made_before_scopes_can_read_only(mailbox, db):
     base = f"{server.http_url}/api/v1/workspaces/acme"
     status, _, _ = await call(http, "GET", f"{base}/agents", old)
     assert status == 200
-    status, _, _ = await call(http, "POST", f"{base}/agents/support/messages", old,
-                              json={"to": "b@example.org", "text": "x"})
-    assert status == 403
+    status, answer, _ = await call(http, "POST", f"{base}/agents/support/messages", old,
+                                   json={"to": "b@example.org", "text": "x"})
+    assert status == 403 and "scope" in answer["error"]
+    assert await db.fetchval("SELECT count(*) FROM messages") == 0
 
 
 async def test_a_blocked_recipient_is_a_422_naming_the_allow_block_rule(mailbox, db):
@@ -352,4 +372,6 @@ async def test_a_blocked_recipient_is_a_422_naming_the_allow_block_rule(mailbox,
         http, "POST", f"{server.http_url}/api/v1/workspaces/acme/agents/support/messages",
         keys["send"], json={"to": ["bob@example.org"], "cc": "ceo@rival.example", "text": "x"})
     assert status == 422 and "allow/block" in body["error"] and "rival.example" in body["error"]
+    assert body["rule"] == "acl"
     assert await db.fetchval("SELECT count(*) FROM messages") == 0
+    assert await db.fetchval("SELECT count(*) FROM deliveries") == 0

@@ -12,15 +12,14 @@ from anthropic.resources.messages import messages as sdk_messages
 from anthropic.types.model_param import ModelParam
 from structlog.testing import capture_logs
 
+from smtpd_agent.agent.caps import Caps, CapRule, Counts, describe, exceeded
 from smtpd_agent.agent.llm import LLM, classify_error, deprecation_of
 from smtpd_agent.agent.prompt import Prompt
 from smtpd_agent.logs import route_warnings_to_log
 from smtpd_agent.agent.policy import (
     MessageFacts,
-    cap_reason,
     loop_skip_reason,
     parent_domains,
-    rate_limit_reason,
     reply_address,
     retry_delay,
     unauthenticated_reason,
@@ -109,16 +108,6 @@ def test_parent_domains(domain, parents):
     assert parent_domains(domain) == parents
 
 
-@pytest.mark.parametrize("to_correspondent, from_agent, reason", [
-    (0, 0, None),
-    (4, 199, None),
-    (5, 0, "rate limit: 5 replies per hour to this correspondent"),
-    (0, 200, "rate limit: 200 replies per hour from this agent"),
-])
-def test_rate_limit_reason(to_correspondent, from_agent, reason):
-    assert rate_limit_reason(to_correspondent, from_agent, 5, 200) == reason
-
-
 @pytest.mark.parametrize("attempt, retry_after, delay", [
     (1, None, 10.0), (2, None, 20.0), (3, None, 40.0), (7, None, 640.0), (8, None, 900.0),
     (20, None, 900.0), (1, 30.0, 30.0), (1, 5.0, 10.0), (1, 5000.0, 900.0),
@@ -193,16 +182,53 @@ def test_reply_address(from_address, reply_to, expected):
     assert reply_address(from_address, reply_to) == expected
 
 
-@pytest.mark.parametrize("hour, day, new, new_today, reason", [
-    (0, 0, True, 0, None),
-    (99, 999, True, 9, None),
-    (100, 0, False, 0, "cap: 100 replies per hour from this workspace"),
-    (0, 1000, False, 0, "cap: 1000 replies per day from this workspace"),
-    (0, 0, True, 10, "cap: 10 first-time recipients per day for this agent"),
-    (0, 0, False, 10, None),  # someone it wrote to before does not count
+CAPS = Caps(per_correspondent=5, per_agent=200, workspace_per_hour=100,
+            workspace_per_day=1000, new_recipients_per_day=10)
+
+
+def counts(to=0, agent=0, hour=0, day=0, new=0, new_today=0) -> Counts:
+    return Counts(to, agent, hour, day, new, new_today)
+
+
+@pytest.mark.parametrize("found, rule", [
+    (counts(), None),
+    (counts(to=4, agent=199, hour=99, day=999, new=1, new_today=9), None),
+    (counts(to=5), CapRule.CORRESPONDENT_PER_HOUR),
+    (counts(agent=200), CapRule.AGENT_PER_HOUR),
+    (counts(hour=100), CapRule.WORKSPACE_PER_HOUR),
+    (counts(day=1000), CapRule.WORKSPACE_PER_DAY),
+    (counts(new=1, new_today=10), CapRule.NEW_RECIPIENTS_PER_DAY),
+    (counts(new=0, new_today=10), None),  # someone it wrote to before does not count
+    # an API send to several first-time recipients needs room for all of them
+    (counts(new=3, new_today=7), None),
+    (counts(new=4, new_today=7), CapRule.NEW_RECIPIENTS_PER_DAY),
+    (counts(new=11), CapRule.NEW_RECIPIENTS_PER_DAY),
+    # the first rule that applies wins
+    (counts(to=5, day=1000), CapRule.CORRESPONDENT_PER_HOUR),
 ])
-def test_cap_reason(hour, day, new, new_today, reason):
-    assert cap_reason(hour, day, 100, 1000, new, new_today, 10) == reason
+def test_caps_exceeded(found, rule):
+    assert exceeded(found, CAPS) == rule
+
+
+def test_a_cap_of_zero_allows_none():
+    assert exceeded(counts(), Caps(0, 200, 100, 1000, 10)) == CapRule.CORRESPONDENT_PER_HOUR
+    assert exceeded(counts(), Caps(5, 200, 100, 1000, 0)) is None  # nobody new
+    assert exceeded(counts(new=1), Caps(5, 200, 100, 1000, 0)) == \
+        CapRule.NEW_RECIPIENTS_PER_DAY
+
+
+@pytest.mark.parametrize("rule, text", [
+    (CapRule.CORRESPONDENT_PER_HOUR, "rate limit: 5 replies per hour to this correspondent"),
+    (CapRule.AGENT_PER_HOUR, "rate limit: 200 replies per hour from this agent"),
+    (CapRule.WORKSPACE_PER_HOUR, "cap: 100 replies per hour from this workspace"),
+    (CapRule.WORKSPACE_PER_DAY, "cap: 1000 replies per day from this workspace"),
+    (CapRule.NEW_RECIPIENTS_PER_DAY, "cap: 10 first-time recipients per day for this agent"),
+])
+def test_cap_reasons_name_the_limit(rule, text):
+    assert describe(rule, CAPS.limit(rule)) == text
+    # the rule is the config key that sets it
+    section, _, key = rule.value.partition(".")
+    assert section == "agent" and getattr(AgentSettings(), key) >= 0
 
 
 def test_default_model_is_one_the_sdk_accepts_and_we_do_not_ship_it_deprecated():

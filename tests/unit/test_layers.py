@@ -53,7 +53,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "http", "http.api", "http.health", "http.limits", "http.openapi", "http.responses",
         "http.mailbox", "http.server", "http.webhooks",
         "mailbox", "mailbox.send",
-        "agent", "agent.compose", "agent.jobs", "agent.llm", "agent.policy", "agent.prompt",
+        "agent", "agent.caps", "agent.compose", "agent.jobs", "agent.llm", "agent.policy", "agent.prompt",
         "agent.worker",
         "outbound", "outbound.bounces", "outbound.decisions", "outbound.queue",
         "outbound.signing", "outbound.transports", "outbound.worker",
