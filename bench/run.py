@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.run [--messages 2000] [--rounds 3] [--sessions 20]
                                   [--size 5000] [--attachment] [--processes N]
                                   [--json FILE] [--profile DIR] [--baseline REV]
+                                  [--session-layer aiosmtpd|native|both]
 
 Starts everything the server needs (embedded Postgres unless DATABASE_URL is
 given, the loopback DNS test server publishing SPF, DKIM and DMARC for the
@@ -14,6 +15,13 @@ per message. The targets are measured in alternating rounds, each round with
 new messages, and the figures are medians: a shared machine's speed drifts
 by tens of percent within a minute (the report says how much, per round).
 Prints a table and writes JSON. Traffic stays on 127.0.0.1.
+
+When Postfix is installed (and we run as root), a private Postfix instance is a
+target too (bench/postfix.py: its own configuration, queue and data directories under
+the work directory, every service unchrooted, one smtpd on loopback, the mail taken into
+its fsync'd queue and held there with `check_recipient_access static:HOLD`), measured in
+the same alternating rounds, with the ratio ours/Postfix per round like the sink's.
+Install it with `DEBIAN_FRONTEND=noninteractive apt-get install -y postfix`.
 
 Postfix's smtp-source is not used even when installed: it sends one -F file
 for every message, which our deduplication would store once, and it does not
@@ -42,14 +50,18 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.postfix import PrivatePostfix, find_postfix  # noqa: E402
+from smtpd_agent.auth import adapters  # noqa: E402
 from tests.auth.keys import rsa_key, sign  # noqa: E402
 from tests.clamd import Clamd, find_clamd  # noqa: E402
 from tests.dnsserver import DnsTestServer  # noqa: E402
+from tests.ports import DAEMON_PORT_ATTEMPTS, port_owner, probe_port  # noqa: E402
 
 DOMAIN = "bench.test"
 SENDER_DOMAIN = "sender.bench.test"
 RCPT = f"inbox@load.{DOMAIN}"
 MAIL_FROM = f"load@{SENDER_DOMAIN}"
+NATIVE = "smtpd-agent (native)"  # the label of the native session layer with --session-layer both
 
 
 @dataclass
@@ -91,6 +103,7 @@ def wait_for_listening(log_path: Path, process: subprocess.Popen, event: str,
 
 def make_payloads(count: int, size: int, attachment: bool, key) -> list[bytes]:
     """DKIM-signed messages of about `size` bytes, dot-stuffed for DATA."""
+    adapters.install()  # RSA signing through OpenSSL: dkimpy's own is pure Python, ~100x slower
     filler = ("The quick brown fox jumps over the lazy dog. " * 2)[:76]
     payloads = []
     for index in range(count):
@@ -238,6 +251,41 @@ class Sink(Target):
         self.pid = self.process.pid
 
 
+class Postfix(Target):
+    """A private Postfix taking the mail into its queue and holding it (bench/postfix.py)."""
+
+    def __init__(self, label: str, root: Path, binary: str) -> None:
+        super().__init__(label)
+        self.root, self.binary = root, binary
+        self.instance: PrivatePostfix | None = None
+
+    def start(self) -> None:
+        # Postfix takes a port number, not 0: probe one, and check that its master got it.
+        for _ in range(DAEMON_PORT_ATTEMPTS):
+            self.port = probe_port()
+            self.instance = PrivatePostfix(self.root, self.port, DOMAIN, self.binary)
+            self.instance.start()
+            self.pid = self.instance.pid
+            deadline = time.monotonic() + 30
+            owner = None
+            while owner is None and time.monotonic() < deadline and psutil.pid_exists(self.pid):
+                owner = port_owner(self.pid, self.port)
+                time.sleep(0.1)
+            if owner:
+                return
+            log = self.instance.log()
+            self.stop()
+        raise RuntimeError(f"Postfix did not get a port: {log}")
+
+    def stored(self) -> int:
+        return self.instance.held() if self.instance else 0
+
+    def stop(self) -> None:
+        if self.instance is not None:
+            self.instance.stop()
+            self.instance = None
+
+
 class Server(Target):
     """`smtpd-agent serve` from the tree at `code`, with its own state directory."""
 
@@ -331,11 +379,17 @@ def main() -> int:
     parser.add_argument("--profile", type=Path,
                         help="record the server with py-spy into this directory (needs py-spy)")
     parser.add_argument("--no-sink", action="store_true", help="skip the bare-sink reference")
+    parser.add_argument("--no-postfix", action="store_true",
+                        help="skip the private Postfix reference (used when installed)")
     parser.add_argument("--processes", type=int, default=1,
                         help="smtp.processes: accepting processes sharing the port")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     parser.add_argument("--baseline", metavar="REV",
                         help="also measure git revision REV (e.g. before an optimization)")
+    parser.add_argument("--session-layer", choices=["aiosmtpd", "native", "both"],
+                        help="smtp.session of the server (default: the configured one); "
+                             "both: measure the two layers in the same rounds, the native "
+                             "one as \"smtpd-agent (native)\"")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="smtpd-agent-bench-"))
@@ -370,12 +424,26 @@ def main() -> int:
             first = 100 + index * args.messages
             write_payloads(payloads[first:first + args.messages], measured[-1])
 
-        servers: list[Target] = [Server("smtpd-agent", REPO, env, work / "state", args.profile)]
+        layer = args.session_layer
+        server_env = {**env, "SMTPD_AGENT_SMTP_SESSION": "aiosmtpd" if layer == "both" else layer
+                      } if layer else env
+        servers: list[Target] = [Server("smtpd-agent", REPO, server_env, work / "state",
+                                        args.profile)]
+        if layer == "both":
+            servers.append(Server(NATIVE, REPO, {**env, "SMTPD_AGENT_SMTP_SESSION": "native"},
+                                  work / "state-native", None))
         if args.baseline:
             baseline = baseline_tree(args.baseline, work)
             servers.insert(0, Server(f"smtpd-agent @ {args.baseline}", baseline, env,
                                      work / "state-baseline", None))
-        targets = servers + ([] if args.no_sink else [Sink("bare aiosmtpd sink")])
+        references: list[Target] = [] if args.no_sink else [Sink("bare aiosmtpd sink")]
+        postfix_binary = None if args.no_postfix else find_postfix()
+        if postfix_binary:
+            references.append(Postfix("postfix (queue, hold)", work / "postfix", postfix_binary))
+        elif not args.no_postfix:
+            print("Postfix not installed (or not root): measured without it. Install it with "
+                  "DEBIAN_FRONTEND=noninteractive apt-get install -y postfix", file=sys.stderr)
+        targets = servers + references
         rounds: dict[str, list[Figures]] = {t.label: [] for t in targets}
         speeds = []
         try:
@@ -390,6 +458,7 @@ def main() -> int:
                     rounds[target.label].append(drive(target.label, target.port, target.pid,
                                                       measured[index], args.sessions))
             stored = {t.label: t.stored() for t in servers}  # type: ignore[attr-defined]
+            held = {t.label: t.stored() for t in references if isinstance(t, Postfix)}
         finally:
             for target in targets:
                 target.stop()
@@ -401,7 +470,7 @@ def main() -> int:
                         "cpu_speed_ms_per_round": speeds},
             "load": {"messages": args.messages, "rounds": args.rounds,
                      "sessions": args.sessions, "size": args.size,
-                     "processes": args.processes,
+                     "processes": args.processes, "session_layer": args.session_layer,
                      "attachment": args.attachment, "dkim_signed": True,
                      "pipeline": ["spf", "dkim", "arc", "dmarc"] + (["clamd"] if scanning else [])
                      + ["postgres commit"]},
@@ -411,15 +480,26 @@ def main() -> int:
             "rounds": {label: [asdict(f) for f in rows] for label, rows in rounds.items()},
         }
         current = next(f for f in figures if f.name == "smtpd-agent")
-        sink_row = next((f for f in figures if f.name.startswith("bare")), None)
-        if sink_row and sink_row.messages_per_second:
+        for key, prefix in (("sink", "bare"), ("postfix", "postfix")):
+            row = next((f for f in figures if f.name.startswith(prefix)), None)
+            if row is None or not row.messages_per_second:
+                continue
             # Paired per round (both measured on the same minute's machine), then the median.
             per_round = [round(ours.messages_per_second / theirs.messages_per_second, 3)
-                         for ours, theirs in zip(rounds["smtpd-agent"], rounds[sink_row.name])]
-            report["ratio_to_sink"] = round(statistics.median(per_round), 3)
-            report["ratio_to_sink_per_round"] = per_round
-            report["ratio_of_medians"] = round(current.messages_per_second
-                                               / sink_row.messages_per_second, 3)
+                         for ours, theirs in zip(rounds["smtpd-agent"], rounds[row.name])]
+            report[f"ratio_to_{key}"] = round(statistics.median(per_round), 3)
+            report[f"ratio_to_{key}_per_round"] = per_round
+            report[f"ratio_of_medians_{key}"] = round(current.messages_per_second
+                                                      / row.messages_per_second, 3)
+        if held:
+            report["postfix_held"] = held
+        if NATIVE in rounds:
+            # The native session layer against aiosmtpd's, paired per round.
+            per_round = [round(ours.messages_per_second / theirs.messages_per_second, 3)
+                         for ours, theirs in zip(rounds[NATIVE], rounds["smtpd-agent"])
+                         if theirs.messages_per_second]
+            report["native_to_aiosmtpd_per_round"] = per_round
+            report["native_to_aiosmtpd"] = round(statistics.median(per_round), 3) if per_round else 0
         report["dns_queries"] = len(dns.queries)
         print_table(report)
         print(f"DNS queries that reached the test server: {len(dns.queries)} "
@@ -428,7 +508,7 @@ def main() -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2))
         expected = args.messages * args.rounds + 100
-        return 0 if all(count == expected for count in stored.values()) else 1
+        return 0 if all(count == expected for count in (*stored.values(), *held.values())) else 1
     finally:
         if clamd:
             clamd.stop()
@@ -469,12 +549,19 @@ def print_table(report: dict) -> None:
               f"{row['cpu_seconds_per_1000']:>10}{row['postgres_cpu_seconds_per_1000']:>9}"
               f"{row['machine_busy_percent']:>7}{row['loop_busy_percent']:>7}"
               f"  {row['failures'] or '-'}")
-    if "ratio_to_sink" in report:
-        per_round = ", ".join(f"{r:.1%}" for r in report["ratio_to_sink_per_round"])
-        print(f"ratio to the bare sink: {report['ratio_to_sink']:.1%} (median of the rounds "
-              f"{per_round}; ratio of the medians {report['ratio_of_medians']:.1%})")
+    for key, name in (("sink", "the bare sink"), ("postfix", "Postfix")):
+        if f"ratio_to_{key}" in report:
+            per_round = ", ".join(f"{r:.1%}" for r in report[f"ratio_to_{key}_per_round"])
+            print(f"ratio to {name}: {report[f'ratio_to_{key}']:.1%} (median of the rounds "
+                  f"{per_round}; ratio of the medians {report[f'ratio_of_medians_{key}']:.1%})")
+    if "native_to_aiosmtpd" in report:
+        per_round = ", ".join(f"{r:.2f}" for r in report["native_to_aiosmtpd_per_round"])
+        print(f"native session layer / aiosmtpd: {report['native_to_aiosmtpd']:.2f} "
+              f"(median of the rounds {per_round})")
     print(f"medians of {load['rounds']} alternating rounds; machine speed per round (ms for a "
           f"fixed loop, lower is faster): {report['machine']['cpu_speed_ms_per_round']}")
+    for label, count in report.get("postfix_held", {}).items():
+        print(f"{label}: held in its queue {count}")
     for label, count in report["stored"].items():
         print(f"{label}: stored in Postgres {count}; mean ms per stage "
               f"{report['stage_ms_mean'][label]}")

@@ -39,6 +39,7 @@ from .smtp.edge import Edge
 from .smtp.handler import SessionHandler
 from .smtp.limits import ClientRates, ConnectionLimits, CounterTable, DataBudget
 from .smtp.server import AgentSMTP, Sessions, delivering
+from .smtp.session import NativeSession
 from .store import deployment
 from .systemd import Notifier
 
@@ -149,15 +150,17 @@ class MailServer:
         loop = asyncio.get_running_loop()
         metrics.sessions_active.set_function(lambda: len(self.sessions.active))
 
-        def session() -> AgentSMTP:
+        def session() -> AgentSMTP | NativeSession:
             parts = self._parts
             assert parts is not None
             metrics.sessions.inc()
-            return AgentSMTP(parts.handler, settings=parts.settings.smtp, limits=self.limits,
-                             deliver=delivering(parts.pipeline.process, metrics),
-                             hostname=parts.settings.server.hostname, sessions=self.sessions,
-                             tls_context=parts.tls_context, loop=loop, metrics=metrics,
-                             data_budget=self.data_budget, edge=parts.edge)
+            # smtp.session: aiosmtpd's session machinery, or our own (smtp/session.py).
+            layer = NativeSession if parts.settings.smtp.session == "native" else AgentSMTP
+            return layer(parts.handler, settings=parts.settings.smtp, limits=self.limits,
+                         deliver=delivering(parts.pipeline.process, metrics),
+                         hostname=parts.settings.server.hostname, sessions=self.sessions,
+                         tls_context=parts.tls_context, loop=loop, metrics=metrics,
+                         data_budget=self.data_budget, edge=parts.edge)
 
         # With smtp.processes > 1 several processes accept on this port (SO_REUSEPORT).
         self._server = await loop.create_server(session, settings.smtp.host, settings.smtp.port,
@@ -165,6 +168,7 @@ class MailServer:
                                                 reuse_port=settings.smtp.processes > 1)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("server.listening", host=settings.smtp.host, port=self.port,
+                 session=settings.smtp.session,
                  default_domain=settings.server.default_domain,
                  embedded_postgres=self.runtime.database.embedded is not None,
                  starttls=self._parts.tls_context is not None,

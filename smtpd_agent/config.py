@@ -101,6 +101,7 @@ class SmtpSettings:
     tls_cert: str = ""
     tls_key: str = ""
     require_starttls: bool = False
+    session: Literal["aiosmtpd", "native"] = "aiosmtpd"
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from tests.dnsserver import DnsTestServer
 from tests.ports import held_closed_port
 from tests.rspamd import APT_PACKAGES as RSPAMD_PACKAGES
 from tests.rspamd import Rspamd, find_rspamd
-from tests.support import (DEFAULT_DOMAIN, OPEN_DIALOGUES, EmbeddedCluster, ServerThread,
-                           make_settings)
+from tests.support import (DEFAULT_DOMAIN, OPEN_DIALOGUES, TEST_SESSION, EmbeddedCluster,
+                           ServerThread, make_settings)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -75,14 +75,22 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     await connection.close()
 
 
+@pytest.fixture(scope="module")
+def smtp_session() -> str:
+    """The SMTP session layer (smtp.session) of the servers a test starts. A module that
+    tests the protocol overrides it with params=SESSION_LAYERS to run under both."""
+    return TEST_SESSION
+
+
 @pytest.fixture
-def start_server(database_url: str, tmp_path: Path,
-                 dns_server: DnsTestServer) -> Iterator[Callable[..., ServerThread]]:
+def start_server(database_url: str, tmp_path: Path, dns_server: DnsTestServer,
+                 smtp_session: str) -> Iterator[Callable[..., ServerThread]]:
     """Start the real server with setting overrides: start_server(**{"smtp.max_recipients": 2})."""
     started: list[ServerThread] = []
 
     def start(**overrides: Any) -> ServerThread:
         overrides.setdefault("dns.nameservers", [dns_server.nameserver])
+        overrides.setdefault("smtp.session", smtp_session)
         settings = make_settings(database_url, tmp_path / f"state{len(started)}", **overrides)
         server = ServerThread(settings).start()
         started.append(server)

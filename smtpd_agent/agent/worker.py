@@ -64,7 +64,9 @@ class AgentWorkers:
             log.info("agent.workers.off", reason="agent.workers is 0")
             return
         if agent.api_key:
-            self.llm = LLM(agent)
+            # In a thread: importing the SDK builds its pydantic models (seconds of CPU on a
+            # small host), and the SMTP listener already accepts on this loop.
+            self.llm = await asyncio.to_thread(LLM, agent)
             end_of_life = deprecation_of(agent.model)
             if end_of_life:
                 log.warning("agent.model_deprecated", model=agent.model, end_of_life=end_of_life)

@@ -230,6 +230,24 @@ class KeyStore:
             keys.append(SigningKey(row["domain"], row["selector"], row["algorithm"], private))
         return keys
 
+    async def check_secret(self) -> None:
+        """Raise KeyStoreError unless this host's secret opens the newest key in the database.
+
+        Every host of a cluster signs with keys another host may have made: a host with a
+        secret of its own (a state directory's fresh dkim.secret) could sign nothing.
+        """
+        row = await self._db.fetchrow(
+            "SELECT domain, selector, private_key FROM dkim_keys ORDER BY id DESC LIMIT 1")
+        if row is None:
+            return
+        try:
+            self._cipher(create=False).decrypt(bytes(row["private_key"]))
+        except InvalidToken:
+            raise KeyStoreError(
+                f"DKIM key secret {self._secret_file} does not open key {row['selector']} of "
+                f"{row['domain']}: another host made it with another secret (every host needs "
+                "the same domains.key_file)") from None
+
     async def retire(self, workspace_id: int, domain: str, selector: str) -> bool:
         """Stop publishing and signing with a selector (rotation's last step)."""
         status = await self._db.execute(

@@ -53,6 +53,10 @@ class OutboundWorker:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        try:
+            await self.domains.keys.check_secret()
+        except KeyStoreError as error:  # said at start, not first at the first reply
+            log.error("outbound.key_secret_unusable", error=str(error))
         if self.transport is None:
             log.warning("outbound.disabled", reason="outbound.relay is not set: replies stay "
                         "queued until a transport is configured")
@@ -127,7 +131,20 @@ class OutboundWorker:
         if delivery.signed is None or delivery.mail_from is None:
             try:
                 prepared = await self.prepare(delivery)
-            except (SigningError, KeyStoreError) as error:
+            except KeyStoreError as error:
+                # This host cannot open the keys (a missing or different key secret): another
+                # host, or this one once fixed, can. Never send unsigned, never drop the reply.
+                age = (started - delivery.created_at).total_seconds()
+                if age > self.settings.outbound.give_up_after:
+                    log.error("outbound.signing_failed", error=str(error), **fields)
+                    await queue.fail(self.db, delivery, started, f"DKIM signing failed: {error}")
+                    return
+                retry_in = self.settings.outbound.retry_base
+                log.error("outbound.key_secret_unusable", error=str(error), retry_in=retry_in,
+                          **fields)
+                await queue.release(self.db, delivery, retry_in)
+                return
+            except SigningError as error:
                 # never send unsigned: the message fails, with the reason recorded
                 log.error("outbound.signing_failed", error=str(error), **fields)
                 await queue.fail(self.db, delivery, started, f"DKIM signing failed: {error}")

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import structlog
 
 from smtpd_agent.config import SmtpSettings
 from smtpd_agent.smtp import replies
 from smtpd_agent.record import ReceivedContent
 from smtpd_agent.smtp.server import AgentSMTP, ConnectionLimits, Sessions
+from smtpd_agent.smtp.session import NativeSession
 
 
 class AcceptEveryone:
+    async def handle_MAIL(self, server, session, envelope, address, options):
+        envelope.mail_from = address
+        return str(replies.MAIL_OK)
+
     async def handle_RCPT(self, server, session, envelope, address, options):
         envelope.rcpt_tos.append(address)
         return str(replies.RCPT_OK)
@@ -29,14 +35,15 @@ async def read_reply(reader: asyncio.StreamReader) -> bytes:
             return line.rstrip()
 
 
-async def test_unexpected_exception_is_a_451_with_the_session_id():
+@pytest.mark.parametrize("layer", [AgentSMTP, NativeSession], ids=["aiosmtpd", "native"])
+async def test_unexpected_exception_is_a_451_with_the_session_id(layer):
     loop = asyncio.get_running_loop()
-    sessions: list[AgentSMTP] = []
+    sessions: list[AgentSMTP | NativeSession] = []
 
-    def factory() -> AgentSMTP:
-        session = AgentSMTP(AcceptEveryone(), settings=SmtpSettings(),
-                            limits=ConnectionLimits(10, 10), deliver=broken_pipeline,
-                            hostname="mx.test", sessions=Sessions(), loop=loop)
+    def factory() -> AgentSMTP | NativeSession:
+        session = layer(AcceptEveryone(), settings=SmtpSettings(),  # type: ignore[arg-type]
+                        limits=ConnectionLimits(10, 10), deliver=broken_pipeline,
+                        hostname="mx.test", sessions=Sessions(), loop=loop)
         sessions.append(session)
         return session
 

@@ -11,7 +11,13 @@ import pytest
 
 from smtpd_agent.smtp import replies
 from smtpd_agent.store import directory
-from tests.support import Dialogue, enhanced
+from tests.support import SESSION_LAYERS, Dialogue, enhanced
+
+@pytest.fixture(scope="module", params=SESSION_LAYERS)
+def smtp_session(request: pytest.FixtureRequest) -> str:
+    """Every test here runs against both session layers (smtp.session)."""
+    return request.param
+
 
 MESSAGE = (b"From: alice@example.org\r\nTo: support@acme.agents.test\r\n"
            b"Subject: %s\r\nMessage-ID: <%s@example.org>\r\n\r\nbody line\r\n")

@@ -6,11 +6,18 @@ from __future__ import annotations
 from email.message import EmailMessage
 
 import aiosmtplib
+import pytest
 
 from smtpd_agent.smtp import replies
 from smtpd_agent.store import directory
-from tests.support import Dialogue, enhanced
+from tests.support import SESSION_LAYERS, Dialogue, enhanced
 from tests.tls import client_context, write_self_signed
+
+
+@pytest.fixture(scope="module", params=SESSION_LAYERS)
+def smtp_session(request: pytest.FixtureRequest) -> str:
+    """Every test here runs against both session layers (smtp.session)."""
+    return request.param
 
 
 def note(address: str, subject: str = "Over TLS") -> EmailMessage:

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.support import TEST_SESSION
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -49,7 +51,8 @@ class ServeProcess:
             "database.pool_max": 4, "smtp.host": "127.0.0.1", "smtp.port": 0,
             "http.host": "127.0.0.1", "http.port": 0,
             "dns.nameservers": [nameserver], "dns.timeout": 0.5, "auth.timeout": 3,
-            "routing.cache_ttl": 0.2, "log.format": "json", **settings}
+            "routing.cache_ttl": 0.2, "log.format": "json", "smtp.session": TEST_SESSION,
+            **settings}
         write_config(self.config, self.settings)
         # An abstract-namespace socket (the "@" form of NOTIFY_SOCKET): no path length limit.
         name = f"smtpd-agent-test-{secrets.token_hex(6)}"

@@ -12,9 +12,16 @@ import socket
 import time
 
 import asyncpg
+import pytest
 
 from smtpd_agent.store import directory
-from tests.support import Dialogue, enhanced
+from tests.support import SESSION_LAYERS, Dialogue, enhanced
+
+@pytest.fixture(scope="module", params=SESSION_LAYERS)
+def smtp_session(request: pytest.FixtureRequest) -> str:
+    """A stop drains the sessions of both layers (smtp.session)."""
+    return request.param
+
 
 MESSAGE_ID = "<large-during-stop@example.org>"
 LINE = b"x" * 76 + b"\r\n"

@@ -10,12 +10,19 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
 import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from smtpd_agent.message import parse_message
-from tests.support import REPLY_LINE, smtp_send
+from tests.support import REPLY_LINE, SESSION_LAYERS, smtp_send
+
+
+@pytest.fixture(scope="module", params=SESSION_LAYERS)
+def smtp_session(request: pytest.FixtureRequest) -> str:
+    """The generated dialogues run against both session layers (smtp.session)."""
+    return request.param
 
 ADDRESSES = st.sampled_from(["<support@acme.agents.test>", "<>", "<a@b>", "<x@evil.test>",
                              "<support+tag@ACME.agents.test>", "support@acme.agents.test",

@@ -22,7 +22,8 @@ import pytest
 from smtpd_agent.smtp import replies
 from tests.reliability.test_hostile_smtp import alongside
 from tests.support import (
-    DEFAULT_DOMAIN, enhanced, make_settings, ServeProcess, ServerThread, start_with_acme_support)
+    DEFAULT_DOMAIN, SESSION_LAYERS, enhanced, make_settings, ServeProcess, ServerThread,
+    start_with_acme_support)
 
 RCPT = f"support@acme.{DEFAULT_DOMAIN}"
 ZONE = "bl.edge.test"
@@ -32,10 +33,18 @@ BAN_SECONDS = 4.0
 DNSBL_TIMEOUT = 0.5
 
 
+@pytest.fixture(scope="module", params=SESSION_LAYERS)
+def smtp_session(request: pytest.FixtureRequest) -> str:
+    """The edge checks hold on both session layers (smtp.session)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def edge_server(cluster, dns_server_session, tmp_path_factory) -> Iterator[ServerThread]:
+def edge_server(cluster, dns_server_session, tmp_path_factory,
+                smtp_session) -> Iterator[ServerThread]:
     url = asyncio.run(cluster.new_database())
     settings = make_settings(url, tmp_path_factory.mktemp("edge"), **{
+        "smtp.session": smtp_session,
         "dns.nameservers": [dns_server_session.nameserver], "dns.timeout": 2.0,
         "smtp.command_timeout": 10, "smtp.max_connections_per_ip": 50,
         "edge.dnsbl": [ZONE, REFUSING_ZONE], "edge.dnsbl_timeout": DNSBL_TIMEOUT,
@@ -261,7 +270,8 @@ async def test_failed_rcpts_ban_one_client_while_another_keeps_delivering(edge_s
     await after.close()
 
 
-async def test_rates_and_bans_are_shared_by_every_accepting_process(cluster, dns_server, tmp_path):
+async def test_rates_and_bans_are_shared_by_every_accepting_process(cluster, dns_server, tmp_path,
+                                                                    smtp_session):
     """smtp.processes = 2: failed RCPTs counted in both processes add up to one limit, and
     the ban holds in both."""
     url = await cluster.new_database()
@@ -271,6 +281,7 @@ async def test_rates_and_bans_are_shared_by_every_accepting_process(cluster, dns
                            "SMTPD_AGENT_DNS_NAMESERVERS": dns_server.nameserver,
                            "SMTPD_AGENT_SMTP_PROCESSES": "2", "SMTPD_AGENT_AGENT_WORKERS": "0",
                            "SMTPD_AGENT_EDGE_FAILED_RCPT_RATE": str(limit),
+                           "SMTPD_AGENT_SMTP_SESSION": smtp_session,
                            "SMTPD_AGENT_EDGE_BAN_SECONDS": "60"},
                           tmp_path / "state").start()
     try:

@@ -25,8 +25,8 @@ import pytest
 from smtpd_agent.smtp import replies
 from smtpd_agent.smtp.limits import LIVENESS_TTL
 from tests.support import (
-    DEFAULT_DOMAIN, Dialogue, enhanced, make_settings, ServeProcess, ServerThread, smtp_send,
-    start_with_acme_support)
+    DEFAULT_DOMAIN, SESSION_LAYERS, Dialogue, enhanced, make_settings, ServeProcess, ServerThread,
+    smtp_send, start_with_acme_support)
 from tests.tls import client_context, write_self_signed
 
 RCPT = f"support@acme.{DEFAULT_DOMAIN}"
@@ -111,12 +111,19 @@ async def alongside(port: int) -> AsyncIterator[Neighbour]:
     assert cpu < CPU_BOUND, f"{cpu:.1f} CPU seconds during the attack"
 
 
+@pytest.fixture(scope="module", params=SESSION_LAYERS)
+def smtp_session(request: pytest.FixtureRequest) -> str:
+    """Every attack here runs against both session layers (smtp.session)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def hostile_server(cluster, dns_server_session, tmp_path_factory) -> Iterator[ServerThread]:
+def hostile_server(cluster, dns_server_session, tmp_path_factory,
+                   smtp_session) -> Iterator[ServerThread]:
     url = asyncio.run(cluster.new_database())
     state = tmp_path_factory.mktemp("hostile")
     cert, key = write_self_signed(state / "tls")
-    settings = make_settings(url, state, **{
+    settings = make_settings(url, state, **{"smtp.session": smtp_session,
         "dns.nameservers": [dns_server_session.nameserver], "smtp.command_timeout": 6,
         "smtp.max_commands": MAX_COMMANDS, "smtp.min_data_rate": MIN_DATA_RATE,
         "smtp.data_rate_window": 1.0, "smtp.data_memory_budget": DATA_BUDGET,
@@ -368,7 +375,7 @@ LIMIT_PER_IP = 3
 
 
 async def test_connection_limits_hold_across_processes_and_survive_a_crash(
-        cluster, dns_server, tmp_path):
+        cluster, dns_server, tmp_path, smtp_session):
     """smtp.processes = 2: the per-IP limit counts both processes' sessions; a killed
     extra process's sessions stop counting. (Today each process allows the limit.)"""
     url = await cluster.new_database()
@@ -376,6 +383,7 @@ async def test_connection_limits_hold_across_processes_and_survive_a_crash(
                            "SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": DEFAULT_DOMAIN,
                            "SMTPD_AGENT_DNS_NAMESERVERS": dns_server.nameserver,
                            "SMTPD_AGENT_SMTP_PROCESSES": "2", "SMTPD_AGENT_AGENT_WORKERS": "0",
+                           "SMTPD_AGENT_SMTP_SESSION": smtp_session,
                            "SMTPD_AGENT_SMTP_MAX_CONNECTIONS_PER_IP": str(LIMIT_PER_IP)},
                           tmp_path / "state").start()
     try:

@@ -50,6 +50,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # Listeners and features: each receives the Runtime and calls stages and store.
     "features": (
         "smtp", "smtp.edge", "smtp.handler", "smtp.limits", "smtp.replies", "smtp.server",
+        "smtp.session",
         "http", "http.api", "http.health", "http.limits", "http.openapi", "http.responses",
         "http.mailbox", "http.server", "http.webhooks",
         "mailbox", "mailbox.send",

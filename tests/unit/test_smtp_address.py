@@ -1,4 +1,5 @@
-"""MAIL FROM / RCPT TO paths: AgentSMTP's regex for the plain form agrees with aiosmtpd's parser.
+"""MAIL FROM / RCPT TO paths: AgentSMTP's regex for the plain form agrees with aiosmtpd's parser,
+and so does the native session layer's parse_path (smtp/session.py).
 
 The reference is aiosmtpd's own SMTP._getaddr (email._header_value_parser),
 called on the same session; an exception counts as an answer too.
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from smtpd_agent.config import SmtpSettings
 from smtpd_agent.smtp.server import AgentSMTP, ConnectionLimits, Sessions
+from smtpd_agent.smtp.session import parse_path
 
 ATEXT = string.ascii_letters + string.digits + "!#$%&'*+-/=?^_`{|}~"
 # Characters with a meaning to the email package's parser, or that a plain path must not have.
@@ -44,7 +46,10 @@ def answer(getaddr: Any, session: AgentSMTP, arg: str) -> Any:
 def agree(session: AgentSMTP, arg: str, local_part_limit: int = 0) -> None:
     session.local_part_limit = local_part_limit
     try:
-        assert answer(AgentSMTP._getaddr, session, arg) == answer(SMTP._getaddr, session, arg)
+        reference = answer(SMTP._getaddr, session, arg)
+        assert answer(AgentSMTP._getaddr, session, arg) == reference
+        if not local_part_limit:  # the native layer has none, as AgentSMTP in service
+            assert answer(lambda _, path: parse_path(path), session, arg) == reference
     finally:
         del session.local_part_limit
 
