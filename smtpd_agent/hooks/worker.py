@@ -148,8 +148,15 @@ class DeliveryWorker:
             error = "the endpoint or the event no longer exists"
         else:
             try:
-                check_url(target.url, self.policy)  # an IP literal never reaches the resolver
                 secrets = [self.sealer.unseal(sealed) for sealed in target.secrets]
+            except KeyStoreError as problem:
+                # this host's at-rest secret (domains.key_file) is not the one that sealed
+                # it: not the endpoint's failure; give it back for a host that can sign
+                log.error("webhooks.secret_unreadable", error=str(problem), **fields)
+                await store.release(self.db, delivery, self.hooks.retry_base)
+                return
+            try:
+                check_url(target.url, self.policy)  # an IP literal never reaches the resolver
                 headers = signing.headers(body.message_id, datetime.now(UTC), body.content,
                                           secrets)
                 status, response = await self.post(target.url, body.content, headers)
@@ -158,8 +165,6 @@ class DeliveryWorker:
             except aiohttp.ClientConnectorError as problem:
                 refused = isinstance(problem.os_error, AddressRefused)
                 error = describe(problem.os_error if refused else problem)
-            except KeyStoreError as problem:
-                error = str(problem)
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as problem:
                 error = describe(problem)
         if status is not None and error is None and not 200 <= status < 300:

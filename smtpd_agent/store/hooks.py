@@ -197,9 +197,11 @@ async def claim(db: DbLike, limit: int, lease: float) -> list[Delivery]:
                      Lease(r["id"], r["workspace_id"], r["lease_token"])) for r in rows]
 
 
-async def release(db: DbLike, delivery: Delivery) -> None:
-    """Give a claimed delivery back at once, its attempt not counted (stopping)."""
-    await lease_queue.settle(db, QUEUE, delivery.lease, "pending", due_in=0.0, uncount=True)
+async def release(db: DbLike, delivery: Delivery, due_in: float = 0.0) -> None:
+    """Give a claimed delivery back, due in `due_in` seconds, its attempt not counted
+    (stopping; a host that cannot unseal the secret)."""
+    await lease_queue.settle(db, QUEUE, delivery.lease, "pending", due_in=due_in,
+                             uncount=True)
 
 
 @dataclass(frozen=True)
