@@ -335,6 +335,10 @@ class HttpSettings:
     # Postmark inbound: the basic-auth credentials put in the webhook URL.
     postmark_username: str = ""
     postmark_password: str = ""
+    # Attachments one message sent, replied or drafted over the API may carry, and the
+    # bytes of each (the whole message stays within smtp.max_message_size).
+    api_max_attachments: int = 20
+    api_max_attachment_size: int = 10_485_760
     # The event stream (GET /api/v1/workspaces/<slug>/events, events/stream.py): seconds
     # between heartbeat comments; seconds a reader may leave a write unread before it is
     # cut off; streams open at once per API key and per workspace (per process).
@@ -342,10 +346,6 @@ class HttpSettings:
     events_send_timeout: float = 60.0
     events_streams_per_key: int = 4
     events_streams_per_workspace: int = 16
-    # Attachments one message sent, replied or drafted over the API may carry, and the
-    # bytes of each (the whole message stays within smtp.max_message_size).
-    api_max_attachments: int = 20
-    api_max_attachment_size: int = 10_485_760
 
 
 @dataclass(frozen=True)
@@ -734,7 +734,9 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"http.sns_url_pattern: not a regular expression: {error}") from None
     http = settings.http
     for key in ("webhook_max_body_size", "webhook_read_timeout", "webhook_concurrency",
-                "sns_max_age", "webhook_max_age", "api_max_attachment_size"):
+                "sns_max_age", "webhook_max_age", "api_max_attachment_size",
+                "events_heartbeat", "events_send_timeout", "events_streams_per_key",
+                "events_streams_per_workspace"):
         if not getattr(http, key) > 0:
             raise ConfigError(f"http.{key}: must be positive, got {getattr(http, key)}")
     if http.api_max_attachments < 0:

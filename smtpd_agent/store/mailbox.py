@@ -222,8 +222,9 @@ class DraftFields:
     attachments: tuple[Attachment, ...] | None = ()
 
 
-async def add_draft(db: DB, workspace_id: int, agent_id: int, thread_id: int | None,
-                    fields: DraftFields, origin: str, job_id: int | None = None) -> int:
+async def add_draft(db: asyncpg.Pool | asyncpg.Connection, workspace_id: int, agent_id: int,
+                    thread_id: int | None, fields: DraftFields, origin: str,
+                    job_id: int | None = None) -> int:
     """A new draft with its attachments, announced as draft.created in the same transaction
     (the caller's, when `db` is a connection in one)."""
     async with events.transaction(db) as connection:
@@ -239,20 +240,22 @@ async def add_draft(db: DB, workspace_id: int, agent_id: int, thread_id: int | N
                 WHERE w.id = $1 AND a.id = $2""",
             workspace_id, agent_id, thread_id, origin, list(fields.to), list(fields.cc),
             list(fields.bcc), fields.subject, fields.text, fields.html, job_id)
-        await _set_draft_attachments(connection, workspace_id, row["id"],
-                                     fields.attachments or ())
+        draft_id = int(row["id"])
+        attachments = fields.attachments or ()
+        await _set_draft_attachments(connection, workspace_id, draft_id, attachments)
         base = f"{events.API}{row['slug']}"
-        links = {"draft": f"{base}/drafts/{row['id']}"}
+        links = {"draft": f"{base}/drafts/{draft_id}"}
         if thread_id is not None:
             links["thread"] = f"{base}/threads/{thread_id}"
         # bcc stays out: it is the sender's private choice, readable over the API
         await events.append(connection, workspace_id, EventType.DRAFT_CREATED, {
             "workspace": row["slug"], "agent": row["handle"],
-            "draft": {"id": row["id"], "thread_id": thread_id, "origin": origin,
+            "draft": {"id": draft_id, "thread_id": thread_id, "origin": origin,
                       "to": list(fields.to), "cc": list(fields.cc), "subject": fields.subject,
+                      "attachments": len(attachments),
                       "created_at": row["created_at"].isoformat()},
             **events.text_fields(fields.text), "links": links}, thread_id=thread_id)
-        return int(row["id"])
+        return draft_id
 
 
 async def update_draft(db: asyncpg.Pool, workspace_id: int, draft_id: int,
