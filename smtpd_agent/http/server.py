@@ -15,12 +15,14 @@ import structlog
 from aiohttp import web
 
 from ..domains.mta_sts import POLICY_PATH, mta_sts_route
+from ..hooks.service import Endpoints
 from ..events.stream import EventStreams
 from ..extract.attachment import AttachmentText, Limits
 from ..mailbox.send import Mailboxes
 from ..runtime import Runtime
 from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from .api import InboxApi
+from .endpoints import EndpointsApi
 from .health import Health
 from .mailbox import MailboxApi
 from .openapi import openapi_spec
@@ -84,6 +86,7 @@ class HttpServer:
             pdf_memory_mb=content.pdf_memory_mb), content.pdf_workers))
         mailboxes = Mailboxes(runtime.pool, settings)
         mailbox = MailboxApi(runtime.pool, api, mailboxes)
+        endpoints = EndpointsApi(runtime.pool, api, Endpoints(runtime.pool, settings))
         self.webhooks = hooks = Webhooks(settings.http, pipeline, router, runtime.pool,
                                          runtime.metrics)
         self.streams = streams = EventStreams(api, runtime.pool, runtime.event_wakeups,
@@ -143,6 +146,17 @@ class HttpServer:
         app.router.add_get(f"{workspace}/messages/{ident}/raw", api.raw)
         app.router.add_get(f"{workspace}/attachments/{ident}", api.attachment)
         app.router.add_get(f"{workspace}/attachments/{ident}/text", api.attachment_text)
+        # Outgoing webhooks (admin): the endpoints events are POSTed to, and their log.
+        app.router.add_get(f"{workspace}/webhooks", endpoints.list)
+        app.router.add_post(f"{workspace}/webhooks", endpoints.create)
+        app.router.add_get(f"{workspace}/webhooks/{ident}", endpoints.get)
+        app.router.add_patch(f"{workspace}/webhooks/{ident}", endpoints.update)
+        app.router.add_delete(f"{workspace}/webhooks/{ident}", endpoints.delete)
+        app.router.add_post(f"{workspace}/webhooks/{ident}/rotate-secret", endpoints.rotate)
+        app.router.add_get(f"{workspace}/webhooks/{ident}/deliveries", endpoints.deliveries)
+        app.router.add_post(f"{workspace}/webhooks/{ident}/deliveries/{{delivery:\\d{{1,19}}}}"
+                            "/replay", endpoints.replay_delivery)
+        app.router.add_post(f"{workspace}/webhooks/{ident}/replay", endpoints.replay_event)
         if settings.mcp.http:
             # The MCP SDK costs about 1.5 s of CPU to import: only a server that serves
             # /mcp pays it, never every CLI command that imports the app.

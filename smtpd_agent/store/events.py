@@ -57,6 +57,8 @@ class EventType(StrEnum):
     DRAFT_CREATED = "draft.created"
     DOMAIN_VERIFIED = "domain.verified"
     DOMAIN_DEGRADED = "domain.degraded"
+    # an endpoint of the workspace failed too long and was disabled (hooks/worker.py)
+    WEBHOOK_DISABLED = "webhook.disabled"
 
 
 EVENT_TYPES = frozenset(EventType)
