@@ -25,7 +25,7 @@ from .auth import decide as decide_auth
 from .config import Settings
 from .dns import Resolver
 from .extract.html_text import strip_tags
-from .extract.reply import ReplyText, message_text
+from .extract.reply import ReplyText, message_text, unwrap_lines
 from .message import parse_message
 from .metrics import Metrics
 from .record import InboundMessage, ReceivedContent
@@ -41,8 +41,11 @@ log = structlog.get_logger("smtpd_agent.pipeline")
 
 # Above this size parsing takes long enough to stall other sessions; do it in a thread.
 PARSE_IN_THREAD_ABOVE = 256 * 1024
-# Bodies above this many characters get their new text found in a thread, under a deadline.
+# Bodies above this many characters get their new text found in a thread, under a deadline,
+# unless it is plain text that gives quotequail (~50 us a line) at most EXTRACT_INLINE_LINES
+# lines: then the thread hop costs more than the work.
 EXTRACT_IN_THREAD_ABOVE = 2 * 1024
+EXTRACT_INLINE_LINES = 16
 
 
 class MessageVerdict(Enum):
@@ -210,8 +213,12 @@ class Pipeline:
                                 content.html_max_input)
 
         size = len(parsed.text_body or "") or len(parsed.html_body or "")
+        in_thread = size > EXTRACT_IN_THREAD_ABOVE and not (
+            parsed.text_body and parsed.text_body.strip()
+            and unwrap_lines(parsed.text_body, content.extract_max_input,
+                             content.extract_max_lines) <= EXTRACT_INLINE_LINES)
         try:
-            if size > EXTRACT_IN_THREAD_ABOVE:
+            if in_thread:
                 async with asyncio.timeout(content.extract_timeout):
                     result = await asyncio.to_thread(extract)
             else:

@@ -51,9 +51,8 @@ class ReplyText:
 
 def new_text(text: str, max_input: int, max_lines: int, max_chars: int) -> ReplyText:
     """The new part of a plain-text body."""
-    lines = text[:max_input].replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    window = lines[:max_lines]
-    probe = [line[:LINE_PROBE] for line in window]
+    lines = _lines(text, max_input)
+    probe = _probe(lines, max_lines)
     skip = _unwrap_skip(probe)
     found = None if skip is None else quotequail.unwrap("\n".join(probe[skip:]))
     kept, quoted = lines, False
@@ -85,6 +84,22 @@ def message_text(text_body: str | None, html_body: str | None, max_input: int, m
         return new_text(html_to_text(html_body[:html_max_input], drop_quotes=True),
                         max_input, max_lines, max_chars)
     return ReplyText("", False, False, False)
+
+
+def unwrap_lines(text: str, max_input: int, max_lines: int) -> int:
+    """How many lines of this plain text quotequail would be given (0: it is not asked):
+    the measure of new_text's work, for the caller to choose a thread by."""
+    probe = _probe(_lines(text, max_input), max_lines)
+    skip = _unwrap_skip(probe)
+    return 0 if skip is None else len(probe) - skip
+
+
+def _lines(text: str, max_input: int) -> list[str]:
+    return text[:max_input].replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def _probe(lines: list[str], max_lines: int) -> list[str]:
+    return [line[:LINE_PROBE] for line in lines[:max_lines]]
 
 
 def _unwrap_skip(probe: list[str]) -> int | None:

@@ -155,3 +155,15 @@ def test_the_marker_shortcut_changes_no_result(lines):
         assert new_text(text, **BOUNDS) == shortcut
     finally:
         reply.UNWRAP_MARKERS = markers
+
+
+def test_unwrap_lines_measures_what_quotequail_is_given():
+    """The pipeline keeps a body in the event loop when this is small: marker-free text is
+    not handed to quotequail at all, and a reply only from the line before its intro on."""
+    from smtpd_agent.extract.reply import unwrap_lines
+
+    assert unwrap_lines("Plain words, no quote.\n" * 200, **{k: BOUNDS[k] for k in (
+        "max_input", "max_lines")}) == 0
+    text = "New text.\n" * 100 + "On Mon, Nov 30, 2026 Alice wrote:\n> old\n> older"
+    assert unwrap_lines(text, 65_536, 500) == 4  # "New text.", the intro, two quoted lines
+    assert unwrap_lines(text, 65_536, 50) == 0  # the intro is past max_lines
