@@ -28,6 +28,7 @@ from .agent.worker import AgentWorkers
 from .config import ConfigError, Settings, SmtpSettings, apply_live, local_name_problem
 from .dnsserver.server import DnsServer
 from .domains.service import DomainRechecker, KeyRotator
+from .hooks.worker import DeliveryWorker
 from .http import HttpServer
 from .metrics import MetricsSpooler, spool_directory
 from .outbound.bounces import BounceProcessor
@@ -204,6 +205,8 @@ SERVICES: list[Callable[[Runtime], Service]] = [
     DnsServer,  # off unless dns_server.listen is set
     HttpServer,
     OutboundWorker,
+    # Outgoing webhooks (webhooks.concurrency at once; 0: another process delivers).
+    DeliveryWorker,
 ]
 # `smtpd-agent dns-serve`: the authoritative DNS server alone
 DNS_SERVICES: list[Callable[[Runtime], Service]] = [DnsServer]

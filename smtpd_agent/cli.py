@@ -25,6 +25,7 @@ from .outbound.cli import register_outbound
 from .domains.keys import KeyStoreError
 from .http.cli import register_apikeys
 from .mailbox.cli import register_drafts
+from .mcpserver.cli import register_mcp
 from .logs import configure_logging
 from .addresses import OurDomains, parse_address
 from .smtp.limits import CounterTable
@@ -386,4 +387,5 @@ COMMAND_GROUPS: list[Callable[[Any, Parents], None]] = [
     register_outbound,
     register_acl,
     register_drafts,
+    register_mcp,
 ]

@@ -339,6 +339,13 @@ class HttpSettings:
     # bytes of each (the whole message stays within smtp.max_message_size).
     api_max_attachments: int = 20
     api_max_attachment_size: int = 10_485_760
+    # The event stream (GET /api/v1/workspaces/<slug>/events, events/stream.py): seconds
+    # between heartbeat comments; seconds a reader may leave a write unread before it is
+    # cut off; streams open at once per API key and per workspace (per process).
+    events_heartbeat: float = 15.0
+    events_send_timeout: float = 60.0
+    events_streams_per_key: int = 4
+    events_streams_per_workspace: int = 16
 
 
 @dataclass(frozen=True)
@@ -377,6 +384,45 @@ class OutboundSettings:
 
 
 @dataclass(frozen=True)
+class WebhookSettings:
+    """Outgoing webhooks: the workspaces' endpoints that get their events (smtpd_agent/hooks).
+    Not the providers' incoming webhooks, which are http.*."""
+
+    # Deliveries one process attempts at once; 0: this process delivers none (another does).
+    concurrency: int = 4
+    # Seconds between polls of the delivery queue (a new event wakes the worker at once).
+    poll_interval: float = 1.0
+    # Deliveries claimed per poll.
+    batch_size: int = 20
+    # Seconds a claimed delivery belongs to its worker; one that dies frees it after this.
+    lease: float = 60.0
+    # Seconds to connect to an endpoint, and for the whole request (answer included).
+    connect_timeout: float = 5.0
+    timeout: float = 15.0
+    # Bytes of an endpoint's answer read (the rest is dropped with the connection).
+    max_response_bytes: int = 4096
+    # Retry after a failure: retry_base * 2^(attempt-1) seconds, at most retry_max; a
+    # delivery still failing give_up_after seconds after its event fails for good.
+    retry_base: float = 30.0
+    retry_max: float = 7200.0
+    give_up_after: float = 86400.0
+    # An endpoint whose deliveries failed disable_after_failures times in a row, over at
+    # least disable_after_seconds, is disabled (an event and a log line say so); 0: never.
+    disable_after_failures: int = 20
+    disable_after_seconds: float = 86400.0
+    # Endpoints per workspace.
+    max_endpoints: int = 20
+    # Seconds a rotated-out secret still signs (beside the new one), so receivers can
+    # switch over without dropping a delivery.
+    secret_rotation_grace: float = 86400.0
+    # Tests and development only: admit http:// URLs to a loopback host and delivery to
+    # loopback addresses. Off, a webhook goes to https and to global addresses only.
+    allow_loopback: bool = False
+    # Networks (CIDR) delivered to although private, e.g. an internal receiver's.
+    allowed_networks: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class EdgeSettings:
     """Reputation at the edge: DNSBLs and iprev at connect, per-client rates and bans."""
 
@@ -394,6 +440,23 @@ class EdgeSettings:
     ban_seconds: float = 600.0
     # Client networks no rate counts or bans (as Postfix's smtpd_client_event_limit_exceptions)
     rate_exempt: list[str] = field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+
+
+@dataclass(frozen=True)
+class McpSettings:
+    """The MCP server: `smtpd-agent mcp` (stdio) and /mcp on the HTTP surface; see
+    smtpd_agent/mcpserver."""
+
+    # Serve streamable HTTP at /mcp on http.host:http.port.
+    http: bool = True
+    # Largest /mcp request body in bytes (413 above, before any tool runs).
+    max_request_size: int = 1_048_576
+    # /mcp requests served at once per process; more get 503 with Retry-After.
+    concurrency: int = 16
+    # Seconds one tool call may take (then a tool error saying so).
+    tool_timeout: float = 30.0
+    # Characters of text a tool returns at most per message body or attachment.
+    max_text_chars: int = 20_000
 
 
 @dataclass(frozen=True)
@@ -420,7 +483,9 @@ class Settings:
     mta_sts: MtaStsSettings = field(default_factory=MtaStsSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     outbound: OutboundSettings = field(default_factory=OutboundSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     edge: EdgeSettings = field(default_factory=EdgeSettings)
+    mcp: McpSettings = field(default_factory=McpSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def replace(self, overrides: Mapping[str, Any]) -> Settings:
@@ -580,6 +645,23 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
 
 
+def _validate_webhooks(hooks: WebhookSettings) -> None:
+    for key in ("batch_size", "max_response_bytes", "max_endpoints"):
+        if getattr(hooks, key) < 1:
+            raise ConfigError(f"webhooks.{key}: must be at least 1")
+    for key in ("timeout", "connect_timeout", "retry_base", "poll_interval"):
+        if getattr(hooks, key) <= 0:
+            raise ConfigError(f"webhooks.{key}: must be above 0")
+    if hooks.lease <= hooks.timeout:
+        raise ConfigError("webhooks.lease: must exceed webhooks.timeout, or a slow endpoint "
+                          "gets the same delivery twice")
+    for network in hooks.allowed_networks:
+        try:
+            ipaddress.ip_network(network.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(f"webhooks.allowed_networks: not a network {network!r}") from None
+
+
 def _validate(settings: Settings) -> None:
     """Cross-field checks that a type alone cannot express."""
     smtp = settings.smtp
@@ -622,6 +704,7 @@ def _validate(settings: Settings) -> None:
         if getattr(settings.store, key) < 1:
             raise ConfigError(f"store.{key}: must be at least 1")
     _validate_edge(settings)
+    _validate_webhooks(settings.webhooks)
     content = settings.content
     for key in ("extract_max_input", "extract_max_lines", "extract_max_chars", "html_max_input",
                 "attachment_max_bytes", "attachment_max_chars", "pdf_max_pages", "pdf_workers"):
@@ -669,11 +752,16 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"http.sns_url_pattern: not a regular expression: {error}") from None
     http = settings.http
     for key in ("webhook_max_body_size", "webhook_read_timeout", "webhook_concurrency",
-                "sns_max_age", "webhook_max_age", "api_max_attachment_size"):
+                "sns_max_age", "webhook_max_age", "api_max_attachment_size",
+                "events_heartbeat", "events_send_timeout", "events_streams_per_key",
+                "events_streams_per_workspace"):
         if not getattr(http, key) > 0:
             raise ConfigError(f"http.{key}: must be positive, got {getattr(http, key)}")
     if http.api_max_attachments < 0:
         raise ConfigError("http.api_max_attachments: must not be negative (0: none)")
+    for key in ("max_request_size", "concurrency", "tool_timeout", "max_text_chars"):
+        if not getattr(settings.mcp, key) > 0:
+            raise ConfigError(f"mcp.{key}: must be positive, got {getattr(settings.mcp, key)}")
     if http.sns_ca_file and not Path(http.sns_ca_file).is_file():
         raise ConfigError(f"http.sns_ca_file: no such file {http.sns_ca_file}")
     outbound = settings.outbound

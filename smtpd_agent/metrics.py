@@ -31,7 +31,8 @@ log = structlog.get_logger(__name__)
 
 # Tables whose rows by state are queue depths, if a later stage has created them. Read at
 # scrape time so the numbers are the cluster's, not this process's.
-QUEUE_TABLES = ("agent_jobs", "deliveries", "outbound", "outbound_queue", "outbound_messages")
+QUEUE_TABLES = ("agent_jobs", "deliveries", "outbound", "outbound_queue", "outbound_messages",
+                "webhook_deliveries")
 STATE_COLUMNS = ("state", "status")
 
 
@@ -80,6 +81,37 @@ class Metrics:
                              ["zone", "result"], registry=r)
         self.iprev = Counter("smtpd_agent_iprev_results", "iprev verdicts of connections",
                              ["result"], registry=r)
+        # Outgoing webhooks (smtpd_agent/hooks): attempts by outcome (delivered, failed,
+        # refused by the address policy), deliveries given up, endpoints disabled; the
+        # delivery queue's depth is queue_depth{queue="webhook_deliveries"}.
+        self.webhook_deliveries = Counter(
+            "smtpd_agent_webhook_attempts", "Webhook delivery attempts by outcome", ["outcome"],
+            registry=r)
+        self.webhook_gave_up = Counter(
+            "smtpd_agent_webhook_deliveries_failed",
+            "Webhook deliveries that failed for good (retries exhausted, endpoint gone)",
+            registry=r)
+        self.webhook_endpoints_disabled = Counter(
+            "smtpd_agent_webhook_endpoints_disabled",
+            "Webhook endpoints disabled after repeated failure", registry=r)
+        self.webhook_seconds = Histogram(
+            "smtpd_agent_webhook_attempt_seconds", "Seconds one webhook attempt took",
+            registry=r, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.event_streams = Gauge("smtpd_agent_event_streams",
+                                   "Event streams (SSE) open now", registry=r)
+        self.events_streamed = Counter("smtpd_agent_events_streamed",
+                                       "Events sent on event streams", registry=r)
+        self.event_streams_refused = Counter(
+            "smtpd_agent_event_streams_refused",
+            "Event streams refused (over a cap), by cap", ["reason"], registry=r)
+        self.event_streams_ended = Counter(
+            "smtpd_agent_event_streams_ended",
+            "Event streams ended: reader gone, reader stalled (cut off), server closing, "
+            "database unavailable", ["reason"], registry=r)
+        self.events_last_id = Gauge(
+            "smtpd_agent_events_last_id",
+            "Newest id in the event outbox, read at scrape time (its rate: events per second)",
+            registry=r)
         self.queue_depth = Gauge("smtpd_agent_queue_depth",
                                  "Rows of a queue table by state, read at scrape time",
                                  ["queue", "state"], registry=r)
@@ -107,6 +139,8 @@ class Metrics:
                 f'SELECT "{column}"::text AS state, count(*) AS n FROM "{table}" GROUP BY 1')
             for count in counts:
                 self.queue_depth.labels(table, count["state"] or "").set(count["n"])
+        if await db.fetchval("SELECT to_regclass('events') IS NOT NULL"):
+            self.events_last_id.set(await db.fetchval("SELECT coalesce(max(id), 0) FROM events"))
 
     def render(self) -> bytes:
         own = generate_latest(self.registry)

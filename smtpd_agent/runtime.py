@@ -24,6 +24,7 @@ from .routing import Router
 from .scan import Scanner, limit_problems
 from .spam import SpamFilter
 from .store.changes import ChangeFeed
+from .store.events import Wakeups
 from .store.database import EmbeddedPostgres, create_pool, migrate, resolve_database_url
 
 log = structlog.get_logger("smtpd_agent.runtime")
@@ -81,6 +82,7 @@ class Runtime:
     _pipeline: Pipeline | None = field(default=None, repr=False)
     _changes: ChangeFeed | None = field(default=None, repr=False)
     _router: Router | None = field(default=None, repr=False)
+    _event_wakeups: Wakeups | None = field(default=None, repr=False)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -93,6 +95,15 @@ class Runtime:
         if self._changes is None:
             self._changes = ChangeFeed(self.database.url, self.settings.database.connect_timeout)
         return self._changes
+
+    @property
+    def event_wakeups(self) -> Wakeups:
+        """Wake-ups on new events in the outbox (store/events.py), for the SSE stream and
+        the webhook worker; subscribed to the change feed on first use."""
+        if self._event_wakeups is None:
+            self._event_wakeups = Wakeups()
+            self._event_wakeups.subscribe(self.changes)
+        return self._event_wakeups
 
     @property
     def scanner(self) -> Scanner | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import __version__
+from ..store.events import EVENT_TYPES
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -385,6 +386,93 @@ def mailbox_paths() -> dict[str, dict[str, Any]]:
     }
 
 
+def webhook_endpoint_paths() -> dict[str, dict[str, Any]]:
+    """The outgoing-webhook routes (http/endpoints.py), admin keys only."""
+    bearer = [{"bearer": []}]
+    base = "/api/v1/workspaces/{slug}/webhooks"
+    endpoint = {"$ref": "#/components/schemas/WebhookEndpoint"}
+    with_secret = {"allOf": [endpoint, {"type": "object", "properties": {"secret": {
+        "type": "string", "pattern": "^whsec_",
+        "description": "Standard Webhooks secret: shown here once, stored encrypted"}}}]}
+    fields = {"url": {"type": "string", "maxLength": 2048,
+                      "description": "https; never a private, loopback or link-local address"},
+              "event_types": {"type": "array", "maxItems": 50, "items": {"type": "string"},
+                              "description": "empty: every event type"},
+              "enabled": {"type": "boolean"},
+              "description": {"type": "string", "maxLength": 500, "nullable": True}}
+    delivery_id = {"type": "object", "properties": {"delivery_id": {"type": "integer"}}}
+    errors = {**FORBIDDEN, **API_ERRORS}
+    return {
+        base: {
+            "get": {"summary": "the workspace's webhook endpoints (admin)", "tags": ["events"],
+                    "security": bearer, "parameters": [SLUG],
+                    "responses": {"200": _json("endpoints", {"type": "object", "properties": {
+                        "endpoints": {"type": "array", "items": endpoint}}}), **errors}},
+            "post": {"summary": "add a webhook endpoint; its signing secret is in this answer "
+                                "only (admin)", "tags": ["events"], "security": bearer,
+                     "parameters": [SLUG],
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": {"type": "object", "required": ["url"],
+                                    "properties": fields},
+                         "example": {"url": "https://agent.example.com/hooks",
+                                     "event_types": ["message.received"]}}}},
+                     "responses": {"201": _json("the endpoint and its secret", with_secret),
+                                   "400": _error("bad field"),
+                                   "409": _error("webhooks.max_endpoints reached"),
+                                   "422": _error("the URL is refused (https, public address)"),
+                                   **errors}}},
+        f"{base}/{{id}}": {
+            "get": {"summary": "one webhook endpoint (admin)", "tags": ["events"],
+                    "security": bearer, "parameters": [SLUG, _id("id")],
+                    "responses": {"200": _json("the endpoint", endpoint), **errors}},
+            "patch": {"summary": "change an endpoint; enabling it again resets its failure "
+                                 "count, disabling fails what waits for it (admin)",
+                      "tags": ["events"], "security": bearer, "parameters": [SLUG, _id("id")],
+                      "requestBody": {"required": True, "content": {"application/json": {
+                          "schema": {"type": "object", "properties": fields}}}},
+                      "responses": {"200": _json("the endpoint", endpoint),
+                                    "400": _error("bad field"),
+                                    "422": _error("the URL is refused"), **errors}},
+            "delete": {"summary": "delete an endpoint with its delivery log (admin)",
+                       "tags": ["events"], "security": bearer, "parameters": [SLUG, _id("id")],
+                       "responses": {"204": {"description": "deleted"}, **errors}}},
+        f"{base}/{{id}}/rotate-secret": {"post": {
+            "summary": "a new signing secret, shown once; the old one keeps signing beside it "
+                       "for webhooks.secret_rotation_grace (admin)", "tags": ["events"],
+            "security": bearer, "parameters": [SLUG, _id("id")],
+            "responses": {"200": _json("the endpoint and its new secret", with_secret),
+                          **errors}}},
+        f"{base}/{{id}}/deliveries": {"get": {
+            "summary": "the delivery log: deliveries newest first, each with its attempts "
+                       "(status code, duration, error) (admin)", "tags": ["events"],
+            "security": bearer,
+            "parameters": [SLUG, _id("id"),
+                           {"name": "limit", "in": "query", "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                           {"name": "before", "in": "query", "required": False,
+                            "schema": {"type": "integer", "minimum": 1},
+                            "description": "next_before of the previous page"}],
+            "responses": {"200": _json("a page of deliveries", {"type": "object", "properties": {
+                "deliveries": {"type": "array",
+                               "items": {"$ref": "#/components/schemas/WebhookDelivery"}},
+                "next_before": {"type": "integer", "nullable": True}}}),
+                "400": _error("bad limit or before"), **errors}}},
+        f"{base}/{{id}}/deliveries/{{delivery}}/replay": {"post": {
+            "summary": "send a delivery's event to its endpoint again, now (admin)",
+            "tags": ["events"], "security": bearer,
+            "parameters": [SLUG, _id("id"), _id("delivery")],
+            "responses": {"202": _json("the new delivery", delivery_id), **errors}}},
+        f"{base}/{{id}}/replay": {"post": {
+            "summary": "send an event of the workspace to this endpoint (again), now (admin)",
+            "tags": ["events"], "security": bearer, "parameters": [SLUG, _id("id")],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"type": "object", "required": ["event_id"], "properties": {
+                    "event_id": {"type": "integer", "minimum": 1}}}}}},
+            "responses": {"202": _json("the new delivery", delivery_id),
+                          "400": _error("bad event_id"), **errors}}},
+    }
+
+
 def openapi_spec() -> dict[str, Any]:
     thread_summary = {"type": "object", "properties": {
         "id": {"type": "integer"}, "subject": {"type": "string", "nullable": True},
@@ -456,6 +544,33 @@ def openapi_spec() -> dict[str, Any]:
                     "200": _json("agents", {"type": "object", "properties": {
                         "agents": {"type": "array", "items": {"type": "object"}}}}),
                     **API_ERRORS}}},
+            "/api/v1/workspaces/{slug}/events": {"get": {
+                "summary": "the workspace's events as Server-Sent Events (a live stream)",
+                "description": (
+                    "One SSE message per event: `id` (the outbox id; resume after it), "
+                    "`event` (the type), `data` (JSON: id, type, timestamp, data). "
+                    "Reconnect with Last-Event-ID (or ?after=) to continue with no gap and "
+                    "no repeat; without either the stream starts at the newest event, "
+                    "?after=0 from the first. Heartbeat comments keep it open; a reader "
+                    "that stops reading is cut off and may resume."),
+                "tags": ["events"], "security": bearer,
+                "parameters": [
+                    SLUG,
+                    {"name": "Last-Event-ID", "in": "header", "required": False,
+                     "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"}},
+                    {"name": "after", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 0},
+                     "description": "resume after this event id (Last-Event-ID wins)"},
+                    {"name": "types", "in": "query", "required": False,
+                     "schema": {"type": "string"},
+                     "description": "comma-separated event types to keep: "
+                                    + ", ".join(sorted(EVENT_TYPES))}],
+                "responses": {
+                    "200": {"description": "the stream", "content": {"text/event-stream": {
+                        "schema": {"type": "string"}}}},
+                    "400": _error("bad Last-Event-ID, after or types"),
+                    "429": _error("too many streams open for this key or workspace"),
+                    **API_ERRORS}}},
             "/api/v1/workspaces/{slug}/agents/{handle}/inbox": {"get": {
                 "summary": "an agent's threads, newest first, by cursor", "tags": ["inbox"],
                 "security": bearer,
@@ -520,6 +635,7 @@ def openapi_spec() -> dict[str, Any]:
                     **FORBIDDEN, **API_ERRORS}}},
             **{path: item for path, item in mailbox_paths().items()
                if path != "/api/v1/workspaces/{slug}/agents"},
+            **webhook_endpoint_paths(),
             "/webhook/ses": _webhook(
                 "Amazon SES receipt through SNS (signature checked against the signing "
                 "certificate; SubscriptionConfirmation handled)", "text/plain",
@@ -614,6 +730,46 @@ def openapi_spec() -> dict[str, Any]:
                         "type": "object", "properties": {
                             "ok": {"type": "boolean"}, "required": {"type": "boolean"},
                             "detail": {"type": "string"}}}}}},
+                "WebhookEndpoint": {"type": "object", "properties": {
+                    "id": {"type": "integer"}, "url": {"type": "string"},
+                    "description": {"type": "string", "nullable": True},
+                    "event_types": {"type": "array", "items": {"type": "string"}},
+                    "enabled": {"type": "boolean"},
+                    "consecutive_failures": {"type": "integer"},
+                    "failing_since": {"type": "string", "format": "date-time",
+                                      "nullable": True},
+                    "disabled_at": {"type": "string", "format": "date-time", "nullable": True},
+                    "disabled_reason": {"type": "string", "nullable": True},
+                    "rotating_secret_until": {"type": "string", "format": "date-time",
+                                              "nullable": True},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "updated_at": {"type": "string", "format": "date-time"}}},
+                "WebhookDelivery": {"type": "object", "properties": {
+                    "id": {"type": "integer"}, "event_id": {"type": "integer"},
+                    "event_type": {"type": "string"},
+                    "thread_id": {"type": "integer", "nullable": True},
+                    "status": {"type": "string",
+                               "enum": ["pending", "sending", "delivered", "failed"]},
+                    "attempts": {"type": "integer"},
+                    "next_attempt_at": {"type": "string", "format": "date-time",
+                                        "nullable": True},
+                    "replay": {"type": "boolean"},
+                    "replay_of": {"type": "integer", "nullable": True},
+                    "last_status": {"type": "integer", "nullable": True},
+                    "last_error": {"type": "string", "nullable": True},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "finished_at": {"type": "string", "format": "date-time", "nullable": True},
+                    "attempt_log": {"type": "array", "items": {"type": "object", "properties": {
+                        "attempt": {"type": "integer"},
+                        "started_at": {"type": "string", "format": "date-time"},
+                        "duration_ms": {"type": "integer"},
+                        "status_code": {"type": "integer", "nullable": True},
+                        "outcome": {"type": "string",
+                                    "enum": ["delivered", "failed", "refused"]},
+                        "error": {"type": "string", "nullable": True},
+                        "response": {"type": "string", "nullable": True},
+                        "retry_at": {"type": "string", "format": "date-time",
+                                     "nullable": True}}}}}},
                 "WebhookResult": {"type": "object", "properties": {
                     "status": {"type": "string", "enum": ["accepted", "rejected", "tempfail"]},
                     "reason": {"type": "string"}, "reply": {"type": "string"},

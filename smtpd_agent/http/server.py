@@ -9,21 +9,28 @@ the same Metrics registry that the listener counts into.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
 
 from ..domains.mta_sts import POLICY_PATH, mta_sts_route
+from ..hooks.service import Endpoints
+from ..events.stream import EventStreams
 from ..extract.attachment import AttachmentText, Limits
 from ..mailbox.send import Mailboxes
 from ..runtime import Runtime
 from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
 from .api import InboxApi
+from .endpoints import EndpointsApi
 from .health import Health
 from .mailbox import MailboxApi
 from .openapi import openapi_spec
 from .responses import HttpError, error, json_response
 from .webhooks import Webhooks
+
+if TYPE_CHECKING:
+    from ..mcpserver.http import McpHttp
 
 log = structlog.get_logger(__name__)
 
@@ -55,8 +62,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 class HttpServer:
-    """Health, metrics, inbox API, webhooks, the MTA-STS policy, /openapi.json on
-    http.host:http.port."""
+    """Health, metrics, inbox API, webhooks, the MTA-STS policy, /openapi.json and the
+    MCP server (/mcp) on http.host:http.port."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -64,6 +71,8 @@ class HttpServer:
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self.webhooks: Webhooks | None = None
+        self.mcp: McpHttp | None = None
+        self.streams: EventStreams | None = None
 
     def build(self) -> web.Application:
         runtime, settings = self.runtime, self.settings
@@ -75,9 +84,13 @@ class HttpServer:
             max_bytes=content.attachment_max_bytes, max_chars=content.attachment_max_chars,
             pdf_max_pages=content.pdf_max_pages, pdf_timeout=content.pdf_timeout,
             pdf_memory_mb=content.pdf_memory_mb), content.pdf_workers))
-        mailbox = MailboxApi(runtime.pool, api, Mailboxes(runtime.pool, settings))
+        mailboxes = Mailboxes(runtime.pool, settings)
+        mailbox = MailboxApi(runtime.pool, api, mailboxes)
+        endpoints = EndpointsApi(runtime.pool, api, Endpoints(runtime.pool, settings))
         self.webhooks = hooks = Webhooks(settings.http, pipeline, router, runtime.pool,
                                          runtime.metrics)
+        self.streams = streams = EventStreams(api, runtime.pool, runtime.event_wakeups,
+                                              settings.http, runtime.metrics)
         spec = openapi_spec()
         app = web.Application(middlewares=[errors],
                               client_max_size=2 * settings.smtp.max_message_size
@@ -111,6 +124,7 @@ class HttpServer:
         app.router.add_get("/openapi.json", openapi)
         app.router.add_get(POLICY_PATH, mta_sts)
         app.router.add_get(f"{workspace}/agents", api.agents)
+        app.router.add_get(f"{workspace}/events", streams.handle)
         app.router.add_post(f"{workspace}/agents", mailbox.create_agent)
         app.router.add_get(f"{workspace}/agents/{{handle}}", mailbox.agent)
         app.router.add_patch(f"{workspace}/agents/{{handle}}", mailbox.update_agent)
@@ -135,6 +149,31 @@ class HttpServer:
         app.router.add_get(f"{workspace}/messages/{ident}/raw", api.raw)
         app.router.add_get(f"{workspace}/attachments/{ident}", api.attachment)
         app.router.add_get(f"{workspace}/attachments/{ident}/text", api.attachment_text)
+        # Outgoing webhooks (admin): the endpoints events are POSTed to, and their log.
+        app.router.add_get(f"{workspace}/webhooks", endpoints.list)
+        app.router.add_post(f"{workspace}/webhooks", endpoints.create)
+        app.router.add_get(f"{workspace}/webhooks/{ident}", endpoints.get)
+        app.router.add_patch(f"{workspace}/webhooks/{ident}", endpoints.update)
+        app.router.add_delete(f"{workspace}/webhooks/{ident}", endpoints.delete)
+        app.router.add_post(f"{workspace}/webhooks/{ident}/rotate-secret", endpoints.rotate)
+        app.router.add_get(f"{workspace}/webhooks/{ident}/deliveries", endpoints.deliveries)
+        app.router.add_post(f"{workspace}/webhooks/{ident}/deliveries/{{delivery:\\d{{1,19}}}}"
+                            "/replay", endpoints.replay_delivery)
+        app.router.add_post(f"{workspace}/webhooks/{ident}/replay", endpoints.replay_event)
+        if settings.mcp.http:
+            # The MCP SDK costs about 1.5 s of CPU to import: only a server that serves
+            # /mcp pays it, never every CLI command that imports the app.
+            from ..mcpserver.http import McpHttp, owner_of
+            from ..mcpserver.server import build_server
+            from ..mcpserver.tools import MailboxTools
+
+            self.mcp = McpHttp(runtime.pool, build_server(MailboxTools(
+                runtime.pool, mailboxes, api.texts, settings.mcp,
+                settings.server.default_domain),
+                owner_of), settings.mcp)
+            # Stateless: no GET stream (it would hold a slot open) and no session to DELETE
+            # (405 with Allow: POST).
+            app.router.add_post("/mcp", self.mcp.handle)
         # Webhooks read their own bodies within http.webhook_max_body_size (413 above,
         # before 100 Continue when the client asks for one).
         app.router.add_post("/webhook/ses", hooks.ses, expect_handler=hooks.expect)
@@ -149,6 +188,8 @@ class HttpServer:
         app = self.build()
         assert self.webhooks is not None
         await self.webhooks.start()
+        if self.mcp is not None:
+            await self.mcp.start()
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.http.host, self.settings.http.port,
@@ -158,8 +199,12 @@ class HttpServer:
         log.info("http.listening", host=self.settings.http.host, port=self.port)
 
     async def stop(self) -> None:
+        if self.streams is not None:  # before the runner waits for every open request
+            await self.streams.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.webhooks is not None:
             await self.webhooks.stop()
+        if self.mcp is not None:
+            await self.mcp.stop()
         log.info("http.stopped")

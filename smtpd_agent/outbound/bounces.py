@@ -24,8 +24,9 @@ import structlog
 
 from .decisions import classify_reply
 from .dsn import DsnRecipient, SesEvent, parse_dsn, parse_ses_notification
+from ..store.events import EventType
 from .queue import (find_by_provider_id, find_by_token, normalize_address,
-                    record_bounce, suppress)
+                    record_bounce, record_feedback, suppress)
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +59,13 @@ class BounceProcessor:
             state = None
             for result in results:
                 address = self._attribute(result, known)
+                if address is not None and result.action in ("delivered", "relayed"):
+                    await record_feedback(connection, target, EventType.MESSAGE_DELIVERED,
+                                          address, f"{result.action} {result.status}", "dsn")
+                    log.info("bounce.delivery_reported", delivery_id=target.delivery_id,
+                             workspace_id=target.workspace_id, address=address,
+                             action=result.action, queue_id=queue_id)
+                    continue
                 if address is None or not result.permanent:
                     log.info("bounce.ignored", delivery_id=target.delivery_id,
                              workspace_id=target.workspace_id, address=result.address,
@@ -65,7 +73,7 @@ class BounceProcessor:
                              reason="not ours" if address is None else "not permanent")
                     continue
                 state = await record_bounce(connection, target, address, result.status,
-                                            result.diagnostic) or state
+                                            result.diagnostic, "dsn") or state
                 outcome = classify_reply(550, result.status, "rcpt")
                 if outcome.suppress:
                     await suppress(connection, target.workspace_id, address, "hard_bounce",
@@ -91,7 +99,7 @@ class BounceProcessor:
         event = parse_ses_notification(body)
         target = (await find_by_provider_id(self.db, event.provider_message_id)
                   if event.provider_message_id else None)
-        if target is None or event.kind not in ("bounce", "complaint"):
+        if target is None or event.kind not in ("bounce", "complaint", "delivery"):
             log.info("bounce.ses_ignored", kind=event.kind,
                      provider_message_id=event.provider_message_id,
                      reason="unknown message" if target is None else "not a bounce or complaint")
@@ -108,7 +116,8 @@ class BounceProcessor:
                              reason="not a recipient of this delivery")
                     continue
                 if event.kind == "bounce" and event.permanent:
-                    await record_bounce(connection, target, address, "5.0.0", event.detail)
+                    await record_bounce(connection, target, address, "5.0.0", event.detail,
+                                        "ses")
                     await suppress(connection, target.workspace_id, address, "hard_bounce",
                                    source="ses", detail=event.detail,
                                    delivery_id=target.delivery_id)
@@ -116,6 +125,11 @@ class BounceProcessor:
                     await suppress(connection, target.workspace_id, address, "complaint",
                                    source="ses", detail=event.detail,
                                    delivery_id=target.delivery_id)
+                    await record_feedback(connection, target, EventType.MESSAGE_COMPLAINED,
+                                          address, event.detail, "ses")
+                elif event.kind == "delivery":
+                    await record_feedback(connection, target, EventType.MESSAGE_DELIVERED,
+                                          address, event.detail, "ses")
                 log.info("bounce.ses_recorded", kind=event.kind, permanent=event.permanent,
                          delivery_id=target.delivery_id, workspace_id=target.workspace_id,
                          address=address)

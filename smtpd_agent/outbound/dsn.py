@@ -118,5 +118,9 @@ def parse_ses_notification(body: bytes | str) -> SesEvent:
         return SesEvent("complaint", True, addresses, message_id,
                         str(complaint.get("complaintFeedbackType") or ""))
     if kind == "delivery":
-        return SesEvent("delivery", False, (), message_id)
+        delivery = document.get("delivery") or {}
+        addresses = tuple(str(r).lower() for r in delivery.get("recipients", [])
+                          if isinstance(r, str))
+        return SesEvent("delivery", False, addresses, message_id,
+                        str(delivery.get("smtpResponse") or "")[:300])
     return SesEvent("other", False, (), message_id, kind)

@@ -24,8 +24,9 @@ import asyncpg
 import structlog
 
 from ..acl import AclDirection
-from ..store import acl
+from ..store import acl, events
 from ..store import lease as lease_queue
+from ..store.events import EventType
 from ..store.lease import NOW, Lease, LeaseQueue
 from .decisions import Next, RecipientResult
 from .verp import new_token
@@ -146,6 +147,11 @@ async def enqueue(connection: asyncpg.Connection, message_id: int,
             """UPDATE deliveries SET status = 'failed', last_error = $3, finished_at = now()
                WHERE id = $1 AND workspace_id = $2""", delivery_id, workspace_id, reason)
         await _set_message_status(connection, workspace_id, message_id, "failed")
+        await events.message_event(
+            connection, workspace_id, message_id, EventType.MESSAGE_BOUNCED,
+            {"delivery": {"id": delivery_id, "state": "failed", "reason": reason,
+                          "recipients": [{"address": a, "state": state_of(a)[0]}
+                                         for a in recipients[:EVENT_RECIPIENTS]]}})
         log.info("outbound.failed", workspace_id=workspace_id, delivery_id=delivery_id,
                  message_id=message_id, reason=reason)
     else:
@@ -269,6 +275,12 @@ async def block_refused(db: asyncpg.Pool, delivery: Delivery, recipients: list[s
 
 
 RECIPIENT_STATE = {"sent": "sent", "retry": "deferred", "bounce": "bounced", "fail": "failed"}
+# The delivery's state after an attempt, as the event it announces (store/events.py):
+# 'failed' (gave up, or could not send at all) is a final non-delivery like a bounce.
+DELIVERY_EVENT = {"sent": EventType.MESSAGE_SENT, "deferred": EventType.MESSAGE_DEFERRED,
+                  "bounced": EventType.MESSAGE_BOUNCED, "failed": EventType.MESSAGE_BOUNCED}
+# Recipients named in one event; a message to thousands says how many there were.
+EVENT_RECIPIENTS = 100
 
 
 class LeaseLost(RuntimeError):
@@ -318,6 +330,15 @@ async def finish_attempt(db: asyncpg.Pool, delivery: Delivery, started_at: datet
             next_.retry_in)
         await _set_message_status(connection, delivery.workspace_id, delivery.message_id,
                                   next_.state)
+        await events.message_event(
+            connection, delivery.workspace_id, delivery.message_id, DELIVERY_EVENT[next_.state],
+            {"delivery": {
+                "id": delivery.id, "state": next_.state, "attempt": delivery.attempts,
+                "transport": transport, "retry_in": next_.retry_in,
+                "recipient_count": len(results),
+                "recipients": [{"address": r.address, "code": r.code, "enhanced": r.enhanced,
+                                "detail": r.text[:300]} for r in results[:EVENT_RECIPIENTS]],
+            }})
 
 
 async def fail(db: asyncpg.Pool, delivery: Delivery, started_at: datetime, reason: str) -> None:
@@ -337,6 +358,10 @@ async def fail(db: asyncpg.Pool, delivery: Delivery, started_at: datetime, reaso
             delivery.id, delivery.workspace_id, delivery.attempts, started_at, reason)
         await _set_message_status(connection, delivery.workspace_id, delivery.message_id,
                                   "failed")
+        await events.message_event(
+            connection, delivery.workspace_id, delivery.message_id, EventType.MESSAGE_BOUNCED,
+            {"delivery": {"id": delivery.id, "state": "failed", "attempt": delivery.attempts,
+                          "reason": reason[:300]}})
 
 
 async def release(db: DbLike, delivery: Delivery, retry_in: float) -> None:
@@ -366,10 +391,11 @@ async def find_by_provider_id(db: DbLike, provider_message_id: str) -> BounceTar
 
 
 async def record_bounce(connection: asyncpg.Connection, target: BounceTarget, address: str,
-                        status: str, detail: str) -> str | None:
+                        status: str, detail: str, source: str) -> str | None:
     """A recipient bounced after we handed the message on; the delivery's new state, if any.
 
     The delivery becomes 'bounced' when no recipient of it was delivered or is still pending.
+    Every bounce is a message.bounced event (naming the recipient), in the same transaction.
     """
     await connection.execute(
         """UPDATE delivery_recipients
@@ -382,6 +408,11 @@ async def record_bounce(connection: asyncpg.Connection, target: BounceTarget, ad
            WHERE delivery_id = $1 AND workspace_id = $2 AND state NOT IN ('bounced', 'suppressed',
                                                                           'failed', 'blocked')""",
         target.delivery_id, target.workspace_id)
+    await events.message_event(
+        connection, target.workspace_id, target.message_id, EventType.MESSAGE_BOUNCED,
+        {"bounce": {"address": normalize_address(address), "status": status,
+                    "detail": detail[:300], "source": source},
+         "delivery": {"id": target.delivery_id, "state": "sent" if remaining else "bounced"}})
     if remaining:
         return None
     await connection.execute(
@@ -389,6 +420,17 @@ async def record_bounce(connection: asyncpg.Connection, target: BounceTarget, ad
            WHERE id = $1 AND workspace_id = $2""", target.delivery_id, target.workspace_id)
     await _set_message_status(connection, target.workspace_id, target.message_id, "bounced")
     return "bounced"
+
+
+async def record_feedback(connection: asyncpg.Connection, target: BounceTarget,
+                          type: EventType, address: str, detail: str, source: str) -> None:
+    """A delivery report or a complaint about one recipient: its event, nothing else
+    changes (a complaint's suppression is the caller's)."""
+    await events.message_event(
+        connection, target.workspace_id, target.message_id, type,
+        {"recipient": {"address": normalize_address(address), "detail": detail[:300],
+                       "source": source},
+         "delivery": {"id": target.delivery_id}})
 
 
 async def _set_message_status(db: DbLike, workspace_id: int, message_id: int,

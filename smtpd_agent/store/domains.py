@@ -14,7 +14,9 @@ from typing import Literal, TypeAlias
 
 import asyncpg
 
+from . import events
 from .directory import DirectoryError, get_workspace
+from .events import EventType
 
 DbLike: TypeAlias = asyncpg.Pool | asyncpg.Connection
 State = Literal["pending", "verified", "degraded"]
@@ -133,24 +135,46 @@ async def verified_domains(db: DbLike) -> list[Domain]:
 
 
 async def record_check(db: DbLike, domain: Domain, failing: list[str]) -> Domain:
-    """Store a check's outcome: all pass -> verified; a failure -> degraded once verified."""
-    row = await db.fetchrow(
-        f"""WITH updated AS (
-                UPDATE domains SET
-                    state = CASE WHEN cardinality($3::text[]) = 0 THEN 'verified'
-                                 WHEN verified_at IS NULL THEN 'pending'
-                                 ELSE 'degraded' END,
-                    verified_at = CASE WHEN cardinality($3::text[]) = 0
-                                       THEN coalesce(verified_at, now()) ELSE verified_at END,
-                    checked_at = now(),
-                    failing = $3
-                WHERE id = $1 AND workspace_id = $2
-                RETURNING *)
-            SELECT {COLUMNS} FROM updated d JOIN workspaces w ON w.id = d.workspace_id""",
-        domain.id, domain.workspace_id, failing)
-    if row is None:
-        raise DirectoryError(f"domain {domain.name!r} was removed")
-    return Domain(**dict(row))
+    """Store a check's outcome: all pass -> verified; a failure -> degraded once verified.
+    A change of state to verified or degraded is announced (domain.verified,
+    domain.degraded) in the same transaction; a re-check that changes nothing is not."""
+    async with events.transaction(db) as connection:
+        before = await connection.fetchval(
+            "SELECT state FROM domains WHERE id = $1 AND workspace_id = $2 FOR UPDATE",
+            domain.id, domain.workspace_id)
+        row = await connection.fetchrow(
+            f"""WITH updated AS (
+                    UPDATE domains SET
+                        state = CASE WHEN cardinality($3::text[]) = 0 THEN 'verified'
+                                     WHEN verified_at IS NULL THEN 'pending'
+                                     ELSE 'degraded' END,
+                        verified_at = CASE WHEN cardinality($3::text[]) = 0
+                                           THEN coalesce(verified_at, now())
+                                           ELSE verified_at END,
+                        checked_at = now(),
+                        failing = $3
+                    WHERE id = $1 AND workspace_id = $2
+                    RETURNING *)
+                SELECT {COLUMNS} FROM updated d JOIN workspaces w ON w.id = d.workspace_id""",
+            domain.id, domain.workspace_id, failing)
+        if row is None:
+            raise DirectoryError(f"domain {domain.name!r} was removed")
+        updated = Domain(**dict(row))
+        if updated.state != before and updated.state in STATE_EVENTS:
+            await events.append(connection, updated.workspace_id, STATE_EVENTS[updated.state], {
+                "workspace": updated.workspace_slug,
+                "domain": {"id": updated.id, "name": updated.name, "state": updated.state,
+                           "previous_state": before, "failing": list(updated.failing),
+                           "verified_at": _iso(updated.verified_at),
+                           "checked_at": _iso(updated.checked_at)}})
+        return updated
+
+
+STATE_EVENTS = {"verified": EventType.DOMAIN_VERIFIED, "degraded": EventType.DOMAIN_DEGRADED}
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
 
 
 async def remove_domain(db: DbLike, domain: Domain) -> None:

@@ -71,14 +71,16 @@ def _assignments(columns: dict[str, Any], first: int) -> tuple[str, list[Any]]:
 
 
 async def claim(db: DbLike, queue: LeaseQueue, limit: int, lease: float,
-                **columns: Any) -> list[asyncpg.Record]:
+                condition: str = "", **columns: Any) -> list[asyncpg.Record]:
     """Take up to `limit` due rows for `lease` seconds (also setting `columns`); each
-    claimed row as it is now. No two workers get the same row."""
+    claimed row as it is now. No two workers get the same row. `condition`: SQL a row must
+    also meet (a constant of the caller's, naming the table by its name, never input)."""
     extra, values = _assignments(columns, 5)
+    also = f" AND ({condition})" if condition else ""
     return await db.fetch(
         f"""WITH due AS (
                 SELECT id FROM {queue.table}
-                 WHERE status = ANY($1::text[]) AND run_at <= now()
+                 WHERE status = ANY($1::text[]) AND run_at <= now(){also}
                  ORDER BY run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED)
             UPDATE {queue.table} q
                SET status = $3, attempts = q.attempts + 1, lease_token = gen_random_uuid(),

@@ -15,6 +15,8 @@ import asyncpg
 
 from ..message import Attachment
 from ..record import StoredInbound
+from . import events
+from .events import EventType
 
 DB = asyncpg.Pool | asyncpg.Connection
 
@@ -223,18 +225,37 @@ class DraftFields:
 async def add_draft(db: asyncpg.Pool | asyncpg.Connection, workspace_id: int, agent_id: int,
                     thread_id: int | None, fields: DraftFields, origin: str,
                     job_id: int | None = None) -> int:
-    if isinstance(db, asyncpg.Pool):
-        async with db.acquire() as connection, connection.transaction():
-            return await add_draft(connection, workspace_id, agent_id, thread_id, fields,
-                                   origin, job_id)
-    draft_id: int = await db.fetchval(
-        """INSERT INTO drafts (workspace_id, agent_id, thread_id, origin, to_addresses,
-                               cc_addresses, bcc_addresses, subject, text_body, html_body, job_id)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id""",
-        workspace_id, agent_id, thread_id, origin, list(fields.to), list(fields.cc),
-        list(fields.bcc), fields.subject, fields.text, fields.html, job_id)
-    await _set_draft_attachments(db, workspace_id, draft_id, fields.attachments or ())
-    return draft_id
+    """A new draft with its attachments, announced as draft.created in the same transaction
+    (the caller's, when `db` is a connection in one)."""
+    async with events.transaction(db) as connection:
+        row = await connection.fetchrow(
+            """WITH d AS (
+                   INSERT INTO drafts (workspace_id, agent_id, thread_id, origin, to_addresses,
+                                       cc_addresses, bcc_addresses, subject, text_body,
+                                       html_body, job_id)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                   RETURNING id, created_at)
+               SELECT d.id, d.created_at, w.slug, a.handle
+                 FROM d, workspaces w JOIN agents a ON a.workspace_id = w.id
+                WHERE w.id = $1 AND a.id = $2""",
+            workspace_id, agent_id, thread_id, origin, list(fields.to), list(fields.cc),
+            list(fields.bcc), fields.subject, fields.text, fields.html, job_id)
+        draft_id = int(row["id"])
+        attachments = fields.attachments or ()
+        await _set_draft_attachments(connection, workspace_id, draft_id, attachments)
+        base = f"{events.API}{row['slug']}"
+        links = {"draft": f"{base}/drafts/{draft_id}"}
+        if thread_id is not None:
+            links["thread"] = f"{base}/threads/{thread_id}"
+        # bcc stays out: it is the sender's private choice, readable over the API
+        await events.append(connection, workspace_id, EventType.DRAFT_CREATED, {
+            "workspace": row["slug"], "agent": row["handle"],
+            "draft": {"id": draft_id, "thread_id": thread_id, "origin": origin,
+                      "to": list(fields.to), "cc": list(fields.cc), "subject": fields.subject,
+                      "attachments": len(attachments),
+                      "created_at": row["created_at"].isoformat()},
+            **events.text_fields(fields.text), "links": links}, thread_id=thread_id)
+        return draft_id
 
 
 async def update_draft(db: asyncpg.Pool, workspace_id: int, draft_id: int,

@@ -6,7 +6,9 @@ DMARC policy (auth/), and not yet released. A held message has no agent job
 out. Releasing it records `released_at` (the labels stay, as evidence) and
 queues its job, a new one or the skipped one made due again; whether the
 agent then answers is still the worker's decision (a DMARC failure, for
-one, is never answered). Every query names the workspace of the row.
+one, is never answered). Held mail was announced as message.quarantined when
+stored; its release is the message.received event (`released` true), in the
+same transaction. Every query names the workspace of the row.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+
+from . import events
+from .events import EventType
 
 DB = asyncpg.Pool | asyncpg.Connection
 
@@ -90,4 +95,6 @@ async def release(pool: asyncpg.Pool, message_id: int,
                     WHERE agent_jobs.status IN ('skipped', 'failed')
                    RETURNING id""",
                 row["workspace_id"], row["agent_id"], row["thread_id"], row["id"])
+        await events.message_event(connection, row["workspace_id"], row["id"],
+                                   EventType.MESSAGE_RECEIVED, {"released": True})
         return Released(row["id"], row["slug"], row["handle"], why_held(dict(row)), job_id)

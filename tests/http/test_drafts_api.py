@@ -58,6 +58,12 @@ async def test_draft_mode_writes_a_draft_sends_nothing_until_sent(drafting, db):
     assert (draft["origin"], draft["to"], draft["subject"], draft["status"]) == (
         "agent", ["alice@example.org"], "Re: refund please", "draft")
     assert draft["text"].strip() == CANNED and draft["thread_id"]
+    # announced in the outbox: the mail, then the agent's draft (issue 19)
+    announced = await db.fetch("SELECT type, thread_id, payload->'draft'->>'id' AS draft, "
+                               "payload->'draft'->>'origin' AS origin FROM events ORDER BY id")
+    assert [(e["type"], e["thread_id"]) for e in announced] == [
+        ("message.received", draft["thread_id"]), ("draft.created", draft["thread_id"])]
+    assert (announced[1]["draft"], announced[1]["origin"]) == (str(draft["id"]), "agent")
     await asyncio.sleep(0.5)
     assert sink.received == []
     assert await db.fetchval("SELECT count(*) FROM deliveries") == 0

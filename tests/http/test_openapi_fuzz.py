@@ -46,6 +46,8 @@ def fuzz(base_url: str, key: str) -> list[str]:
     failures: list[str] = []
     for result in schema.get_all_operations():
         operation = result.ok()
+        if operation.path.endswith("/events"):
+            continue  # an SSE stream never ends; tests/events/test_stream.py checks its input
         headers = {"Authorization": f"Basic {basic}" if "postmark" in operation.path
                    else f"Bearer {key}"}
 

@@ -43,7 +43,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "auth", "routing", "ingress", "scan", "spam", "pipeline",
         "store", "store.apikeys", "store.changes", "store.database", "store.directory",
         "store.deployment", "store.domains", "store.inbox", "store.lease", "store.mailbox",
-        "store.messages", "store.rows", "store.acl", "store.quarantine",
+        "store.messages", "store.rows", "store.acl", "store.quarantine", "store.events",
+        "store.hooks",
         "runtime",
     ),
     # Listeners and features: each receives the Runtime and calls stages and store.
@@ -61,13 +62,17 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "domains", "domains.check", "domains.hosts", "domains.keys", "domains.mta_sts",
         "domains.records", "domains.service",
         "dnsserver", "dnsserver.server", "dnsserver.zone",
+        "mcpserver", "mcpserver.tools", "mcpserver.server", "mcpserver.http",
+        "hooks", "hooks.decisions", "hooks.payloads", "hooks.service", "hooks.signing",
+        "hooks.targets", "hooks.worker", "http.endpoints",
+        "events", "events.stream",
     ),
     # Wiring: builds the runtime and every service once, runs them.
     "app": ("app",),
     # The command: shared helpers, each group's subcommands, the composition.
     "cli": (
         "cli_common", "agent.cli", "acl.cli", "domains.cli", "http.cli", "mailbox.cli",
-        "outbound.cli", "cli",
+        "mcpserver.cli", "outbound.cli", "cli",
         "__main__",
     ),
 }

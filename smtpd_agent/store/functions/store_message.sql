@@ -4,7 +4,9 @@
 -- attachments' content once per workspace (blobs) and their rows, and the
 -- thread's counters. A thread created for this message already counts it
 -- (p_new_thread), so only a reply to an existing thread pays for the UPDATE
--- (a non-HOT update: last_message_at is indexed).
+-- (a non-HOT update: last_message_at is indexed). An inbound message is announced in
+-- the event outbox in the same transaction (message_event.sql): message.received, or
+-- message.quarantined when it is held from the agent (spam, DMARC quarantine).
 CREATE FUNCTION store_message(
     p_workspace_id bigint, p_agent_id bigint, p_thread_id bigint, p_new_thread boolean,
     p_direction text, p_status text, p_rcpt_to text, c message_content,
@@ -56,6 +58,12 @@ BEGIN
         UPDATE threads SET message_count = message_count + 1,
                            last_message_at = greatest(last_message_at, now())
          WHERE id = p_thread_id AND workspace_id = p_workspace_id;
+    END IF;
+
+    IF p_direction = 'inbound' THEN
+        PERFORM message_event(p_workspace_id, v_message_id,
+            CASE WHEN coalesce(c.spam, false) OR coalesce(c.quarantined, false)
+                 THEN 'message.quarantined' ELSE 'message.received' END);
     END IF;
     RETURN v_message_id;
 END;
