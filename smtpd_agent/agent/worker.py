@@ -16,15 +16,13 @@ from datetime import UTC, datetime
 
 import structlog
 
-from ..acl import AclDirection
 from ..addresses import OurDomains, parse_address
 from ..config import Settings
-from ..outbound.queue import is_suppressed
 from ..runtime import Runtime
-from ..store import acl
 from ..store import domains as domain_store
 from ..store.lease import poll
 from . import caps as limits
+from . import recipients as recipient_rules
 from . import jobs
 from .caps import Caps
 from .compose import Original, compose_reply
@@ -148,16 +146,12 @@ class AgentWorkers:
         to_address = reply_address(inbound.message.from_address, inbound.message.reply_to)
         if reason is None and to_address is None:
             reason = "no usable correspondent address"
-        if reason is None and to_address is not None and await is_suppressed(
-                db, job.workspace_id, to_address):
-            # a hard bounce or a complaint: never write to it again (outbound/queue.py)
-            reason = "correspondent suppressed"
         if reason is None and to_address is not None:
-            # the outbound queue enforces the lists whoever sends; asking here saves the call
-            decision = await acl.check(db, job.workspace_id, job.agent_id, AclDirection.SEND,
-                                       to_address)
-            if decision.refused:
-                reason = f"recipient refused by the allow/block lists ({decision.reason})"
+            # the suppression list and the allow/block lists, as for API sends; the outbound
+            # queue applies them again, asking here saves the model call
+            refusal = await recipient_rules.check(db, job.workspace_id, job.agent_id,
+                                                  (to_address,))
+            reason = refusal.reason if refusal else None
         caps = self.caps()
         if reason is None and to_address is not None:
             # checked again under the workspace's lock when the reply is stored

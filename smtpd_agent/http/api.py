@@ -12,6 +12,7 @@ import base64
 import binascii
 import re
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import quote
 
 import asyncpg
@@ -151,15 +152,7 @@ class InboxApi:
         found = await queries.attachment(self.db, owner.workspace_id, row_id(request, "id"))
         if found is None:
             raise HttpError(404, "no such attachment")
-        content_type = (found["content_type"] or "").lower()
-        if not SAFE_CONTENT_TYPE.match(content_type):
-            content_type = "application/octet-stream"
-        # Attacker-chosen bytes: never rendered inline by a browser on our origin.
-        response = web.Response(body=bytes(found["content"]), headers={
-            "Content-Type": content_type, "X-Content-Type-Options": "nosniff",
-            "Content-Security-Policy": "sandbox"})
-        response.headers["Content-Disposition"] = _disposition(found["filename"])
-        return response
+        return attachment_response(found)
 
     async def attachment_text(self, request: web.Request) -> web.Response:
         """The attachment's text (extract/attachment.py): text/* and PDFs, bounded."""
@@ -180,6 +173,19 @@ class InboxApi:
             "id": found["id"], "filename": found["filename"], "content_type": content_type,
             "size": found["size"], "text": extracted.text, "truncated": extracted.truncated,
             "pages": extracted.pages, "page_count": extracted.page_count})
+
+
+def attachment_response(found: dict[str, Any]) -> web.Response:
+    """An attachment's bytes (a message's or a draft's): filename, content_type, content."""
+    content_type = (found["content_type"] or "").lower()
+    if not SAFE_CONTENT_TYPE.match(content_type):
+        content_type = "application/octet-stream"
+    # Attacker-chosen bytes: never rendered inline by a browser on our origin.
+    response = web.Response(body=bytes(found["content"]), headers={
+        "Content-Type": content_type, "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "sandbox"})
+    response.headers["Content-Disposition"] = _disposition(found["filename"])
+    return response
 
 
 def _disposition(filename: str | None) -> str:

@@ -25,7 +25,7 @@ from ..store import directory
 from ..store import mailbox as queries
 from ..store.apikeys import Scope, create_key, list_keys, parse_scopes, revoke_key
 from ..store.directory import HANDLE, ReplyMode
-from .api import InboxApi, page_limit, row_id
+from .api import InboxApi, attachment_response, page_limit, row_id
 from .responses import HttpError, json_response
 
 log = structlog.get_logger(__name__)
@@ -251,6 +251,16 @@ class MailboxApi:
             raise HttpError(404, "no such draft")
         found.pop("agent_id")
         return json_response(found)
+
+    async def draft_attachment(self, request: web.Request) -> web.Response:
+        """One of the draft's own attachments, as sent (the ids the draft lists)."""
+        owner = await self.api.owner(request, Scope.READ)
+        found = await queries.draft_attachment(self.db, owner.workspace_id,
+                                               row_id(request, "id"),
+                                               row_id(request, "attachment"))
+        if found is None:
+            raise HttpError(404, "no such attachment of this draft")
+        return attachment_response(found)
 
     async def create_draft(self, request: web.Request) -> web.Response:
         owner = await self.api.owner(request, Scope.SEND)

@@ -272,8 +272,9 @@ def mailbox_paths() -> dict[str, dict[str, Any]]:
                 "labels": {"type": "array", "items": {"type": "string"}}}}),
                 "400": _error("bad label"), **FORBIDDEN, **API_ERRORS}}},
         f"{workspace}/search": {"get": {
-            "summary": "full-text search over subject, From and text, best first, with "
-                       "highlighted snippets (HTML-escaped, hits in <mark>)",
+            "summary": "full-text search over subject, From and the new text (an inbound "
+                       "reply's extracted_text: quoted history does not match), best first, "
+                       "with highlighted snippets (HTML-escaped, hits in <mark>)",
             "tags": ["inbox"], "security": bearer,
             "parameters": [SLUG,
                            {"name": "q", "in": "query", "required": True,
@@ -364,6 +365,20 @@ def mailbox_paths() -> dict[str, dict[str, Any]]:
                 "409": _error("sent or discarded already, or the agent is disabled"),
                 "413": TOO_LARGE, "422": REFUSED, "429": CAPPED,
                 **FORBIDDEN, **API_ERRORS}}},
+        f"{workspace}/drafts/{{id}}/attachments/{{attachment}}": {"get": {
+            "summary": "one of a draft's own attachments (the ids its attachments list), "
+                       "with its content type; served as a download, never inline",
+            "tags": ["drafts"], "security": bearer,
+            "parameters": [SLUG, _id("id"), {**_id("attachment"), "example": 9}],
+            "responses": {"200": {"description": "the bytes",
+                                  "headers": {"Content-Disposition": {
+                                      "schema": {"type": "string"},
+                                      "example": "attachment; filename=\"quote.pdf\"; "
+                                                 "filename*=UTF-8''quote.pdf"}},
+                                  "content": {"*/*": {
+                                      "schema": {"type": "string", "format": "binary"},
+                                      "example": "%PDF-1.7 ..."}}},
+                          **FORBIDDEN, **API_ERRORS}}},
         f"{workspace}/keys/{{id}}": {"delete": {
             "summary": "revoke a key (admin)", "tags": ["admin"], "security": bearer,
             "parameters": [SLUG, _id("id")],

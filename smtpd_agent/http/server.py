@@ -117,6 +117,7 @@ class HttpServer:
 
         workspace = "/api/v1/workspaces/{slug}"
         ident = r"{id:\d{1,19}}"
+        part = r"{attachment:\d{1,19}}"
         app.router.add_get("/health", health.live)
         app.router.add_get("/health/ready", health.ready)
         app.router.add_get("/metrics", metrics)
@@ -143,6 +144,8 @@ class HttpServer:
         app.router.add_patch(f"{workspace}/drafts/{ident}", mailbox.update_draft)
         app.router.add_delete(f"{workspace}/drafts/{ident}", mailbox.discard_draft)
         app.router.add_post(f"{workspace}/drafts/{ident}/send", mailbox.send_draft)
+        app.router.add_get(f"{workspace}/drafts/{ident}/attachments/{part}",
+                           mailbox.draft_attachment)
         app.router.add_get(f"{workspace}/messages/{ident}/raw", api.raw)
         app.router.add_get(f"{workspace}/attachments/{ident}", api.attachment)
         app.router.add_get(f"{workspace}/attachments/{ident}/text", api.attachment_text)

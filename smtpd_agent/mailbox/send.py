@@ -3,7 +3,8 @@
 Place: a feature beside the agent; the HTTP API calls it. Whatever the caller
 asks, From is the agent's own address and the threading headers come from the
 stored thread. Every recipient is checked before anything is stored (the
-suppression list; the allow/block lists where they exist), and so are the caps
+suppression list; the allow/block lists where they exist: agent/recipients.py, the
+check the built-in agent's replies pass too), and so are the caps
 the built-in agent's replies obey (agent/caps.py, under the same workspace
 lock); a refusal names its rule. The message is composed once (agent/compose.py), stored in its thread
 with status 'queued' (store_outbound, the one writer) and queued for delivery
@@ -22,9 +23,9 @@ from enum import StrEnum
 import asyncpg
 import structlog
 
-from ..acl import AclDirection
 from ..addresses import OurDomains, parse_address
 from ..agent import caps as limits
+from ..agent import recipients as recipient_rules
 from ..agent.caps import Caps
 from ..agent.compose import (
     ComposedMessage,
@@ -38,7 +39,6 @@ from ..agent.policy import agent_address, reply_address
 from ..config import Settings
 from ..message import Attachment, normalize_subject
 from ..outbound.queue import enqueue, normalize_address
-from ..store import acl
 from ..store import domains as domain_store
 from ..store import mailbox as store
 from ..store.messages import OutboundRow, store_outbound
@@ -169,22 +169,13 @@ class Mailboxes:
 
     async def refusal(self, connection: asyncpg.Connection, workspace_id: int, agent_id: int,
                       recipients: tuple[str, ...]) -> None:
-        """SendError(REFUSED) naming the rule for the first refused recipient, if any."""
-        suppressed = {r["address"] for r in await connection.fetch(
-            """SELECT address FROM suppressions
-                WHERE workspace_id = $1 AND address = ANY($2::text[])""",
-            workspace_id, list(recipients))}
-        for address in recipients:
-            if address in suppressed:
-                raise SendError(Problem.REFUSED, f"{address} is on the workspace's suppression "
-                                "list (a hard bounce, a complaint or a manual entry)",
-                                rule="suppression")
-            # the allow/block lists, as enqueue and the outbound worker apply them again
-            decision = await acl.check(connection, workspace_id, agent_id, AclDirection.SEND,
-                                       address)
-            if decision.refused:
-                raise SendError(Problem.REFUSED, f"{address} is refused by the allow/block "
-                                f"lists: {decision.reason}", rule="acl")
+        """SendError(REFUSED) naming the rule for the first refused recipient, if any: the
+        check the built-in agent's replies pass too (agent/recipients.py)."""
+        refused = await recipient_rules.check(connection, workspace_id, agent_id, recipients)
+        if refused is not None:
+            log.info("mailbox.refused", workspace_id=workspace_id, agent_id=agent_id,
+                     rule=refused.rule.value)
+            raise SendError(Problem.REFUSED, refused.error, rule=refused.rule.value)
 
     async def send(self, workspace_id: int, slug: str, handle: str, request: SendRequest,
                    idempotency_key: str | None, fingerprint: bytes,

@@ -56,7 +56,7 @@ def recipients_of(raw: bytes) -> list[str]:
 async def is_suppressed(db: DbLike, workspace_id: int, address: str) -> bool:
     """True if `workspace_id` must not write to `address` (hard bounce, complaint, manual).
 
-    The agent worker calls this before composing a reply (and records a skip);
+    Agents' replies and API sends are refused earlier (agent/recipients.py);
     `enqueue` checks again and never sends to a suppressed recipient.
     """
     return bool(await db.fetchval(

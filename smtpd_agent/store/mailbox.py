@@ -333,6 +333,17 @@ async def draft_attachment_contents(db: DB, workspace_id: int,
                             disposition="attachment") for r in rows)
 
 
+async def draft_attachment(db: DB, workspace_id: int, draft_id: int,
+                           attachment_id: int) -> dict[str, Any] | None:
+    """One of the draft's own attachments, with its content."""
+    row = await db.fetchrow(
+        """SELECT d.id, d.filename, d.content_type, d.size, b.content FROM draft_attachments d
+             JOIN blobs b ON b.workspace_id = d.workspace_id AND b.sha256 = d.sha256
+            WHERE d.workspace_id = $1 AND d.draft_id = $2 AND d.id = $3""",
+        workspace_id, draft_id, attachment_id)
+    return dict(row) if row else None
+
+
 async def draft(db: DB, workspace_id: int, draft_id: int) -> dict[str, Any] | None:
     row = await db.fetchrow(
         f"""SELECT {DRAFT_FIELDS}, d.agent_id FROM drafts d
@@ -414,19 +425,22 @@ HIT_START, HIT_STOP = "\u27e6", "\u27e7"
 async def search(db: DB, workspace_id: int, query: str, agent_id: int | None, limit: int,
                  after: SearchCursor | None = None) -> list[dict[str, Any]]:
     """Messages of the workspace matching `query` (web search syntax), best first, each
-    with a snippet; `after`: the page after that (rank, id)."""
+    with a snippet; `after`: the page after that (rank, id). The text searched and
+    quoted in the snippet is the message's new text (extracted_text, migration 0020),
+    else its text body."""
     rows = await db.fetch(
         f"""WITH q AS (SELECT websearch_to_tsquery('english', $2) AS query),
                 hits AS (
                     SELECT m.id, m.thread_id, m.agent_id, m.direction, m.subject,
-                           m.from_header, m.received_at, m.labels, m.text_body,
+                           m.from_header, m.received_at, m.labels,
+                           coalesce(m.extracted_text, m.text_body) AS searched,
                            ts_rank(m.search, q.query)::real AS rank
                       FROM messages m, q
                      WHERE m.workspace_id = $1 AND m.search @@ q.query
                        AND ($3::bigint IS NULL OR m.agent_id = $3))
             SELECT h.id, h.thread_id, a.handle AS agent, h.direction, h.subject,
                    h.from_header, h.received_at, h.labels, h.rank,
-                   ts_headline('english', left(coalesce(nullif(h.text_body, ''), h.subject, ''),
+                   ts_headline('english', left(coalesce(nullif(h.searched, ''), h.subject, ''),
                                                20000), q.query,
                                'StartSel={HIT_START}, StopSel={HIT_STOP}, MaxWords=30, '
                                'MinWords=10, MaxFragments=2') AS snippet

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from smtpd_agent.agent import recipients
 from smtpd_agent.outbound import queue
 from smtpd_agent.smtp import replies
 from smtpd_agent.store import directory
@@ -270,6 +271,11 @@ async def test_reply_to_a_block_listed_address_is_not_sent(start_server, db, dat
     assert job["status"] == "skipped"
     assert job["skip_reason"] == ("recipient refused by the allow/block lists (blocked by "
                                   "workspace entry alice@example.org)")
+    # the decision an API send to her gets, from the same check (agent/recipients.py)
+    shared = await recipients.check(db, job["workspace_id"], job["agent_id"],
+                                    ["Alice@Example.org"])
+    assert shared is not None and shared.rule is recipients.RecipientRule.ACL
+    assert job["skip_reason"] == shared.reason
     assert messages_api.requests == []
     await asyncio.sleep(0.3)
     assert sink.received == [] and sink.rcpt_times == []

@@ -137,10 +137,16 @@ async def test_cross_workspace_is_not_found_and_keys_are_required(server, keys, 
 
 
 async def test_keys_are_stored_hashed(server, keys, db):
-    rows = await db.fetch("SELECT key_hash, prefix FROM api_keys")
-    assert {bytes(r["key_hash"]) for r in rows} == {hash_key(keys.acme), hash_key(keys.globex)}
-    for row in rows:
-        assert keys.acme[:12] != row["key_hash"] and len(row["prefix"]) < 12
+    rows = await db.fetch("""SELECT w.slug, k.key_hash, k.prefix FROM api_keys k
+                             JOIN workspaces w ON w.id = k.workspace_id ORDER BY w.slug""")
+    assert [(r["slug"], bytes(r["key_hash"])) for r in rows] == [
+        ("acme", hash_key(keys.acme)), ("globex", hash_key(keys.globex))]
+    for row, key in zip(rows, (keys.acme, keys.globex), strict=True):
+        stored = bytes(row["key_hash"])
+        # a one-way hash, never the key or its secret part; the prefix only names it
+        assert key.encode() not in stored and key[len(row["prefix"]):].encode() not in stored
+        assert len(stored) == 32 and stored != key.encode()[:32]
+        assert key.startswith(row["prefix"]) and len(row["prefix"]) < 12
 
 
 @pytest.mark.timeout(120)

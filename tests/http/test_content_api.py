@@ -132,13 +132,13 @@ async def test_attachment_text_for_text_and_pdf_bounded_and_isolated(start_serve
     assert status == 422 and "PDF" in broken["error"]
 
     # another workspace: its key on acme's path, and its own path with acme's id
-    status, _ = await text_of("invoice.pdf", globex_key)
-    assert status == 404
-    status, _ = await text_of("invoice.pdf", globex_key,
-                              f"{server.http_url}/api/v1/workspaces/globex/attachments")
-    assert status == 404
-    status, _ = await text_of("invoice.pdf", send_only)
-    assert status == 403
+    status, refused = await text_of("invoice.pdf", globex_key)
+    assert status == 404 and "Invoice" not in str(refused)
+    status, refused = await text_of("invoice.pdf", globex_key,
+                                    f"{server.http_url}/api/v1/workspaces/globex/attachments")
+    assert status == 404 and refused == {"error": "no such attachment"}
+    status, refused = await text_of("invoice.pdf", send_only)
+    assert status == 403 and "scope" in refused["error"] and "Invoice" not in str(refused)
     async with http.get(f"{base}/{ids['notes.txt']}/text") as response:
         assert response.status == 401
 

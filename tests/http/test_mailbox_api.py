@@ -373,5 +373,13 @@ async def test_a_blocked_recipient_is_a_422_naming_the_allow_block_rule(mailbox,
         keys["send"], json={"to": ["bob@example.org"], "cc": "ceo@rival.example", "text": "x"})
     assert status == 422 and "allow/block" in body["error"] and "rival.example" in body["error"]
     assert body["rule"] == "acl"
+    # the refusal is the shared decision the built-in agent's replies get (agent/recipients.py)
+    from smtpd_agent.agent import recipients
+    agent_id = await db.fetchval("SELECT id FROM agents WHERE handle = 'support' AND "
+                                 "workspace_id = $1", workspace_id)
+    shared = await recipients.check(db, workspace_id, agent_id,
+                                    ["bob@example.org", "ceo@rival.example"])
+    assert shared is not None and (body["error"], body["rule"]) == (shared.error,
+                                                                    shared.rule.value)
     assert await db.fetchval("SELECT count(*) FROM messages") == 0
     assert await db.fetchval("SELECT count(*) FROM deliveries") == 0

@@ -182,3 +182,53 @@ async def test_discarding_a_draft_removes_its_attachments(mailbox, db):
     await asyncio.sleep(0.3)
     assert len(sink.received) == 1
     assert await db.fetchval("SELECT count(*) FROM deliveries") == 1
+
+
+async def test_a_drafts_own_attachment_is_downloadable_by_read_keys_only_in_its_workspace(
+        mailbox, db):
+    server, sink, keys, http, base = mailbox
+    status, draft, _ = await call(
+        http, "POST", f"{base}/agents/support/drafts", keys["send"],
+        data=form(("quote.pdf", PDF, "application/pdf"), ("evil.html", b"<script>x</script>",
+                                                          "text/html"),
+                  to="bob@example.org", text="Your quote."))
+    assert status == 201, draft
+    pdf, page = draft["attachments"]
+    status, other, _ = await call(http, "POST", f"{base}/agents/sales/drafts", keys["send"],
+                                  data=form(("items.csv", CSV, "text/csv"),
+                                            to="bob@example.org", text="Items."))
+    assert status == 201, other
+
+    async def get(url: str, key: str | None):
+        async with http.get(url, headers=bearer(key) if key else {}) as response:
+            return response.status, await response.read(), response.headers
+
+    url = f"{base}/drafts/{draft['id']}/attachments"
+    status, body, headers = await get(f"{url}/{pdf['id']}", keys["read"])
+    assert status == 200 and body == PDF
+    assert headers["Content-Type"] == "application/pdf"
+    assert headers["Content-Disposition"].startswith('attachment; filename="quote.pdf"')
+    # sender-chosen HTML is served as a download the browser never runs on our origin
+    status, body, headers = await get(f"{url}/{page['id']}", keys["read"])
+    assert status == 200 and body == b"<script>x</script>"
+    assert headers["Content-Security-Policy"] == "sandbox"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Content-Disposition"].startswith("attachment;")
+    # only the draft's own: another draft's attachment id under this draft is not found
+    status, body, _ = await get(f"{url}/{other['attachments'][0]['id']}", keys["read"])
+    assert status == 404 and CSV not in body
+    # scope: read; isolation: another workspace's key, on acme's path and on its own
+    status, body, _ = await get(f"{url}/{pdf['id']}", keys["send"])
+    assert status == 403 and PDF not in body
+    globex = f"{server.http_url}/api/v1/workspaces/globex/drafts/{draft['id']}/attachments"
+    for path in (f"{url}/{pdf['id']}", f"{globex}/{pdf['id']}"):
+        status, body, _ = await get(path, keys["globex"])
+        assert status == 404 and PDF not in body, path
+    status, _, _ = await get(f"{url}/{pdf['id']}", None)
+    assert status == 401
+    # discarded, its attachments are gone with it
+    async with http.delete(f"{base}/drafts/{draft['id']}",
+                           headers=bearer(keys["send"])) as response:
+        assert response.status == 204
+    status, _, _ = await get(f"{url}/{pdf['id']}", keys["read"])
+    assert status == 404
