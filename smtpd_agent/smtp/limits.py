@@ -28,6 +28,8 @@ them, as Postfix's anvil forgets its counts.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import enum
 import fcntl
 import hashlib
@@ -42,7 +44,7 @@ from collections.abc import Callable
 from typing import Final
 
 from ..addresses import client_key
-from ..config import EdgeSettings
+from ..config import EdgeSettings, SmtpSettings
 
 MAGIC: Final = b"SMTPLIM2"
 HEADER = struct.Struct("<8sII16s")  # magic, slots, buckets, hash key
@@ -311,3 +313,71 @@ class ClientRates:
             return RateVerdict.WITHIN
         self.table.ban(bucket, math.ceil(now + self.ban_seconds))
         return RateVerdict.EXCEEDED
+
+
+class Transfer:
+    """One session's transaction content: its share of the process's DataBudget and the
+    smtp.min_data_rate timer. Both session layers (smtp/server.py, smtp/session.py) use
+    it, so a slow or greedy client meets the same rules whichever layer serves it."""
+
+    def __init__(self, settings: SmtpSettings, loop: asyncio.AbstractEventLoop,
+                 budget: DataBudget | None, too_slow: Callable[[float], None],
+                 context: contextvars.Context | None = None, reserve_step: int = 262_144) -> None:
+        self.settings = settings
+        self.loop = loop
+        self.budget = budget
+        self.held = 0  # bytes reserved in budget by this session's transaction
+        self.window_bytes = 0
+        self._too_slow = too_slow
+        self._context = context
+        self._reserve_step = reserve_step
+        self._handle: asyncio.TimerHandle | None = None
+
+    def hold(self, size: int) -> bool:
+        """Reserve what a message of `size` bytes needs beyond the free share; False if
+        the process's budget cannot give it."""
+        budget = self.budget
+        if budget is None:
+            return True
+        need = size - budget.free
+        if need <= self.held:
+            return True
+        extra = max(need - self.held, self._reserve_step)
+        if not budget.reserve(extra):
+            return False
+        self.held += extra
+        return True
+
+    def release(self) -> None:
+        if self.held and self.budget is not None:
+            self.budget.release(self.held)
+            self.held = 0
+
+    def start_rate_watch(self) -> None:
+        """Check smtp.min_data_rate at the end of every smtp.data_rate_window while a
+        transaction's content is being read: one timer per window, not per read."""
+        if self._handle is None and self.settings.min_data_rate:
+            self.window_bytes = 0
+            self._handle = self.loop.call_later(self.settings.data_rate_window, self._rate_due,
+                                                context=self._context)
+
+    def stop_rate_watch(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _rate_due(self) -> None:
+        window = self.settings.data_rate_window
+        rate = self.window_bytes / window
+        if rate < self.settings.min_data_rate:
+            self._handle = None
+            self._too_slow(rate)
+            return
+        self.window_bytes = 0
+        self._handle = self.loop.call_later(window, self._rate_due, context=self._context)
+
+    def end(self) -> None:
+        """The transaction is over (finished, reset or abandoned)."""
+        self.stop_rate_watch()
+        self.release()
+

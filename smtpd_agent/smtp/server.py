@@ -59,7 +59,7 @@ from ..pipeline import Outcome
 from ..record import Envelope, Iprev, ReceivedContent
 from . import replies
 from .edge import Edge, EdgeAction, EdgeDecision, reply_for
-from .limits import ConnectionLimits, DataBudget
+from .limits import ConnectionLimits, DataBudget, Transfer
 from .replies import Reply, SessionVerdict
 
 log = structlog.get_logger("smtpd_agent.smtp")
@@ -217,10 +217,9 @@ class AgentSMTP(SMTP):
         self.transactions = 0
         self.started = time.monotonic()
         self.data_budget = data_budget
-        self._data_held = 0  # bytes reserved in data_budget by this session's transaction
         self._replies = 0
-        self._rate_handle: asyncio.TimerHandle | None = None
-        self._window_bytes = 0
+        self.transfer = Transfer(settings, self.loop, data_budget, self._data_too_slow,
+                                 reserve_step=READ_CHUNK * 4)
         self.edge = edge
         self._iprev: asyncio.Task[Iprev] | None = None
         self.dnsbl: tuple[str, ...] = ()  # zones listing the client (dnsbl_action "mark")
@@ -269,8 +268,7 @@ class AgentSMTP(SMTP):
                 self._iprev.cancel()
             self.sessions.active.discard(self)
             self.limits.release(self.client_ip)
-            self._stop_rate_watch()
-            self._release_data()
+            self.transfer.end()
             log.info("smtp.session_end", transactions=self.transactions,
                      seconds=round(time.monotonic() - self.started, 3))
 
@@ -314,9 +312,8 @@ class AgentSMTP(SMTP):
     def _set_post_data_state(self) -> None:
         """Also on RSET and EHLO (aiosmtpd's _set_rset_state): a transaction abandoned
         between BDAT chunks stops counting as receiving, for the data rate and a drain."""
-        if "_rate_handle" in self.__dict__:
-            self._stop_rate_watch()
-            self._release_data()
+        if "transfer" in self.__dict__:
+            self.transfer.end()
             self.receiving = False
         super()._set_post_data_state()
 
@@ -501,10 +498,10 @@ class AgentSMTP(SMTP):
             return
         await self.push(replies.START_MAIL_INPUT)
         self.receiving = True
-        self._start_rate_watch()
+        self.transfer.start_rate_watch()
         try:
             data, too_big, over_budget = await self._read_dot_terminated()
-            self._stop_rate_watch()
+            self.transfer.stop_rate_watch()
             self._reset_timeout()
             if over_budget and not too_big:
                 await self.push(str(self._over_budget()))
@@ -526,7 +523,7 @@ class AgentSMTP(SMTP):
         envelope: TransactionEnvelope = self.envelope
         limit = self.settings.max_message_size
         self.receiving = True
-        self._start_rate_watch()
+        self.transfer.start_rate_watch()
         try:
             await self._bdat_chunk(envelope, size, last, limit)
         finally:
@@ -535,31 +532,11 @@ class AgentSMTP(SMTP):
 
     def _end_receiving(self) -> None:
         self.receiving = False
-        self._stop_rate_watch()
+        self.transfer.stop_rate_watch()
         if self.sessions.draining:
             self.close_with(replies.SHUTTING_DOWN)
 
     # -- budgets: in-flight bytes and minimum data rate ---------------------------------
-
-    def _hold(self, size: int) -> bool:
-        """Reserve what a message of `size` bytes needs beyond the free share; False if
-        the process's budget cannot give it."""
-        budget = self.data_budget
-        if budget is None:
-            return True
-        need = size - budget.free
-        if need <= self._data_held:
-            return True
-        extra = max(need - self._data_held, READ_CHUNK * 4)
-        if not budget.reserve(extra):
-            return False
-        self._data_held += extra
-        return True
-
-    def _release_data(self) -> None:
-        if self._data_held and self.data_budget is not None:
-            self.data_budget.release(self._data_held)
-            self._data_held = 0
 
     def _over_budget(self) -> Reply:
         self.transactions += 1
@@ -567,42 +544,22 @@ class AgentSMTP(SMTP):
                     budget=self.data_budget.limit if self.data_budget else None)
         return replies.answer(SessionVerdict.DATA_BUDGET_EXHAUSTED, "smtp", self.metrics)
 
-    def _start_rate_watch(self) -> None:
-        """Check smtp.min_data_rate at the end of every smtp.data_rate_window while a
-        transaction's content is being read: one timer per window, not per read."""
-        if self._rate_handle is None and self.settings.min_data_rate:
-            self._window_bytes = 0
-            self._rate_handle = self.loop.call_later(self.settings.data_rate_window,
-                                                     self._rate_due)
-
-    def _stop_rate_watch(self) -> None:
-        if self._rate_handle is not None:
-            self._rate_handle.cancel()
-            self._rate_handle = None
-
-    def _rate_due(self) -> None:
-        window = self.settings.data_rate_window
-        rate = self._window_bytes / window
-        if rate < self.settings.min_data_rate:
-            self._rate_handle = None
-            log.info("smtp.data_too_slow", bytes_per_second=round(rate, 1),
-                     minimum=self.settings.min_data_rate)
-            self.close_with(replies.answer(SessionVerdict.DATA_TOO_SLOW, "smtp", self.metrics))
-            return
-        self._window_bytes = 0
-        self._rate_handle = self.loop.call_later(window, self._rate_due)
+    def _data_too_slow(self, rate: float) -> None:
+        log.info("smtp.data_too_slow", bytes_per_second=round(rate, 1),
+                 minimum=self.settings.min_data_rate)
+        self.close_with(replies.answer(SessionVerdict.DATA_TOO_SLOW, "smtp", self.metrics))
 
     async def _bdat_chunk(self, envelope: TransactionEnvelope, size: int, last: bool,
                           limit: int) -> None:
         keep = bool(not envelope.bdat_failed and envelope.rcpt_tos
                     and envelope.bdat_size + size <= limit)
-        if keep and not self._hold(envelope.bdat_size + size):
+        if keep and not self.transfer.hold(envelope.bdat_size + size):
             keep = False
             envelope.bdat_failed = replies.DATA_BUDGET_EXHAUSTED
             envelope.bdat_chunks.clear()
         chunk = await self._read_exactly(size, keep=keep)
         if last:
-            self._stop_rate_watch()
+            self.transfer.stop_rate_watch()
         self._reset_timeout()
         if not self.session.host_name:
             await self.push(str(replies.BAD_SEQUENCE.with_text("Send EHLO first")))
@@ -650,18 +607,18 @@ class AgentSMTP(SMTP):
                 break
             if len(buffer) > limit:
                 too_big = True
-            elif not over_budget and not self._hold(len(buffer)):
+            elif not over_budget and not self.transfer.hold(len(buffer)):
                 over_budget = True
                 log.info("smtp.data_budget_exhausted", size=len(buffer))
             if too_big or over_budget:
                 del buffer[2:-4]
-                self._release_data()
+                self.transfer.release()
             search_from = max(0, len(buffer) - len(TERMINATOR) + 1)
             self._reset_timeout(self.settings.data_timeout)
             chunk = await reader.read(READ_CHUNK)
             if not chunk:
                 raise ConnectionResetError("connection closed in DATA")
-            self._window_bytes += len(chunk)
+            self.transfer.window_bytes += len(chunk)
             buffer += chunk
         leftover = buffer[end + len(TERMINATOR):]
         if leftover:
@@ -686,7 +643,7 @@ class AgentSMTP(SMTP):
             if not piece:
                 raise asyncio.IncompleteReadError(b"".join(pieces), size)
             remaining -= len(piece)
-            self._window_bytes += len(piece)
+            self.transfer.window_bytes += len(piece)
             if keep:
                 pieces.append(piece)
         return b"".join(pieces) if len(pieces) != 1 else pieces[0]

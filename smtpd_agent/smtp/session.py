@@ -48,7 +48,7 @@ from ..record import Envelope, Iprev
 from . import replies
 from .edge import Edge, EdgeAction, EdgeDecision, reply_for
 from .handler import SessionHandler
-from .limits import ConnectionLimits, DataBudget
+from .limits import ConnectionLimits, DataBudget, Transfer
 from .replies import Reply, SessionVerdict
 from .server import (BDAT_ARGS, CONTROL, HELD_CODES, HOLD_REPLIES, PLAIN_PATH, READ_CHUNK,
                      TERMINATOR, Deliver, Sessions)
@@ -204,9 +204,8 @@ class NativeSession(asyncio.Protocol):
         self._bdat_pieces: list[bytes] = []
         self._bdat_last = False
         self._bdat_size = 0
-        self._data_held = 0
-        self._rate_handle: asyncio.TimerHandle | None = None
-        self._window_bytes = 0
+        self.transfer = Transfer(settings, self.loop, data_budget, self._data_too_slow,
+                                 self._context, reserve_step=READ_CHUNK * 4)
 
     # -- transport callbacks -------------------------------------------------------------
 
@@ -315,8 +314,7 @@ class NativeSession(asyncio.Protocol):
             self._busy = None
         if self._iprev is not None and not self._iprev.done():
             self._iprev.cancel()
-        self._stop_rate_watch()
-        self._release_data()
+        self.transfer.end()
         if self._acquired:
             self._acquired = False
             self.sessions.active.discard(self)  # type: ignore[arg-type]
@@ -578,8 +576,7 @@ class NativeSession(asyncio.Protocol):
     def _rset_state(self) -> None:
         """A new transaction (RSET, HELO/EHLO, after a message): also ends an abandoned
         BDAT transfer's rate watch and budget share."""
-        self._stop_rate_watch()
-        self._release_data()
+        self.transfer.end()
         self.receiving = False
         self.envelope = Transaction()
 
@@ -853,7 +850,7 @@ class NativeSession(asyncio.Protocol):
         self._push(replies.START_MAIL_INPUT)
         self._flush()
         self.receiving = True
-        self._start_rate_watch()
+        self.transfer.start_rate_watch()
         self._mode = Mode.DATA
         # The CRLF that ended DATA opens the content: ".\r\n" at once is found alike.
         self._data = bytearray(b"\r\n")
@@ -864,7 +861,7 @@ class NativeSession(asyncio.Protocol):
         """Move the buffer into the message; at <CR><LF>.<CR><LF>, finish it."""
         data = self._data
         if self._buffer:
-            self._window_bytes += len(self._buffer)
+            self.transfer.window_bytes += len(self._buffer)
             data += self._buffer
             self._buffer.clear()
         end = data.find(TERMINATOR, self._search_from)
@@ -872,12 +869,12 @@ class NativeSession(asyncio.Protocol):
             limit = self.data_size_limit + 2
             if len(data) > limit:
                 self._too_big = True
-            elif not self._over_budget and not self._hold(len(data)):
+            elif not self._over_budget and not self.transfer.hold(len(data)):
                 self._over_budget = True
                 log.info("smtp.data_budget_exhausted", size=len(data))
             if self._too_big or self._over_budget:
                 del data[2:-4]
-                self._release_data()
+                self.transfer.release()
             self._search_from = max(0, len(data) - len(TERMINATOR) + 1)
             self._reset_timeout(self.settings.data_timeout)
             return False
@@ -887,7 +884,7 @@ class NativeSession(asyncio.Protocol):
         content = b"" if too_big or over_budget else bytes(memoryview(data)[2:end + 2])
         self._data = bytearray()
         self._mode = Mode.COMMAND
-        self._stop_rate_watch()
+        self.transfer.stop_rate_watch()
         self._reset_timeout()
         if over_budget and not too_big:
             self._push(str(self._budget_refused()))
@@ -903,7 +900,7 @@ class NativeSession(asyncio.Protocol):
     def _message_done(self) -> None:
         self._rset_state()
         self.receiving = False
-        self._stop_rate_watch()
+        self.transfer.stop_rate_watch()
         if self.sessions.draining:
             self.close_with(replies.SHUTTING_DOWN)
 
@@ -919,10 +916,10 @@ class NativeSession(asyncio.Protocol):
         size, last = int(match.group(1)), match.group(2) is not None
         envelope = self.envelope
         self.receiving = True
-        self._start_rate_watch()
+        self.transfer.start_rate_watch()
         keep = bool(not envelope.bdat_failed and envelope.rcpt_tos
                     and envelope.bdat_size + size <= self.data_size_limit)
-        if keep and not self._hold(envelope.bdat_size + size):
+        if keep and not self.transfer.hold(envelope.bdat_size + size):
             keep = False
             envelope.bdat_failed = replies.DATA_BUDGET_EXHAUSTED
             envelope.bdat_chunks.clear()
@@ -940,7 +937,7 @@ class NativeSession(asyncio.Protocol):
         if left:
             self._reset_timeout(self.settings.data_timeout)
             take = min(left, len(self._buffer))
-            self._window_bytes += take
+            self.transfer.window_bytes += take
             if self._bdat_keep:
                 self._bdat_pieces.append(bytes(memoryview(self._buffer)[:take]))
             del self._buffer[:take]
@@ -956,7 +953,7 @@ class NativeSession(asyncio.Protocol):
         pieces, self._bdat_pieces = self._bdat_pieces, []
         chunk = b"".join(pieces) if len(pieces) != 1 else pieces[0]
         if last:
-            self._stop_rate_watch()
+            self.transfer.stop_rate_watch()
         self._reset_timeout()
         if not self.host_name:
             self._push(str(replies.BAD_SEQUENCE.with_text("Send EHLO first")))
@@ -986,29 +983,11 @@ class NativeSession(asyncio.Protocol):
     def _bdat_ended(self, last: bool) -> None:
         if last or not self.envelope.rcpt_tos:
             self.receiving = False
-            self._stop_rate_watch()
+            self.transfer.stop_rate_watch()
             if self.sessions.draining:
                 self.close_with(replies.SHUTTING_DOWN)
 
     # -- budgets: in-flight bytes and minimum data rate ---------------------------------
-
-    def _hold(self, size: int) -> bool:
-        budget = self.data_budget
-        if budget is None:
-            return True
-        need = size - budget.free
-        if need <= self._data_held:
-            return True
-        extra = max(need - self._data_held, READ_CHUNK * 4)
-        if not budget.reserve(extra):
-            return False
-        self._data_held += extra
-        return True
-
-    def _release_data(self) -> None:
-        if self._data_held and self.data_budget is not None:
-            self.data_budget.release(self._data_held)
-            self._data_held = 0
 
     def _budget_refused(self) -> Reply:
         self.transactions += 1
@@ -1016,28 +995,10 @@ class NativeSession(asyncio.Protocol):
                     budget=self.data_budget.limit if self.data_budget else None)
         return replies.answer(SessionVerdict.DATA_BUDGET_EXHAUSTED, "smtp", self.metrics)
 
-    def _start_rate_watch(self) -> None:
-        if self._rate_handle is None and self.settings.min_data_rate:
-            self._window_bytes = 0
-            self._rate_handle = self.loop.call_later(self.settings.data_rate_window,
-                                                     self._rate_due, context=self._context)
-
-    def _stop_rate_watch(self) -> None:
-        if self._rate_handle is not None:
-            self._rate_handle.cancel()
-            self._rate_handle = None
-
-    def _rate_due(self) -> None:
-        window = self.settings.data_rate_window
-        rate = self._window_bytes / window
-        if rate < self.settings.min_data_rate:
-            self._rate_handle = None
-            log.info("smtp.data_too_slow", bytes_per_second=round(rate, 1),
-                     minimum=self.settings.min_data_rate)
-            self.close_with(replies.answer(SessionVerdict.DATA_TOO_SLOW, "smtp", self.metrics))
-            return
-        self._window_bytes = 0
-        self._rate_handle = self.loop.call_later(window, self._rate_due, context=self._context)
+    def _data_too_slow(self, rate: float) -> None:
+        log.info("smtp.data_too_slow", bytes_per_second=round(rate, 1),
+                 minimum=self.settings.min_data_rate)
+        self.close_with(replies.answer(SessionVerdict.DATA_TOO_SLOW, "smtp", self.metrics))
 
     # -- the message: the shared content step, then the pipeline -------------------------
 

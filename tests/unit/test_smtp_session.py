@@ -21,7 +21,7 @@ from smtpd_agent.smtp.server import AgentSMTP, ConnectionLimits, Sessions
 # Attributes AgentSMTP sets after aiosmtpd's __init__, on top of aiosmtpd's own.
 OURS = {"settings", "limits", "deliver", "session_id", "sessions", "metrics", "receiving",
         "_pending_replies", "_greeted", "_deadline", "client_ip", "transactions", "started", "_bytes_in",
-        "data_budget", "_data_held", "_replies", "_rate_handle", "_window_bytes",
+        "data_budget", "transfer", "_replies",
         "edge", "_iprev", "dnsbl", "_last_code"}
 
 
