@@ -28,6 +28,7 @@ from .agent.worker import AgentWorkers
 from .config import ConfigError, Settings, SmtpSettings, apply_live, local_name_problem
 from .dnsserver.server import DnsServer
 from .domains.service import DomainRechecker, KeyRotator
+from .events.retention import Pruner
 from .hooks.worker import DeliveryWorker
 from .http import HttpServer
 from .metrics import MetricsSpooler, spool_directory
@@ -207,6 +208,8 @@ SERVICES: list[Callable[[Runtime], Service]] = [
     OutboundWorker,
     # Outgoing webhooks (webhooks.concurrency at once; 0: another process delivers).
     DeliveryWorker,
+    # Deletes old events and finished webhook deliveries (retention.*; one node at a time).
+    Pruner,
 ]
 # `smtpd-agent dns-serve`: the authoritative DNS server alone
 DNS_SERVICES: list[Callable[[Runtime], Service]] = [DnsServer]

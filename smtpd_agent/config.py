@@ -37,6 +37,8 @@ STANDARD_ENV = {
 
 
 LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# Retention days above this are a mistake (a century), not a policy.
+MAX_RETENTION_DAYS = 36_500
 HOSTNAME = re.compile(r"^([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
@@ -423,6 +425,24 @@ class WebhookSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """How long the event outbox and the webhook delivery log keep rows (events/retention.py)."""
+
+    # Seconds between pruning passes of this process; 0: it never prunes (another does).
+    # Any number of processes may prune: one at a time does (an advisory lock).
+    interval: float = 3600.0
+    # Days an event is kept (from its creation); 0: forever. An event stays while any
+    # webhook delivery of it is kept.
+    events_days: int = 30
+    # Days a finished webhook delivery (and its attempts) is kept, by how it ended; 0: forever.
+    webhook_delivered_days: int = 7
+    webhook_failed_days: int = 30
+    # Rows deleted per statement at most, and seconds of pause between two such batches.
+    batch_size: int = 1000
+    batch_pause: float = 0.2
+
+
+@dataclass(frozen=True)
 class EdgeSettings:
     """Reputation at the edge: DNSBLs and iprev at connect, per-client rates and bans."""
 
@@ -484,6 +504,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     outbound: OutboundSettings = field(default_factory=OutboundSettings)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     edge: EdgeSettings = field(default_factory=EdgeSettings)
     mcp: McpSettings = field(default_factory=McpSettings)
     log: LogSettings = field(default_factory=LogSettings)
@@ -662,6 +683,15 @@ def _validate_webhooks(hooks: WebhookSettings) -> None:
             raise ConfigError(f"webhooks.allowed_networks: not a network {network!r}") from None
 
 
+def _validate_retention(retention: RetentionSettings) -> None:
+    if retention.batch_size < 1:
+        raise ConfigError("retention.batch_size: must be at least 1")
+    for key in ("events_days", "webhook_delivered_days", "webhook_failed_days"):
+        if not 0 <= getattr(retention, key) <= MAX_RETENTION_DAYS:
+            raise ConfigError(f"retention.{key}: must be 0-{MAX_RETENTION_DAYS} (0: keep "
+                              f"forever), got {getattr(retention, key)}")
+
+
 def _validate(settings: Settings) -> None:
     """Cross-field checks that a type alone cannot express."""
     smtp = settings.smtp
@@ -705,6 +735,7 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"store.{key}: must be at least 1")
     _validate_edge(settings)
     _validate_webhooks(settings.webhooks)
+    _validate_retention(settings.retention)
     content = settings.content
     for key in ("extract_max_input", "extract_max_lines", "extract_max_chars", "html_max_input",
                 "attachment_max_bytes", "attachment_max_chars", "pdf_max_pages", "pdf_workers"):

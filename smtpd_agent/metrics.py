@@ -112,6 +112,28 @@ class Metrics:
             "smtpd_agent_events_last_id",
             "Newest id in the event outbox, read at scrape time (its rate: events per second)",
             registry=r)
+        self.event_stream_gaps = Counter(
+            "smtpd_agent_event_stream_gaps",
+            "Event streams resumed after an id older than retention kept (told with a gap "
+            "event)", registry=r)
+        # Retention (events/retention.py): passes by outcome (done, skipped: another
+        # process held the lock, failed) and rows deleted by kind.
+        self.retention_passes = Counter(
+            "smtpd_agent_retention_passes", "Pruning passes of the event outbox and the "
+            "webhook delivery log, by outcome", ["outcome"], registry=r)
+        self.retention_deleted = Counter(
+            "smtpd_agent_retention_deleted", "Rows deleted by retention, by kind (events, "
+            "webhook_deliveries_delivered, webhook_deliveries_failed)", ["kind"], registry=r)
+        # The MCP server (mcpserver/): tool calls by tool and outcome (ok, error: a tool
+        # error, refused: the key lacks the tool's scope, unauthorized: the key went
+        # invalid), and /mcp requests turned away before any tool ran, by reason.
+        self.mcp_tool_calls = Counter(
+            "smtpd_agent_mcp_tool_calls", "MCP tool calls by tool and outcome",
+            ["tool", "outcome"], registry=r)
+        self.mcp_rejected = Counter(
+            "smtpd_agent_mcp_requests_rejected",
+            "/mcp requests refused before the MCP server saw them (unauthorized, busy, "
+            "too_large, too_slow, incomplete)", ["reason"], registry=r)
         self.queue_depth = Gauge("smtpd_agent_queue_depth",
                                  "Rows of a queue table by state, read at scrape time",
                                  ["queue", "state"], registry=r)

@@ -9,6 +9,15 @@ after that one, in the outbox's order, with no gap and no repeat; without either
 the stream starts at the newest event (`?after=0`: from the first). `?types=` keeps
 some types only (comma-separated).
 
+Retention (events/retention.py) deletes old events. A client resuming after an id
+older than the newest event retention deleted from its workspace has missed events:
+the stream says so first with one SSE message of its own type, `gap` (no `id`, so a
+client's Last-Event-ID stays put), data {"type": "gap", "last_event_id": <its id>,
+"pruned_through": <newest deleted id>, "retention_days": <retention.events_days>},
+then goes on with every event still kept after that id. The client resynchronises
+from the API (threads, messages) for what it missed. `?after=0` asks for whatever is
+kept and gets no gap.
+
 Bounded: events are read a page at a time and each write waits for the socket to
 take it, so a slow reader holds at most one page plus the socket buffers; a
 reader that takes nothing for `http.events_send_timeout` is cut off (aiohttp-sse
@@ -36,6 +45,7 @@ from aiohttp_sse import EventSourceResponse, sse_response
 from ..config import HttpSettings
 from ..metrics import Metrics
 from ..store import events
+from ..store import retention
 from ..store.apikeys import KeyOwner, Scope
 from ..store.database import CONNECTION_ERRORS
 from ..store.events import EVENT_TYPES, Wakeups
@@ -48,6 +58,9 @@ PAGE = 20  # events read and written per round: the most a stream holds in memor
 POLL = 30.0  # seconds between reads when no NOTIFY came (one lost while reconnecting)
 HELD_RETRY = 0.2  # seconds before reading again when events wait behind an open transaction
 RECONNECT_MS = 2000  # the `retry:` a client waits before reconnecting after we close
+# The SSE type of "events after your id were deleted by retention" (no dot: never an
+# outbox event's type).
+GAP = "gap"
 
 
 def parse_cursor(request: web.Request) -> int | None:
@@ -81,11 +94,12 @@ class EventStreams:
     """The stream handler and the streams it has open in this process."""
 
     def __init__(self, api: InboxApi, db: asyncpg.Pool, wakeups: Wakeups,
-                 settings: HttpSettings, metrics: Metrics) -> None:
+                 settings: HttpSettings, metrics: Metrics, retention_days: int = 0) -> None:
         self.api = api
         self.db = db
         self.wakeups = wakeups
         self.settings = settings
+        self.retention_days = retention_days
         self.metrics = metrics
         self._open: set[EventSourceResponse] = set()
         self._per_key: Counter[int] = Counter()
@@ -103,6 +117,7 @@ class EventStreams:
         if self._closing.is_set():
             raise HttpError(503, "shutting down", {"Retry-After": "5"})
         with self._slot(owner):
+            resumed = after is not None and after > 0
             if after is None:
                 after = await events.last_id(self.db, owner.workspace_id)
             async with sse_response(request, ping_interval=self.settings.events_heartbeat,
@@ -113,7 +128,7 @@ class EventStreams:
                          workspace=owner.workspace_slug, after=after, types=types)
                 reason = "gone"
                 try:
-                    reason, after = await self._pump(response, owner, after, types)
+                    reason, after = await self._pump(response, owner, after, types, resumed)
                 finally:
                     self._open.discard(response)
                     self.metrics.event_streams.dec()
@@ -149,11 +164,29 @@ class EventStreams:
                     del counter[key]
 
     async def _pump(self, response: EventSourceResponse, owner: KeyOwner, after: int,
-                    types: list[str] | None) -> tuple[str, int]:
+                    types: list[str] | None, resumed: bool) -> tuple[str, int]:
         """Send pages of events until the reader goes, stalls, or we close; why (gone,
         stalled, closing, database), and the last id sent."""
         # a comment first: the headers and this reach the client at once
         await response.write(f": stream after {after}\r\nretry: {RECONNECT_MS}\r\n\r\n".encode())
+        if resumed:
+            try:
+                through = await retention.pruned_through(self.db, owner.workspace_id)
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as error:
+                log.warning("events.stream_database_unavailable", error=type(error).__name__)
+                return "database", after
+            if after < through:
+                self.metrics.event_stream_gaps.inc()
+                log.info("events.stream_gap", key_id=owner.key_id,
+                         workspace=owner.workspace_slug, after=after, pruned_through=through)
+                try:
+                    await response.send(json.dumps(
+                        {"type": GAP, "last_event_id": after, "pruned_through": through,
+                         "retention_days": self.retention_days}), event=GAP)
+                except TimeoutError:
+                    return "stalled", after
+                except (ConnectionResetError, RuntimeError):
+                    return "gone", after
         closing = asyncio.ensure_future(self._closing.wait())
         gone = asyncio.ensure_future(response.wait())
         try:

@@ -473,6 +473,97 @@ def webhook_endpoint_paths() -> dict[str, dict[str, Any]]:
     }
 
 
+def mcp_paths() -> dict[str, dict[str, Any]]:
+    """/mcp: the MCP server over streamable HTTP (mcpserver/http.py), stateless, JSON."""
+    bearer = [{"bearer": []}]
+    not_served = {"description": "only POST is served (stateless: no server-to-client "
+                                 "stream, no session to end)",
+                  "headers": {"Allow": {"schema": {"type": "string", "enum": ["POST"]}}}}
+    example_call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                    "params": {"name": "list_threads", "arguments": {"agent": "support"}}}
+    return {"/mcp": {
+        "post": {
+            "summary": "the MCP server (Model Context Protocol, streamable HTTP): the "
+                       "workspace's mailboxes as tools",
+            "description": (
+                "One JSON-RPC 2.0 message per POST (initialize, tools/list, tools/call, "
+                "...), answered with one JSON-RPC response (application/json); a "
+                "notification or response is answered 202 with no body. Stateless: no "
+                "Mcp-Session-Id is kept between requests, so initialize is optional. "
+                "Authorization: Bearer <workspace API key>; the key's scopes decide what "
+                "a tool may do (read: list, read, search; send: also send, reply, draft, "
+                "label) and a tool the key may not use answers a tool error (isError) "
+                "naming the scope, with HTTP 200. Send Accept: application/json, "
+                "text/event-stream, as the MCP specification asks. Bounded: the body "
+                "within mcp.max_request_size (413 above, before any tool runs), "
+                "mcp.concurrency requests at once per process (503 with Retry-After "
+                "above), a tool call within mcp.tool_timeout seconds."),
+            "tags": ["mcp"], "security": bearer,
+            "parameters": [
+                {"name": "MCP-Protocol-Version", "in": "header", "required": False,
+                 "schema": {"type": "string", "example": "2025-06-18"},
+                 "description": "the protocol version negotiated by initialize"}],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/JsonRpcRequest"},
+                "examples": {
+                    "list_tools": {"value": {"jsonrpc": "2.0", "id": 1,
+                                             "method": "tools/list"}},
+                    "call_tool": {"value": example_call}}}}},
+            "responses": {
+                "200": {"description": "the JSON-RPC response: a result, or an error "
+                                       "object; a tool's own failure is a result with "
+                                       "isError true",
+                        "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/JsonRpcResponse"},
+                            "example": {"jsonrpc": "2.0", "id": 1, "result": {
+                                "content": [{"type": "text", "text": "{\"threads\": []}"}],
+                                "structuredContent": {"threads": []},
+                                "isError": False}}}}},
+                "202": {"description": "a notification or response was accepted; no body"},
+                "400": {"description": "not a JSON-RPC message, or a body that did not "
+                                       "arrive whole"},
+                "401": _error("no bearer key, or a key we do not know (WWW-Authenticate: "
+                              "Bearer)"),
+                "406": {"description": "the Accept header allows neither JSON nor SSE"},
+                "408": _error("the body did not arrive in time"),
+                "413": _error("body larger than mcp.max_request_size; nothing ran"),
+                "415": {"description": "the body is not application/json"},
+                "503": {"description": "mcp.concurrency requests already running in this "
+                                       "process; retry after Retry-After seconds",
+                        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                        "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/Error"}}}},
+                "504": _error("the request took longer than mcp.tool_timeout plus the "
+                              "read timeout")}},
+        "get": {"summary": "not served: 405", "tags": ["mcp"],
+                "responses": {"405": not_served}},
+        "delete": {"summary": "not served: 405", "tags": ["mcp"],
+                   "responses": {"405": not_served}}}}
+
+
+def mcp_schemas() -> dict[str, Any]:
+    identifier = {"oneOf": [{"type": "string", "maxLength": 200}, {"type": "integer"}]}
+    return {
+        "JsonRpcRequest": {
+            "type": "object", "required": ["jsonrpc", "method"],
+            "properties": {
+                "jsonrpc": {"type": "string", "enum": ["2.0"]},
+                "id": identifier,
+                "method": {"type": "string", "example": "tools/call",
+                           "description": "initialize, ping, tools/list, tools/call, or a "
+                                          "notification such as notifications/initialized"},
+                "params": {"type": "object"}}},
+        "JsonRpcResponse": {
+            "type": "object", "required": ["jsonrpc"],
+            "properties": {
+                "jsonrpc": {"type": "string", "enum": ["2.0"]},
+                "id": {"oneOf": [*identifier["oneOf"], {"type": "string", "nullable": True}]},
+                "result": {"type": "object"},
+                "error": {"type": "object", "properties": {
+                    "code": {"type": "integer"}, "message": {"type": "string"},
+                    "data": {}}}}}}
+
+
 def openapi_spec() -> dict[str, Any]:
     thread_summary = {"type": "object", "properties": {
         "id": {"type": "integer"}, "subject": {"type": "string", "nullable": True},
@@ -552,7 +643,14 @@ def openapi_spec() -> dict[str, Any]:
                     "Reconnect with Last-Event-ID (or ?after=) to continue with no gap and "
                     "no repeat; without either the stream starts at the newest event, "
                     "?after=0 from the first. Heartbeat comments keep it open; a reader "
-                    "that stops reading is cut off and may resume."),
+                    "that stops reading is cut off and may resume. Events older than "
+                    "retention.events_days are deleted: a client resuming after an id "
+                    "older than the newest deleted one first gets one SSE message with "
+                    "`event: gap` and no `id`, data {\"type\": \"gap\", "
+                    "\"last_event_id\": <its id>, \"pruned_through\": <newest deleted id>, "
+                    "\"retention_days\": <days>}: it missed events and should "
+                    "resynchronise from the API; every event still kept after its id "
+                    "follows."),
                 "tags": ["events"], "security": bearer,
                 "parameters": [
                     SLUG,
@@ -782,6 +880,8 @@ def openapi_spec() -> dict[str, Any]:
             },
         },
     }
+    spec["paths"].update(mcp_paths())
+    spec["components"]["schemas"].update(mcp_schemas())
     agents = spec["paths"]["/api/v1/workspaces/{slug}/agents"]
     agents.update(mailbox_paths()["/api/v1/workspaces/{slug}/agents"])
     return spec

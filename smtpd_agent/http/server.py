@@ -90,7 +90,8 @@ class HttpServer:
         self.webhooks = hooks = Webhooks(settings.http, pipeline, router, runtime.pool,
                                          runtime.metrics)
         self.streams = streams = EventStreams(api, runtime.pool, runtime.event_wakeups,
-                                              settings.http, runtime.metrics)
+                                              settings.http, runtime.metrics,
+                                              settings.retention.events_days)
         spec = openapi_spec()
         app = web.Application(middlewares=[errors],
                               client_max_size=2 * settings.smtp.max_message_size
@@ -170,7 +171,7 @@ class HttpServer:
             self.mcp = McpHttp(runtime.pool, build_server(MailboxTools(
                 runtime.pool, mailboxes, api.texts, settings.mcp,
                 settings.server.default_domain),
-                owner_of), settings.mcp)
+                owner_of, runtime.metrics), settings.mcp, runtime.metrics)
             # Stateless: no GET stream (it would hold a slot open) and no session to DELETE
             # (405 with Allow: POST).
             app.router.add_post("/mcp", self.mcp.handle)

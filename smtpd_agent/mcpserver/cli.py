@@ -22,6 +22,7 @@ from ..cli_common import Parents
 from ..config import Settings
 from ..extract.attachment import AttachmentText, Limits
 from ..mailbox.send import Mailboxes
+from ..metrics import Metrics
 from ..store.apikeys import KeyOwner, find_key
 from .tools import MailboxTools
 
@@ -82,7 +83,8 @@ async def cmd_mcp(db: Any, settings: Settings, args: argparse.Namespace) -> int:
         pdf_memory_mb=content.pdf_memory_mb), content.pdf_workers)
     tools = MailboxTools(db, Mailboxes(db, settings), texts, settings.mcp,
                          settings.server.default_domain)
-    server = build_server(tools, current_owner)
+    # counted for nobody (no /metrics over stdio), but counted the same way
+    server = build_server(tools, current_owner, Metrics())
     log.info("mcp.stdio_started", key_id=owner.key_id, workspace=owner.workspace_slug)
     async with stdio_server() as (read, write):
         await server.run(read, write, server.create_initialization_options())

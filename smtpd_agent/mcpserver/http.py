@@ -24,8 +24,9 @@ from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 from ..config import McpSettings
-from ..http.limits import read_body
+from ..http.limits import LimitExceeded, read_body
 from ..http.responses import HttpError
+from ..metrics import Metrics
 from ..store.apikeys import KeyOwner, find_key
 
 log = structlog.get_logger(__name__)
@@ -51,9 +52,11 @@ class McpHttp:
     """/mcp: one session manager per HTTP server, run in a task of its own from start()
     to stop() (the SDK's task group must be entered and left in one task)."""
 
-    def __init__(self, db: asyncpg.Pool, server: Server[Any], settings: McpSettings) -> None:
+    def __init__(self, db: asyncpg.Pool, server: Server[Any], settings: McpSettings,
+                 metrics: Metrics) -> None:
         self.db = db
         self.settings = settings
+        self.metrics = metrics
         self.manager = StreamableHTTPSessionManager(
             app=server, json_response=True, stateless=True,
             max_request_body_size=settings.max_request_size)
@@ -86,17 +89,25 @@ class McpHttp:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
+            self.metrics.mcp_rejected.labels("unauthorized").inc()
             raise HttpError(401, "missing bearer token (a workspace API key)", UNAUTHORIZED)
         owner = await find_key(self.db, token.strip())
         if owner is None:
             log.info("mcp.unauthorized", path=request.path)
+            self.metrics.mcp_rejected.labels("unauthorized").inc()
             raise HttpError(401, "invalid API key", UNAUTHORIZED)
         if self._slots.locked():
             log.warning("mcp.busy", key_id=owner.key_id)
+            self.metrics.mcp_rejected.labels("busy").inc()
             raise HttpError(503, "busy, retry shortly", {"Retry-After": "1"})
         async with self._slots:
             # 413 / 408 / 400 as the webhooks answer them
-            body = await read_body(request, self.settings.max_request_size, READ_TIMEOUT)
+            try:
+                body = await read_body(request, self.settings.max_request_size, READ_TIMEOUT)
+            except LimitExceeded as error:
+                # too_large, too_slow, incomplete
+                self.metrics.mcp_rejected.labels(error.reason.replace(" ", "_")).inc()
+                raise
             return await self._bridge(request, body, owner)
 
     async def _bridge(self, request: web.Request, body: bytes,

@@ -20,9 +20,10 @@ from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 
 from .. import __version__
+from ..metrics import Metrics
 from ..store.apikeys import KeyOwner
 from ..store.database import CONNECTION_ERRORS, DatabaseUnavailable
-from .tools import TOOLS, MailboxTools, Tool, ToolError
+from .tools import BY_NAME, TOOLS, MailboxTools, ScopeRefused, Tool, ToolError
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +53,9 @@ def refused(message: str) -> types.CallToolResult:
     return types.CallToolResult(content=[types.TextContent(text=message)], is_error=True)
 
 
-def build_server(tools: MailboxTools, owner_of: OwnerOf) -> Server[Any]:
+def build_server(tools: MailboxTools, owner_of: OwnerOf, metrics: Metrics) -> Server[Any]:
+    """The server; `metrics` counts each call by tool (a name we do not have: "unknown")
+    and outcome: ok, error, refused (scope), unauthorized."""
     listed = types.ListToolsResult(tools=[describe(tool) for tool in TOOLS])
 
     async def list_tools(ctx: ServerRequestContext[Any, Any],
@@ -62,23 +65,34 @@ def build_server(tools: MailboxTools, owner_of: OwnerOf) -> Server[Any]:
     async def call_tool(ctx: ServerRequestContext[Any, Any],
                         params: types.CallToolRequestParams) -> types.CallToolResult:
         name = params.name
+        tool = name if name in BY_NAME else "unknown"  # bounded label values
         try:
             owner = await owner_of(ctx)
             if owner is None:
                 log.info("mcp.unauthorized", tool=name[:64])
+                metrics.mcp_tool_calls.labels(tool, "unauthorized").inc()
                 return refused("this API key is not valid any more (revoked?); nothing was "
                                "done")
             result = await tools.call(owner, name, params.arguments)
+        except ScopeRefused as error:
+            log.info("mcp.tool_refused", tool=name[:64], reason=error.message[:200],
+                     scope=True)
+            metrics.mcp_tool_calls.labels(tool, "refused").inc()
+            return refused(error.message)
         except ToolError as error:
             log.info("mcp.tool_refused", tool=name[:64], reason=error.message[:200])
+            metrics.mcp_tool_calls.labels(tool, "error").inc()
             return refused(error.message)
         except (DatabaseUnavailable, *CONNECTION_ERRORS) as error:
             log.error("mcp.database_unavailable", tool=name[:64], error=type(error).__name__)
+            metrics.mcp_tool_calls.labels(tool, "error").inc()
             return refused("the mail store is unavailable; retry in a minute")
         except Exception:
             log.exception("mcp.internal_error", tool=name[:64])
+            metrics.mcp_tool_calls.labels(tool, "error").inc()
             return refused("internal error in the mail server (logged); retry later or tell "
                            "the operator")
+        metrics.mcp_tool_calls.labels(tool, "ok").inc()
         log.info("mcp.tool_called", tool=name, key_id=owner.key_id,
                  workspace=owner.workspace_slug)
         return types.CallToolResult(

@@ -52,6 +52,10 @@ class ToolError(Exception):
         self.message = message
 
 
+class ScopeRefused(ToolError):
+    """A call the key's scopes do not allow (counted apart from other tool errors)."""
+
+
 @dataclass(frozen=True)
 class Tool:
     name: str
@@ -308,7 +312,7 @@ class MailboxTools:
             raise ToolError(f"no tool named {name[:64]!r}; the tools are "
                             f"{', '.join(BY_NAME)}")
         if tool.scope not in owner.scopes:
-            raise ToolError(f"{name} needs an API key with the {tool.scope.value!r} scope; "
+            raise ScopeRefused(f"{name} needs an API key with the {tool.scope.value!r} scope; "
                             f"this key has {', '.join(s.value for s in Scope if s in owner.scopes)}"
                             ". Ask the workspace's admin for such a key; nothing was done.")
         args = check_arguments(tool.schema, arguments if arguments is not None else {})

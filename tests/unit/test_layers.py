@@ -44,7 +44,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "store", "store.apikeys", "store.changes", "store.database", "store.directory",
         "store.deployment", "store.domains", "store.inbox", "store.lease", "store.mailbox",
         "store.messages", "store.rows", "store.acl", "store.quarantine", "store.events",
-        "store.hooks",
+        "store.hooks", "store.retention",
         "runtime",
     ),
     # Listeners and features: each receives the Runtime and calls stages and store.
@@ -65,7 +65,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "mcpserver", "mcpserver.tools", "mcpserver.server", "mcpserver.http",
         "hooks", "hooks.decisions", "hooks.payloads", "hooks.service", "hooks.signing",
         "hooks.targets", "hooks.worker", "http.endpoints",
-        "events", "events.stream",
+        "events", "events.retention", "events.stream",
     ),
     # Wiring: builds the runtime and every service once, runs them.
     "app": ("app",),

@@ -1,0 +1,144 @@
+"""Retention: a Service of `serve` that deletes old events and finished webhook deliveries.
+
+Every `retention.interval` seconds (0: off in this process) one pass: take the cluster's
+pruning lock (store/retention.py) on a connection of its own, so several servers on one
+database prune one at a time (the others log `retention.skipped` and wait for their next
+pass); then finished deliveries past their retention, then events past theirs, each in
+batches of `retention.batch_size` rows with `retention.batch_pause` seconds between
+batches. The connection is closed after the pass (Postgres frees the lock with it, also
+when the process dies). One `retention.pruned` log event per pass with the counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+
+import asyncpg
+import structlog
+
+from ..config import RetentionSettings
+from ..metrics import Metrics
+from ..runtime import Runtime
+from ..store import retention as store
+from ..store.database import CONNECTION_ERRORS, init_connection
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What one pass did: ran (False: another node held the lock), and rows deleted."""
+
+    ran: bool
+    events: int = 0
+    delivered: int = 0
+    failed: int = 0
+    kept_for_deliveries: int = 0
+
+
+class Pruner:
+    """The pruning passes of one process (a Service of app.SERVICES)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.url = runtime.database.url
+        self.settings: RetentionSettings = runtime.settings.retention
+        self.connect_timeout = runtime.settings.database.connect_timeout
+        self.metrics: Metrics = runtime.metrics
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.settings.interval <= 0:
+            log.info("service.disabled", service="retention", reason="retention.interval 0")
+            return
+        self._task = asyncio.create_task(self._loop(), name="retention")
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while not await self._pause(self.settings.interval):
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except CONNECTION_ERRORS as error:
+                self.metrics.retention_passes.labels("failed").inc()
+                log.warning("retention.database_unavailable", error=str(error))
+            except Exception as error:  # noqa: BLE001 - one failed pass must not end the loop
+                self.metrics.retention_passes.labels("failed").inc()
+                log.exception("retention.failed", error=str(error))
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep `seconds`; True when the service is stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return self._stopping.is_set()
+
+    async def run_once(self) -> PassResult:
+        """One pass (module docstring)."""
+        settings = self.settings
+        if not (settings.events_days or settings.webhook_delivered_days
+                or settings.webhook_failed_days):
+            return PassResult(ran=False)
+        connection = await asyncpg.connect(self.url, timeout=self.connect_timeout)
+        try:
+            await init_connection(connection)
+            if not await store.try_lock(connection):
+                self.metrics.retention_passes.labels("skipped").inc()
+                log.info("retention.skipped", reason="another process is pruning")
+                return PassResult(ran=False)
+            try:
+                return await self._prune(connection)
+            finally:
+                with contextlib.suppress(*CONNECTION_ERRORS):
+                    await store.unlock(connection)
+        finally:
+            await connection.close()
+
+    async def _prune(self, connection: asyncpg.Connection) -> PassResult:
+        settings = self.settings
+        started = time.monotonic()
+        counts = {"delivered": 0, "failed": 0}
+        for status, days in (("delivered", settings.webhook_delivered_days),
+                             ("failed", settings.webhook_failed_days)):
+            while days and not self._stopping.is_set():
+                deleted = await store.prune_deliveries(connection, status, days,
+                                                       settings.batch_size)
+                counts[status] += deleted
+                self.metrics.retention_deleted.labels(f"webhook_deliveries_{status}").inc(
+                    deleted)
+                if deleted < settings.batch_size or await self._pause(settings.batch_pause):
+                    break
+        events = examined = 0
+        cursor = store.EventCursor()
+        while settings.events_days and not self._stopping.is_set():
+            batch = await store.prune_events(connection, settings.events_days,
+                                             settings.batch_size, cursor)
+            events += batch.deleted
+            examined += batch.examined
+            cursor = batch.cursor
+            self.metrics.retention_deleted.labels("events").inc(batch.deleted)
+            if batch.examined < settings.batch_size or await self._pause(settings.batch_pause):
+                break
+        result = PassResult(True, events, counts["delivered"], counts["failed"],
+                            examined - events)
+        self.metrics.retention_passes.labels("done").inc()
+        log.info("retention.pruned", events=result.events,
+                 webhook_deliveries_delivered=result.delivered,
+                 webhook_deliveries_failed=result.failed,
+                 events_kept_for_deliveries=result.kept_for_deliveries,
+                 events_days=settings.events_days,
+                 webhook_delivered_days=settings.webhook_delivered_days,
+                 webhook_failed_days=settings.webhook_failed_days,
+                 seconds=round(time.monotonic() - started, 3),
+                 stopped_early=self._stopping.is_set())
+        return result
