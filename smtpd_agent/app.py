@@ -209,7 +209,7 @@ SERVICES: list[Callable[[Runtime], Service]] = [
     # Outgoing webhooks (webhooks.concurrency at once; 0: another process delivers).
     DeliveryWorker,
     # Deletes old events and finished webhook deliveries (retention.*; one node at a time).
-    Pruner,
+    Pruner.of,
 ]
 # `smtpd-agent dns-serve`: the authoritative DNS server alone
 DNS_SERVICES: list[Callable[[Runtime], Service]] = [DnsServer]

@@ -42,13 +42,20 @@ class PassResult:
 class Pruner:
     """The pruning passes of one process (a Service of app.SERVICES)."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.url = runtime.database.url
-        self.settings: RetentionSettings = runtime.settings.retention
-        self.connect_timeout = runtime.settings.database.connect_timeout
-        self.metrics: Metrics = runtime.metrics
+    def __init__(self, url: str, settings: RetentionSettings, metrics: Metrics,
+                 connect_timeout: float = 5.0) -> None:
+        self.url = url
+        self.settings = settings
+        self.metrics = metrics
+        self.connect_timeout = connect_timeout
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def of(cls, runtime: Runtime) -> Pruner:
+        """The service of `serve` (app.SERVICES)."""
+        return cls(runtime.database.url, runtime.settings.retention, runtime.metrics,
+                   runtime.settings.database.connect_timeout)
 
     async def start(self) -> None:
         if self.settings.interval <= 0:

@@ -21,6 +21,7 @@ import aiohttp
 import httpx2
 import pytest
 from mcp import ClientSession
+from prometheus_client.parser import text_string_to_metric_families
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
@@ -40,6 +41,21 @@ ALL_TOOLS = {"list_inboxes", "list_threads", "get_thread", "search_messages",
              "send_draft", "change_labels"}
 SENDING = {"send_message", "reply_to_thread", "create_draft", "send_draft", "change_labels"}
 NOTES = "Order 4711: two boxes, fragile.\n" + "x" * 3000
+
+
+async def metric(http: aiohttp.ClientSession, server: Any, name: str,
+                 labels: dict[str, str] | None = None) -> float:
+    """The sum of `name`'s samples on /metrics whose labels include `labels`."""
+    async with http.get(f"{server.http_url}/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v
+                                           for k, v in (labels or {}).items()):
+                total += sample.value
+    return total
 
 
 def inbound(subject: str = "where is my order") -> bytes:
@@ -304,6 +320,12 @@ async def test_http_needs_a_valid_key_and_bounds_the_body(mailbox):
             async with http.request(method, url, headers=bearer(keys["all"])) as response:
                 assert response.status == 405, (method, response.status)
                 assert response.headers["Allow"] == "POST"
+        # each refusal counted by reason, before any tool ran
+        assert await metric(http, server, "smtpd_agent_mcp_requests_rejected_total",
+                            {"reason": "unauthorized"}) == 2
+        assert await metric(http, server, "smtpd_agent_mcp_requests_rejected_total",
+                            {"reason": "too_large"}) == 1
+        assert await metric(http, server, "smtpd_agent_mcp_tool_calls_total") == 0
 
 
 async def test_requests_beyond_mcp_concurrency_get_503(start_server, db, relay,  # noqa: F811
@@ -345,7 +367,59 @@ async def test_requests_beyond_mcp_concurrency_get_503(start_server, db, relay, 
                 raise AssertionError("a second request was served while the slot was held")
     finally:
         writer.close()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        assert await metric(http, server, "smtpd_agent_mcp_requests_rejected_total",
+                            {"reason": "busy"}) >= 1
     # the slot is free again once that client is gone
     async with over_http(server, keys["all"]) as session:
         error, inboxes = await call(session, "list_inboxes")
         assert not error and len(inboxes["inboxes"]) == 2
+
+
+async def test_tool_calls_are_counted_by_tool_and_outcome(mailbox, db):
+    """ok, a tool error, and a call the key's scopes do not allow, each counted apart."""
+    server, sink, keys = mailbox
+    thread_id = await db.fetchval("SELECT id FROM threads")
+    async with over_http(server, keys["read"]) as session:
+        error, _ = await call(session, "get_thread", thread_id=thread_id)
+        assert not error
+        error, _ = await call(session, "get_thread", thread_id=thread_id + 1000)
+        assert error
+        error, text = await call(session, "reply_to_thread", thread_id=thread_id, text="hi")
+        assert error and "'send' scope" in text
+        error, _ = await call(session, "no_such_tool")
+        assert error
+    calls = "smtpd_agent_mcp_tool_calls_total"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        assert await metric(http, server, calls, {"tool": "get_thread", "outcome": "ok"}) == 1
+        assert await metric(http, server, calls,
+                            {"tool": "get_thread", "outcome": "error"}) == 1
+        assert await metric(http, server, calls,
+                            {"tool": "reply_to_thread", "outcome": "refused"}) == 1
+        assert await metric(http, server, calls, {"tool": "unknown", "outcome": "error"}) == 1
+        assert await metric(http, server, calls) == 4
+        assert await metric(http, server, "smtpd_agent_mcp_requests_rejected_total") == 0
+    assert sink.received == []
+
+
+async def test_openapi_describes_mcp(mailbox):
+    server, sink, keys = mailbox
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http, \
+            http.get(f"{server.http_url}/openapi.json") as response:
+        spec = await response.json()
+    mcp = spec["paths"]["/mcp"]
+    post = mcp["post"]
+    assert post["security"] == [{"bearer": []}]
+    assert {"200", "401", "413", "503"} <= set(post["responses"])
+    assert set(mcp["get"]["responses"]) == set(mcp["delete"]["responses"]) == {"405"}
+    example = post["requestBody"]["content"]["application/json"]["examples"]["call_tool"]
+    assert example["value"]["method"] == "tools/call"
+    # the example is a request the server answers as described
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http, \
+            http.post(f"{server.http_url}/mcp", json=example["value"],
+                      headers={**bearer(keys["read"]),
+                               "Accept": "application/json, text/event-stream"}) as response:
+        assert response.status == 200
+        answer = await response.json()
+    assert answer["id"] == example["value"]["id"] and answer["result"]["isError"] is False
+    assert "threads" in answer["result"]["structuredContent"]
