@@ -78,14 +78,16 @@ async def prune_events(connection: asyncpg.Connection, days: int, limit: int,
     oldest first, and delete those no delivery needs (module docstring)."""
     row = await connection.fetchrow(
         """WITH looked AS (
-               SELECT e.id, e.workspace_id, e.created_at,
-                      NOT EXISTS (SELECT 1 FROM webhook_deliveries d
-                                   WHERE d.event_id = e.id) AS unneeded
-                 FROM events e
-                WHERE e.created_at < now() - make_interval(days => $1)
-                  AND ($3::timestamptz IS NULL OR (e.created_at, e.id) > ($3, $4))
-                ORDER BY e.created_at, e.id
-                LIMIT $2),
+               SELECT e.id, e.workspace_id, e.created_at, needed.one IS NULL AS unneeded
+                 FROM (SELECT id, workspace_id, created_at FROM events
+                        WHERE created_at < now() - make_interval(days => $1)
+                          AND ($3::timestamptz IS NULL OR (created_at, id) > ($3, $4))
+                        ORDER BY created_at, id
+                        LIMIT $2) AS e
+                 -- one index probe per event (webhook_deliveries_event), never a hash of
+                 -- the whole delivery table
+                 LEFT JOIN LATERAL (SELECT 1 AS one FROM webhook_deliveries d
+                                     WHERE d.event_id = e.id LIMIT 1) AS needed ON true),
            doomed AS (
                SELECT e.id FROM events e JOIN looked USING (id)
                 WHERE looked.unneeded

@@ -63,6 +63,11 @@ def test_environment_overrides_file(tmp_path):
     ({"SMTPD_AGENT_HTTP_WEBHOOK_MAX_BODY_SIZE": "-1"}, "http.webhook_max_body_size"),
     ({"SMTPD_AGENT_HTTP_SNS_MAX_AGE": "0"}, "http.sns_max_age"),
     ({"SMTPD_AGENT_HTTP_SNS_CA_FILE": "/nonexistent.pem"}, "http.sns_ca_file"),
+    ({"SMTPD_AGENT_RETENTION_BATCH_SIZE": "0"}, "retention.batch_size"),
+    ({"SMTPD_AGENT_RETENTION_EVENTS_DAYS": "-1"}, "retention.events_days"),
+    ({"SMTPD_AGENT_RETENTION_EVENTS_DAYS": "1.5"}, "retention.events_days"),
+    ({"SMTPD_AGENT_RETENTION_WEBHOOK_FAILED_DAYS": "40000"}, "retention.webhook_failed_days"),
+    ({"SMTPD_AGENT_RETENTION_INTERVAL": "-5"}, "retention.interval"),
 ])
 def test_invalid_values_name_the_key(tmp_path, env, key):
     empty = tmp_path / "empty.toml"
