@@ -43,19 +43,21 @@ class Pruner:
     """The pruning passes of one process (a Service of app.SERVICES)."""
 
     def __init__(self, url: str, settings: RetentionSettings, metrics: Metrics,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, command_timeout: float = 30.0) -> None:
         self.url = url
         self.settings = settings
         self.metrics = metrics
         self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
     def of(cls, runtime: Runtime) -> Pruner:
         """The service of `serve` (app.SERVICES)."""
+        database = runtime.settings.database
         return cls(runtime.database.url, runtime.settings.retention, runtime.metrics,
-                   runtime.settings.database.connect_timeout)
+                   database.connect_timeout, database.command_timeout)
 
     async def start(self) -> None:
         if self.settings.interval <= 0:
@@ -96,7 +98,8 @@ class Pruner:
         if not (settings.events_days or settings.webhook_delivered_days
                 or settings.webhook_failed_days):
             return PassResult(ran=False)
-        connection = await asyncpg.connect(self.url, timeout=self.connect_timeout)
+        connection = await asyncpg.connect(self.url, timeout=self.connect_timeout,
+                                           command_timeout=self.command_timeout)
         try:
             await init_connection(connection)
             if not await store.try_lock(connection):

@@ -340,22 +340,22 @@ async def attempts(db: DbLike, workspace_id: int, delivery_id: int) -> list[dict
 
 async def replay_delivery(db: DbLike, workspace_id: int, endpoint_id: int,
                           delivery_id: int) -> int | None:
-    """A new delivery of that delivery's event to its endpoint, due now; its id."""
-    replay: int | None = await db.fetchval(
+    """A new delivery of that delivery's event to its endpoint, due now; its id (None when
+    it is not the workspace's, or retention deleted it meanwhile)."""
+    return await _replay(db, 
         """INSERT INTO webhook_deliveries (workspace_id, endpoint_id, event_id, event_type,
                                            thread_id, replay, replay_of)
            SELECT workspace_id, endpoint_id, event_id, event_type, thread_id, true, id
              FROM webhook_deliveries
             WHERE id = $1 AND workspace_id = $2 AND endpoint_id = $3
         RETURNING id""", delivery_id, workspace_id, endpoint_id)
-    return replay
 
 
 async def replay_event(db: DbLike, workspace_id: int, endpoint_id: int,
                        event_id: int) -> int | None:
     """A new delivery of the workspace's event `event_id` to the endpoint, due now; its id
     (None when either is not the workspace's). Also for an event the endpoint never had."""
-    replay: int | None = await db.fetchval(
+    return await _replay(db, 
         """INSERT INTO webhook_deliveries (workspace_id, endpoint_id, event_id, event_type,
                                            thread_id, replay, replay_of)
            SELECT ev.workspace_id, ep.id, ev.id, ev.type, ev.thread_id, true,
@@ -364,4 +364,11 @@ async def replay_event(db: DbLike, workspace_id: int, endpoint_id: int,
              FROM events ev JOIN webhook_endpoints ep ON ep.workspace_id = ev.workspace_id
             WHERE ev.id = $3 AND ev.workspace_id = $1 AND ep.id = $2
         RETURNING id""", workspace_id, endpoint_id, event_id)
+
+
+async def _replay(db: DbLike, sql: str, *arguments: Any) -> int | None:
+    try:
+        replay: int | None = await db.fetchval(sql, *arguments)
+    except asyncpg.ForeignKeyViolationError:  # the event was pruned between read and insert
+        return None
     return replay
