@@ -44,8 +44,7 @@ from aiohttp_sse import EventSourceResponse, sse_response
 
 from ..config import HttpSettings
 from ..metrics import Metrics
-from ..store import events
-from ..store import retention
+from ..store import events, retention
 from ..store.apikeys import KeyOwner, Scope
 from ..store.database import CONNECTION_ERRORS
 from ..store.events import EVENT_TYPES, Wakeups
