@@ -30,6 +30,7 @@ from .dnsserver.server import DnsServer
 from .domains.service import DomainRechecker, KeyRotator
 from .hooks.worker import DeliveryWorker
 from .http import HttpServer
+from .mailbox.indexer import SearchIndexer
 from .metrics import MetricsSpooler, spool_directory
 from .outbound.bounces import BounceProcessor
 from .outbound.worker import OutboundWorker
@@ -207,6 +208,8 @@ SERVICES: list[Callable[[Runtime], Service]] = [
     OutboundWorker,
     # Outgoing webhooks (webhooks.concurrency at once; 0: another process delivers).
     DeliveryWorker,
+    # Full-text search, indexed after the COMMIT (store.search_batch; 0: elsewhere).
+    SearchIndexer,
 ]
 # `smtpd-agent dns-serve`: the authoritative DNS server alone
 DNS_SERVICES: list[Callable[[Runtime], Service]] = [DnsServer]

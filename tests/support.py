@@ -324,6 +324,16 @@ def wait_for_ready(process: subprocess.Popen, log_path: Path, offset: int = 0,
     raise RuntimeError(f"serve not ready within {timeout}s: " + log_tail(log_path, offset))
 
 
+async def wait_searchable(db: Any, guard: float = 60.0) -> None:
+    """Until the search indexer has taken every stored message (store/search.py indexes
+    after the COMMIT): a test that searches right after a 250 waits for this first."""
+    deadline = time.monotonic() + guard
+    while await db.fetchval("SELECT count(*) FROM search_queue"):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"messages still queued for search after {guard}s")
+        await asyncio.sleep(0.05)
+
+
 def log_tail(log_path: Path, offset: int = 0, lines: int = 30) -> str:
     try:
         with open(log_path, "rb") as log:
