@@ -3,12 +3,14 @@ port probed free and closed can be taken before a server binds it (OSError 98). 
 we start bind port 0 and report the port they got: in-process ones from their bound
 socket, `smtpd-agent serve` in its `server.ready` log line (tests/support.wait_for_ready).
 Only daemons whose config takes a port number (clamd, rspamd: neither binds port 0) get a
-probed port; their start checks that they own it (`port_owner`) and retries with another."""
+probed port; their start waits until they own it (`wait_until_listening`) and retries with
+another (`start_on_probed_port`)."""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import psutil
@@ -43,6 +45,44 @@ def port_owner(pid: int, port: int) -> bool | None:
     except psutil.NoSuchProcess:
         return False
     return bool(owners & tree)
+
+
+def wait_until_listening(pid: int, port: int, *, running: Callable[[], bool],
+                         answers: Callable[[], bool] = lambda: True, timeout: float,
+                         pause: float = 0.1) -> bool:
+    """Wait until process `pid` (or a child) listens on `port` and `answers()`: True then;
+    False when it stopped `running` or `timeout` seconds passed first. Raises PortTaken
+    when another process listens on the port. Listening sockets are looked at whenever
+    it answers, otherwise at most once a second (scanning them costs)."""
+    began = time.monotonic()
+    checked = began
+    while time.monotonic() < began + timeout:
+        if not running():
+            return False
+        answered = answers()
+        if answered or time.monotonic() - checked > 1:
+            checked = time.monotonic()
+            owner = port_owner(pid, port)
+            if owner is False:
+                raise PortTaken(port)
+            if answered and owner:
+                return True
+        time.sleep(pause)
+    return False
+
+
+def start_on_probed_port(start_once: Callable[[], None], *, stop: Callable[[], None],
+                         use_port: Callable[[int], None]) -> None:
+    """Run a daemon's `start_once` (which raises PortTaken when someone else got its port);
+    on PortTaken, `stop` it, give it a newly probed port (`use_port`) and start again,
+    DAEMON_PORT_ATTEMPTS starts in all; the last one's PortTaken goes to the caller."""
+    for _attempt in range(DAEMON_PORT_ATTEMPTS - 1):
+        try:
+            return start_once()
+        except PortTaken:
+            stop()
+            use_port(probe_port())
+    start_once()
 
 
 @contextmanager
