@@ -14,7 +14,6 @@ infrastructure, usable from any fixture or from a shell.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.ports import probe_port, start_on_probed_port, wait_until_listening
+from tests.ports import find_daemon, probe_port, start_on_probed_port, wait_until_listening
 
 CLAMD_BINARY = "/usr/sbin/clamd"
 # Debian packages that provide it; the test script installs them when missing.
@@ -40,17 +39,8 @@ STREAM_MAX_LENGTH = 2 * 1024 * 1024
 
 
 def find_clamd() -> str | None:
-    """Path of the clamd binary, or None when clamav-daemon is not installed.
-
-    `SMTPD_AGENT_TEST_CLAMD` names another binary (a nonexistent path simulates
-    a machine without clamd, to check the skip/fail logic).
-    """
-    override = os.environ.get("SMTPD_AGENT_TEST_CLAMD")
-    if override is not None:
-        return override if os.access(override, os.X_OK) else None
-    if os.access(CLAMD_BINARY, os.X_OK):
-        return CLAMD_BINARY
-    return shutil.which("clamd")
+    """Path of the clamd binary, or None; `SMTPD_AGENT_TEST_CLAMD` names another."""
+    return find_daemon(CLAMD_BINARY, "SMTPD_AGENT_TEST_CLAMD")
 
 
 class ClamdError(RuntimeError):

@@ -1,13 +1,16 @@
-"""Ports for the servers tests start. Tests share this machine with other test runs, so a
-port probed free and closed can be taken before a server binds it (OSError 98). Servers
-we start bind port 0 and report the port they got: in-process ones from their bound
-socket, `smtpd-agent serve` in its `server.ready` log line (tests/support.wait_for_ready).
-Only daemons whose config takes a port number (clamd, rspamd: neither binds port 0) get a
-probed port; their start waits until they own it (`wait_until_listening`) and retries with
-another (`start_on_probed_port`)."""
+"""Ports and binaries for the servers tests start. Tests share this machine with other
+test runs, so a port probed free and closed can be taken before a server binds it (OSError
+98). Servers we start bind port 0 and report the port they got: in-process ones from their
+bound socket, `smtpd-agent serve` in its `server.ready` log line (tests/support.wait_for_ready).
+Only daemons whose config takes a port number (clamd, rspamd, bench's Postfix: none binds
+port 0) get a probed port; their start waits until they own it (`wait_until_listening`) and
+retries with another (`start_on_probed_port`)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +20,18 @@ import psutil
 
 # How often a daemon's start retries when its probed port went to someone else first.
 DAEMON_PORT_ATTEMPTS = 5
+
+
+def find_daemon(path: str, override: str) -> str | None:
+    """The daemon's binary: `path`, else the one on PATH, else None. The environment
+    variable `override` names another (a missing path simulates a machine without it, to
+    check that its tests skip, or fail with CI=true)."""
+    named = os.environ.get(override)
+    if named is not None:
+        return named if os.access(named, os.X_OK) else None
+    if os.access(path, os.X_OK):
+        return path
+    return shutil.which(os.path.basename(path))
 
 
 def probe_port() -> int:
@@ -31,12 +46,26 @@ class PortTaken(RuntimeError):
     """Another process listens on the port a daemon was configured with."""
 
 
+def listening_pids(port: int) -> set[int]:
+    """The processes listening on TCP `port` (any address)."""
+    return {c.pid for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid}
+
+
+async def wait_for_listeners(port: int, count: int, timeout: float = 60.0) -> set[int]:
+    """The processes listening on `port` once there are `count` of them (smtp.processes
+    listeners share one port), or as they are after `timeout` seconds: the caller asserts."""
+    deadline = time.monotonic() + timeout
+    while len(pids := listening_pids(port)) != count and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return pids
+
+
 def port_owner(pid: int, port: int) -> bool | None:
     """Who listens on TCP `port`: True for process `pid` or one of its children (rspamd's
     workers), False for some other process (the daemon must retry with another port),
     None for no one yet."""
-    owners = {c.pid for c in psutil.net_connections("tcp")
-              if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    owners = listening_pids(port)
     if not owners:
         return None
     try:

@@ -27,14 +27,13 @@ Deliberately synchronous and free of smtpd_agent imports, like tests/clamd.py.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.ports import probe_port, start_on_probed_port, wait_until_listening
+from tests.ports import find_daemon, probe_port, start_on_probed_port, wait_until_listening
 
 RSPAMD_BINARY = "/usr/bin/rspamd"
 APT_PACKAGES = ("rspamd",)
@@ -52,14 +51,8 @@ DISABLED_MODULES = ("fuzzy_check", "rbl", "surbl", "asn", "emails", "phishing",
 
 
 def find_rspamd() -> str | None:
-    """Path of rspamd, or None; `SMTPD_AGENT_TEST_RSPAMD` names another (a missing path
-    simulates a machine without it, to check the skip/fail logic)."""
-    override = os.environ.get("SMTPD_AGENT_TEST_RSPAMD")
-    if override is not None:
-        return override if os.access(override, os.X_OK) else None
-    if os.access(RSPAMD_BINARY, os.X_OK):
-        return RSPAMD_BINARY
-    return shutil.which("rspamd")
+    """Path of rspamd, or None; `SMTPD_AGENT_TEST_RSPAMD` names another."""
+    return find_daemon(RSPAMD_BINARY, "SMTPD_AGENT_TEST_RSPAMD")
 
 
 class RspamdError(RuntimeError):

@@ -17,6 +17,7 @@ import pytest
 from tests.ports import (
     DAEMON_PORT_ATTEMPTS,
     PortTaken,
+    find_daemon,
     probe_port,
     start_on_probed_port,
     wait_until_listening,
@@ -53,8 +54,11 @@ def test_it_waits_for_the_daemon_to_answer_too() -> None:
         return len(asked) >= 3
 
     with listening_child(port) as child:
-        assert wait_until_listening(child.pid, port, running=lambda: child.poll() is None,
-                                    answers=answers, timeout=60, pause=0.01)
+        running = lambda: child.poll() is None  # noqa: E731
+        assert wait_until_listening(child.pid, port, running=running, timeout=60)
+        # listening already: it is the answer that is waited for, and asked for no more
+        assert wait_until_listening(child.pid, port, running=running, answers=answers,
+                                    timeout=60, pause=0.01)
     assert len(asked) == 3
 
 
@@ -79,7 +83,8 @@ def test_a_daemon_that_exits_or_never_listens_is_not_waited_for_forever() -> Non
 
 
 def test_a_taken_port_is_stopped_and_started_again_on_a_new_one() -> None:
-    ports, stops = [], []
+    ports: list[int] = []
+    stops: list[int] = []
 
     def start_once() -> None:
         if len(ports) < 2:
@@ -99,3 +104,14 @@ def test_after_every_attempt_the_last_port_taken_reaches_the_caller() -> None:
     with pytest.raises(PortTaken):
         start_on_probed_port(start_once, stop=lambda: None, use_port=lambda port: None)
     assert len(starts) == DAEMON_PORT_ATTEMPTS
+
+
+def test_a_daemon_binary_is_found_or_named_by_its_variable(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv("SMTPD_AGENT_TEST_DAEMON", raising=False)
+    assert find_daemon(sys.executable, "SMTPD_AGENT_TEST_DAEMON") == sys.executable
+    missing = str(tmp_path / "no-such-daemon")
+    assert find_daemon(missing, "SMTPD_AGENT_TEST_DAEMON") is None
+    monkeypatch.setenv("SMTPD_AGENT_TEST_DAEMON", missing)  # a machine without it
+    assert find_daemon(sys.executable, "SMTPD_AGENT_TEST_DAEMON") is None
+    monkeypatch.setenv("SMTPD_AGENT_TEST_DAEMON", sys.executable)
+    assert find_daemon(missing, "SMTPD_AGENT_TEST_DAEMON") == sys.executable
