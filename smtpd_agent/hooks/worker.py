@@ -26,7 +26,7 @@ from ..domains.keys import KeyStoreError
 from ..metrics import Metrics
 from ..runtime import Runtime
 from ..store import hooks as store
-from ..store.lease import attempt_claimed, poll
+from ..store.lease import attempt_claimed, poll, stop_polling
 from . import signing
 from .decisions import DeliveryState, Outcome, after_attempt, outcome_of, should_disable
 from .payloads import DISABLED_EVENT, event_body, record_disabled
@@ -77,15 +77,10 @@ class DeliveryWorker:
         self._wake.set()
 
     async def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._task is not None:
-            try:
-                # attempts in flight finish (each bounded by webhooks.timeout)
-                await asyncio.wait_for(asyncio.shield(self._task), self.hooks.timeout + 5)
-            except TimeoutError:
-                self._task.cancel()
-            self._task = None
+        # attempts in flight finish (each bounded by webhooks.timeout)
+        await stop_polling(self._task, stopping=self._stopping, wake=self._wake,
+                           grace=self.hooks.timeout + 5)
+        self._task = None
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -20,7 +20,7 @@ from ..domains import Domains
 from ..domains.keys import KeyStoreError
 from ..runtime import Runtime
 from ..store import domains as domain_store
-from ..store.lease import attempt_claimed, poll
+from ..store.lease import attempt_claimed, poll, stop_polling
 from . import queue
 from .decisions import decide_delivery
 from .signing import SigningError, sign_message
@@ -69,16 +69,10 @@ class OutboundWorker:
         self._wake.set()
 
     async def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._task is not None:
-            try:
-                # an attempt in flight finishes (bounded by the transport timeout)
-                await asyncio.wait_for(asyncio.shield(self._task),
-                                       self.settings.outbound.timeout + 5)
-            except asyncio.TimeoutError:
-                self._task.cancel()
-            self._task = None
+        # an attempt in flight finishes (bounded by the transport timeout)
+        await stop_polling(self._task, stopping=self._stopping, wake=self._wake,
+                           grace=self.settings.outbound.timeout + 5)
+        self._task = None
         if self.transport is not None:
             await self.transport.close()
         log.info("outbound.stopped")

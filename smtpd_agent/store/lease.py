@@ -10,8 +10,8 @@ result. Both tables share the column names (migration 0009): status, run_at,
 attempts, lease_token. Apart from the claim, which serves every workspace
 and returns each row with its workspace, every statement names the workspace.
 
-`poll` is the one loop every worker runs over its queue; `attempt_claimed` runs one
-claimed batch (the outbound and webhook deliveries).
+`poll` is the one loop every worker runs over its queue, `stop_polling` ends it;
+`attempt_claimed` runs one claimed batch (the outbound and webhook deliveries).
 """
 
 from __future__ import annotations
@@ -146,6 +146,20 @@ async def poll(step: Callable[[], Awaitable[bool]], *, interval: float,
             await asyncio.wait_for((wake or stopping).wait(), interval)
         except TimeoutError:
             pass
+
+
+async def stop_polling(task: asyncio.Task[None] | None, *, stopping: asyncio.Event,
+                       wake: asyncio.Event, grace: float) -> None:
+    """End a worker's `poll` loop: it claims nothing more, and the attempts in flight
+    finish, for `grace` seconds at most (then the loop is cancelled: their leases run out)."""
+    stopping.set()
+    wake.set()
+    if task is None:
+        return
+    try:
+        await asyncio.wait_for(asyncio.shield(task), grace)
+    except TimeoutError:
+        task.cancel()
 
 
 class Claimed(Protocol):

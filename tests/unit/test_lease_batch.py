@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+import pytest
 from structlog.testing import capture_logs
 
-from smtpd_agent.store.lease import LeaseLost, attempt_claimed
+from smtpd_agent.store.lease import LeaseLost, attempt_claimed, stop_polling
 
 
 @dataclass(frozen=True)
@@ -93,3 +94,25 @@ async def test_the_queues_raise_the_one_lease_lost_the_runner_catches() -> None:
     from smtpd_agent.store import hooks
 
     assert queue.LeaseLost is LeaseLost and hooks.LeaseLost is LeaseLost
+
+
+async def test_stop_polling_lets_a_batch_in_flight_finish() -> None:
+    stopping, wake, finished = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def loop() -> None:
+        await stopping.wait()
+        await asyncio.sleep(0.05)  # the attempt in flight
+        finished.set()
+
+    task = asyncio.create_task(loop())
+    await stop_polling(task, stopping=stopping, wake=wake, grace=60)
+    assert stopping.is_set() and wake.is_set() and finished.is_set() and task.done()
+
+
+async def test_stop_polling_cancels_a_loop_that_outlasts_its_grace() -> None:
+    stopping, wake = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(asyncio.Event().wait())  # never ends by itself
+    await stop_polling(task, stopping=stopping, wake=wake, grace=0.05)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await stop_polling(None, stopping=stopping, wake=wake, grace=0.05)  # never started
