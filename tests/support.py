@@ -406,14 +406,15 @@ def start_with_acme_support(url: str, settings: Settings) -> ServerThread:
     """A running server whose database has the workspace acme and its agent support (no
     auto-reply): what the hostile-client suites deliver to alongside their attacks."""
     server = ServerThread(settings).start()
-
-    async def prepare() -> None:
-        connection = await asyncpg.connect(url)
-        try:
-            await directory.add_workspace(connection, "acme")
-            await directory.add_agent(connection, "acme", "support", auto_reply=False)
-        finally:
-            await connection.close()
-
-    asyncio.run(prepare())
+    asyncio.run(add_acme_support(url))
     return server
+
+
+async def add_acme_support(url: str) -> None:
+    """The workspace acme and its agent support (no auto-reply), on a connection of its own."""
+    connection = await asyncpg.connect(url)
+    try:
+        await directory.add_workspace(connection, "acme")
+        await directory.add_agent(connection, "acme", "support", auto_reply=False)
+    finally:
+        await connection.close()
