@@ -220,6 +220,25 @@ class Dialogue:
         self.sock.close()
 
 
+def send_one(port: int, raw: bytes, mail_from: str, rcpt: str, *,
+             ehlo: str = "mail.sender.test", timeout: float = 10.0) -> tuple[int, list[bytes]]:
+    """One message to one recipient in a session of its own; the reply to the end of DATA.
+    `raw` goes as given (a caller whose lines may start with a dot stuffs them)."""
+    dialogue = Dialogue.open(port, timeout)
+    try:
+        dialogue.reply()
+        dialogue.command(f"EHLO {ehlo}")
+        assert dialogue.command(f"MAIL FROM:<{mail_from}>")[0] == 250
+        assert dialogue.command(f"RCPT TO:<{rcpt}>")[0] == 250
+        assert dialogue.command("DATA")[0] == 354
+        dialogue.send(raw + b".\r\n")
+        reply = dialogue.reply()
+        dialogue.command("QUIT")
+    finally:
+        dialogue.close()
+    return reply
+
+
 def enhanced(line: bytes) -> str | None:
     match = re.match(rb"^\d{3}[ -](\d\.\d{1,3}\.\d{1,3}) ", line)
     return match.group(1).decode() if match else None
