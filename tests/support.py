@@ -39,6 +39,19 @@ TEST_DNS_TIMEOUT = 0.5
 UNREACHABLE_DNS = "127.0.0.1:9"
 REPLY_LINE = re.compile(rb"^(\d{3})([ -])(.*)$")
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def required(binary: str | None, name: str, packages: str) -> str:
+    """A program a test needs (clamd, rspamd, dig...): its path. Without it the test skips,
+    or with CI=true fails: CI must not pass by skipping what it could not run."""
+    import pytest  # here: bench/ imports this module too, and runs without pytest
+
+    if binary is None:
+        reason = f"{name} not installed (apt-get install -y {packages})"
+        if IN_CI:
+            pytest.fail(f"{reason}; CI=true, so this is a failure, not a skip")
+        pytest.skip(reason)
+    return binary
 # The SMTP session layers (smtp.session). The protocol suites run under both; the rest of
 # the suite under SMTPD_AGENT_TEST_SESSION (default aiosmtpd), so that the whole suite can
 # be run against the native layer: SMTPD_AGENT_TEST_SESSION=native ./scripts/test tests

@@ -1,4 +1,5 @@
-"""tests/ports.py: the daemon start helpers clamd, rspamd and bench/run.py's Postfix share.
+"""tests/ports.py: the daemon start helpers clamd, rspamd and bench/run.py's Postfix share;
+tests/support.required, the skip-or-fail-in-CI rule for a missing program.
 
 Real processes and sockets on loopback: a child that listens on the port it is given stands
 in for a daemon that takes its port from a config file.
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from tests import support
 from tests.ports import (
     DAEMON_PORT_ATTEMPTS,
     PortTaken,
@@ -22,6 +24,7 @@ from tests.ports import (
     start_on_probed_port,
     wait_until_listening,
 )
+from tests.support import required
 
 LISTEN = ("import socket, sys, time\n"
           "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
@@ -115,3 +118,13 @@ def test_a_daemon_binary_is_found_or_named_by_its_variable(monkeypatch, tmp_path
     assert find_daemon(sys.executable, "SMTPD_AGENT_TEST_DAEMON") is None
     monkeypatch.setenv("SMTPD_AGENT_TEST_DAEMON", sys.executable)
     assert find_daemon(missing, "SMTPD_AGENT_TEST_DAEMON") == sys.executable
+
+
+def test_a_missing_program_skips_its_test_but_fails_it_in_ci(monkeypatch) -> None:
+    assert required("/usr/bin/dig", "dig", "dnsutils") == "/usr/bin/dig"
+    monkeypatch.setattr(support, "IN_CI", False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install -y dnsutils"):
+        required(None, "dig", "dnsutils")
+    monkeypatch.setattr(support, "IN_CI", True)
+    with pytest.raises(pytest.fail.Exception, match="CI=true, so this is a failure"):
+        required(None, "dig", "dnsutils")
