@@ -9,7 +9,10 @@ The contract the SSE stream (events/stream.py) and the webhook worker rely on:
   the row's `id`. A message's payload is built by functions/message_event.sql
   (`message_event()` here), a draft's and a domain's where they are stored: ids, the
   workspace's slug, envelope, subject, a snippet, text up to TEXT_CHARS and API links;
-  never secrets, never whole bodies. `Event.body()` is the JSON every consumer sends.
+  never secrets, never whole bodies. A message event's snippet and text are not stored
+  with it but joined from the message when read (functions/event_payload.sql, through
+  COLUMNS): the text never changes, and the store transaction then writes it once.
+  `Event.body()` is the JSON every consumer sends.
 - `after(db, workspace_id, last_id, limit, types=None)` pages the committed events
   after the event `last_id` (0: from the beginning), oldest first, at most `limit`;
   `workspace_id=None` reads every workspace (the webhook worker). Feeding back the last
@@ -62,7 +65,7 @@ class EventType(StrEnum):
 
 
 EVENT_TYPES = frozenset(EventType)
-# The bounds of a payload's text, the same as functions/message_event.sql's.
+# The bounds of a payload's text, the same as functions/event_payload.sql's.
 TEXT_CHARS = 8000
 SNIPPET_CHARS = 200
 API = "/api/v1/workspaces/"
@@ -117,9 +120,10 @@ async def append(connection: asyncpg.Connection, workspace_id: int, type: EventT
                                      workspace_id, str(type), thread_id, json.dumps(payload))
 
 
-# payload as text: decoded here, whatever codecs the caller's connection has
-COLUMNS = ("e.id, e.event_id, e.workspace_id, e.type, e.thread_id, e.payload::text AS payload, "
-           "e.created_at")
+# payload as text: decoded here, whatever codecs the caller's connection has; a message
+# event's text is joined as it is read (functions/event_payload.sql)
+COLUMNS = ("e.id, e.event_id, e.workspace_id, e.type, e.thread_id, "
+           "(e.event_payload)::text AS payload, e.created_at")
 
 
 async def after(db: DB, workspace_id: int | None, last_id: int, limit: int,
@@ -232,7 +236,7 @@ async def message_event(connection: asyncpg.Connection, workspace_id: int, messa
 
 
 def text_fields(text: str | None) -> dict[str, Any]:
-    """A payload's snippet and text, bounded as message_event.sql bounds a message's."""
+    """A payload's snippet and text, bounded as event_payload.sql bounds a message's."""
     text = text or ""
     snippet = re.sub(r"\s+", " ", text[:1000]).strip()[:SNIPPET_CHARS]
     return {"snippet": snippet, "text": text[:TEXT_CHARS],

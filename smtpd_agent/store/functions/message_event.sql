@@ -1,10 +1,11 @@
 -- Append an event about one message (store/events.py): store_message calls it for every
 -- inbound message, Python code (outbound worker, bounces, quarantine release) for the
 -- rest, always in the transaction of the change it reports. The payload: ids, the
--- workspace's slug and the agent's handle, envelope, headers a reader sorts by, a
--- snippet, the message's extracted text up to 8000 characters and API paths to fetch the rest.
--- Never the raw message, the HTML body or anything secret. `p_extra` adds what the
--- cause knows (a bounce's diagnostic, a delivery's relay reply).
+-- workspace's slug and the agent's handle, envelope, headers a reader sorts by and API
+-- paths to fetch the rest; the message's text and snippet are joined when the event is
+-- read (event_payload.sql), so the store transaction neither reads nor writes the body
+-- again. Never the raw message, the HTML body or anything secret. `p_extra` adds what
+-- the cause knows (a bounce's diagnostic, a delivery's relay reply).
 CREATE FUNCTION message_event(p_workspace_id bigint, p_message_id bigint, p_type text,
                               p_extra jsonb DEFAULT '{}')
 RETURNS bigint
@@ -12,14 +13,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_payload jsonb;
     v_thread_id bigint;
-    v_text text;
     v_base text;
 BEGIN
     SELECT m.thread_id,
-           -- the text: an inbound message's new text without quoted history and
-           -- signature (extracted_text, migration 0016), else (outbound, older mail)
-           -- the plain body
-           coalesce(m.extracted_text, m.text_body),
            '/api/v1/workspaces/' || w.slug,
            jsonb_build_object(
                'workspace', w.slug,
@@ -33,7 +29,7 @@ BEGIN
                    'size', m.size, 'labels', to_jsonb(m.labels), 'spam', m.spam,
                    'quarantined', m.quarantined),
                'envelope', jsonb_build_object('mail_from', m.mail_from, 'rcpt_to', m.rcpt_to))
-      INTO v_thread_id, v_text, v_base, v_payload
+      INTO v_thread_id, v_base, v_payload
       FROM messages m
       JOIN workspaces w ON w.id = m.workspace_id
       JOIN agents a ON a.id = m.agent_id AND a.workspace_id = m.workspace_id
@@ -42,11 +38,7 @@ BEGIN
         RAISE EXCEPTION 'message_event: no message % in workspace %', p_message_id,
             p_workspace_id;
     END IF;
-    v_text := coalesce(v_text, '');
     v_payload := v_payload || jsonb_build_object(
-        'snippet', left(btrim(regexp_replace(left(v_text, 1000), '\s+', ' ', 'g')), 200),
-        'text', left(v_text, 8000),
-        'text_truncated', length(v_text) > 8000,
         'links', jsonb_build_object(
             'thread', v_base || '/threads/' || v_thread_id,
             'raw', v_base || '/messages/' || p_message_id || '/raw'))
