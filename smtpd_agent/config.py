@@ -89,7 +89,7 @@ class SmtpSettings:
     max_recipients: int = 100
     max_connections: int = 1000
     max_connections_per_ip: int = 20
-    processes: int = 1
+    processes: int = 0  # 0: one per usable CPU, at most MAX_AUTO_PROCESSES
     command_timeout: float = 300.0
     data_timeout: float = 600.0
     max_commands: int = 10_000
@@ -101,7 +101,7 @@ class SmtpSettings:
     tls_cert: str = ""
     tls_key: str = ""
     require_starttls: bool = False
-    session: Literal["aiosmtpd", "native"] = "aiosmtpd"
+    session: Literal["aiosmtpd", "native"] = "native"
 
 
 @dataclass(frozen=True)
@@ -595,9 +595,26 @@ def _build(values: Mapping[str, Any], source: str) -> Settings:
             if key in values:
                 kwargs[f.name] = _coerce(key, values[key], keys[key])
         sections[section] = cls(**kwargs)
+    if sections["smtp"].processes == 0:
+        sections["smtp"] = dataclasses.replace(sections["smtp"], processes=auto_processes())
     settings = Settings(**sections)
     _validate(settings)
     return settings
+
+
+# Each accepting process holds its own database pool (database.pool_max connections):
+# many cores must not exhaust Postgres's connections (100 by default).
+MAX_AUTO_PROCESSES = 4
+
+
+def auto_processes() -> int:
+    """smtp.processes = 0: one accepting process per CPU this process may run on (its
+    affinity, as a container's cpuset limits it), at most MAX_AUTO_PROCESSES."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_AUTO_PROCESSES))
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -667,10 +684,12 @@ def _validate(settings: Settings) -> None:
     smtp = settings.smtp
     if not 0 <= smtp.port < 65536:
         raise ConfigError(f"smtp.port: must be 0-65535 (0 picks a free port), got {smtp.port}")
-    for key in ("max_message_size", "max_recipients", "max_connections", "processes",
+    for key in ("max_message_size", "max_recipients", "max_connections",
                 "max_connections_per_ip", "max_header_size", "max_commands"):
         if getattr(smtp, key) < 1:
             raise ConfigError(f"smtp.{key}: must be at least 1")
+    if not 1 <= smtp.processes <= 64:
+        raise ConfigError(f"smtp.processes: must be 0 (one per CPU) or 1-64, got {smtp.processes}")
     for key in ("data_memory_budget", "min_data_rate"):
         if getattr(smtp, key) < 0:
             raise ConfigError(f"smtp.{key}: must not be negative (0 turns it off)")

@@ -53,10 +53,11 @@ def required(binary: str | None, name: str, packages: str) -> str:
         pytest.skip(reason)
     return binary
 # The SMTP session layers (smtp.session). The protocol suites run under both; the rest of
-# the suite under SMTPD_AGENT_TEST_SESSION (default aiosmtpd), so that the whole suite can
-# be run against the native layer: SMTPD_AGENT_TEST_SESSION=native ./scripts/test tests
+# the suite under SMTPD_AGENT_TEST_SESSION (default native, the product's default), so
+# that the whole suite can be run against the reference layer too:
+# SMTPD_AGENT_TEST_SESSION=aiosmtpd ./scripts/test tests
 SESSION_LAYERS = ("aiosmtpd", "native")
-TEST_SESSION = os.environ.get("SMTPD_AGENT_TEST_SESSION", "aiosmtpd")
+TEST_SESSION = os.environ.get("SMTPD_AGENT_TEST_SESSION", "native")
 
 
 class EmbeddedCluster:
@@ -105,6 +106,8 @@ def make_settings(database_url: str, state_dir: Path, **overrides: Any) -> Setti
         "dns.timeout": TEST_DNS_TIMEOUT,
         "auth.timeout": 3,
         "smtp.session": TEST_SESSION,
+        # one accepting process unless a test asks for more (the default is one per CPU)
+        "smtp.processes": 1,
     }
     values.update(overrides)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -372,8 +375,11 @@ class ServeProcess:
     kill, names a port; another process could take it in between, never on a first start)."""
 
     def __init__(self, env: dict[str, str], state_dir: Path) -> None:
+        # one accepting process (the default is one per CPU) unless the test asks for
+        # more, in env or in a config file of its own
+        processes = {} if "SMTPD_AGENT_CONFIG" in env else {"SMTPD_AGENT_SMTP_PROCESSES": "1"}
         self.env = {**os.environ, "SMTPD_AGENT_LOG_FORMAT": "json",
-                    "SMTPD_AGENT_SMTP_SESSION": TEST_SESSION, **env}
+                    "SMTPD_AGENT_SMTP_SESSION": TEST_SESSION, **processes, **env}
         self.env.pop("DATABASE_URL", None) if "DATABASE_URL" not in env else None
         level = self.env.get("SMTPD_AGENT_LOG_LEVEL", "info").lower()
         assert level in ("debug", "info"), "the ports are read from the info line server.ready"

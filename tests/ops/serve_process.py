@@ -52,7 +52,7 @@ class ServeProcess:
             "http.host": "127.0.0.1", "http.port": 0,
             "dns.nameservers": [nameserver], "dns.timeout": 0.5, "auth.timeout": 3,
             "routing.cache_ttl": 0.2, "log.format": "json", "smtp.session": TEST_SESSION,
-            **settings}
+            "smtp.processes": 1, **settings}
         write_config(self.config, self.settings)
         # An abstract-namespace socket (the "@" form of NOTIFY_SOCKET): no path length limit.
         name = f"smtpd-agent-test-{secrets.token_hex(6)}"

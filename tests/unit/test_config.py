@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,8 @@ def test_environment_overrides_file(tmp_path):
     ({"SMTPD_AGENT_SMTP_BARE_LF": "ignore"}, "smtp.bare_lf"),
     ({"SMTPD_AGENT_SMTP_REQUIRE_STARTTLS": "maybe"}, "smtp.require_starttls"),
     ({"SMTPD_AGENT_SMTP_MAX_RECIPIENTS": "0"}, "smtp.max_recipients"),
+    ({"SMTPD_AGENT_SMTP_PROCESSES": "-1"}, "smtp.processes"),
+    ({"SMTPD_AGENT_SMTP_PROCESSES": "65"}, "smtp.processes"),
     ({"SMTPD_AGENT_ROUTING_POSTMASTER": "ops"}, "routing.postmaster"),
     ({"SMTPD_AGENT_STORE_COMMITTERS": "0"}, "store.committers"),
     ({"SMTPD_AGENT_STORE_COMMITTERS": "10"}, "store.committers"),
@@ -70,6 +73,17 @@ def test_invalid_values_name_the_key(tmp_path, env, key):
     with pytest.raises(ConfigError) as error:
         load_settings(path=empty, env=env)
     assert str(error.value).startswith(key + ":")
+
+
+def test_smtp_processes_default_to_one_per_usable_cpu_at_most_four(tmp_path):
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    cpus = len(os.sched_getaffinity(0))
+    assert load_settings(path=empty, env={}).smtp.processes == min(cpus, 4)
+    assert load_settings(path=REPO / "config" / "smtpd-agent.toml",
+                         env={}).smtp.processes == min(cpus, 4)
+    assert load_settings(path=empty, env={"SMTPD_AGENT_SMTP_PROCESSES": "1"}).smtp.processes == 1
+    assert load_settings(path=empty, env={"SMTPD_AGENT_SMTP_PROCESSES": "6"}).smtp.processes == 6
 
 
 def test_unknown_key_in_file_is_an_error(tmp_path):
