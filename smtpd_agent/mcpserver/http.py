@@ -25,13 +25,12 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 from ..config import McpSettings
 from ..http.limits import read_body
-from ..http.responses import HttpError
-from ..store.apikeys import KeyOwner, find_key
+from ..http.responses import HttpError, bearer_owner
+from ..store.apikeys import KeyOwner
 
 log = structlog.get_logger(__name__)
 
 OWNER = "smtpd_agent.owner"
-UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="smtpd-agent"'}
 # Headers the ASGI app never sees (the key stays here) or that aiohttp sets itself.
 DROPPED_IN = {b"authorization", b"cookie"}
 DROPPED_OUT = {"connection", "transfer-encoding", "keep-alive"}
@@ -84,13 +83,9 @@ class McpHttp:
             self._task = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise HttpError(401, "missing bearer token (a workspace API key)", UNAUTHORIZED)
-        owner = await find_key(self.db, token.strip())
-        if owner is None:
-            log.info("mcp.unauthorized", path=request.path)
-            raise HttpError(401, "invalid API key", UNAUTHORIZED)
+        owner = await bearer_owner(self.db, request,
+                                   missing="missing bearer token (a workspace API key)",
+                                   refused_event="mcp.unauthorized")
         if self._slots.locked():
             log.warning("mcp.busy", key_id=owner.key_id)
             raise HttpError(503, "busy, retry shortly", {"Retry-After": "1"})
