@@ -92,19 +92,9 @@ class DeliveryWorker:
 
         # any workspace's new event (the outbox's NOTIFY at COMMIT) wakes the worker
         await self.runtime.changes.start()
-        with self.runtime.event_wakeups.watch(None) as signal:
-            relay = asyncio.create_task(self._relay(signal))
-            try:
-                await poll(step, interval=self.hooks.poll_interval, stopping=self._stopping,
-                           wake=self._wake, name="webhooks")
-            finally:
-                relay.cancel()
-
-    async def _relay(self, signal: asyncio.Event) -> None:
-        while True:
-            await signal.wait()
-            signal.clear()
-            self._wake.set()
+        async with self.runtime.event_wakeups.forwarding(self._wake):
+            await poll(step, interval=self.hooks.poll_interval, stopping=self._stopping,
+                       wake=self._wake, name="webhooks")
 
     async def run_once(self) -> int:
         """Claim one batch and attempt each delivery in it; how many were claimed."""

@@ -17,7 +17,7 @@ import structlog
 
 from ..runtime import Runtime
 from ..store import search
-from ..store.lease import poll
+from ..store.lease import poll, stop_polling
 
 log = structlog.get_logger(__name__)
 
@@ -38,14 +38,9 @@ class SearchIndexer:
         self._task = asyncio.create_task(self._run(), name="search-indexer")
 
     async def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), 30)
-            except TimeoutError:
-                self._task.cancel()
-            self._task = None
+        # a batch in flight commits (or rolls back, leaving its messages queued)
+        await stop_polling(self._task, stopping=self._stopping, wake=self._wake, grace=30)
+        self._task = None
 
     async def step(self) -> bool:
         """Index one batch; True when the queue may hold more."""
@@ -57,16 +52,6 @@ class SearchIndexer:
 
     async def _run(self) -> None:
         await self.runtime.changes.start()
-        with self.runtime.event_wakeups.watch(None) as committed:
-            relay = asyncio.create_task(self._relay(committed))
-            try:
-                await poll(self.step, interval=self.interval, stopping=self._stopping,
-                           wake=self._wake, name="search")
-            finally:
-                relay.cancel()
-
-    async def _relay(self, committed: asyncio.Event) -> None:
-        while True:
-            await committed.wait()
-            committed.clear()
-            self._wake.set()
+        async with self.runtime.event_wakeups.forwarding(self._wake):
+            await poll(self.step, interval=self.interval, stopping=self._stopping,
+                       wake=self._wake, name="search")
