@@ -55,7 +55,12 @@ from smtpd_agent.auth import adapters  # noqa: E402
 from tests.auth.keys import rsa_key, sign  # noqa: E402
 from tests.clamd import Clamd, find_clamd  # noqa: E402
 from tests.dnsserver import DnsTestServer  # noqa: E402
-from tests.ports import DAEMON_PORT_ATTEMPTS, port_owner, probe_port  # noqa: E402
+from tests.ports import (  # noqa: E402
+    PortTaken,
+    probe_port,
+    start_on_probed_port,
+    wait_until_listening,
+)
 
 DOMAIN = "bench.test"
 SENDER_DOMAIN = "sender.bench.test"
@@ -261,21 +266,22 @@ class Postfix(Target):
 
     def start(self) -> None:
         # Postfix takes a port number, not 0: probe one, and check that its master got it.
-        for _ in range(DAEMON_PORT_ATTEMPTS):
-            self.port = probe_port()
-            self.instance = PrivatePostfix(self.root, self.port, DOMAIN, self.binary)
-            self.instance.start()
-            self.pid = self.instance.pid
-            deadline = time.monotonic() + 30
-            owner = None
-            while owner is None and time.monotonic() < deadline and psutil.pid_exists(self.pid):
-                owner = port_owner(self.pid, self.port)
-                time.sleep(0.1)
-            if owner:
-                return
-            log = self.instance.log()
+        self.port = probe_port()
+        try:
+            start_on_probed_port(self._start_once, stop=self.stop,
+                                 use_port=lambda port: setattr(self, "port", port))
+        except PortTaken:
+            log = self.instance.log() if self.instance else ""
             self.stop()
-        raise RuntimeError(f"Postfix did not get a port: {log}")
+            raise RuntimeError(f"Postfix did not get a port: {log}") from None
+
+    def _start_once(self) -> None:
+        self.instance = PrivatePostfix(self.root, self.port, DOMAIN, self.binary)
+        self.instance.start()
+        self.pid = pid = self.instance.pid
+        if not wait_until_listening(pid, self.port, running=lambda: psutil.pid_exists(pid),
+                                    timeout=30):
+            raise PortTaken(self.port)  # not listening either: start again, as when taken
 
     def stored(self) -> int:
         return self.instance.held() if self.instance else 0

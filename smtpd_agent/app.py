@@ -31,6 +31,7 @@ from .domains.service import DomainRechecker, KeyRotator
 from .events.retention import Pruner
 from .hooks.worker import DeliveryWorker
 from .http import HttpServer
+from .mailbox.indexer import SearchIndexer
 from .metrics import MetricsSpooler, spool_directory
 from .outbound.bounces import BounceProcessor
 from .outbound.worker import OutboundWorker
@@ -208,6 +209,8 @@ SERVICES: list[Callable[[Runtime], Service]] = [
     OutboundWorker,
     # Outgoing webhooks (webhooks.concurrency at once; 0: another process delivers).
     DeliveryWorker,
+    # Full-text search, indexed after the COMMIT (store.search_batch; 0: elsewhere).
+    SearchIndexer,
     # Deletes old events and finished webhook deliveries (retention.*; one node at a time).
     Pruner.of,
 ]

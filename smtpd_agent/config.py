@@ -118,6 +118,8 @@ class StoreSettings:
     batch_max: int = 32
     committers: int = 2
     batch_max_bytes: int = 64 * 1024 * 1024
+    search_batch: int = 500
+    search_poll: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -765,6 +767,10 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"content.{key}: must be above 0")
     if content.pdf_memory_mb < 64:
         raise ConfigError("content.pdf_memory_mb: must be at least 64 (the interpreter needs it)")
+    if settings.store.search_batch < 0:
+        raise ConfigError("store.search_batch: must not be negative (0 turns the indexer off)")
+    if settings.store.search_poll <= 0:
+        raise ConfigError("store.search_poll: must be above 0")
     if settings.store.committers >= settings.database.pool_max:
         raise ConfigError("store.committers: must be less than database.pool_max "
                           "(routing, agents and the API need connections too)")

@@ -134,6 +134,12 @@ class Metrics:
             "smtpd_agent_mcp_requests_rejected",
             "/mcp requests refused before the MCP server saw them (unauthorized, busy, "
             "too_large, too_slow, incomplete)", ["reason"], registry=r)
+        self.search_indexed = Counter("smtpd_agent_search_indexed",
+                                      "Messages made searchable by the search indexer",
+                                      registry=r)
+        self.search_pending = Gauge(
+            "smtpd_agent_search_pending",
+            "Messages stored and not yet searchable, read at scrape time", registry=r)
         self.queue_depth = Gauge("smtpd_agent_queue_depth",
                                  "Rows of a queue table by state, read at scrape time",
                                  ["queue", "state"], registry=r)
@@ -163,6 +169,8 @@ class Metrics:
                 self.queue_depth.labels(table, count["state"] or "").set(count["n"])
         if await db.fetchval("SELECT to_regclass('events') IS NOT NULL"):
             self.events_last_id.set(await db.fetchval("SELECT coalesce(max(id), 0) FROM events"))
+        if await db.fetchval("SELECT to_regclass('search_queue') IS NOT NULL"):
+            self.search_pending.set(await db.fetchval("SELECT count(*) FROM search_queue"))
 
     def render(self) -> bytes:
         own = generate_latest(self.registry)

@@ -14,7 +14,6 @@ infrastructure, usable from any fixture or from a shell.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.ports import DAEMON_PORT_ATTEMPTS, PortTaken, port_owner, probe_port
+from tests.ports import find_daemon, probe_port, start_on_probed_port, wait_until_listening
 
 CLAMD_BINARY = "/usr/sbin/clamd"
 # Debian packages that provide it; the test script installs them when missing.
@@ -40,17 +39,8 @@ STREAM_MAX_LENGTH = 2 * 1024 * 1024
 
 
 def find_clamd() -> str | None:
-    """Path of the clamd binary, or None when clamav-daemon is not installed.
-
-    `SMTPD_AGENT_TEST_CLAMD` names another binary (a nonexistent path simulates
-    a machine without clamd, to check the skip/fail logic).
-    """
-    override = os.environ.get("SMTPD_AGENT_TEST_CLAMD")
-    if override is not None:
-        return override if os.access(override, os.X_OK) else None
-    if os.access(CLAMD_BINARY, os.X_OK):
-        return CLAMD_BINARY
-    return shutil.which("clamd")
+    """Path of the clamd binary, or None; `SMTPD_AGENT_TEST_CLAMD` names another."""
+    return find_daemon(CLAMD_BINARY, "SMTPD_AGENT_TEST_CLAMD")
 
 
 class ClamdError(RuntimeError):
@@ -131,13 +121,8 @@ class Clamd:
         port and start again."""
         if self.running:
             return
-        for _attempt in range(DAEMON_PORT_ATTEMPTS - 1):
-            try:
-                return self._start_once(timeout)
-            except PortTaken:
-                self.stop()
-                self.tcp_port = probe_port()
-        self._start_once(timeout)
+        start_on_probed_port(lambda: self._start_once(timeout), stop=self.stop,
+                             use_port=lambda port: setattr(self, "tcp_port", port))
 
     def _start_once(self, timeout: float) -> None:
         config = self.write_config()
@@ -147,18 +132,14 @@ class Clamd:
             self.process = subprocess.Popen(
                 [self.binary, "--config-file", str(config)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
-        deadline = began + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ClamdError(f"clamd exited with {self.process.returncode}:\n{self.log_tail()}")
-            if self.ping():
-                owner = port_owner(self.process.pid, self.tcp_port)
-                if owner is False:
-                    raise PortTaken(self.tcp_port)
-                if owner:
-                    self.start_seconds = time.monotonic() - began
-                    return
-            time.sleep(0.02)
+        process = self.process
+        if wait_until_listening(process.pid, self.tcp_port,
+                                running=lambda: process.poll() is None, answers=self.ping,
+                                timeout=timeout, pause=0.02):
+            self.start_seconds = time.monotonic() - began
+            return
+        if process.poll() is not None:
+            raise ClamdError(f"clamd exited with {process.returncode}:\n{self.log_tail()}")
         self.stop()
         raise ClamdError(f"clamd did not answer PING and listen on {self.tcp_port} "
                          f"within {timeout}s:\n{self.log_tail()}")

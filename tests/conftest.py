@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,7 +19,7 @@ from tests.ports import held_closed_port
 from tests.rspamd import APT_PACKAGES as RSPAMD_PACKAGES
 from tests.rspamd import Rspamd, find_rspamd
 from tests.support import (DEFAULT_DOMAIN, OPEN_DIALOGUES, TEST_SESSION, EmbeddedCluster,
-                           ServerThread, make_settings)
+                           ServerThread, make_settings, required)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -115,12 +114,7 @@ async def server(start_server: Callable[..., ServerThread], db: asyncpg.Connecti
 
 @pytest.fixture(scope="session")
 def clamd_session() -> Iterator[Clamd]:
-    binary = find_clamd()
-    if binary is None:
-        reason = f"clamd not installed (apt-get install -y {' '.join(APT_PACKAGES)})"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason}; CI=true, so this is a failure, not a skip")
-        pytest.skip(reason)
+    binary = required(find_clamd(), "clamd", " ".join(APT_PACKAGES))
     # /tmp, not pytest's deep tmp_path: a Unix socket path must fit in 108 bytes.
     root = Path(tempfile.mkdtemp(prefix="smtpd-agent-clamd-"))
     server = Clamd(root=root, binary=binary)
@@ -146,12 +140,7 @@ def clamd(clamd_session: Clamd) -> Iterator[Clamd]:
 @pytest.fixture(scope="session")
 def rspamd_session(dns_server_session: DnsTestServer) -> Iterator[Rspamd]:
     """A real rspamd with a config of its own, started once per session (tests/rspamd.py)."""
-    binary = find_rspamd()
-    if binary is None:
-        reason = f"rspamd not installed (apt-get install -y {' '.join(RSPAMD_PACKAGES)})"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason}; CI=true, so this is a failure, not a skip")
-        pytest.skip(reason)
+    binary = required(find_rspamd(), "rspamd", " ".join(RSPAMD_PACKAGES))
     root = Path(tempfile.mkdtemp(prefix="smtpd-agent-rspamd-"))
     server = Rspamd(root=root, binary=binary, nameserver=dns_server_session.nameserver)
     try:

@@ -22,17 +22,7 @@ def pdf_of_pages(pages: list[str]) -> bytes:
                        f"/Contents {5 + 2 * index} 0 R >>".encode())
         objects.append(b"<< /Length %d >>\nstream\n" % len(content) + content
                        + b"\nendstream")
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
-        len(objects) + 1, xref)
-    return bytes(out)
+    return assemble(objects)
 
 
 def pdf_bomb(pages: int = 40, decoded_mb: int = 60) -> bytes:
@@ -50,6 +40,11 @@ def pdf_bomb(pages: int = 40, decoded_mb: int = 60) -> bytes:
                + b"\nendstream"]
     objects += [b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
                 b"/Resources << /Font << /F1 3 0 R >> >> /Contents 4 0 R >>"] * pages
+    return assemble(objects)
+
+
+def assemble(objects: list[bytes]) -> bytes:
+    """A PDF file of `objects` (numbered from 1; the first is the catalog) and its xref table."""
     out = bytearray(b"%PDF-1.4\n")
     offsets = []
     for number, body in enumerate(objects, start=1):

@@ -27,14 +27,13 @@ Deliberately synchronous and free of smtpd_agent imports, like tests/clamd.py.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.ports import DAEMON_PORT_ATTEMPTS, PortTaken, port_owner, probe_port
+from tests.ports import find_daemon, probe_port, start_on_probed_port, wait_until_listening
 
 RSPAMD_BINARY = "/usr/bin/rspamd"
 APT_PACKAGES = ("rspamd",)
@@ -52,14 +51,8 @@ DISABLED_MODULES = ("fuzzy_check", "rbl", "surbl", "asn", "emails", "phishing",
 
 
 def find_rspamd() -> str | None:
-    """Path of rspamd, or None; `SMTPD_AGENT_TEST_RSPAMD` names another (a missing path
-    simulates a machine without it, to check the skip/fail logic)."""
-    override = os.environ.get("SMTPD_AGENT_TEST_RSPAMD")
-    if override is not None:
-        return override if os.access(override, os.X_OK) else None
-    if os.access(RSPAMD_BINARY, os.X_OK):
-        return RSPAMD_BINARY
-    return shutil.which("rspamd")
+    """Path of rspamd, or None; `SMTPD_AGENT_TEST_RSPAMD` names another."""
+    return find_daemon(RSPAMD_BINARY, "SMTPD_AGENT_TEST_RSPAMD")
 
 
 class RspamdError(RuntimeError):
@@ -128,13 +121,8 @@ class Rspamd:
         process got the probed port first, stop, probe another port and start again."""
         if self.running:
             return
-        for _attempt in range(DAEMON_PORT_ATTEMPTS - 1):
-            try:
-                return self._start_once(timeout)
-            except PortTaken:
-                self.stop()
-                self.port = probe_port()
-        self._start_once(timeout)
+        start_on_probed_port(lambda: self._start_once(timeout), stop=self.stop,
+                             use_port=lambda port: setattr(self, "port", port))
 
     def _start_once(self, timeout: float) -> None:
         self.write_config()
@@ -143,21 +131,13 @@ class Rspamd:
             self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
                                             stdout=output, stderr=subprocess.STDOUT,
                                             start_new_session=True)
-        checked = began
-        while time.monotonic() < began + timeout:
-            if self.process.poll() is not None:
-                raise RspamdError(f"rspamd exited with {self.process.returncode}:\n"
-                                  f"{self.output_tail()}")
-            answered = self.ping()
-            if answered or time.monotonic() - checked > 1:  # scanning sockets costs: 1/s
-                checked = time.monotonic()
-                owner = port_owner(self.process.pid, self.port)
-                if owner is False:
-                    raise PortTaken(self.port)
-                if answered and owner:
-                    self.start_seconds = time.monotonic() - began
-                    return
-            time.sleep(0.1)
+        process = self.process
+        if wait_until_listening(process.pid, self.port, running=lambda: process.poll() is None,
+                                answers=self.ping, timeout=timeout):
+            self.start_seconds = time.monotonic() - began
+            return
+        if process.poll() is not None:
+            raise RspamdError(f"rspamd exited with {process.returncode}:\n{self.output_tail()}")
         self.stop()
         raise RspamdError(f"rspamd did not answer /ping within {timeout}s:\n{self.output_tail()}")
 

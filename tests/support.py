@@ -39,6 +39,19 @@ TEST_DNS_TIMEOUT = 0.5
 UNREACHABLE_DNS = "127.0.0.1:9"
 REPLY_LINE = re.compile(rb"^(\d{3})([ -])(.*)$")
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def required(binary: str | None, name: str, packages: str) -> str:
+    """A program a test needs (clamd, rspamd, dig...): its path. Without it the test skips,
+    or with CI=true fails: CI must not pass by skipping what it could not run."""
+    import pytest  # here: bench/ imports this module too, and runs without pytest
+
+    if binary is None:
+        reason = f"{name} not installed (apt-get install -y {packages})"
+        if IN_CI:
+            pytest.fail(f"{reason}; CI=true, so this is a failure, not a skip")
+        pytest.skip(reason)
+    return binary
 # The SMTP session layers (smtp.session). The protocol suites run under both; the rest of
 # the suite under SMTPD_AGENT_TEST_SESSION (default native, the product's default), so
 # that the whole suite can be run against the reference layer too:
@@ -223,6 +236,25 @@ class Dialogue:
         self.sock.close()
 
 
+def send_one(port: int, raw: bytes, mail_from: str, rcpt: str, *,
+             ehlo: str = "mail.sender.test", timeout: float = 10.0) -> tuple[int, list[bytes]]:
+    """One message to one recipient in a session of its own; the reply to the end of DATA.
+    `raw` goes as given (a caller whose lines may start with a dot stuffs them)."""
+    dialogue = Dialogue.open(port, timeout)
+    try:
+        dialogue.reply()
+        dialogue.command(f"EHLO {ehlo}")
+        assert dialogue.command(f"MAIL FROM:<{mail_from}>")[0] == 250
+        assert dialogue.command(f"RCPT TO:<{rcpt}>")[0] == 250
+        assert dialogue.command("DATA")[0] == 354
+        dialogue.send(raw + b".\r\n")
+        reply = dialogue.reply()
+        dialogue.command("QUIT")
+    finally:
+        dialogue.close()
+    return reply
+
+
 def enhanced(line: bytes) -> str | None:
     match = re.match(rb"^\d{3}[ -](\d\.\d{1,3}\.\d{1,3}) ", line)
     return match.group(1).decode() if match else None
@@ -324,6 +356,16 @@ def wait_for_ready(process: subprocess.Popen, log_path: Path, offset: int = 0,
     raise RuntimeError(f"serve not ready within {timeout}s: " + log_tail(log_path, offset))
 
 
+async def wait_searchable(db: Any, guard: float = 60.0) -> None:
+    """Until the search indexer has taken every stored message (store/search.py indexes
+    after the COMMIT): a test that searches right after a 250 waits for this first."""
+    deadline = time.monotonic() + guard
+    while await db.fetchval("SELECT count(*) FROM search_queue"):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"messages still queued for search after {guard}s")
+        await asyncio.sleep(0.05)
+
+
 def log_tail(log_path: Path, offset: int = 0, lines: int = 30) -> str:
     try:
         with open(log_path, "rb") as log:
@@ -412,14 +454,15 @@ def start_with_acme_support(url: str, settings: Settings) -> ServerThread:
     """A running server whose database has the workspace acme and its agent support (no
     auto-reply): what the hostile-client suites deliver to alongside their attacks."""
     server = ServerThread(settings).start()
-
-    async def prepare() -> None:
-        connection = await asyncpg.connect(url)
-        try:
-            await directory.add_workspace(connection, "acme")
-            await directory.add_agent(connection, "acme", "support", auto_reply=False)
-        finally:
-            await connection.close()
-
-    asyncio.run(prepare())
+    asyncio.run(add_acme_support(url))
     return server
+
+
+async def add_acme_support(url: str) -> None:
+    """The workspace acme and its agent support (no auto-reply), on a connection of its own."""
+    connection = await asyncpg.connect(url)
+    try:
+        await directory.add_workspace(connection, "acme")
+        await directory.add_agent(connection, "acme", "support", auto_reply=False)
+    finally:
+        await connection.close()

@@ -139,6 +139,10 @@ class BodyHashes:
         self.cache: dict[Any, bytes] = {}
 
 
+def _no_checkpoint() -> None:
+    return None
+
+
 class _OneBodyHash:
     """dkimpy re-canonicalizes and re-hashes the body for every signature (~40 ms per MB
     each). Here each canonicalized body is made once and each (canonicalization, l=,
@@ -148,8 +152,14 @@ class _OneBodyHash:
 
     body: bytes
     tlsrpt: Any
-    checkpoint: Callable[[], None]
-    body_hashes: BodyHashes
+
+    def __init__(self, message: bytes, *, minkey: int,
+                 checkpoint: Callable[[], None] = _no_checkpoint,
+                 body_hashes: BodyHashes | None = None) -> None:
+        # dkimpy's DKIM or ARC, next in the subclass's MRO
+        super().__init__(message, minkey=minkey)  # type: ignore[call-arg]
+        self.checkpoint = checkpoint
+        self.body_hashes = body_hashes if body_hashes is not None else BodyHashes()
 
     def _body_digest(self, canon: Any, length: int | None, algorithm: bytes) -> bytes:
         cache = self.body_hashes.cache
@@ -194,30 +204,12 @@ class _OneBodyHash:
             sig, include_headers, sig_header, dnsfunc)
 
 
-def _no_checkpoint() -> None:
-    return None
-
-
 class Verifier(_OneBodyHash, dkim.DKIM):
     """dkimpy's DKIM verifier, one body hash per variant, stoppable between signatures."""
-
-    def __init__(self, message: bytes, *, minkey: int,
-                 checkpoint: Callable[[], None] = _no_checkpoint,
-                 body_hashes: BodyHashes | None = None) -> None:
-        super().__init__(message, minkey=minkey)
-        self.checkpoint = checkpoint
-        self.body_hashes = body_hashes if body_hashes is not None else BodyHashes()
 
 
 class ArcVerifier(_OneBodyHash, dkim.ARC):
     """dkimpy's ARC verifier, with the same body hashing and checkpoints."""
-
-    def __init__(self, message: bytes, *, minkey: int,
-                 checkpoint: Callable[[], None] = _no_checkpoint,
-                 body_hashes: BodyHashes | None = None) -> None:
-        super().__init__(message, minkey=minkey)
-        self.checkpoint = checkpoint
-        self.body_hashes = body_hashes if body_hashes is not None else BodyHashes()
 
 
 # -- pyspf, per query ----------------------------------------------------------------------

@@ -128,11 +128,12 @@ class Pruner:
                     deleted)
                 if deleted < settings.batch_size or await self._pause(settings.batch_pause):
                     break
-        events = examined = 0
-        cursor = store.EventCursor()
+        events = examined = cursor = 0
+        horizon = (await store.event_horizon(connection, settings.events_days)
+                   if settings.events_days else None)
         while settings.events_days and not self._stopping.is_set():
             batch = await store.prune_events(connection, settings.events_days,
-                                             settings.batch_size, cursor)
+                                             settings.batch_size, cursor, horizon)
             events += batch.deleted
             examined += batch.examined
             cursor = batch.cursor

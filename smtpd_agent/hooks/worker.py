@@ -15,6 +15,7 @@ import os
 import socket
 import time
 from datetime import UTC, datetime
+from functools import partial
 
 import aiohttp
 import asyncpg
@@ -25,7 +26,7 @@ from ..domains.keys import KeyStoreError
 from ..metrics import Metrics
 from ..runtime import Runtime
 from ..store import hooks as store
-from ..store.lease import poll
+from ..store.lease import attempt_claimed, poll, stop_polling
 from . import signing
 from .decisions import DeliveryState, Outcome, after_attempt, outcome_of, should_disable
 from .payloads import DISABLED_EVENT, event_body, record_disabled
@@ -76,15 +77,10 @@ class DeliveryWorker:
         self._wake.set()
 
     async def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._task is not None:
-            try:
-                # attempts in flight finish (each bounded by webhooks.timeout)
-                await asyncio.wait_for(asyncio.shield(self._task), self.hooks.timeout + 5)
-            except TimeoutError:
-                self._task.cancel()
-            self._task = None
+        # attempts in flight finish (each bounded by webhooks.timeout)
+        await stop_polling(self._task, stopping=self._stopping, wake=self._wake,
+                           grace=self.hooks.timeout + 5)
+        self._task = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -96,41 +92,17 @@ class DeliveryWorker:
 
         # any workspace's new event (the outbox's NOTIFY at COMMIT) wakes the worker
         await self.runtime.changes.start()
-        with self.runtime.event_wakeups.watch(None) as signal:
-            relay = asyncio.create_task(self._relay(signal))
-            try:
-                await poll(step, interval=self.hooks.poll_interval, stopping=self._stopping,
-                           wake=self._wake, name="webhooks")
-            finally:
-                relay.cancel()
-
-    async def _relay(self, signal: asyncio.Event) -> None:
-        while True:
-            await signal.wait()
-            signal.clear()
-            self._wake.set()
+        async with self.runtime.event_wakeups.forwarding(self._wake):
+            await poll(step, interval=self.hooks.poll_interval, stopping=self._stopping,
+                       wake=self._wake, name="webhooks")
 
     async def run_once(self) -> int:
         """Claim one batch and attempt each delivery in it; how many were claimed."""
         claimed = await store.claim(self.db, self.hooks.batch_size, self.hooks.lease)
-        slots = asyncio.Semaphore(self.hooks.concurrency)
-
-        async def one(delivery: store.Delivery) -> None:
-            async with slots:
-                if self._stopping.is_set():
-                    await store.release(self.db, delivery)
-                    return
-                try:
-                    await self.attempt(delivery)
-                except store.LeaseLost as lost:
-                    log.warning("webhooks.lease_lost", error=str(lost), delivery_id=delivery.id,
-                                workspace_id=delivery.workspace_id)
-                except Exception:  # the others go on; this one's lease runs out, it is retried
-                    log.exception("webhooks.attempt_error", delivery_id=delivery.id,
-                                  workspace_id=delivery.workspace_id)
-
-        await asyncio.gather(*(one(delivery) for delivery in claimed))
-        return len(claimed)
+        return await attempt_claimed(
+            claimed, self.attempt, release=partial(store.release, self.db),
+            concurrency=self.hooks.concurrency, stopping=self._stopping,
+            lease_lost="webhooks.lease_lost", failed="webhooks.attempt_error")
 
     async def attempt(self, delivery: store.Delivery) -> None:
         started = datetime.now(UTC)

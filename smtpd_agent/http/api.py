@@ -23,9 +23,9 @@ from ..extract.attachment import AttachmentText, ExtractionError, Failure
 from ..store import inbox as queries
 from ..store.inbox import Cursor
 from ..store.mailbox import LABEL
-from ..store.apikeys import KeyOwner, Scope, find_key
+from ..store.apikeys import KeyOwner, Scope
 from ..store.directory import HANDLE, SLUG
-from .responses import HttpError, json_response
+from .responses import HttpError, bearer_owner, json_response
 
 log = structlog.get_logger(__name__)
 
@@ -34,7 +34,6 @@ MAX_PAGE = 100
 BIGINT_MAX = 2**63 - 1
 # Content types we pass through as given; anything else is served as octet-stream.
 SAFE_CONTENT_TYPE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*$")
-UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="smtpd-agent"'}
 # An attachment without text to give, by why.
 EXTRACTION_STATUS = {Failure.UNSUPPORTED: 415, Failure.TOO_LARGE: 422, Failure.UNREADABLE: 422,
                      Failure.TIMEOUT: 422, Failure.BUSY: 503}
@@ -87,13 +86,8 @@ class InboxApi:
     async def owner(self, request: web.Request, scope: Scope = Scope.READ) -> KeyOwner:
         """The key's workspace, which must be the one the path names, and a key holding
         `scope` (403 without it; a key of another workspace learns only 404)."""
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise HttpError(401, "missing bearer token", UNAUTHORIZED)
-        owner = await find_key(self.db, token.strip())
-        if owner is None:
-            log.info("api.unauthorized", path=request.path)
-            raise HttpError(401, "invalid API key", UNAUTHORIZED)
+        owner = await bearer_owner(self.db, request, missing="missing bearer token",
+                                   refused_event="api.unauthorized")
         slug = request.match_info["slug"]
         if not SLUG.match(slug) or slug != owner.workspace_slug:
             log.info("api.other_workspace", key_id=owner.key_id, workspace=owner.workspace_slug)

@@ -1,5 +1,6 @@
 """JSON responses and errors, one shape for every endpoint: {"error": "..."}
-(and "rule" when a named rule refused the request)."""
+(and "rule" when a named rule refused the request); and the one bearer-key check (401)
+of both surfaces that take a workspace API key, the HTTP API and MCP."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
+import asyncpg
+import structlog
 from aiohttp import web
+
+from ..store.apikeys import KeyOwner, find_key
+
+log = structlog.get_logger(__name__)
+
+UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="smtpd-agent"'}
 
 
 def _default(value: Any) -> Any:
@@ -43,3 +52,17 @@ class HttpError(Exception):
         self.message = message
         self.headers = headers
         self.rule = rule
+
+
+async def bearer_owner(db: asyncpg.Pool, request: web.Request, *, missing: str,
+                       refused_event: str) -> KeyOwner:
+    """Whose key the request's `Authorization: Bearer` names; 401 (`missing` when there is
+    none; `refused_event` logged when it is no key of ours)."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise HttpError(401, missing, UNAUTHORIZED)
+    owner = await find_key(db, token.strip())
+    if owner is None:
+        log.info(refused_event, path=request.path)
+        raise HttpError(401, "invalid API key", UNAUTHORIZED)
+    return owner

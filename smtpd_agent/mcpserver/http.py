@@ -25,14 +25,13 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 from ..config import McpSettings
 from ..http.limits import LimitExceeded, read_body
-from ..http.responses import HttpError
+from ..http.responses import HttpError, bearer_owner
 from ..metrics import Metrics
-from ..store.apikeys import KeyOwner, find_key
+from ..store.apikeys import KeyOwner
 
 log = structlog.get_logger(__name__)
 
 OWNER = "smtpd_agent.owner"
-UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="smtpd-agent"'}
 # Headers the ASGI app never sees (the key stays here) or that aiohttp sets itself.
 DROPPED_IN = {b"authorization", b"cookie"}
 DROPPED_OUT = {"connection", "transfer-encoding", "keep-alive"}
@@ -87,15 +86,13 @@ class McpHttp:
             self._task = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        try:
+            owner = await bearer_owner(self.db, request,
+                                       missing="missing bearer token (a workspace API key)",
+                                       refused_event="mcp.unauthorized")
+        except HttpError:
             self.metrics.mcp_rejected.labels("unauthorized").inc()
-            raise HttpError(401, "missing bearer token (a workspace API key)", UNAUTHORIZED)
-        owner = await find_key(self.db, token.strip())
-        if owner is None:
-            log.info("mcp.unauthorized", path=request.path)
-            self.metrics.mcp_rejected.labels("unauthorized").inc()
-            raise HttpError(401, "invalid API key", UNAUTHORIZED)
+            raise
         if self._slots.locked():
             log.warning("mcp.busy", key_id=owner.key_id)
             self.metrics.mcp_rejected.labels("busy").inc()

@@ -27,7 +27,7 @@ from ..acl import AclDirection
 from ..store import acl, events
 from ..store import lease as lease_queue
 from ..store.events import EventType
-from ..store.lease import NOW, Lease, LeaseQueue
+from ..store.lease import NOW, Lease, LeaseLost, LeaseQueue
 from .decisions import Next, RecipientResult
 from .verp import new_token
 
@@ -281,10 +281,6 @@ DELIVERY_EVENT = {"sent": EventType.MESSAGE_SENT, "deferred": EventType.MESSAGE_
                   "bounced": EventType.MESSAGE_BOUNCED, "failed": EventType.MESSAGE_BOUNCED}
 # Recipients named in one event; a message to thousands says how many there were.
 EVENT_RECIPIENTS = 100
-
-
-class LeaseLost(RuntimeError):
-    """Our claim ran out and another worker took the delivery: its record wins, ours is dropped."""
 
 
 async def _still_ours(connection: asyncpg.Connection, delivery: Delivery) -> None:

@@ -20,7 +20,7 @@ from ..domains import Domains
 from ..domains.keys import KeyStoreError
 from ..runtime import Runtime
 from ..store import domains as domain_store
-from ..store.lease import poll
+from ..store.lease import attempt_claimed, poll, stop_polling
 from . import queue
 from .decisions import decide_delivery
 from .signing import SigningError, sign_message
@@ -69,16 +69,10 @@ class OutboundWorker:
         self._wake.set()
 
     async def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._task is not None:
-            try:
-                # an attempt in flight finishes (bounded by the transport timeout)
-                await asyncio.wait_for(asyncio.shield(self._task),
-                                       self.settings.outbound.timeout + 5)
-            except asyncio.TimeoutError:
-                self._task.cancel()
-            self._task = None
+        # an attempt in flight finishes (bounded by the transport timeout)
+        await stop_polling(self._task, stopping=self._stopping, wake=self._wake,
+                           grace=self.settings.outbound.timeout + 5)
+        self._task = None
         if self.transport is not None:
             await self.transport.close()
         log.info("outbound.stopped")
@@ -103,25 +97,14 @@ class OutboundWorker:
         """Claim one batch and attempt each delivery in it; how many were claimed."""
         settings = self.settings.outbound
         claimed = await queue.claim(self.db, settings.batch_size, settings.lease)
-        slots = asyncio.Semaphore(settings.concurrency)
 
-        async def one(delivery: queue.Delivery) -> None:
-            async with slots:
-                if self._stopping.is_set():
-                    # give it back at once rather than after its lease
-                    await queue.release(self.db, delivery, 0.0)
-                    return
-                try:
-                    await self.attempt(delivery)
-                except queue.LeaseLost as lost:
-                    log.warning("outbound.lease_lost", error=str(lost), delivery_id=delivery.id,
-                                workspace_id=delivery.workspace_id)
-                except Exception:  # the others go on; this one's lease runs out, it is retried
-                    log.exception("outbound.attempt_error", delivery_id=delivery.id,
-                                  workspace_id=delivery.workspace_id)
+        async def give_back(delivery: queue.Delivery) -> None:
+            await queue.release(self.db, delivery, 0.0)  # at once rather than after its lease
 
-        await asyncio.gather(*(one(delivery) for delivery in claimed))
-        return len(claimed)
+        return await attempt_claimed(
+            claimed, self.attempt, release=give_back, concurrency=settings.concurrency,
+            stopping=self._stopping, lease_lost="outbound.lease_lost",
+            failed="outbound.attempt_error")
 
     async def attempt(self, delivery: queue.Delivery) -> None:
         assert self.transport is not None

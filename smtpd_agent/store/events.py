@@ -208,6 +208,24 @@ class Wakeups:
             for signal in signals:
                 signal.set()
 
+    @contextlib.asynccontextmanager
+    async def forwarding(self, wake: asyncio.Event,
+                         workspace_id: int | None = None) -> AsyncIterator[None]:
+        """While inside, every committed event of `workspace_id` (None: any) sets `wake`:
+        for a worker whose `lease.poll` loop waits on `wake` between polls."""
+        with self.watch(workspace_id) as signal:
+            async def relay() -> None:
+                while True:
+                    await signal.wait()
+                    signal.clear()
+                    wake.set()
+
+            task = asyncio.create_task(relay())
+            try:
+                yield
+            finally:
+                task.cancel()
+
     @contextlib.contextmanager
     def watch(self, workspace_id: int | None) -> Iterator[asyncio.Event]:
         signal = asyncio.Event()

@@ -18,7 +18,7 @@ from typing import Any, TypeAlias
 import asyncpg
 
 from . import lease as lease_queue
-from .lease import NOW, Lease, LeaseQueue
+from .lease import NOW, Lease, LeaseLost, LeaseQueue
 
 DbLike: TypeAlias = asyncpg.Pool | asyncpg.Connection
 
@@ -223,10 +223,6 @@ class FailureCount:
     consecutive_failures: int
     failing_since: datetime | None
     enabled: bool
-
-
-class LeaseLost(Exception):
-    """The delivery's lease ran out and another worker holds it now."""
 
 
 async def record_attempt(pool: asyncpg.Pool, delivery: Delivery, attempt: Attempt,

@@ -65,13 +65,19 @@ async def threads_page(db: DB, workspace_id: int, agent: int, limit: int,
                        after: Cursor | None = None,
                        label: str | None = None) -> list[dict[str, Any]]:
     """`label`: only threads with a message carrying it (say 'unread')."""
+    # A message with a custom label is in the partial index messages_labels (migration
+    # 0022) exactly when it satisfies this predicate, which the label implies; stating it
+    # lets the planner use that index. 'unread' alone is not indexed.
+    indexed = "" if label in (None, "unread") else \
+        "AND m.labels <> '{unread}'::text[] AND m.labels <> '{}'::text[]"
     rows = await db.fetch(
         f"""SELECT {_THREAD_COLUMNS} FROM threads t
             WHERE t.workspace_id = $1 AND t.agent_id = $2
               AND ($3::timestamptz IS NULL OR (t.last_message_at, t.id) < ($3, $4))
               AND ($6::text IS NULL OR EXISTS (
                   SELECT 1 FROM messages m WHERE m.thread_id = t.id
-                     AND m.workspace_id = t.workspace_id AND m.labels @> ARRAY[$6::text]))
+                     AND m.workspace_id = t.workspace_id AND m.labels @> ARRAY[$6::text]
+                     {indexed}))
             ORDER BY t.last_message_at DESC, t.id DESC LIMIT $5""",
         workspace_id, agent, after.last_message_at if after else None,
         after.id if after else 0, limit, label)

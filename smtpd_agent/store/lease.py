@@ -10,16 +10,17 @@ result. Both tables share the column names (migration 0009): status, run_at,
 attempts, lease_token. Apart from the claim, which serves every workspace
 and returns each row with its workspace, every statement names the workspace.
 
-`poll` is the one loop both workers run over their queue.
+`poll` is the one loop every worker runs over its queue, `stop_polling` ends it;
+`attempt_claimed` runs one claimed batch (the outbound and webhook deliveries).
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 import asyncpg
 import structlog
@@ -47,6 +48,10 @@ class Lease:
     id: int
     workspace_id: int
     token: uuid.UUID
+
+
+class LeaseLost(RuntimeError):
+    """Our lease ran out and another worker holds the row: its record wins, ours is dropped."""
 
 
 class _Now:
@@ -141,3 +146,56 @@ async def poll(step: Callable[[], Awaitable[bool]], *, interval: float,
             await asyncio.wait_for((wake or stopping).wait(), interval)
         except TimeoutError:
             pass
+
+
+async def stop_polling(task: asyncio.Task[None] | None, *, stopping: asyncio.Event,
+                       wake: asyncio.Event, grace: float) -> None:
+    """End a worker's `poll` loop: it claims nothing more, and the attempts in flight
+    finish, for `grace` seconds at most (then the loop is cancelled: their leases run out)."""
+    stopping.set()
+    wake.set()
+    if task is None:
+        return
+    try:
+        await asyncio.wait_for(asyncio.shield(task), grace)
+    except TimeoutError:
+        task.cancel()
+
+
+class Claimed(Protocol):
+    """A claimed row as a worker holds it: enough to name it in a log line."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def workspace_id(self) -> int: ...
+
+
+C = TypeVar("C", bound=Claimed)
+
+
+async def attempt_claimed(claimed: Sequence[C], attempt: Callable[[C], Awaitable[None]], *,
+                          release: Callable[[C], Awaitable[None]], concurrency: int,
+                          stopping: asyncio.Event, lease_lost: str, failed: str) -> int:
+    """Attempt each claimed row, `concurrency` at once; how many there were. Once `stopping`
+    is set, a row not yet begun is given back (`release`) rather than left to its lease.
+    A lost lease (event `lease_lost`) or a failed attempt (event `failed`) is logged and the
+    others go on; the failed row's lease runs out and it is tried again."""
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(row: C) -> None:
+        async with slots:
+            if stopping.is_set():
+                await release(row)
+                return
+            try:
+                await attempt(row)
+            except LeaseLost as lost:
+                log.warning(lease_lost, error=str(lost), delivery_id=row.id,
+                            workspace_id=row.workspace_id)
+            except Exception:  # noqa: BLE001 - logged; the lease brings the row back
+                log.exception(failed, delivery_id=row.id, workspace_id=row.workspace_id)
+
+    await asyncio.gather(*(one(row) for row in claimed))
+    return len(claimed)

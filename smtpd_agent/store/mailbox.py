@@ -427,16 +427,19 @@ async def search(db: DB, workspace_id: int, query: str, agent_id: int | None, li
     """Messages of the workspace matching `query` (web search syntax), best first, each
     with a snippet; `after`: the page after that (rank, id). The text searched and
     quoted in the snippet is the message's new text (extracted_text, migration 0020),
-    else its text body."""
+    else its text body. A message is found once the search indexer has taken it
+    (store/search.py: a moment after its COMMIT)."""
     rows = await db.fetch(
         f"""WITH q AS (SELECT websearch_to_tsquery('english', $2) AS query),
                 hits AS (
                     SELECT m.id, m.thread_id, m.agent_id, m.direction, m.subject,
                            m.from_header, m.received_at, m.labels,
                            coalesce(m.extracted_text, m.text_body) AS searched,
-                           ts_rank(m.search, q.query)::real AS rank
-                      FROM messages m, q
-                     WHERE m.workspace_id = $1 AND m.search @@ q.query
+                           ts_rank(s.search, q.query)::real AS rank
+                      FROM message_search s
+                      JOIN messages m ON m.id = s.message_id AND m.workspace_id = $1
+                      CROSS JOIN q
+                     WHERE s.workspace_id = $1 AND s.search @@ q.query
                        AND ($3::bigint IS NULL OR m.agent_id = $3))
             SELECT h.id, h.thread_id, a.handle AS agent, h.direction, h.subject,
                    h.from_header, h.received_at, h.labels, h.rank,

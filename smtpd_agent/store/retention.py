@@ -1,15 +1,16 @@
 """Retention of the event outbox and the webhook delivery log: the statements.
 
-Both tables grow by a row per event (several KB of payload each), so old rows go, in
+Both tables grow by a row per event (with its JSON payload), so old rows go, in
 batches of at most `limit` rows per statement (each its own short transaction, rows
 taken with SKIP LOCKED, never one DELETE that holds locks over the whole table):
 
 - a finished webhook delivery (delivered, failed) once its `finished_at` is older than
   its status's retention; its attempts go with it (ON DELETE CASCADE);
-- an event once its `created_at` is older than the events' retention AND no delivery
-  of it is left. A pending or retrying delivery reads its event when it is sent, and the
-  delivery log and its replay read it too: the event stays as long as any delivery of it
-  is kept, so the FK's cascade never takes a delivery with it.
+- an event (walked in id order, up to `event_horizon`) once its `created_at` is older
+  than the events' retention AND no delivery of it is left. A pending or retrying
+  delivery reads its event when it is sent, and the delivery log and its replay read it
+  too: the event stays as long as any delivery of it is kept, so the FK's cascade never
+  takes a delivery with it.
 
 Each deleted event raises its workspace's mark in `events_pruned` (the newest id
 deleted) in the same statement: the SSE stream tells a client resuming after an older
@@ -22,20 +23,12 @@ Days of 0 mean "keep forever": the caller does not call the prune for that kind.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 
 import asyncpg
 
 # pg_try_advisory_lock key: "smtpd-agent retention" folded into a bigint.
 RETENTION_LOCK = 0x736D_7470_7265_746E
-
-
-@dataclass(frozen=True)
-class EventCursor:
-    """Where the next batch of events resumes: after this (created_at, id)."""
-
-    created_at: datetime | None = None
-    id: int = 0
+BIGINT_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -43,7 +36,8 @@ class EventBatch:
     deleted: int
     # rows looked at (deleted or kept for a delivery); fewer than the limit: the last batch
     examined: int
-    cursor: EventCursor
+    # the id the next batch resumes after
+    cursor: int
 
 
 async def try_lock(connection: asyncpg.Connection) -> bool:
@@ -72,17 +66,31 @@ async def prune_deliveries(connection: asyncpg.Connection, status: str, days: in
     return int(result.rsplit(" ", 1)[-1])
 
 
+async def event_horizon(connection: asyncpg.Connection, days: int) -> int | None:
+    """The first event id created less than `days` days ago (None: every event is older).
+
+    The pruner reads events by id below it, on the primary key: no index on created_at
+    is paid for on every message stored. Ids grow with time (a transaction's events
+    get its start time, so near the boundary a few may be out of order: those are left
+    for the next pass, never deleted young). The scan stops at the first young row; at
+    steady state the old rows before it are the few a delivery still keeps."""
+    return await connection.fetchval(
+        """SELECT id FROM events WHERE created_at >= now() - make_interval(days => $1)
+            ORDER BY id LIMIT 1""", days)
+
+
 async def prune_events(connection: asyncpg.Connection, days: int, limit: int,
-                       cursor: EventCursor = EventCursor()) -> EventBatch:
-    """Look at up to `limit` events created more than `days` days ago after `cursor`,
-    oldest first, and delete those no delivery needs (module docstring)."""
+                       cursor: int = 0, horizon: int | None = None) -> EventBatch:
+    """Look at up to `limit` events after id `cursor` (and below `horizon`) created more
+    than `days` days ago, in id order, and delete those no delivery needs (module
+    docstring)."""
     row = await connection.fetchrow(
         """WITH looked AS (
-               SELECT e.id, e.workspace_id, e.created_at, needed.one IS NULL AS unneeded
-                 FROM (SELECT id, workspace_id, created_at FROM events
-                        WHERE created_at < now() - make_interval(days => $1)
-                          AND ($3::timestamptz IS NULL OR (created_at, id) > ($3, $4))
-                        ORDER BY created_at, id
+               SELECT e.id, e.workspace_id, needed.one IS NULL AS unneeded
+                 FROM (SELECT id, workspace_id FROM events
+                        WHERE id > $3 AND id < $4
+                          AND created_at < now() - make_interval(days => $1)
+                        ORDER BY id
                         LIMIT $2) AS e
                  -- one index probe per event (webhook_deliveries_event), never a hash of
                  -- the whole delivery table
@@ -104,14 +112,10 @@ async def prune_events(connection: asyncpg.Connection, days: int, limit: int,
                RETURNING 1)
            SELECT (SELECT count(*) FROM gone) AS deleted,
                   (SELECT count(*) FROM looked) AS examined,
-                  last.created_at, last.id
-             FROM (SELECT 1) AS one
-             LEFT JOIN (SELECT created_at, id FROM looked
-                         ORDER BY created_at DESC, id DESC LIMIT 1) AS last ON true""",
-        days, limit, cursor.created_at, cursor.id)
-    next_cursor = (EventCursor(row["created_at"], row["id"]) if row["id"] is not None
-                   else cursor)
-    return EventBatch(row["deleted"], row["examined"], next_cursor)
+                  (SELECT max(id) FROM looked) AS last""",
+        days, limit, cursor, BIGINT_MAX if horizon is None else horizon)
+    return EventBatch(row["deleted"], row["examined"],
+                      row["last"] if row["last"] is not None else cursor)
 
 
 async def pruned_through(db: asyncpg.Pool | asyncpg.Connection, workspace_id: int) -> int:

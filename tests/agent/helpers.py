@@ -9,7 +9,7 @@ from email.message import EmailMessage
 
 import asyncpg
 
-from tests.support import Dialogue
+from tests.support import send_one
 
 RCPT = "support@acme.agents.test"
 FINAL = ("done", "skipped", "failed")
@@ -26,16 +26,7 @@ def mail(subject: str = "Where is my order?", sender: str = "alice@example.org",
 
 def deliver(port: int, raw: bytes, mail_from: str = "alice@example.org",
             rcpt: str = RCPT) -> int:
-    dialogue = Dialogue.open(port)
-    dialogue.reply()
-    dialogue.command("EHLO mail.sender.test")
-    dialogue.command(f"MAIL FROM:<{mail_from}>")
-    assert dialogue.command(f"RCPT TO:<{rcpt}>")[0] == 250
-    assert dialogue.command("DATA")[0] == 354
-    dialogue.send(raw + b".\r\n")
-    code, lines = dialogue.reply()
-    dialogue.command("QUIT")
-    dialogue.close()
+    code, lines = send_one(port, raw, mail_from, rcpt)
     assert code == 250, lines
     return code
 

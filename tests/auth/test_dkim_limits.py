@@ -10,6 +10,7 @@ temperror under p=reject through unflagged.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 from dkim.canonicalization import CanonicalizationPolicy
@@ -28,6 +29,25 @@ def runner():
     checks = CheckRunner(dns_workers=2, verify_workers=1)
     yield checks
     checks.close()
+
+
+@pytest.fixture
+def count_canonicalizations(monkeypatch) -> Callable[[], list[int]]:
+    """Called: from then on, the length of each body dkimpy canonicalizes (signing the
+    test's message canonicalizes too, so the count starts after it)."""
+
+    def start() -> list[int]:
+        calls: list[int] = []
+        real = CanonicalizationPolicy.canonicalize_body
+
+        def counting(self, body):
+            calls.append(len(body))
+            return real(self, body)
+
+        monkeypatch.setattr(CanonicalizationPolicy, "canonicalize_body", counting)
+        return calls
+
+    return start
 
 
 def key_queries(dns_server) -> list[str]:
@@ -69,19 +89,13 @@ async def test_authenticate_caps_by_setting_and_prefers_the_from_domain(dns_serv
 
 
 async def test_one_body_canonicalization_for_many_signatures(dns_server, resolver, rsa2048,
-                                                             runner, monkeypatch):
+                                                             runner,
+                                                             count_canonicalizations):
     raw = message(body="Hello Bob.\r\n" * 1000)
     for n in range(5):
         dns_server.txt(f"sel._domainkey.d{n}.example.com", rsa2048.record)
         raw = sign(raw, rsa2048, f"d{n}.example.com")
-    calls = []
-    real = CanonicalizationPolicy.canonicalize_body
-
-    def counting(self, body):
-        calls.append(len(body))
-        return real(self, body)
-
-    monkeypatch.setattr(CanonicalizationPolicy, "canonicalize_body", counting)
+    calls = count_canonicalizations()
     result = await verify_dkim(resolver, raw, runner, limit=5)
     assert [s.result for s in result.signatures] == ["pass"] * 5
     assert len(calls) == 1  # dkimpy alone: once per signature
@@ -163,7 +177,8 @@ async def test_closing_the_runner_abandons_running_verification(dns_server, reso
 
 
 async def test_dkim_and_arc_share_one_body_canonicalization(dns_server, resolver, rsa2048,
-                                                            runner, monkeypatch):
+                                                            runner,
+                                                            count_canonicalizations):
     """A list's ARC-Message-Signature covers the body as the author's DKIM signature does
     (relaxed body, sha256): authenticate() canonicalizes and hashes that body once, not once
     for DKIM and again for ARC."""
@@ -178,14 +193,7 @@ async def test_dkim_and_arc_share_one_body_canonicalization(dns_server, resolver
     raw = arc_sealed(raw, rsa2048)
     dns_server.txt("sel._domainkey.example.com", rsa2048.record)
     dns_server.txt("arc._domainkey.lists.example.org", rsa2048.record)
-    calls = []
-    real = CanonicalizationPolicy.canonicalize_body
-
-    def counting(self, body):
-        calls.append(len(body))
-        return real(self, body)
-
-    monkeypatch.setattr(CanonicalizationPolicy, "canonicalize_body", counting)
+    calls = count_canonicalizations()
     settings = AuthSettings(authserv_id=AUTHSERV, timeout=5)
     result = await authenticate(inbound(raw, "a@example.com"), resolver, settings, AUTHSERV,
                                 runner)

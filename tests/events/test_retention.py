@@ -71,16 +71,21 @@ def passes(metrics: Metrics, outcome: str) -> float:
 async def test_old_rows_go_young_rows_and_needed_events_stay(pool, database_url):
     acme = (await add_workspace(pool, "acme")).id
     other = (await add_workspace(pool, "other")).id
-    # before any endpoint exists: events no delivery refers to
+    # ids grow with time, as in life: the pruner walks them in id order
+    endpoint = await pool.fetchval(
+        """INSERT INTO webhook_endpoints (workspace_id, url, secret, enabled)
+           VALUES ($1, 'https://hooks.example.org/in', '\\x00'::bytea, false) RETURNING id""",
+        acme)
+    # while the endpoint is off: events no delivery refers to
     plain_old = [await append(pool, acme, n) for n in range(3)]
-    young = await append(pool, acme, 3)
     other_old = await append(pool, other, 4)
-    await pool.execute("INSERT INTO webhook_endpoints (workspace_id, url, secret) "
-                       "VALUES ($1, 'https://hooks.example.org/in', '\\x00'::bytea)", acme)
+    await pool.execute("UPDATE webhook_endpoints SET enabled = true WHERE id = $1", endpoint)
     # from here each acme event gets a delivery (fan_out_webhooks.sql)
     pending, sending, delivered_old, failed_mid, failed_old, delivered_new = \
         [await append(pool, acme, n) for n in range(10, 16)]
     assert await pool.fetchval("SELECT count(*) FROM webhook_deliveries") == 6
+    await pool.execute("UPDATE webhook_endpoints SET enabled = false WHERE id = $1", endpoint)
+    young = await append(pool, acme, 3)
     await finish(pool, sending, "sending", 0)
     await finish(pool, delivered_old, "delivered", 10)
     await finish(pool, failed_mid, "failed", 10)

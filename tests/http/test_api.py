@@ -12,7 +12,7 @@ from email.policy import SMTP
 import pytest
 
 from smtpd_agent.store.apikeys import hash_key
-from tests.support import Dialogue
+from tests.support import send_one
 
 PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
 
@@ -32,16 +32,8 @@ def message(subject: str, *, attachment: bool = False, html: bool = False) -> by
 
 
 def deliver(port: int, raw: bytes, rcpt: str = "support@acme.agents.test") -> int:
-    dialogue = Dialogue.open(port)
-    dialogue.reply()
-    dialogue.command("EHLO client.example.org")
-    dialogue.command("MAIL FROM:<alice@example.org>")
-    assert dialogue.command(f"RCPT TO:<{rcpt}>")[0] == 250
-    assert dialogue.command("DATA")[0] == 354
-    dialogue.send(raw.replace(b"\r\n.", b"\r\n..") + b".\r\n")
-    code, _ = dialogue.reply()
-    dialogue.command("QUIT")
-    return code
+    return send_one(port, raw.replace(b"\r\n.", b"\r\n.."), "alice@example.org", rcpt,
+                    ehlo="client.example.org")[0]
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -12,6 +12,7 @@ from email.policy import SMTP
 from smtpd_agent.store.apikeys import Scope, create_key
 from tests.http.test_api import bearer, deliver
 from tests.http.test_mailbox_api import call
+from tests.support import wait_searchable
 
 
 def mail(subject: str, body: str, rcpt: str = "support@acme.agents.test") -> bytes:
@@ -75,6 +76,7 @@ async def test_search_is_ranked_highlighted_paged_and_scoped(server, keys, http,
         deliver, server.port, mail("zebra at globex", "zebra zebra",
                                    "support@globex.agents.test"),
         "support@globex.agents.test") == 250
+    await wait_searchable(db)
     base = f"{server.http_url}/api/v1/workspaces/acme"
     status, found, _ = await call(http, "GET", f"{base}/search?q=zebras", keys.acme)
     assert status == 200
@@ -135,6 +137,7 @@ async def test_search_finds_a_replys_new_text_not_what_it_quotes(server, keys, h
     extracted = await db.fetchval("SELECT extracted_text FROM messages WHERE subject = $1",
                                   "Re: the offer")
     assert extracted == "Deal, please ship the kiwifruit crate too."
+    await wait_searchable(db)
     base = f"{server.http_url}/api/v1/workspaces/acme"
     # a word only in the quoted part: the original matches, the reply quoting it does not
     status, found, _ = await call(http, "GET", f"{base}/search?q=walnut", keys.acme)
@@ -153,7 +156,9 @@ async def test_search_finds_a_replys_new_text_not_what_it_quotes(server, keys, h
                               keys.globex)
     assert [r["subject"] for r in theirs["results"]] == ["Re: globex"]
     # a row without extracted_text (outbound, or stored before it existed): its text body
-    await db.execute("UPDATE messages SET extracted_text = NULL WHERE subject = $1",
-                     "Re: the offer")
+    changed = await db.fetchrow("UPDATE messages SET extracted_text = NULL WHERE subject = $1 "
+                                "RETURNING id, workspace_id", "Re: the offer")
+    await db.execute("INSERT INTO search_queue VALUES ($1, $2)", *changed)
+    await wait_searchable(db)
     _, found, _ = await call(http, "GET", f"{base}/search?q=walnut", keys.acme)
     assert sorted(r["subject"] for r in found["results"]) == ["Re: the offer", "the offer"]

@@ -36,7 +36,7 @@ from smtpd_agent.domains.mta_sts import policy_for, sts_txt
 from smtpd_agent.store import directory
 from smtpd_agent.store import domains as domain_store
 from tests.integration.test_postgres_outage import start_postgres, stop_postgres
-from tests.support import IN_CI, REPO, EmbeddedCluster, make_settings, wait_for_ready
+from tests.support import REPO, EmbeddedCluster, make_settings, required, wait_for_ready
 
 ZONE = "mail.acme.example"
 LONG_NS = [f"ns-with-a-rather-long-name-{i:02d}.agents.test" for i in range(14)]
@@ -132,13 +132,7 @@ async def test_dnspython_gets_soa_ns_mx_txt(running: Running, tcp: bool) -> None
 
 
 def dig_binary() -> str:
-    binary = shutil.which("dig")
-    if binary is None:
-        reason = "dig not installed (apt-get install -y dnsutils)"
-        if IN_CI:
-            pytest.fail(f"{reason}; CI=true, so this is a failure, not a skip")
-        pytest.skip(reason)
-    return binary
+    return required(shutil.which("dig"), "dig", "dnsutils")
 
 
 async def dig(running: Running, *args: str) -> str:

@@ -13,6 +13,7 @@ import asyncpg
 import psutil
 
 from smtpd_agent.store import directory
+from tests.ports import wait_for_listeners
 from tests.support import ServeProcess, smtp_send
 
 
@@ -38,15 +39,7 @@ async def test_two_listener_processes_share_the_port(cluster, dns_server, tmp_pa
         await directory.add_workspace(connection, "acme")
         await directory.add_agent(connection, "acme", "support", auto_reply=False)
 
-        def listeners() -> set[int]:
-            return {c.pid for c in psutil.net_connections("tcp")
-                    if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port and c.pid}
-
-        for _ in range(100):
-            if len(listeners()) == 2:
-                break
-            await asyncio.sleep(0.1)
-        pids = listeners()
+        pids = await wait_for_listeners(server.port, 2)
         assert len(pids) == 2 and server.process.pid in pids
 
         async def send(index: int) -> int:
@@ -132,15 +125,9 @@ async def test_listener_processes_read_the_file_and_all_reload(cluster, dns_serv
     server = ServeProcess({"DATABASE_URL": url, "SMTPD_AGENT_CONFIG": str(config)},
                           tmp_path / "state").start()
     try:
-        child = None
-        for _ in range(100):
-            children = psutil.Process(server.process.pid).children()
-            listening = {c.pid for c in psutil.net_connections("tcp")
-                         if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port}
-            child = next((c for c in children if c.pid in listening), None)
-            if child is not None:
-                break
-            await asyncio.sleep(0.1)
+        listening = await wait_for_listeners(server.port, 2)
+        children = psutil.Process(server.process.pid).children()
+        child = next((c for c in children if c.pid in listening), None)
         assert child is not None, server.log_tail()
         environ = Path(f"/proc/{child.pid}/environ").read_bytes()
         assert secret.encode() not in environ

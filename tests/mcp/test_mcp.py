@@ -31,7 +31,7 @@ from tests.http.test_api import bearer, deliver
 from tests.http.test_mailbox_api import open_mailbox
 from tests.outbound.conftest import relay  # noqa: F401
 from tests.outbound.test_relay import dkim_verify
-from tests.support import DEFAULT_DOMAIN
+from tests.support import DEFAULT_DOMAIN, wait_searchable
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -78,6 +78,7 @@ async def mailbox(start_server, db, relay, database_url, dns_server):  # noqa: F
                                       **{"mcp.max_request_size": 65536})
     assert await asyncio.to_thread(deliver, server.port, inbound(),
                                    f"support@acme.{DEFAULT_DOMAIN}") == 250
+    await wait_searchable(db)
     yield server, sink, keys
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import IN_CI
+from tests.support import required
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = ("smtpd-agent.service", "smtpd-agent-worker.service")
@@ -30,13 +30,7 @@ def directives(unit: str) -> dict[str, list[str]]:
 
 @pytest.fixture
 def systemd_analyze() -> str:
-    tool = shutil.which("systemd-analyze")
-    if tool is None:
-        message = "systemd-analyze is missing (Debian package systemd; scripts/test installs it)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return tool
+    return required(shutil.which("systemd-analyze"), "systemd-analyze", "systemd")
 
 
 def test_systemd_analyze_verify_is_clean(systemd_analyze, tmp_path):

@@ -21,7 +21,7 @@ import asyncpg
 
 from smtpd_agent.store import directory
 from tests.clamd import EICAR
-from tests.support import EmbeddedCluster, ServeProcess, smtp_send
+from tests.support import EmbeddedCluster, ServeProcess, add_acme_support, smtp_send
 
 RCPT = "support@acme.agents.test"
 
@@ -91,15 +91,6 @@ async def stored_counts(url: str) -> Counter[str]:
     return Counter(row["message_id"] for row in rows)
 
 
-async def prepare(url: str) -> None:
-    connection = await asyncpg.connect(url)
-    try:
-        await directory.add_workspace(connection, "acme")
-        await directory.add_agent(connection, "acme", "support", auto_reply=False)
-    finally:
-        await connection.close()
-
-
 def server_env(url: str, dns_server, **extra: str) -> dict[str, str]:
     return {"DATABASE_URL": url, "SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": "agents.test",
             "SMTPD_AGENT_DNS_NAMESERVERS": dns_server.nameserver, "SMTPD_AGENT_DNS_TIMEOUT": "0.5",
@@ -120,7 +111,7 @@ async def test_kill_9_under_load_loses_nothing(cluster, dns_server, tmp_path):
     url = await cluster.new_database()
     server = ServeProcess(server_env(url, dns_server), tmp_path / "state").start()
     try:
-        await prepare(url)
+        await add_acme_support(url)
         senders = Senders(server.port, {i: payload(i) for i in range(2000)})
         load = asyncio.create_task(senders.run())
         await senders.wait_for_accepted(300)
@@ -146,7 +137,7 @@ async def test_postgres_restart_under_load_gives_only_250_or_4xx(dns_server, tmp
                                          SMTPD_AGENT_DATABASE_CONNECT_TIMEOUT="2"),
                               tmp_path / "state").start()
         try:
-            await prepare(url)
+            await add_acme_support(url)
             senders = Senders(server.port, {i: payload(i) for i in range(800)})
             load = asyncio.create_task(senders.run())
             await senders.wait_for_accepted(150)
@@ -174,7 +165,7 @@ async def test_clamd_killed_under_load_tempfails_and_stores_nothing_unscanned(
     server = ServeProcess(server_env(url, dns_server, SMTPD_AGENT_SCAN_CLAMD=clamd.unix_address,
                                      SMTPD_AGENT_SCAN_TIMEOUT="3"), tmp_path / "state").start()
     try:
-        await prepare(url)
+        await add_acme_support(url)
         payloads = {i: payload(i, EICAR if i % 10 == 0 else b"%PDF-1.4 clean " + bytes([i % 256]))
                     for i in range(600)}
         senders = Senders(server.port, payloads)

@@ -21,6 +21,7 @@ import pytest
 
 from smtpd_agent.smtp import replies
 from tests.reliability.test_hostile_smtp import alongside
+from tests.ports import wait_for_listeners
 from tests.support import (
     DEFAULT_DOMAIN, SESSION_LAYERS, enhanced, make_settings, ServeProcess, ServerThread,
     start_with_acme_support)
@@ -285,15 +286,8 @@ async def test_rates_and_bans_are_shared_by_every_accepting_process(cluster, dns
                            "SMTPD_AGENT_EDGE_BAN_SECONDS": "60"},
                           tmp_path / "state").start()
     try:
-        def listeners() -> set[int]:
-            return {c.pid for c in psutil.net_connections("tcp")
-                    if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port and c.pid}
-
-        for _ in range(200):
-            if len(listeners()) == 2:
-                break
-            await asyncio.sleep(0.1)
-        assert len(listeners()) == 2
+        pids = await wait_for_listeners(server.port, 2)
+        assert len(pids) == 2, server.log_tail()
 
         owners: set[int] = set()
         failed = 0

@@ -24,6 +24,7 @@ import pytest
 
 from smtpd_agent.smtp import replies
 from smtpd_agent.smtp.limits import LIVENESS_TTL
+from tests.ports import wait_for_listeners
 from tests.support import (
     DEFAULT_DOMAIN, SESSION_LAYERS, Dialogue, enhanced, make_settings, ServeProcess, ServerThread,
     smtp_send, start_with_acme_support)
@@ -387,16 +388,9 @@ async def test_connection_limits_hold_across_processes_and_survive_a_crash(
                            "SMTPD_AGENT_SMTP_MAX_CONNECTIONS_PER_IP": str(LIMIT_PER_IP)},
                           tmp_path / "state").start()
     try:
-        def listeners() -> set[int]:
-            return {c.pid for c in psutil.net_connections("tcp")
-                    if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port and c.pid}
-
-        for _ in range(200):
-            if len(listeners()) == 2:
-                break
-            await asyncio.sleep(0.1)
-        assert len(listeners()) == 2
-        child = next(pid for pid in listeners() if pid != server.process.pid)
+        pids = await wait_for_listeners(server.port, 2)
+        assert len(pids) == 2, server.log_tail()
+        child = next(pid for pid in pids if pid != server.process.pid)
 
         def greet() -> tuple[Dialogue, int]:
             dialogue = Dialogue.open(server.port)

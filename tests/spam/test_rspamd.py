@@ -17,7 +17,7 @@ from tests.agent.conftest import add_acme, agent_overrides
 from tests.agent.helpers import RCPT, deliver, mail, wait_jobs
 from tests.messages_api import Step
 from tests.rspamd import GTUBE, SOFT_REJECT_TOKEN, SPAM_SYMBOL, SPAM_TOKEN
-from tests.support import DEFAULT_DOMAIN, Dialogue
+from tests.support import DEFAULT_DOMAIN, send_one
 
 # rspamd's own checks wait for DNS that never answers (0.5 s, bounded); still bounded here.
 pytestmark = pytest.mark.timeout(120)
@@ -25,16 +25,7 @@ pytestmark = pytest.mark.timeout(120)
 
 def send(port: int, raw: bytes, mail_from: str = "alice@example.org") -> tuple[int, bytes]:
     """One message over SMTP; the reply to the end of DATA."""
-    dialogue = Dialogue.open(port, timeout=60)
-    dialogue.reply()
-    dialogue.command("EHLO mail.sender.test")
-    assert dialogue.command(f"MAIL FROM:<{mail_from}>")[0] == 250
-    assert dialogue.command(f"RCPT TO:<{RCPT}>")[0] == 250
-    assert dialogue.command("DATA")[0] == 354
-    dialogue.send(raw + b".\r\n")
-    code, lines = dialogue.reply()
-    dialogue.command("QUIT")
-    dialogue.close()
+    code, lines = send_one(port, raw, mail_from, RCPT, timeout=60)
     return code, lines[-1]
 
 

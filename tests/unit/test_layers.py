@@ -44,7 +44,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "store", "store.apikeys", "store.changes", "store.database", "store.directory",
         "store.deployment", "store.domains", "store.inbox", "store.lease", "store.mailbox",
         "store.messages", "store.rows", "store.acl", "store.quarantine", "store.events",
-        "store.hooks", "store.retention",
+        "store.hooks", "store.retention", "store.search",
         "runtime",
     ),
     # Listeners and features: each receives the Runtime and calls stages and store.
@@ -53,7 +53,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "smtp.session",
         "http", "http.api", "http.health", "http.limits", "http.openapi", "http.responses",
         "http.mailbox", "http.server", "http.webhooks",
-        "mailbox", "mailbox.send",
+        "mailbox", "mailbox.send", "mailbox.indexer",
         "agent", "agent.caps", "agent.compose", "agent.recipients", "agent.jobs", "agent.llm",
         "agent.policy", "agent.prompt",
         "agent.worker",

@@ -1,8 +1,9 @@
 -- Every message row is written here, inbound and outbound (the agent's replies, and
 -- what the mailbox API sends); inbound mail arrives labelled 'unread':
 -- the raw bytes once per workspace (raw_messages), the row naming them, the
--- attachments' content once per workspace (blobs) and their rows, and the
--- thread's counters. A thread created for this message already counts it
+-- attachments' content once per workspace (blobs) and their rows, the thread's
+-- counters and a place in the search queue (indexed after the COMMIT, migration 0021).
+-- A thread created for this message already counts it
 -- (p_new_thread), so only a reply to an existing thread pays for the UPDATE
 -- (a non-HOT update: last_message_at is indexed). An inbound message is announced in
 -- the event outbox in the same transaction (message_event.sql): message.received, or
@@ -53,6 +54,8 @@ BEGIN
                a.scan_signature
           FROM unnest(p_attachments) AS a;
     END IF;
+
+    INSERT INTO search_queue (message_id, workspace_id) VALUES (v_message_id, p_workspace_id);
 
     IF NOT p_new_thread THEN
         UPDATE threads SET message_count = message_count + 1,

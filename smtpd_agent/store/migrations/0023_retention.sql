@@ -1,12 +1,11 @@
 -- Retention of the event outbox and the webhook delivery log (store/retention.py,
 -- events/retention.py): old rows are deleted in small batches by one node at a time.
 --
--- events_created: the pruner walks events oldest first, in (created_at, id) order, and
--- resumes each batch after the last row it looked at (rows it keeps are not read again).
+-- No index on events.created_at: every stored message writes an event, and the pruner
+-- walks the primary key instead (ids grow with time; store/retention.py).
 -- webhook_deliveries_event: "does a delivery still need this event" for the pruner, and
 -- the ON DELETE CASCADE of an event's deliveries, which would otherwise scan the table.
 -- webhook_deliveries_finished: finished deliveries by status and age, for their pruning.
-CREATE INDEX events_created ON events (created_at, id);
 CREATE INDEX webhook_deliveries_event ON webhook_deliveries (event_id);
 CREATE INDEX webhook_deliveries_finished ON webhook_deliveries (status, finished_at, id)
     WHERE status IN ('delivered', 'failed');

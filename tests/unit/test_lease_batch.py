@@ -1,0 +1,118 @@
+"""store.lease.attempt_claimed: the batch runner the outbound and webhook workers share.
+
+Plain rows and callables: the runner only sequences them (the workers' own tests run it
+against Postgres); here each of its promises is checked on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+from structlog.testing import capture_logs
+
+from smtpd_agent.store.lease import LeaseLost, attempt_claimed, stop_polling
+
+
+@dataclass(frozen=True)
+class Row:
+    id: int
+    workspace_id: int
+
+
+ROWS = [Row(i, 100 + i) for i in range(1, 7)]
+EVENTS = dict(lease_lost="test.lease_lost", failed="test.attempt_error")
+
+
+async def test_at_most_concurrency_attempts_run_at_once_and_each_row_once() -> None:
+    running, peak, seen = 0, 0, []
+
+    async def attempt(row: Row) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01)
+        seen.append(row.id)
+        running -= 1
+
+    async def release(row: Row) -> None:
+        raise AssertionError("nothing is given back while not stopping")
+
+    count = await attempt_claimed(ROWS, attempt, release=release, concurrency=2,
+                                  stopping=asyncio.Event(), **EVENTS)
+    assert count == len(ROWS)
+    assert sorted(seen) == [row.id for row in ROWS]
+    assert peak == 2
+
+
+async def test_once_stopping_rows_not_begun_are_given_back() -> None:
+    stopping = asyncio.Event()
+    attempted, released = [], []
+
+    async def attempt(row: Row) -> None:
+        attempted.append(row.id)
+        stopping.set()  # the stop comes while the first attempt is in flight
+
+    async def release(row: Row) -> None:
+        released.append(row.id)
+
+    assert await attempt_claimed(ROWS, attempt, release=release, concurrency=1,
+                                 stopping=stopping, **EVENTS) == len(ROWS)
+    assert attempted == [ROWS[0].id]
+    assert released == [row.id for row in ROWS[1:]]
+
+
+async def test_a_lost_lease_and_a_failure_are_logged_and_the_others_go_on() -> None:
+    done = []
+
+    async def attempt(row: Row) -> None:
+        if row.id == 2:
+            raise LeaseLost("row 2 is no longer ours")
+        if row.id == 4:
+            raise ValueError("a bug")
+        done.append(row.id)
+
+    async def release(row: Row) -> None:
+        raise AssertionError("not stopping")
+
+    with capture_logs() as logs:
+        await attempt_claimed(ROWS, attempt, release=release, concurrency=3,
+                              stopping=asyncio.Event(), **EVENTS)
+    assert sorted(done) == [1, 3, 5, 6]
+    [lost] = [e for e in logs if e["event"] == "test.lease_lost"]
+    assert (lost["delivery_id"], lost["workspace_id"], lost["log_level"]) == (2, 102, "warning")
+    assert lost["error"] == "row 2 is no longer ours"
+    [failed] = [e for e in logs if e["event"] == "test.attempt_error"]
+    assert (failed["delivery_id"], failed["workspace_id"], failed["log_level"]) == \
+        (4, 104, "error")
+    assert failed["exc_info"] is True
+
+
+async def test_the_queues_raise_the_one_lease_lost_the_runner_catches() -> None:
+    from smtpd_agent.outbound import queue
+    from smtpd_agent.store import hooks
+
+    assert queue.LeaseLost is LeaseLost and hooks.LeaseLost is LeaseLost
+
+
+async def test_stop_polling_lets_a_batch_in_flight_finish() -> None:
+    stopping, wake, finished = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def loop() -> None:
+        await stopping.wait()
+        await asyncio.sleep(0.05)  # the attempt in flight
+        finished.set()
+
+    task = asyncio.create_task(loop())
+    await stop_polling(task, stopping=stopping, wake=wake, grace=60)
+    assert stopping.is_set() and wake.is_set() and finished.is_set() and task.done()
+
+
+async def test_stop_polling_cancels_a_loop_that_outlasts_its_grace() -> None:
+    stopping, wake = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(asyncio.Event().wait())  # never ends by itself
+    await stop_polling(task, stopping=stopping, wake=wake, grace=0.05)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await stop_polling(None, stopping=stopping, wake=wake, grace=0.05)  # never started
