@@ -187,17 +187,33 @@ class Sampler:
         self._thread.join()
 
 
-def postgres_cpu() -> float:
+def postgres_cpu(postmaster: int | None = None) -> float:
+    """CPU seconds of one Postgres (the postmaster `postmaster` and its children), or of
+    every process named postgres when None (a DATABASE_URL the bench did not start). One
+    target's figure must not count another's Postgres, nor a test suite's running beside."""
+    if postmaster is None:
+        processes = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"]
+    else:
+        try:
+            root = psutil.Process(postmaster)
+            processes = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0.0
     total = 0.0
-    for process in psutil.process_iter(["name", "cpu_times"]):
-        if process.info["name"] == "postgres" and process.info["cpu_times"]:
-            total += process.info["cpu_times"].user + process.info["cpu_times"].system
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:  # a backend that ended meanwhile
+            continue
+        total += times.user + times.system
     return total
 
 
-def drive(name: str, port: int, pid: int, payload_file: Path, sessions: int) -> Figures:
+def drive(name: str, port: int, pid: int, payload_file: Path, sessions: int,
+          postmaster: int | None = None, uses_postgres: bool = True) -> Figures:
     machine_before = psutil.cpu_times()
-    postgres_before = postgres_cpu()
+    measure_postgres = (lambda: postgres_cpu(postmaster)) if uses_postgres else (lambda: 0.0)
+    postgres_before = measure_postgres()
     with Sampler(pid) as sampler:
         cpu_before, loop_before = sampler.cpu(), sampler.loop_cpu()
         result = subprocess.run(
@@ -206,7 +222,7 @@ def drive(name: str, port: int, pid: int, payload_file: Path, sessions: int) -> 
              "--mail-from", MAIL_FROM, "--rcpt", RCPT],
             capture_output=True, text=True, timeout=600, check=True)
         cpu, loop = sampler.cpu() - cpu_before, sampler.loop_cpu() - loop_before
-    postgres = postgres_cpu() - postgres_before
+    postgres = measure_postgres() - postgres_before
     machine_after = psutil.cpu_times()
     busy = sum(machine_after) - sum(machine_before)
     idle = (machine_after.idle + machine_after.iowait) - (machine_before.idle + machine_before.iowait)
@@ -239,6 +255,9 @@ class Target:
         self.port = 0
         self.pid = 0
         self.process: subprocess.Popen | None = None
+        # the target's own Postgres: its postmaster's pid (None: every postgres process)
+        self.postmaster: int | None = None
+        self.uses_postgres = False
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -327,6 +346,10 @@ class Server(Target):
         if self.profile:
             children = psutil.Process(self.pid).children()
             self.pid = children[0].pid if children else self.pid
+        self.uses_postgres = True
+        pid_file = self.state / "pgdata" / "postmaster.pid"
+        if "DATABASE_URL" not in self.env and pid_file.exists():
+            self.postmaster = int(pid_file.read_text().split()[0])
 
     def stored(self) -> int:
         listed = subprocess.run(self.cli + ["inbox", RCPT, "--json", "--limit", "1000000"],
@@ -461,8 +484,9 @@ def main() -> int:
                 order = targets[index % len(targets):] + targets[:index % len(targets)]
                 speeds.append(cpu_speed_ms())
                 for target in order:
-                    rounds[target.label].append(drive(target.label, target.port, target.pid,
-                                                      measured[index], args.sessions))
+                    rounds[target.label].append(drive(
+                        target.label, target.port, target.pid, measured[index], args.sessions,
+                        target.postmaster, target.uses_postgres))
             stored = {t.label: t.stored() for t in servers}  # type: ignore[attr-defined]
             held = {t.label: t.stored() for t in references if isinstance(t, Postfix)}
         finally:

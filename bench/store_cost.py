@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import statistics
 import sys
@@ -30,8 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
+from bench.run import postgres_cpu
 from smtpd_agent.config import DatabaseSettings
 from smtpd_agent.message import parse_message
 from smtpd_agent.record import Envelope, InboundMessage, Mailbox, Recipient
@@ -54,18 +52,6 @@ def message(index: int, size: int, mailbox: Mailbox) -> InboundMessage:
                         (Recipient(mailbox.address, mailbox),))
     parsed = parse_message(raw)
     return InboundMessage(envelope, raw, parsed, extracted_text=parsed.text_body.strip())
-
-
-def postgres_cpu(postmaster_pid: int) -> float:
-    root = psutil.Process(postmaster_pid)
-    total = 0.0
-    for process in (root, *root.children(recursive=True)):
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
 
 
 async def store_round(store: GroupCommit, mailbox: Mailbox, start: int, count: int, size: int,

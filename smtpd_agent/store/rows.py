@@ -11,6 +11,7 @@ in a header (the raw bytes keep the original).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +28,13 @@ class RowType:
     name: str
     fields: tuple[tuple[str, str], ...]
 
-    @property
+    @functools.cached_property
     def names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.fields)
+
+    @functools.cached_property
+    def _name_set(self) -> frozenset[str]:
+        return frozenset(self.names)
 
     def ddl(self) -> str:
         columns = ",\n    ".join(f'"{name}" {sql}' for name, sql in self.fields)
@@ -41,9 +46,9 @@ class RowType:
         Every field must be given, and nothing else: a renamed or added field
         fails here, at the first message, not as a value in the wrong column.
         """
-        missing = [name for name in self.names if name not in values]
-        extra = [name for name in values if name not in self.names]
-        if missing or extra:
+        if values.keys() != self._name_set:
+            missing = [name for name in self.names if name not in values]
+            extra = [name for name in values if name not in self._name_set]
             raise TypeError(f"{self.name}: missing {missing}, unknown {extra}")
         return tuple(_clean_value(sql, values[name]) for name, sql in self.fields)
 

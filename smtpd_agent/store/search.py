@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncpg
 
+from .events import transaction
+
 DB = asyncpg.Pool | asyncpg.Connection
 
 # What is searched: the subject, the From header and the message's new text (an inbound
@@ -25,20 +27,20 @@ VECTOR = """
 
 
 async def index_pending(db: DB, limit: int) -> int:
-    """Index up to `limit` queued messages, oldest first; how many were taken."""
-    taken: int = await db.fetchval(
-        f"""WITH taken AS (
-                DELETE FROM search_queue q
-                 WHERE q.message_id IN (SELECT message_id FROM search_queue
-                                         ORDER BY message_id LIMIT $1 FOR UPDATE SKIP LOCKED)
-                RETURNING q.message_id, q.workspace_id),
-            indexed AS (
-                INSERT INTO message_search (message_id, workspace_id, search)
-                SELECT m.id, m.workspace_id, {VECTOR}
-                  FROM taken t
-                  JOIN messages m ON m.id = t.message_id AND m.workspace_id = t.workspace_id
-                ON CONFLICT (message_id) DO UPDATE SET search = excluded.search
-                RETURNING 1)
-            SELECT count(*) FROM taken""", limit)
-    return taken
-
+    """Index up to `limit` queued messages, oldest first, in one transaction; how many
+    were taken. The messages are then read by their ids (an array: the primary key,
+    whatever plan is cached), never joined by a plan that could scan the table."""
+    async with transaction(db) as connection:
+        taken = await connection.fetch(
+            """DELETE FROM search_queue
+                WHERE message_id IN (SELECT message_id FROM search_queue ORDER BY message_id
+                                      LIMIT $1 FOR UPDATE SKIP LOCKED)
+               RETURNING message_id""", limit)
+        if taken:
+            await connection.execute(
+                f"""INSERT INTO message_search (message_id, workspace_id, search)
+                    SELECT m.id, m.workspace_id, {VECTOR}
+                      FROM messages m WHERE m.id = ANY($1::bigint[])
+                    ON CONFLICT (message_id) DO UPDATE SET search = excluded.search""",
+                [r["message_id"] for r in taken])
+    return len(taken)

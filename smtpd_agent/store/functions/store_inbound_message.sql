@@ -30,13 +30,19 @@ BEGIN
            AND lower(t.correspondent) = lower(c.from_address)
          ORDER BY m.received_at DESC LIMIT 1;
     END IF;
-    -- 2. the same normalized subject from the same correspondent, recently
+    -- 2. the same normalized subject from the same correspondent, recently. Sorted by an
+    --    expression no index gives, so that no index's order makes it look cheap to walk
+    --    the agent's threads newest first (threads_agent_recent) until one matches: with
+    --    no statistics yet (a new database, before autovacuum's first ANALYZE), plans did
+    --    that for about half the messages, reading every recent thread of the agent each
+    --    time (issue 20, bench/store_cost.py). threads_subject_match finds the few
+    --    candidates by their equal columns; sorting those is nothing.
     IF o_thread_id IS NULL AND c.normalized_subject <> '' AND c.from_address IS NOT NULL THEN
         SELECT t.id INTO o_thread_id FROM threads t
          WHERE t.agent_id = d.agent_id AND t.workspace_id = d.workspace_id
            AND t.normalized_subject = c.normalized_subject AND t.correspondent = c.from_address
            AND t.last_message_at > now() - p_thread_window
-         ORDER BY t.last_message_at DESC LIMIT 1;
+         ORDER BY t.last_message_at + interval '0' DESC LIMIT 1;
     END IF;
     -- 3. a new thread, holding this message
     IF o_thread_id IS NULL THEN
