@@ -126,8 +126,14 @@ async def poll(step: Callable[[], Awaitable[bool]], *, interval: float,
                stopping: asyncio.Event, wake: asyncio.Event | None = None,
                name: str = "") -> None:
     """Run `step` until `stopping` is set; when it reports no more work (False), or fails,
-    wait `interval` seconds, or until `wake` (or `stopping`) is set."""
+    wait `interval` seconds, or until `wake` (or `stopping`) is set.
+
+    `wake` is cleared before each step, never after: a wake-up (new work, or a stop)
+    that comes while a step runs makes the next wait return at once instead of being
+    lost for a whole interval."""
     while not stopping.is_set():
+        if wake is not None:
+            wake.clear()
         try:
             busy = await step()
         except asyncio.CancelledError:
@@ -138,10 +144,8 @@ async def poll(step: Callable[[], Awaitable[bool]], *, interval: float,
         except Exception as error:  # noqa: BLE001 - a bug: log it, wait, go on
             log.exception("queue.poll_failed", loop=name, error=str(error))
             busy = False
-        if busy:
+        if busy or stopping.is_set():
             continue
-        if wake is not None:
-            wake.clear()
         try:
             await asyncio.wait_for((wake or stopping).wait(), interval)
         except TimeoutError:

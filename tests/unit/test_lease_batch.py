@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 from structlog.testing import capture_logs
 
-from smtpd_agent.store.lease import LeaseLost, attempt_claimed, stop_polling
+from smtpd_agent.store.lease import LeaseLost, attempt_claimed, poll, stop_polling
 
 
 @dataclass(frozen=True)
@@ -116,3 +116,23 @@ async def test_stop_polling_cancels_a_loop_that_outlasts_its_grace() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     await stop_polling(None, stopping=stopping, wake=wake, grace=0.05)  # never started
+
+
+async def test_a_wake_during_a_step_is_not_lost() -> None:
+    """New work (or a stop) signalled while a step runs: the loop looks again at once, not
+    after its interval (a stop used to wait a whole poll interval, 5 s in tests)."""
+    stopping, wake = asyncio.Event(), asyncio.Event()
+    steps = 0
+
+    async def step() -> bool:
+        nonlocal steps
+        steps += 1
+        if steps == 1:
+            wake.set()  # work arrives while the first step runs
+        if steps == 2:
+            stopping.set()
+            wake.set()  # and a stop while the second does
+        return False
+
+    await asyncio.wait_for(poll(step, interval=3600, stopping=stopping, wake=wake), 10)
+    assert steps == 2
