@@ -31,6 +31,7 @@ from smtpd_agent.app import App, MailServer
 from smtpd_agent.http import HttpServer
 from smtpd_agent.config import Settings, load_settings
 from smtpd_agent.store import directory
+from smtpd_agent.store.database import migration_files
 
 DEFAULT_DOMAIN = "agents.test"
 # Short enough that DNS timeout tests stay fast, long enough for a loaded CI box.
@@ -354,6 +355,19 @@ def wait_for_ready(process: subprocess.Popen, log_path: Path, offset: int = 0,
                                + log_tail(log_path, offset))
         time.sleep(0.1)
     raise RuntimeError(f"serve not ready within {timeout}s: " + log_tail(log_path, offset))
+
+
+async def migrate_until(connection: Any, last: int) -> None:
+    """Apply the numbered migrations up to `last` only, recorded as the migrator records
+    them: a database as a deployment at that version has it, for upgrade tests."""
+    await connection.execute(
+        """CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
+                                           applied_at timestamptz NOT NULL DEFAULT now())""")
+    for version, name, sql in migration_files():
+        if version <= last:
+            await connection.execute(sql)
+            await connection.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
 
 
 async def wait_searchable(db: Any, guard: float = 60.0) -> None:

@@ -10,54 +10,15 @@ check is idempotent, so two hosts re-checking at once only cost DNS queries.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 
 import structlog
 
+from ..periodic import Periodic
 from ..runtime import Runtime
 from ..store import domains as store
 from . import Domains
 
 log = structlog.get_logger(__name__)
-
-
-class Periodic:
-    """A Service running `run_once()` every `interval` seconds (0: off) until stopped."""
-
-    name = "periodic"
-    failure_event = "periodic.failed"
-
-    def __init__(self, runtime: Runtime, interval: float) -> None:
-        self.runtime = runtime
-        self.interval = interval
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        if self.interval <= 0:
-            log.info("service.disabled", service=self.name, reason="interval 0")
-            return
-        self._task = asyncio.create_task(self._loop(), name=self.name)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # one failed round must not end the loop
-                log.error(self.failure_event, error=str(error))
-
-    async def run_once(self) -> object:
-        raise NotImplementedError
 
 
 class DomainRechecker(Periodic):
@@ -67,7 +28,8 @@ class DomainRechecker(Periodic):
     failure_event = "domain.recheck_failed"
 
     def __init__(self, runtime: Runtime) -> None:
-        super().__init__(runtime, runtime.settings.domains.recheck_interval)
+        super().__init__(runtime.settings.domains.recheck_interval)
+        self.runtime = runtime
 
     async def run_once(self) -> list[store.Domain]:
         """Check every receiving domain once; returns them in their new state."""
@@ -94,7 +56,8 @@ class KeyRotator(Periodic):
     failure_event = "dkim.rotation_step_failed"
 
     def __init__(self, runtime: Runtime) -> None:
-        super().__init__(runtime, runtime.settings.domains.rotation_interval)
+        super().__init__(runtime.settings.domains.rotation_interval)
+        self.runtime = runtime
 
     async def run_once(self) -> object:
         runtime = self.runtime

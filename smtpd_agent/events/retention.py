@@ -11,7 +11,6 @@ when the process dies). One `retention.pruned` log event per pass with the count
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import structlog
 
 from ..config import RetentionSettings
 from ..metrics import Metrics
+from ..periodic import Periodic
 from ..runtime import Runtime
 from ..store import retention as store
 from ..store.database import CONNECTION_ERRORS, init_connection
@@ -39,18 +39,20 @@ class PassResult:
     kept_for_deliveries: int = 0
 
 
-class Pruner:
+class Pruner(Periodic):
     """The pruning passes of one process (a Service of app.SERVICES)."""
+
+    name = "retention"
+    failure_event = "retention.failed"
 
     def __init__(self, url: str, settings: RetentionSettings, metrics: Metrics,
                  connect_timeout: float = 5.0, command_timeout: float = 30.0) -> None:
+        super().__init__(settings.interval)
         self.url = url
         self.settings = settings
         self.metrics = metrics
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     @classmethod
     def of(cls, runtime: Runtime) -> Pruner:
@@ -59,38 +61,12 @@ class Pruner:
         return cls(runtime.database.url, runtime.settings.retention, runtime.metrics,
                    database.connect_timeout, database.command_timeout)
 
-    async def start(self) -> None:
-        if self.settings.interval <= 0:
-            log.info("service.disabled", service="retention", reason="retention.interval 0")
-            return
-        self._task = asyncio.create_task(self._loop(), name="retention")
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while not await self._pause(self.settings.interval):
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except CONNECTION_ERRORS as error:
-                self.metrics.retention_passes.labels("failed").inc()
-                log.warning("retention.database_unavailable", error=str(error))
-            except Exception as error:  # noqa: BLE001 - one failed pass must not end the loop
-                self.metrics.retention_passes.labels("failed").inc()
-                log.exception("retention.failed", error=str(error))
-
-    async def _pause(self, seconds: float) -> bool:
-        """Sleep `seconds`; True when the service is stopping."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-        return self._stopping.is_set()
+    def failed(self, error: Exception) -> None:
+        self.metrics.retention_passes.labels("failed").inc()
+        if isinstance(error, CONNECTION_ERRORS):
+            log.warning("retention.database_unavailable", error=str(error))
+        else:
+            log.error(self.failure_event, error=str(error), exc_info=error)
 
     async def run_once(self) -> PassResult:
         """One pass (module docstring)."""
@@ -120,25 +96,25 @@ class Pruner:
         counts = {"delivered": 0, "failed": 0}
         for status, days in (("delivered", settings.webhook_delivered_days),
                              ("failed", settings.webhook_failed_days)):
-            while days and not self._stopping.is_set():
+            while days and not self.stopping.is_set():
                 deleted = await store.prune_deliveries(connection, status, days,
                                                        settings.batch_size)
                 counts[status] += deleted
                 self.metrics.retention_deleted.labels(f"webhook_deliveries_{status}").inc(
                     deleted)
-                if deleted < settings.batch_size or await self._pause(settings.batch_pause):
+                if deleted < settings.batch_size or await self.pause(settings.batch_pause):
                     break
         events = examined = cursor = 0
         horizon = (await store.event_horizon(connection, settings.events_days)
                    if settings.events_days else None)
-        while settings.events_days and not self._stopping.is_set():
+        while settings.events_days and not self.stopping.is_set():
             batch = await store.prune_events(connection, settings.events_days,
                                              settings.batch_size, cursor, horizon)
             events += batch.deleted
             examined += batch.examined
             cursor = batch.cursor
             self.metrics.retention_deleted.labels("events").inc(batch.deleted)
-            if batch.examined < settings.batch_size or await self._pause(settings.batch_pause):
+            if batch.examined < settings.batch_size or await self.pause(settings.batch_pause):
                 break
         result = PassResult(True, events, counts["delivered"], counts["failed"],
                             examined - events)
@@ -151,5 +127,5 @@ class Pruner:
                  webhook_delivered_days=settings.webhook_delivered_days,
                  webhook_failed_days=settings.webhook_failed_days,
                  seconds=round(time.monotonic() - started, 3),
-                 stopped_early=self._stopping.is_set())
+                 stopped_early=self.stopping.is_set())
         return result

@@ -17,6 +17,7 @@ from smtpd_agent.store.database import (
     repeatables,
 )
 from smtpd_agent.store.rows import ROW_TYPES
+from tests.support import migrate_until
 
 
 async def test_row_types_match_the_python_field_lists(database_url):
@@ -97,14 +98,7 @@ async def test_a_database_migrated_by_the_old_files_is_upgraded(database_url):
     each message row) keeps its mail and ends with the current functions only."""
     connection = await asyncpg.connect(database_url)
     try:
-        await connection.execute(
-            """CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
-                                               applied_at timestamptz NOT NULL DEFAULT now())""")
-        for version, name, sql in migration_files():
-            if version <= 8:
-                await connection.execute(sql)
-                await connection.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
+        await migrate_until(connection, 8)
         old = await connection.fetchval(
             "SELECT pronargs FROM pg_proc WHERE proname = 'store_inbound_message'")
         assert old == 46

@@ -12,12 +12,12 @@ import pytest
 
 from smtpd_agent.config import DatabaseSettings
 from smtpd_agent.store import directory, search
-from smtpd_agent.store.database import create_pool, migrate, migration_files
+from smtpd_agent.store.database import create_pool, migrate
 from smtpd_agent.store.mailbox import search as search_messages
 from smtpd_agent.store.messages import GroupCommit
 from tests.http.test_api import deliver, message
 from tests.integration.test_group_commit import VERDICTS, inbound, mailbox
-from tests.support import wait_searchable
+from tests.support import migrate_until, wait_searchable
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -118,15 +118,7 @@ async def test_migration_0021_keeps_the_vectors_of_stored_mail(database_url):
     after 0021 the same mail is found, without being queued again."""
     connection = await asyncpg.connect(database_url)
     try:
-        await connection.execute(
-            """CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
-                                               applied_at timestamptz NOT NULL DEFAULT now())""")
-        for version, name, sql in migration_files():
-            if version > 20:
-                break
-            await connection.execute(sql)
-            await connection.execute("INSERT INTO schema_migrations VALUES ($1, $2)",
-                                     version, name)
+        await migrate_until(connection, 20)
         workspace = await connection.fetchval(
             "INSERT INTO workspaces (slug, name) VALUES ('acme', 'Acme') RETURNING id")
         agent = await connection.fetchval(

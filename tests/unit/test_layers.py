@@ -45,7 +45,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "store.deployment", "store.domains", "store.inbox", "store.lease", "store.mailbox",
         "store.messages", "store.rows", "store.acl", "store.quarantine", "store.events",
         "store.hooks", "store.retention", "store.search",
-        "runtime",
+        "runtime", "periodic",
     ),
     # Listeners and features: each receives the Runtime and calls stages and store.
     "features": (
