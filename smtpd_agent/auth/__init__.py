@@ -25,7 +25,7 @@ from ..config import AuthSettings
 from ..dns import Resolver
 from ..record import InboundMessage
 from . import arc, dkim, spf
-from .adapters import BodyHashes
+from .adapters import DkimMessage
 from .arc import ArcResult
 from .dkim import DkimSignatureResult
 from .dmarc import DmarcResult, aligned, evaluate_dmarc, organizational_domain
@@ -152,9 +152,10 @@ async def authenticate(message: InboundMessage, resolver: Resolver, settings: Au
     identity, sender, domain = spf_identity(envelope.mail_from, envelope.helo)
     first = _aligned_with(message.parsed.from_address)
     limit = settings.dkim_max_signatures
-    body_hashes = BodyHashes()  # one body hash per canonicalization for DKIM and ARC together
-    checks = [dkim.dkim_check(raw, first=first, limit=limit, body_hashes=body_hashes),
-              arc.arc_check(raw, body_hashes)]
+    # parsed, canonicalized and body-hashed once for DKIM and ARC together
+    shared = DkimMessage(raw)
+    checks = [dkim.dkim_check(raw, first=first, limit=limit, shared=shared),
+              arc.arc_check(raw, shared)]
     if envelope.client_ip:
         checks.append(spf.spf_check(envelope.client_ip, envelope.mail_from, envelope.helo,
                                     timeout=deadline))

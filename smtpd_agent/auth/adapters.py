@@ -8,8 +8,12 @@ Two kinds of adaptation:
 - Per call, no global state: `SpfQuery` answers pyspf's lookups with the
   resolver view it is built with (pyspf reads `spf.DNSLookup` from its module
   namespace; overriding `query.dns` keeps that hook untouched), `make_dnsfunc`
-  gives dkimpy the same resolver, and `Verifier` / `ArcVerifier` hash each body
-  variant once (per message, across both, with a shared `BodyHashes`) and stop at the next signature once their caller has gone.
+  gives dkimpy the same resolver, and `Verifier` / `ArcVerifier` work on one
+  `DkimMessage` per message, shared by the DKIM and the ARC check: its header
+  section parsed once (dkimpy's constructor would split the whole message into
+  lines, again for each verifier), each header and body canonicalization and each
+  body hash made once, each signature's tags parsed once; they stop at the next
+  signature once their caller has gone.
 - Process-wide, once at start-up: `install()` routes dkimpy's RSA PKCS#1 v1.5
   sign and verify through OpenSSL. dkimpy calls them by their names in its module
   namespace from inside `DKIM.sign`/`verify_sig_process`, so there is no per-call
@@ -17,14 +21,27 @@ Two kinds of adaptation:
   them), only faster, so code that runs before `install()` is slower, never wrong.
   The runtime calls it when it opens; test fixtures call it too.
 
-The internals relied on here (`query.dns` and its cache/void-lookup bookkeeping,
-`DomainSigner.verify_sig_process`, `body`, the module-level RSA names) are why
-pyproject.toml bounds dkimpy and pyspf from above.
+dkimpy still does the verification: its tag parser and field checks
+(`parse_tag_value`, `validate_signature_fields`), its header parser (`rfc822_parse`)
+and canonicalizations, its header selection and hashing (`hash_headers`), its key
+record parser (`evaluate_pk`), its ARC chain logic (`ARC.verify`, `verify_instance`,
+`sorted_arc_headers`) and its RSA / Ed25519 checks. The internals relied on, which
+are why pyproject.toml bounds dkimpy (and pyspf) from above:
+- pyspf: `query.dns` and its cache and void-lookup bookkeeping;
+- dkimpy: the module-level RSA names; `DomainSigner.__init__` taking no message
+  and the `headers` / `body` / `pk` / `keysize` / `ktag` / `seqtlsrpt` / `tlsrpt` /
+  `minkey` / `timeout` attributes it reads; `DomainSigner.verify_sig` and
+  `verify_sig_process`, which `_SharedMessage` replaces with the same steps (read
+  against dkimpy 1.1.8; tests/auth/test_dkim_differential.py compares verdicts with
+  plain dkimpy); `DKIM.verify_headerprep`'s steps, done by `Verifier.prepare`; and
+  `rfc822_parse`, `hash_headers`, `HASH_ALGORITHMS`, `evaluate_pk`, `Relaxed` /
+  `Simple` (`canonicalize_headers`, `canonicalize_body`) as functions.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import functools
 import re
 import time
@@ -32,11 +49,13 @@ from typing import Any, Callable
 
 import dkim
 import dkim.crypto
+import nacl.exceptions
 import spf
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.util import InvalidTagValueList, parse_tag_value
 
 from ..dns import DnsTempError, SyncResolver
 
@@ -129,40 +148,114 @@ def make_dnsfunc(view: SyncResolver) -> Callable[..., bytes | None]:
     return dnsfunc
 
 
-class BodyHashes:
-    """One message's canonicalized bodies and body digests, shared by its DKIM and ARC
-    verifiers (an ARC-Message-Signature usually covers the body as the DKIM signature
-    does). Filled from two verify threads at most; a key computed twice gets the same
-    value, so a plain dict is enough."""
-
-    def __init__(self) -> None:
-        self.cache: dict[Any, bytes] = {}
+def blank_line(raw: bytes) -> int:
+    """Where the first "\\n\\r?\\n" starts (a line end before an empty line), or -1; with
+    two plain searches, not a regex stepping through every byte of the message."""
+    crlf = raw.find(b"\n\r\n")
+    lf = raw.find(b"\n\n", 0, crlf + 2 if crlf >= 0 else len(raw))
+    return lf if lf >= 0 else crlf
 
 
-def _no_checkpoint() -> None:
-    return None
+class DkimMessage:
+    """One received message as dkimpy's verifiers need it, prepared once and shared by the
+    message's DKIM check and its ARC check.
 
+    dkimpy's constructor splits the *whole* message into lines with a regex for every
+    verifier it builds (for 50 KB messages that alone was a tenth of the listener's CPU),
+    and each signature then canonicalizes every header field, and the body, again. Here
+    dkimpy's own parser (`rfc822_parse`) reads the header section only, once; the body is
+    sliced off after the first empty line (turned into CRLF lines as dkimpy does, only
+    when it has a bare LF); each canonicalization of the header fields, each canonicalized
+    body and each (body canonicalization, l=, hash) digest is made once per message.
 
-class _OneBodyHash:
-    """dkimpy re-canonicalizes and re-hashes the body for every signature (~40 ms per MB
-    each). Here each canonicalized body is made once and each (canonicalization, l=,
-    algorithm) hashed once per message, across DKIM and ARC when they share `body_hashes`;
-    `checkpoint` runs before each signature so work whose caller has gone stops there
-    (ARC verifies its sets inside one dkimpy call)."""
+    The two checks may run on two threads: every value is computed from `raw` alone and
+    stored whole, so one computed twice is the same value and no lock is needed. Nothing
+    handed out is changed by the verifiers (dkimpy's verify steps only read the header list).
+    """
 
-    body: bytes
-    tlsrpt: Any
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self.cache: dict[Any, Any] = {}
+        self._split: tuple[bytes, bytes] | None = None
+        self._headers: list[list[bytes]] | None = None
+        self._body: bytes | None = None
+        self._signatures: list[list[bytes]] | None = None
 
-    def __init__(self, message: bytes, *, minkey: int,
-                 checkpoint: Callable[[], None] = _no_checkpoint,
-                 body_hashes: BodyHashes | None = None) -> None:
-        # dkimpy's DKIM or ARC, next in the subclass's MRO
-        super().__init__(message, minkey=minkey)  # type: ignore[call-arg]
-        self.checkpoint = checkpoint
-        self.body_hashes = body_hashes if body_hashes is not None else BodyHashes()
+    def split(self) -> tuple[bytes, bytes]:
+        """(the header lines, each with its line end; what follows the first empty line).
 
-    def _body_digest(self, canon: Any, length: int | None, algorithm: bytes) -> bytes:
-        cache = self.body_hashes.cache
+        The first empty line is where `rfc822_parse` stops: the message starts with a line
+        end, or a line end is followed by another (LF or CRLF)."""
+        if self._split is None:
+            raw = self.raw
+            if raw.startswith(b"\n"):
+                self._split = (b"", raw[1:])
+            elif raw.startswith(b"\r\n"):
+                self._split = (b"", raw[2:])
+            else:
+                end = blank_line(raw)
+                if end < 0:
+                    self._split = (raw, b"")
+                else:
+                    after = end + (3 if raw[end + 1] == 0x0D else 2)
+                    self._split = (raw[:end + 1], raw[after:])
+        return self._split
+
+    @property
+    def headers(self) -> list[list[bytes]]:
+        """dkimpy's [name, value] list; MessageFormatError, as dkimpy's constructor raises."""
+        if self._headers is None:
+            try:
+                self._headers = dkim.rfc822_parse(self.split()[0])[0]
+            except IndexError:  # dkimpy's crash on a continuation line before any field
+                raise dkim.MessageFormatError("folded line before the first field") from None
+        return self._headers
+
+    @property
+    def body(self) -> bytes:
+        """The body as `rfc822_parse` gives it: its lines joined with CRLF."""
+        if self._body is None:
+            rest = self.split()[1]
+            newlines = rest.count(b"\n")
+            if newlines and newlines != rest.count(b"\r\n"):
+                rest = re.sub(rb"\r?\n", b"\r\n", rest)
+            self._body = rest
+        return self._body
+
+    @property
+    def signatures(self) -> list[list[bytes]]:
+        """The DKIM-Signature fields, top first (dkimpy's signature index)."""
+        if self._signatures is None:
+            self._signatures = [h for h in self.headers if h[0].lower() == b"dkim-signature"]
+        return self._signatures
+
+    def signature_tags(self, index: int) -> dict[bytes, bytes]:
+        """The `index`-th signature's tags, parsed by dkimpy once (InvalidTagValueList each
+        time when they cannot be); not to be changed by the caller."""
+        key = ("tags", index)
+        found = self.cache.get(key)
+        if found is None:
+            try:
+                found = parse_tag_value(self.signatures[index][1])
+            except InvalidTagValueList as error:
+                found = error
+            self.cache[key] = found
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    def canonical_headers(self, algorithm: Any) -> list[Any]:
+        """Every header field canonicalized by `algorithm` (dkimpy's Simple or Relaxed)."""
+        key = ("headers", algorithm)
+        found = self.cache.get(key)
+        if found is None:
+            found = self.cache[key] = algorithm.canonicalize_headers(self.headers)
+        return found
+
+    def body_digest(self, canon: Any, length: int | None, algorithm: bytes) -> bytes:
+        """The body hash of a signature: canonicalized by `canon`'s body algorithm (with
+        dkimpy's code), cut at l=, hashed with a= (sha1 or sha256)."""
+        cache = self.cache
         body_canon = canon.body_algorithm  # the class Simple or Relaxed
         key = (body_canon, length, algorithm)
         digest = cache.get(key)
@@ -175,41 +268,128 @@ class _OneBodyHash:
             digest = cache[key] = hasher.digest()
         return digest
 
+
+def _no_checkpoint() -> None:
+    return None
+
+
+@functools.cache
+def _dkimpy_logger() -> Any:
+    """dkimpy's logger, looked up once (its constructor looks it up for every verifier)."""
+    return dkim.get_default_logger()
+
+
+class _SharedMessage:
+    """A dkimpy verifier (DKIM or ARC, next in the subclass's MRO) on a `DkimMessage`.
+
+    dkimpy gets no message (it would split all of it); its header list is the shared one.
+    `verify_sig_process` and `verify_sig` are dkimpy's (1.1.8) step for step, except that the
+    canonicalized header fields and body digests come from the shared message, the key
+    record is parsed once per record text, and `checkpoint` runs before each signature, so
+    work whose caller has gone stops there (ARC verifies its sets inside one dkimpy call).
+    """
+
+    headers: list[Any]
+    body: bytes
+    tlsrpt: Any
+    seqtlsrpt: bool
+    ktag: bytes | None
+    pk: Any
+    keysize: int
+    minkey: int
+    timeout: float
+    signed_headers: list[Any]
+
+    def __init__(self, message: DkimMessage, *, minkey: int,
+                 checkpoint: Callable[[], None] = _no_checkpoint) -> None:
+        super().__init__(None, minkey=minkey, logger=_dkimpy_logger())  # type: ignore[call-arg]
+        self.message = message
+        self.headers = message.headers
+        self.body = message.body
+        self.checkpoint = checkpoint
+
+    def verify_sig(self, sig: dict[bytes, bytes], include_headers: list[bytes],
+                   sig_header: Any, dnsfunc: Any) -> Any:
+        name = sig[b"s"] + b"._domainkey." + sig[b"d"] + b"."
+        try:
+            self.pk, self.keysize, self.ktag, self.seqtlsrpt = parse_key_record(
+                name, dnsfunc(name, timeout=self.timeout))
+        except (dkim.KeyFormatError, binascii.Error, dkim.DnsTimeoutError):
+            return False
+        return self.verify_sig_process(sig, include_headers, sig_header, dnsfunc)
+
     def verify_sig_process(self, sig: dict[bytes, bytes], include_headers: list[bytes],
-                           sig_header: tuple[bytes, bytes], dnsfunc: Any) -> Any:
+                           sig_header: Any, dnsfunc: Any) -> Any:
         self.checkpoint()
-        if b"bh" in sig and b"a" in sig and sig[b"a"] in dkim.HASH_ALGORITHMS:
-            try:
-                canon = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
-            except InvalidCanonicalizationPolicyError as error:
-                raise dkim.MessageFormatError(f"invalid c= value: {error.args[0]}") from None
+        # RFC 8460: a TLS report's key must say s=tlsrpt; other mail's must not
+        if self.tlsrpt == "strict" and not self.seqtlsrpt:
+            raise dkim.ValidationError("Message is tlsrpt and Service Type is not tlsrpt")
+        if not self.tlsrpt and self.seqtlsrpt:
+            raise dkim.ValidationError("Message is not tlsrpt and Service Type is tlsrpt")
+        try:
+            canon = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+        except InvalidCanonicalizationPolicyError as error:
+            raise dkim.MessageFormatError(f"invalid c= value: {error.args[0]}") from None
+        hasher = dkim.HASH_ALGORITHMS[sig[b"a"]]
+
+        if b"bh" in sig:
             length = None
             if b"l" in sig and not self.tlsrpt:
                 try:
                     length = max(0, int(sig[b"l"]))
-                except ValueError:
+                except ValueError:  # dkimpy lets this escape as a crash
                     raise dkim.MessageFormatError("invalid l= value") from None
-            digest = self._body_digest(canon, length, sig[b"a"])
+            digest = self.message.body_digest(canon, length, sig[b"a"])
             try:
                 expected = base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"]))
-            except ValueError as error:
+            except ValueError as error:  # dkimpy lets binascii.Error escape
                 raise dkim.MessageFormatError(str(error)) from None
             if digest != expected:
                 raise dkim.ValidationError(
                     f"body hash mismatch (got {base64.b64encode(digest)!r}, "
                     f"expected {sig[b'bh']!r})")
-            # Checked: dkimpy goes on with the header hash and the signature only.
-            sig = {k: v for k, v in sig.items() if k != b"bh"}
-        return super().verify_sig_process(  # type: ignore[misc]
-            sig, include_headers, sig_header, dnsfunc)
+
+        # dkimpy (its bug #644046): any extra From field is signed too, so it must verify
+        if b"from" in include_headers:
+            include_headers.append(b"from")
+        header_hash = hasher()
+        headers = self.message.canonical_headers(canon.header_algorithm)
+        self.signed_headers = dkim.hash_headers(
+            header_hash, canon, headers, include_headers, sig_header, sig)
+        signature = base64.b64decode(re.sub(rb"\s+", b"", sig[b"b"]))
+        if self.ktag == b"rsa":
+            try:
+                valid = dkim.RSASSA_PKCS1_v1_5_verify(header_hash, signature, self.pk)
+            except (TypeError, dkim.DigestTooLargeError) as error:
+                raise dkim.KeyFormatError(f"digest too large for modulus: {error}") from None
+            if valid and self.keysize < self.minkey:
+                raise dkim.KeyFormatError(f"public key too small: {self.keysize}")
+            return valid
+        if self.ktag == b"ed25519":
+            try:
+                self.pk.verify(header_hash.digest(), signature)
+            # dkimpy lets ValueError (a b= not 64 octets long) escape as a crash: it is
+            # a signature that does not verify, as for RSA
+            except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError):
+                return False
+            return True
+        raise dkim.UnknownKeyTypeError(self.ktag)
 
 
-class Verifier(_OneBodyHash, dkim.DKIM):
-    """dkimpy's DKIM verifier, one body hash per variant, stoppable between signatures."""
+class Verifier(_SharedMessage, dkim.DKIM):
+    """dkimpy's DKIM verifier on a shared `DkimMessage`, stoppable between signatures."""
+
+    def prepare(self, index: int, sig: dict[bytes, bytes]) -> tuple[dict[bytes, bytes],
+                                                                     list[bytes], Any]:
+        """dkimpy's `verify_headerprep` for the `index`-th signature, whose tags the caller
+        has parsed already (dkimpy would parse them again): (tags, h= names, the field)."""
+        dkim.validate_signature_fields(sig)
+        include_headers = [x.lower() for x in re.split(rb"\s*:\s*", sig[b"h"])]
+        return dict(sig), include_headers, self.message.signatures[index]
 
 
-class ArcVerifier(_OneBodyHash, dkim.ARC):
-    """dkimpy's ARC verifier, with the same body hashing and checkpoints."""
+class ArcVerifier(_SharedMessage, dkim.ARC):
+    """dkimpy's ARC verifier on a shared `DkimMessage`, with the same checkpoints."""
 
 
 # -- pyspf, per query ----------------------------------------------------------------------

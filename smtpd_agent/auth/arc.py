@@ -20,8 +20,8 @@ import dkim
 import structlog
 
 from ..dns import DnsTempError, SyncResolver
-from .adapters import ArcVerifier, BodyHashes, make_dnsfunc
-from .dkim import MIN_RSA_BITS, header_section
+from .adapters import ArcVerifier, DkimMessage, make_dnsfunc
+from .dkim import MIN_RSA_BITS, header_section, shared_message
 from .runner import INLINE_MAX, SyncCheck
 
 log = structlog.get_logger(__name__)
@@ -47,13 +47,11 @@ def _text(value: object) -> object:
     return value.decode("ascii", "replace") if isinstance(value, bytes) else value
 
 
-def verify_chain(message: bytes, dnsfunc: Any,
-                 checkpoint: Callable[[], None] = lambda: None,
-                 body_hashes: BodyHashes | None = None) -> ArcResult:
+def verify_chain(message: DkimMessage, dnsfunc: Any,
+                 checkpoint: Callable[[], None] = lambda: None) -> ArcResult:
     """Blocking ARC validation (RFC 8617 section 5.2)."""
     try:
-        arc = ArcVerifier(message, minkey=MIN_RSA_BITS, checkpoint=checkpoint,
-                          body_hashes=body_hashes)
+        arc = ArcVerifier(message, minkey=MIN_RSA_BITS, checkpoint=checkpoint)
         cv, sets, reason = arc.verify(dnsfunc=dnsfunc)
     except DnsTempError as error:
         return ArcResult("temperror", reason=f"key lookup: {error}")
@@ -80,24 +78,24 @@ MAX_ARC_SETS = 50
 
 
 def _verify(view: SyncResolver, message: bytes,
-            body_hashes: BodyHashes | None = None) -> ArcResult:
+            shared: DkimMessage | None = None) -> ArcResult:
     header = header_section(message)
     if not HAS_ARC.search(header):
         return ArcResult("none")
     seals = sum(1 for _ in zip(range(MAX_ARC_SETS + 1), ARC_SEAL.finditer(header)))
     if seals > MAX_ARC_SETS:
         return ArcResult("fail", reason=f"more than {MAX_ARC_SETS} ARC sets (RFC 8617 4.2.1)")
-    result = verify_chain(message, make_dnsfunc(view), view.checkpoint, body_hashes)
+    result = verify_chain(shared_message(message, shared), make_dnsfunc(view), view.checkpoint)
     log.debug("arc.checked", result=result.result, instances=result.instances,
               reason=result.reason)
     return result
 
 
-def arc_check(message: bytes, body_hashes: BodyHashes | None = None) -> SyncCheck[ArcResult]:
+def arc_check(message: bytes, shared: DkimMessage | None = None) -> SyncCheck[ArcResult]:
     """ARC as a check for auth/runner.py: CPU-bound like DKIM, in the "verify" pool;
-    `body_hashes` is shared with the message's DKIM check."""
+    `shared`, the message prepared for dkimpy, is shared with the message's DKIM check."""
     inline = len(message) <= INLINE_MAX or not HAS_ARC.search(header_section(message))
-    return SyncCheck(functools.partial(_verify, message=message, body_hashes=body_hashes),
+    return SyncCheck(functools.partial(_verify, message=message, shared=shared),
                      pool="verify", inline=inline)
 
 

@@ -29,7 +29,7 @@ import structlog
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from ..dns import DnsTempError, SyncResolver
-from .adapters import BodyHashes, Verifier, make_dnsfunc, parse_key_record
+from .adapters import DkimMessage, Verifier, blank_line, make_dnsfunc, parse_key_record
 from .runner import INLINE_MAX, SyncCheck
 
 log = structlog.get_logger(__name__)
@@ -87,8 +87,7 @@ def verify_signature(verifier: Verifier, index: int,
                      dnsfunc: Callable[..., bytes | None]) -> DkimSignatureResult:
     """Verify the `index`-th DKIM-Signature (0 = topmost). Blocking: run it in a thread."""
     try:
-        headers = [v for k, v in verifier.headers if k.lower() == b"dkim-signature"]
-        fields = parse_tag_value(headers[index])
+        fields = verifier.message.signature_tags(index)
     except (InvalidTagValueList, dkim.DKIMException) as error:
         return DkimSignatureResult("permerror", "", "", "", f"malformed signature: {error}")
     domain, selector = _text(fields.get(b"d")), _text(fields.get(b"s"))
@@ -102,12 +101,9 @@ def verify_signature(verifier: Verifier, index: int,
         return DkimSignatureResult("permerror", reason="rsa-sha1 is not accepted (RFC 8301)",
                                    **done)
     try:
-        prep = verifier.verify_headerprep(index)
+        sig, include_headers, sig_header = verifier.prepare(index, fields)
     except dkim.DKIMException as error:
         return DkimSignatureResult("permerror", reason=f"bad signature: {error}", **done)
-    if not prep:  # pragma: no cover - index came from the same header list
-        return DkimSignatureResult("permerror", reason="signature vanished", **done)
-    sig, include_headers, sigheaders = prep
 
     key_name = f"{selector}._domainkey.{domain}."
     try:
@@ -126,7 +122,7 @@ def verify_signature(verifier: Verifier, index: int,
     testing = _testing_key(key_record)
 
     try:
-        valid = verifier.verify_sig_process(sig, include_headers, sigheaders[index], dnsfunc)
+        valid = verifier.verify_sig_process(sig, include_headers, sig_header, dnsfunc)
     except dkim.ValidationError as error:
         message_text = str(error)
         if "body hash mismatch" in message_text:
@@ -144,6 +140,7 @@ def verify_signature(verifier: Verifier, index: int,
                                reason="signature did not verify", **done)
 
 
+@functools.lru_cache(maxsize=1024)
 def _testing_key(record: bytes | None) -> bool:
     try:
         flags = parse_tag_value(record or b"").get(b"t", b"")
@@ -163,47 +160,53 @@ def _tags(value: bytes) -> dict[bytes, bytes]:
         return {}
 
 
-def choose(values: list[bytes], first: Callable[[str], bool], limit: int) -> list[int]:
+def choose(tags: list[dict[bytes, bytes]], first: Callable[[str], bool],
+           limit: int) -> list[int]:
     """Indexes of the signatures to verify, in header order: at most `limit`, those whose
     d= satisfies `first` (aligns with the From domain) chosen before the others."""
-    domains = [_text(_tags(v).get(b"d")) for v in values]
+    domains = [_text(t.get(b"d")) for t in tags]
     preferred = [i for i, d in enumerate(domains) if d and first(d)]
     if len(preferred) < limit:
         taken = set(preferred)
-        preferred += [i for i in range(len(values)) if i not in taken]
+        preferred += [i for i in range(len(tags)) if i not in taken]
     return sorted(preferred[:max(0, limit)])
+
+
+def _parsed_tags(message: DkimMessage, index: int) -> dict[bytes, bytes]:
+    try:
+        return message.signature_tags(index)
+    except (InvalidTagValueList, dkim.DKIMException):
+        return {}
 
 
 def _never(domain: str) -> bool:
     return False
 
 
-def verify_all(message: bytes, dnsfunc: Any, *, first: Callable[[str], bool] = _never,
-               limit: int = DEFAULT_MAX_SIGNATURES,
-               checkpoint: Callable[[], None] = lambda: None,
-               body_hashes: BodyHashes | None = None) -> DkimResult:
+def verify_all(message: DkimMessage, dnsfunc: Any, *,
+               first: Callable[[str], bool] = _never, limit: int = DEFAULT_MAX_SIGNATURES,
+               checkpoint: Callable[[], None] = lambda: None) -> DkimResult:
     """The chosen signatures, one after the other, on one parse of the message."""
     try:
-        verifier = Verifier(message, minkey=MIN_RSA_BITS, checkpoint=checkpoint,
-                            body_hashes=body_hashes)
+        verifier = Verifier(message, minkey=MIN_RSA_BITS, checkpoint=checkpoint)
     except dkim.DKIMException as error:  # unparseable header section
         return DkimResult((DkimSignatureResult("permerror", "", "", "",
                                                f"message format: {error}"),))
-    values = [v for k, v in verifier.headers if k.lower() == b"dkim-signature"]
-    chosen = choose(values, first, limit)
+    count = len(message.signatures)
+    chosen = choose([_parsed_tags(message, i) for i in range(count)], first, limit)
     results = []
     for index in chosen:
         checkpoint()
         results.append(verify_signature(verifier, index, dnsfunc))
-    return DkimResult(tuple(results), skipped=len(values) - len(chosen))
+    return DkimResult(tuple(results), skipped=count - len(chosen))
 
 
 def _verify(view: SyncResolver, message: bytes, first: Callable[[str], bool],
-            limit: int, body_hashes: BodyHashes | None = None) -> DkimResult:
+            limit: int, shared: DkimMessage | None = None) -> DkimResult:
     if not HAS_SIGNATURE.search(header_section(message)):
         return DkimResult(())
-    result = verify_all(message, make_dnsfunc(view), first=first, limit=limit,
-                        checkpoint=view.checkpoint, body_hashes=body_hashes)
+    result = verify_all(shared_message(message, shared), make_dnsfunc(view), first=first,
+                        limit=limit, checkpoint=view.checkpoint)
     for r in result.signatures:
         log.debug("dkim.checked", result=r.result, d=r.domain, s=r.selector, a=r.algorithm,
                   reason=r.reason)
@@ -214,12 +217,12 @@ def _verify(view: SyncResolver, message: bytes, first: Callable[[str], bool],
 
 def dkim_check(message: bytes, *, first: Callable[[str], bool] = _never,
                limit: int = DEFAULT_MAX_SIGNATURES,
-               body_hashes: BodyHashes | None = None) -> SyncCheck[DkimResult]:
+               shared: DkimMessage | None = None) -> SyncCheck[DkimResult]:
     """DKIM as a check for auth/runner.py: `first` says which d= to verify first;
-    `body_hashes` is shared with the message's ARC check."""
+    `shared`, the message prepared for dkimpy, is shared with the message's ARC check."""
     inline = len(message) <= INLINE_MAX or not HAS_SIGNATURE.search(header_section(message))
     return SyncCheck(functools.partial(_verify, message=message, first=first, limit=limit,
-                                       body_hashes=body_hashes),
+                                       shared=shared),
                      pool="verify", inline=inline)
 
 
@@ -230,9 +233,10 @@ def timed_out(message: bytes, *, first: Callable[[str], bool] = _never,
     # On the event loop: look at a bounded number of fields (a hostile message has thousands).
     fields = SIGNATURE_FIELD.finditer(header_section(message))
     values = [m.group(1) for _, m in zip(range(TIMED_OUT_EXAMINED), fields)]
+    tags_of = [_tags(v) for v in values]
     signatures = []
-    for index in choose(values, first, limit):
-        tags = _tags(values[index])
+    for index in choose(tags_of, first, limit):
+        tags = tags_of[index]
         signatures.append(DkimSignatureResult(
             "temperror", _text(tags.get(b"d")), _text(tags.get(b"s")), _text(tags.get(b"a")),
             "DKIM verification timed out"))
@@ -243,6 +247,18 @@ def timed_out(message: bytes, *, first: Callable[[str], bool] = _never,
 
 
 def header_section(message: bytes) -> bytes:
-    """The header fields of `message`, without the blank line and body (a bounded scan)."""
-    end = re.search(rb"\r?\n\r?\n", message)
-    return message if end is None else message[:end.start() + 1]
+    """The header fields of `message`, up to the first "\\r?\\n\\r?\\n" and including its
+    first octet, without the blank line and body (a bounded scan)."""
+    end = blank_line(message)
+    if end < 0:
+        return message
+    return message[:end] if end and message[end - 1] == 0x0D else message[:end + 1]
+
+
+def shared_message(message: bytes, shared: DkimMessage | None) -> DkimMessage:
+    """`shared` (prepared by the stage for DKIM and ARC both), or the message's own."""
+    if shared is None:
+        return DkimMessage(message)
+    if shared.raw is not message:
+        raise ValueError("the shared DkimMessage holds another message")
+    return shared
