@@ -109,8 +109,8 @@ def pipeline_implementation(name: str, package: str, resolver: Resolver) -> Impl
         return domain == SENDER_DOMAIN
 
     def verify(raw: bytes) -> Any:
-        if shared_state is not None:
-            shared = shared_state(raw)
+        if shared_state is not None:  # as the stage makes it: its input is CRLF only
+            shared = shared_state(raw, crlf=True)
             checks = (auth_dkim.dkim_check(raw, first=first, shared=shared),
                       auth_arc.arc_check(raw, shared=shared))
         else:  # before the shared message state: only the body hashes were shared

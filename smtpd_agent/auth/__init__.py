@@ -152,8 +152,9 @@ async def authenticate(message: InboundMessage, resolver: Resolver, settings: Au
     identity, sender, domain = spf_identity(envelope.mail_from, envelope.helo)
     first = _aligned_with(message.parsed.from_address)
     limit = settings.dkim_max_signatures
-    # parsed, canonicalized and body-hashed once for DKIM and ARC together
-    shared = DkimMessage(raw)
+    # parsed, canonicalized and body-hashed once for DKIM and ARC together; `raw` is past
+    # the content step (ingress.accept_content), so its lines all end in CRLF
+    shared = DkimMessage(raw, crlf=True)
     checks = [dkim.dkim_check(raw, first=first, limit=limit, shared=shared),
               arc.arc_check(raw, shared)]
     if envelope.client_ip:
