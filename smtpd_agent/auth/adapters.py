@@ -248,12 +248,23 @@ class DkimMessage:
             raise found
         return found
 
-    def canonical_headers(self, algorithm: Any) -> list[Any]:
-        """Every header field canonicalized by `algorithm` (dkimpy's Simple or Relaxed)."""
-        key = ("headers", algorithm)
+    def canonical_field(self, algorithm: Any, index: int) -> tuple[bytes, bytes]:
+        """The `index`-th header field canonicalized by `algorithm` (dkimpy's Simple or
+        Relaxed), made once; fields no signature covers are never canonicalized."""
+        key = (algorithm, index)
         found = self.cache.get(key)
         if found is None:
-            found = self.cache[key] = algorithm.canonicalize_headers(self.headers)
+            [found] = algorithm.canonicalize_headers([self.headers[index]])
+            self.cache[key] = found
+        return found
+
+    @property
+    def indexed_names(self) -> list[tuple[bytes, int]]:
+        """(name, index) of every header field: what dkimpy's `select_headers` reads (the
+        names, which canonicalization does not change but for case, which it ignores)."""
+        found = self.cache.get("names")
+        if found is None:
+            found = self.cache["names"] = [(h[0], i) for i, h in enumerate(self.headers)]
         return found
 
     def body_digest(self, canon: Any, length: int | None, algorithm: bytes) -> bytes:
@@ -357,8 +368,7 @@ class _SharedMessage:
         if b"from" in include_headers:
             include_headers.append(b"from")
         header_hash = hasher()
-        headers = self.message.canonical_headers(canon.header_algorithm)
-        self.signed_headers = hash_headers(header_hash, canon, headers, include_headers,
+        self.signed_headers = hash_headers(header_hash, canon, self.message, include_headers,
                                            sig_header)
         try:
             signature = base64.b64decode(re.sub(rb"\s+", b"", sig[b"b"]))
@@ -391,11 +401,13 @@ class _SharedMessage:
 B_TAG = re.compile(rb"([;\s]b\s*=)(?:\s*[a-zA-Z0-9+/=])*(?:\r?\n\Z)?")
 
 
-def hash_headers(hasher: Any, canon: Any, headers: list[Any], include_headers: list[bytes],
+def hash_headers(hasher: Any, canon: Any, message: DkimMessage, include_headers: list[bytes],
                  sig_header: Any) -> list[Any]:
-    """dkimpy's `hash_headers`: the signed fields (chosen by dkimpy's `select_headers`)
-    then the signature field without its b= value, canonicalized, into `hasher`."""
-    signed = dkim.select_headers(headers, include_headers)
+    """dkimpy's `hash_headers`: the signed fields (chosen by dkimpy's `select_headers`),
+    canonicalized, then the signature field without its b= value, into `hasher`."""
+    algorithm = canon.header_algorithm
+    signed = [message.canonical_field(algorithm, index) for _, index in
+              dkim.select_headers(message.indexed_names, include_headers)]
     [(name, value)] = canon.canonicalize_headers([(sig_header[0],
                                                    B_TAG.sub(rb"\1", sig_header[1]))])
     hasher.update(b"".join([part for field in signed for part in (field[0], b":", field[1])]
@@ -419,11 +431,12 @@ class ArcVerifier(_SharedMessage, dkim.ARC):
     """dkimpy's ARC verifier on a shared `DkimMessage`, with the same checkpoints."""
 
     def sorted_arc_headers(self) -> tuple[int, list[Any]]:
-        """dkimpy's `ARC.sorted_arc_headers` on the message's relaxed header fields, which
-        the signatures canonicalize anyway: (highest i=, [(i, (name, value))] newest first)."""
+        """dkimpy's `ARC.sorted_arc_headers` on the message's relaxed ARC fields, which the
+        ARC signatures canonicalize anyway: (highest i=, [(i, (name, value))] newest first)."""
         found = []
-        for name, value in self.message.canonical_headers(RelaxedCanonicalization):
-            if name.lower() in dkim.ARC.ARC_HEADERS:
+        for raw_name, index in self.message.indexed_names:
+            if raw_name.lower() in dkim.ARC.ARC_HEADERS:
+                name, value = self.message.canonical_field(RelaxedCanonicalization, index)
                 match = dkim.ARC.INSTANCE_RE.search(value)
                 try:
                     if match is not None:
