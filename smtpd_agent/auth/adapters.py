@@ -16,26 +16,30 @@ Two kinds of adaptation:
   signature once their caller has gone.
 - Process-wide, once at start-up: `install()` routes dkimpy's RSA PKCS#1 v1.5
   sign and verify through OpenSSL. dkimpy calls them by their names in its module
-  namespace from inside `DKIM.sign`/`verify_sig_process`, so there is no per-call
-  hook short of copying those methods. Same inputs, same answers (tests compare
+  namespace from inside `DKIM.sign` (and our verify steps call the verify by that
+  name too), so there is no per-call hook short of copying dkimpy's signing. Same inputs, same answers (tests compare
   them), only faster, so code that runs before `install()` is slower, never wrong.
   The runtime calls it when it opens; test fixtures call it too.
 
 dkimpy still does the verification: its tag parser and field checks
-(`parse_tag_value`, `validate_signature_fields`), its header parser (`rfc822_parse`)
-and canonicalizations, its header selection and hashing (`hash_headers`), its key
-record parser (`evaluate_pk`), its ARC chain logic (`ARC.verify`, `verify_instance`,
-`sorted_arc_headers`) and its RSA / Ed25519 checks. The internals relied on, which
-are why pyproject.toml bounds dkimpy (and pyspf) from above:
+(`parse_tag_value`, `validate_signature_fields`), its header parser (`rfc822_parse`,
+on the header section), its canonicalizations (`Simple`, `Relaxed`), its choice of
+the signed fields (`select_headers`), its key record parser (`evaluate_pk`), its ARC
+chain logic (`ARC.verify`, `verify_instance`) and its RSA / Ed25519 checks. What we
+do around them is written against dkimpy 1.1.8 and compared with plain dkimpy by
+tests/auth/test_dkim_differential.py. The internals relied on, which are why
+pyproject.toml bounds dkimpy (and pyspf) from above:
 - pyspf: `query.dns` and its cache and void-lookup bookkeeping;
-- dkimpy: the module-level RSA names; `DomainSigner.__init__` taking no message
-  and the `headers` / `body` / `pk` / `keysize` / `ktag` / `seqtlsrpt` / `tlsrpt` /
-  `minkey` / `timeout` attributes it reads; `DomainSigner.verify_sig` and
-  `verify_sig_process`, which `_SharedMessage` replaces with the same steps (read
-  against dkimpy 1.1.8; tests/auth/test_dkim_differential.py compares verdicts with
-  plain dkimpy); `DKIM.verify_headerprep`'s steps, done by `Verifier.prepare`; and
-  `rfc822_parse`, `hash_headers`, `HASH_ALGORITHMS`, `evaluate_pk`, `Relaxed` /
-  `Simple` (`canonicalize_headers`, `canonicalize_body`) as functions.
+- dkimpy: the module-level RSA names (`install()`); `DomainSigner.__init__` taking no
+  message, and the attributes its verify steps read (`headers`, `body`, `pk`,
+  `keysize`, `ktag`, `seqtlsrpt`, `tlsrpt`, `minkey`, `timeout`); `verify_sig` and
+  `verify_sig_process`, which `_SharedMessage` replaces with the same steps on the
+  shared message; `DKIM.verify_headerprep`, whose steps `Verifier.prepare` does;
+  `ARC.sorted_arc_headers`, replaced the same way, and `ARC.verify` calling it and
+  `verify_sig`; `hash_headers` and its `RE_BTAG`, replaced by `hash_headers` and
+  `B_TAG` here; `select_headers` reading only the names of the fields it is given;
+  `rfc822_parse`, `evaluate_pk`, `HASH_ALGORITHMS`, `ARC.ARC_HEADERS`,
+  `ARC.INSTANCE_RE` and the exceptions, as they are in 1.1.8.
 """
 
 from __future__ import annotations
