@@ -38,8 +38,11 @@ pyproject.toml bounds dkimpy (and pyspf) from above:
   `ARC.sorted_arc_headers`, replaced the same way, and `ARC.verify` calling it and
   `verify_sig`; `hash_headers` and its `RE_BTAG`, replaced by `hash_headers` and
   `B_TAG` here; `select_headers` reading only the names of the fields it is given;
-  `rfc822_parse`, `evaluate_pk`, `HASH_ALGORITHMS`, `ARC.ARC_HEADERS`,
-  `ARC.INSTANCE_RE` and the exceptions, as they are in 1.1.8.
+  `Relaxed.canonicalize_body`'s steps (`strip_trailing_whitespace`,
+  `compress_whitespace`, `strip_trailing_lines`, `correct_empty_body`), which
+  `relaxed_body` runs only where they can change the body; `rfc822_parse`,
+  `evaluate_pk`, `HASH_ALGORITHMS`, `ARC.ARC_HEADERS`, `ARC.INSTANCE_RE` and the
+  exceptions, as they are in 1.1.8.
 """
 
 from __future__ import annotations
@@ -58,8 +61,9 @@ import spf
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+from dkim import canonicalization
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
-from dkim.canonicalization import Relaxed as RelaxedCanonicalization
+from dkim.canonicalization import Relaxed
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from ..dns import DnsTempError, SyncResolver
@@ -151,6 +155,17 @@ def make_dnsfunc(view: SyncResolver) -> Callable[..., bytes | None]:
         return records[0] if records else None
 
     return dnsfunc
+
+
+def relaxed_body(body: bytes) -> bytes:
+    """dkimpy's `Relaxed.canonicalize_body`, without its two regex passes where they could
+    change nothing: no blank before a line end, no tab or double space (most text). Each
+    pass stepped through every space of the body (0.2 ms for 5 KB of prose)."""
+    if b" \r\n" in body or b"\t\r\n" in body:
+        body = canonicalization.strip_trailing_whitespace(body)
+    if b"\t" in body or b"  " in body:
+        body = canonicalization.compress_whitespace(body)
+    return canonicalization.correct_empty_body(canonicalization.strip_trailing_lines(body))
 
 
 def blank_line(raw: bytes) -> int:
@@ -281,7 +296,8 @@ class DkimMessage:
         if digest is None:
             body = cache.get(body_canon)
             if body is None:
-                body = cache[body_canon] = canon.canonicalize_body(self.body)
+                body = cache[body_canon] = (relaxed_body(self.body) if body_canon is Relaxed
+                                            else canon.canonicalize_body(self.body))
             hasher = dkim.HASH_ALGORITHMS[algorithm]()
             hasher.update(body if length is None else memoryview(body)[:length])
             digest = cache[key] = hasher.digest()
@@ -440,7 +456,7 @@ class ArcVerifier(_SharedMessage, dkim.ARC):
         found = []
         for raw_name, index in self.message.indexed_names:
             if raw_name.lower() in dkim.ARC.ARC_HEADERS:
-                name, value = self.message.canonical_field(RelaxedCanonicalization, index)
+                name, value = self.message.canonical_field(Relaxed, index)
                 match = dkim.ARC.INSTANCE_RE.search(value)
                 try:
                     if match is not None:

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from smtpd_agent.auth import authenticate
-from smtpd_agent.auth.adapters import B_TAG, DkimMessage, hash_headers
+from smtpd_agent.auth.adapters import B_TAG, DkimMessage, hash_headers, relaxed_body
 from smtpd_agent.auth.arc import arc_check
 from smtpd_agent.auth.dkim import MIN_RSA_BITS, dkim_check, header_section
 from smtpd_agent.auth.runner import own_runner
@@ -576,6 +576,14 @@ def test_header_section_is_the_regex_ones(parts):
     raw = b"".join(parts)
     end = re.search(rb"\r?\n\r?\n", raw)
     assert header_section(raw) == (raw if end is None else raw[:end.start() + 1])
+
+
+@settings(max_examples=1000, deadline=None, derandomize=True)
+@given(parts=st.lists(st.sampled_from([b" ", b"\t", b"  ", b"\r\n", b"\r", b"\n", b"a",
+                                       b"\r\n\r\n"]), max_size=40))
+def test_relaxed_body_is_dkimpys(parts):
+    body = b"".join(parts)
+    assert relaxed_body(body) == Relaxed.canonicalize_body(body)
 
 
 SIGNATURE_OCTETS = st.lists(st.sampled_from([b"b", b"=", b";", b" ", b"\t", b"\r\n", b"\n",
