@@ -11,8 +11,9 @@ Keys are fetched through dkimpy's `dnsfunc` hook with our resolver; where
 the check runs (on the loop from cached keys, else in the bounded "verify"
 pool) is auth/runner.py's decision. A hostile message may carry thousands of
 signatures: at most `max_signatures` are verified, those whose d= aligns with
-the From domain first (they are the ones DMARC needs), each body variant is
-hashed once (auth/adapters.py), and the work stops between signatures once
+the From domain first (they are the ones DMARC needs), the header section is
+parsed once and each body variant hashed once, for DKIM and ARC together
+(auth/adapters.py `DkimMessage`), and the work stops between signatures once
 nobody waits for it.
 """
 
