@@ -22,12 +22,13 @@ Two kinds of adaptation:
   The runtime calls it when it opens; test fixtures call it too.
 
 dkimpy still does the verification: its tag parser and field checks
-(`parse_tag_value`, `validate_signature_fields`), its header parser (`rfc822_parse`,
-on the header section), its canonicalizations (`Simple`, `Relaxed`), its choice of
+(`parse_tag_value`, `validate_signature_fields`), its canonicalizations (`Simple`,
+`Relaxed`; the relaxed body in fewer steps, `relaxed_body`), its choice of
 the signed fields (`select_headers`), its key record parser (`evaluate_pk`), its ARC
 chain logic (`ARC.verify`, `verify_instance`) and its RSA / Ed25519 checks. What we
-do around them is written against dkimpy 1.1.8 and compared with plain dkimpy by
-tests/auth/test_dkim_differential.py. The internals relied on, which are why
+do around them (the header section parsed as its `rfc822_parse` does, `header_fields`;
+its verify steps on the shared message) is written against dkimpy 1.1.8 and compared
+with plain dkimpy by tests/auth/test_dkim_differential.py. The internals relied on, which are why
 pyproject.toml bounds dkimpy (and pyspf) from above:
 - pyspf: `query.dns` and its cache and void-lookup bookkeeping;
 - dkimpy: the module-level RSA names (`install()`); `DomainSigner.__init__` taking no
@@ -40,8 +41,7 @@ pyproject.toml bounds dkimpy (and pyspf) from above:
   `B_TAG` here; `select_headers` reading only the names of the fields it is given;
   `Relaxed.canonicalize_body`, whose first two steps `relaxed_body` does its own
   way (the last two, `strip_trailing_lines` and `correct_empty_body`, it calls);
-  `rfc822_parse`,
-  `evaluate_pk`, `HASH_ALGORITHMS`, `ARC.ARC_HEADERS`, `ARC.INSTANCE_RE` and the
+  `rfc822_parse`, which `header_fields` and `DkimMessage.body` follow; `evaluate_pk`, `HASH_ALGORITHMS`, `ARC.ARC_HEADERS`, `ARC.INSTANCE_RE` and the
   exceptions, as they are in 1.1.8.
 """
 
@@ -175,6 +175,42 @@ def relaxed_body(body: bytes) -> bytes:
     return canonicalization.correct_empty_body(canonicalization.strip_trailing_lines(body))
 
 
+FIELD_NAME = re.compile(rb"([\x21-\x7e]+?):")  # dkimpy's, in rfc822_parse
+
+
+def header_fields(head: bytes) -> list[list[bytes]]:
+    """dkimpy's `rfc822_parse` of a header section: [name, value] per field, each line
+    of the value ending in CRLF, "From " lines skipped, MessageFormatError on a line that
+    is none of these. dkimpy splits with a regex and grows a folded value by copying it
+    once per line (half a second for 256 KB of folded lines); here a split on LF and one
+    join per field."""
+    lines = head.split(b"\n")
+    last = len(lines) - 1
+    fields: list[list[bytes]] = []
+    parts: list[bytes] = []
+    for number, line in enumerate(lines):
+        if number < last and line[-1:] == b"\r":  # dkimpy splits on \r?\n
+            line = line[:-1]
+        if not line:
+            break
+        if line[0] in (0x09, 0x20):
+            if not fields:  # dkimpy: IndexError
+                raise dkim.MessageFormatError("folded line before the first field")
+            parts += (line, b"\r\n")
+            continue
+        match = FIELD_NAME.match(line)
+        if match is not None:
+            if fields:
+                fields[-1][1] = b"".join(parts)
+            fields.append([match.group(1), b""])
+            parts = [line[match.end():], b"\r\n"]
+        elif not line.startswith(b"From "):
+            raise dkim.MessageFormatError(f"Unexpected characters in RFC822 header: {line!r}")
+    if fields:
+        fields[-1][1] = b"".join(parts)
+    return fields
+
+
 def blank_line(raw: bytes) -> int:
     """Where the first "\\n\\r?\\n" starts (a line end before an empty line), or -1; with
     two plain searches, not a regex stepping through every byte of the message."""
@@ -190,7 +226,7 @@ class DkimMessage:
     dkimpy's constructor splits the *whole* message into lines with a regex for every
     verifier it builds (for 50 KB messages that alone was a tenth of the listener's CPU),
     and each signature then canonicalizes every header field, and the body, again. Here
-    dkimpy's own parser (`rfc822_parse`) reads the header section only, once; the body is
+    the header section only is parsed, once, as dkimpy's `rfc822_parse` does; the body is
     sliced off after the first empty line (turned into CRLF lines as dkimpy does, only
     when it has a bare LF); each canonicalization of the header fields, each canonicalized
     body and each (body canonicalization, l=, hash) digest is made once per message.
@@ -235,10 +271,7 @@ class DkimMessage:
     def headers(self) -> list[list[bytes]]:
         """dkimpy's [name, value] list; MessageFormatError, as dkimpy's constructor raises."""
         if self._headers is None:
-            try:
-                self._headers = dkim.rfc822_parse(self.split()[0])[0]
-            except IndexError:  # dkimpy's crash on a continuation line before any field
-                raise dkim.MessageFormatError("folded line before the first field") from None
+            self._headers = header_fields(self.split()[0])
         return self._headers
 
     @property
