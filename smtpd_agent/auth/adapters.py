@@ -22,8 +22,8 @@ Two kinds of adaptation:
   The runtime calls it when it opens; test fixtures call it too.
 
 dkimpy still does the verification: its tag parser and field checks
-(`parse_tag_value`, `validate_signature_fields`), its canonicalizations (`Simple`,
-`Relaxed`; the relaxed body in fewer steps, `relaxed_body`), its choice of
+(`parse_tag_value`, `validate_signature_fields`), its canonicalizations (`Simple`;
+`Relaxed` in fewer steps, `relaxed_field` and `relaxed_body`), its choice of
 the signed fields (`select_headers`), its key record parser (`evaluate_pk`), its ARC
 chain logic (`ARC.verify`, `verify_instance`) and its RSA / Ed25519 checks. What we
 do around them (the header section parsed as its `rfc822_parse` does, `header_fields`;
@@ -39,10 +39,11 @@ pyproject.toml bounds dkimpy (and pyspf) from above:
   `ARC.sorted_arc_headers`, replaced the same way, and `ARC.verify` calling it and
   `verify_sig`; `hash_headers` and its `RE_BTAG`, replaced by `hash_headers` and
   `B_TAG` here; `select_headers` reading only the names of the fields it is given;
-  `Relaxed.canonicalize_body`, whose first two steps `relaxed_body` does its own
-  way (the last two, `strip_trailing_lines` and `correct_empty_body`, it calls);
-  `rfc822_parse`, which `header_fields` and `DkimMessage.body` follow; `evaluate_pk`, `HASH_ALGORITHMS`, `ARC.ARC_HEADERS`, `ARC.INSTANCE_RE` and the
-  exceptions, as they are in 1.1.8.
+  `Relaxed`, which `relaxed_field` and `relaxed_body` follow (the body's last two
+  steps, `strip_trailing_lines` and `correct_empty_body`, they call); `rfc822_parse`,
+  which `header_fields` and `DkimMessage.body` follow; `evaluate_pk`,
+  `HASH_ALGORITHMS`, `ARC.ARC_HEADERS`, `ARC.INSTANCE_RE` and the exceptions, as
+  they are in 1.1.8.
 """
 
 from __future__ import annotations
@@ -173,6 +174,19 @@ def relaxed_body(body: bytes) -> bytes:
     if b"\t" in body or b"  " in body:
         body = BLANKS_TO_SQUEEZE.sub(b" ", body)
     return canonicalization.correct_empty_body(canonicalization.strip_trailing_lines(body))
+
+
+def relaxed_field(field: Any) -> tuple[bytes, bytes]:
+    """dkimpy's relaxed canonicalization of one header field (`Relaxed.canonicalize_headers`:
+    name in lower case; value unfolded, blanks squeezed, stripped, CRLF), without its regex
+    passes where they could change nothing."""
+    value = field[1]
+    if b"\n" in value:
+        # dkimpy removes \r?\n: each LF with the CR before it, if any
+        value = value.replace(b"\r\n", b"").replace(b"\n", b"")
+    if b"\t" in value or b"  " in value:
+        value = BLANKS_TO_SQUEEZE.sub(b" ", value)
+    return field[0].lower().rstrip(), value.strip() + b"\r\n"
 
 
 FIELD_NAME = re.compile(rb"([\x21-\x7e]+?):")  # dkimpy's, in rfc822_parse
@@ -313,7 +327,11 @@ class DkimMessage:
         key = (algorithm, index)
         found = self.cache.get(key)
         if found is None:
-            [found] = algorithm.canonicalize_headers([self.headers[index]])
+            field = self.headers[index]
+            if algorithm is Relaxed:
+                found = relaxed_field(field)
+            else:
+                [found] = algorithm.canonicalize_headers([field])
             self.cache[key] = found
         return found
 
@@ -469,8 +487,11 @@ def hash_headers(hasher: Any, canon: Any, message: DkimMessage, include_headers:
     algorithm = canon.header_algorithm
     signed = [message.canonical_field(algorithm, index) for _, index in
               dkim.select_headers(message.indexed_names, include_headers)]
-    [(name, value)] = canon.canonicalize_headers([(sig_header[0],
-                                                   B_TAG.sub(rb"\1", sig_header[1]))])
+    unsigned = (sig_header[0], B_TAG.sub(rb"\1", sig_header[1]))
+    if algorithm is Relaxed:
+        name, value = relaxed_field(unsigned)
+    else:
+        [(name, value)] = algorithm.canonicalize_headers([unsigned])
     hasher.update(b"".join([part for field in signed for part in (field[0], b":", field[1])]
                            + [name, b":", value.rstrip()]))
     return signed
