@@ -242,8 +242,9 @@ class DkimMessage:
     and each signature then canonicalizes every header field, and the body, again. Here
     the header section only is parsed, once, as dkimpy's `rfc822_parse` does; the body is
     sliced off after the first empty line (turned into CRLF lines as dkimpy does, only
-    when it has a bare LF); each canonicalization of the header fields, each canonicalized
-    body and each (body canonicalization, l=, hash) digest is made once per message.
+    when it has a bare LF); a field is canonicalized only when a signature covers it, once
+    per canonicalization, and each canonicalized body and each (body canonicalization, l=,
+    hash) digest is made once per message.
 
     The two checks may run on two threads: every value is computed from `raw` alone and
     stored whole, so one computed twice is the same value and no lock is needed. Nothing
