@@ -224,8 +224,10 @@ def main() -> int:
                     if round_index >= 0:
                         per_round[case][implementation.name].append(spent / len(messages) * 1e6)
 
+    revision = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                              capture_output=True, text=True).stdout.strip()
     report: dict[str, Any] = {"messages_per_case": args.messages, "rounds": args.rounds,
-                              "baseline": args.baseline, "cases": {}}
+                              "current": revision, "baseline": args.baseline, "cases": {}}
     for case, figures in per_round.items():
         current = figures["current"]
         entry: dict[str, Any] = {"bytes": round(statistics.mean(len(m) for m in cases[case]))}
