@@ -31,6 +31,7 @@ A shared machine drifts; the ratios within a round are what to read.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import importlib.util
 import io
@@ -187,8 +188,6 @@ def main() -> int:
                                make_payloads(args.messages, 50000, True, key)],
             "5k-forwarded-arc": [forwarded(raw, key) for raw in small],
         }
-        import asyncio
-
         async def warm() -> None:
             for name in (f"sel._domainkey.{SENDER_DOMAIN}.", f"list._domainkey.{LIST_DOMAIN}.",
                          f"arc._domainkey.{LIST_DOMAIN}."):
