@@ -505,7 +505,15 @@ class Verifier(_SharedMessage, dkim.DKIM):
                                                                      list[bytes], Any]:
         """dkimpy's `verify_headerprep` for the `index`-th signature, whose tags the caller
         has parsed already (dkimpy would parse them again): (tags, h= names, the field)."""
-        dkim.validate_signature_fields(sig)
+        try:
+            dkim.validate_signature_fields(sig)
+        # dkimpy's crashes: an i= equal to d= (no "@" or "." before it); a t= or x= of
+        # more digits than Python converts (4300)
+        except IndexError:
+            raise dkim.ValidationError(f"i= is not an identity in d= (i={sig[b'i']!r} "
+                                       f"d={sig[b'd']!r})") from None
+        except ValueError as error:
+            raise dkim.ValidationError(f"t= or x= value: {error}") from None
         include_headers = [x.lower() for x in re.split(rb"\s*:\s*", sig[b"h"])]
         return dict(sig), include_headers, self.message.signatures[index]
 

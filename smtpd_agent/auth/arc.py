@@ -57,6 +57,11 @@ def verify_chain(message: DkimMessage, dnsfunc: Any,
         return ArcResult("temperror", reason=f"key lookup: {error}")
     except dkim.DKIMException as error:
         return ArcResult("fail", reason=str(error))
+    # dkimpy's crashes on hostile sets: an ARC-Message-Signature whose " i=N;" it cannot
+    # find again in the raw field (written "i=1" right after the colon); a t= of more
+    # digits than Python converts (4300)
+    except (IndexError, ValueError):
+        return ArcResult("fail", reason="malformed ARC set")
     chain = tuple({key: _text(value) for key, value in s.items()} for s in sets)
     if cv == dkim.CV_Pass:
         status: ArcStatus = "pass"

@@ -418,8 +418,10 @@ async def test_the_stage_shares_one_parse_and_canonicalization(keys, resolver, m
 
 async def test_where_dkimpy_crashes_ours_gives_a_verdict(keys, resolver):
     """Hostile signatures that make dkimpy raise a non-DKIM exception (which escaped the
-    check before): an Ed25519 b= not 64 octets long, an RSA signature checked against an
-    Ed25519 key, a b= or bh= that is not base64, a folded line before the first field."""
+    check, and authenticate(), before): an Ed25519 b= not 64 octets long, an RSA signature
+    checked against an Ed25519 key, a b= or bh= that is not base64, an i= equal to d=, a
+    t= of 5000 digits, an ARC-Message-Signature with no blank before i=, a folded line
+    before the first field."""
     records = keys.records()
     ed = signed(BASE, keys.ed, "ed")
     cases = [
@@ -435,6 +437,35 @@ async def test_where_dkimpy_crashes_ours_gives_a_verdict(keys, resolver):
             dkim.DKIM(raw).verify(0, dnsfunc=dnsfunc_of(records))
         dkim_result, _ = await ours(resolver, raw)
         assert [s.result for s in dkim_result.signatures] == [verdict], label
+
+    no_at = edit_signature(signed(BASE, keys.rsa), b"i=@example.com", b"i=example.com")
+    with pytest.raises(IndexError):
+        dkim.DKIM(no_at).verify(0, dnsfunc=dnsfunc_of(records))
+    dkim_result, _ = await ours(resolver, no_at)
+    [only] = dkim_result.signatures
+    assert only.result == "permerror" and "i= is not an identity in d=" in only.reason
+
+    unspaced = arc_sealed(signed(BASE, keys.rsa), keys.rsa).replace(
+        b"ARC-Message-Signature: i=1", b"ARC-Message-Signature:i=1")
+    with pytest.raises(IndexError):
+        dkim.ARC(unspaced).verify(dnsfunc=dnsfunc_of(records))
+    _, arc_result = await ours(resolver, unspaced)
+    assert (arc_result.result, arc_result.reason) == ("fail", "malformed ARC set")
+
+    long_t = re.sub(rb"t=\d+;", b"t=" + b"1" * 5000 + b";", signed(BASE, keys.rsa), count=1)
+    with pytest.raises(ValueError):
+        dkim.DKIM(long_t).verify(0, dnsfunc=dnsfunc_of(records))
+    dkim_result, _ = await ours(resolver, long_t)
+    [only] = dkim_result.signatures
+    assert only.result == "permerror" and "t= or x= value" in only.reason
+
+    long_arc_t = re.sub(rb"(ARC-Seal:[^\r]*(?:\r\n[ \t][^\r]*)*?)t=\d+;",
+                        rb"\1t=" + b"1" * 5000 + b";", arc_sealed(signed(BASE, keys.rsa),
+                                                                 keys.rsa), count=1)
+    with pytest.raises(ValueError):
+        dkim.ARC(long_arc_t).verify(dnsfunc=dnsfunc_of(records))
+    _, arc_result = await ours(resolver, long_arc_t)
+    assert (arc_result.result, arc_result.reason) == ("fail", "malformed ARC set")
 
     folded_first = b" folded\r\n" + ed
     with pytest.raises(IndexError):
