@@ -22,6 +22,9 @@ MESSAGE_ID = re.compile(r"<[^<>\s]+>")
 SUBJECT_PREFIX = re.compile(r"^\s*((re|fwd?|aw|wg|sv|vs|antw|tr|rif|r)\s*(\[\d+\])?\s*:\s*)+",
                             re.IGNORECASE)
 MAX_HEADER_VALUE = 4096
+# The headers ParsedMessage has a field for, by their lowercased names.
+FIELD_HEADERS = frozenset({"message-id", "in-reply-to", "references", "from", "to", "cc",
+                           "reply-to", "subject", "date"})
 
 
 @dataclass(frozen=True)
@@ -82,26 +85,36 @@ def normalize_subject(subject: str | None) -> str:
 def parse_message(raw: bytes) -> ParsedMessage:
     # compat32 never raises on header access; we decode RFC 2047 ourselves.
     msg = email.message_from_bytes(raw, policy=email.policy.compat32)
-    headers = tuple((str(k), _header_text(v)) for k, v in msg.items())
-    text_body, html_body, attachments = _walk(msg)
-    from_header = _header_text(msg.get("From"))
-    from_address = _first_address(msg.get_all("From") or [])
+    items = msg.items()
+    headers = tuple((str(k), _header_text(v)) for k, v in items)
+    # One pass over the headers for every field; msg.get scans all of them for each.
+    fields: dict[str, list[object]] = {}
+    for name, value in items:
+        lowered = name.lower()
+        if lowered in FIELD_HEADERS:
+            fields.setdefault(lowered, []).append(value)
+
+    def first(name: str) -> object:
+        values = fields.get(name)
+        return values[0] if values else None
+
+    text_body, html_body, attachments, defects = _walk(msg)
     return ParsedMessage(
         headers=headers,
-        message_id=_first_message_id(msg.get("Message-ID")),
-        in_reply_to=tuple(MESSAGE_ID.findall(str(msg.get("In-Reply-To") or ""))),
-        references=tuple(MESSAGE_ID.findall(" ".join(map(str, msg.get_all("References") or [])))),
-        from_header=from_header,
-        from_address=from_address,
-        to_header=_header_text(msg.get("To")),
-        cc_header=_header_text(msg.get("Cc")),
-        reply_to=_header_text(msg.get("Reply-To")),
-        subject=_header_text(msg.get("Subject")),
-        date=_parse_date(msg.get("Date")),
+        message_id=_first_message_id(first("message-id")),
+        in_reply_to=tuple(MESSAGE_ID.findall(str(first("in-reply-to") or ""))),
+        references=tuple(MESSAGE_ID.findall(" ".join(map(str, fields.get("references", []))))),
+        from_header=_header_text(first("from")),
+        from_address=_first_address(fields.get("from", [])),
+        to_header=_header_text(first("to")),
+        cc_header=_header_text(first("cc")),
+        reply_to=_header_text(first("reply-to")),
+        subject=_header_text(first("subject")),
+        date=_parse_date(first("date")),
         text_body=text_body,
         html_body=html_body,
         attachments=tuple(attachments),
-        defects=tuple(sorted({type(d).__name__ for part in msg.walk() for d in part.defects})),
+        defects=tuple(sorted(defects)),
     )
 
 
@@ -168,38 +181,43 @@ def _decode_text(part: Message) -> str:
         return payload.decode("utf-8", errors="replace").replace("\x00", "")
 
 
-def _walk(msg: Message) -> tuple[str | None, str | None, list[Attachment]]:
+def _walk(msg: Message) -> tuple[str | None, str | None, list[Attachment], set[str]]:
+    """Bodies, attachments and the defects of every part, in one walk. A part's defects are
+    taken after its payload is decoded: decoding adds some (bad base64 padding)."""
     texts: list[str] = []
     htmls: list[str] = []
     attachments: list[Attachment] = []
+    defects: set[str] = set()
     for part in msg.walk():
-        if part.is_multipart():
-            continue
-        content_type = part.get_content_type()
-        disposition = part.get_content_disposition()
-        filename = _header_text(part.get_filename()) if _safe_filename(part) else None
-        is_body_text = (content_type in ("text/plain", "text/html")
-                        and disposition != "attachment" and filename is None)
-        if is_body_text:
-            (texts if content_type == "text/plain" else htmls).append(_decode_text(part))
-            continue
-        payload = part.get_payload(decode=True)
-        if not isinstance(payload, bytes):
-            payload = str(part.get_payload() or "").encode("utf-8", "replace")
-        attachments.append(Attachment(
-            filename=filename,
-            content_type=content_type,
-            content=payload,
-            disposition=disposition,
-            content_id=_header_text(part.get("Content-ID")),
-        ))
+        if not part.is_multipart():
+            _take(part, texts, htmls, attachments)
+        if part.defects:
+            defects.update(type(d).__name__ for d in part.defects)
     return ("\n".join(texts) if texts else None,
             "\n".join(htmls) if htmls else None,
-            attachments)
+            attachments, defects)
 
 
-def _safe_filename(part: Message) -> bool:
+def _take(part: Message, texts: list[str], htmls: list[str],
+          attachments: list[Attachment]) -> None:
+    content_type = part.get_content_type()
+    disposition = part.get_content_disposition()
     try:
-        return part.get_filename() is not None
+        name = part.get_filename()
     except (ValueError, LookupError, UnicodeError):
-        return False
+        name = None
+    filename = _header_text(name)
+    if (content_type in ("text/plain", "text/html") and disposition != "attachment"
+            and filename is None):
+        (texts if content_type == "text/plain" else htmls).append(_decode_text(part))
+        return
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        payload = str(part.get_payload() or "").encode("utf-8", "replace")
+    attachments.append(Attachment(
+        filename=filename,
+        content_type=content_type,
+        content=payload,
+        disposition=disposition,
+        content_id=_header_text(part.get("Content-ID")),
+    ))
