@@ -14,7 +14,7 @@ import email.utils
 import hashlib
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from email.message import Message
 from email.header import decode_header, make_header
 
@@ -22,6 +22,24 @@ MESSAGE_ID = re.compile(r"<[^<>\s]+>")
 SUBJECT_PREFIX = re.compile(r"^\s*((re|fwd?|aw|wg|sv|vs|antw|tr|rif|r)\s*(\[\d+\])?\s*:\s*)+",
                             re.IGNORECASE)
 MAX_HEADER_VALUE = 4096
+# The common shapes of a From value, `Name <addr>` and a bare `addr`, with nothing in them that
+# email.utils.getaddresses treats specially (comments, groups, routes, escapes, folding): for
+# these it returns the addr-spec as written, so it is taken without its char-by-char parse.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_ADDR_SPEC = rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_WORD = r'(?:[^()<>@,:;"\[\]\\\s]+|"[^"\\\r\n]*")'
+SIMPLE_FROM = re.compile(rf"[ \t]*(?:(?:{_WORD}[ \t]+)*(?:{_WORD}[ \t]*)?<({_ADDR_SPEC})>"
+                         rf"|({_ADDR_SPEC}))[ \t]*")
+SIMPLE_FROM_MAX = 998  # RFC 5322 2.1.1's line: longer values are not common, and get the slow way
+# RFC 5322 3.3's date as mail clients write it, optionally with a trailing zone comment:
+# email.utils.parsedate_to_datetime reads it as these fields say (its two-digit years and
+# obsolete zones do not match).
+MONTHS = {name: number for number, name in enumerate(
+    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
+COMMON_DATE = re.compile(r"(?:(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), )?([0-9]{1,2}) "
+                         r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) ([1-9][0-9]{3}) "
+                         r"([0-9]{2}):([0-9]{2}):([0-9]{2}) ([+-])([0-9]{2})([0-9]{2})"
+                         r"(?: \([A-Za-z0-9 +:-]*\))?")
 # The headers ParsedMessage has a field for, by their lowercased names.
 FIELD_HEADERS = frozenset({"message-id", "in-reply-to", "references", "from", "to", "cc",
                            "reply-to", "subject", "date"})
@@ -146,6 +164,9 @@ def _first_message_id(value: object) -> str | None:
 
 
 def _first_address(values: list[object]) -> str | None:
+    text = str(values[0]) if len(values) == 1 else ""
+    if len(text) <= SIMPLE_FROM_MAX and (simple := SIMPLE_FROM.fullmatch(text)):
+        return (simple.group(1) or simple.group(2)).lower()
     try:
         pairs = email.utils.getaddresses([str(v) for v in values])
     except (ValueError, TypeError, IndexError):
@@ -159,8 +180,10 @@ def _first_address(values: list[object]) -> str | None:
 def _parse_date(value: object) -> datetime | None:
     if value is None:
         return None
+    text = str(value)
     try:
-        date = email.utils.parsedate_to_datetime(str(value))
+        common = COMMON_DATE.fullmatch(text)
+        date = _common_date(common) if common else email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if date is None:
@@ -168,6 +191,16 @@ def _parse_date(value: object) -> datetime | None:
     if date.tzinfo is None:
         date = date.replace(tzinfo=timezone.utc)
     return date
+
+
+def _common_date(found: re.Match[str]) -> datetime:
+    """What parsedate_to_datetime gives for a COMMON_DATE, with _parse_date's UTC for
+    "-0000" (no zone known); minutes above 59 count as it counts them; ValueError where it
+    raises (no such day, hour 24, an offset of a day or more)."""
+    day, month, year, hour, minute, second, sign, zone_hours, zone_minutes = found.groups()
+    fields = (int(year), MONTHS[month], int(day), int(hour), int(minute), int(second))
+    offset = int(zone_hours) * 3600 + int(zone_minutes) * 60
+    return datetime(*fields, tzinfo=timezone(timedelta(seconds=-offset if sign == "-" else offset)))
 
 
 def _decode_text(part: Message) -> str:

@@ -304,3 +304,90 @@ PIECES = st.sampled_from([
 @given(st.lists(PIECES | st.binary(max_size=60), max_size=40))
 def test_the_same_on_hostile_pieces(pieces):
     same(b"".join(pieces))
+
+
+# --- the From address and the Date, which have a shortcut for their common shapes ---
+
+FROM_PIECES = st.sampled_from([
+    "Alice", "Smith", "J.", "=?utf-8?q?Ren=C3=A9e?=", "Jörg", "\"Smith, John\"", "\"a\\\"b\"",
+    "\"\"", "\"open", " ", "  ", "\t", "\r\n ", "<", ">", "@", ".", ",", ":", ";", "(c)",
+    "(", ")", "[", "]", "\\", "alice@example.com", "Bob@Example.ORG", "a.b+tag@x-y.test",
+    "first.last", "example.com", "x", "-", "_", "'", "a..b", "@route:", "\xa0", "\x0b", "日本",
+    "<alice@example.com>", "<a@b@c>", "<a@[1.2.3.4]>", "<>", "a@b.", ".a@b",
+])
+WORDS = st.sampled_from([
+    "Alice", "J.", "=?utf-8?q?Ren=C3=A9e?=", "Jörg", "\"Smith, John\"", "\"a@b <c@d>\"",
+    "\"a\\\"b\"", "bob@example.org", "a,", "a;", "a:", "(c)", "x(y)", "[z]", "\\", "a.b",
+    "\xa0", "a\x0bb", "日本", "'q'", "-", "",
+])
+ADDRESSES = st.sampled_from([
+    "alice@example.com", "Bob@Example.ORG", "a.b+tag@x-y.test", "a..b@c", ".a@b", "a@b.",
+    "a@b@c", "a@[1.2.3.4]", "@r:a@b", "\"q\"@x.test", "a b@c", "", "a", "a@-b.c",
+])
+
+
+@st.composite
+def from_values(draw: st.DrawFn) -> str:
+    """`words <address>`, `address` and the like, with tricky words and addresses."""
+    space = st.sampled_from([" ", "", "  ", "\t", "\r\n "])
+    words = "".join(w + draw(space) for w in draw(st.lists(WORDS, max_size=4)))
+    address = draw(ADDRESSES)
+    shape = draw(st.sampled_from(["{w}<{a}>", "{a}", "{w}{a}", "{w}<{a}>{s}", "{s}{a}{s}",
+                                  "{w}<{a}> <c@d>", "{w}<{a}>, c@d", "{w}<{a}"]))
+    return shape.format(w=words, a=address, s=draw(space))
+
+
+DATE_PIECES = st.sampled_from([
+    "Sat, ", "Mon,", "Foo, ", "sat, ", "1", "01", "21", "0", "31", "32", "99", " ", "  ",
+    "Nov", "nov", "November", "Feb", "Xyz", "2026", "26", "0099", "0999", "1969", "9999",
+    "05:00:00", "05:00", "5:00:00", "24:00:00", "23:59:60", "05.00.00", "+0000", "-0000",
+    "+0100", "-0800", "+0530", "+0099", "+2359", "+2400", "-9999", "UTC", "GMT", "EST", "Z",
+    "(UTC)", "(Pacific Standard Time)", "(", ",", "\t",
+])
+
+
+@st.composite
+def common_dates(draw: st.DrawFn) -> str:
+    """Dates near the common shape, each field sometimes out of its range."""
+    weekday = draw(st.sampled_from(["", "Sat, ", "Tue, "]))
+    day = draw(st.sampled_from(["1", "09", "21", "29", "30", "31", "0", "00", "99"]))
+    month = draw(st.sampled_from(["Jan", "Feb", "Apr", "Nov", "Dec"]))
+    year = draw(st.sampled_from(["2026", "2024", "2100", "1900", "1000", "9999"]))
+    hour, minute, second = (draw(st.sampled_from(["00", "05", "23", "24", "59", "60", "99"]))
+                            for _ in range(3))
+    zone = draw(st.sampled_from(["+0000", "-0000", "+0100", "-0800", "+0530", "-0130",
+                                 "+0099", "+2359", "+2400", "-2400", "+9999"]))
+    comment = draw(st.sampled_from(["", " (UTC)", " (Pacific Standard Time)", " (x)y"]))
+    return f"{weekday}{day} {month} {year} {hour}:{minute}:{second} {zone}{comment}"
+
+
+def same_date(value: str) -> None:
+    from smtpd_agent.message import _parse_date
+
+    got, expected = _parse_date(value), reference_parse_date(value)
+    assert got == expected
+    if expected is not None:
+        assert (got.utcoffset(), got.tzinfo) == (expected.utcoffset(), expected.tzinfo)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.one_of(from_values(), st.lists(FROM_PIECES, max_size=8).map("".join)))
+@example("Load <load@sender.bench.test>")
+@example("a@b, c@d")
+@example("<a@b>x")
+@example("Name <a@b> <c@d>")
+@example("bob@example.org <alice@example.com>")
+def test_the_from_address_is_what_getaddresses_gives(value):
+    from smtpd_agent.message import _first_address
+
+    assert _first_address([value]) == reference_first_address([value])
+    assert _first_address([value, "c@d"]) == reference_first_address([value, "c@d"])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.one_of(common_dates(), st.lists(DATE_PIECES, max_size=8).map("".join)))
+@example("Sat, 21 Nov 2026 05:00:00 +0000")
+@example("Sat, 21 Nov 2026 05:00:00 -0000")
+@example("21 Nov 2026 05:00:00 +0000 (UTC)")
+def test_the_date_is_what_parsedate_to_datetime_gives(value):
+    same_date(value)
