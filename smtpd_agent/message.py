@@ -9,6 +9,7 @@ the raw bytes stay untouched for storage.
 from __future__ import annotations
 
 import email
+import email.parser
 import email.policy
 import email.utils
 import hashlib
@@ -40,6 +41,10 @@ COMMON_DATE = re.compile(r"(?:(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), )?([0-9]{1,2}) "
                          r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) ([1-9][0-9]{3}) "
                          r"([0-9]{2}):([0-9]{2}):([0-9]{2}) ([+-])([0-9]{2})([0-9]{2})"
                          r"(?: \([A-Za-z0-9 +:-]*\))?")
+# Content types the feed parser looks into; a header section that may name one is parsed
+# with its body (_message_from_bytes).
+NESTING = ("multipart", "message")
+_MAY_NEST = re.compile("multipart/|message/", re.IGNORECASE)
 # The headers ParsedMessage has a field for, by their lowercased names.
 FIELD_HEADERS = frozenset({"message-id", "in-reply-to", "references", "from", "to", "cc",
                            "reply-to", "subject", "date"})
@@ -101,8 +106,7 @@ def normalize_subject(subject: str | None) -> str:
 
 
 def parse_message(raw: bytes) -> ParsedMessage:
-    # compat32 never raises on header access; we decode RFC 2047 ourselves.
-    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    msg = _message_from_bytes(raw)
     items = msg.items()
     headers = tuple((str(k), _header_text(v)) for k, v in items)
     # One pass over the headers for every field; msg.get scans all of them for each.
@@ -134,6 +138,28 @@ def parse_message(raw: bytes) -> ParsedMessage:
         attachments=tuple(attachments),
         defects=tuple(sorted(defects)),
     )
+
+
+def _message_from_bytes(raw: bytes) -> Message:
+    """email.message_from_bytes(raw, policy=compat32), the body of a single-part message
+    not split into lines: the feed parser reads a body line by line only to join the lines
+    back into the payload, which cost as much as parsing the headers.
+
+    Such a message's header section is parsed alone (headers-only), up to the first empty
+    line; when that parse ends exactly there (no body line left over: the same lines
+    ended the headers as in a full parse) and the type is neither multipart nor message,
+    the rest of the text is the payload, as the full parse would set it. Anything else is
+    parsed whole. compat32 never raises on header access; RFC 2047 is decoded by us.
+    """
+    text = raw.decode("ascii", "surrogateescape")
+    end = text.find("\r\n\r\n") + 4
+    if end >= 4 and not _MAY_NEST.search(text, 0, end):
+        msg = email.parser.Parser(policy=email.policy.compat32).parsestr(text[:end],
+                                                                         headersonly=True)
+        if msg.get_payload() == "" and msg.get_content_maintype() not in NESTING:
+            msg.set_payload(text[end:])
+            return msg
+    return email.parser.Parser(policy=email.policy.compat32).parsestr(text)
 
 
 def _header_text(value: object) -> str | None:

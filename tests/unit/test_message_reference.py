@@ -218,6 +218,23 @@ def test_decoding_defects_are_still_counted():
     assert parse_message(raw).attachments[0].content == b"ABCD"
 
 
+def test_the_same_where_the_header_section_ends_oddly():
+    """A single-part message's header section is parsed alone up to the first CRLF CRLF
+    (message._message_from_bytes); these are the cases where that must not change what
+    the whole parse gives."""
+    for raw in (b"Subject: x\r\n\r\nbody\r\n", b"Subject: x\r\n\r\n", b"Subject: x\r\n\r\n\r\n",
+                b"\r\nSubject: x\r\n\r\nbody", b"Subject: x\n\nbody\r\n\r\nmore",
+                b"Subject: x\r\nno header here\r\n\r\nbody", b"Subject: x\r\n\tfolded\r\n\r\nb",
+                b"From nobody Mon Nov 30 2026\r\nSubject: x\r\n\r\nb", b"Subject: x\r\r\n\r\nb",
+                b"Subject: x\r\n\r\nbody\rwith bare CR\nand LF\r\n\r\n", b"Subject: x",
+                b"Content-Type: Multipart/Mixed; boundary=b\r\n\r\n--b\r\n\r\nx\r\n--b--\r\n",
+                b"Content-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\nbody",
+                b"Content-Type: multipart\r\n /mixed; boundary=b\r\n\r\n--b\r\n\r\nx\r\n--b--",
+                b"Subject: message/rfc822 talk\r\n\r\nbody", b"Subject: \xff\xfe\r\n\r\n\xff body",
+                b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\nQUJDRA"):
+        same(raw)
+
+
 HEADERS = st.sampled_from([
     b"From: Alice <alice@example.com>\r\n", b"From: bob@example.org\r\n", b"From: \r\n",
     b"From: =?utf-8?q?Ren=C3=A9e?= <Renee@Example.ORG>\r\n", b"From: <>\r\n",
