@@ -146,7 +146,10 @@ def _lines(text: str, max_input: int) -> list[str]:
 
 
 def _probe(lines: list[str], max_lines: int) -> list[str]:
-    return [line[:LINE_PROBE] for line in lines[:max_lines]]
+    window = lines[:max_lines]
+    if max(map(len, window), default=0) <= LINE_PROBE:  # nothing to cut, the common case
+        return window
+    return [line[:LINE_PROBE] for line in window]
 
 
 def _unwrap_skip(normal: str, max_lines: int) -> int | None:
