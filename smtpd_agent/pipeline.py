@@ -220,7 +220,7 @@ class Pipeline:
             reason = "timeout" if isinstance(error, TimeoutError) else type(error).__name__
             log.warning("content.extract_failed", reason=reason,
                         queue_id=message.envelope.queue_id, size=size)
-            if parsed.text_body and parsed.text_body.strip():
+            if parsed.text_body and not parsed.text_body.isspace():
                 return parsed.text_body[:content.extract_max_chars]
             return strip_tags((parsed.html_body or "")[:content.html_max_input])[
                 :content.extract_max_chars]
@@ -336,7 +336,7 @@ def text_extraction(parsed: ParsedMessage,
     above EXTRACT_IN_THREAD_ABOVE characters, unless it is plain text that gives quotequail
     at most EXTRACT_INLINE_LINES lines. A plain body is split and searched once, for both."""
     text_body = parsed.text_body
-    if text_body and text_body.strip():
+    if text_body and not text_body.isspace():  # as strip() would say, without a copy
         body = Body(text_body, content.extract_max_input, content.extract_max_lines)
         return (partial(body.new_text, content.extract_max_chars),
                 len(text_body) > EXTRACT_IN_THREAD_ABOVE

@@ -121,7 +121,7 @@ def _unquoted(lines: list[str], probe: list[str], skip: int,
 def message_text(text_body: str | None, html_body: str | None, max_input: int, max_lines: int,
                  max_chars: int, html_max_input: int) -> ReplyText:
     """The new part of a message: of its text part, else of its HTML part as text."""
-    if text_body and text_body.strip():
+    if text_body and not text_body.isspace():  # as strip() would say, without a copy
         return new_text(text_body, max_input, max_lines, max_chars)
     if html_body:
         return new_text(html_to_text(html_body[:html_max_input], drop_quotes=True),
