@@ -29,12 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import asyncpg
+
 from bench.run import postgres_cpu
 from smtpd_agent.config import DatabaseSettings
 from smtpd_agent.message import parse_message
 from smtpd_agent.record import Envelope, InboundMessage, Mailbox, Recipient
 from smtpd_agent.store import directory, search
 from smtpd_agent.store.database import EmbeddedPostgres, create_pool, migrate
+from smtpd_agent.store.events import EVENTS_CHANNEL
 from smtpd_agent.store.messages import GroupCommit, Verdicts
 
 DOMAIN = "load.bench.test"
@@ -93,6 +96,12 @@ async def run(args: argparse.Namespace, work: Path) -> dict:
         agent = await directory.get_agent(pool, "load", "bench")
         mailbox = Mailbox(agent.workspace_id, "load", agent.id, "bench", DOMAIN, auto_reply=False)
         store = GroupCommit(pool, 30, batch_max=64, committers=2)
+        # as many LISTEN connections as `serve` processes: each commit's NOTIFY wakes them
+        listeners = [await asyncpg.connect(embedded.url) for _ in range(args.listeners)]
+        heard = [0]
+        for listener in listeners:
+            await listener.add_listener(EVENTS_CHANNEL,
+                                        lambda *_: heard.__setitem__(0, heard[0] + 1))
         report: dict = {"load": vars(args) | {"variant": None}, "results": {}}
         plans = [("as stored today", None)] + [tuple(v.split("=", 1)) for v in args.variant]
         sent = 0
@@ -122,6 +131,9 @@ async def run(args: argparse.Namespace, work: Path) -> dict:
             print(f"{name:30} store: PG CPU s/1k {result['postgres_cpu_seconds_per_1000']:6.3f}"
                   f"  msg/s {result['messages_per_second']:7.1f};  search indexing after: "
                   f"PG CPU s/1k {result['indexing_cpu_seconds_per_1000']:6.3f}", flush=True)
+        report["notifications_heard"] = heard[0]
+        for listener in listeners:
+            await listener.close()
         return report
     finally:
         await pool.close()
@@ -134,6 +146,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--size", type=int, default=5000, help="approximate message bytes")
+    parser.add_argument("--listeners", type=int, default=0,
+                        help="connections LISTENing to the events channel, as serve's")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=SQL")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

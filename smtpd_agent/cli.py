@@ -23,10 +23,13 @@ from .config import ConfigError, Settings, load_settings
 from .domains.cli import register_domains
 from .outbound.cli import register_outbound
 from .domains.keys import KeyStoreError
+from .events.retention import PassResult, Pruner
 from .http.cli import register_apikeys
 from .mailbox.cli import register_drafts
 from .mcpserver.cli import register_mcp
 from .logs import configure_logging
+from .metrics import Metrics
+from .runtime import Database
 from .addresses import OurDomains, parse_address
 from .smtp.limits import CounterTable
 from .store import deployment, directory, inbox, quarantine
@@ -66,6 +69,11 @@ def register_core(commands: Any, parents: Parents) -> None:
     # FD:SLOT of the parent's shared connection table (smtpd_agent/smtp/limits.py)
     serve_cmd.add_argument("--connection-table", help=argparse.SUPPRESS)
     serve_cmd.set_defaults(run=run_serve)
+    prune = commands.add_parser(
+        "prune", parents=[common],
+        help="one retention pass now ([retention]): old events and finished webhook "
+             "deliveries, as serve does every retention.interval")
+    prune.set_defaults(run=run_prune)
     dns_cmd = commands.add_parser(
         "dns-serve", parents=[common],
         help="run only the authoritative DNS server for delegated zones")
@@ -180,6 +188,33 @@ def run_serve(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     asyncio.run(serve(settings, reload=lambda: settings_from(args),
                       listener_args=listener_args(args)))
+    return 0
+
+
+def run_prune(settings: Settings, args: argparse.Namespace) -> int:
+    """For cron or by hand (with retention.interval = 0 on the servers, or to catch up):
+    the pass serve runs, under the same lock, so it never races a server's."""
+    async def prune() -> PassResult:
+        database = await Database.open(settings)
+        try:
+            return await Pruner(database.url, settings.retention, Metrics(),
+                                settings.database.connect_timeout,
+                                settings.database.command_timeout).run_once()
+        finally:
+            await database.close()
+
+    kept = settings.retention
+    if not (kept.events_days or kept.webhook_delivered_days or kept.webhook_failed_days):
+        print("retention keeps everything: [retention] events_days, webhook_delivered_days "
+              "and webhook_failed_days are all 0")
+        return 0
+    result = asyncio.run(prune())
+    if not result.ran:
+        print("skipped: another process is pruning this database now")
+        return 0
+    print(f"deleted {result.events} events, {result.delivered} delivered and {result.failed} "
+          f"failed webhook deliveries; kept {result.kept_for_deliveries} old events that "
+          "deliveries still need")
     return 0
 
 

@@ -120,6 +120,7 @@ class StoreSettings:
     batch_max_bytes: int = 64 * 1024 * 1024
     search_batch: int = 500
     search_poll: float = 5.0
+    search_delay: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -771,6 +772,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("store.search_batch: must not be negative (0 turns the indexer off)")
     if settings.store.search_poll <= 0:
         raise ConfigError("store.search_poll: must be above 0")
+    if not 0 <= settings.store.search_delay <= 60:
+        raise ConfigError("store.search_delay: must be between 0 and 60 seconds")
     if settings.store.committers >= settings.database.pool_max:
         raise ConfigError("store.committers: must be less than database.pool_max "
                           "(routing, agents and the API need connections too)")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import ipaddress
 import threading
 import time
@@ -77,6 +78,13 @@ class Answer:
     @property
     def empty(self) -> bool:
         return not self.records
+
+
+@functools.lru_cache(maxsize=4096)
+def reverse_name(address: str) -> str:
+    """The PTR name of an IP address (in-addr.arpa / ip6.arpa); kept for the addresses
+    seen lately, as dnspython builds it label by label (raises ValueError for a non-address)."""
+    return dns.reversename.from_address(address).to_text()
 
 
 def parse_nameserver(spec: str) -> dns.nameserver.Do53Nameserver:
@@ -193,8 +201,7 @@ class Resolver:
         return [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer.records]
 
     async def ptr(self, address: str) -> list[str]:
-        name = dns.reversename.from_address(address).to_text()
-        answer = await self.query(name, "PTR")
+        answer = await self.query(reverse_name(address), "PTR")
         return [r.target.to_text(omit_final_dot=True) for r in answer.records]
 
     def blocking(self, loop: asyncio.AbstractEventLoop) -> BlockingResolver:

@@ -23,7 +23,7 @@ from .pipeline import DsnReceiver, Pipeline
 from .routing import Router
 from .scan import Scanner, limit_problems
 from .spam import SpamFilter
-from .store.changes import ChangeFeed
+from .store.changes import WEBHOOKS_CHANNEL, ChangeFeed
 from .store.events import Wakeups
 from .store.database import EmbeddedPostgres, create_pool, migrate, resolve_database_url
 
@@ -83,6 +83,7 @@ class Runtime:
     _changes: ChangeFeed | None = field(default=None, repr=False)
     _router: Router | None = field(default=None, repr=False)
     _event_wakeups: Wakeups | None = field(default=None, repr=False)
+    _delivery_wakeups: Wakeups | None = field(default=None, repr=False)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -99,11 +100,20 @@ class Runtime:
     @property
     def event_wakeups(self) -> Wakeups:
         """Wake-ups on new events in the outbox (store/events.py), for the SSE stream and
-        the webhook worker; subscribed to the change feed on first use."""
+        the search indexer; subscribed to the change feed on first use."""
         if self._event_wakeups is None:
             self._event_wakeups = Wakeups()
             self._event_wakeups.subscribe(self.changes)
         return self._event_wakeups
+
+    @property
+    def delivery_wakeups(self) -> Wakeups:
+        """Wake-ups on webhook deliveries queued (functions/notify_webhook_delivery.sql),
+        for the webhook worker: an event no endpoint wants wakes nobody."""
+        if self._delivery_wakeups is None:
+            self._delivery_wakeups = Wakeups(WEBHOOKS_CHANNEL)
+            self._delivery_wakeups.subscribe(self.changes)
+        return self._delivery_wakeups
 
     @property
     def scanner(self) -> Scanner | None:

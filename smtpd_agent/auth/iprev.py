@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections.abc import Generator
 
-from ..dns import DnsTempError, Resolver
+from ..dns import Answer, DnsTempError, Resolver, SyncResolver, reverse_name
 from ..record import Iprev
 
 MAX_NAMES = 10  # PTR names tried, as RFC 7208 section 4.6.4 bounds its ptr mechanism
@@ -30,25 +31,56 @@ async def check_iprev(resolver: Resolver, ip: str, timeout: float) -> Iprev:
         return Iprev("permerror", ip)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
+    # A client seen before (its PTR and A answers still cached): answered here and now,
+    # without a coroutine per lookup and a timer (issue 20: per connection, on the loop).
+    known = resolver.from_cache(lambda view: _answer_now(view, _steps(address)))
+    if known is not None:
+        return known
     try:
         async with asyncio.timeout(timeout):
-            return await _confirm(resolver, address)
+            return await _answer(resolver, _steps(address))
     except (TimeoutError, DnsTempError):
         return Iprev("temperror", str(address))
 
 
-async def _confirm(resolver: Resolver, address: ipaddress.IPv4Address | ipaddress.IPv6Address
-                   ) -> Iprev:
+Lookup = tuple[str, str]  # (name, rdtype) asked; the Answer is sent back in
+Steps = Generator[Lookup, Answer, Iprev]
+
+
+def _steps(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Steps:
+    """The check without I/O: yields each lookup, is sent its answer, returns the verdict;
+    driven from the cache (_answer_now) or over the network (_answer)."""
     ip = str(address)
-    names = [name for name in await resolver.ptr(ip) if name][:MAX_NAMES]
+    ptr = yield reverse_name(ip), "PTR"
+    names = [name for name in (r.target.to_text(omit_final_dot=True) for r in ptr.records)
+             if name][:MAX_NAMES]
     if not names:
         return Iprev("permerror", ip)
-    lookup = resolver.a if address.version == 4 else resolver.aaaa
+    rdtype = "A" if address.version == 4 else "AAAA"
     for name in names:
-        for found in await lookup(name):
+        forward = yield name, rdtype
+        for record in forward.records:
             try:
-                if ipaddress.ip_address(found) == address:
+                if ipaddress.ip_address(record.address) == address:
                     return Iprev("pass", ip, name.lower())
             except ValueError:
                 continue
     return Iprev("fail", ip, names[0].lower())
+
+
+def _answer_now(view: SyncResolver, steps: Steps) -> Iprev:
+    try:
+        lookup = next(steps)
+        while True:
+            lookup = steps.send(view.query(*lookup))
+    except StopIteration as done:
+        return done.value
+
+
+async def _answer(resolver: Resolver, steps: Steps) -> Iprev:
+    try:
+        lookup = next(steps)
+        while True:
+            lookup = steps.send(await resolver.query(*lookup))
+    except StopIteration as done:
+        return done.value

@@ -4,7 +4,9 @@ Place: a Service of `serve` (app.SERVICES). Any number of processes on any host 
 against one database; a delivery is leased (store/lease.py) to one of them at a time,
 so each event goes out once per endpoint unless a worker dies mid-request (then, after
 its lease, another sends it again with the same webhook-id, which receivers dedupe on).
-The outbox's NOTIFY at COMMIT wakes it; otherwise it polls every webhooks.poll_interval.
+A delivery's NOTIFY at COMMIT (functions/notify_webhook_delivery.sql: fan-out and replays
+alike; not every event, which under load woke every process's worker for each commit
+to find nothing) wakes it; otherwise it polls every webhooks.poll_interval.
 Decisions are decisions.py's; addresses are judged by targets.py.
 """
 
@@ -90,9 +92,9 @@ class DeliveryWorker:
         async def step() -> bool:
             return await self.run_once() >= self.hooks.batch_size
 
-        # any workspace's new event (the outbox's NOTIFY at COMMIT) wakes the worker
+        # a delivery queued in any workspace (its NOTIFY at COMMIT) wakes the worker
         await self.runtime.changes.start()
-        async with self.runtime.event_wakeups.forwarding(self._wake):
+        async with self.runtime.delivery_wakeups.forwarding(self._wake):
             await poll(step, interval=self.hooks.poll_interval, stopping=self._stopping,
                        wake=self._wake, name="webhooks")
 

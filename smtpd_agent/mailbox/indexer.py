@@ -3,7 +3,10 @@
 Place: a Service of `serve` (app.SERVICES). Every stored message is queued for indexing
 in its own transaction (store/search.py); this takes the queue in batches of
 store.search_batch. The outbox's NOTIFY at COMMIT (every received message has an event)
-wakes it, so new mail is searchable within a moment; it also looks every
+wakes it, so new mail is searchable within a moment: store.search_delay after the
+wake-up, so that under load a batch holds the many messages committed meanwhile
+rather than the one or two of each commit (a statement per batch, not per commit);
+it also looks every
 store.search_poll seconds (mail sent over the API, another host's commits while the
 LISTEN connection was down, a backlog left by a stop). Any number of processes and
 hosts may run it against one database: batches never overlap.
@@ -27,6 +30,7 @@ class SearchIndexer:
         self.runtime = runtime
         self.batch = runtime.settings.store.search_batch
         self.interval = runtime.settings.store.search_poll
+        self.settle = runtime.settings.store.search_delay
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -54,4 +58,4 @@ class SearchIndexer:
         await self.runtime.changes.start()
         async with self.runtime.event_wakeups.forwarding(self._wake):
             await poll(self.step, interval=self.interval, stopping=self._stopping,
-                       wake=self._wake, name="search")
+                       wake=self._wake, name="search", settle=self.settle)

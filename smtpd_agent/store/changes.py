@@ -3,7 +3,8 @@
 Triggers on the tables a cache reads NOTIFY a channel at COMMIT (migrations 0007 and
 0011: the delegated zones the DNS server serves; functions/notify_routing_change.sql:
 the agents, workspaces and domains the router reads; functions/append_event.sql: a new
-event in the outbox, store/events.py). A `ChangeFeed` listens on a connection of its own (a pooled one would be
+event in the outbox, store/events.py; functions/notify_webhook_delivery.sql: a webhook
+delivery queued). A `ChangeFeed` listens on a connection of its own (a pooled one would be
 handed to other work) and calls every subscriber of the channel with the payload, so
 a cache drops what changed at once instead of waiting for its TTL.
 
@@ -27,6 +28,8 @@ log = structlog.get_logger(__name__)
 ZONES_CHANNEL = "smtpd_agent_zones"  # payload: the zone (domain) name
 ROUTING_CHANNEL = "smtpd_agent_routing"  # payload: the table that changed
 EVENTS_CHANNEL = "smtpd_agent_events"  # payload: the workspace id (store/events.py)
+# payload: the workspace id of a webhook delivery queued (functions/notify_webhook_delivery.sql)
+WEBHOOKS_CHANNEL = "smtpd_agent_webhooks"
 RETRY_DELAY = 5.0
 
 

@@ -182,16 +182,18 @@ async def depth(db: DB) -> int:
 
 @dataclass(eq=False)
 class Wakeups:
-    """asyncio wake-ups from the outbox's NOTIFY, per workspace (None: any workspace).
+    """asyncio wake-ups from a NOTIFY whose payload is a workspace id, per workspace (None:
+    any workspace): the outbox's (`EVENTS_CHANNEL`, every event) by default.
 
     A reader registers with `watch()` BEFORE it reads, clears the signal, reads, then
     waits on it: an event committed between the read and the wait still wakes it.
     """
 
+    channel: str = EVENTS_CHANNEL
     _signals: dict[int | None, set[asyncio.Event]] = field(default_factory=dict)
 
     def subscribe(self, changes: ChangeFeed) -> None:
-        changes.subscribe(EVENTS_CHANNEL, self.changed, self.reset)
+        changes.subscribe(self.channel, self.changed, self.reset)
 
     def changed(self, payload: str) -> None:
         try:

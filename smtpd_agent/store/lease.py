@@ -124,13 +124,15 @@ async def settle(db: DbLike, queue: LeaseQueue, lease: Lease, state: str, *,
 
 async def poll(step: Callable[[], Awaitable[bool]], *, interval: float,
                stopping: asyncio.Event, wake: asyncio.Event | None = None,
-               name: str = "") -> None:
+               name: str = "", settle: float = 0.0) -> None:
     """Run `step` until `stopping` is set; when it reports no more work (False), or fails,
     wait `interval` seconds, or until `wake` (or `stopping`) is set.
 
     `wake` is cleared before each step, never after: a wake-up (new work, or a stop)
     that comes while a step runs makes the next wait return at once instead of being
-    lost for a whole interval."""
+    lost for a whole interval. With `settle`, a wake-up is followed by that many
+    seconds more before the step (a stop still ends the wait), so that work announced
+    one item at a time is taken in one batch rather than in one step per item."""
     while not stopping.is_set():
         if wake is not None:
             wake.clear()
@@ -149,7 +151,12 @@ async def poll(step: Callable[[], Awaitable[bool]], *, interval: float,
         try:
             await asyncio.wait_for((wake or stopping).wait(), interval)
         except TimeoutError:
-            pass
+            continue
+        if settle > 0 and not stopping.is_set():
+            try:
+                await asyncio.wait_for(stopping.wait(), settle)
+            except TimeoutError:
+                pass
 
 
 async def stop_polling(task: asyncio.Task[None] | None, *, stopping: asyncio.Event,

@@ -30,11 +30,15 @@ REPO = Path(__file__).resolve().parents[2]
 SALES = f"sales@acme.{DEFAULT_DOMAIN}"
 
 
-def cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """`smtpd-agent ...` as an operator runs it, against the test's database."""
+def cli(database_url: str, *args: str,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`smtpd-agent ...` as an operator runs it, against the test's database (`env`: more
+    settings)."""
+    given = env or {}
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SMTPD_AGENT_", "ANTHROPIC_", "DATABASE_URL"))}
-    env.update({"DATABASE_URL": database_url, "SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": DEFAULT_DOMAIN})
+    env.update({"DATABASE_URL": database_url, "SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": DEFAULT_DOMAIN,
+                **given})
     result = subprocess.run([sys.executable, "-m", "smtpd_agent", *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr

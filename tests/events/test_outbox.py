@@ -11,8 +11,8 @@ import asyncpg
 import pytest
 
 from smtpd_agent.config import DatabaseSettings
-from smtpd_agent.store import events
-from smtpd_agent.store.changes import ChangeFeed
+from smtpd_agent.store import events, hooks
+from smtpd_agent.store.changes import WEBHOOKS_CHANNEL, ChangeFeed
 from smtpd_agent.store.database import create_pool, migrate
 from smtpd_agent.store.directory import add_workspace
 from smtpd_agent.store.events import EventType
@@ -107,5 +107,42 @@ async def test_commit_wakes_a_waiter_of_that_workspace_only(database_url: str,
             async with pool.acquire() as connection, connection.transaction():
                 await events.append(connection, acme.id, EventType.DRAFT_CREATED, {})
             await asyncio.wait_for(mine.wait(), 5)
+    finally:
+        await feed.close()
+
+
+async def test_only_a_queued_webhook_delivery_wakes_the_delivery_workers(
+        database_url: str, pool: asyncpg.Pool) -> None:
+    """The webhook worker listens to deliveries, not to every event: under load every
+    commit woke every process's worker to claim nothing (issue 20)."""
+    acme = await add_workspace(pool, "acme")
+    quiet = await add_workspace(pool, "quiet")
+    endpoint = await hooks.create_endpoint(pool, acme.id, "https://hooks.example.com/in",
+                                           ["draft.created"], True, None, b"sealed", 10)
+    feed = ChangeFeed(database_url, 5)
+    deliveries = events.Wakeups(WEBHOOKS_CHANNEL)
+    deliveries.subscribe(feed)
+    everything = events.Wakeups()
+    everything.subscribe(feed)
+    await feed.start()
+    try:
+        with deliveries.watch(None) as delivery, everything.watch(None) as event:
+            # an event in a workspace without endpoints, and one of a type nobody wants
+            for workspace, kind in ((quiet.id, EventType.DRAFT_CREATED),
+                                    (acme.id, EventType.DOMAIN_VERIFIED)):
+                delivery.clear()
+                event.clear()
+                async with pool.acquire() as connection, connection.transaction():
+                    await events.append(connection, workspace, kind, {})
+                await asyncio.wait_for(event.wait(), 5)
+                # the feed hands out notifications in order: the event's came, so a
+                # delivery's of the same commit would have come before it
+                assert not delivery.is_set()
+            async with pool.acquire() as connection, connection.transaction():
+                wanted = await events.append(connection, acme.id, EventType.DRAFT_CREATED, {})
+            await asyncio.wait_for(delivery.wait(), 5)
+            delivery.clear()
+            assert await hooks.replay_event(pool, acme.id, endpoint.id, wanted)
+            await asyncio.wait_for(delivery.wait(), 5)
     finally:
         await feed.close()

@@ -20,6 +20,7 @@ from smtpd_agent.store import events, retention
 from smtpd_agent.store.database import create_pool, migrate
 from smtpd_agent.store.directory import add_workspace
 from smtpd_agent.store.events import EventType
+from tests.agent.test_whom_to_write import cli
 from tests.events.test_stream import Reader, events_url
 from tests.http.test_api import bearer
 
@@ -144,6 +145,23 @@ async def test_zero_days_keeps_forever(pool, database_url):
     result = await Pruner(database_url, forever, Metrics()).run_once()
     assert not result.ran
     assert await pool.fetchval("SELECT count(*) FROM events") == 1
+
+
+async def test_the_prune_command_runs_one_pass(pool, database_url):
+    """`smtpd-agent prune`, as cron or an operator runs it: the same pass serve runs."""
+    acme = (await add_workspace(pool, "acme")).id
+    old, young = await append(pool, acme, 1), await append(pool, acme, 2)
+    await age(pool, 31, old)
+    result = await asyncio.to_thread(cli, database_url, "prune")
+    assert "deleted 1 events, 0 delivered and 0 failed" in result.stdout, result.stdout
+    assert await pool.fetchval("SELECT array_agg(id) FROM events") == [young]
+    # with retention off it says so and deletes nothing
+    await age(pool, 31, young)
+    off = {f"SMTPD_AGENT_RETENTION_{key}": "0"
+           for key in ("EVENTS_DAYS", "WEBHOOK_DELIVERED_DAYS", "WEBHOOK_FAILED_DAYS")}
+    kept = await asyncio.to_thread(cli, database_url, "prune", env=off)
+    assert "keeps everything" in kept.stdout, kept.stdout
+    assert await pool.fetchval("SELECT array_agg(id) FROM events") == [young]
 
 
 async def test_one_pruner_at_a_time(pool, database_url):

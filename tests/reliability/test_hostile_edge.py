@@ -184,22 +184,32 @@ async def test_iprev_pass_and_fail_are_in_the_stored_authentication_results(
     dns_server.a("mx.good.edge.test", "127.0.0.10")
     dns_server.add("11.0.0.127.in-addr.arpa", "PTR", "forged.edge.test")
     dns_server.a("forged.edge.test", "192.0.2.1")  # the PTR name does not lead back
-    for source, subject in (("127.0.0.10", "edge-iprev-pass"), ("127.0.0.11", "edge-iprev-fail"),
-                            ("127.0.0.12", "edge-iprev-none")):
-        client, greeting = await Client.open(edge_server.port, source)
-        assert greeting[:3] == b"220"
-        assert (await client.deliver(subject))[:3] == b"250"
-        await client.close()
+    # each client twice: first over the network, then from the resolver's cache alone
+    for time_ in ("first", "again"):
+        for source, subject in (("127.0.0.10", "edge-iprev-pass"),
+                                ("127.0.0.11", "edge-iprev-fail"),
+                                ("127.0.0.12", "edge-iprev-none")):
+            client, greeting = await Client.open(edge_server.port, source)
+            assert greeting[:3] == b"220"
+            assert (await client.deliver(f"{subject}-{time_}"))[:3] == b"250"
+            await client.close()
+        if time_ == "first":
+            asked = len(dns_server.queries)
 
-    good = await stored(edge_server, "edge-iprev-pass")
-    assert good["iprev"] == "pass"
-    assert "iprev=pass (mx.good.edge.test) policy.iprev=127.0.0.10" in good["auth_results"]
-    forged = await stored(edge_server, "edge-iprev-fail")
-    assert forged["iprev"] == "fail"
-    assert "iprev=fail (forged.edge.test) policy.iprev=127.0.0.11" in forged["auth_results"]
-    missing = await stored(edge_server, "edge-iprev-none")  # no PTR record at all
-    assert missing["iprev"] == "permerror"
-    assert "iprev=permerror policy.iprev=127.0.0.12" in missing["auth_results"]
+    # the second round asked the DNS server nothing: every answer was cached
+    reverse = [q for q in dns_server.queries[asked:] if q[1].endswith("in-addr.arpa")
+               or q[1] in ("mx.good.edge.test", "forged.edge.test")]
+    assert reverse == [], reverse
+    for time_ in ("first", "again"):
+        good = await stored(edge_server, f"edge-iprev-pass-{time_}")
+        assert good["iprev"] == "pass"
+        assert "iprev=pass (mx.good.edge.test) policy.iprev=127.0.0.10" in good["auth_results"]
+        forged = await stored(edge_server, f"edge-iprev-fail-{time_}")
+        assert forged["iprev"] == "fail"
+        assert "iprev=fail (forged.edge.test) policy.iprev=127.0.0.11" in forged["auth_results"]
+        missing = await stored(edge_server, f"edge-iprev-none-{time_}")  # no PTR record at all
+        assert missing["iprev"] == "permerror"
+        assert "iprev=permerror policy.iprev=127.0.0.12" in missing["auth_results"]
 
 
 # -- per-client rates: a dictionary attack --------------------------------------------------

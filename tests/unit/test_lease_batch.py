@@ -7,6 +7,7 @@ against Postgres); here each of its promises is checked on its own.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -136,3 +137,41 @@ async def test_a_wake_during_a_step_is_not_lost() -> None:
 
     await asyncio.wait_for(poll(step, interval=3600, stopping=stopping, wake=wake), 10)
     assert steps == 2
+
+
+async def test_a_settle_delay_takes_wake_ups_that_come_together_in_one_step() -> None:
+    """poll(settle=...): the search indexer, woken by every commit, waits a moment after a
+    wake-up so that one step takes what several commits queued (issue 20)."""
+    stopping, wake = asyncio.Event(), asyncio.Event()
+    steps: list[int] = []
+    queued = [0]
+
+    async def step() -> bool:
+        steps.append(queued[0])
+        queued[0] = 0
+        return False
+
+    async def wait_until(done: Callable[[], bool]) -> None:
+        for _ in range(1000):
+            if done():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the poll loop did not step")
+
+    task = asyncio.create_task(poll(step, interval=30, stopping=stopping, wake=wake,
+                                    settle=2.0))
+    try:
+        await wait_until(lambda: len(steps) == 1)
+        for _ in range(5):  # five commits, each announcing its work, within the delay
+            queued[0] += 1
+            wake.set()
+            await asyncio.sleep(0.01)
+        await wait_until(lambda: len(steps) == 2)
+        assert steps == [0, 5]
+        # a stop during the delay ends the loop without waiting the interval
+        wake.set()
+        await asyncio.sleep(0)
+        stopping.set()
+        await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()

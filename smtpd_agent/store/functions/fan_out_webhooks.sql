@@ -3,7 +3,7 @@
 -- its workspace that wants its type (event_types empty: every type). So a delivery
 -- exists exactly when its event committed, and at most one per (endpoint, event)
 -- (webhook_deliveries_once); an endpoint added later gets earlier events only by replay.
--- The outbox's own NOTIFY (append_event.sql) wakes the delivery workers.
+-- Each delivery's NOTIFY (notify_webhook_delivery.sql) wakes the delivery workers.
 --
 -- A trigger function goes with its trigger: re-applying this file drops the function
 -- with CASCADE (store/database.py) and creates both again.
