@@ -177,7 +177,8 @@ def mime(text: str | None = None, html: str | None = None) -> bytes:
             b"References: <r@example.org> <p@example.org>\r\nMIME-Version: 1.0\r\n")
     if text and html:
         return (head + b"Content-Type: multipart/alternative; boundary=alt\r\n\r\n--alt\r\n"
-                b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + text.encode() + b"\r\n--alt\r\n"
+                b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + text.encode()
+                + b"\r\n--alt\r\n"
                 b"Content-Type: text/html; charset=utf-8\r\n\r\n" + html.encode()
                 + b"\r\n--alt--\r\n")
     if html:

@@ -103,7 +103,8 @@ def reference_without_signature(lines: list[str]) -> tuple[list[str], bool]:
 # --- generated texts ---
 
 LINES = [
-    "Thanks, Thursday works for me.", "On Mon, Nov 30, 2026 at 9:14 AM Alice <a@example.com> wrote:",
+    "Thanks, Thursday works for me.",
+    "On Mon, Nov 30, 2026 at 9:14 AM Alice <a@example.com> wrote:",
     "On Mon, Nov 30, 2026 Alice", "wrote:", "> Can we meet?", ">> deeper", "> ", ">",
     "-----Original Message-----", "From: Alice Smith <alice@example.com>",
     "Sent: Monday, November 30, 2026 9:14 AM", "To: Bob", "Subject: plans", "_" * 32,
