@@ -197,14 +197,12 @@ def _leading_blank(lines: list[str]) -> int:
 
 def _signature_line(text: str) -> int | None:
     """Which line of `text` is the first signature separator that follows a line with
-    text; None if none is. Every separator begins with "-": only lines that begin with one
-    are looked at."""
+    text; None if none is. Every separator begins with "--": only lines that begin with
+    it are looked at."""
     at = text.find("\n", len(text) - len(text.lstrip()))
-    while at >= 0:
-        dash = text.find("-", at + 1)
-        if dash < 0:
-            break
-        at = text.find("\n", dash)
-        if text[dash - 1] == "\n" and text[dash:None if at < 0 else at] in SIGNATURE_SEPARATORS:
-            return text.count("\n", 0, dash)
+    while at >= 0 and (at := text.find("\n--", at)) >= 0:
+        end = text.find("\n", at + 1)
+        if text[at + 1:None if end < 0 else end] in SIGNATURE_SEPARATORS:
+            return text.count("\n", 0, at + 1)
+        at = end
     return None
