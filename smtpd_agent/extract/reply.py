@@ -20,6 +20,7 @@ between the quotes' lines), the whole text is kept instead: never less than the 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import quotequail
@@ -30,6 +31,10 @@ from .html_text import html_to_text
 LINE_PROBE = 998
 # RFC 3676 4.3; some clients or relays drop the trailing space.
 SIGNATURE_SEPARATORS = ("-- ", "--")
+# A line that is one of SIGNATURE_SEPARATORS, with the line break before it: the regular
+# expression's literal prefix makes the search one pass in C, where a loop over the lines
+# that begin with "--" took 0.3 us each.
+SIGNATURE_LINE = re.compile(r"\n-- ?(?=\n|\Z)")
 # Where quotequail's unwrapping can start holds one of these: each of its reply, forward and
 # header patterns has a ":", "@" (the dated Gmail intro), a "---" run or the "____" line,
 # matched on a line or a line joined with the next, and a quote starts with ">". It tries
@@ -197,12 +202,7 @@ def _leading_blank(lines: list[str]) -> int:
 
 def _signature_line(text: str) -> int | None:
     """Which line of `text` is the first signature separator that follows a line with
-    text; None if none is. Every separator begins with "--": only lines that begin with
-    it are looked at."""
+    text; None if none is."""
     at = text.find("\n", len(text) - len(text.lstrip()))
-    while at >= 0 and (at := text.find("\n--", at)) >= 0:
-        end = text.find("\n", at + 1)
-        if text[at + 1:None if end < 0 else end] in SIGNATURE_SEPARATORS:
-            return text.count("\n", 0, at + 1)
-        at = end
-    return None
+    found = None if at < 0 else SIGNATURE_LINE.search(text, at)
+    return None if found is None else text.count("\n", 0, found.start() + 1)
