@@ -123,6 +123,21 @@ def messages(count: int = 1) -> dict[str, bytes]:
     return {name: raws[0] for name, raws in message_sets(count).items()}
 
 
+# Bodies that make a line-by-line or a find-by-find search do the most work, each filling
+# content.extract_max_input (64 KB): the new text of each is timed old against new.
+HOSTILE = {
+    "32,000 lines of \"-\"": "Hi\n" + "-\n" * 32000,
+    "16,000 lines of \"--x\"": "Hi\n" + "--x\n" * 16000,
+    "hyphenated words": "Hi\n" + "a - b - c - d - e\n" * 3500,
+    "\":\" past LINE_PROBE": ("x" * 1200 + ":\n") * 54,
+    "\":\" past max_lines": "a\n" * 600 + ":\n" * 10000,
+    "one line of \"-\"": "-" * 65536,
+    "\"_a\" repeated": "_a" * 32768,
+    "empty lines": "\n" * 65536,
+    "bare CR": "a\r" * 32768,
+}
+
+
 def load_baseline(rev: str, into: Path) -> tuple[ModuleType, ModuleType]:
     """message.py and extract/ at `rev`, as the package `baseline_<rev>`."""
     package = f"baseline_{rev.replace('-', '_').replace('.', '_')}"
@@ -222,11 +237,32 @@ def main() -> None:
         print(f"{name:24} {size:7.0f} {report[name]['old_us']:9.1f} "
               f"{report[name]['new_us']:9.1f} {report[name]['ratio']:8.2f} "
               f"{min(ratios):8.2f}-{max(ratios):.2f}")
+    print(f"\nHostile bodies, new text alone (ms, best of 3) {'old':>9} {'new':>8}")
+    hostile = hostile_times(old_reply, content)
+    for name, times in hostile.items():
+        print(f"{name:48} {times['old']:8.2f} {times['new']:8.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"baseline": args.baseline, "rounds": args.rounds,
-                                               "messages": args.messages, "figures": report},
-                                              indent=2))
+                                               "messages": args.messages, "figures": report,
+                                               "hostile_ms": hostile}, indent=2))
 
+
+def hostile_times(old_reply: ModuleType, content: ContentSettings) -> dict[str, dict]:
+    """CPU ms of new_text on each HOSTILE body, the baseline's and ours, best of three."""
+    from smtpd_agent.extract import reply
+
+    bounds = (content.extract_max_input, content.extract_max_lines, content.extract_max_chars)
+    times: dict[str, dict] = {}
+    for name, text in HOSTILE.items():
+        times[name] = {}
+        for which, module in (("old", old_reply), ("new", reply)):
+            runs = []
+            for _ in range(3):
+                began = time.process_time()
+                module.new_text(text, *bounds)
+                runs.append((time.process_time() - began) * 1000)
+            times[name][which] = min(runs)
+    return times
 
 if __name__ == "__main__":
     main()

@@ -224,3 +224,13 @@ def test_the_pipeline_stores_the_same_text_and_picks_the_same_thread():
         assert (extract().text, in_thread) == reference_pipeline(raw, content), raw[:40]
     # both decisions happen: the set above is not all one way
     assert {text_extraction(parse_message(r), content)[1] for r in raws} == {True, False}
+
+
+def test_the_same_on_the_benchmarks_hostile_bodies():
+    """The 64 KB bodies bench/parse_extract.py times (long runs of "-" and "--x" lines,
+    markers past LINE_PROBE and past max_lines, empty lines, bare CRs)."""
+    from bench.parse_extract import HOSTILE
+
+    for text in HOSTILE.values():
+        same(text, 65_536, 500, 20_000)
+        same(text, 65_536, 500, 100)
