@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from typing import Protocol
 
 import asyncpg
@@ -22,11 +24,11 @@ import structlog
 
 from .auth import AuthAction, AuthReason, AuthResult, CheckRunner, authenticate, strip_our_results
 from .auth import decide as decide_auth
-from .config import Settings
+from .config import ContentSettings, Settings
 from .dns import Resolver
 from .extract.html_text import strip_tags
-from .extract.reply import ReplyText, message_text, unwrap_lines
-from .message import parse_message
+from .extract.reply import Body, ReplyText, message_text
+from .message import ParsedMessage, parse_message
 from .metrics import Metrics
 from .record import InboundMessage, ReceivedContent
 from .scan import ScanAction, Scanner, ScanReason, ScanResult
@@ -206,18 +208,9 @@ class Pipeline:
         """
         content = self.settings.content
         parsed = message.parsed
-
-        def extract() -> ReplyText:
-            return message_text(parsed.text_body, parsed.html_body, content.extract_max_input,
-                                content.extract_max_lines, content.extract_max_chars,
-                                content.html_max_input)
-
         size = len(parsed.text_body or "") or len(parsed.html_body or "")
-        in_thread = size > EXTRACT_IN_THREAD_ABOVE and not (
-            parsed.text_body and parsed.text_body.strip()
-            and unwrap_lines(parsed.text_body, content.extract_max_input,
-                             content.extract_max_lines) <= EXTRACT_INLINE_LINES)
         try:
+            extract, in_thread = text_extraction(parsed, content)
             if in_thread:
                 async with asyncio.timeout(content.extract_timeout):
                     result = await asyncio.to_thread(extract)
@@ -227,7 +220,7 @@ class Pipeline:
             reason = "timeout" if isinstance(error, TimeoutError) else type(error).__name__
             log.warning("content.extract_failed", reason=reason,
                         queue_id=message.envelope.queue_id, size=size)
-            if parsed.text_body and parsed.text_body.strip():
+            if parsed.text_body and not parsed.text_body.isspace():
                 return parsed.text_body[:content.extract_max_chars]
             return strip_tags((parsed.html_body or "")[:content.html_max_input])[
                 :content.extract_max_chars]
@@ -335,6 +328,23 @@ class Pipeline:
                      "spam": round((scored - scanned) * 1000, 1),
                      "store": round((stored_at - scored) * 1000, 1)})
         return Outcome(MessageVerdict.ACCEPTED, tuple(stored))
+
+
+def text_extraction(parsed: ParsedMessage,
+                    content: ContentSettings) -> tuple[Callable[[], ReplyText], bool]:
+    """How the message's new text is found, and whether that is worth a thread: a body
+    above EXTRACT_IN_THREAD_ABOVE characters, unless it is plain text that gives quotequail
+    at most EXTRACT_INLINE_LINES lines. A plain body is split and searched once, for both."""
+    text_body = parsed.text_body
+    if text_body and not text_body.isspace():  # as strip() would say, without a copy
+        body = Body(text_body, content.extract_max_input, content.extract_max_lines)
+        return (partial(body.new_text, content.extract_max_chars),
+                len(text_body) > EXTRACT_IN_THREAD_ABOVE
+                and body.unwrap_lines > EXTRACT_INLINE_LINES)
+    return (partial(message_text, text_body, parsed.html_body, content.extract_max_input,
+                    content.extract_max_lines, content.extract_max_chars,
+                    content.html_max_input),
+            (len(text_body or "") or len(parsed.html_body or "")) > EXTRACT_IN_THREAD_ABOVE)
 
 
 def auth_detail(auth: AuthResult, envelope: Envelope) -> dict[str, object]:
