@@ -17,8 +17,9 @@ Two kinds of adaptation:
 - Process-wide, once at start-up: `install()` routes dkimpy's RSA PKCS#1 v1.5
   sign and verify through OpenSSL. dkimpy calls them by their names in its module
   namespace from inside `DKIM.sign` (and our verify steps call the verify by that
-  name too), so there is no per-call hook short of copying dkimpy's signing. Same inputs, same answers (tests compare
-  them), only faster, so code that runs before `install()` is slower, never wrong.
+  name too), so there is no per-call hook short of copying dkimpy's signing. Same
+  inputs, same answers (tests compare them), only faster, so code that runs before
+  `install()` is slower, never wrong.
   The runtime calls it when it opens; test fixtures call it too.
 
 dkimpy still does the verification: its tag parser and field checks
