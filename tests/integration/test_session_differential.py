@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -81,10 +82,24 @@ def tls_servers(cluster, dns_server_session,
 def converse(port: int, wire: bytes, pieces: list[int] | None = None) -> list[bytes]:
     """Send `wire` and the tail, in one write or in writes of the sizes `pieces` (a few
     milliseconds apart, so that the server reads them apart); every reply line until the
-    server closes."""
+    server closes.
+
+    Replies are read as they come, by a thread, while the pieces go out: a server that
+    closes early (a BDAT whose size cannot be read) answers a later piece with a reset,
+    and a reset discards what the client had not read yet."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=15)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    received = b""
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except (ConnectionResetError, OSError):
+            pass
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     data = wire + TAIL
     try:
         for size in pieces or ():
@@ -93,13 +108,11 @@ def converse(port: int, wire: bytes, pieces: list[int] | None = None) -> list[by
                 sock.sendall(piece)
                 time.sleep(0.002)
         sock.sendall(data)
-        while chunk := sock.recv(65536):
-            received += chunk
     except (ConnectionResetError, BrokenPipeError):
         pass
-    finally:
-        sock.close()
-    return received.split(b"\r\n")
+    reader.join(30)
+    sock.close()
+    return b"".join(chunks).split(b"\r\n")
 
 
 def normalized(lines: list[bytes]) -> list[bytes]:
