@@ -117,6 +117,7 @@ class StoreSettings:
     thread_window_days: int = 30
     batch_max: int = 32
     committers: int = 2
+    commit_overlap: float = 0.01
     batch_max_bytes: int = 64 * 1024 * 1024
     search_batch: int = 500
     search_poll: float = 5.0
@@ -772,6 +773,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("store.search_batch: must not be negative (0 turns the indexer off)")
     if settings.store.search_poll <= 0:
         raise ConfigError("store.search_poll: must be above 0")
+    if not 0 <= settings.store.commit_overlap <= 10:
+        raise ConfigError("store.commit_overlap: must be between 0 and 10 seconds")
     if not 0 <= settings.store.search_delay <= 60:
         raise ConfigError("store.search_delay: must be between 0 and 60 seconds")
     if settings.store.committers >= settings.database.pool_max:

@@ -119,7 +119,8 @@ class Pipeline:
         self.acl = AclCache(db, settings.routing.cache_ttl)
         self.store = GroupCommit(db, settings.store.thread_window_days,
                                  settings.store.batch_max, settings.store.committers,
-                                 settings.store.batch_max_bytes)
+                                 settings.store.batch_max_bytes,
+                                 settings.store.commit_overlap)
 
     def unauthenticated(self) -> AuthResult:
         """No checks possible (a provider gave parsed fields only): RFC 8601 'none'."""

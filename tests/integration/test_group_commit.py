@@ -128,3 +128,38 @@ async def test_an_outage_fails_the_batch_without_trying_each_message(pool, close
     assert all(isinstance(o, DatabaseUnavailable) and not isinstance(o, StoreRefused)
                for o in outcomes), outcomes
     assert [e for e in events if e["event"] == "store.batch_failed"] == []
+
+
+async def _store_while_locked(pool: asyncpg.Pool, overlap_after: float) -> tuple[int, int]:
+    """Message 0 starts a commit that waits on a lock held elsewhere; messages 1-9 arrive
+    meanwhile. Store statements waiting on the lock 0.5 s later, and transactions that
+    stored messages 1-9 once the lock is gone."""
+    support = await mailbox(pool, "support")
+    store = GroupCommit(pool, 30, batch_max=32, committers=2, overlap_after=overlap_after)
+    async with pool.acquire() as blocker, blocker.transaction():
+        # INSERT takes ROW EXCLUSIVE on raw_messages: this holds it off
+        await blocker.execute("LOCK TABLE raw_messages IN SHARE MODE")
+        first = asyncio.create_task(store.store(inbound(0, support), VERDICTS, "q0"))
+        await asyncio.sleep(0.1)
+        rest = [asyncio.create_task(store.store(inbound(i, support), VERDICTS, f"q{i}"))
+                for i in range(1, 10)]
+        await asyncio.sleep(0.5)
+        waiting = await blocker.fetchval(
+            """SELECT count(*) FROM pg_stat_activity
+                WHERE wait_event_type = 'Lock' AND query LIKE '%store_inbound_batch%'""")
+    await asyncio.wait_for(asyncio.gather(first, *rest), 60)
+    transactions = await pool.fetchval(
+        """SELECT count(DISTINCT xmin::text) FROM messages
+            WHERE message_id <> '<q0@example.org>'""")
+    return waiting, transactions
+
+
+async def test_a_second_committer_waits_for_the_first_to_be_slow(pool):
+    """store.commit_overlap: messages arriving during a commit make the next batch; only a
+    commit that takes longer than the overlap has a second one start beside it."""
+    assert await _store_while_locked(pool, overlap_after=30.0) == (1, 1)
+
+
+async def test_a_slow_commit_has_the_next_batch_go_beside_it(pool):
+    waiting, _ = await _store_while_locked(pool, overlap_after=0.05)
+    assert waiting == 2
