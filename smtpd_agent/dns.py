@@ -29,7 +29,6 @@ import asyncio
 import concurrent.futures
 import functools
 import ipaddress
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine, TypeVar
@@ -234,18 +233,21 @@ class SyncResolver:
     """What synchronous library code (pyspf, dkimpy) may ask of the resolver."""
 
     def __init__(self) -> None:
-        self.abandoned = threading.Event()
+        # set once, by another thread (the loop's, abandon()), read by the check's thread:
+        # a flag, not a threading.Event with its lock and condition, since one view is
+        # made per check and nothing ever waits on it
+        self.abandoned = False
 
     def query(self, name: str, rdtype: str) -> Answer:  # pragma: no cover - interface
         raise NotImplementedError
 
     def checkpoint(self) -> None:
         """Raise Abandoned once the caller has stopped waiting; cheap, call it between steps."""
-        if self.abandoned.is_set():
+        if self.abandoned:
             raise Abandoned()
 
     def abandon(self) -> None:
-        self.abandoned.set()
+        self.abandoned = True
 
     def txt(self, name: str) -> list[bytes]:
         return [b"".join(r.strings) for r in self.query(name, "TXT").records]
@@ -288,7 +290,7 @@ class BlockingResolver(SyncResolver):
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         self._in_flight = future
-        if self.abandoned.is_set():  # abandoned between the checkpoint and now
+        if self.abandoned:  # abandoned between the checkpoint and now
             future.cancel()
         try:
             # The resolver has its own lifetime; this margin only guards a stuck loop.
