@@ -480,3 +480,17 @@ async def add_acme_support(url: str) -> None:
         await directory.add_agent(connection, "acme", "support", auto_reply=False)
     finally:
         await connection.close()
+
+
+# Lines that make MIME hard to parse (broken boundaries, encodings and charsets, RFC 2047 and
+# 2231 garbage, NUL and 8-bit bytes, dot lines): hypothesis strings them together for the
+# fuzz test over SMTP and for the parse_message differential test.
+HOSTILE_MIME_LINES = [
+    b"Content-Type: multipart/mixed; boundary=x\r\n", b"--x\r\n", b"--x--\r\n", b"--y\r\n",
+    b"Content-Transfer-Encoding: base64\r\n", b"Content-Transfer-Encoding: quoted-printable\r\n",
+    b"Content-Type: text/plain; charset=x-nope\r\n", b"Subject: =?utf-8?B?////?=\r\n",
+    b"Content-Disposition: attachment; filename*=utf-8''%ff%fe\r\n", b"\r\n", b"=\r\n",
+    b"Content-Type: message/rfc822\r\n", b"Message-ID: <a@b>\r\n", b"From: =?x?q?=ZZ?=\r\n",
+    b"\xff\xfe\x00garbage\r\n", b".\r\n", b"..\r\n", b"Content-Type: multipart/alternative\r\n",
+    b"QUJDRA\r\n",
+]

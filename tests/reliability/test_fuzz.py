@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from smtpd_agent.message import parse_message
-from tests.support import REPLY_LINE, SESSION_LAYERS, smtp_send
+from tests.support import HOSTILE_MIME_LINES, REPLY_LINE, SESSION_LAYERS, smtp_send
 
 
 @pytest.fixture(scope="module", params=SESSION_LAYERS)
@@ -71,14 +71,7 @@ def test_generated_dialogues_get_well_formed_replies(fuzz_server, lines, tail):
     assert any(e["event"].startswith("smtp.") for e in events)  # the server's log was seen
 
 
-MIME_PIECES = st.sampled_from([
-    b"Content-Type: multipart/mixed; boundary=x\r\n", b"--x\r\n", b"--x--\r\n", b"--y\r\n",
-    b"Content-Transfer-Encoding: base64\r\n", b"Content-Transfer-Encoding: quoted-printable\r\n",
-    b"Content-Type: text/plain; charset=x-nope\r\n", b"Subject: =?utf-8?B?////?=\r\n",
-    b"Content-Disposition: attachment; filename*=utf-8''%ff%fe\r\n", b"\r\n", b"=\r\n",
-    b"Content-Type: message/rfc822\r\n", b"Message-ID: <a@b>\r\n", b"From: =?x?q?=ZZ?=\r\n",
-    b"\xff\xfe\x00garbage\r\n", b".\r\n", b"..\r\n", b"Content-Type: multipart/alternative\r\n",
-])
+MIME_PIECES = st.sampled_from(HOSTILE_MIME_LINES)
 
 
 @settings(max_examples=300, deadline=None)

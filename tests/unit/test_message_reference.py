@@ -30,6 +30,7 @@ from tests.integration.test_malformed_mime import (
     RFC2047_GARBAGE,
 )
 from tests.replies import REPLIES
+from tests.support import HOSTILE_MIME_LINES
 
 # --- the reference: message.py's parse_message as it was, its helpers renamed ---
 
@@ -308,14 +309,7 @@ def test_the_same_on_generated_mime(raw):
     same(raw)
 
 
-PIECES = st.sampled_from([
-    b"Content-Type: multipart/mixed; boundary=x\r\n", b"--x\r\n", b"--x--\r\n", b"--y\r\n",
-    b"Content-Transfer-Encoding: base64\r\n", b"Content-Transfer-Encoding: quoted-printable\r\n",
-    b"Content-Type: text/plain; charset=x-nope\r\n", b"Subject: =?utf-8?B?////?=\r\n",
-    b"Content-Disposition: attachment; filename*=utf-8''%ff%fe\r\n", b"\r\n", b"=\r\n",
-    b"Content-Type: message/rfc822\r\n", b"Message-ID: <a@b>\r\n", b"From: =?x?q?=ZZ?=\r\n",
-    b"\xff\xfe\x00garbage\r\n", b"Content-Type: multipart/alternative\r\n", b"QUJDRA\r\n",
-])
+PIECES = st.sampled_from(HOSTILE_MIME_LINES)
 
 
 @settings(max_examples=400, deadline=None)
