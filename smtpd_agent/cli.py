@@ -203,8 +203,7 @@ def run_prune(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             await database.close()
 
-    kept = settings.retention
-    if not (kept.events_days or kept.webhook_delivered_days or kept.webhook_failed_days):
+    if settings.retention.keeps_everything:
         print("retention keeps everything: [retention] events_days, webhook_delivered_days "
               "and webhook_failed_days are all 0")
         return 0

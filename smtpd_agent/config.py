@@ -445,6 +445,12 @@ class RetentionSettings:
     batch_size: int = 1000
     batch_pause: float = 0.2
 
+    @property
+    def keeps_everything(self) -> bool:
+        """Every days key is 0: a pass has nothing it may delete."""
+        return not (self.events_days or self.webhook_delivered_days
+                    or self.webhook_failed_days)
+
 
 @dataclass(frozen=True)
 class EdgeSettings:

@@ -199,10 +199,6 @@ class Resolver:
         answer = await self.query(name, "MX")
         return [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer.records]
 
-    async def ptr(self, address: str) -> list[str]:
-        answer = await self.query(reverse_name(address), "PTR")
-        return [r.target.to_text(omit_final_dot=True) for r in answer.records]
-
     def blocking(self, loop: asyncio.AbstractEventLoop) -> BlockingResolver:
         """A synchronous view for library code running in a worker thread."""
         return BlockingResolver(self, loop)

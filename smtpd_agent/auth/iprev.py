@@ -31,9 +31,7 @@ async def check_iprev(resolver: Resolver, ip: str, timeout: float) -> Iprev:
         return Iprev("permerror", ip)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    # A client seen before (its PTR and A answers still cached): answered here and now,
-    # without a coroutine per lookup and a timer (issue 20: per connection, on the loop).
-    known = resolver.from_cache(lambda view: _answer_now(view, _steps(address)))
+    known = from_cache(resolver, address)
     if known is not None:
         return known
     try:
@@ -41,6 +39,14 @@ async def check_iprev(resolver: Resolver, ip: str, timeout: float) -> Iprev:
             return await _answer(resolver, _steps(address))
     except (TimeoutError, DnsTempError):
         return Iprev("temperror", str(address))
+
+
+def from_cache(resolver: Resolver,
+               address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Iprev | None:
+    """The verdict for a client seen before (its PTR and A/AAAA answers all still cached),
+    made here and now without a coroutine per lookup and a timer (issue 20: it runs per
+    connection, on the loop); None when an answer is not cached."""
+    return resolver.from_cache(lambda view: _answer_now(view, _steps(address)))
 
 
 Lookup = tuple[str, str]  # (name, rdtype) asked; the Answer is sent back in

@@ -71,8 +71,7 @@ class Pruner(Periodic):
     async def run_once(self) -> PassResult:
         """One pass (module docstring)."""
         settings = self.settings
-        if not (settings.events_days or settings.webhook_delivered_days
-                or settings.webhook_failed_days):
+        if settings.keeps_everything:
             return PassResult(ran=False)
         connection = await asyncpg.connect(self.url, timeout=self.connect_timeout,
                                            command_timeout=self.command_timeout)

@@ -290,14 +290,15 @@ class GroupCommit:
     are being committed: one statement, one transaction, one WAL flush for the lot.
 
     With little traffic every message is a batch of one and pays nothing extra; under
-    load the batches grow by themselves (no timer, no added latency), so Postgres
-    commits less often and the event loop makes fewer round trips. Each message
-    still gets its answer only after the COMMIT that holds it. Up to `committers`
-    statements run at once, but a second one starts only once the first has been
-    committing for `overlap_after` seconds: a commit takes a few milliseconds, and the
-    messages that arrive meanwhile are cheaper as the next batch than as batches of
-    their own (a transaction costs Postgres ~0.25 ms beyond its messages, issue 20);
-    a slow commit (a large message, a busy disk) still has the others go on beside it. A batch that fails is
+    load the batches grow by themselves, so Postgres commits less often and the event
+    loop makes fewer round trips. Each message still gets its answer only after the
+    COMMIT that holds it. Up to `committers` statements run at once, but while one is
+    in flight a message waits up to `overlap_after` seconds for it to end (then the
+    committer takes everything waiting as its next batch) before another starts beside
+    it: a commit takes a few milliseconds, and the messages that arrive meanwhile are
+    cheaper as one batch than as transactions of their own (a transaction costs
+    Postgres ~0.25 ms beyond its messages, issue 20); behind a slow commit (a large
+    message, a busy disk) the others still go after `overlap_after`. A batch that fails is
     stored again one message at a time when Postgres refused it (so one bad message
     cannot fail the others), not when Postgres is unreachable. A batch holds at most
     `batch_max` messages and, beyond its first message, `batch_max_bytes` of content:
@@ -340,7 +341,8 @@ class GroupCommit:
         task.add_done_callback(self._tasks.discard)
 
     def _overlap_due(self) -> None:
-        """The commits in flight are taking a while: what waits goes beside them."""
+        """A message has waited `overlap_after` behind the commits in flight: what waits
+        goes beside them."""
         self._overlap = None
         if self._pending and self._committing < self.committers:
             self._start_committer()

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from smtpd_agent.config import DnsSettings
-from smtpd_agent.dns import DnsTempError, Resolver, parse_nameserver
+from smtpd_agent.dns import DnsTempError, Resolver, parse_nameserver, reverse_name
 
 
 async def test_record_types(dns_server, resolver):
@@ -21,7 +21,8 @@ async def test_record_types(dns_server, resolver):
     assert await resolver.a("host.example.com") == ["192.0.2.1"]
     assert await resolver.aaaa("host.example.com") == ["2001:db8::1"]
     assert await resolver.mx("example.com") == [(10, "host.example.com")]
-    assert await resolver.ptr("192.0.2.1") == ["host.example.com"]
+    ptr = await resolver.query(reverse_name("192.0.2.1"), "PTR")
+    assert [r.target.to_text(omit_final_dot=True) for r in ptr.records] == ["host.example.com"]
     assert await resolver.a("alias.example.com") == ["192.0.2.1"]
     assert await resolver.txt("example.com") == [b"v=spf1 -all"]
 

@@ -155,8 +155,8 @@ async def _store_while_locked(pool: asyncpg.Pool, overlap_after: float) -> tuple
 
 
 async def test_a_second_committer_waits_for_the_first_to_be_slow(pool):
-    """store.commit_overlap: messages arriving during a commit make the next batch; only a
-    commit that takes longer than the overlap has a second one start beside it."""
+    """store.commit_overlap: messages arriving during a commit make the next batch; only
+    when one has waited longer than the overlap does a second commit start beside it."""
     assert await _store_while_locked(pool, overlap_after=30.0) == (1, 1)
 
 
