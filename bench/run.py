@@ -23,6 +23,12 @@ its fsync'd queue and held there with `check_recipient_access static:HOLD`), mea
 the same alternating rounds, with the ratio ours/Postfix per round like the sink's.
 Install it with `DEBIAN_FRONTEND=noninteractive apt-get install -y postfix`.
 
+A second table splits the machine's CPU per message (every process and the kernel,
+from /proc/stat) into the target's own processes, its Postgres, clamd, the load
+generator and the rest (the kernel's loopback TCP, the Postgres WAL writer's
+neighbours, anything else running): a ratio of messages per second says how far
+apart two targets are, this says where each one's time goes.
+
 Postfix's smtp-source is not used even when installed: it sends one -F file
 for every message, which our deduplication would store once, and it does not
 time the end of DATA to the reply.
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import resource
 import json
 import os
 import shutil
@@ -83,6 +90,11 @@ class Figures:
     postgres_cpu_seconds_per_1000: float = 0.0
     machine_busy_percent: float = 0.0
     loop_busy_percent: float = 0.0
+    # Where the machine's CPU went: every process and the kernel, per message; and the
+    # shares of clamd (a real one, when the pipeline scans) and of the load generator.
+    machine_cpu_ms_per_message: float = 0.0
+    clamd_cpu_seconds_per_1000: float = 0.0
+    client_cpu_seconds_per_1000: float = 0.0
     failures: dict = field(default_factory=dict)
 
 
@@ -187,6 +199,23 @@ class Sampler:
         self._thread.join()
 
 
+def process_cpu(pid: int | None) -> float:
+    """CPU seconds of one process (0 when there is none, or it has gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return times.user + times.system
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's children that have ended and been waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def postgres_cpu(postmaster: int | None = None) -> float:
     """CPU seconds of one Postgres (the postmaster `postmaster` and its children), or of
     every process named postgres when None (a DATABASE_URL the bench did not start). One
@@ -210,12 +239,15 @@ def postgres_cpu(postmaster: int | None = None) -> float:
 
 
 def drive(name: str, port: int, pid: int, payload_file: Path, sessions: int,
-          postmaster: int | None = None, uses_postgres: bool = True) -> Figures:
+          postmaster: int | None = None, uses_postgres: bool = True,
+          clamd: int | None = None) -> Figures:
     machine_before = psutil.cpu_times()
     measure_postgres = (lambda: postgres_cpu(postmaster)) if uses_postgres else (lambda: 0.0)
     postgres_before = measure_postgres()
+    clamd_before, client_before = process_cpu(clamd), children_cpu()
     with Sampler(pid) as sampler:
         cpu_before, loop_before = sampler.cpu(), sampler.loop_cpu()
+        # the load generator is the only child that ends (and is waited for) meanwhile
         result = subprocess.run(
             [sys.executable, str(REPO / "bench" / "loadgen.py"), "--port", str(port),
              "--sessions", str(sessions), "--payloads", str(payload_file),
@@ -223,6 +255,7 @@ def drive(name: str, port: int, pid: int, payload_file: Path, sessions: int,
             capture_output=True, text=True, timeout=600, check=True)
         cpu, loop = sampler.cpu() - cpu_before, sampler.loop_cpu() - loop_before
     postgres = measure_postgres() - postgres_before
+    clamd_cpu, client = process_cpu(clamd) - clamd_before, children_cpu() - client_before
     machine_after = psutil.cpu_times()
     busy = sum(machine_after) - sum(machine_before)
     idle = (machine_after.idle + machine_after.iowait) - (machine_before.idle + machine_before.iowait)
@@ -244,6 +277,9 @@ def drive(name: str, port: int, pid: int, payload_file: Path, sessions: int,
         postgres_cpu_seconds_per_1000=round(postgres / accepted * 1000, 3) if accepted else 0.0,
         machine_busy_percent=round(100 * (1 - idle / busy), 1) if busy else 0.0,
         loop_busy_percent=round(100 * loop / data["seconds"], 1) if data["seconds"] else 0.0,
+        machine_cpu_ms_per_message=round((busy - idle) / accepted * 1000, 3) if accepted else 0.0,
+        clamd_cpu_seconds_per_1000=round(clamd_cpu / accepted * 1000, 3) if accepted else 0.0,
+        client_cpu_seconds_per_1000=round(client / accepted * 1000, 3) if accepted else 0.0,
         failures=data["failures"])
 
 
@@ -486,7 +522,8 @@ def main() -> int:
                 for target in order:
                     rounds[target.label].append(drive(
                         target.label, target.port, target.pid, measured[index], args.sessions,
-                        target.postmaster, target.uses_postgres))
+                        target.postmaster, target.uses_postgres,
+                        clamd.process.pid if clamd and clamd.process else None))
             stored = {t.label: t.stored() for t in servers}  # type: ignore[attr-defined]
             held = {t.label: t.stored() for t in references if isinstance(t, Postfix)}
         finally:
@@ -579,6 +616,15 @@ def print_table(report: dict) -> None:
               f"{row['cpu_seconds_per_1000']:>10}{row['postgres_cpu_seconds_per_1000']:>9}"
               f"{row['machine_busy_percent']:>7}{row['loop_busy_percent']:>7}"
               f"  {row['failures'] or '-'}")
+    print("machine CPU per message (ms; every process and the kernel), and its parts:")
+    print(f"{'server':<22}{'machine':>9}{'server':>9}{'Postgres':>10}{'clamd':>8}{'client':>8}"
+          f"{'rest':>8}")
+    for row in report["results"]:
+        parts = [row["cpu_seconds_per_1000"], row["postgres_cpu_seconds_per_1000"],
+                 row["clamd_cpu_seconds_per_1000"], row["client_cpu_seconds_per_1000"]]
+        rest = round(row["machine_cpu_ms_per_message"] - sum(parts), 2)
+        print(f"{row['name']:<22}{row['machine_cpu_ms_per_message']:>9}{parts[0]:>9}"
+              f"{parts[1]:>10}{parts[2]:>8}{parts[3]:>8}{rest:>8}")
     for key, name in (("sink", "the bare sink"), ("postfix", "Postfix")):
         if f"ratio_to_{key}" in report:
             per_round = ", ".join(f"{r:.1%}" for r in report[f"ratio_to_{key}_per_round"])
