@@ -122,6 +122,7 @@ class StoreSettings:
     search_batch: int = 500
     search_poll: float = 5.0
     search_delay: float = 0.2
+    search_max_delay: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -783,6 +784,9 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("store.commit_overlap: must be between 0 and 10 seconds")
     if not 0 <= settings.store.search_delay <= 60:
         raise ConfigError("store.search_delay: must be between 0 and 60 seconds")
+    if not settings.store.search_delay <= settings.store.search_max_delay <= 3600:
+        raise ConfigError("store.search_max_delay: must be between store.search_delay and "
+                          "3600 seconds")
     if settings.store.committers >= settings.database.pool_max:
         raise ConfigError("store.committers: must be less than database.pool_max "
                           "(routing, agents and the API need connections too)")

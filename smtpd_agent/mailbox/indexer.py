@@ -3,11 +3,13 @@
 Place: a Service of `serve` (app.SERVICES). Every stored message is queued for indexing
 in its own transaction (store/search.py); this takes the queue in batches of
 store.search_batch. The outbox's NOTIFY at COMMIT (every received message has an event)
-wakes it, so new mail is searchable within a moment: store.search_delay after the
-wake-up, so that under load a batch holds the many messages committed meanwhile
-rather than the one or two of each commit (a statement per batch, not per commit);
-it also looks every
-store.search_poll seconds (mail sent over the API, another host's commits while the
+wakes it, so new mail is searchable within a moment: once no commit has woken it for
+store.search_delay, so that a batch holds the many messages committed meanwhile
+rather than the one or two of each commit (a statement per batch, not per commit),
+and so that while mail keeps arriving it leaves the CPU to receiving it (indexing
+cost Postgres more than storing, issue 20); but never later than
+store.search_max_delay after the first wake-up, so it keeps up with a steady flow.
+It also looks every store.search_poll seconds (mail sent over the API, another host's commits while the
 LISTEN connection was down, a backlog left by a stop). Any number of processes and
 hosts may run it against one database: batches never overlap.
 """
@@ -31,6 +33,7 @@ class SearchIndexer:
         self.batch = runtime.settings.store.search_batch
         self.interval = runtime.settings.store.search_poll
         self.settle = runtime.settings.store.search_delay
+        self.settle_max = runtime.settings.store.search_max_delay
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -58,4 +61,5 @@ class SearchIndexer:
         await self.runtime.changes.start()
         async with self.runtime.event_wakeups.forwarding(self._wake):
             await poll(self.step, interval=self.interval, stopping=self._stopping,
-                       wake=self._wake, name="search", settle=self.settle)
+                       wake=self._wake, name="search", settle=self.settle,
+                       settle_max=self.settle_max)

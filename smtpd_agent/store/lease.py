@@ -124,7 +124,7 @@ async def settle(db: DbLike, queue: LeaseQueue, lease: Lease, state: str, *,
 
 async def poll(step: Callable[[], Awaitable[bool]], *, interval: float,
                stopping: asyncio.Event, wake: asyncio.Event | None = None,
-               name: str = "", settle: float = 0.0) -> None:
+               name: str = "", settle: float = 0.0, settle_max: float = 0.0) -> None:
     """Run `step` until `stopping` is set; when it reports no more work (False), or fails,
     wait `interval` seconds, or until `wake` (or `stopping`) is set.
 
@@ -132,7 +132,10 @@ async def poll(step: Callable[[], Awaitable[bool]], *, interval: float,
     that comes while a step runs makes the next wait return at once instead of being
     lost for a whole interval. With `settle`, a wake-up is followed by that many
     seconds more before the step (a stop still ends the wait), so that work announced
-    one item at a time is taken in one batch rather than in one step per item."""
+    one item at a time is taken in one batch rather than in one step per item. With
+    `settle_max` above `settle`, the step waits until no wake-up has come for `settle`
+    seconds, but never more than `settle_max` after the first: work that yields to a
+    burst (the search indexer, to mail being received) and still keeps up."""
     while not stopping.is_set():
         if wake is not None:
             wake.clear()
@@ -153,10 +156,25 @@ async def poll(step: Callable[[], Awaitable[bool]], *, interval: float,
         except TimeoutError:
             continue
         if settle > 0 and not stopping.is_set():
-            try:
-                await asyncio.wait_for(stopping.wait(), settle)
-            except TimeoutError:
-                pass
+            await _settled(wake or stopping, stopping, settle, max(settle, settle_max))
+
+
+async def _settled(wake: asyncio.Event, stopping: asyncio.Event, quiet: float,
+                   longest: float) -> None:
+    """Until `wake` has stayed unset for `quiet` seconds, `longest` seconds have passed,
+    or `stopping` is set (a stop sets `wake` as well)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + longest
+    while not stopping.is_set():
+        if wake is not stopping:
+            wake.clear()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return
+        try:
+            await asyncio.wait_for(wake.wait(), min(quiet, remaining))
+        except TimeoutError:
+            return
 
 
 async def stop_polling(task: asyncio.Task[None] | None, *, stopping: asyncio.Event,

@@ -50,6 +50,8 @@ def test_environment_overrides_file(tmp_path):
     ({"SMTPD_AGENT_STORE_COMMITTERS": "0"}, "store.committers"),
     ({"SMTPD_AGENT_STORE_COMMITTERS": "10"}, "store.committers"),
     ({"SMTPD_AGENT_STORE_BATCH_MAX": "0"}, "store.batch_max"),
+    ({"SMTPD_AGENT_STORE_SEARCH_MAX_DELAY": "0.1"}, "store.search_max_delay"),
+    ({"SMTPD_AGENT_STORE_SEARCH_MAX_DELAY": "7200"}, "store.search_max_delay"),
     ({"SMTPD_AGENT_SERVER_DEFAULT_DOMAIN": "NoDots"}, "server.default_domain"),
     ({"DATABASE_URL": "mysql://x"}, "database.url"),
     ({"SMTPD_AGENT_SCAN_CLAMD": "/run/clamd.sock"}, "scan.clamd"),
