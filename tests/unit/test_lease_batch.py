@@ -7,7 +7,8 @@ against Postgres); here each of its promises is checked on its own.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import pytest
@@ -177,76 +178,69 @@ async def test_a_settle_delay_takes_wake_ups_that_come_together_in_one_step() ->
         task.cancel()
 
 
-async def _wake_every(wake: asyncio.Event, queued: list[int], pause: float,
-                      seconds: float) -> None:
-    """A stream of commits: one item of work announced every `pause` seconds."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + seconds
-    while loop.time() < end:
-        queued[0] += 1
-        wake.set()
-        await asyncio.sleep(pause)
+class Announced:
+    """A poll loop whose step takes everything announced so far, and a stream of
+    announcements (commits, each waking the loop as the outbox's NOTIFY does)."""
+
+    def __init__(self) -> None:
+        self.stopping, self.wake = asyncio.Event(), asyncio.Event()
+        self.steps: list[int] = []
+        self.queued = 0
+
+    async def step(self) -> bool:
+        self.steps.append(self.queued)
+        self.queued = 0
+        return False
+
+    async def every(self, pause: float, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while loop.time() < end:
+            self.queued += 1
+            self.wake.set()
+            await asyncio.sleep(pause)
+
+    @contextlib.asynccontextmanager
+    async def polling(self, **settle: float) -> AsyncIterator[None]:
+        task = asyncio.create_task(poll(self.step, interval=30, stopping=self.stopping,
+                                        wake=self.wake, **settle))
+        try:
+            while not self.steps:  # the first step, before any wake-up
+                await asyncio.sleep(0.01)
+            yield
+        finally:
+            self.stopping.set()
+            self.wake.set()
+            await asyncio.wait_for(task, 10)
 
 
 async def test_a_burst_of_wake_ups_defers_the_step_until_it_pauses() -> None:
     """poll(settle, settle_max): the search indexer yields while mail keeps arriving
     (issue 20): wake-ups 20 ms apart for 1 s, closer than settle, take no step until
     they stop, then one step takes the whole burst."""
-    stopping, wake = asyncio.Event(), asyncio.Event()
-    steps: list[int] = []
-    queued = [0]
-
-    async def step() -> bool:
-        steps.append(queued[0])
-        queued[0] = 0
-        return False
-
-    task = asyncio.create_task(poll(step, interval=30, stopping=stopping, wake=wake,
-                                    settle=0.3, settle_max=30))
-    try:
-        while not steps:
-            await asyncio.sleep(0.01)
-        await _wake_every(wake, queued, 0.02, 1.0)
-        burst = queued[0]
-        assert steps == [0]  # nothing during the burst
+    announced = Announced()
+    async with announced.polling(settle=0.3, settle_max=30):
+        await announced.every(0.02, 1.0)
+        burst = announced.queued
+        assert announced.steps == [0]  # nothing during the burst
         for _ in range(300):
-            if len(steps) == 2:
+            if len(announced.steps) == 2:
                 break
             await asyncio.sleep(0.01)
-        assert steps == [0, burst] and burst > 20
-    finally:
-        stopping.set()
-        wake.set()
-        await asyncio.wait_for(task, 10)
+        assert announced.steps == [0, burst] and burst > 20
 
 
 async def test_a_steady_stream_of_wake_ups_is_still_stepped_every_settle_max() -> None:
     """The deferral is bounded: wake-ups that never pause still get a step at least every
     settle_max seconds, each taking what came meanwhile."""
-    stopping, wake = asyncio.Event(), asyncio.Event()
-    steps: list[int] = []
-    queued = [0]
-
-    async def step() -> bool:
-        steps.append(queued[0])
-        queued[0] = 0
-        return False
-
-    task = asyncio.create_task(poll(step, interval=30, stopping=stopping, wake=wake,
-                                    settle=0.3, settle_max=0.5))
-    try:
-        while not steps:
-            await asyncio.sleep(0.01)
-        await _wake_every(wake, queued, 0.02, 2.0)
-        during = list(steps[1:])
+    announced = Announced()
+    async with announced.polling(settle=0.3, settle_max=0.5):
+        await announced.every(0.02, 2.0)
+        during = announced.steps[1:]
         # ~2 s of wake-ups with steps at most 0.5 s apart: three or four steps, each
         # taking many items, none taking one item per wake-up
         assert 2 <= len(during) <= 5, during
         assert all(taken > 5 for taken in during), during
-    finally:
-        stopping.set()
-        wake.set()
-        await asyncio.wait_for(task, 10)
 
 
 async def test_a_stop_during_a_deferral_ends_the_loop_at_once() -> None:
