@@ -275,7 +275,8 @@ def mailbox_paths() -> dict[str, dict[str, Any]]:
             "summary": "full-text search over subject, From and the new text (an inbound "
                        "reply's extracted_text: quoted history does not match), best first, "
                        "with highlighted snippets (HTML-escaped, hits in <mark>). Mail is "
-                       "indexed just after it is stored: found a moment after its arrival",
+                       "indexed just after it is stored: found a moment after its arrival, or "
+                       "during a burst of mail within store.search_max_delay (5 s)",
             "tags": ["inbox"], "security": bearer,
             "parameters": [SLUG,
                            {"name": "q", "in": "query", "required": True,

@@ -428,7 +428,8 @@ async def search(db: DB, workspace_id: int, query: str, agent_id: int | None, li
     with a snippet; `after`: the page after that (rank, id). The text searched and
     quoted in the snippet is the message's new text (extracted_text, migration 0020),
     else its text body. A message is found once the search indexer has taken it
-    (store/search.py: a moment after its COMMIT)."""
+    (store/search.py: a moment after its COMMIT, within store.search_max_delay during a
+    burst of mail)."""
     rows = await db.fetch(
         f"""WITH q AS (SELECT websearch_to_tsquery('english', $2) AS query),
                 hits AS (
