@@ -5,7 +5,10 @@ module-level singleton). It wraps dnspython's asyncio resolver with:
 
 - configurable nameservers (`host:port`, `[v6]:port`; none = system resolver);
 - a bounded, TTL-respecting cache (dnspython's `LRUCache`, which also keeps
-  NXDOMAIN and NODATA answers for the SOA minimum, RFC 2308);
+  NXDOMAIN and NODATA answers for the SOA minimum, RFC 2308), never serving an
+  answer past its TTL; an answer asked for in the last tenth of its TTL is looked
+  up again meanwhile (prefetch), and concurrent misses for one name share one
+  lookup, so a busy sender's records expiring do not stall its messages in flight;
 - one error model: a name that does not exist or has no data of the type asked
   for is an *empty answer*; a timeout, SERVFAIL or REFUSED is a `DnsTempError`,
   because RFC 7208 section 2.6.6, RFC 6376 section 6.1.2 and RFC 7489 section
@@ -29,6 +32,7 @@ import asyncio
 import concurrent.futures
 import functools
 import ipaddress
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine, TypeVar
@@ -49,6 +53,11 @@ from .config import DnsSettings
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+
+# An answer asked for in the last tenth of its TTL is looked up again meanwhile (as
+# Unbound's and BIND's prefetch do), so that a busy sender's records do not expire under
+# the messages in flight, each of which would then wait for the network.
+REFRESH_AHEAD = 0.1
 
 
 class DnsTempError(Exception):
@@ -117,16 +126,73 @@ class Resolver:
         if settings.cache_size > 0:
             resolver.cache = dns.resolver.LRUCache(settings.cache_size)
         self._resolver = resolver
-        # Our Answers for names as asked, until their TTL runs out: building the cache key
-        # (dns.name.from_text) cost more than the rest of a cached SPF check.
-        self._answers: dict[tuple[str, str], tuple[float, Answer]] = {}
+        # Our Answers for names as asked, until their TTL runs out (expiry, answer, when to
+        # refresh it): building the cache key (dns.name.from_text) cost more than the rest of
+        # a cached SPF check.
+        self._answers: dict[tuple[str, str], tuple[float, Answer, float]] = {}
         self._answers_max = settings.cache_size
+        # One lookup in flight per name and type, whoever asks meanwhile waits for it.
+        self._lookups: dict[tuple[str, str], asyncio.Task[Answer]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def query(self, name: str, rdtype: str) -> Answer:
-        """Records of `rdtype` at `name`; empty on NXDOMAIN/NODATA; DnsTempError otherwise."""
+        """Records of `rdtype` at `name`; empty on NXDOMAIN/NODATA; DnsTempError otherwise.
+
+        Concurrent misses for the same name and type share one lookup: when a sender's
+        records expire, its messages in flight do not each send the same query."""
         cached = self.cached(name, rdtype)
         if cached is not None:
             return cached
+        return await asyncio.shield(self._lookup(name, rdtype))
+
+    def _lookup(self, name: str, rdtype: str) -> asyncio.Task[Answer]:
+        """The lookup of (name, rdtype) in flight, started if there is none. It runs to
+        its own deadline (`dns.timeout`) even when every caller stops waiting."""
+        key = (name, rdtype)
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            self._loop = loop = asyncio.get_running_loop()
+            lookup = loop.create_task(self._resolve(name, rdtype))
+            self._lookups[key] = lookup
+            lookup.add_done_callback(functools.partial(self._lookup_done, key))
+        return lookup
+
+    def _lookup_done(self, key: tuple[str, str], lookup: asyncio.Task[Answer]) -> None:
+        if self._lookups.get(key) is lookup:
+            del self._lookups[key]
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved: a temperror nobody waited for is not a bug
+
+    def _refresh_soon(self, name: str, rdtype: str) -> None:
+        """From any thread: look (name, rdtype) up again before its cached answer expires."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._refresh, name, rdtype)
+
+    def _refresh(self, name: str, rdtype: str) -> None:
+        """Ask the network again for an answer still cached (dnspython's cache would
+        answer the lookup itself, so its entry goes; ours serves until it expires). Once
+        the new answer is in, ours is rebuilt from it; when the lookup fails the old one
+        stays until it expires, as it would have without the refresh."""
+        key = (name, rdtype)
+        cache = self._resolver.cache
+        if key in self._lookups or cache is None:
+            return
+        try:
+            qname = dns.name.from_text(name)
+            kind = dns.rdatatype.from_text(rdtype)
+        except (dns.exception.DNSException, ValueError, UnicodeError):
+            return
+        cache.flush((qname, kind, dns.rdataclass.IN))
+        cache.flush((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+
+        def refreshed(lookup: asyncio.Task[Answer]) -> None:
+            if not lookup.cancelled() and lookup.exception() is None:
+                self._answers.pop(key, None)
+
+        self._lookup(name, rdtype).add_done_callback(refreshed)
+
+    async def _resolve(self, name: str, rdtype: str) -> Answer:
         try:
             qname = dns.name.from_text(name)
         except (dns.exception.DNSException, ValueError, UnicodeError):
@@ -162,9 +228,14 @@ class Resolver:
             return None
         key = (name, rdtype)
         known = self._answers.get(key)
+        now = time.time()
         if known is not None:
-            if known[0] > time.time():
-                return known[1]
+            expires, answer, refresh_at = known
+            if expires > now:
+                if now >= refresh_at:  # still asked for near its expiry: refresh it once
+                    self._answers[key] = (expires, answer, math.inf)
+                    self._refresh_soon(name, rdtype)
+                return answer
             self._answers.pop(key, None)
         try:
             qname = dns.name.from_text(name)
@@ -181,7 +252,9 @@ class Resolver:
             answer = Answer(name, rdtype, nxdomain=True)
         if len(self._answers) >= self._answers_max:
             self._answers.clear()
-        self._answers[key] = (found.expiration, answer)
+        remaining = found.expiration - now
+        refresh_at = now + remaining * (1 - REFRESH_AHEAD) if remaining >= 1 else math.inf
+        self._answers[key] = (found.expiration, answer, refresh_at)
         return answer
 
     async def txt(self, name: str) -> list[bytes]:

@@ -90,3 +90,71 @@ def test_system_resolver_when_no_nameservers():
     # Constructing must not query anything; it reads /etc/resolv.conf only.
     resolver = Resolver(DnsSettings(nameservers=[], timeout=1.0, cache_size=10))
     assert resolver.timeout == 1.0
+
+
+async def test_concurrent_misses_for_one_name_send_one_query(dns_server, resolver):
+    """Twenty checks miss the same record at once (a sender's first message, or its
+    records just expired): one query goes out and every one of them gets its answer."""
+    dns_server.txt("burst.example.com", "v=spf1 -all")
+    answers = await asyncio.gather(*(resolver.txt("burst.example.com") for _ in range(20)))
+    assert answers == [[b"v=spf1 -all"]] * 20
+    assert dns_server.queries.count(("udp", "burst.example.com", "TXT")) == 1
+
+
+async def test_a_waiter_that_gives_up_leaves_the_shared_lookup_to_the_others(dns_server,
+                                                                           resolver):
+    dns_server.txt("shared.example.com", "v=spf1 -all")
+    first = asyncio.ensure_future(resolver.txt("shared.example.com"))
+    second = asyncio.ensure_future(resolver.txt("shared.example.com"))
+    await asyncio.sleep(0)
+    first.cancel()
+    assert await second == [b"v=spf1 -all"]
+    assert first.cancelled()
+
+
+async def test_an_answer_asked_for_near_its_expiry_is_refreshed_before_it_expires(
+        dns_server, resolver):
+    """Prefetch: asked for in the last tenth of its TTL, the cached answer is served and
+    looked up again meanwhile, so after the old TTL it still comes from the cache."""
+    dns_server.add("hot.example.com", "A", "192.0.2.1", ttl=3)
+    assert await resolver.a("hot.example.com") == ["192.0.2.1"]
+    assert await resolver.a("hot.example.com") == ["192.0.2.1"]  # our entry, refresh at ~2.7 s
+    dns_server.clear()  # the record changes meanwhile
+    dns_server.add("hot.example.com", "A", "192.0.2.2", ttl=3)
+    await asyncio.sleep(2.8)
+    assert resolver.cached("hot.example.com", "A").records[0].address == "192.0.2.1"
+    for _ in range(100):  # the refresh runs on the loop, beside us
+        await asyncio.sleep(0.02)
+        if dns_server.queries:
+            break
+    await asyncio.sleep(0.1)
+    assert dns_server.queries.count(("udp", "hot.example.com", "A")) == 1
+    await asyncio.sleep(0.5)  # past the first answer's TTL
+    assert resolver.cached("hot.example.com", "A").records[0].address == "192.0.2.2"
+    assert await resolver.a("hot.example.com") == ["192.0.2.2"]
+    assert dns_server.queries.count(("udp", "hot.example.com", "A")) == 1
+
+
+async def test_a_refresh_that_fails_keeps_the_answer_until_it_expires(dns_server, resolver):
+    dns_server.add("flaky.example.com", "A", "192.0.2.1", ttl=2)
+    assert await resolver.a("flaky.example.com") == ["192.0.2.1"]
+    assert await resolver.a("flaky.example.com") == ["192.0.2.1"]
+    dns_server.set_servfail("flaky.example.com")
+    await asyncio.sleep(1.85)
+    assert await resolver.a("flaky.example.com") == ["192.0.2.1"]  # starts the refresh
+    await asyncio.sleep(0.05)
+    assert dns_server.queries.count(("udp", "flaky.example.com", "A")) == 2  # SERVFAIL
+    assert await resolver.a("flaky.example.com") == ["192.0.2.1"]  # still cached
+    await asyncio.sleep(0.3)  # expired now: the answer is not served past its TTL
+    assert resolver.cached("flaky.example.com", "A") is None
+    with pytest.raises(DnsTempError):
+        await resolver.a("flaky.example.com")
+
+
+async def test_a_short_ttl_is_not_refreshed_ahead(dns_server, resolver):
+    """Under a second of TTL there is nothing to gain: no extra query."""
+    dns_server.add("brief.example.com", "A", "192.0.2.1", ttl=1)
+    for _ in range(5):
+        assert await resolver.a("brief.example.com") == ["192.0.2.1"]
+        await asyncio.sleep(0.15)
+    assert dns_server.queries.count(("udp", "brief.example.com", "A")) == 1
