@@ -82,6 +82,7 @@ DOMAIN = "bench.test"
 SENDER_DOMAIN = "sender.bench.test"
 RCPT = f"inbox@load.{DOMAIN}"
 MAIL_FROM = f"load@{SENDER_DOMAIN}"
+WARMUP = 100  # messages sent to each target before the rounds, not measured
 NATIVE = "smtpd-agent (native)"  # the label of the native session layer with --session-layer both
 
 
@@ -524,14 +525,14 @@ def main() -> int:
             clamd.start()
             env["SMTPD_AGENT_SCAN_CLAMD"] = clamd.unix_address
 
-        payloads = make_payloads(args.messages * args.rounds + 100, args.size,
+        payloads = make_payloads(args.messages * args.rounds + WARMUP, args.size,
                                  args.attachment, key)
         warmup = work / "warmup.bin"
-        write_payloads(payloads[:100], warmup)
+        write_payloads(payloads[:WARMUP], warmup)
         measured = []
         for index in range(args.rounds):
             measured.append(work / f"round{index}.bin")
-            first = 100 + index * args.messages
+            first = WARMUP + index * args.messages
             write_payloads(payloads[first:first + args.messages], measured[-1])
 
         layer = args.session_layer
@@ -577,7 +578,8 @@ def main() -> int:
         finally:
             for target in targets:
                 target.stop()
-        stages = {t.label: stage_times(t.state / "serve.log") for t in servers}  # type: ignore
+        stages = {t.label: stage_times(t.state / "serve.log", WARMUP)  # type: ignore[attr-defined]
+                  for t in servers}
         figures = [median_figures(rounds[t.label]) for t in targets]
         report = {
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -590,7 +592,8 @@ def main() -> int:
                      "pipeline": ["spf", "dkim", "arc", "dmarc"] + (["clamd"] if scanning else [])
                      + ["postgres commit"]},
             "stored": stored,
-            "stage_ms_mean": stages,
+            "stage_ms_mean": {label: times["mean"] for label, times in stages.items()},
+            "stage_ms_p99": {label: times["p99"] for label, times in stages.items()},
             "results": [asdict(f) for f in figures],
             "rounds": {label: [asdict(f) for f in rows] for label, rows in rounds.items()},
             "search_catch_up": {label: {key: round(statistics.median(r[key] for r in rows), 3)
@@ -626,7 +629,7 @@ def main() -> int:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2))
-        expected = args.messages * args.rounds + 100
+        expected = args.messages * args.rounds + WARMUP
         return 0 if all(count == expected for count in (*stored.values(), *held.values())) else 1
     finally:
         if clamd:
@@ -641,18 +644,18 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def stage_times(log_file: Path) -> dict[str, float]:
-    """Mean milliseconds per pipeline stage, from the server's smtp.accepted events."""
-    totals: dict[str, float] = {}
-    count = 0
-    for line in log_file.read_text().splitlines():
-        if '"smtp.accepted"' not in line:
-            continue
-        event = json.loads(line)
-        count += 1
-        for stage, ms in event.get("ms", {}).items():
-            totals[stage] = totals.get(stage, 0.0) + ms
-    return {stage: round(total / count, 2) for stage, total in totals.items()} if count else {}
+def stage_times(log_file: Path, skip: int = 0) -> dict[str, dict[str, float]]:
+    """Milliseconds per pipeline stage, from the server's smtp.accepted events after the
+    first `skip` (the warm-up's, answered before any round began): the mean and the 99th
+    percentile of each (which stage makes the slow replies slow)."""
+    times: dict[str, list[float]] = {}
+    events = [line for line in log_file.read_text().splitlines() if '"smtp.accepted"' in line]
+    for line in events[skip:]:
+        for stage, ms in json.loads(line).get("ms", {}).items():
+            times.setdefault(stage, []).append(ms)
+    return {"mean": {stage: round(statistics.fmean(values), 2) for stage, values in times.items()},
+            "p99": {stage: sorted(values)[min(len(values) - 1, int(0.99 * len(values)))]
+                    for stage, values in times.items()}}
 
 
 def print_table(report: dict) -> None:
@@ -691,8 +694,8 @@ def print_table(report: dict) -> None:
     for label, count in report.get("postfix_held", {}).items():
         print(f"{label}: held in its queue {count}")
     for label, count in report["stored"].items():
-        print(f"{label}: stored in Postgres {count}; mean ms per stage "
-              f"{report['stage_ms_mean'][label]}")
+        print(f"{label}: stored in Postgres {count}; ms per stage, mean "
+              f"{report['stage_ms_mean'][label]}, p99 {report['stage_ms_p99'][label]}")
     for label, figures in report.get("search_catch_up", {}).items():
         print(f"{label}: every message searchable {figures['seconds']} s after the round's "
               f"last reply; Postgres CPU meanwhile {figures['postgres_cpu_seconds_per_1000']} "

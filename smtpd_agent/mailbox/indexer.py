@@ -8,7 +8,8 @@ store.search_delay, so that a batch holds the many messages committed meanwhile
 rather than the one or two of each commit (a statement per batch, not per commit),
 and so that while mail keeps arriving it leaves the CPU to receiving it (indexing
 cost Postgres more than storing, issue 20); but never later than
-store.search_max_delay after the first wake-up, so it keeps up with a steady flow.
+store.search_max_delay after the first wake-up, and a burst that lasts longer is
+indexed as it comes until it pauses (a steady flow is not delayed, lease.poll).
 It also looks every store.search_poll seconds (mail sent over the API, another host's commits while the
 LISTEN connection was down, a backlog left by a stop). Any number of processes and
 hosts may run it against one database: batches never overlap.

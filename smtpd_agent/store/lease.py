@@ -135,7 +135,11 @@ async def poll(step: Callable[[], Awaitable[bool]], *, interval: float,
     one item at a time is taken in one batch rather than in one step per item. With
     `settle_max` above `settle`, the step waits until no wake-up has come for `settle`
     seconds, but never more than `settle_max` after the first: work that yields to a
-    burst (the search indexer, to mail being received) and still keeps up."""
+    burst (the search indexer, to mail being received). A burst still going after
+    `settle_max` is taken as it comes (a step `settle` after each wake-up, as without
+    `settle_max`) until it pauses: the wait is for a burst to end, not a new delay on a
+    steady flow."""
+    deferring = True
     while not stopping.is_set():
         if wake is not None:
             wake.clear()
@@ -151,30 +155,39 @@ async def poll(step: Callable[[], Awaitable[bool]], *, interval: float,
             busy = False
         if busy or stopping.is_set():
             continue
+        began = asyncio.get_running_loop().time()
         try:
             await asyncio.wait_for((wake or stopping).wait(), interval)
         except TimeoutError:
+            deferring = True
             continue
+        if asyncio.get_running_loop().time() - began >= settle:
+            deferring = True  # nothing was announced for a while: a new burst
         if settle > 0 and not stopping.is_set():
-            await _settled(wake or stopping, stopping, settle, max(settle, settle_max))
+            longest = max(settle, settle_max) if deferring else settle
+            deferring = await _settled(wake or stopping, stopping, settle, longest)
 
 
 async def _settled(wake: asyncio.Event, stopping: asyncio.Event, quiet: float,
-                   longest: float) -> None:
-    """Until `wake` has stayed unset for `quiet` seconds, `longest` seconds have passed,
-    or `stopping` is set (a stop sets `wake` as well)."""
+                   longest: float) -> bool:
+    """Until `wake` has stayed unset for `quiet` seconds (True), `longest` seconds have
+    passed (False), or `stopping` is set (a stop sets `wake` as well)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + longest
+    woken = False
     while not stopping.is_set():
         if wake is not stopping:
             wake.clear()
         remaining = deadline - loop.time()
         if remaining <= 0:
-            return
+            return False
+        window = min(quiet, remaining)
         try:
-            await asyncio.wait_for(wake.wait(), min(quiet, remaining))
+            await asyncio.wait_for(wake.wait(), window)
         except TimeoutError:
-            return
+            return window == quiet or not woken
+        woken = True
+    return True
 
 
 async def stop_polling(task: asyncio.Task[None] | None, *, stopping: asyncio.Event,

@@ -230,17 +230,36 @@ async def test_a_burst_of_wake_ups_defers_the_step_until_it_pauses() -> None:
         assert announced.steps == [0, burst] and burst > 20
 
 
-async def test_a_steady_stream_of_wake_ups_is_still_stepped_every_settle_max() -> None:
-    """The deferral is bounded: wake-ups that never pause still get a step at least every
-    settle_max seconds, each taking what came meanwhile."""
+async def test_a_burst_longer_than_settle_max_is_then_taken_as_it_comes() -> None:
+    """The deferral is bounded: wake-ups that do not pause get a step settle_max after
+    the first, taking everything so far, and from then on a step every settle (as
+    without settle_max), each taking what came meanwhile: a long burst is a steady
+    flow, not a reason to wait longer."""
     announced = Announced()
-    async with announced.polling(settle=0.3, settle_max=0.5):
-        await announced.every(0.02, 2.0)
+    async with announced.polling(settle=0.3, settle_max=1.0):
+        await announced.every(0.02, 3.0)
         during = announced.steps[1:]
-        # ~2 s of wake-ups with steps at most 0.5 s apart: three or four steps, each
-        # taking many items, none taking one item per wake-up
-        assert 2 <= len(during) <= 5, during
-        assert all(taken > 5 for taken in during), during
+        # ~1 s of items (50 at 20 ms) in the first step, then ~0.3 s (15) per step
+        assert during and during[0] >= 35, during
+        assert len(during) >= 4, during
+        assert all(5 <= taken <= 30 for taken in during[1:]), during
+
+
+async def test_after_a_pause_the_next_burst_is_deferred_again() -> None:
+    announced = Announced()
+    async with announced.polling(settle=0.3, settle_max=1.0):
+        await announced.every(0.02, 1.6)  # into the steady regime
+        await asyncio.sleep(0.7)  # a pause: the burst's rest is taken, deferring again
+        before = len(announced.steps)
+        assert announced.queued == 0
+        await announced.every(0.02, 0.6)  # shorter than settle_max
+        assert len(announced.steps) == before  # no step during it
+        burst = announced.queued
+        for _ in range(100):
+            if len(announced.steps) > before:
+                break
+            await asyncio.sleep(0.01)
+        assert announced.steps[before:] == [burst] and burst >= 20
 
 
 async def test_a_stop_during_a_deferral_ends_the_loop_at_once() -> None:
