@@ -88,6 +88,20 @@ class Answer:
         return not self.records
 
 
+CacheKey = tuple[dns.name.Name, dns.rdatatype.RdataType, dns.rdataclass.RdataClass]
+
+
+def _cache_keys(name: str, rdtype: str) -> tuple[CacheKey, CacheKey] | None:
+    """Where dnspython's cache keeps (name, rdtype): its records, and an NXDOMAIN for the
+    name (kept under ANY); None for a name that cannot be in the DNS."""
+    try:
+        qname = dns.name.from_text(name)
+        kind = dns.rdatatype.from_text(rdtype)
+    except (dns.exception.DNSException, ValueError, UnicodeError):
+        return None
+    return (qname, kind, dns.rdataclass.IN), (qname, dns.rdatatype.ANY, dns.rdataclass.IN)
+
+
 @functools.lru_cache(maxsize=4096)
 def reverse_name(address: str) -> str:
     """The PTR name of an IP address (in-addr.arpa / ip6.arpa); kept for the addresses
@@ -176,15 +190,11 @@ class Resolver:
         stays until it expires, as it would have without the refresh."""
         key = (name, rdtype)
         cache = self._resolver.cache
-        if key in self._lookups or cache is None:
+        keys = _cache_keys(name, rdtype)
+        if key in self._lookups or cache is None or keys is None:
             return
-        try:
-            qname = dns.name.from_text(name)
-            kind = dns.rdatatype.from_text(rdtype)
-        except (dns.exception.DNSException, ValueError, UnicodeError):
-            return
-        cache.flush((qname, kind, dns.rdataclass.IN))
-        cache.flush((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+        for cache_key in keys:
+            cache.flush(cache_key)
 
         def refreshed(lookup: asyncio.Task[Answer]) -> None:
             if not lookup.cancelled() and lookup.exception() is None:
@@ -237,16 +247,15 @@ class Resolver:
                     self._refresh_soon(name, rdtype)
                 return answer
             self._answers.pop(key, None)
-        try:
-            qname = dns.name.from_text(name)
-            kind = dns.rdatatype.from_text(rdtype)
-        except (dns.exception.DNSException, ValueError, UnicodeError):
+        keys = _cache_keys(name, rdtype)
+        if keys is None:
             return None
-        found = cache.get((qname, kind, dns.rdataclass.IN))
+        records_key, nxdomain_key = keys
+        found = cache.get(records_key)
         if found is not None:
             answer = Answer(name, rdtype, tuple(found.rrset) if found.rrset is not None else ())
         else:
-            found = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+            found = cache.get(nxdomain_key)
             if found is None or found.response.rcode() != dns.rcode.NXDOMAIN:
                 return None
             answer = Answer(name, rdtype, nxdomain=True)

@@ -139,6 +139,7 @@ async def poll(step: Callable[[], Awaitable[bool]], *, interval: float,
     `settle_max` is taken as it comes (a step `settle` after each wake-up, as without
     `settle_max`) until it pauses: the wait is for a burst to end, not a new delay on a
     steady flow."""
+    loop = asyncio.get_running_loop()
     deferring = True
     while not stopping.is_set():
         if wake is not None:
@@ -155,13 +156,13 @@ async def poll(step: Callable[[], Awaitable[bool]], *, interval: float,
             busy = False
         if busy or stopping.is_set():
             continue
-        began = asyncio.get_running_loop().time()
+        began = loop.time()
         try:
             await asyncio.wait_for((wake or stopping).wait(), interval)
         except TimeoutError:
             deferring = True
             continue
-        if asyncio.get_running_loop().time() - began >= settle:
+        if loop.time() - began >= settle:
             deferring = True  # nothing was announced for a while: a new burst
         if settle > 0 and not stopping.is_set():
             longest = max(settle, settle_max) if deferring else settle
